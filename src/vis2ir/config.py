@@ -1,0 +1,325 @@
+"""Typed settings: dataclasses loaded from YAML, dotted command-line overrides, validation.
+
+Every setting lives in one of the dataclasses below; `load_config` reads a YAML file into them,
+applies `key.path=value` overrides and validates. An unknown key names the closest valid one; a bad
+value says what is allowed. With no config file, the `XFL_CONFIG` environment variable is used (the
+original launch convention).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from vis2ir.errors import Vis2IRError
+
+ICEDIT_PROMPT = (
+    "A diptych with two side-by-side images of the same scene. On the right, the scene is exactly "
+    "the same as on the left but "
+)
+DEFAULT_INSTRUCTION = "seen by a thermal infrared camera, as a grayscale infrared image."
+
+SemanticMode = Literal["none", "pixel_fusion", "cross_attention", "in_context", "channel_concat"]
+
+
+class ConfigError(Vis2IRError):
+    """A setting is unknown or has a value that is not allowed."""
+
+
+@dataclass
+class SemanticConfig:
+    """How the semantic map conditions the model (DESIGN §5)."""
+
+    mode: SemanticMode = "cross_attention"
+    num_layers: int = 1
+    num_heads: int = 8
+    dropout: float = 0.0
+    position: Literal["rope", "none"] = "rope"
+    rope_min_wavelength: float = 4.0
+    rope_max_wavelength: float = 128.0
+    scale_init: float = 0.0
+    inject_into: Literal["noisy", "condition"] = "noisy"
+    fusion_alpha: float = 0.5
+
+    def validate(self) -> None:
+        _check(self.num_layers >= 1, "model.semantic.num_layers", "an integer >= 1", self.num_layers)
+        _check(self.num_heads >= 1, "model.semantic.num_heads", "an integer >= 1", self.num_heads)
+        _check(0.0 <= self.dropout < 1.0, "model.semantic.dropout", "a number in [0, 1)", self.dropout)
+        _check(0.0 <= self.fusion_alpha <= 1.0, "model.semantic.fusion_alpha", "a number in [0, 1]",
+               self.fusion_alpha)
+        _check(0 < self.rope_min_wavelength <= self.rope_max_wavelength,
+               "model.semantic.rope_min_wavelength", "0 < rope_min_wavelength <= rope_max_wavelength",
+               self.rope_min_wavelength)
+
+
+@dataclass
+class TransformerConfig:
+    """Shape of a transformer built from configuration (`model.backbone: random`).
+
+    The defaults are FLUX.1 Fill's real size; configs for tests and the demo shrink them.
+    `in_channels` and `out_channels` are not settings: they follow from the codec and the mode.
+    """
+
+    num_layers: int = 19
+    num_single_layers: int = 38
+    attention_head_dim: int = 128
+    num_attention_heads: int = 24
+    joint_attention_dim: int = 4096
+    pooled_projection_dim: int = 768
+    axes_dims_rope: tuple[int, int, int] = (16, 56, 56)
+    guidance_embeds: bool = True
+
+    def validate(self) -> None:
+        _check(sum(self.axes_dims_rope) == self.attention_head_dim, "model.transformer.axes_dims_rope",
+               f"three numbers summing to attention_head_dim={self.attention_head_dim}",
+               list(self.axes_dims_rope))
+
+
+@dataclass
+class TextConfig:
+    """Tiny random text encoders for a random backbone (their output is a constant embedding)."""
+
+    clip_hidden_size: int = 32
+    t5_hidden_size: int = 32
+    num_layers: int = 1
+    seed: int = 0
+
+
+@dataclass
+class VAEConfig:
+    """A tiny `AutoencoderKL` built from configuration (`codec: vae` with `backbone: random`)."""
+
+    block_out_channels: tuple[int, ...] = (16, 16, 16, 16)
+    latent_channels: int = 16
+    layers_per_block: int = 1
+    norm_num_groups: int = 8
+
+    def validate(self) -> None:
+        _check(len(self.block_out_channels) == 4, "model.vae.block_out_channels",
+               "four numbers (so that the scale factor stays 8)", list(self.block_out_channels))
+
+
+@dataclass
+class ModelConfig:
+    """The backbone (FLUX.1 Fill or a model built from configuration) and the semantic mode."""
+
+    flux_path: str = "black-forest-labs/FLUX.1-Fill-dev"
+    backbone: Literal["pretrained", "random"] = "pretrained"
+    codec: Literal["vae", "pixel"] = "vae"
+    pixel_factor: int = 4
+    prompt: str = ICEDIT_PROMPT + DEFAULT_INSTRUCTION
+    max_sequence_length: int = 512
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    prompt_cache_dir: str = "~/.cache/vis2ir/prompt_embeds"
+    seed: int = 0
+    transformer: TransformerConfig = field(default_factory=TransformerConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    semantic: SemanticConfig = field(default_factory=SemanticConfig)
+
+    def validate(self) -> None:
+        _check(self.max_sequence_length >= 1, "model.max_sequence_length", "an integer >= 1",
+               self.max_sequence_length)
+        _check(self.pixel_factor >= 1, "model.pixel_factor", "an integer >= 1", self.pixel_factor)
+        _check(not (self.backbone == "pretrained" and self.codec == "pixel"), "model.codec",
+               "'vae' with a pretrained backbone (the pixel codec needs `model.backbone: random`)",
+               self.codec)
+        self.transformer.validate()
+        self.vae.validate()
+        self.semantic.validate()
+
+
+@dataclass
+class DataConfig:
+    """Where the triptychs come from and how they are shaped (owned by the data package)."""
+
+    source: str = "thermalscenes"
+    size: int = 512
+    semantic_column: str = "panoptic_img"
+    num_workers: int = 2
+
+    def validate(self) -> None:
+        _check(self.size >= 16 and self.size % 16 == 0, "data.size", "a multiple of 16", self.size)
+        _check(self.num_workers >= 0, "data.num_workers", "an integer >= 0", self.num_workers)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings (the training issue extends them)."""
+
+    batch_size: int = 4
+    max_steps: int = 1000
+    output_dir: str = "runs/vis2ir"
+    learning_rate: float = 1e-4
+    adapter_learning_rate: float | None = None
+    guidance: float = 1.0
+    loss_region: Literal["all", "target"] = "all"
+    seed: int = 0
+
+    def validate(self) -> None:
+        _check(self.batch_size >= 1, "train.batch_size", "an integer >= 1", self.batch_size)
+        _check(self.max_steps >= 0, "train.max_steps", "an integer >= 0", self.max_steps)
+        _check(self.learning_rate > 0, "train.learning_rate", "a number > 0", self.learning_rate)
+
+
+@dataclass
+class SampleConfig:
+    """Sampling settings (DESIGN §1)."""
+
+    steps: int = 28
+    guidance: float = 50.0
+    seed: int = 0
+
+    def validate(self) -> None:
+        _check(self.steps >= 1, "sample.steps", "an integer >= 1", self.steps)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def validate(self) -> Config:
+        for part in (self.model, self.data, self.train, self.sample):
+            part.validate()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+    def save(self, path: str | Path) -> None:
+        """Write the config as YAML, atomically."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read `path` (or `$XFL_CONFIG`, or the defaults), apply `key.path=value` overrides, validate."""
+    if path is None:
+        path = os.environ.get("XFL_CONFIG") or None
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({_first_line(err)})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections (model, data, train, sample)")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key.path=value, e.g. model.semantic.num_heads=16")
+        _set_dotted(raw, key.strip(), _parse_value(value))
+    return from_dict(Config, raw).validate()
+
+
+def from_dict(cls: type, raw: Any, where: str = "") -> Any:
+    """Build dataclass `cls` from a nested dict, checking keys and value types."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        dotted = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f"; did you mean {'.'.join(filter(None, [where, close[0]]))!r}?" if close else ""
+            raise ConfigError(f"unknown setting {dotted!r}{hint} (valid here: {', '.join(names)})")
+        kwargs[key] = _coerce(hints[key], value, dotted)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value if value is not None else {}, where)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not allowed; choose one of {', '.join(map(repr, args))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, where)
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis and len(args) != len(value):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
+        item = args[0] if args else Any
+        out = [_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _set_dotted(raw: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key!r}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _check(ok: bool, key: str, expected: str, got: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: expected {expected}, got {got!r}")
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
