@@ -85,10 +85,8 @@ class TransformerConfig:
 
 @dataclass
 class TextConfig:
-    """Tiny random text encoders for a random backbone (their output is a constant embedding)."""
+    """Tiny random text encoders for a random backbone; their widths follow `model.transformer`."""
 
-    clip_hidden_size: int = 32
-    t5_hidden_size: int = 32
     num_layers: int = 1
     seed: int = 0
 
@@ -280,6 +278,11 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads `1e-4` as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)

@@ -1,0 +1,270 @@
+"""The backbone: FLUX.1 Fill's transformer, codec and prompt embeddings, or tiny ones from config.
+
+`load_backbone(cfg)` is the one entry point. With `model.backbone: pretrained` it reads
+`model.flux_path` (a Hub id, with the user's token, or a local folder in diffusers
+`FluxFillPipeline` layout). With `model.backbone: random` it builds every part from the config
+with random weights, so tests, CI and the demo run with nothing downloaded (DESIGN §6).
+
+The prompt is fixed, so its embeddings are a constant: they are computed once, cached on disk
+(keyed by model, prompt and maximum length) and the text encoders are dropped (DESIGN §2).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from vis2ir.config import ModelConfig
+from vis2ir.errors import Vis2IRError
+from vis2ir.latents import Codec, PixelCodec, VAECodec, mask_width, token_width
+
+log = logging.getLogger(__name__)
+
+FLUX_FILL_ID = "black-forest-labs/FLUX.1-Fill-dev"
+# Files the project reads from a FluxFillPipeline folder; text parts only when embeddings are not cached.
+CORE_FILES = ("transformer/config.json", "vae/config.json")
+TEXT_FILES = ("text_encoder/config.json", "text_encoder_2/config.json", "tokenizer", "tokenizer_2")
+
+
+@dataclass
+class PromptEmbeds:
+    """T5 sequence embeddings `[1, L, D]`, CLIP pooled embedding `[1, P]` and `txt_ids [L, 3]`."""
+
+    prompt_embeds: torch.Tensor
+    pooled_prompt_embeds: torch.Tensor
+
+    @property
+    def text_ids(self) -> torch.Tensor:
+        return torch.zeros(self.prompt_embeds.shape[1], 3, device=self.prompt_embeds.device,
+                           dtype=self.prompt_embeds.dtype)
+
+    def to(self, device=None, dtype=None) -> PromptEmbeds:
+        return PromptEmbeds(self.prompt_embeds.to(device=device, dtype=dtype),
+                            self.pooled_prompt_embeds.to(device=device, dtype=dtype))
+
+
+@dataclass
+class Backbone:
+    transformer: torch.nn.Module
+    codec: Codec
+    prompt: PromptEmbeds
+
+
+def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
+    """`auto` is bf16 on CUDA and fp32 elsewhere."""
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def base_in_channels(codec: Codec) -> int:
+    """FLUX Fill's input width for a codec: noisy latents + masked-image latents + mask."""
+    return 2 * token_width(codec) + mask_width(codec)
+
+
+def load_backbone(cfg: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> Backbone:
+    """Build transformer, codec and prompt embeddings as `cfg` says, on `device` in `dtype`."""
+    dtype = dtype or resolve_dtype(cfg.dtype, device)
+    if cfg.backbone == "pretrained":
+        root = resolve_flux_path(cfg.flux_path, need_text=not _cache_file(cfg).exists())
+        from diffusers import AutoencoderKL, FluxTransformer2DModel
+
+        log.info("Loading FLUX.1 Fill from %s", root)
+        transformer = FluxTransformer2DModel.from_pretrained(root, subfolder="transformer", torch_dtype=dtype)
+        codec = VAECodec(AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=dtype))
+        prompt = prompt_embeddings(cfg, lambda: _load_text_encoders(root))
+    else:
+        torch.manual_seed(cfg.seed)
+        codec = PixelCodec(cfg.pixel_factor) if cfg.codec == "pixel" else VAECodec(_cast(build_tiny_vae(cfg), dtype))
+        transformer = _cast(build_transformer(cfg, base_in_channels(codec), token_width(codec)), dtype)
+        prompt = prompt_embeddings(cfg, lambda: build_tiny_text_encoders(cfg))
+    if isinstance(codec, VAECodec):
+        codec.vae.to(device).requires_grad_(False).eval()
+    return Backbone(transformer.to(device), codec, prompt.to(device, dtype))
+
+
+# ----------------------------------------------------------------------------------------------
+# Models built from configuration
+
+
+def _cast(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    return module if dtype == torch.float32 else module.to(dtype)
+
+
+def build_transformer(cfg: ModelConfig, in_channels: int, out_channels: int):
+    """A `FluxTransformer2DModel` of the configured shape with random weights."""
+    from diffusers import FluxTransformer2DModel
+
+    t = cfg.transformer
+    return FluxTransformer2DModel(
+        patch_size=1, in_channels=in_channels, out_channels=out_channels, num_layers=t.num_layers,
+        num_single_layers=t.num_single_layers, attention_head_dim=t.attention_head_dim,
+        num_attention_heads=t.num_attention_heads, joint_attention_dim=t.joint_attention_dim,
+        pooled_projection_dim=t.pooled_projection_dim, guidance_embeds=t.guidance_embeds,
+        axes_dims_rope=tuple(t.axes_dims_rope),
+    )
+
+
+def build_tiny_vae(cfg: ModelConfig):
+    """An `AutoencoderKL` with FLUX's layout (4 blocks → factor 8, 16 channels, shift and scale)."""
+    from diffusers import AutoencoderKL
+
+    v = cfg.vae
+    n = len(v.block_out_channels)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=tuple(v.block_out_channels),
+        layers_per_block=v.layers_per_block, latent_channels=v.latent_channels, norm_num_groups=v.norm_num_groups,
+        shift_factor=0.1159, scaling_factor=0.3611, use_quant_conv=False, use_post_quant_conv=False,
+    )
+
+
+def build_tiny_text_encoders(cfg: ModelConfig) -> dict:
+    """Tiny random CLIP-L and T5 stand-ins with character-level tokenizers built in code."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
+
+    chars = list(string.ascii_lowercase + string.digits + ".,'-():;!?")
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in chars:
+        vocab.setdefault(c, len(vocab))
+        vocab.setdefault(c + "</w>", len(vocab))
+    clip_tok = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
+    pieces += [(c, -2.0) for c in chars] + [("\u2581" + c, -1.5) for c in chars]
+    t5_tok = T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=512)
+
+    # Widths follow the transformer: CLIP's pooled output feeds `pooled_projection_dim`,
+    # T5's sequence feeds `joint_attention_dim`.
+    t, tr = cfg.text, cfg.transformer
+    torch.manual_seed(t.seed)
+    clip = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(clip_tok), hidden_size=tr.pooled_projection_dim, intermediate_size=2 * tr.pooled_projection_dim,
+        num_hidden_layers=t.num_layers, num_attention_heads=2, max_position_embeddings=77,
+        bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    ))
+    t5 = T5EncoderModel(T5Config(
+        vocab_size=len(t5_tok), d_model=tr.joint_attention_dim, d_kv=8, d_ff=2 * tr.joint_attention_dim,
+        num_layers=t.num_layers, num_heads=2, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    ))
+    return {"text_encoder": clip.eval(), "tokenizer": clip_tok, "text_encoder_2": t5.eval(), "tokenizer_2": t5_tok}
+
+
+# ----------------------------------------------------------------------------------------------
+# Prompt embeddings
+
+
+def prompt_embeddings(cfg: ModelConfig, load_encoders) -> PromptEmbeds:
+    """The prompt's embeddings from the disk cache, or computed once with `load_encoders()` and cached."""
+    path = _cache_file(cfg)
+    if path.exists():
+        tensors = load_file(path)
+        log.info("Prompt embeddings from cache %s", path)
+        return PromptEmbeds(tensors["prompt_embeds"], tensors["pooled_prompt_embeds"])
+    encoders = load_encoders()
+    embeds = encode_prompt(encoders, cfg.prompt, cfg.max_sequence_length)
+    del encoders  # the text encoders are not needed again
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    save_file({"prompt_embeds": embeds.prompt_embeds.contiguous(),
+               "pooled_prompt_embeds": embeds.pooled_prompt_embeds.contiguous()}, str(tmp))
+    os.replace(tmp, path)
+    log.info("Prompt embeddings cached at %s", path)
+    return embeds
+
+
+@torch.no_grad()
+def encode_prompt(encoders: dict, prompt: str, max_sequence_length: int) -> PromptEmbeds:
+    """Encode with diffusers' own `FluxFillPipeline.encode_prompt`, so results match stock diffusers."""
+    from diffusers import FluxFillPipeline
+
+    pipe = FluxFillPipeline(scheduler=None, vae=None, transformer=None, **encoders)
+    embeds, pooled, _ = pipe.encode_prompt(prompt=prompt, prompt_2=None, device="cpu",
+                                           max_sequence_length=max_sequence_length)
+    return PromptEmbeds(embeds.float().cpu(), pooled.float().cpu())
+
+
+def _cache_file(cfg: ModelConfig) -> Path:
+    source = cfg.flux_path if cfg.backbone == "pretrained" else json.dumps(
+        {"random": True, "text": vars(cfg.text), "transformer": [cfg.transformer.joint_attention_dim,
+                                                                cfg.transformer.pooled_projection_dim]},
+        sort_keys=True)
+    key = hashlib.sha256(json.dumps([source, cfg.prompt, cfg.max_sequence_length]).encode()).hexdigest()[:16]
+    return Path(cfg.prompt_cache_dir).expanduser() / f"{key}.safetensors"
+
+
+def _load_text_encoders(root: Path) -> dict:
+    from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+    log.info("Encoding the prompt once with CLIP and T5 (cached afterwards)")
+    return {
+        "text_encoder": CLIPTextModel.from_pretrained(root, subfolder="text_encoder"),
+        "tokenizer": CLIPTokenizer.from_pretrained(root, subfolder="tokenizer"),
+        "text_encoder_2": T5EncoderModel.from_pretrained(root, subfolder="text_encoder_2", torch_dtype=torch.bfloat16),
+        "tokenizer_2": T5TokenizerFast.from_pretrained(root, subfolder="tokenizer_2"),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Finding the weights
+
+
+def _missing_weights(path: str, reason: str) -> Vis2IRError:
+    return Vis2IRError(
+        f"cannot load FLUX.1 Fill from model.flux_path={path!r}: {reason}. The weights are "
+        f"{FLUX_FILL_ID} on the Hugging Face Hub, gated under the FLUX.1 [dev] non-commercial licence: "
+        f"accept it at https://huggingface.co/{FLUX_FILL_ID}, then `hf auth login` or set HF_TOKEN; "
+        "or download a copy and set model.flux_path=/path/to/FLUX.1-Fill-dev (diffusers FluxFillPipeline layout)"
+    )
+
+
+def resolve_flux_path(path: str, need_text: bool = True) -> Path:
+    """A local folder holding the files we need, from a local path or the Hub (downloading once).
+
+    Fails within seconds, with one message, when the weights cannot be had: no retry loop.
+    """
+    needed = CORE_FILES + (TEXT_FILES if need_text else ())
+    local = Path(path).expanduser()
+    if local.exists() or path.startswith((".", "/", "~")) or path.count("/") != 1:
+        if not local.is_dir():
+            raise _missing_weights(path, "no such local folder")
+        missing = [f for f in needed if not (local / f).exists()]
+        if missing:
+            raise _missing_weights(path, f"the folder lacks {missing[0]}")
+        return local
+
+    from huggingface_hub import auth_check, snapshot_download
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    patterns = [f.split("/")[0] + "/*" for f in needed] + ["model_index.json"]
+    try:  # already in the local Hub cache: no network at all
+        root = Path(snapshot_download(path, allow_patterns=patterns, local_files_only=True))
+        if all((root / f).exists() for f in needed):
+            return root
+    except Exception:  # noqa: BLE001 - any cache miss falls through to the online check
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        raise _missing_weights(path, "not in the local Hub cache and HF_HUB_OFFLINE is set")
+    try:
+        auth_check(path)  # one quick request, no retries: tells gated / missing / offline apart
+    except GatedRepoError:
+        raise _missing_weights(path, "access is gated and this account has not been granted it") from None
+    except RepositoryNotFoundError:
+        raise _missing_weights(path, "no such repository on the Hub (or it is private)") from None
+    except HfHubHTTPError as err:
+        raise _missing_weights(path, f"the Hub answered {_first_line(err)}") from None
+    except Exception as err:  # noqa: BLE001 - network errors come from several libraries
+        raise _missing_weights(path, f"the Hub cannot be reached ({_first_line(err)})") from None
+    return Path(snapshot_download(path, allow_patterns=patterns))
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

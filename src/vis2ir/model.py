@@ -1,0 +1,158 @@
+"""A batch of triptychs → (prediction, flow-matching target), for any semantic mode.
+
+`Vis2IRModel` composes the backbone (transformer, codec, prompt embeddings) with the semantic
+conditioning of DESIGN §5. Its three steps are used by training and sampling alike:
+
+    encode(batch)                    → Encoded: x_0, x_cond, semantic tokens, ids   (codec, no grad)
+    velocity(x_t, encoded, t, g)     → v̂                                           (adapter + transformer)
+    forward(batch, t, noise)         → Prediction(pred = v̂, target = noise − x_0)
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from vis2ir.backbone import Backbone, base_in_channels
+from vis2ir.config import SemanticConfig
+from vis2ir.errors import Vis2IRError
+from vis2ir.latents import encode_images, encode_images_fill, token_grid, token_width
+from vis2ir.semantic.adapter import SemanticConditioningAdapter
+from vis2ir.semantic.modes import SEMANTIC_TOKEN_MODES, build_canvas, semantic_canvas, target_tokens, widen_x_embedder
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Encoded:
+    """The latent-side inputs of one batch (cacheable: they do not depend on t or the noise)."""
+
+    x_0: torch.Tensor                      # [B, N, 4C]   packed latents of the whole canvas
+    x_cond: torch.Tensor                   # [B, N, 4C + 4s²] masked-canvas latents + packed mask
+    img_ids: torch.Tensor                  # [N, 3]
+    semantic_tokens: torch.Tensor | None   # [B, N, 4C] for cross_attention / channel_concat
+    height: int                            # canvas size in pixels
+    width: int
+
+
+class Prediction(NamedTuple):
+    pred: torch.Tensor    # v̂ [B, N, 4C]
+    target: torch.Tensor  # x_1 − x_0
+
+
+class Vis2IRModel(torch.nn.Module):
+    """FLUX Fill transformer + semantic conditioning, on one codec."""
+
+    def __init__(self, backbone: Backbone, semantic: SemanticConfig):
+        super().__init__()
+        self.transformer = backbone.transformer
+        self.codec = backbone.codec
+        self.semantic = semantic
+        self.mode = semantic.mode
+        self.register_buffer("prompt_embeds", backbone.prompt.prompt_embeds, persistent=False)
+        self.register_buffer("pooled_prompt_embeds", backbone.prompt.pooled_prompt_embeds, persistent=False)
+        width = token_width(self.codec)
+
+        if self.mode == "channel_concat":
+            widen_x_embedder(self.transformer, width)
+        expected = base_in_channels(self.codec) + (width if self.mode == "channel_concat" else 0)
+        got = self.transformer.config.in_channels
+        if got != expected:
+            raise Vis2IRError(f"the transformer takes {got} input channels, but mode {self.mode} with this codec "
+                              f"feeds {expected} (check model.codec, model.pixel_factor and model.semantic.mode)")
+
+        self.adapter = None
+        if self.mode == "cross_attention":
+            if width % semantic.num_heads:
+                raise Vis2IRError(f"model.semantic.num_heads={semantic.num_heads} must divide the token width {width}")
+            self.adapter = SemanticConditioningAdapter(
+                dim=width, num_layers=semantic.num_layers, num_heads=semantic.num_heads, dropout=semantic.dropout,
+                position=semantic.position, scale_init=semantic.scale_init,
+                rope_min_wavelength=semantic.rope_min_wavelength, rope_max_wavelength=semantic.rope_max_wavelength,
+            ).to(device=self.prompt_embeds.device)
+        self._log_setup()
+
+    def _log_setup(self) -> None:
+        if self.mode == "none":
+            log.info("Semantic conditioning DISABLED (mode: none)")
+            return
+        log.info("Semantic conditioning ENABLED")
+        log.info("Semantic mode: %s", self.mode)
+        if self.adapter is not None:
+            s = self.semantic
+            n = sum(p.numel() for p in self.adapter.parameters())
+            log.info("Using Cross-Attention with %d layers, %d heads", s.num_layers, s.num_heads)
+            log.info("Semantic cross-attention: %d parameters (%d per layer), position=%s, inject_into=%s",
+                     n, n // s.num_layers, s.position, s.inject_into)
+        if self.mode == "channel_concat":
+            log.info("x_embedder widened to %d input channels (new columns zero)", self.transformer.config.in_channels)
+
+    # ------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode(self, visible: torch.Tensor, infrared: torch.Tensor | None = None,
+               semantic: torch.Tensor | None = None, generator: torch.Generator | None = None) -> Encoded:
+        """Images in [0, 1] `[B, 3, H, W]` → the latent inputs. `infrared` is None when sampling."""
+        canvas, mask = build_canvas(self.mode, visible, infrared, semantic, self.semantic.fusion_alpha)
+        dtype = self.codec.dtype
+        x_0, x_cond, ids = encode_images_fill(self.codec, canvas.to(dtype), mask.to(dtype), generator=generator)
+        sem = None
+        if self.mode in SEMANTIC_TOKEN_MODES:
+            sem, _ = encode_images(self.codec, semantic_canvas(semantic).to(dtype), generator=generator)
+        return Encoded(x_0, x_cond, ids, sem, canvas.shape[-2], canvas.shape[-1])
+
+    def velocity(self, x_t: torch.Tensor, enc: Encoded, t: torch.Tensor, guidance: float | torch.Tensor = 1.0,
+                 return_attention: bool = False):
+        """v̂ for noisy tokens `x_t` at flow time `t ∈ [0, 1]` (`[B]`); optionally the adapter's attention."""
+        dtype = self.transformer.dtype
+        b = x_t.shape[0]
+        x_in, cond, attention = x_t, enc.x_cond, None
+        if self.adapter is not None:
+            # The adapter runs in fp32 (it is small); its output joins the transformer's dtype.
+            sem = enc.semantic_tokens.float()
+            w = token_width(self.codec)
+            base = x_t if self.semantic.inject_into == "noisy" else cond[..., :w]
+            adapted = self.adapter(base.float(), sem, enc.img_ids.float(), return_attention=return_attention)
+            if return_attention:
+                adapted, attention = adapted
+            if self.semantic.inject_into == "noisy":
+                x_in = adapted
+            else:
+                cond = torch.cat([adapted.to(cond.dtype), cond[..., w:]], dim=-1)
+        parts = [x_in.to(dtype), cond.to(dtype)]
+        if self.mode == "channel_concat":
+            parts.append(enc.semantic_tokens.to(dtype))
+        hidden = torch.cat(parts, dim=-1)
+        g = None
+        if self.transformer.config.guidance_embeds:
+            g = torch.as_tensor(guidance, device=x_t.device, dtype=torch.float32).expand(b)
+        out = self.transformer(
+            hidden_states=hidden,
+            timestep=t.to(device=x_t.device, dtype=dtype).expand(b),
+            guidance=g,
+            pooled_projections=self.pooled_prompt_embeds.to(dtype).expand(b, -1),
+            encoder_hidden_states=self.prompt_embeds.to(dtype).expand(b, -1, -1),
+            txt_ids=self.prompt_embeds.new_zeros(self.prompt_embeds.shape[1], 3),
+            img_ids=enc.img_ids,
+            return_dict=False,
+        )[0]
+        return (out, attention) if return_attention else out
+
+    def forward(self, visible: torch.Tensor, infrared: torch.Tensor, semantic: torch.Tensor | None,
+                t: torch.Tensor, noise: torch.Tensor | None = None, guidance: float = 1.0,
+                encoded: Encoded | None = None) -> Prediction:
+        """Flow matching: x_t = (1 − t)·x_0 + t·x_1; returns v̂ and the target x_1 − x_0."""
+        enc = encoded or self.encode(visible, infrared, semantic)
+        x_0 = enc.x_0.to(self.transformer.dtype)
+        noise = torch.randn_like(x_0) if noise is None else noise.to(x_0.dtype)
+        tt = t.to(x_0.dtype).view(-1, 1, 1)
+        x_t = (1 - tt) * x_0 + tt * noise
+        return Prediction(self.velocity(x_t, enc, t, guidance), noise - x_0)
+
+    def target_tokens(self, enc: Encoded) -> torch.Tensor:
+        """Boolean `[N]` mask of the tokens that belong to the infrared panel."""
+        rows, cols = token_grid(self.codec, enc.height, enc.width)
+        return target_tokens(self.mode, rows, cols, device=enc.x_0.device)

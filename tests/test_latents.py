@@ -1,0 +1,106 @@
+import pytest
+import torch
+from diffusers import AutoencoderKL, FluxFillPipeline
+from diffusers.pipelines.flux.pipeline_flux_fill import retrieve_latents
+
+from vis2ir.backbone import build_tiny_vae
+from vis2ir.errors import Vis2IRError
+from vis2ir.latents import (PixelCodec, VAECodec, decode_tokens, encode_images, encode_images_fill, fold_mask,
+                            image_ids, mask_width, pack, token_width, unpack)
+
+
+@pytest.fixture(scope="module")
+def vae(request):
+    from vis2ir.config import ModelConfig
+
+    torch.manual_seed(0)
+    return build_tiny_vae(ModelConfig()).eval()
+
+
+def right_half_mask(b, h, w):
+    mask = torch.zeros(b, 1, h, w)
+    mask[..., w // 2:] = 1
+    return mask
+
+
+def test_pack_matches_diffusers_and_unpacks():
+    x = torch.randn(2, 16, 8, 12)
+    ref = FluxFillPipeline._pack_latents(x, 2, 16, 8, 12)
+    assert torch.equal(pack(x), ref)
+    assert torch.equal(unpack(pack(x), 8, 12), x)
+
+
+def test_image_ids_match_diffusers():
+    ref = FluxFillPipeline._prepare_latent_image_ids(1, 4, 6, "cpu", torch.float32)
+    assert torch.equal(image_ids(4, 6), ref)
+
+
+def test_pixel_codec_is_exact():
+    codec = PixelCodec(4)
+    images = torch.rand(2, 3, 32, 64)
+    tokens, ids = encode_images(codec, images)
+    assert tokens.shape == (2, 4 * 8, 4 * 48) and ids.shape == (32, 3)  # 32×64 px → 4×8 tokens
+    assert torch.allclose(decode_tokens(codec, tokens, 32, 64), images, atol=1e-6)
+
+
+def test_fill_inputs_match_diffusers(vae):
+    """x_cond equals FluxFillPipeline.prepare_mask_latents, x_0 its _pack_latents of the encoded canvas."""
+    b, h, w = 2, 64, 128
+    canvas = torch.rand(b, 3, h, w)
+    mask = right_half_mask(b, h, w)
+    x_0, x_cond, ids = encode_images_fill(vae, canvas, mask, generator=torch.Generator().manual_seed(3))
+
+    pipe = FluxFillPipeline(scheduler=None, vae=vae, text_encoder=None, tokenizer=None, text_encoder_2=None,
+                            tokenizer_2=None, transformer=None)
+    gen = torch.Generator().manual_seed(3)
+    image = canvas * 2 - 1
+    z = retrieve_latents(vae.encode(image), generator=gen)
+    ref_x0 = pipe._pack_latents((z - vae.config.shift_factor) * vae.config.scaling_factor, b, 16, h // 8, w // 8)
+    ref_mask, ref_masked = pipe.prepare_mask_latents(mask, image * (1 - mask), b, 16, 1, h, w, torch.float32, "cpu", gen)
+    ref_cond = torch.cat([ref_masked, ref_mask], dim=-1)
+    assert torch.allclose(x_0, ref_x0, atol=1e-5)
+    assert torch.allclose(x_cond, ref_cond, atol=1e-5)
+    assert torch.equal(ids, pipe._prepare_latent_image_ids(b, h // 16, w // 16, "cpu", torch.float32))
+
+
+def test_posterior_mode_by_default(vae):
+    images = torch.rand(1, 3, 32, 32)
+    tokens, _ = encode_images(vae, images)
+    z = vae.encode(images * 2 - 1).latent_dist.mode()
+    assert torch.allclose(tokens, pack((z - 0.1159) * 0.3611), atol=1e-6)
+    again, _ = encode_images(vae, images)
+    assert torch.equal(tokens, again)
+    sampled, _ = encode_images(vae, images, generator=torch.Generator().manual_seed(0))
+    assert not torch.allclose(sampled, tokens)
+
+
+def test_sizes_follow_the_codec_at_512(vae):
+    """512×512 panels: the specification's shapes, x_0 [B, 2048, 64], x_cond [B, 2048, 320]."""
+    canvas = torch.rand(1, 3, 512, 1024)
+    x_0, x_cond, ids = encode_images_fill(vae, canvas, right_half_mask(1, 512, 1024))
+    assert x_0.shape == (1, 2048, 64) and x_cond.shape == (1, 2048, 320) and ids.shape == (2048, 3)
+    assert token_width(vae) == 64 and mask_width(vae) == 256
+    codec = PixelCodec(4)
+    x_0, x_cond, ids = encode_images_fill(codec, torch.rand(1, 3, 64, 128), right_half_mask(1, 64, 128))
+    assert x_0.shape == (1, 128, 192) and x_cond.shape == (1, 128, 256)
+
+
+def test_mask_folds_like_flux():
+    codec = PixelCodec(4)
+    mask = right_half_mask(1, 16, 32)
+    folded = fold_mask(mask, codec)  # tokens: 2 rows × 4 cols, 64 channels
+    assert folded.shape == (1, 8, 64)
+    per_token = folded[0].mean(-1).view(2, 4)
+    assert torch.equal(per_token, torch.tensor([[0.0, 0, 1, 1], [0, 0, 1, 1]]))
+
+
+def test_accepts_a_diffusers_autoencoder_directly(vae):
+    assert isinstance(vae, AutoencoderKL)
+    a, _ = encode_images(vae, torch.rand(1, 3, 32, 32))
+    b, _ = encode_images(VAECodec(vae), torch.rand(1, 3, 32, 32).fill_(0.5))
+    assert a.shape == b.shape == (1, 4, 64)
+
+
+def test_bad_size_is_a_clear_error():
+    with pytest.raises(Vis2IRError, match="size 30×64 must be a multiple of 8"):
+        encode_images(PixelCodec(4), torch.rand(1, 3, 30, 64))
