@@ -60,6 +60,29 @@ class SemanticConfig:
                self.rope_min_wavelength)
 
 
+# ICEdit's LoRA targets (DESIGN §3): image-stream modules only, no text-stream ones. A regex that
+# peft matches against the full module name.
+ICEDIT_LORA_TARGETS = (
+    r"(x_embedder"
+    r"|transformer_blocks\.\d+\.(norm1\.linear|attn\.to_q|attn\.to_k|attn\.to_v|attn\.to_out\.0|ff\.net\.2)"
+    r"|single_transformer_blocks\.\d+\.(norm\.linear|proj_mlp|proj_out|attn\.to_q|attn\.to_k|attn\.to_v))"
+)
+
+
+@dataclass
+class LoraConfig:
+    """LoRA on the transformer (used when `train.finetune: lora`)."""
+
+    rank: int = 32
+    alpha: float = 32.0
+    dropout: float = 0.0
+    init: Literal["gaussian", "default"] = "gaussian"
+    target_modules: str = ICEDIT_LORA_TARGETS
+
+    def validate(self) -> None:
+        _check(self.rank >= 1, "model.lora.rank", "an integer >= 1", self.rank)
+
+
 @dataclass
 class TransformerConfig:
     """Shape of a transformer built from configuration (`model.backbone: random`).
@@ -122,6 +145,7 @@ class ModelConfig:
     vae: VAEConfig = field(default_factory=VAEConfig)
     text: TextConfig = field(default_factory=TextConfig)
     semantic: SemanticConfig = field(default_factory=SemanticConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def validate(self) -> None:
         _check(self.max_sequence_length >= 1, "model.max_sequence_length", "an integer >= 1",
@@ -133,6 +157,7 @@ class ModelConfig:
         self.transformer.validate()
         self.vae.validate()
         self.semantic.validate()
+        self.lora.validate()
 
 
 @dataclass
@@ -151,21 +176,58 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimisation settings (the training issue extends them)."""
+    """Optimisation, checkpoints, logging and hardware for `vis2ir train` (DESIGN §3)."""
 
     batch_size: int = 4
     max_steps: int = 1000
     output_dir: str = "runs/vis2ir"
+    finetune: Literal["lora", "full"] = "lora"
+    optimizer: Literal["adamw", "prodigy"] = "adamw"
     learning_rate: float = 1e-4
+    weight_decay: float = 0.01
     adapter_learning_rate: float | None = None
+    adapter_weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_clip: float = 0.5
+    accumulate_grad_batches: int = 1
+    gradient_checkpointing: bool = False
+    precision: Literal["auto", "bf16-mixed", "bf16-true", "16-mixed", "32-true"] = "auto"
     guidance: float = 1.0
     loss_region: Literal["all", "target"] = "all"
+    timestep_mean: float = 0.0
+    timestep_std: float = 1.0
+    timestep_shift: float = 1.0
+    offset_noise: float = 0.0
     seed: int = 0
+    accelerator: Literal["auto", "cpu", "gpu"] = "auto"
+    devices: int | str = "auto"
+    num_nodes: int = 1
+    strategy: Literal["auto", "ddp", "fsdp", "deepspeed"] = "auto"
+    checkpoint_every: int = 500
+    keep_last: int = 3
+    val_every: int = 500
+    val_batches: int = 2
+    log_every: int = 10
+    max_bad_steps: int = 5
 
     def validate(self) -> None:
         _check(self.batch_size >= 1, "train.batch_size", "an integer >= 1", self.batch_size)
         _check(self.max_steps >= 0, "train.max_steps", "an integer >= 0", self.max_steps)
         _check(self.learning_rate > 0, "train.learning_rate", "a number > 0", self.learning_rate)
+        _check(self.adapter_learning_rate is None or self.adapter_learning_rate > 0,
+               "train.adapter_learning_rate", "a number > 0 (or null: the same as learning_rate)",
+               self.adapter_learning_rate)
+        _check(self.accumulate_grad_batches >= 1, "train.accumulate_grad_batches", "an integer >= 1",
+               self.accumulate_grad_batches)
+        _check(self.timestep_std > 0 and self.timestep_shift > 0, "train.timestep_std",
+               "timestep_std > 0 and timestep_shift > 0", (self.timestep_std, self.timestep_shift))
+        _check(self.checkpoint_every >= 1 and self.keep_last >= 1, "train.checkpoint_every",
+               "checkpoint_every >= 1 and keep_last >= 1", (self.checkpoint_every, self.keep_last))
+        _check(self.val_every >= 1 and self.log_every >= 1, "train.val_every", "val_every >= 1 and log_every >= 1",
+               (self.val_every, self.log_every))
+        _check(self.max_bad_steps >= 1, "train.max_bad_steps", "an integer >= 1", self.max_bad_steps)
+        _check(isinstance(self.devices, int) or self.devices == "auto" or "," in self.devices,
+               "train.devices", "a number of devices, 'auto', or a list like '0,1'", self.devices)
 
 
 @dataclass
@@ -260,7 +322,12 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, where)
+        for option in inner[:-1]:
+            try:
+                return _coerce(option, value, where)
+            except ConfigError:
+                continue
+        return _coerce(inner[-1], value, where)
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")

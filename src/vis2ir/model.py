@@ -16,8 +16,8 @@ from typing import NamedTuple
 
 import torch
 
-from vis2ir.backbone import Backbone, base_in_channels
-from vis2ir.config import SemanticConfig
+from vis2ir.backbone import Backbone, base_in_channels, load_backbone
+from vis2ir.config import Config, SemanticConfig
 from vis2ir.errors import Vis2IRError
 from vis2ir.latents import encode_images, encode_images_fill, token_grid, token_width
 from vis2ir.semantic.adapter import SemanticConditioningAdapter
@@ -156,3 +156,8 @@ class Vis2IRModel(torch.nn.Module):
         """Boolean `[N]` mask of the tokens that belong to the infrared panel."""
         rows, cols = token_grid(self.codec, enc.height, enc.width)
         return target_tokens(self.mode, rows, cols, device=enc.x_0.device)
+
+
+def build_model(cfg: Config, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> Vis2IRModel:
+    """The model a config describes, with base weights (pretrained or random) and no training."""
+    return Vis2IRModel(load_backbone(cfg.model, device, dtype), cfg.model.semantic)

@@ -1,0 +1,195 @@
+"""One way to save and load a trained model: a checkpoint folder.
+
+    step-N/
+      config.yaml                        the full Config the model was trained with
+      pytorch_lora_weights.safetensors   LoRA (train.finetune: lora), diffusers layout: a stock
+                                         `FluxFillPipeline.load_lora_weights(dir)` loads it
+      transformer.safetensors            the whole transformer (train.finetune: full)
+      adapter.safetensors                the semantic cross-attention adapter (mode cross_attention)
+      resume.ckpt                        optimizer, step and RNG state for `--resume` (training only)
+
+Folders are written under a temporary name and renamed into place, so a crash never leaves a
+half-written checkpoint where a reader would take it for a whole one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from vis2ir.config import Config, LoraConfig, load_config
+from vis2ir.errors import Vis2IRError
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.yaml"
+LORA_FILE = "pytorch_lora_weights.safetensors"
+TRANSFORMER_FILE = "transformer.safetensors"
+ADAPTER_FILE = "adapter.safetensors"
+RESUME_FILE = "resume.ckpt"
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA
+
+
+def add_lora(transformer: torch.nn.Module, cfg: LoraConfig) -> None:
+    """Attach a peft LoRA adapter to the transformer (frozen base, trainable LoRA)."""
+    from peft import LoraConfig as PeftLoraConfig
+
+    transformer.requires_grad_(False)
+    transformer.add_adapter(PeftLoraConfig(
+        r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules,
+        init_lora_weights="gaussian" if cfg.init == "gaussian" else True,
+    ))
+
+
+def lora_state_dict(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The LoRA weights (peft keys; `save_lora_weights` adds diffusers' `transformer.` prefix)."""
+    from peft import get_peft_model_state_dict
+
+    return _plain(get_peft_model_state_dict(transformer))
+
+
+# ----------------------------------------------------------------------------------------------
+# Saving
+
+
+def save_weights(directory: str | Path, model, cfg: Config) -> Path:
+    """Write config and weights of `model` (a `Vis2IRModel`) into `directory`, atomically."""
+    directory = Path(directory)
+    with atomic_dir(directory) as tmp:
+        cfg.save(tmp / CONFIG_FILE)
+        if cfg.train.finetune == "lora":
+            _save_lora(tmp, model.transformer, cfg.model.lora)
+        else:
+            save_file(_plain(model.transformer.state_dict()), str(tmp / TRANSFORMER_FILE))
+        if model.adapter is not None:
+            save_file(_plain(model.adapter.state_dict()), str(tmp / ADAPTER_FILE))
+    return directory
+
+
+def _save_lora(directory: Path, transformer, cfg: LoraConfig) -> None:
+    from diffusers import FluxFillPipeline
+
+    metadata = {"r": cfg.rank, "lora_alpha": cfg.alpha, "target_modules": cfg.target_modules}
+    FluxFillPipeline.save_lora_weights(directory, transformer_lora_layers=lora_state_dict(transformer),
+                                       transformer_lora_adapter_metadata=metadata)
+
+
+def _plain(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+
+class atomic_dir:
+    """`with atomic_dir(path) as tmp:` write into `tmp`; on success it replaces `path` whole."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+
+    def __enter__(self) -> Path:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir(parents=True)
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
+        if self.path.exists():
+            os.replace(self.path, old)
+        os.replace(self.tmp, self.path)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder from a folder, a run folder (its newest `checkpoints/step-N`), or `latest`."""
+    path = Path(path)
+    if (path / CONFIG_FILE).exists() and not (path / "checkpoints").is_dir():
+        return path
+    steps = list_checkpoints(path)
+    if not steps:
+        raise Vis2IRError(f"{path}: no checkpoint here (expected {CONFIG_FILE} or checkpoints/step-N/)")
+    return steps[-1]
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """`run_dir/checkpoints/step-N` folders, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def load_checkpoint_config(directory: str | Path, overrides=()) -> Config:
+    directory = Path(directory)
+    if not (directory / CONFIG_FILE).exists():
+        raise Vis2IRError(f"{directory}: not a vis2ir checkpoint (no {CONFIG_FILE})")
+    return load_config(directory / CONFIG_FILE, overrides)
+
+
+def load_weights(directory: str | Path, model, cfg: Config) -> None:
+    """Load a checkpoint's weights into a freshly built `Vis2IRModel` of the same config."""
+    directory = Path(directory)
+    if cfg.train.finetune == "lora":
+        lora = directory / LORA_FILE
+        if not lora.exists():
+            raise Vis2IRError(f"{lora}: missing (the checkpoint was trained with train.finetune=lora)")
+        _load_lora(directory, model.transformer)
+    else:
+        path = directory / TRANSFORMER_FILE
+        if not path.exists():
+            raise Vis2IRError(f"{path}: missing (the checkpoint was trained with train.finetune=full)")
+        _load_strict(model.transformer, path)
+    if model.adapter is not None:
+        path = directory / ADAPTER_FILE
+        if not path.exists():
+            raise Vis2IRError(f"{path}: missing (mode cross_attention needs the trained adapter)")
+        _load_strict(model.adapter, path)
+
+
+def _load_lora(directory: Path, transformer) -> None:
+    """Load our LoRA file the way a stock FluxFillPipeline does (`load_lora_weights`)."""
+    from diffusers import FluxFillPipeline
+
+    state, metadata = FluxFillPipeline.lora_state_dict(str(directory), return_lora_metadata=True)
+    FluxFillPipeline.load_lora_into_transformer(state, None, transformer=transformer, adapter_name="default",
+                                                metadata=metadata)
+
+
+def _load_strict(module: torch.nn.Module, path: Path) -> None:
+    state = load_file(str(path))
+    mine = module.state_dict()
+    wrong = [k for k, v in state.items() if k in mine and mine[k].shape != v.shape]
+    missing = sorted(set(mine) - set(state))
+    unexpected = sorted(set(state) - set(mine))
+    if wrong or missing or unexpected:
+        what = (f"shape of {wrong[0]}: {list(state[wrong[0]].shape)} vs {list(mine[wrong[0]].shape)}" if wrong
+                else f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}")
+        raise Vis2IRError(f"{path}: does not fit the model built from its config ({what})")
+    module.load_state_dict({k: v.to(mine[k].dtype) for k, v in state.items()})
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+               overrides=()):
+    """`(model, config)` from a checkpoint folder or a run folder (its newest checkpoint)."""
+    from vis2ir.model import build_model
+
+    directory = find_checkpoint(path)
+    cfg = load_checkpoint_config(directory, overrides)
+    model = build_model(cfg, device, dtype)
+    load_weights(directory, model, cfg)
+    log.info("Loaded checkpoint %s", directory)
+    return model.eval(), cfg
