@@ -60,18 +60,23 @@ def lora_state_dict(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
 # Saving
 
 
-def save_weights(directory: str | Path, model, cfg: Config) -> Path:
-    """Write config and weights of `model` (a `Vis2IRModel`) into `directory`, atomically."""
+def write_weights(directory: str | Path, model, cfg: Config) -> None:
+    """Write config and weights of `model` (a `Vis2IRModel`) into the existing folder `directory`."""
     directory = Path(directory)
+    cfg.save(directory / CONFIG_FILE)
+    if cfg.train.finetune == "lora":
+        _save_lora(directory, model.transformer, cfg.model.lora)
+    else:
+        save_file(_plain(model.transformer.state_dict()), str(directory / TRANSFORMER_FILE))
+    if model.adapter is not None:
+        save_file(_plain(model.adapter.state_dict()), str(directory / ADAPTER_FILE))
+
+
+def save_weights(directory: str | Path, model, cfg: Config) -> Path:
+    """`write_weights` into `directory`, atomically."""
     with atomic_dir(directory) as tmp:
-        cfg.save(tmp / CONFIG_FILE)
-        if cfg.train.finetune == "lora":
-            _save_lora(tmp, model.transformer, cfg.model.lora)
-        else:
-            save_file(_plain(model.transformer.state_dict()), str(tmp / TRANSFORMER_FILE))
-        if model.adapter is not None:
-            save_file(_plain(model.adapter.state_dict()), str(tmp / ADAPTER_FILE))
-    return directory
+        write_weights(tmp, model, cfg)
+    return Path(directory)
 
 
 def _save_lora(directory: Path, transformer, cfg: LoraConfig) -> None:
@@ -86,10 +91,19 @@ def _plain(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
 
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Put the finished folder `tmp` at `final`, replacing what was there."""
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 class atomic_dir:
     """`with atomic_dir(path) as tmp:` write into `tmp`; on success it replaces `path` whole."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: str | Path):
         self.path = Path(path)
         self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
 
@@ -102,11 +116,7 @@ class atomic_dir:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
-        old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
-        if self.path.exists():
-            os.replace(self.path, old)
-        os.replace(self.tmp, self.path)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(self.tmp, self.path)
 
 
 # ----------------------------------------------------------------------------------------------

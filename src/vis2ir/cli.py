@@ -23,6 +23,13 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     run_demo(out_dir=args.out, config_path=args.config, overrides=args.overrides)
 
 
+def _cmd_train(args: argparse.Namespace) -> None:
+    from vis2ir.config import load_config
+    from vis2ir.train import train
+
+    train(load_config(args.config, args.overrides), resume=args.resume)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vis2ir", description="Visible-to-infrared generation on FLUX.1 Fill.")
     parser.add_argument("--debug", action="store_true", help="DEBUG logging and full tracebacks")
@@ -32,6 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="outputs/demo", help="report folder (default: outputs/demo)")
     _add_config_args(p)
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("train", help="train LoRA / the adapter (or a small model from scratch)")
+    p.add_argument("--resume", metavar="DIR|latest", help="continue from a checkpoint folder, a run folder, or "
+                   "'latest' (the newest checkpoint under train.output_dir)")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_train)
 
     return parser
 

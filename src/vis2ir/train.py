@@ -1,0 +1,393 @@
+"""`vis2ir train`: flow-matching training of LoRA (or the whole transformer) and the adapter.
+
+Lightning runs the loop, the devices and the strategies (DDP, FSDP, DeepSpeed); this file says
+what one step does (DESIGN §1, §3):
+
+    t ~ sigmoid(N(mean, std)) (optionally shifted);  x_1 ~ N(0, I) (+ offset noise)
+    v̂ = model(x_t = (1 − t)·x_0 + t·x_1);  loss = mse(v̂, x_1 − x_0) over all or target tokens
+
+Steps count optimizer steps. Checkpoints (`checkpoint.py` layout) are written every
+`train.checkpoint_every` steps and at the end, with a resume state; `--resume` continues a run
+exactly (same data order, noise and RNG).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from vis2ir.checkpoint import RESUME_FILE, add_lora, list_checkpoints, replace_dir, write_weights
+from vis2ir.config import Config
+from vis2ir.errors import Vis2IRError
+from vis2ir.model import Encoded, Vis2IRModel, build_model
+from vis2ir.semantic.modes import NEEDS_SEMANTIC
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------
+# The pieces of one step
+
+
+def sample_timesteps(n: int, mean: float = 0.0, std: float = 1.0, shift: float = 1.0, device=None) -> torch.Tensor:
+    """Logit-normal flow times in (0, 1); `shift > 1` moves them towards the noise end."""
+    t = torch.sigmoid(mean + std * torch.randn(n, device=device))
+    return shift * t / (1 + (shift - 1) * t) if shift != 1.0 else t
+
+
+def sample_noise(x_0: torch.Tensor, offset: float = 0.0) -> torch.Tensor:
+    """x_1 ~ N(0, I), plus per-sample, per-channel offset noise when `offset > 0`."""
+    noise = torch.randn_like(x_0)
+    if offset > 0:
+        noise = noise + offset * torch.randn(x_0.shape[0], 1, x_0.shape[2], device=x_0.device, dtype=x_0.dtype)
+    return noise
+
+
+def flow_loss(pred: torch.Tensor, target: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error over all tokens, or over the tokens selected by the boolean `[N]` mask."""
+    err = (pred.float() - target.float()).square()
+    return err.mean() if tokens is None else err[:, tokens].mean()
+
+
+# ----------------------------------------------------------------------------------------------
+# Data order that survives a resume
+
+
+class StepSampler(Sampler[int]):
+    """Endless shuffled indices, epoch after epoch, that can start at any position.
+
+    Position k is a pure function of (seed, k), so a resumed run sees exactly the samples an
+    uninterrupted one would have. Each DDP rank takes every `world`-th index.
+    """
+
+    def __init__(self, size: int, seed: int, start: int = 0, rank: int = 0, world: int = 1):
+        self.size, self.seed, self.start, self.rank, self.world = size, seed, start, rank, world
+
+    def __iter__(self):
+        k = self.start * self.world + self.rank
+        epoch, perm = None, None
+        while True:
+            e, i = divmod(k, self.size)
+            if e != epoch:
+                epoch = e
+                perm = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100003 + e))
+            yield int(perm[i])
+            k += self.world
+
+    def __len__(self) -> int:
+        return 2**62
+
+
+def collate(samples: list[dict]) -> dict:
+    """Stack tensors; keep names as a list."""
+    out = {}
+    for key in samples[0]:
+        values = [s[key] for s in samples]
+        out[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The Lightning module
+
+
+class Vis2IRModule(L.LightningModule):
+    """Owns a `Vis2IRModel`, its trainable parameters and their optimizer."""
+
+    def __init__(self, cfg: Config, model: Vis2IRModel | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.model = model
+        self.strict_loading = False  # resume states hold only the trainable weights
+        self._bad_steps = 0
+        self._step_started = None
+
+    # -- building ------------------------------------------------------------------------------
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        cfg = self.cfg
+        device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+        # Full training keeps fp32 master weights (autocast does the bf16 maths); LoRA trains
+        # fp32 adapters over a frozen base in the model's dtype.
+        dtype = torch.float32 if cfg.train.finetune == "full" else None
+        self.model = prepare_for_training(build_model(cfg, device, dtype), cfg)
+
+    # -- steps ---------------------------------------------------------------------------------
+
+    def training_step(self, batch: dict, batch_idx: int):
+        cfg = self.cfg.train
+        model = self.model
+        vis, ir, sem = batch["visible"], batch["infrared"], batch.get("semantic")
+        enc = model.encode(vis, ir, sem)
+        t = sample_timesteps(vis.shape[0], cfg.timestep_mean, cfg.timestep_std, cfg.timestep_shift, vis.device)
+        noise = sample_noise(enc.x_0.float(), cfg.offset_noise)
+        if self.global_step < 2 and log.isEnabledFor(logging.DEBUG):
+            self._debug_shapes(vis, ir, sem, enc)
+        pred, target = model(vis, ir, sem, t, noise, guidance=cfg.guidance, encoded=enc)
+        tokens = model.target_tokens(enc) if cfg.loss_region == "target" else None
+        loss = flow_loss(pred, target, tokens)
+        if not torch.isfinite(loss):
+            self._bad_steps += 1
+            log.warning("step %d: loss is %s (%d/%d bad steps in a row); skipping the update",
+                        self.global_step, loss.item(), self._bad_steps, cfg.max_bad_steps)
+            if self._bad_steps >= cfg.max_bad_steps:
+                raise Vis2IRError(
+                    f"training stopped at step {self.global_step}: the loss was NaN/inf for {self._bad_steps} "
+                    f"steps in a row (train.max_bad_steps); the last good checkpoint is kept under "
+                    f"{Path(cfg.output_dir) / 'checkpoints'}; try a lower train.learning_rate")
+            return None
+        self._bad_steps = 0
+        self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=vis.shape[0])
+        if model.adapter is not None:
+            for i, s in enumerate(model.adapter.scales()):
+                self.log(f"train/scale_{i}", s, prog_bar=i == 0, on_step=True, batch_size=vis.shape[0])
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int):
+        """Loss at fixed flow times (0.25, 0.5, 0.75) and fixed noise, so curves are comparable."""
+        model = self.model
+        vis, ir, sem = batch["visible"], batch["infrared"], batch.get("semantic")
+        enc = model.encode(vis, ir, sem)
+        g = torch.Generator().manual_seed(1000 + batch_idx)
+        tokens = model.target_tokens(enc) if self.cfg.train.loss_region == "target" else None
+        losses = []
+        for tv in (0.25, 0.5, 0.75):
+            t = torch.full((vis.shape[0],), tv, device=vis.device)
+            noise = torch.randn(enc.x_0.shape, generator=g).to(enc.x_0.device)
+            pred, target = model(vis, ir, sem, t, noise, guidance=self.cfg.train.guidance, encoded=enc)
+            losses.append(flow_loss(pred, target, tokens))
+        loss = torch.stack(losses).mean()
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=vis.shape[0])
+        return loss
+
+    def _debug_shapes(self, vis, ir, sem, enc: Encoded) -> None:
+        m = self.model
+        log.debug("===== %s semantic mode =====", m.mode)
+        log.debug("visible_img: %s", tuple(vis.shape))
+        log.debug("target_img: %s", tuple(ir.shape))
+        if sem is not None:
+            log.debug("semantic_img: %s", tuple(sem.shape))
+        log.debug("canvas: %s", (vis.shape[0], 3, enc.height, enc.width))
+        log.debug("x_0: %s", tuple(enc.x_0.shape))
+        log.debug("x_cond: %s", tuple(enc.x_cond.shape))
+        if enc.semantic_tokens is not None:
+            log.debug("semantic_tokens: %s", tuple(enc.semantic_tokens.shape))
+        if m.adapter is not None:
+            for i, s in enumerate(m.adapter.scales()):
+                log.debug("Layer %d scale: %.6f", i, s)
+        log.debug("hidden_states (final): %s", (*enc.x_0.shape[:2], m.transformer.config.in_channels))
+
+    # -- optimisation --------------------------------------------------------------------------
+
+    def configure_optimizers(self):
+        cfg = self.cfg.train
+        model = self.model
+        adapter_ids = {id(p) for p in model.adapter.parameters()} if model.adapter is not None else set()
+        backbone = [p for p in model.parameters() if p.requires_grad and id(p) not in adapter_ids]
+        groups = [{"params": backbone, "lr": cfg.learning_rate, "weight_decay": cfg.weight_decay, "name": "backbone"}]
+        if model.adapter is not None:
+            adapter = list(model.adapter.parameters())
+            groups.append({"params": adapter, "lr": cfg.adapter_learning_rate or cfg.learning_rate,
+                           "weight_decay": cfg.adapter_weight_decay, "name": "adapter"})
+            log.info("Added %d semantic cross-attention parameters to optimizer", sum(p.numel() for p in adapter))
+        log.info("Trainable %s parameters: %d", "LoRA" if cfg.finetune == "lora" else "transformer",
+                 sum(p.numel() for p in backbone))
+        if cfg.optimizer == "prodigy":
+            from prodigyopt import Prodigy
+
+            optimizer = Prodigy(groups, lr=cfg.learning_rate, use_bias_correction=True, safeguard_warmup=True,
+                                weight_decay=cfg.weight_decay)
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        warmup = cfg.warmup_steps
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        norms = [p.grad.detach().float().norm() for p in self.model.parameters() if p.grad is not None]
+        if norms:
+            self.log("train/grad_norm", torch.stack(norms).norm(), on_step=True)
+        for group in optimizer.param_groups:
+            self.log(f"train/lr_{group.get('name', 'group')}", group["lr"], on_step=True)
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        self._step_started = time.perf_counter()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self._step_started is None:
+            return
+        dt = time.perf_counter() - self._step_started
+        n = batch["visible"].shape[0] * self.trainer.world_size
+        self.log("train/step_time", dt, on_step=True)
+        self.log("train/samples_per_s", n / dt, on_step=True)
+
+    # -- resume state: trainable weights and RNG only (the frozen base is rebuilt from config) -
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint["rng"] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            checkpoint["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        rng = checkpoint.get("rng", {})
+        if "torch" in rng:
+            torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def prepare_for_training(model: Vis2IRModel, cfg: Config) -> Vis2IRModel:
+    """LoRA (fp32 adapters on a frozen base) or full training; gradient checkpointing if asked."""
+    if cfg.train.finetune == "lora":
+        add_lora(model.transformer, cfg.model.lora)
+        for p in model.transformer.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+    else:
+        model.transformer.requires_grad_(True)
+    if model.adapter is not None:
+        model.adapter.float().requires_grad_(True)
+    if cfg.train.gradient_checkpointing:
+        model.transformer.enable_gradient_checkpointing()
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+class CheckpointExport(L.Callback):
+    """Writes `checkpoints/step-N/` (weights, config, resume state) atomically; keeps the last K."""
+
+    def __init__(self, cfg: Config, run_dir: Path):
+        self.cfg, self.run_dir, self.last = cfg, run_dir, -1
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step > 0 and step % self.cfg.train.checkpoint_every == 0:
+            self.save(trainer, module, step)
+
+    def on_train_end(self, trainer, module) -> None:
+        if trainer.global_step > 0:
+            self.save(trainer, module, trainer.global_step)
+
+    def save(self, trainer, module: Vis2IRModule, step: int) -> None:
+        if step == self.last:
+            return
+        self.last = step
+        final = self.run_dir / "checkpoints" / f"step-{step}"
+        tmp = final.with_name(f".step-{step}.tmp")
+        if trainer.is_global_zero:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            write_weights(tmp, module.model, self.cfg)
+        trainer.strategy.barrier()
+        trainer.save_checkpoint(tmp / RESUME_FILE)
+        if trainer.is_global_zero:
+            replace_dir(tmp, final)
+            for old in list_checkpoints(self.run_dir)[:-self.cfg.train.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+            log.info("Saved checkpoint %s", final)
+        trainer.strategy.barrier()
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry point
+
+
+def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
+    """`--resume latest` → the newest checkpoint of this run; a folder → its resume state."""
+    if resume is None:
+        return None
+    if resume == "latest":
+        found = list_checkpoints(run_dir)
+        if not found:
+            raise Vis2IRError(f"--resume latest: no checkpoint under {run_dir / 'checkpoints'}")
+        folder = found[-1]
+    else:
+        folder = Path(resume)
+        if not (folder / RESUME_FILE).exists() and list_checkpoints(folder):
+            folder = list_checkpoints(folder)[-1]
+    state = folder / RESUME_FILE
+    if not state.exists():
+        raise Vis2IRError(f"--resume {resume}: {state} not found (expected a checkpoint folder or a run folder)")
+    return state
+
+
+def build_trainer(cfg: Config, run_dir: Path, callbacks=(), loggers=True, progress: bool = True) -> L.Trainer:
+    t = cfg.train
+    cuda = torch.cuda.is_available() and t.accelerator != "cpu"
+    precision = t.precision if t.precision != "auto" else ("bf16-mixed" if cuda else "32-true")
+    strategy = t.strategy
+    if strategy == "ddp":
+        from lightning.pytorch.strategies import DDPStrategy
+
+        strategy = DDPStrategy(find_unused_parameters=False)
+    if loggers is True:
+        from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+        loggers = [CSVLogger(run_dir, name="logs", version=""), TensorBoardLogger(run_dir, name="tensorboard", version="")]
+    return L.Trainer(
+        accelerator="gpu" if cuda else "cpu", devices=t.devices, num_nodes=t.num_nodes, strategy=strategy,
+        precision=precision, max_steps=t.max_steps, max_epochs=-1, accumulate_grad_batches=t.accumulate_grad_batches,
+        gradient_clip_val=t.grad_clip or None, log_every_n_steps=t.log_every,
+        val_check_interval=t.val_every * t.accumulate_grad_batches, check_val_every_n_epoch=None,
+        limit_val_batches=t.val_batches, num_sanity_val_steps=0, default_root_dir=run_dir,
+        callbacks=[CheckpointExport(cfg, run_dir), *callbacks], logger=loggers, enable_checkpointing=False, use_distributed_sampler=False,
+        enable_progress_bar=progress, enable_model_summary=False,
+    )
+
+
+def make_loaders(cfg: Config, trainer: L.Trainer, start_step: int = 0):
+    """Train loader (endless, resumable order) and validation loader."""
+    from vis2ir.data import build_dataset
+
+    need = cfg.model.semantic.mode in NEEDS_SEMANTIC
+    train_set = build_dataset(cfg.data, "train", require_semantic=need)
+    val_set = build_dataset(cfg.data, "val", require_semantic=need)
+    per_step = cfg.train.batch_size * cfg.train.accumulate_grad_batches
+    sampler = StepSampler(len(train_set), cfg.train.seed, start=start_step * per_step,
+                          rank=trainer.global_rank, world=trainer.world_size)
+    kw = dict(num_workers=cfg.data.num_workers, collate_fn=collate, pin_memory=torch.cuda.is_available(),
+              persistent_workers=cfg.data.num_workers > 0)
+    train = DataLoader(train_set, batch_size=cfg.train.batch_size, sampler=sampler, drop_last=True, **kw)
+    val = DataLoader(val_set, batch_size=cfg.train.batch_size, shuffle=False, **kw) if len(val_set) else None
+    return train, val
+
+
+def train(cfg: Config, resume: str | None = None, model: Vis2IRModel | None = None, progress: bool = True,
+          callbacks=()) -> Path:
+    """Train as `cfg` says; returns the run folder."""
+    run_dir = Path(cfg.train.output_dir)
+    state = resolve_resume(resume, run_dir)
+    L.seed_everything(cfg.train.seed, workers=True, verbose=False)
+    if torch.cuda.is_available():
+        torch.backends.cuda.enable_cudnn_sdp(False)  # cuDNN attention backward crashed on Hopper (DESIGN §9)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save(run_dir / "config.yaml")
+    trainer = build_trainer(cfg, run_dir, callbacks=callbacks, progress=progress)
+    start = _resume_step(state) if state else 0
+    train_loader, val_loader = make_loaders(cfg, trainer, start)
+    module = Vis2IRModule(cfg, model)
+    log.info("Training %s for %d steps (batch %d × %d accumulation × %d devices) into %s", cfg.model.semantic.mode,
+             cfg.train.max_steps, cfg.train.batch_size, cfg.train.accumulate_grad_batches, trainer.world_size, run_dir)
+    trainer.fit(module, train_loader, val_loader, ckpt_path=state, weights_only=True if state else None)
+    return run_dir
+
+
+def _resume_step(state: Path) -> int:
+    name = state.parent.name
+    if name.startswith("step-") and name[5:].isdigit():
+        return int(name[5:])
+    ckpt = torch.load(state, map_location="cpu", weights_only=True)
+    return int(ckpt["global_step"])
