@@ -82,13 +82,22 @@ def load_backbone(cfg: ModelConfig, device: torch.device | str = "cpu", dtype: t
         codec = VAECodec(AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=dtype))
         prompt = prompt_embeddings(cfg, lambda: _load_text_encoders(root))
     else:
-        torch.manual_seed(cfg.seed)
-        codec = PixelCodec(cfg.pixel_factor) if cfg.codec == "pixel" else VAECodec(_cast(build_tiny_vae(cfg), dtype))
-        transformer = _cast(build_transformer(cfg, base_in_channels(codec), token_width(codec)), dtype)
+        with torch.random.fork_rng(devices=[]):  # seeded build that leaves the global RNG alone
+            torch.manual_seed(cfg.seed)
+            transformer, codec = _build_random(cfg, device, dtype)
         prompt = prompt_embeddings(cfg, lambda: build_tiny_text_encoders(cfg))
     if isinstance(codec, VAECodec):
         codec.vae.to(device).requires_grad_(False).eval()
     return Backbone(transformer.to(device), codec, prompt.to(device, dtype))
+
+
+def _build_random(cfg: ModelConfig, device, dtype):
+    """Transformer and codec of the configured shapes, with random weights."""
+    codec = PixelCodec(cfg.pixel_factor) if cfg.codec == "pixel" else VAECodec(_cast(build_tiny_vae(cfg), dtype))
+    width = token_width(codec)
+    if cfg.transformer.init == "normal":
+        return build_transformer_fast(cfg, base_in_channels(codec), width, device, dtype), codec
+    return _cast(build_transformer(cfg, base_in_channels(codec), width), dtype), codec
 
 
 # ----------------------------------------------------------------------------------------------
@@ -111,6 +120,19 @@ def build_transformer(cfg: ModelConfig, in_channels: int, out_channels: int):
         pooled_projection_dim=t.pooled_projection_dim, guidance_embeds=t.guidance_embeds,
         axes_dims_rope=tuple(t.axes_dims_rope),
     )
+
+
+@torch.no_grad()
+def build_transformer_fast(cfg: ModelConfig, in_channels: int, out_channels: int, device, dtype):
+    """The same transformer built with empty weights on `device`, then filled with N(0, 0.02)."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        transformer = build_transformer(cfg, in_channels, out_channels)
+    transformer = transformer.to_empty(device=device).to(dtype)
+    for p in transformer.parameters():
+        p.normal_(0, 0.02)
+    return transformer
 
 
 def build_tiny_vae(cfg: ModelConfig):
@@ -144,16 +166,17 @@ def build_tiny_text_encoders(cfg: ModelConfig) -> dict:
     # Widths follow the transformer: CLIP's pooled output feeds `pooled_projection_dim`,
     # T5's sequence feeds `joint_attention_dim`.
     t, tr = cfg.text, cfg.transformer
-    torch.manual_seed(t.seed)
-    clip = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(clip_tok), hidden_size=tr.pooled_projection_dim, intermediate_size=2 * tr.pooled_projection_dim,
-        num_hidden_layers=t.num_layers, num_attention_heads=2, max_position_embeddings=77,
-        bos_token_id=0, eos_token_id=1, pad_token_id=1,
-    ))
-    t5 = T5EncoderModel(T5Config(
-        vocab_size=len(t5_tok), d_model=tr.joint_attention_dim, d_kv=8, d_ff=2 * tr.joint_attention_dim,
-        num_layers=t.num_layers, num_heads=2, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
-    ))
+    with torch.random.fork_rng(devices=[]):  # seeded, leaving the global RNG alone
+        torch.manual_seed(t.seed)
+        clip = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(clip_tok), hidden_size=tr.pooled_projection_dim, intermediate_size=2 * tr.pooled_projection_dim,
+            num_hidden_layers=t.num_layers, num_attention_heads=2, max_position_embeddings=77,
+            bos_token_id=0, eos_token_id=1, pad_token_id=1,
+        ))
+        t5 = T5EncoderModel(T5Config(
+            vocab_size=len(t5_tok), d_model=tr.joint_attention_dim, d_kv=8, d_ff=2 * tr.joint_attention_dim,
+            num_layers=t.num_layers, num_heads=2, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+        ))
     return {"text_encoder": clip.eval(), "tokenizer": clip_tok, "text_encoder_2": t5.eval(), "tokenizer_2": t5_tok}
 
 

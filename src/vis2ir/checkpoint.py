@@ -64,12 +64,13 @@ def write_weights(directory: str | Path, model, cfg: Config) -> None:
     """Write config and weights of `model` (a `Vis2IRModel`) into the existing folder `directory`."""
     directory = Path(directory)
     cfg.save(directory / CONFIG_FILE)
+    dtype = getattr(torch, cfg.train.save_dtype)
     if cfg.train.finetune == "lora":
-        _save_lora(directory, model.transformer, cfg.model.lora)
+        _save_lora(directory, model.transformer, cfg.model.lora, dtype)
     else:
-        save_file(_plain(model.transformer.state_dict()), str(directory / TRANSFORMER_FILE))
+        save_file(_plain(model.transformer.state_dict(), dtype), str(directory / TRANSFORMER_FILE))
     if model.adapter is not None:
-        save_file(_plain(model.adapter.state_dict()), str(directory / ADAPTER_FILE))
+        save_file(_plain(model.adapter.state_dict(), dtype), str(directory / ADAPTER_FILE))
 
 
 def save_weights(directory: str | Path, model, cfg: Config) -> Path:
@@ -79,16 +80,18 @@ def save_weights(directory: str | Path, model, cfg: Config) -> Path:
     return Path(directory)
 
 
-def _save_lora(directory: Path, transformer, cfg: LoraConfig) -> None:
+def _save_lora(directory: Path, transformer, cfg: LoraConfig, dtype: torch.dtype) -> None:
     from diffusers import FluxFillPipeline
 
     metadata = {"r": cfg.rank, "lora_alpha": cfg.alpha, "target_modules": cfg.target_modules}
-    FluxFillPipeline.save_lora_weights(directory, transformer_lora_layers=lora_state_dict(transformer),
+    FluxFillPipeline.save_lora_weights(directory, transformer_lora_layers=_plain(lora_state_dict(transformer), dtype),
                                        transformer_lora_adapter_metadata=metadata)
 
 
-def _plain(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+def _plain(state: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """CPU, contiguous copies; floating tensors cast to `dtype` when given."""
+    return {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
+            for k, v in state.items()}
 
 
 def replace_dir(tmp: Path, final: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 
 from vis2ir.errors import Vis2IRError
 
@@ -30,6 +31,61 @@ def _cmd_train(args: argparse.Namespace) -> None:
     train(load_config(args.config, args.overrides), resume=args.resume)
 
 
+def _cmd_data_synth(args: argparse.Namespace) -> None:
+    from vis2ir.data import write_thermalscenes
+
+    write_thermalscenes(args.out, count=args.count, size=args.size, seed=args.seed, fmt=args.format)
+
+
+def _cmd_data_inspect(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from vis2ir.config import load_config
+    from vis2ir.data import inspect_source
+
+    data = dataclasses.replace(load_config(args.config, args.overrides).data, source=args.source)
+    inspect_source(data, out=args.out, count=args.count)
+
+
+def _generate_kwargs(args: argparse.Namespace) -> dict:
+    keys = ("config", "checkpoint", "overrides", "semantic", "seed", "steps", "guidance", "batch_size",
+            "adapter_scale", "overwrite", "offload", "device", "size")
+    return {k: getattr(args, k) for k in keys} | {"points": args.point or ()}
+
+
+def _cmd_generate(args: argparse.Namespace) -> None:
+    from vis2ir.pipeline import run_generate
+
+    run_generate(args.input, args.out, bit_depth=args.bit_depth, palette=args.palette, compare=args.compare,
+                 save_attention=args.save_attention, **_generate_kwargs(args))
+
+
+def _cmd_visualize(args: argparse.Namespace) -> None:
+    from vis2ir.pipeline import run_generate
+
+    run_generate(args.input, args.out, write_images=False, **_generate_kwargs(args))
+
+
+def _add_generate_args(p: argparse.ArgumentParser) -> None:
+    _add_config_args(p)
+    p.add_argument("--checkpoint", help="checkpoint folder, or a run folder (its newest checkpoint)")
+    p.add_argument("--input", required=True, help="a visible image, or a folder of them")
+    p.add_argument("--semantic", help="semantic map(s): a file, or a folder of maps named like the inputs")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--seed", type=int, help="seed of every image's noise (default: sample.seed)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: sample.steps)")
+    p.add_argument("--guidance", type=float, help="guidance (default: sample.guidance)")
+    p.add_argument("--batch-size", type=int, default=1, help="images per batch (default: 1)")
+    p.add_argument("--adapter-scale", type=float, help="multiplies the adapter's effect (1: as trained, 0: off)")
+    p.add_argument("--size", type=int, help="resize the longer side to this for the model (default: native)")
+    p.add_argument("--overwrite", action="store_true", help="redo outputs that already exist")
+    p.add_argument("--point", action="append", metavar="X,Y",
+                   help="query point in input pixels for attention maps (repeatable; default: the centre)")
+    p.add_argument("--offload", choices=("none", "model", "sequential"), default="none",
+                   help="CPU offload of the weights (default: none)")
+    p.add_argument("--device", help="e.g. cuda:0 or cpu (default: cuda:$LOCAL_RANK if available)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vis2ir", description="Visible-to-infrared generation on FLUX.1 Fill.")
     parser.add_argument("--debug", action="store_true", help="DEBUG logging and full tracebacks")
@@ -46,7 +102,51 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=_cmd_train)
 
+    p = sub.add_parser("data", help="data tools: synthetic ThermalScenes, inspecting a source")
+    data = p.add_subparsers(dest="data_command", required=True)
+    q = data.add_parser("synth", help="write ThermalScenes (visible/infrared/semantic) to a folder or parquet")
+    q.add_argument("--out", required=True, help="output folder")
+    q.add_argument("--count", type=int, default=1000, help="number of scenes (default: 1000)")
+    q.add_argument("--size", type=int, default=256, help="panel size in pixels (default: 256)")
+    q.add_argument("--seed", type=int, default=0, help="scene set seed (default: 0)")
+    q.add_argument("--format", choices=("folder", "parquet"), default="folder",
+                   help="visible/ infrared/ semantic/ PNGs, or one parquet file (default: folder)")
+    q.set_defaults(func=_cmd_data_synth)
+    q = data.add_parser("inspect", help="counts per split, sizes, problems, and a contact sheet PNG")
+    q.add_argument("source", help="a data folder, parquet file(s), a datasets folder or Hub id, or 'thermalscenes'")
+    q.add_argument("--out", help="write a contact sheet of triptychs to this PNG")
+    q.add_argument("--count", type=int, default=8, help="triptychs on the contact sheet (default: 8)")
+    _add_config_args(q)
+    q.set_defaults(func=_cmd_data_inspect)
+
+    p = sub.add_parser("generate", help="visible images (file or folder) -> infrared PNGs")
+    _add_generate_args(p)
+    p.add_argument("--bit-depth", type=int, choices=(8, 16), default=8, help="grey PNG bit depth (default: 8)")
+    p.add_argument("--palette", choices=("white-hot", "black-hot", "ironbow"), default="white-hot",
+                   help="infrared palette (default: white-hot grey)")
+    p.add_argument("--compare", action="store_true", help="also write compare/<name>.png: visible | semantic | IR")
+    p.add_argument("--save-attention", action="store_true",
+                   help="also write attention/<name>/: adapter heat-maps (mode cross_attention)")
+    p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("visualize", help="adapter attention heat-maps over the visible image(s)")
+    _add_generate_args(p)
+    p.set_defaults(func=_cmd_visualize)
+
     return parser
+
+
+def quiet() -> None:
+    """One log format; libraries speak only of warnings (Lightning's own handlers removed)."""
+    for name in ("httpx", "httpcore", "urllib3", "filelock", "huggingface_hub", "lightning", "lightning.pytorch",
+                 "lightning.fabric"):
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = True
+        logger.setLevel(logging.WARNING)
+    for name in ("transformers", "diffusers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,8 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format="[%(levelname)s] %(message)s")
-    for noisy in ("httpx", "httpcore", "urllib3", "filelock", "huggingface_hub"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet()
     try:
         args.func(args)
     except Vis2IRError as err:

@@ -89,6 +89,8 @@ class TransformerConfig:
 
     The defaults are FLUX.1 Fill's real size; configs for tests and the demo shrink them.
     `in_channels` and `out_channels` are not settings: they follow from the codec and the mode.
+    `init: normal` builds the weights empty on the target device and fills them with N(0, 0.02):
+    a real-size model in under a second, for speed and memory measurements (DESIGN §9).
     """
 
     num_layers: int = 19
@@ -99,6 +101,7 @@ class TransformerConfig:
     pooled_projection_dim: int = 768
     axes_dims_rope: tuple[int, int, int] = (16, 56, 56)
     guidance_embeds: bool = True
+    init: Literal["default", "normal"] = "default"
 
     def validate(self) -> None:
         _check(sum(self.axes_dims_rope) == self.attention_head_dim, "model.transformer.axes_dims_rope",
@@ -162,16 +165,44 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Where the triptychs come from and how they are shaped (owned by the data package)."""
+    """Where the triptychs come from and how they are shaped (owned by the data package; docs/data.md).
+
+    `source`: 'thermalscenes' (synthetic, in memory), a folder in a known layout, parquet file(s) or a
+    glob, a `datasets` folder or Hub id. `layout` names the layout when detection should not guess.
+    """
 
     source: str = "thermalscenes"
+    layout: Literal["auto", "table", "triptych", "paired", "llvip", "flir", "m3fd", "msrs", "kaist"] = "auto"
     size: int = 512
+    resize_policy: Literal["resize", "center_crop", "random_crop"] = "center_crop"
+    hflip: bool = True
+    visible_column: str = "visible"
+    infrared_column: str = "infrared"
     semantic_column: str = "panoptic_img"
+    triptych_column: str = "triptych"
+    name_column: str = "name"
+    semantic_dir: str = "semantic"
+    ir_normalize: Literal["percentile", "minmax", "fixed"] = "percentile"
+    ir_percentiles: tuple[float, float] = (1.0, 99.0)
+    ir_range: tuple[float, float] = (0.0, 65535.0)
+    val_fraction: float = 0.05
+    test_fraction: float = 0.05
+    on_bad_sample: Literal["error", "skip"] = "error"
+    synth_count: int = 1000
+    synth_seed: int = 0
     num_workers: int = 2
 
     def validate(self) -> None:
         _check(self.size >= 16 and self.size % 16 == 0, "data.size", "a multiple of 16", self.size)
         _check(self.num_workers >= 0, "data.num_workers", "an integer >= 0", self.num_workers)
+        lo, hi = self.ir_percentiles
+        _check(0.0 <= lo < hi <= 100.0, "data.ir_percentiles", "two numbers 0 <= low < high <= 100",
+               list(self.ir_percentiles))
+        _check(self.ir_range[0] < self.ir_range[1], "data.ir_range", "two numbers low < high", list(self.ir_range))
+        _check(0.0 <= self.val_fraction < 1.0, "data.val_fraction", "a number in [0, 1)", self.val_fraction)
+        _check(0.0 <= self.test_fraction < 1.0 - self.val_fraction, "data.test_fraction",
+               "a number in [0, 1 - val_fraction)", self.test_fraction)
+        _check(self.synth_count >= 1, "data.synth_count", "an integer >= 1", self.synth_count)
 
 
 @dataclass
@@ -205,6 +236,7 @@ class TrainConfig:
     strategy: Literal["auto", "ddp", "fsdp", "deepspeed"] = "auto"
     checkpoint_every: int = 500
     keep_last: int = 3
+    save_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     val_every: int = 500
     val_batches: int = 2
     log_every: int = 10

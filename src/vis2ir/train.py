@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import logging
 import shutil
+import warnings
 import time
 from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from vis2ir.checkpoint import RESUME_FILE, add_lora, list_checkpoints, replace_dir, write_weights
 from vis2ir.config import Config
@@ -29,23 +30,29 @@ from vis2ir.model import Encoded, Vis2IRModel, build_model
 from vis2ir.semantic.modes import NEEDS_SEMANTIC
 
 log = logging.getLogger(__name__)
+# Lightning installs its own console handlers; let its records reach ours, in our format.
+for _name in ("lightning.pytorch", "lightning.fabric"):
+    logging.getLogger(_name).handlers.clear()
 
 
 # ----------------------------------------------------------------------------------------------
 # The pieces of one step
 
 
-def sample_timesteps(n: int, mean: float = 0.0, std: float = 1.0, shift: float = 1.0, device=None) -> torch.Tensor:
+def sample_timesteps(n: int, mean: float = 0.0, std: float = 1.0, shift: float = 1.0,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
     """Logit-normal flow times in (0, 1); `shift > 1` moves them towards the noise end."""
-    t = torch.sigmoid(mean + std * torch.randn(n, device=device))
+    device = generator.device if generator is not None else None
+    t = torch.sigmoid(mean + std * torch.randn(n, generator=generator, device=device))
     return shift * t / (1 + (shift - 1) * t) if shift != 1.0 else t
 
 
-def sample_noise(x_0: torch.Tensor, offset: float = 0.0) -> torch.Tensor:
+def sample_noise(x_0: torch.Tensor, offset: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
     """x_1 ~ N(0, I), plus per-sample, per-channel offset noise when `offset > 0`."""
-    noise = torch.randn_like(x_0)
+    kw = dict(generator=generator, device=x_0.device, dtype=x_0.dtype)
+    noise = torch.randn(x_0.shape, **kw)
     if offset > 0:
-        noise = noise + offset * torch.randn(x_0.shape[0], 1, x_0.shape[2], device=x_0.device, dtype=x_0.dtype)
+        noise = noise + offset * torch.randn(x_0.shape[0], 1, x_0.shape[2], **kw)
     return noise
 
 
@@ -60,28 +67,42 @@ def flow_loss(pred: torch.Tensor, target: torch.Tensor, tokens: torch.Tensor | N
 
 
 class StepSampler(Sampler[int]):
-    """Endless shuffled indices, epoch after epoch, that can start at any position.
+    """Endless sample positions k = start, start+1, … (every `world`-th one for DDP rank `rank`)."""
 
-    Position k is a pure function of (seed, k), so a resumed run sees exactly the samples an
-    uninterrupted one would have. Each DDP rank takes every `world`-th index.
-    """
-
-    def __init__(self, size: int, seed: int, start: int = 0, rank: int = 0, world: int = 1):
-        self.size, self.seed, self.start, self.rank, self.world = size, seed, start, rank, world
+    def __init__(self, start: int = 0, rank: int = 0, world: int = 1):
+        self.start, self.rank, self.world = start, rank, world
 
     def __iter__(self):
         k = self.start * self.world + self.rank
-        epoch, perm = None, None
         while True:
-            e, i = divmod(k, self.size)
-            if e != epoch:
-                epoch = e
-                perm = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100003 + e))
-            yield int(perm[i])
+            yield k
             k += self.world
 
     def __len__(self) -> int:
         return 2**62
+
+
+class Positioned(Dataset):
+    """Reads sample position k as: epoch k // n, a seeded shuffle of that epoch, and a seeded RNG.
+
+    Everything random about position k (which sample, its flip or crop) is a pure function of
+    (seed, k), so a resumed run sees exactly what an uninterrupted one would have.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed, self._perm = dataset, seed, (None, None)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, k: int):
+        epoch, i = divmod(k, len(self.dataset))
+        if self._perm[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+            self._perm = (epoch, torch.randperm(len(self.dataset), generator=g))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed * 1000003 + k)
+            return self.dataset[int(self._perm[1][i])]
 
 
 def collate(samples: list[dict]) -> dict:
@@ -107,6 +128,15 @@ class Vis2IRModule(L.LightningModule):
         self.strict_loading = False  # resume states hold only the trainable weights
         self._bad_steps = 0
         self._step_started = None
+        self._noise_gen: torch.Generator | None = None  # t and x_1 come from here, resumable
+        self._noise_state: torch.Tensor | None = None
+
+    def noise_generator(self) -> torch.Generator:
+        if self._noise_gen is None:
+            self._noise_gen = torch.Generator(self.device).manual_seed(self.cfg.train.seed * 1009 + self.global_rank)
+            if self._noise_state is not None:
+                self._noise_gen.set_state(self._noise_state)
+        return self._noise_gen
 
     # -- building ------------------------------------------------------------------------------
 
@@ -127,8 +157,9 @@ class Vis2IRModule(L.LightningModule):
         model = self.model
         vis, ir, sem = batch["visible"], batch["infrared"], batch.get("semantic")
         enc = model.encode(vis, ir, sem)
-        t = sample_timesteps(vis.shape[0], cfg.timestep_mean, cfg.timestep_std, cfg.timestep_shift, vis.device)
-        noise = sample_noise(enc.x_0.float(), cfg.offset_noise)
+        g = self.noise_generator()
+        t = sample_timesteps(vis.shape[0], cfg.timestep_mean, cfg.timestep_std, cfg.timestep_shift, g)
+        noise = sample_noise(enc.x_0.float(), cfg.offset_noise, g)
         if self.global_step < 2 and log.isEnabledFor(logging.DEBUG):
             self._debug_shapes(vis, ir, sem, enc)
         pred, target = model(vis, ir, sem, t, noise, guidance=cfg.guidance, encoded=enc)
@@ -234,16 +265,13 @@ class Vis2IRModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
-        checkpoint["rng"] = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            checkpoint["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+        checkpoint["rng"] = {"noise": self.noise_generator().get_state(), "torch": torch.get_rng_state()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         rng = checkpoint.get("rng", {})
-        if "torch" in rng:
+        self._noise_state = rng.get("noise")
+        if "torch" in rng:  # dropout and other global draws
             torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
 
 
 def prepare_for_training(model: Vis2IRModel, cfg: Config) -> Vis2IRModel:
@@ -292,7 +320,7 @@ class CheckpointExport(L.Callback):
             tmp.mkdir(parents=True)
             write_weights(tmp, module.model, self.cfg)
         trainer.strategy.barrier()
-        trainer.save_checkpoint(tmp / RESUME_FILE)
+        trainer.save_checkpoint(tmp / RESUME_FILE, weights_only=False)
         if trainer.is_global_zero:
             replace_dir(tmp, final)
             for old in list_checkpoints(self.run_dir)[:-self.cfg.train.keep_last]:
@@ -336,7 +364,8 @@ def build_trainer(cfg: Config, run_dir: Path, callbacks=(), loggers=True, progre
     if loggers is True:
         from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-        loggers = [CSVLogger(run_dir, name="logs", version=""), TensorBoardLogger(run_dir, name="tensorboard", version="")]
+        # One version folder per launch, so a resumed run adds its logs beside the first ones.
+        loggers = [CSVLogger(run_dir, name="logs"), TensorBoardLogger(run_dir, name="tensorboard")]
     return L.Trainer(
         accelerator="gpu" if cuda else "cpu", devices=t.devices, num_nodes=t.num_nodes, strategy=strategy,
         precision=precision, max_steps=t.max_steps, max_epochs=-1, accumulate_grad_batches=t.accumulate_grad_batches,
@@ -356,11 +385,10 @@ def make_loaders(cfg: Config, trainer: L.Trainer, start_step: int = 0):
     train_set = build_dataset(cfg.data, "train", require_semantic=need)
     val_set = build_dataset(cfg.data, "val", require_semantic=need)
     per_step = cfg.train.batch_size * cfg.train.accumulate_grad_batches
-    sampler = StepSampler(len(train_set), cfg.train.seed, start=start_step * per_step,
-                          rank=trainer.global_rank, world=trainer.world_size)
+    sampler = StepSampler(start=start_step * per_step, rank=trainer.global_rank, world=trainer.world_size)
     kw = dict(num_workers=cfg.data.num_workers, collate_fn=collate, pin_memory=torch.cuda.is_available(),
               persistent_workers=cfg.data.num_workers > 0)
-    train = DataLoader(train_set, batch_size=cfg.train.batch_size, sampler=sampler, drop_last=True, **kw)
+    train = DataLoader(Positioned(train_set, cfg.train.seed), batch_size=cfg.train.batch_size, sampler=sampler, drop_last=True, **kw)
     val = DataLoader(val_set, batch_size=cfg.train.batch_size, shuffle=False, **kw) if len(val_set) else None
     return train, val
 
@@ -371,6 +399,8 @@ def train(cfg: Config, resume: str | None = None, model: Vis2IRModel | None = No
     run_dir = Path(cfg.train.output_dir)
     state = resolve_resume(resume, run_dir)
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
+    # Our data order is resumable by construction (StepSampler + Positioned), which Lightning cannot see.
+    warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
     if torch.cuda.is_available():
         torch.backends.cuda.enable_cudnn_sdp(False)  # cuDNN attention backward crashed on Hopper (DESIGN §9)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,114 @@
+"""Training speed and memory at real size, through `vis2ir train`'s own code path.
+
+Runs N training steps with `vis2ir.train.train` (Lightning, data loader, VAE encodes, adapter,
+LoRA, optimizer) and, in the same process on the same model, N bare transformer forward+backward
+passes at the same batch and sequence length. Prints both, their ratio and the peak memory.
+
+    python scripts/bench_train.py --config configs/bench_realsize.yaml [key=value ...]
+
+Needs a GPU for meaningful figures (the config builds the 12-billion-parameter transformer);
+`--config configs/demo.yaml` runs it small on a CPU to check the script itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import time
+
+import lightning as L
+import torch
+
+from vis2ir.config import load_config
+from vis2ir.train import train
+
+
+class StepClock(L.Callback):
+    """Wall time between consecutive optimizer steps (data waits included), and peak memory."""
+
+    def __init__(self, warmup: int):
+        self.warmup, self.times, self.last, self.module, self.peak = warmup, [], None, None, 0
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        if self.last is not None and trainer.global_step > self.warmup:
+            self.times.append(now - self.last)
+        if trainer.global_step == self.warmup and torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        self.last = now
+        self.module = module
+
+    def on_train_end(self, trainer, module):
+        if torch.cuda.is_available():
+            self.peak = torch.cuda.max_memory_allocated()
+
+
+def bare_steps(module, cfg, steps: int, warmup: int) -> list[float]:
+    """Forward+backward of the transformer alone on random inputs of the training shapes."""
+    model = module.model
+    transformer = model.transformer
+    device = next(transformer.parameters()).device
+    b = cfg.train.batch_size
+    size = cfg.data.size
+    from vis2ir.latents import patch_size, token_width
+
+    p = patch_size(model.codec)
+    n = (size // p) * (2 * size // p) * (3 if model.mode == "in_context" else 2) // 2
+    hidden = torch.randn(b, n, transformer.config.in_channels, device=device, dtype=transformer.dtype)
+    kwargs = dict(
+        timestep=torch.full((b,), 0.5, device=device), guidance=torch.full((b,), 1.0, device=device),
+        pooled_projections=model.pooled_prompt_embeds.expand(b, -1),
+        encoder_hidden_states=model.prompt_embeds.expand(b, -1, -1),
+        txt_ids=torch.zeros(model.prompt_embeds.shape[1], 3, device=device),
+        img_ids=torch.zeros(n, 3, device=device), return_dict=False,
+    )
+    assert hidden.shape[-1] - 2 * token_width(model.codec) > 0
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu",
+                                                                                                       enabled=False)
+    times = []
+    transformer.train()
+    for i in range(warmup + steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with autocast:
+            out = transformer(hidden_states=hidden, **kwargs)[0]
+        out.float().square().mean().backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    transformer.zero_grad(set_to_none=True)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/bench_realsize.yaml")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="[%(levelname)s] %(message)s")
+    cfg = load_config(args.config, [f"train.max_steps={args.steps + args.warmup}", *args.overrides])
+    clock = StepClock(args.warmup)
+    train(cfg, callbacks=[clock], progress=False)
+    step = statistics.median(clock.times)
+    bare = statistics.median(bare_steps(clock.module, cfg, args.steps, args.warmup))
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    print(f"device: {device}")
+    print(f"config: {args.config} {' '.join(args.overrides)}")
+    print(f"batch {cfg.train.batch_size}, panels {cfg.data.size}x{cfg.data.size}, mode {cfg.model.semantic.mode}, "
+          f"gradient checkpointing {cfg.train.gradient_checkpointing}")
+    print(f"vis2ir train step (median of {len(clock.times)}): {step:.3f} s  ({cfg.train.batch_size / step:.2f} samples/s)")
+    print(f"bare transformer fwd+bwd (median of {args.steps}): {bare:.3f} s")
+    print(f"ratio: {step / bare:.3f}  (target <= 1.10)")
+    if clock.peak:
+        print(f"peak GPU memory during training steps: {clock.peak / 2**30:.1f} GiB  (target <= 40 GB)")
+
+
+if __name__ == "__main__":
+    main()
