@@ -43,8 +43,8 @@ class SemanticConfig:
     num_heads: int = 8
     dropout: float = 0.0
     position: Literal["rope", "none"] = "rope"
-    rope_min_wavelength: float = 4.0
-    rope_max_wavelength: float = 128.0
+    rope_min_wavelength: float = 5.0
+    rope_max_wavelength: float = 80.0
     scale_init: float = 0.0
     inject_into: Literal["noisy", "condition"] = "noisy"
     fusion_alpha: float = 0.5
