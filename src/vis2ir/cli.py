@@ -21,7 +21,8 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 def _cmd_demo(args: argparse.Namespace) -> None:
     from vis2ir.demo import run_demo
 
-    run_demo(out_dir=args.out, config_path=args.config, overrides=args.overrides)
+    path = run_demo(out_dir=args.out, config_path=args.config, overrides=args.overrides, checkpoint=args.checkpoint)
+    sys.stdout.write(f"{path}\n")
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
@@ -93,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="run the embedded demo on synthetic ThermalScenes (CPU, no download)")
     p.add_argument("--out", default="outputs/demo", help="report folder (default: outputs/demo)")
+    p.add_argument("--checkpoint", help="a checkpoint to demonstrate instead of the shipped one")
     _add_config_args(p)
     p.set_defaults(func=_cmd_demo)
 

@@ -211,8 +211,10 @@ class TrainConfig:
 
     batch_size: int = 4
     max_steps: int = 1000
+    max_minutes: float | None = None
     output_dir: str = "runs/vis2ir"
     finetune: Literal["lora", "full"] = "lora"
+    init_from: str | None = None
     optimizer: Literal["adamw", "prodigy"] = "adamw"
     learning_rate: float = 1e-4
     weight_decay: float = 0.01

@@ -23,7 +23,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from vis2ir.checkpoint import RESUME_FILE, add_lora, list_checkpoints, replace_dir, write_weights
+from vis2ir.checkpoint import (RESUME_FILE, add_lora, find_checkpoint, list_checkpoints, load_checkpoint_config,
+                               load_weights, replace_dir, write_weights)
 from vis2ir.config import Config
 from vis2ir.errors import Vis2IRError
 from vis2ir.model import Encoded, Vis2IRModel, build_model
@@ -31,8 +32,9 @@ from vis2ir.semantic.modes import NEEDS_SEMANTIC
 
 log = logging.getLogger(__name__)
 # Lightning installs its own console handlers; let its records reach ours, in our format.
-for _name in ("lightning.pytorch", "lightning.fabric"):
+for _name in ("lightning", "lightning.pytorch", "lightning.fabric"):
     logging.getLogger(_name).handlers.clear()
+    logging.getLogger(_name).propagate = True
 
 
 # ----------------------------------------------------------------------------------------------
@@ -148,7 +150,12 @@ class Vis2IRModule(L.LightningModule):
         # Full training keeps fp32 master weights (autocast does the bf16 maths); LoRA trains
         # fp32 adapters over a frozen base in the model's dtype.
         dtype = torch.float32 if cfg.train.finetune == "full" else None
-        self.model = prepare_for_training(build_model(cfg, device, dtype), cfg)
+        model = build_model(cfg, device, dtype)
+        if cfg.train.init_from:
+            source = find_checkpoint(cfg.train.init_from)
+            load_weights(source, model, load_checkpoint_config(source))
+            log.info("Initialised from %s", source)
+        self.model = prepare_for_training(model, cfg)
 
     # -- steps ---------------------------------------------------------------------------------
 
@@ -277,7 +284,10 @@ class Vis2IRModule(L.LightningModule):
 def prepare_for_training(model: Vis2IRModel, cfg: Config) -> Vis2IRModel:
     """LoRA (fp32 adapters on a frozen base) or full training; gradient checkpointing if asked."""
     if cfg.train.finetune == "lora":
-        add_lora(model.transformer, cfg.model.lora)
+        if not getattr(model.transformer, "peft_config", None):  # else LoRA came with `train.init_from`
+            add_lora(model.transformer, cfg.model.lora)
+        for name, p in model.transformer.named_parameters():
+            p.requires_grad_("lora_" in name)
         for p in model.transformer.parameters():
             if p.requires_grad:
                 p.data = p.data.float()
@@ -368,7 +378,8 @@ def build_trainer(cfg: Config, run_dir: Path, callbacks=(), loggers=True, progre
         loggers = [CSVLogger(run_dir, name="logs"), TensorBoardLogger(run_dir, name="tensorboard")]
     return L.Trainer(
         accelerator="gpu" if cuda else "cpu", devices=t.devices, num_nodes=t.num_nodes, strategy=strategy,
-        precision=precision, max_steps=t.max_steps, max_epochs=-1, accumulate_grad_batches=t.accumulate_grad_batches,
+        precision=precision, max_steps=t.max_steps, max_epochs=-1,
+        max_time=None if t.max_minutes is None else {"minutes": t.max_minutes}, accumulate_grad_batches=t.accumulate_grad_batches,
         gradient_clip_val=t.grad_clip or None, log_every_n_steps=t.log_every,
         val_check_interval=t.val_every * t.accumulate_grad_batches, check_val_every_n_epoch=None,
         limit_val_batches=t.val_batches, num_sanity_val_steps=0, default_root_dir=run_dir,

@@ -1,0 +1,204 @@
+"""`vis2ir demo`: the whole system on the embedded default, on a CPU, with nothing downloaded.
+
+1. makes held-out ThermalScenes (synthetic visible / infrared / semantic triptychs);
+2. generates infrared with the shipped demo checkpoint (trained by `vis2ir train --config
+   configs/demo.yaml` on a GPU; docs/demo.md), and with the same model untrained;
+3. fits the reference predictors on training scenes (visible-colour lookup, class-mean oracle);
+4. saves the adapter's attention maps where the mode has them;
+5. runs a short real training from the checkpoint to show the loop works;
+6. writes a report: `report.png` (a grid a person can look at) and `metrics.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vis2ir.config import Config, load_config
+from vis2ir.errors import Vis2IRError
+
+log = logging.getLogger(__name__)
+
+DEMO_CHECKPOINT = Path(__file__).parent / "assets" / "demo"
+# Pairs that look alike in the visible image but differ in heat (DESIGN §7): their errors show
+# whether a model uses the semantic map.
+LOOKALIKE_CLASSES = ("person", "statue", "car", "car-running")
+
+
+def run_demo(out_dir: str | Path = "outputs/demo", config_path: str | None = None, overrides=(),
+             checkpoint: str | Path | None = None, scenes: int = 16, fit_scenes: int = 400,
+             train_steps: int = 10) -> Path:
+    """Run the demo; returns the path of `metrics.json`."""
+    from vis2ir.checkpoint import find_checkpoint, load_model
+    from vis2ir.model import build_model
+
+    started = time.perf_counter()
+    out = Path(out_dir)
+    checkpoint = Path(checkpoint or DEMO_CHECKPOINT)
+    if config_path is None and not overrides and not (checkpoint / "config.yaml").exists():
+        raise Vis2IRError(f"{checkpoint}: the shipped demo checkpoint is missing (reinstall vis2ir, or train one "
+                          "with `vis2ir train --config configs/demo.yaml` and pass --checkpoint)")
+    cfg = load_config(config_path or checkpoint / "config.yaml", overrides)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    out.mkdir(parents=True, exist_ok=True)
+    report: dict = {"config": cfg.to_dict(), "checkpoint": str(checkpoint)}
+
+    test, fit = _scenes(cfg, "test", scenes), _scenes(cfg, "train", fit_scenes)
+    batch = _stack(test)
+    truth = batch["infrared"]
+    log.info("Demo: %d held-out ThermalScenes at %d×%d, mode %s", len(test), cfg.data.size, cfg.data.size,
+             cfg.model.semantic.mode)
+
+    trained_model = None
+    if (checkpoint / "config.yaml").exists():
+        trained_model, _ = load_model(find_checkpoint(checkpoint), overrides=overrides)
+    untrained_model = build_model(cfg)
+    predictions = {}
+    if trained_model is not None:
+        predictions["shipped"], attention = _generate(trained_model, batch, cfg, attention=True)
+        _save_attention(out / "attention", batch, attention, trained_model)
+    predictions["untrained"], _ = _generate(untrained_model, batch, cfg)
+    predictions.update(_baselines(fit, test))
+
+    from vis2ir.evaluate.metrics import psnr_ssim
+
+    report["metrics"] = {name: {**psnr_ssim(pred, truth, "native"), **_class_errors(pred, batch)}
+                         for name, pred in predictions.items()}
+    if trained_model is not None:
+        report["training"] = _short_training(cfg, checkpoint, out / "train", train_steps)
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    _write_grid(out / "report.png", batch, predictions)
+    path = out / "metrics.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    os.replace(tmp, path)
+    _log_summary(report, out)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def _scenes(cfg: Config, split: str, count: int) -> list[dict]:
+    from vis2ir.data import build_dataset
+
+    ds = build_dataset(cfg.data, split, require_semantic=True)
+    return [ds[i] for i in range(min(count, len(ds)))]
+
+
+def _stack(samples: list[dict]) -> dict:
+    return {k: torch.stack([s[k] for s in samples]) for k in ("visible", "infrared", "semantic", "classes")}
+
+
+@torch.no_grad()
+def _generate(model, batch: dict, cfg: Config, attention: bool = False):
+    from vis2ir.sample import generate
+
+    sem = batch["semantic"] if model.mode != "none" else None
+    want = attention and model.adapter is not None
+    out = generate(model.eval(), batch["visible"], sem, steps=cfg.sample.steps, guidance=cfg.sample.guidance,
+                   seed=cfg.sample.seed, return_attention=want)
+    return out if want else (out, None)
+
+
+def _baselines(fit: list[dict], test: list[dict]) -> dict[str, torch.Tensor]:
+    from vis2ir.evaluate.baselines import ClassMeanPredictor, ColourLookupPredictor, ConstantPredictor
+
+    out = {}
+    for name, predictor in (("visible_lookup", ColourLookupPredictor), ("class_oracle", ClassMeanPredictor),
+                            ("constant", ConstantPredictor)):
+        fitted = predictor.fit(fit)
+        out[name] = torch.stack([fitted.predict(s) for s in test])
+    return out
+
+
+def _class_errors(pred: torch.Tensor, batch: dict) -> dict[str, float]:
+    """Mean absolute infrared error on the classes whose heat the visible image cannot tell."""
+    from vis2ir.data.palette import CLASS_NAMES
+
+    err = (pred.float().mean(1) - batch["infrared"].float().mean(1)).abs()
+    out = {}
+    for c in torch.unique(batch["classes"]).tolist():
+        name = CLASS_NAMES[c] if 0 <= c < len(CLASS_NAMES) else None
+        if name in LOOKALIKE_CLASSES:
+            out[f"abs_err/{name}"] = float(err[batch["classes"] == c].mean())
+    return out
+
+
+def _save_attention(directory: Path, batch: dict, attention, model) -> None:
+    if attention is None:
+        return
+    from vis2ir.latents import token_grid
+    from vis2ir.visualize import AttentionMaps, save_attention_maps
+
+    h, w = batch["visible"].shape[-2:]
+    rows, cols = token_grid(model.codec, h, 2 * w)
+    for i in range(min(2, batch["visible"].shape[0])):
+        weights = torch.stack([a[i] for a in attention])
+        att = AttentionMaps(weights, rows, cols, (h, w))
+        vis = _rgb8(batch["visible"][i])
+        save_attention_maps(directory / f"scene{i}", vis, att, [(0.5, 0.6), (0.25, 0.8)], _rgb8(batch["semantic"][i]))
+
+
+def _short_training(cfg: Config, checkpoint: Path, out: Path, steps: int) -> dict:
+    """A real training run from the shipped checkpoint, a few steps long, on this machine."""
+    import csv
+
+    from vis2ir.train import train
+
+    overrides = [f"train.init_from={checkpoint}", f"train.output_dir={out}", f"train.max_steps={steps}",
+                 "train.batch_size=4", f"train.checkpoint_every={steps}", f"train.val_every={steps}",
+                 "train.val_batches=1", "train.log_every=1", "data.num_workers=0", "train.accelerator=cpu",
+                 "data.synth_count=200"]
+    tcfg = load_config(checkpoint / "config.yaml", overrides)
+    started = time.perf_counter()
+    run = train(tcfg, progress=False)
+    losses = [float(r["train/loss"]) for path in sorted(run.glob("logs/version_*/metrics.csv"))
+              for r in csv.DictReader(path.open()) if r.get("train/loss")]
+    return {"steps": len(losses), "first_loss": losses[0] if losses else None,
+            "last_loss": losses[-1] if losses else None, "seconds": round(time.perf_counter() - started, 1),
+            "run_dir": str(run)}
+
+
+def _rgb8(image: torch.Tensor) -> np.ndarray:
+    return (image.clamp(0, 1).permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+
+
+def _write_grid(path: Path, batch: dict, predictions: dict[str, torch.Tensor], rows: int = 8) -> None:
+    """Rows of scenes; columns: visible | semantic | truth | each prediction. Labels on top."""
+    from PIL import Image, ImageDraw
+
+    names = ["visible", "semantic", "truth", *predictions]
+    columns = [batch["visible"], batch["semantic"], batch["infrared"], *predictions.values()]
+    n = min(rows, batch["visible"].shape[0])
+    h, w = batch["visible"].shape[-2:]
+    scale = max(1, 96 // max(h, w))
+    cell, gap, head = (h * scale, w * scale), 2, 14
+    sheet = Image.new("RGB", (len(columns) * (cell[1] + gap), head + n * (cell[0] + gap)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for c, (name, images) in enumerate(zip(names, columns)):
+        draw.text((c * (cell[1] + gap) + 2, 1), name, fill="black")
+        for r in range(n):
+            image = images[r] if name in ("visible", "semantic") else images[r].mean(0, keepdim=True)  # IR is grey
+            img = Image.fromarray(_rgb8(image.expand(3, -1, -1))).resize((cell[1], cell[0]), Image.NEAREST)
+            sheet.paste(img, (c * (cell[1] + gap), head + r * (cell[0] + gap)))
+    tmp = path.with_name(path.stem + ".tmp.png")
+    sheet.save(tmp)
+    os.replace(tmp, path)
+
+
+def _log_summary(report: dict, out: Path) -> None:
+    for name, m in report["metrics"].items():
+        log.info("%-15s PSNR %6.2f dB   SSIM %.3f", name, m["psnr"], m["ssim"])
+    if "training" in report:
+        t = report["training"]
+        log.info("short training from the checkpoint: %d steps in %.0f s, loss %.4f → %.4f", t["steps"],
+                 t["seconds"], t["first_loss"], t["last_loss"])
+    log.info("Demo finished in %.0f s. Report: %s  Metrics: %s", report["seconds"], out / "report.png",
+             out / "metrics.json")
