@@ -1,8 +1,12 @@
 """Shared fixtures: tiny models built from configuration (nothing is downloaded)."""
 
 import pytest
+import torch
 
 from vis2ir.config import load_config
+
+# Tiny models on a 2-core machine: one intra-op thread is faster than two fighting over the cores.
+torch.set_num_threads(1)
 
 # A FLUX-architecture transformer small enough for CPU tests (sum(axes_dims_rope) == head dim).
 TINY_MODEL = [

@@ -129,7 +129,7 @@ def build_transformer_fast(cfg: ModelConfig, in_channels: int, out_channels: int
 
     with init_empty_weights():
         transformer = build_transformer(cfg, in_channels, out_channels)
-    transformer = transformer.to_empty(device=device).to(dtype)
+    transformer = transformer.to(dtype).to_empty(device=device)  # allocate once, already in `dtype`
     for p in transformer.parameters():
         p.normal_(0, 0.02)
     return transformer

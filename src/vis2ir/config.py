@@ -190,6 +190,7 @@ class DataConfig:
     on_bad_sample: Literal["error", "skip"] = "error"
     synth_count: int = 1000
     synth_seed: int = 0
+    synth_prerender: bool = False
     num_workers: int = 2
 
     def validate(self) -> None:

@@ -143,7 +143,8 @@ def _save_attention(directory: Path, batch: dict, attention, model) -> None:
         weights = torch.stack([a[i] for a in attention])
         att = AttentionMaps(weights, rows, cols, (h, w))
         vis = _rgb8(batch["visible"][i])
-        save_attention_maps(directory / f"scene{i}", vis, att, [(0.5, 0.6), (0.25, 0.8)], _rgb8(batch["semantic"][i]))
+        points = [(0.5 * w, 0.6 * h), (0.25 * w, 0.8 * h)]  # input pixels (x, y)
+        save_attention_maps(directory / f"scene{i}", vis, att, points, _rgb8(batch["semantic"][i]))
 
 
 def _short_training(cfg: Config, checkpoint: Path, out: Path, steps: int) -> dict:

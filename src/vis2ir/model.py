@@ -46,7 +46,7 @@ class Prediction(NamedTuple):
 class Vis2IRModel(torch.nn.Module):
     """FLUX Fill transformer + semantic conditioning, on one codec."""
 
-    def __init__(self, backbone: Backbone, semantic: SemanticConfig):
+    def __init__(self, backbone: Backbone, semantic: SemanticConfig, seed: int = 0):
         super().__init__()
         self.transformer = backbone.transformer
         self.codec = backbone.codec
@@ -68,11 +68,13 @@ class Vis2IRModel(torch.nn.Module):
         if self.mode == "cross_attention":
             if width % semantic.num_heads:
                 raise Vis2IRError(f"model.semantic.num_heads={semantic.num_heads} must divide the token width {width}")
-            self.adapter = SemanticConditioningAdapter(
-                dim=width, num_layers=semantic.num_layers, num_heads=semantic.num_heads, dropout=semantic.dropout,
-                position=semantic.position, scale_init=semantic.scale_init,
-                rope_min_wavelength=semantic.rope_min_wavelength, rope_max_wavelength=semantic.rope_max_wavelength,
-            ).to(device=self.prompt_embeds.device)
+            with torch.random.fork_rng(devices=[]):  # the same adapter for the same seed, every build
+                torch.manual_seed(seed + 1)
+                self.adapter = SemanticConditioningAdapter(
+                    dim=width, num_layers=semantic.num_layers, num_heads=semantic.num_heads, dropout=semantic.dropout,
+                    position=semantic.position, scale_init=semantic.scale_init,
+                    rope_min_wavelength=semantic.rope_min_wavelength, rope_max_wavelength=semantic.rope_max_wavelength,
+                ).to(device=self.prompt_embeds.device)
         self._log_setup()
 
     def _log_setup(self) -> None:
@@ -105,8 +107,11 @@ class Vis2IRModel(torch.nn.Module):
         return Encoded(x_0, x_cond, ids, sem, canvas.shape[-2], canvas.shape[-1])
 
     def velocity(self, x_t: torch.Tensor, enc: Encoded, t: torch.Tensor, guidance: float | torch.Tensor = 1.0,
-                 return_attention: bool = False):
-        """v̂ for noisy tokens `x_t` at flow time `t ∈ [0, 1]` (`[B]`); optionally the adapter's attention."""
+                 return_attention: bool = False, adapter_scale: float | None = None):
+        """v̂ for noisy tokens `x_t` at flow time `t ∈ [0, 1]` (`[B]`); optionally the adapter's attention.
+
+        `adapter_scale` multiplies the adapter's residual (None or 1: as trained, 0: off).
+        """
         dtype = self.transformer.dtype
         b = x_t.shape[0]
         x_in, cond, attention = x_t, enc.x_cond, None
@@ -118,6 +123,8 @@ class Vis2IRModel(torch.nn.Module):
             adapted = self.adapter(base.float(), sem, enc.img_ids.float(), return_attention=return_attention)
             if return_attention:
                 adapted, attention = adapted
+            if adapter_scale is not None and adapter_scale != 1:
+                adapted = base.float() + adapter_scale * (adapted - base.float())
             if self.semantic.inject_into == "noisy":
                 x_in = adapted
             else:
@@ -160,4 +167,4 @@ class Vis2IRModel(torch.nn.Module):
 
 def build_model(cfg: Config, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> Vis2IRModel:
     """The model a config describes, with base weights (pretrained or random) and no training."""
-    return Vis2IRModel(load_backbone(cfg.model, device, dtype), cfg.model.semantic)
+    return Vis2IRModel(load_backbone(cfg.model, device, dtype), cfg.model.semantic, seed=cfg.model.seed)

@@ -107,15 +107,6 @@ class Positioned(Dataset):
             return self.dataset[int(self._perm[1][i])]
 
 
-def collate(samples: list[dict]) -> dict:
-    """Stack tensors; keep names as a list."""
-    out = {}
-    for key in samples[0]:
-        values = [s[key] for s in samples]
-        out[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
-    return out
-
-
 # ----------------------------------------------------------------------------------------------
 # The Lightning module
 
@@ -123,10 +114,11 @@ def collate(samples: list[dict]) -> dict:
 class Vis2IRModule(L.LightningModule):
     """Owns a `Vis2IRModel`, its trainable parameters and their optimizer."""
 
-    def __init__(self, cfg: Config, model: Vis2IRModel | None = None):
+    def __init__(self, cfg: Config, model: Vis2IRModel | None = None, start_step: int = 0):
         super().__init__()
         self.cfg = cfg
         self.model = model
+        self.start_step = start_step
         self.strict_loading = False  # resume states hold only the trainable weights
         self._bad_steps = 0
         self._step_started = None
@@ -156,6 +148,14 @@ class Vis2IRModule(L.LightningModule):
             load_weights(source, model, load_checkpoint_config(source))
             log.info("Initialised from %s", source)
         self.model = prepare_for_training(model, cfg)
+
+    # -- data (here, where each process knows its rank) -----------------------------------------
+
+    def train_dataloader(self) -> DataLoader:
+        return make_loaders(self.cfg, self.trainer, self.start_step)[0]
+
+    def val_dataloader(self) -> DataLoader | list:
+        return make_loaders(self.cfg, self.trainer, self.start_step, split="val")[1]
 
     # -- steps ---------------------------------------------------------------------------------
 
@@ -388,20 +388,23 @@ def build_trainer(cfg: Config, run_dir: Path, callbacks=(), loggers=True, progre
     )
 
 
-def make_loaders(cfg: Config, trainer: L.Trainer, start_step: int = 0):
-    """Train loader (endless, resumable order) and validation loader."""
-    from vis2ir.data import build_dataset
+def make_loaders(cfg: Config, trainer: L.Trainer, start_step: int = 0, split: str = "train"):
+    """The train loader (endless, resumable order) or the validation loader (None when empty)."""
+    from vis2ir.data import build_dataset, collate
 
     need = cfg.model.semantic.mode in NEEDS_SEMANTIC
+    kw = dict(batch_size=cfg.train.batch_size, num_workers=cfg.data.num_workers, collate_fn=collate,
+              pin_memory=torch.cuda.is_available(), persistent_workers=cfg.data.num_workers > 0)
+    if split == "val":
+        val_set = build_dataset(cfg.data, "val", require_semantic=need)
+        return None, (DataLoader(val_set, shuffle=False, **kw) if len(val_set) else [])
     train_set = build_dataset(cfg.data, "train", require_semantic=need)
-    val_set = build_dataset(cfg.data, "val", require_semantic=need)
+    if cfg.data.source == "thermalscenes" and cfg.data.synth_prerender:
+        log.info("Rendering %d training scenes once, in %d processes", len(train_set), max(1, cfg.data.num_workers))
+        train_set.prerender(max(1, cfg.data.num_workers))
     per_step = cfg.train.batch_size * cfg.train.accumulate_grad_batches
     sampler = StepSampler(start=start_step * per_step, rank=trainer.global_rank, world=trainer.world_size)
-    kw = dict(num_workers=cfg.data.num_workers, collate_fn=collate, pin_memory=torch.cuda.is_available(),
-              persistent_workers=cfg.data.num_workers > 0)
-    train = DataLoader(Positioned(train_set, cfg.train.seed), batch_size=cfg.train.batch_size, sampler=sampler, drop_last=True, **kw)
-    val = DataLoader(val_set, batch_size=cfg.train.batch_size, shuffle=False, **kw) if len(val_set) else None
-    return train, val
+    return DataLoader(Positioned(train_set, cfg.train.seed), sampler=sampler, drop_last=True, **kw), None
 
 
 def train(cfg: Config, resume: str | None = None, model: Vis2IRModel | None = None, progress: bool = True,
@@ -417,12 +420,10 @@ def train(cfg: Config, resume: str | None = None, model: Vis2IRModel | None = No
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(run_dir / "config.yaml")
     trainer = build_trainer(cfg, run_dir, callbacks=callbacks, progress=progress)
-    start = _resume_step(state) if state else 0
-    train_loader, val_loader = make_loaders(cfg, trainer, start)
-    module = Vis2IRModule(cfg, model)
+    module = Vis2IRModule(cfg, model, start_step=_resume_step(state) if state else 0)
     log.info("Training %s for %d steps (batch %d × %d accumulation × %d devices) into %s", cfg.model.semantic.mode,
              cfg.train.max_steps, cfg.train.batch_size, cfg.train.accumulate_grad_batches, trainer.world_size, run_dir)
-    trainer.fit(module, train_loader, val_loader, ckpt_path=state, weights_only=True if state else None)
+    trainer.fit(module, ckpt_path=state, weights_only=True if state else None)
     return run_dir
 
 

@@ -1,0 +1,230 @@
+"""The one dataset: samples of a split from any source, shaped for the model, and its loader.
+
+A sample is a dict: `visible`, `infrared` (grey replicated to 3 channels) and, when used, `semantic`,
+each float `[3, size, size]` in [0, 1]; `name` (str); `classes` (long `[size, size]`, palette class
+ids) for ThermalScenes or when asked for. A sample that stands in for unreadable ones (with
+`data.on_bad_sample: skip`) also has `skipped`, the list of what it replaced; `collate` gathers those
+and `make_loader`'s loader logs their count at the end of each epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
+from tqdm.auto import tqdm
+
+from vis2ir.config import DataConfig
+from vis2ir.data.errors import DataError
+from vis2ir.data.folders import FileReader, Found, Record, detect_layout, find_folder
+from vis2ir.data.images import Normaliser, check_sizes, close_panels, crop_box, decode_panel
+from vis2ir.data.palette import decode_classes
+from vis2ir.data.splits import SPLITS
+from vis2ir.data.synth import ThermalScenes
+from vis2ir.data.tables import TableReader, find_table, is_table
+
+log = logging.getLogger(__name__)
+
+
+def open_source(cfg: DataConfig) -> tuple[Found, FileReader | TableReader]:
+    """Find every sample of `cfg.source` (a folder layout or a table) and a reader for them."""
+    if cfg.layout == "table" or (cfg.layout == "auto" and is_table(cfg.source)):
+        return find_table(cfg)
+    root = Path(cfg.source).expanduser()
+    if not root.is_dir():
+        raise DataError(f"{cfg.source}: no such folder (data.source takes a folder, parquet files, a "
+                        "`datasets` folder or Hub id, or 'thermalscenes')")
+    layout = detect_layout(root) if cfg.layout == "auto" else cfg.layout
+    found = find_folder(root, layout, cfg.semantic_dir, cfg.val_fraction, cfg.test_fraction)
+    return found, FileReader(root / cfg.semantic_dir)
+
+
+def build_dataset(cfg: DataConfig, split: str, require_semantic: bool | None = None,
+                  with_classes: bool = False) -> Dataset:
+    """The dataset of `split` ('train', 'val' or 'test') of `cfg.source`.
+
+    `require_semantic`: True when the model needs semantic maps (missing ones are an error), False
+    to leave them out, None to include them when every sample has one. `with_classes` adds the class
+    map decoded from the semantic colours (ThermalScenes always has it). Pairing problems and
+    unreadable files are found here, before any epoch, as far as file headers tell.
+    """
+    if split not in SPLITS:
+        raise DataError(f"split {split!r}: expected one of {', '.join(SPLITS)}")
+    if cfg.source == "thermalscenes":
+        return ThermalScenes.split_of(cfg, split, semantic=require_semantic is not False)
+    found, reader = open_source(cfg)
+    records = [r for r in found.records if r.split == split]
+    if not records:
+        counts = Counter(r.split for r in found.records)
+        raise DataError(f"{cfg.source}: no samples in split {split!r} ({found.layout} layout; "
+                        + ", ".join(f"{s}: {counts[s]}" for s in SPLITS) + ")")
+    problems = list(found.problems)
+    semantic, lacking = _use_semantic(cfg, found, reader, records, require_semantic)
+    if with_classes and not semantic:
+        raise DataError(f"{cfg.source}: class maps need semantic maps, and this source has none")
+    if lacking:
+        problems += [f"{r.visible}: no semantic map in {found.root / cfg.semantic_dir}" for r in lacking]
+        records = [r for r in records if r.semantic is not None]
+    if isinstance(reader, FileReader):
+        records = scan(records, reader, semantic, problems, desc=f"checking {split} files")
+    _report(cfg, problems)
+    if not records:
+        raise DataError(f"{cfg.source}: every sample of split {split!r} is bad (see the warnings above)")
+    return PanelDataset(records, reader, cfg, split, semantic=semantic, classes=with_classes)
+
+
+def scan(records: list[Record], reader, semantic: bool, problems: list[str], desc: str,
+         sizes: Counter | None = None) -> list[Record]:
+    """Open every record's files (headers only) and check sizes; bad ones go to `problems`,
+    visible panel sizes are counted in `sizes`."""
+    good = []
+    for record in tqdm(records, desc=desc, unit="sample", leave=False, disable=len(records) < 500):
+        try:
+            panels = reader.open(record, semantic)
+            try:
+                check_sizes(panels)
+                if sizes is not None:
+                    sizes[panels["visible"].size] += 1
+            finally:
+                close_panels(panels)
+        except DataError as err:
+            problems.append(str(err))
+            continue
+        good.append(record)
+    return good
+
+
+class PanelDataset(Dataset):
+    """Samples of one split: panels decoded, cropped and resized alike, flipped alike in training."""
+
+    def __init__(self, records: list[Record], reader, cfg: DataConfig, split: str, semantic: bool | None,
+                 classes: bool = False):
+        self.records, self.reader, self.split = records, reader, split
+        self.size, self.policy = cfg.size, cfg.resize_policy
+        self.flip = cfg.hflip and split == "train"
+        self.skip = cfg.on_bad_sample == "skip"
+        self.normaliser = Normaliser(cfg.ir_normalize, cfg.ir_percentiles, cfg.ir_range)
+        self.semantic, self.classes = semantic, classes
+        self._bad: dict[int, str] = {}  # this process's known-bad samples and why
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        skipped: list[str] = []
+        for step in range(len(self.records)):
+            i = (index + step) % len(self.records)
+            if i not in self._bad:
+                try:
+                    sample = self.load(i)
+                except DataError as err:
+                    if not self.skip:
+                        raise
+                    log.warning("skipping a bad sample: %s", err)
+                    self._bad[i] = str(err)
+                else:
+                    if skipped:
+                        sample["skipped"] = skipped
+                    return sample
+            skipped.append(self._bad[i])
+        raise DataError(f"split {self.split!r}: no sample could be read (first: {skipped[0]})")
+
+    def load(self, i: int) -> dict:
+        """Sample `i`, or a `DataError` naming the file that could not be read."""
+        record = self.records[i]
+        panels = self.reader.open(record, self.semantic)
+        try:
+            check_sizes(panels)
+            box = crop_box(panels["visible"].size, self.policy, random=self.split == "train")
+            flip = self.flip and bool(torch.rand(()) < 0.5)
+            sample: dict = {kind: decode_panel(p, kind, box, self.size, self.normaliser, flip)
+                            for kind, p in panels.items()}
+        finally:
+            close_panels(panels)
+        sample["name"] = record.name
+        if self.classes:
+            sample["classes"] = decode_classes(sample["semantic"])
+        return sample
+
+
+def collate(samples: list[dict]) -> dict:
+    """Stack tensors, list the rest (names); gather `skipped` from every sample."""
+    batch = {}
+    for key in samples[0]:
+        if key != "skipped":
+            values = [s[key] for s in samples]
+            batch[key] = _stack(values) if isinstance(values[0], torch.Tensor) else values
+    skipped = [item for s in samples for item in s.get("skipped", ())]
+    if skipped:
+        batch["skipped"] = skipped
+    return batch
+
+
+def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Stack a batch: in a loader worker as torch does (straight into shared memory, one thread);
+    in the main process with numpy, as torch's parallel copy stalls for milliseconds on busy cores."""
+    if get_worker_info() is not None or not all(t.device.type == "cpu" and not t.requires_grad for t in tensors):
+        return default_collate(tensors)
+    return torch.from_numpy(np.stack([t.numpy() for t in tensors]))
+
+
+class SkipReportingLoader(DataLoader):
+    """A DataLoader that logs, at the end of each epoch, how many bad samples were skipped."""
+
+    def __iter__(self):
+        skipped: list[str] = []
+        iterator = super().__iter__()
+        try:
+            for batch in iterator:
+                skipped += batch.get("skipped", []) if isinstance(batch, dict) else []
+                yield batch
+        except Exception:
+            # Stop the workers now: left to garbage collection after an error, torch waits 5 s for them.
+            getattr(iterator, "_shutdown_workers", lambda: None)()
+            raise
+        if skipped:
+            log.warning("this epoch skipped %d bad samples (data.on_bad_sample=skip), e.g. %s",
+                        len(skipped), skipped[0])
+
+
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = False, num_workers: int = 0,
+                **kwargs) -> DataLoader:
+    """A DataLoader with `collate`, reporting skipped samples per epoch (kwargs go to DataLoader)."""
+    kwargs.setdefault("persistent_workers", num_workers > 0)
+    return SkipReportingLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
+                               collate_fn=collate, **kwargs)
+
+
+def _use_semantic(cfg: DataConfig, found: Found, reader, records: list[Record],
+                  require: bool | None) -> tuple[bool, list[Record]]:
+    """Whether samples carry semantic maps, and the records that lack a required one."""
+    if require is False:
+        return False, []
+    if isinstance(reader, TableReader):
+        if require and not reader.has_semantic:
+            raise DataError(f"{cfg.source}: no semantic column {cfg.semantic_column!r} (data.semantic_column); "
+                            "the semantic mode needs semantic maps")
+        return reader.has_semantic, []
+    missing = [r for r in records if r.semantic is None and r.triptych is None]
+    if require is None:
+        return not missing, []
+    if len(missing) == len(records):
+        raise DataError(f"{found.root / cfg.semantic_dir}: no semantic maps for this data (expected "
+                        "<name>.png there, named like the visible images); the semantic mode needs them")
+    return True, missing
+
+
+def _report(cfg: DataConfig, problems: list[str]) -> None:
+    """Raise the first problem (`on_bad_sample: error`) or warn about each (`skip`)."""
+    if not problems:
+        return
+    if cfg.on_bad_sample == "error":
+        more = f"; {len(problems) - 1} more problems" if len(problems) > 1 else ""
+        raise DataError(f"{problems[0]}{more} (data.on_bad_sample=skip leaves bad samples out)")
+    for text in problems[:20]:
+        log.warning("skipping: %s", text)
+    log.warning("%s: skipped %d bad samples or files", cfg.source, len(problems))

@@ -1,0 +1,106 @@
+"""`vis2ir data inspect`: what a source holds, what is wrong with it, and a contact sheet to look at."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from vis2ir.config import DataConfig
+from vis2ir.data.dataset import PanelDataset, open_source, scan
+from vis2ir.data.errors import DataError
+from vis2ir.data.folders import FileReader
+from vis2ir.data.splits import SPLITS, hash_split
+
+log = logging.getLogger(__name__)
+
+THUMB = 160  # panel size on the contact sheet
+CAPTION = 18
+TABLE_CHECKS = 500  # table rows whose headers are read (folders: every file)
+
+
+def inspect_source(cfg: DataConfig, out: str | Path | None = None, count: int = 8) -> dict:
+    """Log counts per split, panel sizes, semantic coverage and problems; write a contact sheet of
+    `count` triptychs to `out` (PNG) when given. Returns the same facts as a dict."""
+    if cfg.source == "thermalscenes":
+        report, samples = _inspect_thermalscenes(cfg, count)
+    else:
+        report, samples = _inspect_files(cfg, count)
+    log.info("source: %s (%s)", cfg.source, report["layout"])
+    log.info("samples: %s", ", ".join(f"{s} {report['counts'][s]}" for s in SPLITS))
+    log.info("panel sizes (visible): %s", ", ".join(f"{k} x{v}" for k, v in report["sizes"].items()) or "-")
+    log.info("semantic maps: %d of %d", report["semantic"], sum(report["counts"].values()))
+    log.info("problems: %d%s", len(report["problems"]), "".join(f"\n  {p}" for p in report["problems"][:20]))
+    if out is not None:
+        sheet = contact_sheet(samples)
+        Path(out).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        sheet.save(out)
+        report["sheet"] = str(out)
+        log.info("contact sheet: %s (%d triptychs)", out, len(samples))
+    return report
+
+
+def contact_sheet(samples: list[dict]) -> Image.Image:
+    """One row per sample: a caption (name), then visible | infrared | semantic."""
+    if not samples:
+        raise DataError("contact sheet: no readable samples to show")
+    size = samples[0]["visible"].shape[-1]
+    sheet = Image.new("RGB", (3 * size + 4, len(samples) * (size + CAPTION + 2)), (32, 32, 32))
+    draw = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default()
+    for row, sample in enumerate(samples):
+        y = row * (size + CAPTION + 2)
+        draw.text((4, y + 3), f"{sample['name']}  [{sample.get('split', '')}]", fill=(230, 230, 230), font=font)
+        for col, kind in enumerate(("visible", "infrared", "semantic")):
+            x = col * (size + 2)
+            if kind in sample:
+                pixels = (sample[kind].clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+                sheet.paste(Image.fromarray(np.ascontiguousarray(pixels)), (x, y + CAPTION))
+            else:
+                draw.rectangle((x, y + CAPTION, x + size - 1, y + CAPTION + size - 1), fill=(70, 70, 70))
+                draw.text((x + 8, y + CAPTION + size // 2), "no semantic map", fill=(230, 230, 230), font=font)
+    return sheet
+
+
+def _inspect_files(cfg: DataConfig, count: int) -> tuple[dict, list[dict]]:
+    found, reader = open_source(cfg)
+    records = found.records
+    checked = records if isinstance(reader, FileReader) else records[:: max(1, len(records) // TABLE_CHECKS)]
+    problems, sizes = list(found.problems), Counter()
+    good = scan(checked, reader, None, problems, desc="checking files", sizes=sizes)
+    if isinstance(reader, FileReader):
+        semantic = sum(r.semantic is not None or r.triptych is not None for r in records)
+    else:
+        semantic = len(records) if reader.has_semantic else 0
+    report = {"layout": found.layout, "counts": {s: sum(r.split == s for r in records) for s in SPLITS},
+              "sizes": {f"{w}x{h}": n for (w, h), n in sizes.most_common(5)}, "semantic": semantic,
+              "problems": problems}
+    thumbs = dataclasses.replace(cfg, size=THUMB, hflip=False, on_bad_sample="skip",
+                                 resize_policy="resize" if cfg.resize_policy == "resize" else "center_crop")
+    shown = [good[k * len(good) // count] for k in range(min(count, len(good)))]
+    samples = []
+    for record in shown:
+        try:
+            sample = PanelDataset([record], reader, thumbs, "val", semantic=None).load(0)
+        except DataError as err:
+            problems.append(str(err))
+            continue
+        samples.append({**sample, "split": record.split})
+    return report, samples
+
+
+def _inspect_thermalscenes(cfg: DataConfig, count: int) -> tuple[dict, list[dict]]:
+    from vis2ir.data.synth import ThermalScenes, split_indices
+
+    counts = {s: len(split_indices(cfg.synth_count, s, cfg.val_fraction, cfg.test_fraction)) for s in SPLITS}
+    report = {"layout": f"synthetic, seed {cfg.synth_seed}", "counts": counts,
+              "sizes": {f"{cfg.size}x{cfg.size}": cfg.synth_count}, "semantic": cfg.synth_count, "problems": []}
+    scenes = ThermalScenes(min(count, cfg.synth_count), THUMB, cfg.synth_seed)
+    samples = [scenes[i] for i in range(len(scenes))]
+    for sample in samples:
+        sample["split"] = hash_split(sample["name"], cfg.val_fraction, cfg.test_fraction)
+    return report, samples

@@ -1,0 +1,156 @@
+"""ThermalScenes as a dataset (rendered on demand, no files) and written to disk.
+
+Scene `i` is named `scene_{i:06d}` and falls in the split that the hash of its name gives (the rule
+for any data set without official splits), so the scenes of train, val and test are disjoint, and
+a folder or parquet file written by `write_thermalscenes` reads back with the same splits and pixels.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from vis2ir.config import DataConfig
+from vis2ir.data.errors import DataError
+from vis2ir.data.images import rgb_tensor
+from vis2ir.data.splits import hash_split
+from vis2ir.data.thermalscenes import Scene, render_scene
+
+log = logging.getLogger(__name__)
+
+
+def scene_name(index: int) -> str:
+    return f"scene_{index:06d}"
+
+
+class ThermalScenes(Dataset):
+    """Scenes `indices` (default: 0 .. count-1) of the set `seed`, rendered at `size` when asked.
+
+    Samples: `visible`, `infrared`, `semantic` (float `[3, H, W]` in [0, 1]; `semantic=False` leaves
+    it out), `classes` (long `[H, W]`, palette ids) and `name`. `flip` mirrors half of them at random;
+    `cache` keeps rendered scenes (uint8) in this process for later epochs.
+    """
+
+    def __init__(self, count: int, size: int | tuple[int, int] = 256, seed: int = 0, *,
+                 indices: list[int] | None = None, flip: bool = False, semantic: bool = True,
+                 cache: bool = False):
+        self.size, self.seed, self.flip, self.semantic = size, seed, flip, semantic
+        self.indices = list(range(count)) if indices is None else list(indices)
+        self._cache: dict[int, Scene] | None = {} if cache else None
+
+    @classmethod
+    def split_of(cls, cfg: DataConfig, split: str, semantic: bool = True) -> ThermalScenes:
+        """The scenes of `split` among `cfg.synth_count` scenes of seed `cfg.synth_seed`, at `cfg.size`."""
+        indices = split_indices(cfg.synth_count, split, cfg.val_fraction, cfg.test_fraction)
+        if not indices:
+            raise DataError(f"data.synth_count={cfg.synth_count}: too few scenes for a {split!r} split "
+                            f"(val_fraction={cfg.val_fraction}, test_fraction={cfg.test_fraction})")
+        return cls(cfg.synth_count, cfg.size, cfg.synth_seed, indices=indices,
+                   flip=cfg.hflip and split == "train", semantic=semantic)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict:
+        index = self.indices[i]
+        scene = self._cache.get(index) if self._cache is not None else None
+        if scene is None:
+            scene = render_scene(index, self.seed, self.size)
+            if self._cache is not None:
+                self._cache[index] = scene
+        flip = self.flip and bool(torch.rand(()) < 0.5)
+        kinds = ("visible", "infrared", "semantic") if self.semantic else ("visible", "infrared")
+        panels = {k: getattr(scene, k) for k in (*kinds, "classes")}
+        if flip:
+            panels = {k: v[:, ::-1] for k, v in panels.items()}
+        sample = {k: rgb_tensor(panels[k]) for k in kinds}
+        sample["name"] = scene_name(index)
+        sample["classes"] = torch.from_numpy(np.ascontiguousarray(panels["classes"]))
+        return sample
+
+    def prerender(self, processes: int = 1) -> ThermalScenes:
+        """Render every scene now, in `processes` processes, and keep them (DataLoader workers forked
+        afterwards share the cache instead of each rendering its own)."""
+        from multiprocessing import get_context
+
+        if self._cache is None:
+            self._cache = {}
+        todo = [i for i in self.indices if i not in self._cache]
+        if processes > 1 and len(todo) > 64:
+            with get_context("fork").Pool(processes) as pool:
+                scenes = pool.starmap(render_scene, [(i, self.seed, self.size) for i in todo], chunksize=64)
+        else:
+            scenes = [render_scene(i, self.seed, self.size) for i in todo]
+        self._cache.update(zip(todo, scenes))
+        return self
+
+
+def split_indices(count: int, split: str, val_fraction: float, test_fraction: float) -> list[int]:
+    """Indices of the scenes of `split` among `count` (by the hash of their names)."""
+    return [i for i in range(count) if hash_split(scene_name(i), val_fraction, test_fraction) == split]
+
+
+def write_thermalscenes(out: str | Path, count: int, size: int = 256, seed: int = 0,
+                        fmt: str = "folder") -> Path:
+    """Render `count` scenes into `out`: `visible/ infrared/ semantic/` PNGs (`folder`) or one
+    `thermalscenes.parquet` (`parquet`, columns name, visible, infrared, panoptic_img). Returns
+    what `data.source` should name to read them back."""
+    if count < 1 or size < 16:
+        raise DataError(f"synth: expected --count >= 1 and --size >= 16, got {count} and {size}")
+    out = Path(out).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    scenes = (render_scene(i, seed, size) for i in range(count))
+    bar = tqdm(scenes, total=count, desc=f"ThermalScenes -> {out}", unit="scene")
+    if fmt == "folder":
+        for kind in ("visible", "infrared", "semantic"):
+            (out / kind).mkdir(exist_ok=True)
+        for i, scene in enumerate(bar):
+            for kind in ("visible", "infrared", "semantic"):
+                Image.fromarray(getattr(scene, kind)).save(out / kind / f"{scene_name(i)}.png", compress_level=3)
+        target = out
+    elif fmt == "parquet":
+        target = out / "thermalscenes.parquet"
+        _write_parquet(target, bar)
+    else:
+        raise DataError(f"synth: unknown format {fmt!r} (expected folder or parquet)")
+    log.info("wrote %d ThermalScenes at %dx%d (seed %d) to %s", count, size, size, seed, target)
+    return target
+
+
+def _write_parquet(path: Path, scenes) -> None:
+    """Stream scenes into a parquet file whose image columns `datasets` reads as Image features."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cfg = DataConfig()
+    columns = {"visible": cfg.visible_column, "infrared": cfg.infrared_column, "semantic": cfg.semantic_column}
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    features = {cfg.name_column: {"dtype": "string", "_type": "Value"}}
+    features.update({c: {"_type": "Image"} for c in columns.values()})
+    schema = pa.schema([(cfg.name_column, pa.string())] + [(c, image) for c in columns.values()],
+                       metadata={"huggingface": json.dumps({"info": {"features": features}})})
+    rows: list[dict] = []
+    with pq.ParquetWriter(path, schema) as writer:
+        for i, scene in enumerate(scenes):
+            row = {cfg.name_column: scene_name(i)}
+            row.update({c: {"bytes": _png(getattr(scene, kind)), "path": None} for kind, c in columns.items()})
+            rows.append(row)
+            if len(rows) == 64:
+                writer.write_table(pa.Table.from_pylist(rows, schema))
+                rows = []
+        if rows:
+            writer.write_table(pa.Table.from_pylist(rows, schema))
+
+
+def _png(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG", compress_level=3)
+    return buf.getvalue()

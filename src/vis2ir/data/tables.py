@@ -1,0 +1,147 @@
+"""Table sources: parquet files, a `datasets` folder (`save_to_disk`) or a Hub data set.
+
+Each row holds a visible and an infrared image column (`data.visible_column`, `data.infrared_column`)
+or one triptych column (`data.triptych_column`), and optionally a semantic column
+(`data.semantic_column`, default `panoptic_img`) and a name column (`data.name_column`). Image cells
+may be `datasets` Image structs (`{bytes, path}`), raw bytes or file paths. Parquet files are read
+through `datasets` (converted once to a memory-mapped Arrow cache, so random access is cheap); a
+file's split comes from its name (`train-00000-of-00001.parquet`, `val.parquet`) or its folder, a
+`datasets` DatasetDict's from its keys, else from a hash of the sample name.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import re
+from pathlib import Path
+
+from vis2ir.config import DataConfig
+from vis2ir.data.errors import DataError, describe
+from vis2ir.data.folders import Found, Record
+from vis2ir.data.images import Panel, open_image, triptych_panels
+from vis2ir.data.splits import assign_splits, split_alias
+
+
+def is_table(source: str) -> bool:
+    """Whether `source` names a table: parquet files, a `datasets` folder, or a Hub id."""
+    path = Path(source).expanduser()
+    if glob.has_magic(source) or source.endswith(".parquet"):
+        return True
+    if path.is_dir():
+        return any((path / f).is_file() for f in ("dataset_dict.json", "state.json")) or any(path.rglob("*.parquet"))
+    return not path.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", source) is not None
+
+
+def find_table(cfg: DataConfig) -> tuple[Found, TableReader]:
+    """Load the table(s) of `cfg.source` and describe every row as a `Record`."""
+    tables = _load(cfg.source)
+    columns = _columns(cfg, tables)
+    names, official, where = [], [], []
+    for key, ds in tables.items():
+        if cfg.name_column in ds.column_names:
+            keyed = [str(n) for n in ds[cfg.name_column]]
+        else:
+            keyed = [f"{key}/{i:06d}" for i in range(len(ds))]
+        names += keyed
+        official += [split_alias(key)] * len(ds)
+        where += [(key, i) for i in range(len(ds))]
+    splits = assign_splits(names, official, cfg.val_fraction, cfg.test_fraction)
+    records = [Record(name, split, table=key, row=i) for name, split, (key, i) in zip(names, splits, where)]
+    reader = TableReader(cfg.source, {k: ds.select_columns(list(columns.values())) for k, ds in tables.items()},
+                         columns)
+    return Found("table", Path(cfg.source), records), reader
+
+
+class TableReader:
+    """Opens the panels of a table row (image cells decoded lazily, like files)."""
+
+    def __init__(self, source: str, tables: dict, columns: dict[str, str]):
+        self.source, self.tables, self.columns = source, tables, columns
+
+    @property
+    def has_semantic(self) -> bool:
+        return "semantic" in self.columns or "triptych" in self.columns
+
+    def open(self, record: Record, semantic: bool | None) -> dict[str, Panel]:
+        """The row's panels; `semantic`: with the semantic map (None: when the table has them)."""
+        semantic = self.has_semantic if semantic is None else semantic
+        row = self.tables[record.table][record.row]
+        label = f"{self.source} [{record.table}] row {record.row} ({record.name})"
+        if "triptych" in self.columns:
+            panels = triptych_panels(self._image(row, "triptych", label), f"{label} column {self.columns['triptych']}")
+            return panels if semantic else {k: panels[k] for k in ("visible", "infrared")}
+        kinds = ("visible", "infrared", "semantic") if semantic else ("visible", "infrared")
+        return {kind: Panel(self._image(row, kind, label), f"{label} column {self.columns[kind]}") for kind in kinds}
+
+    def _image(self, row: dict, kind: str, label: str):
+        column = self.columns[kind]
+        cell = row[column]
+        where = f"{label} column {column}"
+        if isinstance(cell, dict):
+            cell = cell.get("bytes") or cell.get("path")
+        if isinstance(cell, (bytes, bytearray)):
+            return open_image(io.BytesIO(cell), where)
+        if isinstance(cell, str) and cell:
+            return open_image(cell, where)
+        raise DataError(f"{where}: no image in this cell ({type(cell).__name__})")
+
+
+def _load(source: str) -> dict:
+    """{split or group name: datasets.Dataset} for parquet files, a saved folder or a Hub id."""
+    import datasets  # slow to import; only table sources need it
+
+    path = Path(source).expanduser()
+    try:
+        if path.is_dir() and any((path / f).is_file() for f in ("dataset_dict.json", "state.json")):
+            loaded = datasets.load_from_disk(str(path))
+        elif glob.has_magic(source) or path.suffix == ".parquet" or path.is_dir():
+            files = sorted(glob.glob(str(path), recursive=True)) if glob.has_magic(source) else (
+                sorted(str(p) for p in path.rglob("*.parquet")) if path.is_dir() else [str(path)])
+            if not files:
+                raise DataError(f"{source}: no parquet files found")
+            groups: dict[str, list[str]] = {}
+            for f in files:
+                groups.setdefault(_file_split(Path(f)), []).append(f)
+            loaded = datasets.load_dataset("parquet", data_files=groups)
+        else:
+            loaded = datasets.load_dataset(source)
+    except DataError:
+        raise
+    except Exception as err:  # missing files, bad parquet, no network for a Hub id, ...
+        raise DataError(f"{source}: cannot load the table ({describe(err)})") from None
+    tables = dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"data": loaded}
+    return {key: _undecoded(ds, datasets) for key, ds in tables.items()}
+
+
+def _undecoded(ds, datasets):
+    """The same table with image columns left as bytes (decoded later, with JPEG draft)."""
+    for name, feature in ds.features.items():
+        if isinstance(feature, datasets.Image) and feature.decode:
+            ds = ds.cast_column(name, datasets.Image(decode=False))
+    return ds
+
+
+def _file_split(path: Path) -> str:
+    """A parquet file's split from its name (`train-00000-of-00001`, `val`) or folder, else 'data'."""
+    for text in (re.split(r"[-_.]", path.stem)[0], path.parent.name):
+        if split_alias(text):
+            return split_alias(text)
+    return "data"
+
+
+def _columns(cfg: DataConfig, tables: dict) -> dict[str, str]:
+    """Which column holds each panel ({'visible', 'infrared'} or {'triptych'}, plus 'semantic')."""
+    first = next(iter(tables.values()))
+    have = set(first.column_names)
+    if {cfg.visible_column, cfg.infrared_column} <= have:
+        columns = {"visible": cfg.visible_column, "infrared": cfg.infrared_column}
+    elif cfg.triptych_column in have:
+        columns = {"triptych": cfg.triptych_column}
+    else:
+        raise DataError(f"{cfg.source}: no image columns {cfg.visible_column!r} + {cfg.infrared_column!r} "
+                        f"nor {cfg.triptych_column!r} (columns: {', '.join(sorted(have))}); set "
+                        "data.visible_column and data.infrared_column, or data.triptych_column")
+    if cfg.semantic_column in have and "triptych" not in columns:
+        columns["semantic"] = cfg.semantic_column
+    return columns

@@ -1,0 +1,1 @@
+"""Evaluation: reference predictors (`baselines`), metrics and the ablation runner."""

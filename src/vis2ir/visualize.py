@@ -1,0 +1,245 @@
+"""Pictures of results: infrared palettes, side-by-side comparisons, adapter-attention heat-maps.
+
+Pure functions on numpy images (uint8 `[H, W, 3]` RGB, or float `[H, W]` in [0, 1]) and on
+`AttentionMaps`, the adapter's attention for one image as the pipeline returns it. Files are
+written atomically (`write_png`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+from vis2ir.errors import Vis2IRError
+
+log = logging.getLogger(__name__)
+
+PALETTES = ("white-hot", "black-hot", "ironbow")
+# Ironbow: black → indigo → magenta → red → orange → yellow → white, by control points.
+IRONBOW_POINTS = ((0.00, (0, 0, 10)), (0.15, (30, 0, 100)), (0.35, (140, 10, 150)), (0.55, (220, 60, 60)),
+                  (0.72, (250, 140, 10)), (0.88, (255, 215, 40)), (1.00, (255, 255, 245)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Infrared output
+
+
+def ironbow_lut() -> np.ndarray:
+    """The ironbow palette as a uint8 look-up table `[256, 3]`."""
+    x = np.linspace(0, 1, 256)
+    stops = np.array([p for p, _ in IRONBOW_POINTS])
+    colours = np.array([c for _, c in IRONBOW_POINTS], dtype=np.float64)
+    return np.stack([np.interp(x, stops, colours[:, k]) for k in range(3)], -1).round().astype(np.uint8)
+
+
+def check_output_format(bit_depth: int, palette: str) -> None:
+    """Fail early on an impossible pair: colour palettes are 8-bit RGB."""
+    if palette not in PALETTES:
+        raise Vis2IRError(f"--palette: {palette!r} is not one of {', '.join(PALETTES)}")
+    if bit_depth not in (8, 16):
+        raise Vis2IRError(f"--bit-depth: expected 8 or 16, got {bit_depth}")
+    if bit_depth == 16 and palette == "ironbow":
+        raise Vis2IRError("--bit-depth 16 works with the grey palettes (white-hot, black-hot); ironbow is 8-bit RGB")
+
+
+def infrared_image(grey: np.ndarray, bit_depth: int = 8, palette: str = "white-hot") -> np.ndarray:
+    """Float infrared `[H, W]` in [0, 1] → the array to save: uint8 / uint16 grey, or uint8 RGB (ironbow)."""
+    check_output_format(bit_depth, palette)
+    top = 255 if bit_depth == 8 else 65535
+    level = np.round(np.clip(grey, 0, 1) * top).astype(np.uint8 if bit_depth == 8 else np.uint16)
+    if palette == "ironbow":
+        return ironbow_lut()[level]
+    return top - level if palette == "black-hot" else level
+
+
+def as_rgb8(image: np.ndarray) -> np.ndarray:
+    """Any image array (uint8/uint16/float, grey or RGB) → uint8 RGB `[H, W, 3]`."""
+    if image.dtype == np.uint16:
+        image = image / 65535.0
+    if image.dtype != np.uint8:
+        image = np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)
+    return np.repeat(image[..., None], 3, -1) if image.ndim == 2 else image[..., :3]
+
+
+def side_by_side(panels: list[np.ndarray], gap: int = 4) -> np.ndarray:
+    """Images of one height side by side on white, as uint8 RGB."""
+    panels = [as_rgb8(p) for p in panels]
+    h = max(p.shape[0] for p in panels)
+    out = np.full((h, sum(p.shape[1] for p in panels) + gap * (len(panels) - 1), 3), 255, np.uint8)
+    x = 0
+    for p in panels:
+        out[:p.shape[0], x:x + p.shape[1]] = p
+        x += p.shape[1] + gap
+    return out
+
+
+def write_png(path: str | Path, image: np.ndarray) -> Path:
+    """Save a uint8 / uint16 array as PNG, atomically (a temporary file, then `os.replace`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        Image.fromarray(image).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention maps
+
+
+@dataclass
+class AttentionMaps:
+    """The adapter's attention for one image, averaged over the denoising steps.
+
+    `weights [layers, heads, N, M]`: queries are the canvas tokens `[visible | infrared]`, keys the
+    semantic tokens `[semantic | semantic]`, both on the token grid `rows × cols` (row-major).
+    `size` is the input image's `(height, width)`.
+    """
+
+    weights: torch.Tensor
+    rows: int
+    cols: int
+    size: tuple[int, int]
+    panels: int = 2
+    target_panel: int = 1
+
+    @property
+    def panel_cols(self) -> int:
+        return self.cols // self.panels
+
+
+def query_index(att: AttentionMaps, x: float, y: float) -> int:
+    """The target-panel token under input pixel `(x, y)`."""
+    h, w = att.size
+    if not (0 <= x < w and 0 <= y < h):
+        raise Vis2IRError(f"--point {x:g},{y:g}: outside the {w}×{h} image")
+    r = min(int(y / h * att.rows), att.rows - 1)
+    c = min(int(x / w * att.panel_cols), att.panel_cols - 1)
+    return r * att.cols + att.target_panel * att.panel_cols + c
+
+
+def fold_keys(weights: torch.Tensor, att: AttentionMaps) -> torch.Tensor:
+    """`[..., M]` attention over the semantic canvas → `[..., rows, panel_cols]` over the image (copies summed)."""
+    grid = weights.unflatten(-1, (att.rows, att.panels, att.panel_cols))
+    return grid.sum(-2)
+
+
+def query_attention(att: AttentionMaps, x: float, y: float) -> torch.Tensor:
+    """Where the query at input pixel `(x, y)` looks: `[layers, heads, rows, panel_cols]`, each summing to 1."""
+    return fold_keys(att.weights[:, :, query_index(att, x, y)].float(), att)
+
+
+def received_attention(att: AttentionMaps) -> torch.Tensor:
+    """Attention each semantic location receives from the target panel's queries, averaged over
+    layers, heads and queries: `[rows, panel_cols]`, summing to 1."""
+    q = torch.arange(att.rows * att.cols).view(att.rows, att.cols)
+    targets = q[:, att.target_panel * att.panel_cols:(att.target_panel + 1) * att.panel_cols].reshape(-1)
+    return fold_keys(att.weights[:, :, targets].float().mean(dim=(0, 1, 2)), att)
+
+
+def class_attention(received: torch.Tensor, classes: np.ndarray) -> dict[int, dict[str, float]]:
+    """Per class id: the attention `mass` its region receives, its `area` fraction, and `ratio` = mass / area
+    (above 1: the region gets more than its share). `received [rows, cols]`, `classes [H, W]`."""
+    density = upsample(received / received.sum(), classes.shape, mode="nearest")
+    density = density / density.sum()
+    stats = {}
+    for c in np.unique(classes):
+        region = classes == c
+        mass, area = float(density[region].sum()), float(region.mean())
+        stats[int(c)] = {"mass": mass, "area": area, "ratio": mass / area}
+    return stats
+
+
+def upsample(grid: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> np.ndarray:
+    """A token map `[rows, cols]` → a float array `[H, W]` at the image size."""
+    kwargs = {"align_corners": False} if mode == "bilinear" else {}
+    return F.interpolate(grid[None, None].float(), size=size, mode=mode, **kwargs)[0, 0].numpy()
+
+
+def overlay(visible: np.ndarray, heat: np.ndarray, top: float | None = None, alpha: float = 0.8) -> np.ndarray:
+    """Heat `[H, W]` over the visible image in ironbow colours, opaque where hot: uint8 RGB.
+    `top` is the heat shown at full strength (default: the map's maximum)."""
+    top = float(heat.max()) if top is None else top
+    level = np.clip(heat / top if top > 0 else heat, 0, 1)
+    colours = ironbow_lut()[np.round(level * 255).astype(np.uint8)].astype(np.float64)
+    weight = alpha * level[..., None]
+    return np.round((1 - weight) * as_rgb8(visible) + weight * colours).astype(np.uint8)
+
+
+def mark(image: np.ndarray, x: float, y: float) -> np.ndarray:
+    """A small cross at `(x, y)`, white with a black outline."""
+    pil = Image.fromarray(image)
+    draw = ImageDraw.Draw(pil)
+    r = max(3, min(image.shape[:2]) // 40)
+    for colour, width in (((0, 0, 0), 3), ((255, 255, 255), 1)):
+        draw.line([(x - r, y), (x + r, y)], fill=colour, width=width)
+        draw.line([(x, y - r), (x, y + r)], fill=colour, width=width)
+    return np.asarray(pil)
+
+
+def tile_grid(tiles: list[list[np.ndarray]], max_side: int = 192, gap: int = 2) -> np.ndarray:
+    """Rows of equally sized images → one image, each tile shrunk to at most `max_side` pixels."""
+    h, w = tiles[0][0].shape[:2]
+    scale = min(1.0, max_side / max(h, w))
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    rows = [side_by_side([np.asarray(Image.fromarray(t).resize(size, Image.BILINEAR)) for t in row], gap)
+            for row in tiles]
+    out = np.full((sum(r.shape[0] for r in rows) + gap * (len(rows) - 1), rows[0].shape[1], 3), 255, np.uint8)
+    y = 0
+    for r in rows:
+        out[y:y + r.shape[0]] = r
+        y += r.shape[0] + gap
+    return out
+
+
+def save_attention_maps(directory: str | Path, visible: np.ndarray, att: AttentionMaps,
+                        points: list[tuple[float, float]], semantic: np.ndarray | None = None) -> list[Path]:
+    """Write the heat-maps for one image into `directory`:
+
+    - `point{i}.png`: where the query at each point looks (mean over layers and heads), over the visible image;
+    - `point{i}_heads.png`: the same per layer (rows) and head (columns);
+    - `classes.png` / `classes.json`: the attention each semantic class region receives, as its share of
+      the attention over its share of the area (needs `semantic`).
+    """
+    directory = Path(directory)
+    size = att.size
+    written = []
+    for i, (x, y) in enumerate(points):
+        maps = query_attention(att, x, y)
+        mean = overlay(visible, upsample(maps.mean(dim=(0, 1)), size))
+        written.append(write_png(directory / f"point{i}.png", mark(mean, x, y)))
+        tiles = [[mark(overlay(visible, upsample(maps[layer, head], size)), x, y) for head in range(maps.shape[1])]
+                 for layer in range(maps.shape[0])]
+        written.append(write_png(directory / f"point{i}_heads.png", tile_grid(tiles)))
+    if semantic is not None:
+        from vis2ir.data.palette import CLASS_NAMES, decode
+
+        classes = decode(as_rgb8(semantic))[0]
+        stats = class_attention(received_attention(att), classes)
+        ratio = np.zeros(classes.shape, np.float32)
+        for c, s in stats.items():
+            ratio[classes == c] = s["ratio"]
+        shown = overlay(visible, ratio, top=max(2.0, float(ratio.max())))  # ratio 1 (a fair share) at mid-scale
+        written.append(write_png(directory / "classes.png", side_by_side([as_rgb8(semantic), shown])))
+        named = {(CLASS_NAMES[c] if 0 <= c < len(CLASS_NAMES) else "void"): s
+                 for c, s in sorted(stats.items(), key=lambda kv: -kv[1]["ratio"])}
+        written.append(_write_text(directory / "classes.json", json.dumps(named, indent=2)))
+    return written
+
+
+def _write_text(path: Path, text: str) -> Path:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,263 @@
+"""The Python API and `vis2ir generate`: sizes, batches, files, errors, offload, several processes."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vis2ir.checkpoint import ADAPTER_FILE, add_lora, save_weights
+from vis2ir.cli import main
+from vis2ir.config import load_config
+from vis2ir.errors import Vis2IRError
+from vis2ir.model import build_model
+from vis2ir.pipeline import (Vis2IRPipeline, batches, dist_env, list_inputs, model_size, run_generate, shard,
+                             to_tensor)
+
+from tests.conftest import TINY_MODEL
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("prompt_cache")
+
+
+def config(cache, *overrides):
+    return load_config(None, [*TINY_MODEL, f"model.prompt_cache_dir={cache}", "model.codec=pixel",
+                              "sample.steps=2", "sample.guidance=1.0", *overrides])
+
+
+@pytest.fixture(scope="module")
+def config_file(cache, tmp_path_factory):
+    path = tmp_path_factory.mktemp("cfg") / "none.yaml"
+    config(cache, "model.semantic.mode=none").save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pipe(cache):
+    return Vis2IRPipeline.from_config(config(cache, "model.semantic.mode=none"), device="cpu")
+
+
+def save(path, array):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+    return path
+
+
+def noise_image(h, w, seed=0):
+    return (np.random.default_rng(seed).random((h, w, 3)) * 255).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure helpers
+
+
+def test_to_tensor_accepts_the_usual_image_types():
+    rgb = noise_image(5, 7)
+    ref = torch.from_numpy(rgb).permute(2, 0, 1).float() / 255
+    for image in (Image.fromarray(rgb), rgb, ref, torch.from_numpy(rgb).permute(2, 0, 1)):
+        assert torch.allclose(to_tensor(image), ref)
+    deep = np.full((4, 6), 65535, np.uint16)
+    assert torch.equal(to_tensor(deep), torch.ones(3, 4, 6))
+    assert torch.equal(to_tensor(Image.fromarray(deep)), torch.ones(3, 4, 6))
+    assert to_tensor(np.zeros((4, 6, 4), np.uint8)).shape == (3, 4, 6)  # alpha dropped
+    with pytest.raises(Vis2IRError, match="expected a PIL image"):
+        to_tensor("scene.png")
+    with pytest.raises(Vis2IRError, match="got shape"):
+        to_tensor(torch.zeros(2, 4, 4))
+
+
+def test_model_size_rounds_to_the_patch():
+    assert model_size(512, 640, 16) == (512, 640)
+    assert model_size(500, 7, 16) == (496, 16)
+    assert model_size(1024, 768, 16, size=512) == (512, 384)
+
+
+def test_batches_keep_order_and_group_equal_sizes():
+    sizes = [(8, 8), (8, 8), (8, 8), (16, 8), (8, 8), (8, 8)]
+    assert batches(sizes, 2) == [[0, 1], [2], [3], [4, 5]]
+    assert batches(sizes, 1) == [[i] for i in range(6)]
+
+
+@pytest.mark.parametrize("count", [0, 1, 7, 10])
+def test_shards_cover_every_item_once(count):
+    items = [f"img{i}" for i in range(count)]
+    for world in (1, 2, 3, 4, 16):
+        shares = [shard(items, rank, world) for rank in range(world)]
+        flat = [x for s in shares for x in s]
+        assert sorted(flat) == sorted(items) and len(flat) == len(set(flat))
+        assert max(map(len, shares)) - min(map(len, shares)) <= 1
+
+
+def test_dist_env(monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert dist_env() == (0, 1)
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert dist_env() == (2, 4)
+    monkeypatch.setenv("RANK", "4")
+    with pytest.raises(Vis2IRError, match="RANK=4"):
+        dist_env()
+
+
+def test_list_inputs(tmp_path):
+    save(tmp_path / "in" / "a.png", noise_image(8, 8))
+    save(tmp_path / "in" / "b.jpg", noise_image(8, 8))
+    (tmp_path / "in" / "notes.txt").write_text("not an image")
+    save(tmp_path / "sem" / "a.png", noise_image(8, 8))
+    items = list_inputs(tmp_path / "in", tmp_path / "sem")
+    assert [(i.name, i.semantic and i.semantic.name) for i in items] == [("a", "a.png"), ("b", None)]
+    assert items[1].problem.startswith("no semantic map named b.*")
+    save(tmp_path / "in" / "a.jpg", noise_image(8, 8))
+    with pytest.raises(Vis2IRError, match="would both write a.png"):
+        list_inputs(tmp_path / "in")
+    with pytest.raises(Vis2IRError, match="--input .*missing: no such file"):
+        list_inputs(tmp_path / "missing")
+    with pytest.raises(Vis2IRError, match="--semantic auto"):
+        list_inputs(tmp_path / "in" / "b.jpg", "auto")
+
+
+# ----------------------------------------------------------------------------------------------
+# The API
+
+
+def test_any_size_in_the_same_size_out(pipe):
+    images = [noise_image(20, 37), noise_image(20, 37, 1), noise_image(64, 48)]
+    out = pipe(images, batch_size=2, seed=1)
+    assert [im.size for im in out.images] == [(37, 20), (37, 20), (48, 64)]
+    assert all(im.mode == "L" for im in out.images)
+    arrays = pipe(images[0], seed=1, output_type="np").images
+    assert arrays[0].shape == (20, 37) and arrays[0].dtype == np.float32
+    assert np.abs(arrays[0] * 255 - np.asarray(out.images[0])).max() <= 0.5 + 1e-3  # same image, batch or not
+
+
+def test_semantic_maps_are_required_when_the_mode_needs_them(cache):
+    pipe = Vis2IRPipeline.from_config(config(cache, "model.semantic.mode=cross_attention"), device="cpu")
+    with pytest.raises(Vis2IRError, match="mode=cross_attention needs a semantic map"):
+        pipe(noise_image(16, 16))
+    with pytest.raises(Vis2IRError, match="2 visible images but 1 semantic"):
+        pipe([noise_image(16, 16)] * 2, [noise_image(16, 16)])
+    plain = Vis2IRPipeline.from_config(config(cache, "model.semantic.mode=none"), device="cpu")
+    with pytest.raises(Vis2IRError, match="attention maps need model.semantic.mode=cross_attention"):
+        plain(noise_image(16, 16), return_attention=True)
+
+
+@pytest.mark.parametrize("how", ["model", "sequential"])
+def test_cpu_offload_gives_the_same_images(cache, how):
+    cfg = config(cache, "model.codec=vae", "model.semantic.mode=none")  # a VAE: offloaded too
+    model = build_model(cfg)
+    image = noise_image(32, 32)
+    reference = Vis2IRPipeline(copy.deepcopy(model), cfg)(image, output_type="pt").images[0]
+    offloaded = Vis2IRPipeline(model, cfg, device="cpu").offload(how)
+    assert torch.allclose(offloaded(image, output_type="pt").images[0], reference, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(cache, tmp_path_factory):
+    cfg = config(cache, "model.semantic.mode=cross_attention", "model.semantic.num_heads=4", "model.lora.rank=2")
+    model = build_model(cfg)
+    add_lora(model.transformer, cfg.model.lora)
+    path = tmp_path_factory.mktemp("run") / "step-1"
+    save_weights(path, model, cfg)
+    return path
+
+
+def test_checkpoint_settings_must_match(checkpoint, cache, tmp_path):
+    pipe = Vis2IRPipeline.from_checkpoint(checkpoint, device="cpu", overrides=["sample.steps=3"])
+    assert pipe.cfg.sample.steps == 3 and pipe.model.adapter is not None
+    with pytest.raises(Vis2IRError, match=r"model.semantic.mode='none' differs from the checkpoint's "
+                                          r"'cross_attention' \(.*config.yaml\)"):
+        Vis2IRPipeline.from_checkpoint(checkpoint, overrides=["model.semantic.mode=none"])
+    other = tmp_path / "other.yaml"
+    config(cache, "model.codec=vae", "model.semantic.mode=cross_attention").save(other)
+    with pytest.raises(Vis2IRError, match=f"config {other}: model.codec='vae' differs"):
+        Vis2IRPipeline.from_checkpoint(checkpoint, config=other)
+
+
+def test_missing_adapter_file(checkpoint, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in checkpoint.iterdir():
+        if f.name != ADAPTER_FILE:
+            (broken / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(Vis2IRError, match=f"{ADAPTER_FILE}: missing"):
+        Vis2IRPipeline.from_checkpoint(broken)
+
+
+# ----------------------------------------------------------------------------------------------
+# The command
+
+
+def run(*argv):
+    return main(["generate", *map(str, argv)])
+
+
+def test_generate_folder(config_file, tmp_path, caplog, capsys):
+    src, out = tmp_path / "in", tmp_path / "out"
+    save(src / "a.png", noise_image(24, 40))
+    save(src / "b.png", noise_image(32, 32, 1))
+    save(src / "c.jpg", noise_image(32, 32, 2))
+    (src / "broken.png").write_bytes(b"not a png")
+    assert run("--config", config_file, "--input", src, "--out", out, "--batch-size", 2, "--compare") == 2
+    assert "broken.png: cannot read the image" in caplog.text  # reported when met …
+    assert "vis2ir: error: 1 of 4 inputs failed: broken (" in capsys.readouterr().err  # … and summed up at the end
+    assert sorted(p.name for p in out.glob("*.png")) == ["a.png", "b.png", "c.png"]
+    a = Image.open(out / "a.png")
+    assert a.mode == "L" and a.size == (40, 24)
+    assert Image.open(out / "compare" / "b.png").size == (32 * 2 + 4, 32)
+    assert not list(out.rglob(".*"))  # no temporary files left behind
+
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")}
+    (src / "broken.png").unlink()
+    assert run("--config", config_file, "--input", src, "--out", out) == 0  # all exist: skipped
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")} == before
+    assert run("--config", config_file, "--input", src / "b.png", "--out", out, "--overwrite", "--bit-depth", 16,
+               "--palette", "black-hot") == 0
+    deep = np.asarray(Image.open(out / "b.png"))
+    assert deep.dtype == np.uint16 and deep.max() > 255
+    assert run("--config", config_file, "--input", src / "c.jpg", "--out", out, "--overwrite",
+               "--palette", "ironbow") == 0
+    assert Image.open(out / "c.png").mode == "RGB"
+    assert run("--config", config_file, "--input", src, "--out", out, "--bit-depth", 16, "--palette", "ironbow") == 2
+
+
+def test_generate_errors_are_one_line(checkpoint, tmp_path, capsys):
+    src = tmp_path / "in"
+    save(src / "a.png", noise_image(16, 16))
+    save(src / "b.png", noise_image(16, 16))
+    save(tmp_path / "sem" / "a.png", noise_image(16, 16))
+    assert run("--checkpoint", checkpoint, "--input", src, "--out", tmp_path / "out") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["vis2ir: error: model.semantic.mode=cross_attention needs semantic maps: pass --semantic "
+                   "FILE|DIR (maps named like the inputs), or use model.semantic.mode=none"]
+    assert run("--checkpoint", checkpoint, "--input", src, "--semantic", tmp_path / "sem", "--out",
+               tmp_path / "out", "--save-attention") == 2  # b has no map: reported, a is done
+    assert "1 of 2 inputs failed: b (" in capsys.readouterr().err
+    assert (tmp_path / "out" / "a.png").exists() and not (tmp_path / "out" / "b.png").exists()
+    assert (tmp_path / "out" / "attention" / "a" / "point0.png").exists()
+
+
+def test_processes_split_the_folder(config_file, tmp_path, monkeypatch):
+    src, out = tmp_path / "in", tmp_path / "out"
+    names = [f"img{i}" for i in range(5)]
+    for i, name in enumerate(names):
+        save(src / f"{name}.png", noise_image(16, 16, i))
+    done = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        done.append(run_generate(src, out, config=config_file).done)
+    assert sorted(done[0] + done[1]) == names and not set(done[0]) & set(done[1])
+    assert sorted(p.stem for p in out.glob("*.png")) == names
+
+
+@pytest.mark.parametrize("mode", ["none", "pixel_fusion", "cross_attention", "in_context", "channel_concat"])
+def test_every_mode_generates(cache, mode):
+    pipe = Vis2IRPipeline.from_config(config(cache, f"model.semantic.mode={mode}"), device="cpu")
+    out = pipe([noise_image(24, 16), noise_image(24, 16, 1)], [noise_image(24, 16, 2)] * 2, batch_size=2, steps=1,
+               output_type="np")
+    assert [im.shape for im in out.images] == [(24, 16)] * 2
+    assert all(np.isfinite(im).all() and 0 <= im.min() <= im.max() <= 1 for im in out.images)
