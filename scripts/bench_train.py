@@ -97,8 +97,11 @@ def main() -> None:
     clock = StepClock(args.warmup)
     train(cfg, callbacks=[clock], progress=False)
     step = statistics.median(clock.times)
-    bare = statistics.median(bare_steps(clock.module, cfg, args.steps, args.warmup))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    print(f"vis2ir train step times (s): {' '.join(f'{t:.3f}' for t in clock.times)}", flush=True)
+    if torch.cuda.is_available():
+        clock.module.model.to("cuda")  # Lightning's teardown moved the module to the CPU
+    bare = statistics.median(bare_steps(clock.module, cfg, args.steps, args.warmup))
     print(f"device: {device}")
     print(f"config: {args.config} {' '.join(args.overrides)}")
     print(f"batch {cfg.train.batch_size}, panels {cfg.data.size}x{cfg.data.size}, mode {cfg.model.semantic.mode}, "

@@ -29,6 +29,9 @@ def test_lora_and_adapter_round_trip(tiny_config, tmp_path, mode):
     perturb(model.transformer)
     if model.adapter is not None:
         perturb(model.adapter, 1)
+    with torch.no_grad():  # the prompt embeddings travel with the checkpoint too
+        model.prompt_embeds.add_(0.5)
+        model.pooled_prompt_embeds.mul_(-1)
     run = tmp_path / "run"
     save_weights(run / "checkpoints" / "step-3", model, cfg)
     save_weights(run / "checkpoints" / "step-10", model, cfg)

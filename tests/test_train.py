@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vis2ir.checkpoint import ADAPTER_FILE, LORA_FILE, list_checkpoints, load_model
+from vis2ir.checkpoint import ADAPTER_FILE, LORA_FILE, PROMPT_FILE, list_checkpoints, load_model
 from vis2ir.errors import Vis2IRError
 from vis2ir.train import Positioned, StepSampler, flow_loss, sample_timesteps, train
 
@@ -62,7 +62,7 @@ def test_training_writes_checkpoints_logs_and_learns(tiny_config, tmp_path):
     steps = [p.name for p in list_checkpoints(run_dir)]
     assert steps == ["step-9", "step-12"]  # every 3 steps, the last 2 kept
     ckpt = run_dir / "checkpoints" / "step-12"
-    assert {p.name for p in ckpt.iterdir()} == {"config.yaml", LORA_FILE, ADAPTER_FILE, "resume.ckpt"}
+    assert {p.name for p in ckpt.iterdir()} == {"config.yaml", LORA_FILE, ADAPTER_FILE, PROMPT_FILE, "resume.ckpt"}
     metrics = (run_dir / "logs" / "version_0" / "metrics.csv").read_text()
     for column in ("train/loss", "train/scale_0", "train/grad_norm", "train/lr_adapter", "train/lr_backbone",
                    "train/step_time", "train/samples_per_s", "val/loss"):

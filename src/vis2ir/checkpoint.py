@@ -6,6 +6,8 @@
                                          `FluxFillPipeline.load_lora_weights(dir)` loads it
       transformer.safetensors            the whole transformer (train.finetune: full)
       adapter.safetensors                the semantic cross-attention adapter (mode cross_attention)
+      prompt_embeds.safetensors          the constant prompt embeddings the model was trained with
+                                         (random text encoders differ between library versions)
       resume.ckpt                        optimizer, step and RNG state for `--resume` (training only)
 
 Folders are written under a temporary name and renamed into place, so a crash never leaves a
@@ -31,6 +33,7 @@ CONFIG_FILE = "config.yaml"
 LORA_FILE = "pytorch_lora_weights.safetensors"
 TRANSFORMER_FILE = "transformer.safetensors"
 ADAPTER_FILE = "adapter.safetensors"
+PROMPT_FILE = "prompt_embeds.safetensors"
 RESUME_FILE = "resume.ckpt"
 
 
@@ -71,6 +74,8 @@ def write_weights(directory: str | Path, model, cfg: Config) -> None:
         save_file(_plain(model.transformer.state_dict(), dtype), str(directory / TRANSFORMER_FILE))
     if model.adapter is not None:
         save_file(_plain(model.adapter.state_dict(), dtype), str(directory / ADAPTER_FILE))
+    save_file(_plain({"prompt_embeds": model.prompt_embeds, "pooled_prompt_embeds": model.pooled_prompt_embeds},
+                     torch.float32), str(directory / PROMPT_FILE))
 
 
 def save_weights(directory: str | Path, model, cfg: Config) -> Path:
@@ -166,6 +171,15 @@ def load_weights(directory: str | Path, model, cfg: Config) -> None:
         if not path.exists():
             raise Vis2IRError(f"{path}: missing (the checkpoint was trained with train.finetune=full)")
         _load_strict(model.transformer, path)
+    prompt = directory / PROMPT_FILE
+    if prompt.exists():
+        tensors = load_file(str(prompt))
+        for name in ("prompt_embeds", "pooled_prompt_embeds"):
+            buffer = getattr(model, name)
+            if tensors[name].shape != buffer.shape:
+                raise Vis2IRError(f"{prompt}: {name} is {list(tensors[name].shape)}, the model expects "
+                                  f"{list(buffer.shape)} (model.max_sequence_length or the text widths differ)")
+            buffer.copy_(tensors[name].to(buffer.dtype))
     if model.adapter is not None:
         path = directory / ADAPTER_FILE
         if not path.exists():

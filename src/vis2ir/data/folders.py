@@ -28,6 +28,7 @@ from vis2ir.data.errors import DataError
 from vis2ir.data.images import IMAGE_SUFFIXES, Panel, close_panels, open_image, triptych_panels
 from vis2ir.data.splits import assign_splits, split_alias
 
+
 @dataclass(frozen=True)
 class Record:
     """One sample: its name and split, and where its panels are (files, or a row of a table)."""

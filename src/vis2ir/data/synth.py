@@ -85,8 +85,12 @@ class ThermalScenes(Dataset):
             self._cache = {}
         todo = [i for i in self.indices if i not in self._cache]
         if processes > 1 and len(todo) > 64:
-            with get_context("fork").Pool(processes) as pool:
+            pool = get_context("fork").Pool(processes)
+            try:
                 scenes = pool.starmap(render_scene, [(i, self.seed, self.size) for i in todo], chunksize=64)
+            finally:  # close + join, not terminate: no SIGTERM into workers that inherited signal handlers
+                pool.close()
+                pool.join()
         else:
             scenes = [render_scene(i, self.seed, self.size) for i in todo]
         self._cache.update(zip(todo, scenes))
