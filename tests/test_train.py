@@ -67,6 +67,8 @@ def test_training_writes_checkpoints_logs_and_learns(tiny_config, tmp_path):
     for column in ("train/loss", "train/scale_0", "train/grad_norm", "train/lr_adapter", "train/lr_backbone",
                    "train/step_time", "train/samples_per_s", "val/loss"):
         assert column in metrics.splitlines()[0]
+    assert sorted(p.name for p in (run_dir / "samples").iterdir()) == ["step-12.png", "step-3.png", "step-6.png",
+                                                                      "step-9.png"]
     model, cfg = load_model(ckpt)
     assert model.adapter.scales()[0] != pytest.approx(0.1)  # the adapter trained
     assert any(p.name.startswith("events") for p in (run_dir / "tensorboard" / "version_0").iterdir())

@@ -73,7 +73,10 @@ def run_demo(out_dir: str | Path = "outputs/demo", config_path: str | None = Non
     if trained_model is not None:
         report["training"] = _short_training(cfg, checkpoint, out / "train", train_steps)
     report["seconds"] = round(time.perf_counter() - started, 1)
-    _write_grid(out / "report.png", batch, predictions)
+    from vis2ir.visualize import labelled_grid, write_png
+
+    columns = {"visible": batch["visible"], "semantic": batch["semantic"], "truth": batch["infrared"], **predictions}
+    write_png(out / "report.png", labelled_grid(columns, rows=8))
     path = out / "metrics.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(report, indent=2))
@@ -169,29 +172,6 @@ def _short_training(cfg: Config, checkpoint: Path, out: Path, steps: int) -> dic
 
 def _rgb8(image: torch.Tensor) -> np.ndarray:
     return (image.clamp(0, 1).permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
-
-
-def _write_grid(path: Path, batch: dict, predictions: dict[str, torch.Tensor], rows: int = 8) -> None:
-    """Rows of scenes; columns: visible | semantic | truth | each prediction. Labels on top."""
-    from PIL import Image, ImageDraw
-
-    names = ["visible", "semantic", "truth", *predictions]
-    columns = [batch["visible"], batch["semantic"], batch["infrared"], *predictions.values()]
-    n = min(rows, batch["visible"].shape[0])
-    h, w = batch["visible"].shape[-2:]
-    scale = max(1, 96 // max(h, w))
-    cell, gap, head = (h * scale, w * scale), 2, 14
-    sheet = Image.new("RGB", (len(columns) * (cell[1] + gap), head + n * (cell[0] + gap)), "white")
-    draw = ImageDraw.Draw(sheet)
-    for c, (name, images) in enumerate(zip(names, columns)):
-        draw.text((c * (cell[1] + gap) + 2, 1), name, fill="black")
-        for r in range(n):
-            image = images[r] if name in ("visible", "semantic") else images[r].mean(0, keepdim=True)  # IR is grey
-            img = Image.fromarray(_rgb8(image.expand(3, -1, -1))).resize((cell[1], cell[0]), Image.NEAREST)
-            sheet.paste(img, (c * (cell[1] + gap), head + r * (cell[0] + gap)))
-    tmp = path.with_name(path.stem + ".tmp.png")
-    sheet.save(tmp)
-    os.replace(tmp, path)
 
 
 def _log_summary(report: dict, out: Path) -> None:

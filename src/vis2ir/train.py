@@ -204,7 +204,28 @@ class Vis2IRModule(L.LightningModule):
             losses.append(flow_loss(pred, target, tokens))
         loss = torch.stack(losses).mean()
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=vis.shape[0])
+        if batch_idx == 0 and self.trainer.is_global_zero:
+            self._sample_grid(vis[:4], ir[:4], None if sem is None else sem[:4])
         return loss
+
+    @torch.no_grad()
+    def _sample_grid(self, vis, ir, sem) -> None:
+        """visible | generated | ground truth | semantic, saved under samples/ and sent to TensorBoard."""
+        from vis2ir.sample import generate
+        from vis2ir.visualize import labelled_grid, write_png
+
+        s = self.cfg.sample
+        generated = generate(self.model, vis, sem if self.model.mode != "none" else None, steps=s.steps,
+                             guidance=s.guidance, seed=s.seed)
+        columns = {"visible": vis, "generated": generated, "truth": ir}
+        if sem is not None:
+            columns["semantic"] = sem
+        grid = labelled_grid(columns)
+        path = write_png(Path(self.cfg.train.output_dir) / "samples" / f"step-{self.global_step}.png", grid)
+        for logger in self.loggers:
+            if hasattr(logger.experiment, "add_image"):
+                logger.experiment.add_image("val/samples", grid, self.global_step, dataformats="HWC")
+        log.info("Validation samples: %s", path)
 
     def _debug_shapes(self, vis, ir, sem, enc: Encoded) -> None:
         m = self.model

@@ -243,3 +243,25 @@ def _write_text(path: Path, text: str) -> Path:
     tmp.write_text(text)
     os.replace(tmp, path)
     return path
+
+
+def labelled_grid(columns: dict[str, torch.Tensor], rows: int = 8, cell: int = 96) -> np.ndarray:
+    """A picture of named columns of images `[B, 3, H, W]` in [0, 1], one scene per row, names on top.
+
+    Columns other than `visible` and `semantic` are infrared: shown grey (the channel mean).
+    """
+    first = next(iter(columns.values()))
+    n = min(rows, first.shape[0])
+    h, w = first.shape[-2:]
+    scale = max(1, cell // max(h, w))
+    ch, cw, gap, head = h * scale, w * scale, 2, 14
+    sheet = Image.new("RGB", (len(columns) * (cw + gap), head + n * (ch + gap)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for c, (name, images) in enumerate(columns.items()):
+        draw.text((c * (cw + gap) + 2, 1), name, fill="black")
+        for r in range(n):
+            image = images[r].float().cpu()
+            image = image if name in ("visible", "semantic") else image.mean(0, keepdim=True).expand(3, -1, -1)
+            tile = (image.clamp(0, 1).permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+            sheet.paste(Image.fromarray(tile).resize((cw, ch), Image.NEAREST), (c * (cw + gap), head + r * (ch + gap)))
+    return np.asarray(sheet)
