@@ -164,21 +164,27 @@ def encode_images(vae, images: torch.Tensor, generator: torch.Generator | None =
     return tokens, ids
 
 
-def encode_images_fill(vae, canvas: torch.Tensor, mask: torch.Tensor, generator: torch.Generator | None = None):
-    """The FLUX Fill inputs for a canvas and its mask (1 = generate here).
-
-    Returns `x_0 [B, N, 4C]` (the whole canvas), `x_cond [B, N, 4C + 4s²]` (the masked canvas's
-    latents and the folded mask, as `FluxFillPipeline.prepare_mask_latents` builds them), and
-    `img_ids [N, 3]`. With a generator, both encodings draw posterior samples from it in turn.
-    """
+def encode_fill_condition(vae, canvas: torch.Tensor, mask: torch.Tensor, generator=None):
+    """The Fill condition `x_cond [B, N, 4C + 4s²]` (masked canvas latents + folded mask, as
+    `FluxFillPipeline.prepare_mask_latents` builds them) and `img_ids [N, 3]`."""
     codec = as_codec(vae)
     if mask.ndim == 3:
         mask = mask[:, None]
-    x_0, ids = encode_images(codec, canvas, generator=generator)
-    masked = (canvas * 2 - 1) * (1 - mask)
-    masked_tokens = pack(codec.encode(masked, generator=generator))
-    mask_tokens = fold_mask(mask.to(masked_tokens.dtype), codec)
-    return x_0, torch.cat([masked_tokens, mask_tokens], dim=-1), ids
+    check_image_size(codec, canvas.shape[-2], canvas.shape[-1], "canvas")
+    masked = pack(codec.encode((canvas * 2 - 1) * (1 - mask), generator=generator))
+    ids = image_ids(*token_grid(codec, canvas.shape[-2], canvas.shape[-1]), device=canvas.device)
+    return torch.cat([masked, fold_mask(mask.to(masked.dtype), codec)], dim=-1), ids
+
+
+def encode_images_fill(vae, canvas: torch.Tensor, mask: torch.Tensor, generator: torch.Generator | None = None):
+    """The FLUX Fill inputs for a canvas and its mask (1 = generate here).
+
+    Returns `x_0 [B, N, 4C]` (the whole canvas), `x_cond [B, N, 4C + 4s²]` and `img_ids [N, 3]`.
+    With a generator, the two encodings draw posterior samples from it in turn.
+    """
+    x_0, _ = encode_images(vae, canvas, generator=generator)
+    x_cond, ids = encode_fill_condition(vae, canvas, mask, generator=generator)
+    return x_0, x_cond, ids
 
 
 def decode_tokens(vae, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:

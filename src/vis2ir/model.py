@@ -19,7 +19,7 @@ import torch
 from vis2ir.backbone import Backbone, base_in_channels, load_backbone
 from vis2ir.config import Config, SemanticConfig
 from vis2ir.errors import Vis2IRError
-from vis2ir.latents import encode_images, encode_images_fill, token_grid, token_width
+from vis2ir.latents import encode_fill_condition, encode_images, token_grid, token_width
 from vis2ir.semantic.adapter import SemanticConditioningAdapter
 from vis2ir.semantic.modes import SEMANTIC_TOKEN_MODES, build_canvas, semantic_canvas, target_tokens, widen_x_embedder
 
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 class Encoded:
     """The latent-side inputs of one batch (cacheable: they do not depend on t or the noise)."""
 
-    x_0: torch.Tensor                      # [B, N, 4C]   packed latents of the whole canvas
+    x_0: torch.Tensor | None               # [B, N, 4C]   packed latents of the whole canvas (None: sampling)
     x_cond: torch.Tensor                   # [B, N, 4C + 4s²] masked-canvas latents + packed mask
     img_ids: torch.Tensor                  # [N, 3]
     semantic_tokens: torch.Tensor | None   # [B, N, 4C] for cross_attention / channel_concat
@@ -96,14 +96,21 @@ class Vis2IRModel(torch.nn.Module):
 
     @torch.no_grad()
     def encode(self, visible: torch.Tensor, infrared: torch.Tensor | None = None,
-               semantic: torch.Tensor | None = None, generator: torch.Generator | None = None) -> Encoded:
-        """Images in [0, 1] `[B, 3, H, W]` → the latent inputs. `infrared` is None when sampling."""
+               semantic: torch.Tensor | None = None, generator=None) -> Encoded:
+        """Images in [0, 1] `[B, 3, H, W]` → the latent inputs.
+
+        `infrared` is None when sampling: the target panel is blank and `x_0` is None. With a
+        generator (or one per image), the canvas and the masked canvas take posterior samples from
+        it in that order, as FluxFillPipeline draws them; the semantic tokens take the mode.
+        """
         canvas, mask = build_canvas(self.mode, visible, infrared, semantic, self.semantic.fusion_alpha)
         dtype = self.codec.dtype
-        x_0, x_cond, ids = encode_images_fill(self.codec, canvas.to(dtype), mask.to(dtype), generator=generator)
+        canvas, mask = canvas.to(dtype), mask.to(dtype)
+        x_0 = encode_images(self.codec, canvas, generator=generator)[0] if infrared is not None else None
+        x_cond, ids = encode_fill_condition(self.codec, canvas, mask, generator=generator)
         sem = None
         if self.mode in SEMANTIC_TOKEN_MODES:
-            sem, _ = encode_images(self.codec, semantic_canvas(semantic).to(dtype), generator=generator)
+            sem, _ = encode_images(self.codec, semantic_canvas(semantic).to(dtype))
         return Encoded(x_0, x_cond, ids, sem, canvas.shape[-2], canvas.shape[-1])
 
     def velocity(self, x_t: torch.Tensor, enc: Encoded, t: torch.Tensor, guidance: float | torch.Tensor = 1.0,

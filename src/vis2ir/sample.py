@@ -1,6 +1,6 @@
 """Sampling as FluxFillPipeline does it (DESIGN §1), as small functions.
 
-    make_generators → get_noise → encode_condition → get_schedule → denoise → decode_target
+    make_generators → get_noise → Vis2IRModel.encode → get_schedule → denoise → decode_target
 
 With the same components, prompt, seed, steps and guidance, `generate` reproduces stock
 `FluxFillPipeline` (mode `none`, or a zero adapter scale). Each image has its own CPU generator
@@ -20,10 +20,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from vis2ir.latents import (VAECodec, as_codec, check_image_size, decode_tokens, encode_images, fold_mask, image_ids,
-                            pack, token_grid)
+from vis2ir.latents import VAECodec, as_codec, decode_tokens, pack
 from vis2ir.model import Encoded, Vis2IRModel
-from vis2ir.semantic.modes import SEMANTIC_TOKEN_MODES, build_canvas, crop_target, num_panels, semantic_canvas
+from vis2ir.semantic.modes import crop_target, num_panels
 
 NUM_TRAIN_TIMESTEPS = 1000  # FlowMatchEulerDiscreteScheduler's; the transformer divides it back out
 
@@ -48,27 +47,6 @@ def get_noise(model: Vis2IRModel, generators: list[torch.Generator], height: int
     if isinstance(codec, VAECodec):
         draw(generators, shape, codec.dtype)  # stock's posterior sample of the canvas, multiplied by σ₀ − 1 = 0
     return pack(draw(generators, shape, model.transformer.dtype, device))
-
-
-@torch.no_grad()
-def encode_condition(model: Vis2IRModel, visible: torch.Tensor, semantic: torch.Tensor | None,
-                     generators: list[torch.Generator] | None = None) -> Encoded:
-    """The latent inputs for sampling: `Vis2IRModel.encode` without the target (`x_0` is None).
-
-    The masked canvas's posterior sample comes from `generators`, after the noise (as stock draws
-    it); the semantic tokens take the posterior mode, as in training.
-    """
-    codec = model.codec
-    canvas, mask = build_canvas(model.mode, visible, None, semantic, model.semantic.fusion_alpha)
-    check_image_size(codec, canvas.shape[-2], canvas.shape[-1], "canvas")
-    canvas, mask = canvas.to(codec.dtype), mask.to(codec.dtype)
-    masked = pack(codec.encode((canvas * 2 - 1) * (1 - mask), generator=generators))
-    x_cond = torch.cat([masked, fold_mask(mask.to(masked.dtype), codec)], dim=-1)
-    sem = None
-    if model.mode in SEMANTIC_TOKEN_MODES:
-        sem, _ = encode_images(codec, semantic_canvas(semantic).to(codec.dtype))
-    ids = image_ids(*token_grid(codec, canvas.shape[-2], canvas.shape[-1]), device=canvas.device)
-    return Encoded(None, x_cond, ids, sem, canvas.shape[-2], canvas.shape[-1])
 
 
 def time_shift(mu: float, sigma: np.ndarray) -> np.ndarray:
@@ -132,7 +110,7 @@ def generate(model: Vis2IRModel, visible: torch.Tensor, semantic: torch.Tensor |
     patch size); with `return_attention`, also the adapter's attention per layer (see `denoise`)."""
     generators = make_generators(seed, visible.shape[0])
     x = get_noise(model, generators, visible.shape[-2], visible.shape[-1] * num_panels(model.mode), visible.device)
-    enc = encode_condition(model, visible, semantic, generators)
+    enc = model.encode(visible, None, semantic, generators)  # after the noise, as stock draws them
     sigmas = get_schedule(steps, x.shape[1])
     out = denoise(model, enc, x, sigmas, guidance, adapter_scale, return_attention, progress)
     x, attention = out if return_attention else (out, None)
