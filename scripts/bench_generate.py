@@ -33,9 +33,8 @@ from vis2ir.pipeline import Vis2IRPipeline  # noqa: E402
 
 log = logging.getLogger("bench_generate")
 
-REAL = ["model.backbone=random", "model.codec=vae", "model.transformer.init=normal", "model.max_sequence_length=512",
-        "model.vae.block_out_channels=[128,256,512,512]", "model.vae.layers_per_block=2",
-        "model.vae.norm_num_groups=32", "model.vae.latent_channels=16", "model.semantic.mode=none"]
+REAL_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "bench_realsize.yaml"
+REAL = ["model.semantic.mode=none"]  # the real-size model of bench_realsize.yaml, sampled as stock FLUX Fill
 TINY = ["model.backbone=random", "model.codec=vae", "model.max_sequence_length=8", "model.transformer.num_layers=1",
         "model.transformer.num_single_layers=1", "model.transformer.attention_head_dim=16",
         "model.transformer.num_attention_heads=2", "model.transformer.joint_attention_dim=32",
@@ -102,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     panel = args.panel or (64 if args.tiny else 512)
     with tempfile.TemporaryDirectory() as cache:
-        cfg = load_config(None, [*(TINY if args.tiny else REAL), f"model.prompt_cache_dir={cache}", *args.overrides])
+        cfg = load_config(None if args.tiny else REAL_CONFIG,
+                          [*(TINY if args.tiny else REAL), f"model.prompt_cache_dir={cache}", *args.overrides])
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         start = time.perf_counter()
         pipe = Vis2IRPipeline.from_config(cfg, device=device, dtype=dtype)

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from vis2ir.config import ModelConfig
 from vis2ir.errors import Vis2IRError
+from vis2ir.hub import check_hub, is_local, local_folder
 from vis2ir.latents import Codec, PixelCodec, VAECodec, mask_width, token_width
 
 log = logging.getLogger(__name__)
@@ -254,17 +255,11 @@ def resolve_flux_path(path: str, need_text: bool = True) -> Path:
     Fails within seconds, with one message, when the weights cannot be had: no retry loop.
     """
     needed = CORE_FILES + (TEXT_FILES if need_text else ())
-    local = Path(path).expanduser()
-    if local.exists() or path.startswith((".", "/", "~")) or path.count("/") != 1:
-        if not local.is_dir():
-            raise _missing_weights(path, "no such local folder")
-        missing = [f for f in needed if not (local / f).exists()]
-        if missing:
-            raise _missing_weights(path, f"the folder lacks {missing[0]}")
-        return local
+    fail = lambda reason: _missing_weights(path, reason)  # noqa: E731
+    if is_local(path):
+        return local_folder(path, needed, fail)
 
-    from huggingface_hub import auth_check, snapshot_download
-    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+    from huggingface_hub import snapshot_download
 
     patterns = [f.split("/")[0] + "/*" for f in needed] + ["model_index.json"]
     try:  # already in the local Hub cache: no network at all
@@ -273,21 +268,5 @@ def resolve_flux_path(path: str, need_text: bool = True) -> Path:
             return root
     except Exception:  # noqa: BLE001 - any cache miss falls through to the online check
         pass
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        raise _missing_weights(path, "not in the local Hub cache and HF_HUB_OFFLINE is set")
-    try:
-        auth_check(path)  # one quick request, no retries: tells gated / missing / offline apart
-    except GatedRepoError:
-        raise _missing_weights(path, "access is gated and this account has not been granted it") from None
-    except RepositoryNotFoundError:
-        raise _missing_weights(path, "no such repository on the Hub (or it is private)") from None
-    except HfHubHTTPError as err:
-        raise _missing_weights(path, f"the Hub answered {_first_line(err)}") from None
-    except Exception as err:  # noqa: BLE001 - network errors come from several libraries
-        raise _missing_weights(path, f"the Hub cannot be reached ({_first_line(err)})") from None
+    check_hub(path, fail)
     return Path(snapshot_download(path, allow_patterns=patterns))
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__

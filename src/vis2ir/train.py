@@ -185,8 +185,9 @@ class Vis2IRModule(L.LightningModule):
         self._bad_steps = 0
         self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=vis.shape[0])
         if model.adapter is not None:
-            for i, s in enumerate(model.adapter.scales()):
-                self.log(f"train/scale_{i}", s, prog_bar=i == 0, on_step=True, batch_size=vis.shape[0])
+            for i, layer in enumerate(model.adapter.layers):  # tensors: no GPU→CPU sync per step
+                self.log(f"train/scale_{i}", layer.scale.detach(), prog_bar=i == 0, on_step=True,
+                         batch_size=vis.shape[0])
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int):
@@ -271,9 +272,9 @@ class Vis2IRModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        norms = [p.grad.detach().float().norm() for p in self.model.parameters() if p.grad is not None]
-        if norms:
-            self.log("train/grad_norm", torch.stack(norms).norm(), on_step=True)
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if grads:  # one fused pass over all gradients
+            self.log("train/grad_norm", torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))), on_step=True)
         for group in optimizer.param_groups:
             self.log(f"train/lr_{group.get('name', 'group')}", group["lr"], on_step=True)
 
