@@ -116,8 +116,8 @@ def test_list_inputs(tmp_path):
         list_inputs(tmp_path / "in")
     with pytest.raises(Vis2IRError, match="--input .*missing: no such file"):
         list_inputs(tmp_path / "missing")
-    with pytest.raises(Vis2IRError, match="--semantic auto"):
-        list_inputs(tmp_path / "in" / "b.jpg", "auto")
+    # --semantic auto: maps cached in semantic_auto/ beside the inputs (made later, tests/test_segment.py)
+    assert list_inputs(tmp_path / "in" / "b.jpg", "auto")[0].semantic == tmp_path / "in" / "semantic_auto" / "b.png"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -76,29 +76,53 @@ def load_backbone(cfg: ModelConfig, device: torch.device | str = "cpu", dtype: t
     dtype = dtype or resolve_dtype(cfg.dtype, device)
     if cfg.backbone == "pretrained":
         root = resolve_flux_path(cfg.flux_path, need_text=not _cache_file(cfg).exists())
-        from diffusers import AutoencoderKL, FluxTransformer2DModel
+        from diffusers import FluxTransformer2DModel
 
         log.info("Loading FLUX.1 Fill from %s", root)
         transformer = FluxTransformer2DModel.from_pretrained(root, subfolder="transformer", torch_dtype=dtype)
-        codec = VAECodec(AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=dtype))
+        codec = _pretrained_codec(root, dtype)
         prompt = prompt_embeddings(cfg, lambda: _load_text_encoders(root))
     else:
         with torch.random.fork_rng(devices=[]):  # seeded build that leaves the global RNG alone
             torch.manual_seed(cfg.seed)
-            transformer, codec = _build_random(cfg, device, dtype)
+            codec = _random_codec(cfg, dtype)  # first, so that `load_codec` builds the same one
+            transformer = _random_transformer(cfg, codec, device, dtype)
         prompt = prompt_embeddings(cfg, lambda: build_tiny_text_encoders(cfg))
-    if isinstance(codec, VAECodec):
-        codec.vae.to(device).requires_grad_(False).eval()
-    return Backbone(transformer.to(device), codec, prompt.to(device, dtype))
+    return Backbone(transformer.to(device), _to_device(codec, device), prompt.to(device, dtype))
 
 
-def _build_random(cfg: ModelConfig, device, dtype):
-    """Transformer and codec of the configured shapes, with random weights."""
-    codec = PixelCodec(cfg.pixel_factor) if cfg.codec == "pixel" else VAECodec(_cast(build_tiny_vae(cfg), dtype))
+def load_codec(cfg: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> Codec:
+    """The codec alone (e.g. to cache a data set's latents), the same one `load_backbone` builds."""
+    dtype = dtype or resolve_dtype(cfg.dtype, device)
+    if cfg.backbone == "pretrained":
+        return _to_device(_pretrained_codec(resolve_flux_path(cfg.flux_path, need_text=False), dtype), device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return _to_device(_random_codec(cfg, dtype), device)
+
+
+def _pretrained_codec(root: Path, dtype: torch.dtype) -> VAECodec:
+    from diffusers import AutoencoderKL
+
+    return VAECodec(AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=dtype))
+
+
+def _random_codec(cfg: ModelConfig, dtype: torch.dtype) -> Codec:
+    return PixelCodec(cfg.pixel_factor) if cfg.codec == "pixel" else VAECodec(_cast(build_tiny_vae(cfg), dtype))
+
+
+def _random_transformer(cfg: ModelConfig, codec: Codec, device, dtype):
+    """A transformer of the configured shape for `codec`, with random weights."""
     width = token_width(codec)
     if cfg.transformer.init == "normal":
-        return build_transformer_fast(cfg, base_in_channels(codec), width, device, dtype), codec
-    return _cast(build_transformer(cfg, base_in_channels(codec), width), dtype), codec
+        return build_transformer_fast(cfg, base_in_channels(codec), width, device, dtype)
+    return _cast(build_transformer(cfg, base_in_channels(codec), width), dtype)
+
+
+def _to_device(codec: Codec, device) -> Codec:
+    if isinstance(codec, VAECodec):
+        codec.vae.to(device).requires_grad_(False).eval()
+    return codec
 
 
 # ----------------------------------------------------------------------------------------------

@@ -48,9 +48,27 @@ def _cmd_data_inspect(args: argparse.Namespace) -> None:
     inspect_source(data, out=args.out, count=args.count)
 
 
+def _cmd_data_cache(args: argparse.Namespace) -> None:
+    from vis2ir.config import load_config
+    from vis2ir.latent_cache import build_latent_cache
+
+    out = build_latent_cache(load_config(args.config, args.overrides), args.out, args.split, args.batch_size)
+    sys.stdout.write(f"{out}\n  train with: data.latent_cache={out}\n")
+
+
+def _cmd_data_convert(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from vis2ir.config import load_config
+    from vis2ir.data.convert import convert_source
+
+    data = dataclasses.replace(load_config(args.config, args.overrides).data, source=args.source)
+    sys.stdout.write(f"{convert_source(data, args.out, args.format)}\n")
+
+
 def _generate_kwargs(args: argparse.Namespace) -> dict:
     keys = ("config", "checkpoint", "overrides", "semantic", "seed", "steps", "guidance", "batch_size",
-            "adapter_scale", "overwrite", "offload", "device", "size")
+            "adapter_scale", "overwrite", "offload", "device", "size", "segment_model")
     return {k: getattr(args, k) for k in keys} | {"points": args.point or ()}
 
 
@@ -67,11 +85,43 @@ def _cmd_visualize(args: argparse.Namespace) -> None:
     run_generate(args.input, args.out, write_images=False, **_generate_kwargs(args))
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> None:
+    from vis2ir.evaluate.run import evaluate_checkpoint, evaluate_folders
+
+    if args.checkpoint:
+        evaluate_checkpoint(args.checkpoint, config=args.config, overrides=args.overrides, split=args.split,
+                            limit=args.limit, out=args.out, device=args.device)
+    elif args.pred and args.truth:
+        evaluate_folders(args.pred, args.truth, args.semantic, out=args.out, config=args.config,
+                         overrides=args.overrides, device=args.device)
+    else:
+        raise Vis2IRError("vis2ir evaluate: pass --pred DIR and --truth DIR, or --checkpoint DIR")
+
+
+def _cmd_ablate(args: argparse.Namespace) -> None:
+    from vis2ir.evaluate.ablate import run_ablation
+
+    path = run_ablation(args.config, args.grid or [], seeds=args.seeds, out=args.out, overrides=args.overrides,
+                        shard=args.shard, collect=args.collect, device=args.device)
+    sys.stdout.write(f"{path}\n")
+
+
+def _cmd_segment(args: argparse.Namespace) -> None:
+    from vis2ir.segment import run_segment
+
+    run_segment(args.input, args.out, model=args.model, batch_size=args.batch_size, device=args.device,
+                overwrite=args.overwrite, threshold=args.threshold)
+
+
 def _add_generate_args(p: argparse.ArgumentParser) -> None:
     _add_config_args(p)
     p.add_argument("--checkpoint", help="checkpoint folder, or a run folder (its newest checkpoint)")
     p.add_argument("--input", required=True, help="a visible image, or a folder of them")
-    p.add_argument("--semantic", help="semantic map(s): a file, or a folder of maps named like the inputs")
+    p.add_argument("--semantic", help="semantic map(s): a file, a folder of maps named like the inputs, or "
+                   "'auto' (made by a panoptic segmenter, cached in semantic_auto/ beside the inputs)")
+    p.add_argument("--segment-model", metavar="ID|PATH",
+                   help="panoptic segmenter (Hub id or local folder) for --semantic auto (default: that of "
+                   "vis2ir segment)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--seed", type=int, help="seed of every image's noise (default: sample.seed)")
     p.add_argument("--steps", type=int, help="denoising steps (default: sample.steps)")
@@ -88,6 +138,8 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from vis2ir.config import DEFAULT_SEGMENTER
+
     parser = argparse.ArgumentParser(prog="vis2ir", description="Visible-to-infrared generation on FLUX.1 Fill.")
     parser.add_argument("--debug", action="store_true", help="DEBUG logging and full tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -104,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("data", help="data tools: synthetic ThermalScenes, inspecting a source")
+    p = sub.add_parser("data", help="data tools: synthetic ThermalScenes, inspecting a source, latent cache")
     data = p.add_subparsers(dest="data_command", required=True)
     q = data.add_parser("synth", help="write ThermalScenes (visible/infrared/semantic) to a folder or parquet")
     q.add_argument("--out", required=True, help="output folder")
@@ -120,6 +172,32 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--count", type=int, default=8, help="triptychs on the contact sheet (default: 8)")
     _add_config_args(q)
     q.set_defaults(func=_cmd_data_inspect)
+    q = data.add_parser("convert", help="a source (folder layout or table) -> paired folders or parquet, same "
+                        "samples and splits")
+    q.add_argument("source", help="a data folder, parquet file(s), or a datasets folder or Hub id")
+    q.add_argument("--out", required=True, help="output folder")
+    q.add_argument("--format", choices=("folder", "parquet"), default="folder",
+                   help="visible/ infrared/ semantic/ PNGs + split lists, or <split>.parquet (default: folder)")
+    _add_config_args(q)
+    q.set_defaults(func=_cmd_data_convert)
+    q = data.add_parser("cache", help="encode a split's latents once, for training with data.latent_cache=DIR")
+    q.add_argument("--out", required=True, help="cache folder")
+    q.add_argument("--split", default="train", choices=("train", "val", "test"), help="split (default: train)")
+    q.add_argument("--batch-size", type=int, default=16, help="images per codec call (default: 16)")
+    _add_config_args(q)
+    q.set_defaults(func=_cmd_data_cache)
+
+    p = sub.add_parser("segment", help="visible images (file or folder) -> panoptic semantic maps and a legend")
+    p.add_argument("--input", required=True, help="a visible image, or a folder of them")
+    p.add_argument("--out", required=True, help="output folder: <name>.png, segments/, legend.json, legend.png")
+    p.add_argument("--model", default=DEFAULT_SEGMENTER, metavar="ID|PATH",
+                   help=f"transformers panoptic model (Mask2Former, OneFormer): Hub id or local folder "
+                   f"(default: {DEFAULT_SEGMENTER})")
+    p.add_argument("--batch-size", type=int, default=4, help="images per batch (default: 4)")
+    p.add_argument("--threshold", type=float, default=0.5, help="minimum segment score (default: 0.5)")
+    p.add_argument("--device", help="e.g. cuda:0 or cpu (default: cuda:$LOCAL_RANK if available)")
+    p.add_argument("--overwrite", action="store_true", help="redo maps that already exist")
+    p.set_defaults(func=_cmd_segment)
 
     p = sub.add_parser("generate", help="visible images (file or folder) -> infrared PNGs")
     _add_generate_args(p)
@@ -134,6 +212,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("visualize", help="adapter attention heat-maps over the visible image(s)")
     _add_generate_args(p)
     p.set_defaults(func=_cmd_visualize)
+
+    p = sub.add_parser("evaluate", help="score predictions against truths, or a checkpoint on a data split")
+    _add_config_args(p)
+    p.add_argument("--pred", help="folder of predicted infrared images (paired with --truth by file name)")
+    p.add_argument("--truth", help="folder of ground-truth infrared images")
+    p.add_argument("--semantic", help="folder of semantic maps named like the truths (per-class metrics)")
+    p.add_argument("--checkpoint", help="checkpoint or run folder: generate on --split of the data source, then score")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"), help="split to score (default: test)")
+    p.add_argument("--limit", type=int, help="score the first N samples of the split (default: eval.limit, else all)")
+    p.add_argument("--out", default="outputs/evaluate", help="report folder (default: outputs/evaluate)")
+    p.add_argument("--device", help="e.g. cuda:0 or cpu (default: cuda:$LOCAL_RANK if available)")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("ablate", help="train and evaluate every variant of a grid of settings; tabulate")
+    _add_config_args(p)
+    p.add_argument("--grid", action="append", metavar="KEY=V1,V2,...",
+                   help="a setting and its values (repeatable: the variants are the cartesian product)")
+    p.add_argument("--seeds", default="0", help="seeds of every variant, e.g. 0,1 (default: 0)")
+    p.add_argument("--out", default="runs/ablate", help="ablation folder (default: runs/ablate)")
+    p.add_argument("--shard", default="0/1", metavar="I/N", help="run every N-th variant from I (one process per GPU)")
+    p.add_argument("--collect", action="store_true", help="only tabulate the finished variants")
+    p.add_argument("--device", help="device for generation during evaluation (default: cuda:$LOCAL_RANK if available)")
+    p.set_defaults(func=_cmd_ablate)
 
     return parser
 

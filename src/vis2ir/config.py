@@ -27,6 +27,9 @@ ICEDIT_PROMPT = (
 )
 DEFAULT_INSTRUCTION = "seen by a thermal infrared camera, as a grayscale infrared image."
 
+# The panoptic segmenter of `vis2ir segment`, `--semantic auto` and `data.semantic_source: auto`.
+DEFAULT_SEGMENTER = "facebook/mask2former-swin-large-coco-panoptic"
+
 SemanticMode = Literal["none", "pixel_fusion", "cross_attention", "in_context", "channel_concat"]
 
 
@@ -169,6 +172,8 @@ class DataConfig:
 
     `source`: 'thermalscenes' (synthetic, in memory), a folder in a known layout, parquet file(s) or a
     glob, a `datasets` folder or Hub id. `layout` names the layout when detection should not guess.
+    `semantic_source: auto` makes missing semantic maps of a folder source with `segment_model` and
+    caches them in `<source>/semantic_auto/` (docs/segmentation.md).
     """
 
     source: str = "thermalscenes"
@@ -182,6 +187,8 @@ class DataConfig:
     triptych_column: str = "triptych"
     name_column: str = "name"
     semantic_dir: str = "semantic"
+    semantic_source: Literal["files", "auto"] = "files"
+    segment_model: str = DEFAULT_SEGMENTER
     ir_normalize: Literal["percentile", "minmax", "fixed"] = "percentile"
     ir_percentiles: tuple[float, float] = (1.0, 99.0)
     ir_range: tuple[float, float] = (0.0, 65535.0)
@@ -191,6 +198,7 @@ class DataConfig:
     synth_count: int = 1000
     synth_seed: int = 0
     synth_prerender: bool = False
+    latent_cache: str | None = None
     num_workers: int = 2
 
     def validate(self) -> None:
@@ -204,6 +212,8 @@ class DataConfig:
         _check(0.0 <= self.test_fraction < 1.0 - self.val_fraction, "data.test_fraction",
                "a number in [0, 1 - val_fraction)", self.test_fraction)
         _check(self.synth_count >= 1, "data.synth_count", "an integer >= 1", self.synth_count)
+        _check(bool(self.segment_model.strip()), "data.segment_model", "a Hub id or a local folder",
+               self.segment_model)
 
 
 @dataclass
@@ -278,14 +288,41 @@ class SampleConfig:
 
 
 @dataclass
+class EvalConfig:
+    """`vis2ir evaluate` and `vis2ir ablate` (docs/evaluation.md).
+
+    `fid_weights` / `lpips_weights`: the Inception (`pt_inception-2015-12-05-6726825d.pth`) and
+    AlexNet (`alexnet-owt-7be5be79.pth`) weights, a file or a folder holding it (else
+    $VIS2IR_FID_WEIGHTS / $VIS2IR_LPIPS_WEIGHTS, else the torch hub cache). A pixel is "hot" above
+    the truth image's `hot_percentile`-th percentile. `limit`: test images scored (null: all);
+    `fit_limit`: training samples the reference predictors are fitted on.
+    """
+
+    fid_weights: str | None = None
+    lpips_weights: str | None = None
+    hot_percentile: float = 90.0
+    batch_size: int = 8
+    limit: int | None = None
+    fit_limit: int = 400
+
+    def validate(self) -> None:
+        _check(0.0 < self.hot_percentile < 100.0, "eval.hot_percentile", "a number in (0, 100)",
+               self.hot_percentile)
+        _check(self.batch_size >= 1, "eval.batch_size", "an integer >= 1", self.batch_size)
+        _check(self.limit is None or self.limit >= 1, "eval.limit", "an integer >= 1 (or null: all)", self.limit)
+        _check(self.fit_limit >= 1, "eval.fit_limit", "an integer >= 1", self.fit_limit)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> Config:
-        for part in (self.model, self.data, self.train, self.sample):
+        for part in (self.model, self.data, self.train, self.sample, self.eval):
             part.validate()
         return self
 
@@ -318,7 +355,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML ({_first_line(err)})") from None
         if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections (model, data, train, sample)")
+            raise ConfigError(f"{path}: expected a mapping of sections (model, data, train, sample, eval)")
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:

@@ -26,9 +26,6 @@ from vis2ir.errors import Vis2IRError
 log = logging.getLogger(__name__)
 
 DEMO_CHECKPOINT = Path(__file__).parent / "assets" / "demo"
-# Pairs that look alike in the visible image but differ in heat (DESIGN §7): their errors show
-# whether a model uses the semantic map.
-LOOKALIKE_CLASSES = ("person", "statue", "car", "car-running")
 
 
 def run_demo(out_dir: str | Path = "outputs/demo", config_path: str | None = None, overrides=(),
@@ -124,14 +121,13 @@ def _baselines(fit: list[dict], test: list[dict]) -> dict[str, torch.Tensor]:
 def _class_errors(pred: torch.Tensor, batch: dict) -> dict[str, float]:
     """Mean absolute infrared error on the classes whose heat the visible image cannot tell."""
     from vis2ir.data.palette import CLASS_NAMES
+    from vis2ir.evaluate.metrics import LOOKALIKE_CLASSES, ClassAccumulator, to_grey
 
-    err = (pred.float().mean(1) - batch["infrared"].float().mean(1)).abs()
-    out = {}
-    for c in torch.unique(batch["classes"]).tolist():
-        name = CLASS_NAMES[c] if 0 <= c < len(CLASS_NAMES) else None
-        if name in LOOKALIKE_CLASSES:
-            out[f"abs_err/{name}"] = float(err[batch["classes"] == c].mean())
-    return out
+    acc = ClassAccumulator(CLASS_NAMES)
+    for p, t, c in zip(to_grey(pred)[:, 0], to_grey(batch["infrared"])[:, 0], batch["classes"]):
+        acc.add(p, t, c)
+    summary = acc.summary()
+    return {f"abs_err/{c}": summary[c]["abs_err"] for c in LOOKALIKE_CLASSES if c in summary}
 
 
 def _save_attention(directory: Path, batch: dict, attention, model) -> None:

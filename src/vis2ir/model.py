@@ -38,6 +38,26 @@ class Encoded:
     width: int
 
 
+@torch.no_grad()
+def encode_batch(codec, semantic_cfg: SemanticConfig, visible: torch.Tensor, infrared: torch.Tensor | None = None,
+                 semantic: torch.Tensor | None = None, generator=None) -> Encoded:
+    """Images in [0, 1] `[B, 3, H, W]` → the latent inputs of the mode, with the codec alone.
+
+    `infrared` is None when sampling: the target panel is blank and `x_0` is None. With a
+    generator (or one per image), the canvas and the masked canvas take posterior samples from it
+    in that order, as FluxFillPipeline draws them; the semantic tokens take the mode.
+    """
+    canvas, mask = build_canvas(semantic_cfg.mode, visible, infrared, semantic, semantic_cfg.fusion_alpha)
+    dtype = codec.dtype
+    canvas, mask = canvas.to(dtype), mask.to(dtype)
+    x_0 = encode_images(codec, canvas, generator=generator)[0] if infrared is not None else None
+    x_cond, ids = encode_fill_condition(codec, canvas, mask, generator=generator)
+    sem = None
+    if semantic_cfg.mode in SEMANTIC_TOKEN_MODES:
+        sem, _ = encode_images(codec, semantic_canvas(semantic).to(dtype))
+    return Encoded(x_0, x_cond, ids, sem, canvas.shape[-2], canvas.shape[-1])
+
+
 class Prediction(NamedTuple):
     pred: torch.Tensor    # v̂ [B, N, 4C]
     target: torch.Tensor  # x_1 − x_0
@@ -94,24 +114,10 @@ class Vis2IRModel(torch.nn.Module):
 
     # ------------------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def encode(self, visible: torch.Tensor, infrared: torch.Tensor | None = None,
                semantic: torch.Tensor | None = None, generator=None) -> Encoded:
-        """Images in [0, 1] `[B, 3, H, W]` → the latent inputs.
-
-        `infrared` is None when sampling: the target panel is blank and `x_0` is None. With a
-        generator (or one per image), the canvas and the masked canvas take posterior samples from
-        it in that order, as FluxFillPipeline draws them; the semantic tokens take the mode.
-        """
-        canvas, mask = build_canvas(self.mode, visible, infrared, semantic, self.semantic.fusion_alpha)
-        dtype = self.codec.dtype
-        canvas, mask = canvas.to(dtype), mask.to(dtype)
-        x_0 = encode_images(self.codec, canvas, generator=generator)[0] if infrared is not None else None
-        x_cond, ids = encode_fill_condition(self.codec, canvas, mask, generator=generator)
-        sem = None
-        if self.mode in SEMANTIC_TOKEN_MODES:
-            sem, _ = encode_images(self.codec, semantic_canvas(semantic).to(dtype))
-        return Encoded(x_0, x_cond, ids, sem, canvas.shape[-2], canvas.shape[-1])
+        """Images in [0, 1] `[B, 3, H, W]` → the latent inputs (see `encode_batch`)."""
+        return encode_batch(self.codec, self.semantic, visible, infrared, semantic, generator)
 
     def velocity(self, x_t: torch.Tensor, enc: Encoded, t: torch.Tensor, guidance: float | torch.Tensor = 1.0,
                  return_attention: bool = False, adapter_scale: float | None = None):

@@ -327,7 +327,8 @@ def list_images(folder: Path) -> list[Path]:
 
 
 def list_inputs(input_path: str | Path, semantic: str | Path | None = None) -> list[Item]:
-    """The items of a run: one file or a folder's images, each matched to a semantic map by name."""
+    """The items of a run: one file or a folder's images, each matched to a semantic map by name
+    (`semantic="auto"`: the map cached in `semantic_auto/` beside the inputs, made when missing)."""
     src = Path(input_path)
     if not src.exists():
         raise Vis2IRError(f"--input {src}: no such file or folder")
@@ -343,9 +344,13 @@ def list_inputs(input_path: str | Path, semantic: str | Path | None = None) -> l
     if semantic is None:
         return items
     sem = Path(semantic)
-    if str(semantic) == "auto":
-        raise Vis2IRError("--semantic auto: automatic segmentation is not available in this version; "
-                          "pass the semantic maps as a FILE or DIR")
+    if str(semantic) == "auto":  # maps cached beside the inputs; `run_generate` makes the missing ones
+        from vis2ir.segment import AUTO_DIR, map_path
+
+        cache = (src if src.is_dir() else src.parent) / AUTO_DIR
+        for it in items:
+            it.semantic = map_path(cache, it.name)
+        return items
     if not sem.exists():
         raise Vis2IRError(f"--semantic {sem}: no such file or folder")
     if sem.is_file():
@@ -395,10 +400,11 @@ def run_generate(input: str | Path, out: str | Path, *, config=None, checkpoint=
                  batch_size: int = 1, adapter_scale: float | None = None, overwrite: bool = False,
                  bit_depth: int = 8, palette: str = "white-hot", compare: bool = False,
                  save_attention: bool = False, points=(), offload: str = "none", device=None,
-                 size: int | None = None, write_images: bool = True) -> Summary:
+                 size: int | None = None, write_images: bool = True, segment_model: str | None = None) -> Summary:
     """Generate infrared for a file or a folder into `out` (`<name>.png`), under several processes
     each taking its share. Existing outputs are skipped unless `overwrite`; a bad input is reported
-    and the run goes on; any failure ends in one error that lists them."""
+    and the run goes on; any failure ends in one error that lists them. With `semantic="auto"` the
+    missing maps are made with the panoptic `segment_model` (default: `DEFAULT_SEGMENTER`)."""
     check_output_format(bit_depth, palette)
     if offload not in OFFLOAD:
         raise Vis2IRError(f"--offload: {offload!r} is not one of {', '.join(OFFLOAD)}")
@@ -425,6 +431,9 @@ def run_generate(input: str | Path, out: str | Path, *, config=None, checkpoint=
             todo.append(it)
     log.info("Process %d/%d: %d inputs, %d to do, %d already done (use --overwrite to redo)", rank, world,
              len(mine), len(todo), len(summary.skipped))
+    if str(semantic) == "auto":
+        _auto_semantic(todo, cfg.model.semantic.mode in NEEDS_SEMANTIC or compare, segment_model, device,
+                       batch_size)
     if todo:
         pipe = (Vis2IRPipeline.from_checkpoint(checkpoint, device, overrides=overrides, config=config,
                                                offload=offload) if checkpoint
@@ -442,6 +451,23 @@ def run_generate(input: str | Path, out: str | Path, *, config=None, checkpoint=
         more = f"; and {len(summary.failed) - 5} more" if len(summary.failed) > 5 else ""
         raise Vis2IRError(f"{len(summary.failed)} of {len(mine)} inputs failed: {listed}{more}")
     return summary
+
+
+def _auto_semantic(items: list[Item], needed: bool, model: str | None, device, batch_size: int) -> None:
+    """`--semantic auto`: make the items' missing maps (a failure marks its item); without a use for
+    them (mode without semantics, no --compare) drop them instead."""
+    if not needed:
+        for it in items:
+            it.semantic = None
+        return
+    from vis2ir.config import DEFAULT_SEGMENTER
+    from vis2ir.segment import ensure_maps
+
+    jobs = [(it.name, it.visible, it.semantic.parent) for it in items]  # names are file stems: no '/'
+    failed = ensure_maps(jobs, model or DEFAULT_SEGMENTER, device, batch_size)
+    for it in items:
+        if it.name in failed:
+            it.problem, it.semantic = f"no semantic map ({failed[it.name]})", None
 
 
 def _run_config(config, checkpoint, overrides) -> Config:

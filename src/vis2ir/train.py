@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import logging
 import shutil
-import warnings
 import time
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -152,27 +152,34 @@ class Vis2IRModule(L.LightningModule):
     # -- data (here, where each process knows its rank) -----------------------------------------
 
     def train_dataloader(self) -> DataLoader:
-        return make_loaders(self.cfg, self.trainer, self.start_step)[0]
+        return make_loader(self.cfg, self.trainer, "train", self.start_step)
 
     def val_dataloader(self) -> DataLoader | list:
-        return make_loaders(self.cfg, self.trainer, self.start_step, split="val")[1]
+        return make_loader(self.cfg, self.trainer, "val")
 
     # -- steps ---------------------------------------------------------------------------------
 
     def training_step(self, batch: dict, batch_idx: int):
         cfg = self.cfg.train
         model = self.model
-        vis, ir, sem = batch["visible"], batch["infrared"], batch.get("semantic")
-        enc = model.encode(vis, ir, sem)
+        vis, ir, sem = batch.get("visible"), batch.get("infrared"), batch.get("semantic")
+        if "x_0" in batch:  # from `data.latent_cache`: the codec is skipped
+            from vis2ir.latent_cache import to_encoded
+
+            enc = to_encoded(batch, model.codec, self.cfg)
+        else:
+            enc = model.encode(vis, ir, sem)
+        n = enc.x_0.shape[0]
         g = self.noise_generator()
-        t = sample_timesteps(vis.shape[0], cfg.timestep_mean, cfg.timestep_std, cfg.timestep_shift, g)
+        t = sample_timesteps(n, cfg.timestep_mean, cfg.timestep_std, cfg.timestep_shift, g)
         noise = sample_noise(enc.x_0.float(), cfg.offset_noise, g)
         if self.global_step < 2 and log.isEnabledFor(logging.DEBUG):
-            self._debug_shapes(vis, ir, sem, enc)
+            self._debug_shapes(batch, enc)
         pred, target = model(vis, ir, sem, t, noise, guidance=cfg.guidance, encoded=enc)
         tokens = model.target_tokens(enc) if cfg.loss_region == "target" else None
         loss = flow_loss(pred, target, tokens)
-        if not torch.isfinite(loss):
+        # Every DDP rank must skip together (a rank that skips its backward would hang the others).
+        if self.trainer.strategy.reduce_boolean_decision(not torch.isfinite(loss), all=False):
             self._bad_steps += 1
             log.warning("step %d: loss is %s (%d/%d bad steps in a row); skipping the update",
                         self.global_step, loss.item(), self._bad_steps, cfg.max_bad_steps)
@@ -183,11 +190,10 @@ class Vis2IRModule(L.LightningModule):
                     f"{Path(cfg.output_dir) / 'checkpoints'}; try a lower train.learning_rate")
             return None
         self._bad_steps = 0
-        self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=vis.shape[0])
+        self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=n)
         if model.adapter is not None:
             for i, layer in enumerate(model.adapter.layers):  # tensors: no GPU→CPU sync per step
-                self.log(f"train/scale_{i}", layer.scale.detach(), prog_bar=i == 0, on_step=True,
-                         batch_size=vis.shape[0])
+                self.log(f"train/scale_{i}", layer.scale.detach(), prog_bar=i == 0, on_step=True, batch_size=n)
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int):
@@ -228,14 +234,13 @@ class Vis2IRModule(L.LightningModule):
                 logger.experiment.add_image("val/samples", grid, self.global_step, dataformats="HWC")
         log.info("Validation samples: %s", path)
 
-    def _debug_shapes(self, vis, ir, sem, enc: Encoded) -> None:
+    def _debug_shapes(self, batch: dict, enc: Encoded) -> None:
         m = self.model
         log.debug("===== %s semantic mode =====", m.mode)
-        log.debug("visible_img: %s", tuple(vis.shape))
-        log.debug("target_img: %s", tuple(ir.shape))
-        if sem is not None:
-            log.debug("semantic_img: %s", tuple(sem.shape))
-        log.debug("canvas: %s", (vis.shape[0], 3, enc.height, enc.width))
+        for key, name in (("visible", "visible_img"), ("infrared", "target_img"), ("semantic", "semantic_img")):
+            if key in batch:
+                log.debug("%s: %s", name, tuple(batch[key].shape))
+        log.debug("canvas: %s", (enc.x_0.shape[0], 3, enc.height, enc.width))
         log.debug("x_0: %s", tuple(enc.x_0.shape))
         log.debug("x_cond: %s", tuple(enc.x_cond.shape))
         if enc.semantic_tokens is not None:
@@ -285,7 +290,7 @@ class Vis2IRModule(L.LightningModule):
         if self._step_started is None:
             return
         dt = time.perf_counter() - self._step_started
-        n = batch["visible"].shape[0] * self.trainer.world_size
+        n = len(batch["name"]) * self.trainer.world_size
         self.log("train/step_time", dt, on_step=True)
         self.log("train/samples_per_s", n / dt, on_step=True)
 
@@ -401,17 +406,18 @@ def build_trainer(cfg: Config, run_dir: Path, callbacks=(), loggers=True, progre
     return L.Trainer(
         accelerator="gpu" if cuda else "cpu", devices=t.devices, num_nodes=t.num_nodes, strategy=strategy,
         precision=precision, max_steps=t.max_steps, max_epochs=-1,
-        max_time=None if t.max_minutes is None else {"minutes": t.max_minutes}, accumulate_grad_batches=t.accumulate_grad_batches,
-        gradient_clip_val=t.grad_clip or None, log_every_n_steps=t.log_every,
-        val_check_interval=t.val_every * t.accumulate_grad_batches, check_val_every_n_epoch=None,
-        limit_val_batches=t.val_batches, num_sanity_val_steps=0, default_root_dir=run_dir,
-        callbacks=[CheckpointExport(cfg, run_dir), *callbacks], logger=loggers, enable_checkpointing=False, use_distributed_sampler=False,
+        max_time=None if t.max_minutes is None else {"minutes": t.max_minutes},
+        accumulate_grad_batches=t.accumulate_grad_batches, gradient_clip_val=t.grad_clip or None,
+        log_every_n_steps=t.log_every, val_check_interval=t.val_every * t.accumulate_grad_batches,
+        check_val_every_n_epoch=None, limit_val_batches=t.val_batches, num_sanity_val_steps=0,
+        default_root_dir=run_dir, callbacks=[CheckpointExport(cfg, run_dir), *callbacks], logger=loggers,
+        enable_checkpointing=False, use_distributed_sampler=False,  # our StepSampler splits the ranks
         enable_progress_bar=progress, enable_model_summary=False,
     )
 
 
-def make_loaders(cfg: Config, trainer: L.Trainer, start_step: int = 0, split: str = "train"):
-    """The train loader (endless, resumable order) or the validation loader (None when empty)."""
+def make_loader(cfg: Config, trainer: L.Trainer, split: str, start_step: int = 0) -> DataLoader | list:
+    """The train loader (endless, resumable order), or the validation loader ([] when empty)."""
     from vis2ir.data import build_dataset, collate
 
     need = cfg.model.semantic.mode in NEEDS_SEMANTIC
@@ -419,14 +425,19 @@ def make_loaders(cfg: Config, trainer: L.Trainer, start_step: int = 0, split: st
               pin_memory=torch.cuda.is_available(), persistent_workers=cfg.data.num_workers > 0)
     if split == "val":
         val_set = build_dataset(cfg.data, "val", require_semantic=need)
-        return None, (DataLoader(val_set, shuffle=False, **kw) if len(val_set) else [])
-    train_set = build_dataset(cfg.data, "train", require_semantic=need)
-    if cfg.data.source == "thermalscenes" and cfg.data.synth_prerender:
+        return DataLoader(val_set, shuffle=False, **kw) if len(val_set) else []
+    if cfg.data.latent_cache:
+        from vis2ir.latent_cache import LatentCache
+
+        train_set = LatentCache(cfg.data.latent_cache, cfg)
+    else:
+        train_set = build_dataset(cfg.data, "train", require_semantic=need)
+    if cfg.data.source == "thermalscenes" and cfg.data.synth_prerender and not cfg.data.latent_cache:
         log.info("Rendering %d training scenes once, in %d processes", len(train_set), max(1, cfg.data.num_workers))
         train_set.prerender(max(1, cfg.data.num_workers))
     per_step = cfg.train.batch_size * cfg.train.accumulate_grad_batches
     sampler = StepSampler(start=start_step * per_step, rank=trainer.global_rank, world=trainer.world_size)
-    return DataLoader(Positioned(train_set, cfg.train.seed), sampler=sampler, drop_last=True, **kw), None
+    return DataLoader(Positioned(train_set, cfg.train.seed), sampler=sampler, drop_last=True, **kw)
 
 
 def train(cfg: Config, resume: str | None = None, model: Vis2IRModel | None = None, progress: bool = True,

@@ -81,6 +81,19 @@ def side_by_side(panels: list[np.ndarray], gap: int = 4) -> np.ndarray:
     return out
 
 
+def write_text(path: str | Path, text: str) -> Path:
+    """Write `text` atomically (a temporary file, then `os.replace`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def write_png(path: str | Path, image: np.ndarray) -> Path:
     """Save a uint8 / uint16 array as PNG, atomically (a temporary file, then `os.replace`)."""
     path = Path(path)
@@ -234,15 +247,8 @@ def save_attention_maps(directory: str | Path, visible: np.ndarray, att: Attenti
         written.append(write_png(directory / "classes.png", side_by_side([as_rgb8(semantic), shown])))
         named = {(CLASS_NAMES[c] if 0 <= c < len(CLASS_NAMES) else "void"): s
                  for c, s in sorted(stats.items(), key=lambda kv: -kv[1]["ratio"])}
-        written.append(_write_text(directory / "classes.json", json.dumps(named, indent=2)))
+        written.append(write_text(directory / "classes.json", json.dumps(named, indent=2)))
     return written
-
-
-def _write_text(path: Path, text: str) -> Path:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
 
 
 def labelled_grid(columns: dict[str, torch.Tensor], rows: int = 8, cell: int = 96) -> np.ndarray:

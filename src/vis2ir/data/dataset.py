@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +64,8 @@ def build_dataset(cfg: DataConfig, split: str, require_semantic: bool | None = N
         raise DataError(f"{cfg.source}: no samples in split {split!r} ({found.layout} layout; "
                         + ", ".join(f"{s}: {counts[s]}" for s in SPLITS) + ")")
     problems = list(found.problems)
+    if cfg.semantic_source == "auto" and require_semantic is not False:
+        records = _auto_semantic(cfg, found, reader, records, problems)
     semantic, lacking = _use_semantic(cfg, found, reader, records, require_semantic)
     if with_classes and not semantic:
         raise DataError(f"{cfg.source}: class maps need semantic maps, and this source has none")
@@ -216,6 +219,27 @@ def _use_semantic(cfg: DataConfig, found: Found, reader, records: list[Record],
         raise DataError(f"{found.root / cfg.semantic_dir}: no semantic maps for this data (expected "
                         "<name>.png there, named like the visible images); the semantic mode needs them")
     return True, missing
+
+
+def _auto_semantic(cfg: DataConfig, found: Found, reader, records: list[Record],
+                   problems: list[str]) -> list[Record]:
+    """`data.semantic_source: auto`: give records without a semantic map one made by the panoptic
+    segmenter, cached in `<root>/semantic_auto/<name>.png` and reused on later runs."""
+    if isinstance(reader, TableReader):
+        if reader.has_semantic:
+            return records
+        raise DataError(f"{cfg.source}: data.semantic_source=auto makes maps for folder sources only; this table "
+                        f"has no semantic column {cfg.semantic_column!r} (write it out as folders, or add the column)")
+    from vis2ir.segment import AUTO_DIR, ensure_maps, map_path
+
+    cache = found.root / AUTO_DIR
+    lacking = [r for r in records if r.semantic is None and r.triptych is None]
+    if not lacking:
+        return records
+    failed = ensure_maps([(r.name, Path(r.visible), cache) for r in lacking], cfg.segment_model)
+    problems += [f"{r.visible}: the segmenter failed ({failed[r.name]})" for r in lacking if r.name in failed]
+    made = {r.name: str(map_path(cache, r.name)) for r in lacking if r.name not in failed}
+    return [replace(r, semantic=made[r.name]) if r.name in made else r for r in records]
 
 
 def _report(cfg: DataConfig, problems: list[str]) -> None:

@@ -118,3 +118,75 @@ def decode_classes(semantic: torch.Tensor) -> torch.Tensor:
     """A semantic panel (float `[..., 3, H, W]` in [0, 1]) -> class ids (long `[..., H, W]`)."""
     rgb = (semantic.detach().clamp(0, 1) * 255).round().to(torch.uint8).movedim(-3, -1).cpu().numpy()
     return torch.from_numpy(decode(rgb)[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# Things and stuff, model label names, the legend
+
+# Countable classes (instances shaded apart): COCO's 80 things and the ThermalScenes extras.
+THING_IDS = frozenset(range(80)) | {CLASS_IDS["statue"], CLASS_IDS["car-running"]}
+# Other data sets' names for palette classes (Cityscapes, Pascal VOC, ADE20K spellings).
+ALIASES = {
+    "vegetation": "tree-merged", "terrain": "grass-merged", "sidewalk": "pavement-merged", "rider": "person",
+    "motorbike": "motorcycle", "bike": "bicycle", "aeroplane": "airplane", "sofa": "couch", "tvmonitor": "tv",
+    "tv monitor": "tv", "television": "tv", "diningtable": "dining table", "pottedplant": "potted plant",
+    "plant": "potted plant", "ground": "dirt-merged", "earth": "dirt-merged", "field": "playingfield",
+    "windowpane": "window-other", "lamp": "light", "street light": "light", "streetlight": "light",
+}
+
+
+def _plain(name: str) -> str:
+    """A label name without case, underscores and COCO's `-merged` / `-other` / `-stuff` suffixes."""
+    name = name.strip().lower().replace("_", " ")
+    for suffix in ("-merged", "-other", "-stuff"):
+        name = name.removesuffix(suffix)
+    return name
+
+
+_PLAIN_IDS: dict[str, int] = {_plain(name): i for i, name in reversed(list(enumerate(CLASS_NAMES)))}
+
+
+def class_for_label(label: str) -> int:
+    """The palette class of a model's label name (`config.id2label`), else `VOID`.
+
+    Tried in order: the exact name; then each comma-separated synonym (ADE20K style) without case
+    and COCO suffixes (`sky` finds `sky-other-merged`); then `ALIASES`.
+    """
+    if label in CLASS_IDS:
+        return CLASS_IDS[label]
+    for part in label.split(","):
+        plain = _plain(part)
+        if plain in _PLAIN_IDS:
+            return _PLAIN_IDS[plain]
+        if plain in ALIASES:
+            return CLASS_IDS[ALIASES[plain]]
+    return VOID
+
+
+def legend_entries(ids=None) -> list[dict]:
+    """Class id, name, base colour (RGB and hex) and thing/stuff for `ids` (default: every class)."""
+    ids = range(NUM_CLASSES) if ids is None else sorted(set(ids))
+    return [{"id": int(i), "name": CLASS_NAMES[i], "rgb": [int(v) for v in BASE_COLOURS[i]],
+             "hex": "#{:02x}{:02x}{:02x}".format(*(int(v) for v in BASE_COLOURS[i])),
+             "thing": i in THING_IDS} for i in ids]
+
+
+def legend_image(ids=None, rows_per_column: int = 40, shades: int = 4) -> np.ndarray:
+    """A readable legend, uint8 RGB: per class its base colour, then (things) the next instance shades."""
+    from PIL import Image, ImageDraw
+
+    entries = [{"id": VOID, "name": "void (no class)", "thing": False}] + legend_entries(ids)
+    row, swatch, text_w = 16, 14, 170
+    col_w = shades * (swatch + 2) + text_w
+    cols = -(-len(entries) // rows_per_column)
+    rows = min(len(entries), rows_per_column)
+    sheet = Image.new("RGB", (cols * col_w + 4, rows * row + 4), "white")
+    draw = ImageDraw.Draw(sheet)
+    for k, e in enumerate(entries):
+        x, y = 2 + (k // rows_per_column) * col_w, 2 + (k % rows_per_column) * row
+        for s in range(shades if e["thing"] else 1):
+            colour = tuple(int(v) for v in colourise(np.array([e["id"]]), np.array([s]))[0])
+            draw.rectangle([x + s * (swatch + 2), y, x + s * (swatch + 2) + swatch - 1, y + swatch - 1],
+                           fill=colour, outline=(128, 128, 128))
+        draw.text((x + shades * (swatch + 2) + 2, y + 1), f"{e['id']:>3} {e['name']}", fill="black")
+    return np.asarray(sheet)

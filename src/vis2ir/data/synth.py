@@ -8,7 +8,6 @@ a folder or parquet file written by `write_thermalscenes` reads back with the sa
 from __future__ import annotations
 
 import io
-import json
 import logging
 from pathlib import Path
 
@@ -20,8 +19,9 @@ from tqdm.auto import tqdm
 
 from vis2ir.config import DataConfig
 from vis2ir.data.errors import DataError
-from vis2ir.data.images import rgb_tensor
+from vis2ir.data.images import PANEL_KINDS, rgb_tensor
 from vis2ir.data.splits import hash_split
+from vis2ir.data.tables import write_parquet
 from vis2ir.data.thermalscenes import Scene, render_scene
 
 log = logging.getLogger(__name__)
@@ -122,36 +122,12 @@ def write_thermalscenes(out: str | Path, count: int, size: int = 256, seed: int 
         target = out
     elif fmt == "parquet":
         target = out / "thermalscenes.parquet"
-        _write_parquet(target, bar)
+        write_parquet(target, ({"name": scene_name(i), **{k: _png(getattr(scene, k)) for k in PANEL_KINDS}}
+                               for i, scene in enumerate(bar)))
     else:
         raise DataError(f"synth: unknown format {fmt!r} (expected folder or parquet)")
     log.info("wrote %d ThermalScenes at %dx%d (seed %d) to %s", count, size, size, seed, target)
     return target
-
-
-def _write_parquet(path: Path, scenes) -> None:
-    """Stream scenes into a parquet file whose image columns `datasets` reads as Image features."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    cfg = DataConfig()
-    columns = {"visible": cfg.visible_column, "infrared": cfg.infrared_column, "semantic": cfg.semantic_column}
-    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-    features = {cfg.name_column: {"dtype": "string", "_type": "Value"}}
-    features.update({c: {"_type": "Image"} for c in columns.values()})
-    schema = pa.schema([(cfg.name_column, pa.string())] + [(c, image) for c in columns.values()],
-                       metadata={"huggingface": json.dumps({"info": {"features": features}})})
-    rows: list[dict] = []
-    with pq.ParquetWriter(path, schema) as writer:
-        for i, scene in enumerate(scenes):
-            row = {cfg.name_column: scene_name(i)}
-            row.update({c: {"bytes": _png(getattr(scene, kind)), "path": None} for kind, c in columns.items()})
-            rows.append(row)
-            if len(rows) == 64:
-                writer.write_table(pa.Table.from_pylist(rows, schema))
-                rows = []
-        if rows:
-            writer.write_table(pa.Table.from_pylist(rows, schema))
 
 
 def _png(a: np.ndarray) -> bytes:

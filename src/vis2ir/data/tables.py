@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import glob
 import io
+import json
+import os
 import re
 from pathlib import Path
 
 from vis2ir.config import DataConfig
 from vis2ir.data.errors import DataError, describe
 from vis2ir.data.folders import Found, Record
-from vis2ir.data.images import Panel, open_image, triptych_panels
+from vis2ir.data.images import PANEL_KINDS, Panel, open_image, triptych_panels
 from vis2ir.data.splits import assign_splits, split_alias
 
 
@@ -145,3 +147,35 @@ def _columns(cfg: DataConfig, tables: dict) -> dict[str, str]:
     if cfg.semantic_column in have and "triptych" not in columns:
         columns["semantic"] = cfg.semantic_column
     return columns
+
+
+def write_parquet(path: Path, rows, kinds: tuple[str, ...] = PANEL_KINDS) -> None:
+    """Stream rows (`name`, and PNG bytes per panel kind in `kinds`) into a parquet file, atomically,
+    with the default column names, whose image columns `datasets` reads as Image features."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cfg = DataConfig()
+    names = {"visible": cfg.visible_column, "infrared": cfg.infrared_column, "semantic": cfg.semantic_column}
+    columns = {kind: names[kind] for kind in kinds}
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    features = {cfg.name_column: {"dtype": "string", "_type": "Value"}}
+    features.update({c: {"_type": "Image"} for c in columns.values()})
+    schema = pa.schema([(cfg.name_column, pa.string())] + [(c, image) for c in columns.values()],
+                       metadata={"huggingface": json.dumps({"info": {"features": features}})})
+    batch: list[dict] = []
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with pq.ParquetWriter(tmp, schema) as writer:
+            for row in rows:
+                out = {cfg.name_column: row["name"]}
+                out.update({c: {"bytes": row[kind], "path": None} for kind, c in columns.items()})
+                batch.append(out)
+                if len(batch) == 64:
+                    writer.write_table(pa.Table.from_pylist(batch, schema))
+                    batch = []
+            if batch:
+                writer.write_table(pa.Table.from_pylist(batch, schema))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import linalg
 from torch import nn
 
 from vis2ir.errors import Vis2IRError
@@ -68,7 +67,10 @@ def _load_state(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _load_strict(module: nn.Module, state: dict, path: Path) -> None:
-    missing, unexpected = module.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = module.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shapes differ
+        raise Vis2IRError(f"{path}: not the expected weights ({str(err).strip().splitlines()[-1].strip()})") from None
     if missing or unexpected:
         raise Vis2IRError(f"{path}: not the expected weights ({len(missing)} missing keys, e.g. "
                           f"{(missing or ['-'])[0]}; {len(unexpected)} unexpected, e.g. {(unexpected or ['-'])[0]})")
@@ -84,16 +86,16 @@ def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return features.mean(axis=0), np.cov(features, rowvar=False)
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
-                     eps: float = 1e-6) -> float:
-    """‖μ1 − μ2‖² + tr(Σ1 + Σ2 − 2·(Σ1·Σ2)^½), with pytorch-fid's regularisation of a singular product."""
-    diff = mu1 - mu2
-    covmean, _ = linalg.sqrtm(sigma1 @ sigma2, disp=False)
-    if not np.isfinite(covmean).all():
-        offset = np.eye(sigma1.shape[0]) * eps
-        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    covmean = np.real(covmean)
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """‖μ1 − μ2‖² + tr(Σ1) + tr(Σ2) − 2·tr((Σ1·Σ2)^½).
+
+    tr((Σ1·Σ2)^½) is the sum of the square roots of the eigenvalues of Σ1·Σ2 (real and ≥ 0 for two
+    covariance matrices, up to rounding), as torchmetrics computes it; no matrix square root needed.
+    """
+    diff = np.asarray(mu1, np.float64) - np.asarray(mu2, np.float64)
+    eigenvalues = np.linalg.eigvals(np.asarray(sigma1, np.float64) @ np.asarray(sigma2, np.float64))
+    trace_sqrt = np.sqrt(eigenvalues.astype(np.complex128)).real.sum()
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -149,7 +151,8 @@ class InceptionC(nn.Module):
         super().__init__()
         row, col = dict(kernel=(1, 7), padding=(0, 3)), dict(kernel=(7, 1), padding=(3, 0))
         self.branch1x1 = Conv(cin, 192, 1)
-        self.branch7x7_1, self.branch7x7_2, self.branch7x7_3 = Conv(cin, c7, 1), Conv(c7, c7, **row), Conv(c7, 192, **col)
+        self.branch7x7_1, self.branch7x7_2 = Conv(cin, c7, 1), Conv(c7, c7, **row)
+        self.branch7x7_3 = Conv(c7, 192, **col)
         self.branch7x7dbl_1, self.branch7x7dbl_2 = Conv(cin, c7, 1), Conv(c7, c7, **col)
         self.branch7x7dbl_3, self.branch7x7dbl_4 = Conv(c7, c7, **row), Conv(c7, c7, **col)
         self.branch7x7dbl_5 = Conv(c7, 192, **row)
@@ -188,7 +191,8 @@ class InceptionE(nn.Module):
         self.max_pool = max_pool
         self.branch1x1 = Conv(cin, 320, 1)
         self.branch3x3_1 = Conv(cin, 384, 1)
-        self.branch3x3_2a, self.branch3x3_2b = Conv(384, 384, (1, 3), padding=(0, 1)), Conv(384, 384, (3, 1), padding=(1, 0))
+        self.branch3x3_2a = Conv(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3_2b = Conv(384, 384, (3, 1), padding=(1, 0))
         self.branch3x3dbl_1, self.branch3x3dbl_2 = Conv(cin, 448, 1), Conv(448, 384, 3, padding=1)
         self.branch3x3dbl_3a = Conv(384, 384, (1, 3), padding=(0, 1))
         self.branch3x3dbl_3b = Conv(384, 384, (3, 1), padding=(1, 0))
@@ -288,6 +292,9 @@ class AlexLPIPS(nn.Module):
             raise Vis2IRError(f"{alexnet}: not torchvision AlexNet weights (no features.N.weight keys)")
         _load_strict(net.features, conv, alexnet)
         linear = linear or lpips_linear_file()
+        if not linear.is_file():
+            raise MissingWeights(f"{linear}: the LPIPS linear-layer weights (shipped with torchmetrics) are missing; "
+                                 "reinstall torchmetrics")
         lin = _load_state(linear)
         for k, p in enumerate(net.lins):
             p.data.copy_(lin[f"lin{k}.model.1.weight"].flatten())

@@ -1,0 +1,82 @@
+"""`vis2ir data convert`: any source (folder layout or table) to folders or to parquet, same samples.
+
+Folders: `<out>/{visible,infrared,semantic}/<name>.png` and list files `train.txt`, `val.txt`,
+`test.txt` that keep every sample's split (the `paired` layout). Parquet: `<out>/<split>.parquet`
+with columns `name`, `visible`, `infrared` and, when the source has semantic maps, `panoptic_img`
+(the specification's table). Panels are stored losslessly as PNG at their stored size and bit depth.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from vis2ir.config import DataConfig
+from vis2ir.data.dataset import _use_semantic, open_source
+from vis2ir.data.errors import DataError
+from vis2ir.data.images import Panel, close_panels
+from vis2ir.data.splits import SPLITS
+from vis2ir.data.tables import write_parquet
+
+log = logging.getLogger(__name__)
+FORMATS = ("folder", "parquet")
+
+
+def convert_source(cfg: DataConfig, out: str | Path, fmt: str = "folder") -> Path:
+    """Write every sample of `cfg.source` to `out` as `fmt`; returns what `data.source` should name."""
+    if fmt not in FORMATS:
+        raise DataError(f"convert: unknown format {fmt!r} (expected folder or parquet)")
+    if cfg.source == "thermalscenes":
+        raise DataError("convert: for ThermalScenes use `vis2ir data synth --format folder|parquet`")
+    found, reader = open_source(cfg)
+    if found.problems:
+        raise DataError(f"{found.problems[0]} ({len(found.problems)} problems; fix them before converting)")
+    semantic, _ = _use_semantic(cfg, found, reader, found.records, None)
+    kinds = ("visible", "infrared", "semantic") if semantic else ("visible", "infrared")
+    out = Path(out).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    if fmt == "parquet":
+        for split in SPLITS:
+            records = [r for r in found.records if r.split == split]
+            if records:
+                bar = tqdm(records, desc=f"{split} -> {out}", unit="sample")
+                write_parquet(out / f"{split}.parquet",
+                              ({"name": r.name, **_pngs(reader.open(r, semantic))} for r in bar), kinds)
+    else:
+        lists: dict[str, list[str]] = {s: [] for s in SPLITS}
+        for r in tqdm(found.records, desc=f"convert -> {out}", unit="sample"):
+            for kind, data in _pngs(reader.open(r, semantic)).items():
+                _write_bytes(out / kind / f"{r.name}.png", data)
+            lists[r.split].append(r.name)
+        for split, names in lists.items():
+            _write_bytes(out / f"{split}.txt", "".join(f"{n}\n" for n in names).encode())
+    log.info("converted %d samples of %s (%s) to %s in %s", len(found.records), cfg.source, found.layout, fmt, out)
+    return out
+
+
+def _pngs(panels: dict[str, Panel]) -> dict[str, bytes]:
+    """Each panel's pixels (its view of the stored image, at full size) as PNG bytes."""
+    try:
+        out = {}
+        for kind, panel in panels.items():
+            (w, h), (x0, y0, x1, y1) = panel.full_size, panel.view
+            image = panel.image.crop((round(x0 * w), round(y0 * h), round(x1 * w), round(y1 * h)))
+            if image.mode not in ("L", "RGB", "I;16", "I", "RGBA", "LA"):
+                image = image.convert("RGB")
+            buf = io.BytesIO()
+            image.save(buf, format="PNG", compress_level=3)
+            out[kind] = buf.getvalue()
+        return out
+    finally:
+        close_panels(panels)
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)

@@ -1,0 +1,288 @@
+"""`vis2ir ablate`: train and evaluate every variant of a grid of settings, and tabulate them.
+
+    out/
+      variants/<name>/run/           the variant's training run (`vis2ir.train.train`)
+      variants/<name>/trained.json   written when its training ended (a rerun does not train again)
+      variants/<name>/eval/          its evaluation on the test split (`evaluate_checkpoint`)
+      variants/<name>/result.json    written last: a variant with this file is finished and skipped
+      references.json                the reference predictors (class-mean oracle, visible lookup, constant)
+      results.md, results.csv        mean ± spread (sample standard deviation) over seeds
+      results.png                    PSNR and the look-alike classes' errors per row
+
+Every variant shares the base config, data and step budget; it differs only by its grid values and
+its seed (`train.seed` and `model.seed`). `--shard i/n` runs every n-th variant from i, so n
+processes (one per GPU) share a grid; `--collect` only tabulates the results found.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from vis2ir.config import Config, load_config
+from vis2ir.errors import Vis2IRError
+from vis2ir.evaluate.metrics import LOOKALIKE_CLASSES
+from vis2ir.evaluate.report import csv_text, markdown_table, write_json
+from vis2ir.visualize import write_text
+
+log = logging.getLogger(__name__)
+
+REFERENCES = ("class_oracle", "visible_lookup", "constant")
+METRICS = ("psnr", "ssim", "psnr_native", "lpips", "fid")
+RESULT_FILE = "result.json"
+TRAINED_FILE = "trained.json"  # written when training returns: a rerun only evaluates
+
+
+@dataclass
+class Variant:
+    name: str            # folder name: the grid values and the seed
+    group: str           # the row of the table: the grid values without the seed
+    overrides: list[str]
+    seed: int
+
+
+# ----------------------------------------------------------------------------------------------
+# The grid
+
+
+def split_values(text: str) -> list[str]:
+    """`a,b,[1,2]` → `['a', 'b', '[1,2]']`: commas inside brackets or braces do not split."""
+    values, depth, current = [], 0, ""
+    for ch in text:
+        if ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        if ch == "," and depth == 0:
+            values.append(current.strip())
+            current = ""
+        else:
+            current += ch
+    values.append(current.strip())
+    return values
+
+
+def parse_grid(items) -> list[tuple[str, list[str]]]:
+    """`["KEY=V1,V2", …]` → `[(KEY, [V1, V2]), …]`."""
+    grid = []
+    for item in items:
+        key, sep, values = item.partition("=")
+        if not sep or not key.strip() or not values.strip():
+            raise Vis2IRError(f"--grid {item!r}: expected KEY=V1,V2,..., "
+                              "e.g. --grid model.semantic.mode=none,in_context")
+        grid.append((key.strip(), [v for v in split_values(values) if v]))
+    return grid
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise Vis2IRError(f"--seeds {text!r}: expected integers separated by commas, e.g. 0,1") from None
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"(\d+)/(\d+)", text.strip())
+    if not m or not int(m[1]) < int(m[2]):
+        raise Vis2IRError(f"--shard {text!r}: expected i/n with 0 <= i < n, e.g. --shard 0/4")
+    return int(m[1]), int(m[2])
+
+
+def make_variants(grid: list[tuple[str, list[str]]], seeds: list[int]) -> list[Variant]:
+    """The cartesian product of the grid's values, times the seeds."""
+    keys = [k for k, _ in grid]
+    out = []
+    for values in itertools.product(*[v for _, v in grid]):
+        group = "__".join(f"{k.rsplit('.', 1)[-1]}={_safe(v)}" for k, v in zip(keys, values)) or "base"
+        for seed in seeds:
+            overrides = [f"{k}={v}" for k, v in zip(keys, values)] + [f"train.seed={seed}", f"model.seed={seed}"]
+            out.append(Variant(f"{group}__seed={seed}", group, overrides, seed))
+    names = [v.name for v in out]
+    if len(set(names)) != len(names):
+        raise Vis2IRError("--grid: two variants get the same folder name; use keys whose last parts differ")
+    return out
+
+
+def _safe(value: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._+-]+", "-", value).strip("-") or "empty"
+
+
+# ----------------------------------------------------------------------------------------------
+# Running
+
+
+def run_ablation(config: str | Path, grid_items, seeds: str = "0", out: str | Path = "runs/ablate", overrides=(),
+                 shard: str = "0/1", collect: bool = False, device=None, progress: bool = True) -> Path:
+    """Run this process's share of the variants (skipping finished ones), then tabulate; returns results.md."""
+    out = Path(out)
+    variants = make_variants(parse_grid(grid_items), parse_seeds(seeds))
+    base = load_config(config, overrides)
+    for v in variants:  # every variant's settings are checked before the first one trains
+        load_config(config, [*overrides, *v.overrides])
+    if not collect:
+        rank, world = parse_shard(shard)
+        mine = variants[rank::world]
+        log.info("Ablation: %d variants (%d seeds), %d in this process (shard %d/%d) -> %s", len(variants),
+                 len(parse_seeds(seeds)), len(mine), rank, world, out)
+        for i, v in enumerate(mine, 1):
+            run_variant(config, overrides, v, out, f"[{i}/{len(mine)}]", device, progress)
+        references(base, out)
+    return tabulate(out, variants)
+
+
+def run_variant(config, overrides, v: Variant, out: Path, tag: str, device=None, progress: bool = True) -> dict:
+    """Train (resuming a partial run) and evaluate one variant, unless its result exists."""
+    from vis2ir.checkpoint import list_checkpoints
+    from vis2ir.evaluate.run import evaluate_checkpoint
+    from vis2ir.train import train
+
+    folder = out / "variants" / v.name
+    if (folder / RESULT_FILE).exists():
+        log.info("%s %s: done already, skipped", tag, v.name)
+        return load_result(folder / RESULT_FILE)
+    if (folder / TRAINED_FILE).exists():  # trained; its evaluation did not finish
+        train_seconds = load_result(folder / TRAINED_FILE)["train_seconds"]
+    else:
+        cfg = load_config(config, [*overrides, *v.overrides, f"train.output_dir={folder / 'run'}"])
+        started = time.perf_counter()
+        partial = list_checkpoints(folder / "run") if (folder / "run").exists() else []
+        train(cfg, resume="latest" if partial else None, progress=progress)
+        train_seconds = round(time.perf_counter() - started, 1)
+        write_json(folder / TRAINED_FILE, {"train_seconds": train_seconds})
+    started = time.perf_counter()
+    ev = evaluate_checkpoint(folder / "run", split="test", out=folder / "eval", device=device)
+    result = {"name": v.name, "group": v.group, "seed": v.seed, "overrides": v.overrides,
+              "metrics": ev["metrics"], "classes": ev["classes"], "skipped": ev["skipped"], "images": ev["images"],
+              "train_seconds": train_seconds, "eval_seconds": round(time.perf_counter() - started, 1)}
+    write_json(folder / RESULT_FILE, result)
+    log.info("%s %s: PSNR %.2f dB, SSIM %.3f, %s (train %.0f s, eval %.0f s)", tag, v.name, result["metrics"]["psnr"],
+             result["metrics"]["ssim"], _class_line(result["classes"]), result["train_seconds"], result["eval_seconds"])
+    return result
+
+
+def _class_line(classes: dict) -> str:
+    return ", ".join(f"{c} {classes[c]['abs_err']:.3f}" for c in LOOKALIKE_CLASSES if c in classes) or "no look-alikes"
+
+
+def load_result(path: Path) -> dict:
+    import json
+
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise Vis2IRError(f"{path}: unreadable result ({err}); delete it to rerun the variant") from None
+
+
+def references(cfg: Config, out: Path) -> dict:
+    """The reference predictors fitted on the base config's training split and scored on its test split
+    (computed once, cached in `references.json`)."""
+    from vis2ir.evaluate.baselines import ClassMeanPredictor, ColourLookupPredictor, ConstantPredictor
+    from vis2ir.evaluate.run import load_split, sample_classes
+    from vis2ir.evaluate.scoring import Scorer
+
+    path = out / "references.json"
+    if path.exists():
+        return load_result(path)
+    fit = load_split(cfg, "train", cfg.eval.fit_limit, needs_semantic=True)
+    test = load_split(cfg, "test", cfg.eval.limit, needs_semantic=True)
+    rows = {}
+    for name, predictor in zip(REFERENCES, (ClassMeanPredictor, ColourLookupPredictor, ConstantPredictor)):
+        fitted, scorer = predictor.fit(fit), Scorer(cfg.eval)
+        for s in test:
+            scorer.add(s["name"], fitted.predict(s), s["infrared"], sample_classes(s))
+        r = scorer.result()
+        rows[name] = {"metrics": r["metrics"], "classes": r["classes"]}
+    write_json(path, rows)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# The table
+
+
+def row_values(result: dict) -> dict[str, float]:
+    """The table's numbers of one result: summary metrics and the look-alike classes' errors."""
+    values = {k: result["metrics"].get(k) for k in METRICS}
+    for c in LOOKALIKE_CLASSES:
+        values[f"abs_err/{c}"] = result["classes"].get(c, {}).get("abs_err")
+        values[f"hallucinated/{c}"] = result["classes"].get(c, {}).get("hallucinated_heat")
+    return {k: (float("nan") if v is None else float(v)) for k, v in values.items()}
+
+
+def mean_spread(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (NaN with one value), ignoring NaNs."""
+    finite = np.array([v for v in values if math.isfinite(v)])
+    if not len(finite):
+        return float("nan"), float("nan")
+    return float(finite.mean()), float(finite.std(ddof=1)) if len(finite) > 1 else float("nan")
+
+
+def tabulate(out: Path, variants: list[Variant]) -> Path:
+    """results.md / .csv / .png from the finished variants and the references; returns results.md."""
+    groups: dict[str, list[dict]] = {}
+    missing = []
+    for v in variants:
+        path = out / "variants" / v.name / RESULT_FILE
+        if path.exists():
+            groups.setdefault(v.group, []).append(row_values(load_result(path)))
+        else:
+            missing.append(v.name)
+    rows = [(g, len(vals), {k: mean_spread([r[k] for r in vals]) for k in vals[0]}) for g, vals in groups.items()]
+    rows += references_rows(out)
+    columns = list(rows[0][2]) if rows else []
+    write_text(out / "results.csv", csv_text([_csv_row(*row) for row in rows],
+                                             ["row", "seeds", *[f"{k}{s}" for k in columns for s in ("", "_std")]]))
+    shown = [k for k in columns if not k.startswith("hallucinated/")]
+    table = markdown_table(["row", "seeds", *shown], [[g, str(n), *[_pm(*stats[k]) for k in shown]]
+                                                     for g, n, stats in rows])
+    notes = f"\n{len(missing)} of {len(variants)} variants not finished yet, e.g. {missing[0]}\n" if missing else ""
+    path = write_text(out / "results.md", "# Ablation results\n\nMean ± sample standard deviation over seeds; "
+                      "PSNR/SSIM under the ThermalGen protocol, `abs_err/<class>`: mean absolute infrared error on "
+                      f"the class's pixels.\n\n{table}{notes}")
+    if rows:
+        _plot(out / "results.png", rows)
+    log.info("Results (%d rows, %d variants missing): %s", len(rows), len(missing), path)
+    return path
+
+
+def _csv_row(group: str, seeds: int, stats: dict[str, tuple[float, float]]) -> dict:
+    row = {"row": group, "seeds": seeds}
+    for key, (mean, spread) in stats.items():
+        row[key], row[f"{key}_std"] = mean, spread
+    return row
+
+
+def references_rows(out: Path) -> list[tuple[str, int, dict]]:
+    path = out / "references.json"
+    if not path.exists():
+        return []
+    refs = load_result(path)
+    return [(f"ref: {name}", 0, {k: (v, float("nan")) for k, v in row_values(refs[name]).items()})
+            for name in REFERENCES if name in refs]
+
+
+def _pm(mean: float, spread: float) -> str:
+    if not math.isfinite(mean):
+        return "—"
+    return f"{mean:.4g} ± {spread:.2g}" if math.isfinite(spread) else f"{mean:.4g}"
+
+
+def _plot(path: Path, rows) -> None:
+    from vis2ir.evaluate.plots import bar_chart, stack_vertically
+    from vis2ir.visualize import write_png
+
+    names = [g for g, _, _ in rows]
+    psnr = bar_chart("PSNR (dB, ThermalGen protocol), mean ± sd over seeds", names,
+                     {"PSNR": [s["psnr"][0] for _, _, s in rows]},
+                     {"PSNR": [s["psnr"][1] for _, _, s in rows]})
+    classes = bar_chart("Mean absolute error on look-alike classes", names,
+                        {c: [s[f"abs_err/{c}"][0] for _, _, s in rows] for c in LOOKALIKE_CLASSES},
+                        {c: [s[f"abs_err/{c}"][1] for _, _, s in rows] for c in LOOKALIKE_CLASSES})
+    write_png(path, stack_vertically([psnr, classes]))

@@ -1,0 +1,140 @@
+"""`vis2ir evaluate`: score a folder of predictions against a folder of truths, or a checkpoint on a
+data source's split (generate, then score), and write the reports (`report.py`).
+
+Folders are paired by file stem (`a.png` ↔ `a.jpg`); semantic maps, when given, are decoded with
+the palette into classes for the per-class metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from vis2ir.config import Config, load_config
+from vis2ir.data.palette import decode_classes
+from vis2ir.errors import Vis2IRError
+from vis2ir.evaluate.report import write_report
+from vis2ir.evaluate.scoring import Scorer
+from vis2ir.pipeline import list_images, read_image, to_tensor
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------
+# Folders
+
+
+def pair_folders(pred: str | Path, truth: str | Path, semantic: str | Path | None = None) -> list[tuple]:
+    """`(name, pred path, truth path, semantic path or None)` for every truth image, by file stem."""
+    folders = {"--pred": Path(pred), "--truth": Path(truth)} | ({"--semantic": Path(semantic)} if semantic else {})
+    found = {}
+    for option, folder in folders.items():
+        if not folder.is_dir():
+            raise Vis2IRError(f"{option} {folder}: no such folder")
+        found[option] = {p.stem: p for p in list_images(folder)}
+    truths = found["--truth"]
+    if not truths:
+        raise Vis2IRError(f"--truth {truth}: no images in this folder")
+    for option in [o for o in found if o != "--truth"]:
+        missing = sorted(set(truths) - set(found[option]))
+        if missing:
+            raise Vis2IRError(f"{option} {folders[option]}: no image named like {len(missing)} of the "
+                              f"{len(truths)} truth images, e.g. {missing[0]}.*")
+    extra = set(found["--pred"]) - set(truths)
+    if extra:
+        log.warning("--pred: %d predictions have no truth image and are not scored, e.g. %s", len(extra), min(extra))
+    sem = found.get("--semantic", {})
+    return [(name, found["--pred"][name], path, sem.get(name)) for name, path in sorted(truths.items())]
+
+
+def evaluate_folders(pred: str | Path, truth: str | Path, semantic: str | Path | None = None,
+                     out: str | Path = "outputs/evaluate", config: str | Path | None = None,
+                     overrides=(), device=None) -> dict:
+    """Score the predictions in `pred` against `truth` (and per class with `semantic`); write the reports."""
+    cfg = load_config(config, overrides)
+    pairs = pair_folders(pred, truth, semantic)
+    scorer = Scorer(cfg.eval, device or "cpu")
+    for name, p, t, s in tqdm(pairs, desc="evaluate", unit="img"):
+        classes = decode_classes(to_tensor(read_image(s), str(s))) if s else None
+        scorer.add(name, to_tensor(read_image(p), str(p)), to_tensor(read_image(t), str(t)), classes)
+    source = {"pred": str(pred), "truth": str(truth), "semantic": str(semantic) if semantic else None}
+    result = scorer.result() | {"source": source}
+    return _finish(result, out)
+
+
+# ----------------------------------------------------------------------------------------------
+# A checkpoint on a split
+
+
+def evaluate_checkpoint(checkpoint: str | Path, config: str | Path | None = None, overrides=(),
+                        split: str = "test", limit: int | None = None, out: str | Path = "outputs/evaluate",
+                        device=None) -> dict:
+    """Generate with the checkpoint on `split` of the data source (the checkpoint's `data` section, or
+    `config`'s), write the predictions to `out/pred/`, score them, and write the reports."""
+    from vis2ir.checkpoint import find_checkpoint
+    from vis2ir.pipeline import Vis2IRPipeline, default_device
+
+    directory = find_checkpoint(checkpoint)
+    pipe = Vis2IRPipeline.from_checkpoint(directory, default_device(device), overrides=overrides, config=config)
+    cfg = load_config(config, overrides) if config else pipe.cfg
+    limit = limit or cfg.eval.limit
+    started = time.perf_counter()
+    samples = load_split(cfg, split, limit, pipe.needs_semantic)
+    predictions = predict(pipe, samples, cfg.eval.batch_size, Path(out) / "pred")
+    scorer = Scorer(cfg.eval, pipe.device)
+    for sample, pred in zip(samples, predictions):
+        scorer.add(sample["name"], pred, sample["infrared"], sample_classes(sample))
+    result = scorer.result() | {"source": {"checkpoint": str(directory), "data": cfg.data.source, "split": split},
+                                "seconds": round(time.perf_counter() - started, 1)}
+    return _finish(result, out)
+
+
+def load_split(cfg: Config, split: str, limit: int | None, needs_semantic: bool) -> list[dict]:
+    """The first `limit` samples of `split` (semantic maps included whenever the source has them)."""
+    from vis2ir.data import build_dataset
+
+    dataset = build_dataset(cfg.data, split, require_semantic=True if needs_semantic else None)
+    count = len(dataset) if limit is None else min(limit, len(dataset))
+    return [dataset[i] for i in tqdm(range(count), desc=f"load {split}", unit="img", leave=False)]
+
+
+def sample_classes(sample: dict) -> torch.Tensor | None:
+    """The sample's class map: its own, decoded from its semantic map, or None."""
+    if "classes" in sample:
+        return sample["classes"]
+    return decode_classes(sample["semantic"]) if "semantic" in sample else None
+
+
+def predict(pipe, samples: list[dict], batch_size: int, out: Path | None = None) -> list[torch.Tensor]:
+    """Infrared predictions `[3, H, W]` for the samples, in batches; also saved as `out/<name>.png`."""
+    from vis2ir.visualize import infrared_image, write_png
+
+    preds: list[torch.Tensor] = []
+    with tqdm(total=len(samples), desc="generate", unit="img") as bar:
+        for i in range(0, len(samples), batch_size):
+            batch = samples[i:i + batch_size]
+            sem = [s["semantic"] for s in batch] if pipe.needs_semantic else None
+            images = pipe([s["visible"] for s in batch], sem, batch_size=len(batch), output_type="pt").images
+            for sample, image in zip(batch, images):
+                if out is not None:
+                    write_png(out / f"{sample['name']}.png", infrared_image(image.mean(0).numpy()))
+                preds.append(image)
+            bar.update(len(batch))
+    return preds
+
+
+def _finish(result: dict, out: str | Path) -> dict:
+    path = write_report(result, out)
+    m = result["metrics"]
+    log.info("%d images: PSNR %.2f dB, SSIM %.3f (ThermalGen 256×256); native PSNR %.2f dB, SSIM %.3f; "
+             "LPIPS %s; FID %s -> %s", result["images"], m["psnr"], m["ssim"], m["psnr_native"], m["ssim_native"],
+             _opt(m.get("lpips")), _opt(m.get("fid")), path)
+    return result
+
+
+def _opt(value) -> str:
+    return "skipped" if value is None else f"{value:.4g}"

@@ -1,0 +1,141 @@
+"""`vis2ir data cache`: a training split's latents on disk, so that training skips the codec.
+
+The codec is frozen, so the latent inputs of a sample (`x_0`, `x_cond`, semantic tokens) never
+change: encode them once, store them in safetensors shards, and train from them with
+`data.latent_cache=DIR`. With `data.hflip`, both orientations are stored and a sample's flip is
+drawn as the image dataset draws it, so a cached run sees what an uncached one would.
+
+The folder records the settings its latents depend on; a training run whose settings differ is
+refused with the first differing key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from vis2ir.config import Config
+from vis2ir.errors import Vis2IRError
+from vis2ir.latents import image_ids, token_grid
+from vis2ir.model import Encoded, encode_batch
+from vis2ir.semantic.modes import NEEDS_SEMANTIC, num_panels
+
+log = logging.getLogger(__name__)
+
+META_FILE = "meta.json"
+KEYS = ("x_0", "x_cond", "semantic_tokens")
+SHARD_SIZE = 256
+
+
+def fingerprint(cfg: Config) -> dict:
+    """The settings that decide a sample's latents."""
+    m, d = cfg.model, cfg.data
+    data = {k: v for k, v in dataclasses.asdict(d).items() if k not in ("num_workers", "latent_cache",
+                                                                        "on_bad_sample", "synth_prerender")}
+    model = {"backbone": m.backbone, "codec": m.codec, "pixel_factor": m.pixel_factor, "seed": m.seed,
+             "vae": dataclasses.asdict(m.vae), "mode": m.semantic.mode, "fusion_alpha": m.semantic.fusion_alpha}
+    if m.backbone == "pretrained":
+        model["flux_path"] = m.flux_path
+    return json.loads(json.dumps({"model": model, "data": data}))
+
+
+@torch.no_grad()
+def build_latent_cache(cfg: Config, out: str | Path, split: str = "train", batch_size: int = 16,
+                       device: str | torch.device | None = None) -> Path:
+    """Encode every sample of `split` (both orientations with `data.hflip`) into `out`."""
+    from vis2ir.backbone import load_codec
+    from vis2ir.data import build_dataset, collate
+
+    if cfg.data.resize_policy == "random_crop":
+        raise Vis2IRError("data.resize_policy=random_crop: a random crop cannot be cached; use resize or center_crop")
+    out = Path(out)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    codec = load_codec(cfg.model, device)
+    flips = cfg.data.hflip and split == "train"
+    data_cfg = dataclasses.replace(cfg.data, hflip=False)
+    dataset = build_dataset(data_cfg, split, require_semantic=cfg.model.semantic.mode in NEEDS_SEMANTIC)
+    out.mkdir(parents=True, exist_ok=True)
+    shards, names = [], []
+    for start in tqdm(range(0, len(dataset), SHARD_SIZE), desc=f"caching {split} latents", unit="shard"):
+        tensors: dict[str, list[torch.Tensor]] = {}
+        for b in range(start, min(start + SHARD_SIZE, len(dataset)), batch_size):
+            batch = collate([dataset[i] for i in range(b, min(b + batch_size, start + SHARD_SIZE, len(dataset)))])
+            names += batch["name"]
+            for flipped in (False, True) if flips else (False,):
+                images = {k: batch[k].to(device) for k in ("visible", "infrared", "semantic") if k in batch}
+                if flipped:
+                    images = {k: v.flip(-1) for k, v in images.items()}
+                enc = encode_batch(codec, cfg.model.semantic, images["visible"], images["infrared"],
+                                   images.get("semantic"))
+                for key in KEYS:
+                    value = getattr(enc, key)
+                    if value is not None:
+                        tensors.setdefault(key + ("_flip" if flipped else ""), []).append(value.cpu())
+        name = f"shard-{len(shards):05d}.safetensors"
+        tmp = out / f".{name}.tmp"
+        save_file({k: torch.cat(v).contiguous() for k, v in tensors.items()}, str(tmp))
+        os.replace(tmp, out / name)
+        shards.append(name)
+    meta = {"fingerprint": fingerprint(cfg), "split": split, "count": len(names), "names": names,
+            "shards": shards, "shard_size": SHARD_SIZE, "flips": flips}
+    tmp = out / f".{META_FILE}.tmp"
+    tmp.write_text(json.dumps(meta))
+    os.replace(tmp, out / META_FILE)
+    log.info("Cached %d %s samples%s in %s", len(names), split, " (both orientations)" if flips else "", out)
+    return out
+
+
+class LatentCache(Dataset):
+    """Samples `{x_0, x_cond, semantic_tokens?, name}` from a cache folder, checked against `cfg`."""
+
+    def __init__(self, path: str | Path, cfg: Config):
+        self.path = Path(path)
+        meta_path = self.path / META_FILE
+        if not meta_path.exists():
+            raise Vis2IRError(f"data.latent_cache={path}: no {META_FILE} (make one with `vis2ir data cache`)")
+        self.meta = json.loads(meta_path.read_text())
+        want, have = fingerprint(cfg), self.meta["fingerprint"]
+        for section in want:
+            for key in want[section]:
+                if want[section][key] != have.get(section, {}).get(key):
+                    raise Vis2IRError(f"data.latent_cache={path}: made with {section}.{key}="
+                                      f"{have.get(section, {}).get(key)!r}, but this run has {want[section][key]!r}")
+        self.flips = self.meta["flips"]
+        self._files: dict[str, object] = {}
+
+    def __len__(self) -> int:
+        return self.meta["count"]
+
+    def __getitem__(self, i: int) -> dict:
+        # Drawn first, as the image datasets draw their flip, so positions map to the same choice.
+        flipped = self.flips and bool(torch.rand(()) < 0.5)
+        shard, row = divmod(i, self.meta["shard_size"])
+        f = self._open(self.meta["shards"][shard])
+        sample = {"name": self.meta["names"][i]}
+        for key in KEYS:
+            stored = key + ("_flip" if flipped else "")
+            if stored in f.keys():
+                sample[key] = f.get_slice(stored)[row]
+        return sample
+
+    def _open(self, name: str):
+        if name not in self._files:  # per process: DataLoader workers open their own handles
+            self._files[name] = safe_open(str(self.path / name), framework="pt")
+        return self._files[name]
+
+
+def to_encoded(batch: dict, codec, cfg: Config) -> Encoded:
+    """A collated batch of cached samples as the model's `Encoded` inputs."""
+    h = cfg.data.size
+    w = h * num_panels(cfg.model.semantic.mode)
+    ids = image_ids(*token_grid(codec, h, w), device=batch["x_0"].device)
+    return Encoded(batch["x_0"], batch["x_cond"], ids, batch.get("semantic_tokens"), h, w)

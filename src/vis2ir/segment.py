@@ -1,0 +1,308 @@
+"""Panoptic maps for visible images: a transformers panoptic model, coloured with the shared palette.
+
+    vis2ir segment --input photos/ --out photos/semantic [--model ID|PATH] [--batch-size 8]
+
+The model (Mask2Former or OneFormer; a Hub id or a local `save_pretrained` folder) is run through
+its own image processor and `post_process_panoptic_segmentation`. Its labels are matched to palette
+classes by name (`palette.class_for_label` on `config.id2label`), so a COCO-panoptic model's classes
+land on the palette's COCO colours; a label the palette lacks is drawn as void (black), with a warning.
+Instances of a thing class are numbered in segment order and shaded apart; stuff keeps its base colour.
+
+Per image `<out>/<stem>.png` (the colour map), `<out>/segments/<stem>.png` (16-bit segment ids, 0 =
+none) and `<out>/segments/<stem>.json` (each segment's label, class, instance, score); once per folder
+`legend.json` and `legend.png`. `ensure_maps` is the cache behind `generate --semantic auto` and
+`data.semantic_source: auto` (colour maps only, in `semantic_auto/` beside the data).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from vis2ir.config import DEFAULT_SEGMENTER
+from vis2ir.data.palette import (CLASS_NAMES, THING_IDS, VOID, class_for_label, colourise, legend_entries,
+                                 legend_image)
+from vis2ir.errors import Vis2IRError
+from vis2ir.hub import check_hub, is_local, local_folder
+from vis2ir.visualize import write_png, write_text
+
+log = logging.getLogger(__name__)
+
+AUTO_DIR = "semantic_auto"  # the cache of `--semantic auto` / `data.semantic_source: auto`, beside the data
+SEGMENTS_DIR = "segments"
+NEEDED_FILES = ("config.json", "preprocessor_config.json")
+
+
+def _missing_model(model: str, reason: str) -> Vis2IRError:
+    return Vis2IRError(
+        f"cannot load the panoptic segmenter {model!r} (--model / data.segment_model): {reason}. Download it "
+        f"once while online (`hf download {model}`, then it is read from the Hub cache), or pass a local folder "
+        "with --model /path/to/model (transformers save_pretrained layout: config.json, "
+        "preprocessor_config.json and the weights)")
+
+
+def load_panoptic_model(model: str, device: torch.device):
+    """`(processor, model)` of a transformers panoptic segmenter from a local folder or the Hub.
+
+    A Hub id is read from the local Hub cache when it is there (no network at all); otherwise one
+    quick Hub check, then the download. Missing weights fail within seconds, naming `model`.
+    """
+    from transformers import AutoImageProcessor, AutoModelForUniversalSegmentation, AutoProcessor
+
+    fail = lambda reason: _missing_model(model, reason)  # noqa: E731
+    if is_local(model):
+        source = str(local_folder(model, NEEDED_FILES, fail))
+    else:
+        source = _cached_snapshot(model) or model
+        if source == model:
+            check_hub(model, fail)
+    try:
+        net = AutoModelForUniversalSegmentation.from_pretrained(source)
+        loader = AutoProcessor if net.config.model_type == "oneformer" else AutoImageProcessor
+        processor = loader.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise fail(f"it cannot be read ({str(err).strip().splitlines()[0] if str(err).strip() else err!r})") from None
+    if not hasattr(processor, "post_process_panoptic_segmentation"):
+        raise fail(f"{type(net).__name__} is not a panoptic segmenter (use Mask2Former or OneFormer)")
+    return processor, net.to(device).eval()
+
+
+def _cached_snapshot(repo_id: str) -> str | None:
+    """The local Hub cache's folder of `repo_id` when it holds the config files and weights, else None."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        root = Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:  # noqa: BLE001 - any cache miss means: not cached
+        return None
+    weights = any(root.glob("*.safetensors")) or any(root.glob("*.bin"))
+    return str(root) if weights and all((root / f).exists() for f in NEEDED_FILES) else None
+
+
+@dataclass
+class Panoptic:
+    """One image's panoptic result: segment ids `[H, W]` (0: none) and one dict per segment."""
+
+    segment_ids: np.ndarray
+    segments: list[dict]
+
+    def classes(self) -> tuple[np.ndarray, np.ndarray]:
+        """Palette class ids and instance numbers per pixel (VOID and 0 where no segment)."""
+        top = int(self.segment_ids.max(initial=0)) + 1
+        cls, inst = np.full(top, VOID, np.int64), np.zeros(top, np.int64)
+        for s in self.segments:
+            cls[s["id"]], inst[s["id"]] = s["class_id"], s["instance"]
+        return cls[self.segment_ids], inst[self.segment_ids]
+
+    def colours(self) -> np.ndarray:
+        """The colourised map, uint8 RGB `[H, W, 3]` (shared palette, instances shaded apart)."""
+        return colourise(*self.classes())
+
+
+class Segmenter:
+    """A panoptic model, its processor and its label → palette mapping; call it on a list of PIL images."""
+
+    def __init__(self, model: str = DEFAULT_SEGMENTER, device=None, threshold: float = 0.5):
+        from vis2ir.pipeline import default_device
+
+        self.name, self.device, self.threshold = model, default_device(device), threshold
+        self.processor, self.model = load_panoptic_model(model, self.device)
+        id2label = {int(k): v for k, v in self.model.config.id2label.items()}
+        self.label_class = {k: class_for_label(v) for k, v in id2label.items()}
+        self.labels = id2label
+        unknown = sorted(v for k, v in id2label.items() if self.label_class[k] == VOID)
+        if unknown:
+            log.warning("%s: %d labels have no palette class and are drawn as void: %s", model, len(unknown),
+                        ", ".join(unknown[:10]) + (" ..." if len(unknown) > 10 else ""))
+        self.oneformer = self.model.config.model_type == "oneformer"
+
+    @property
+    def class_ids(self) -> list[int]:
+        """The palette classes this model can produce."""
+        return sorted({c for c in self.label_class.values() if c != VOID})
+
+    @torch.no_grad()
+    def __call__(self, images: list) -> list[Panoptic]:
+        """Panoptic results for PIL images (one batch), at each image's own size."""
+        images = [im.convert("RGB") for im in images]
+        extra = {"task_inputs": ["panoptic"] * len(images)} if self.oneformer else {}
+        inputs = self.processor(images=images, return_tensors="pt", **extra).to(self.device)
+        inputs = {k: v.to(self.model.dtype) if v.is_floating_point() else v for k, v in inputs.items()}
+        outputs = self.model(**inputs)
+        results = self.processor.post_process_panoptic_segmentation(
+            outputs, threshold=self.threshold, label_ids_to_fuse=set(), target_sizes=[im.size[::-1] for im in images])
+        # Not fused by transformers (its fusing can reuse segment ids); stuff shares one colour anyway.
+        return [self._panoptic(r) for r in results]
+
+    def _panoptic(self, result: dict) -> Panoptic:
+        ids = result["segmentation"].cpu().numpy().astype(np.int32)
+        ids[ids < 0] = 0
+        segments, counts = [], {}
+        for s in sorted(result["segments_info"], key=lambda s: s["id"]):
+            label = int(s["label_id"])
+            cls = self.label_class.get(label, VOID)
+            instance = 0
+            if cls in THING_IDS:
+                instance = counts.get(cls, 0)
+                counts[cls] = instance + 1
+            segments.append({"id": int(s["id"]), "label_id": label, "label": self.labels.get(label, str(label)),
+                             "class_id": cls, "class": CLASS_NAMES[cls] if cls != VOID else "void",
+                             "instance": instance, "score": float(s["score"])})
+        return Panoptic(ids, segments)
+
+
+# ----------------------------------------------------------------------------------------------
+# Files
+
+
+def write_legend(folder: Path, segmenter: Segmenter) -> None:
+    """`legend.json` (classes, colours, the model's label mapping) and `legend.png` in `folder`."""
+    ids = segmenter.class_ids
+    info = {"model": segmenter.name,
+            "shading": "instance k of a thing class is its base colour + INSTANCE_SHADES[k % 27] "
+                       "(vis2ir.data.palette); stuff and instance 0 keep the base colour; void is black",
+            "classes": legend_entries(ids),
+            "labels": {segmenter.labels[k]: (CLASS_NAMES[c] if c != VOID else "void")
+                       for k, c in sorted(segmenter.label_class.items())}}
+    folder.mkdir(parents=True, exist_ok=True)
+    write_text(folder / "legend.json", json.dumps(info, indent=2))
+    write_png(folder / "legend.png", legend_image(ids))
+
+
+def write_panoptic(out: Path, name: str, result: Panoptic, raw: bool = True) -> Path:
+    """The files of one image; the colour map last, so its presence means the image is done."""
+    if raw:
+        if result.segment_ids.max(initial=0) > 65535:
+            raise Vis2IRError(f"{name}: more than 65535 segments do not fit a 16-bit PNG")
+        write_png(out / SEGMENTS_DIR / f"{name}.png", result.segment_ids.astype(np.uint16))
+        write_text(out / SEGMENTS_DIR / f"{name}.json", json.dumps(result.segments, indent=1))
+    return write_png(out / f"{name}.png", result.colours())
+
+
+def map_path(root: Path, name: str) -> Path:
+    """Where the colour map of sample `name` goes under `root` (a name may hold '/': sub-folders)."""
+    return root / f"{name}.png"
+
+
+def segment_files(jobs: list[tuple[str, Path, Path]], segmenter: Segmenter | Callable[[], Segmenter],
+                  batch_size: int = 4, raw: bool = False, desc: str = "segment") -> dict[str, str]:
+    """Segment `(name, visible image, output root)` jobs whose colour map does not exist yet.
+
+    `segmenter` may be a factory, called only when there is work. Maps are checked again before
+    each batch, so processes sharing a folder skip what another has finished meanwhile. Returns
+    the failures, name → reason (an unreadable image does not stop the run).
+    """
+    from vis2ir.pipeline import read_image
+
+    if batch_size < 1:
+        raise Vis2IRError(f"--batch-size: expected an integer >= 1, got {batch_size}")
+    todo = [j for j in jobs if not map_path(j[2], j[0]).exists()]
+    failed: dict[str, str] = {}
+    if not todo:
+        return failed
+    if not isinstance(segmenter, Segmenter):
+        segmenter = segmenter()
+    with tqdm(total=len(todo), desc=desc, unit="img") as bar:
+        for start in range(0, len(todo), batch_size):
+            batch, images = [], []
+            for name, visible, root in todo[start:start + batch_size]:
+                if map_path(root, name).exists():
+                    continue
+                try:
+                    images.append(read_image(visible))
+                    batch.append((name, root))
+                except Vis2IRError as err:
+                    log.error("%s", err)
+                    failed[name] = str(err)
+            for (name, root), result in zip(batch, segmenter(images) if images else []):
+                write_panoptic(root, name, result, raw)
+            bar.update(len(todo[start:start + batch_size]))
+    return failed
+
+
+def ensure_maps(jobs: list[tuple[str, Path, Path]], model: str = DEFAULT_SEGMENTER, device=None,
+                batch_size: int = 4) -> dict[str, str]:
+    """Create the missing colour maps of `(name, visible, root)` jobs (the `semantic auto` cache).
+
+    Each process of a torchrun / accelerate launch starts with its own share, then helps with the
+    rest; maps already on disk are reused without loading the model. Returns failures, name → reason.
+    """
+    from vis2ir.pipeline import dist_env, shard
+
+    rank, world = dist_env()
+    mine = shard(jobs, rank, world)
+    rest = [j for i, j in enumerate(jobs) if i % world != rank]
+    missing = sum(not map_path(root, name).exists() for name, _, root in jobs)
+    if missing:
+        log.info("Semantic maps: %d of %d missing, made with %s and cached in %s", missing, len(jobs), model,
+                 jobs[0][2])
+    root = jobs[0][2] if jobs else None
+    made_by = _legend_model(root) if root else None
+    if made_by not in (None, model):
+        log.warning("%s: the cached maps were made by %s, not %s; delete the folder to remake them", root,
+                    made_by, model)
+
+    def make() -> Segmenter:
+        segmenter = Segmenter(model, device)
+        if made_by is None and rank == 0:
+            write_legend(root, segmenter)
+        return segmenter
+
+    return segment_files(mine + rest, make, batch_size, desc="semantic auto")
+
+
+def _legend_model(folder: Path) -> str | None:
+    """The model named in `folder/legend.json`, if there is one."""
+    try:
+        return json.loads((folder / "legend.json").read_text()).get("model")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def run_segment(input: str | Path, out: str | Path, model: str = DEFAULT_SEGMENTER, batch_size: int = 4,
+                device=None, overwrite: bool = False, threshold: float = 0.5):
+    """`vis2ir segment`: colour maps, segment ids and a legend for a file or a folder of visible images.
+
+    Under torchrun / accelerate each process takes its share. Returns the run's `pipeline.Summary`.
+    """
+    from vis2ir.pipeline import Summary, dist_env, list_inputs, shard
+
+    out = Path(out)
+    items = list_inputs(input)
+    if any(it.name == "legend" for it in items):
+        raise Vis2IRError(f"--input {input}: an image named legend.* would collide with {out / 'legend.png'}; "
+                          "rename it")
+    rank, world = dist_env()
+    mine = shard(items, rank, world)
+    summary = Summary()
+    jobs = []
+    for it in mine:
+        target = map_path(out, it.name)
+        if target.exists() and not overwrite:
+            summary.skipped.append(it.name)
+        else:
+            target.unlink(missing_ok=True)
+            jobs.append((it.name, it.visible, out))
+    log.info("Process %d/%d: %d inputs, %d to do, %d already done (use --overwrite to redo)", rank, world,
+             len(mine), len(jobs), len(summary.skipped))
+    segmenter = None
+    if jobs or (rank == 0 and not (out / "legend.json").exists()):
+        segmenter = Segmenter(model, device, threshold)
+    if rank == 0 and segmenter is not None:
+        write_legend(out, segmenter)
+    desc = f"segment {rank}/{world}" if world > 1 else "segment"
+    summary.failed = segment_files(jobs, segmenter, batch_size, raw=True, desc=desc) if jobs else {}
+    summary.done = [j[0] for j in jobs if j[0] not in summary.failed]
+    log.info("Done: %d segmented, %d skipped, %d failed -> %s", len(summary.done), len(summary.skipped),
+             len(summary.failed), out)
+    if summary.failed:
+        listed = "; ".join(f"{k} ({v})" for k, v in list(summary.failed.items())[:5])
+        raise Vis2IRError(f"{len(summary.failed)} of {len(mine)} inputs failed: {listed}")
+    return summary

@@ -1,0 +1,152 @@
+"""`vis2ir evaluate` on folders and on a tiny checkpoint; `vis2ir ablate` on a 2-variant grid."""
+
+import csv
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vis2ir.cli import main
+from vis2ir.data.palette import class_id, colourise
+from vis2ir.errors import Vis2IRError
+from vis2ir.evaluate.ablate import make_variants, parse_grid, parse_shard, run_ablation, split_values
+from vis2ir.evaluate.networks import ALEXNET_FILE, FID_FILE, AlexLPIPS, FIDInception
+from vis2ir.evaluate.run import evaluate_checkpoint, evaluate_folders
+from vis2ir.train import train
+
+TINY_RUN = ["model.codec=pixel", "model.semantic.mode=channel_concat", "model.lora.rank=4", "data.size=32",
+            "data.synth_count=24", "data.val_fraction=0.2", "data.test_fraction=0.2", "data.num_workers=0",
+            "train.batch_size=2", "train.max_steps=2", "train.checkpoint_every=2", "train.val_every=100",
+            "train.log_every=1", "sample.steps=2", "sample.guidance=1.0", "eval.fit_limit=8"]
+
+
+@pytest.fixture(autouse=True)
+def no_weights(tmp_path, monkeypatch):
+    """No FID/LPIPS weights unless a test provides them."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    for env in ("VIS2IR_FID_WEIGHTS", "VIS2IR_LPIPS_WEIGHTS"):
+        monkeypatch.delenv(env, raising=False)
+
+
+def save(path, array):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def make_folders(tmp_path):
+    """Truth 32×32: a hot person (204) on cold ground (51); the prediction is 10 levels off everywhere."""
+    classes = np.full((32, 32), class_id("road"))
+    classes[8:24, 8:16] = class_id("person")
+    truth = np.where(classes == class_id("person"), 204, 51).astype(np.uint8)
+    for name in ("a", "b"):
+        save(tmp_path / "truth" / f"{name}.png", truth)
+        save(tmp_path / "pred" / f"{name}.png", truth + 10)
+        save(tmp_path / "sem" / f"{name}.png", colourise(classes))
+    return tmp_path / "pred", tmp_path / "truth", tmp_path / "sem"
+
+
+def test_evaluate_folders_writes_every_report(tmp_path):
+    pred, truth, sem = make_folders(tmp_path)
+    result = evaluate_folders(pred, truth, sem, out=tmp_path / "out")
+    m = result["metrics"]
+    assert m["psnr_native"] == pytest.approx(20 * np.log10(255 / 10), rel=1e-4)  # 28.13 dB
+    assert m["fid"] is None and m["lpips"] is None
+    assert "pt_inception-2015-12-05-6726825d.pth not found" in result["skipped"]["fid"]
+    assert result["classes"]["person"]["abs_err"] == pytest.approx(10 / 255, rel=1e-4)
+    assert result["classes"]["road"]["hallucinated_heat"] == 0.0
+    out = tmp_path / "out"
+    assert json.loads((out / "metrics.json").read_text())["images"] == 2
+    rows = list(csv.DictReader((out / "per_class.csv").open()))
+    assert {r["class"] for r in rows} == {"person", "road"}
+    assert "| psnr |" in (out / "metrics.md").read_text() and "skipped" in (out / "metrics.md").read_text()
+    assert Image.open(out / "per_class.png").size[0] > 100
+
+
+def test_evaluate_folders_with_fid_and_lpips_weights(tmp_path, monkeypatch):
+    """Weights files (random here) found through the environment: both metrics run, and are 0 for
+    predictions equal to the truths."""
+    pred, truth, _ = make_folders(tmp_path)
+    torch.manual_seed(0)
+    torch.save({f"features.{k}": v for k, v in AlexLPIPS().features.state_dict().items()}, tmp_path / ALEXNET_FILE)
+    torch.save(FIDInception().state_dict(), tmp_path / FID_FILE)
+    monkeypatch.setenv("VIS2IR_LPIPS_WEIGHTS", str(tmp_path))
+    monkeypatch.setenv("VIS2IR_FID_WEIGHTS", str(tmp_path / FID_FILE))
+    result = evaluate_folders(pred, truth, out=tmp_path / "out")
+    assert result["skipped"] == {} and result["classes"] == {}
+    assert result["metrics"]["lpips"] > 0 and result["metrics"]["fid"] > 0
+    same = evaluate_folders(truth, truth, out=tmp_path / "same")["metrics"]
+    assert same["lpips"] == 0 and abs(same["fid"]) < 1e-6 * result["metrics"]["fid"]
+
+
+def test_evaluate_folder_errors(tmp_path):
+    pred, truth, sem = make_folders(tmp_path)
+    (pred / "b.png").unlink()
+    with pytest.raises(Vis2IRError, match=r"--pred .*: no image named like 1 of the 2 truth images, e.g. b\.\*"):
+        evaluate_folders(pred, truth, sem, out=tmp_path / "out")
+    assert main(["evaluate", "--pred", str(pred)]) == 2
+
+
+def train_tiny(tiny_config, tmp_path, name="run"):
+    cfg = tiny_config(*TINY_RUN, f"train.output_dir={tmp_path / name}")
+    return train(cfg, progress=False)
+
+
+def test_evaluate_checkpoint_generates_and_scores(tiny_config, tmp_path):
+    run = train_tiny(tiny_config, tmp_path)
+    result = evaluate_checkpoint(run, split="test", limit=3, out=tmp_path / "ev")
+    assert result["images"] == 3 and len(list((tmp_path / "ev" / "pred").glob("*.png"))) == 3
+    assert np.isfinite(result["metrics"]["psnr"]) and result["classes"]
+    assert result["source"]["split"] == "test"
+    # The command line gives the same numbers.
+    assert main(["evaluate", "--checkpoint", str(run), "--limit", "3", "--out", str(tmp_path / "ev2")]) == 0
+    again = json.loads((tmp_path / "ev2" / "metrics.json").read_text())
+    assert again["metrics"]["psnr"] == pytest.approx(result["metrics"]["psnr"])
+
+
+def test_grid_parsing():
+    assert split_values("a,[1,2],{x: 1, y: 2}") == ["a", "[1,2]", "{x: 1, y: 2}"]
+    grid = parse_grid(["model.semantic.mode=none,in_context", "train.learning_rate=1e-3"])
+    variants = make_variants(grid, [0, 1])
+    assert [v.name for v in variants][:2] == ["mode=none__learning_rate=1e-3__seed=0",
+                                              "mode=none__learning_rate=1e-3__seed=1"]
+    assert len(variants) == 4 and variants[3].overrides[0] == "model.semantic.mode=in_context"
+    assert parse_shard("1/4") == (1, 4)
+    with pytest.raises(Vis2IRError, match="--shard '4/4'"):
+        parse_shard("4/4")
+    with pytest.raises(Vis2IRError, match="--grid 'mode'"):
+        parse_grid(["mode"])
+
+
+def test_ablation_runs_resumes_and_collects(tiny_config, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="vis2ir")
+    base = tmp_path / "base.yaml"
+    tiny_config(*TINY_RUN, "eval.limit=3").save(base)
+    grid = ["model.semantic.mode=none,channel_concat"]
+    # Two processes share the grid (--shard i/2), as two GPUs would.
+    table = run_ablation(base, grid, seeds="0", out=tmp_path / "abl", shard="0/2", progress=False)
+    assert "[1/1] mode=none__seed=0: PSNR" in caplog.text and "1 of 2 variants not finished" in table.read_text()
+    run_ablation(base, grid, seeds="0", out=tmp_path / "abl", shard="1/2", progress=False)
+    assert "[1/1] mode=channel_concat__seed=0: PSNR" in caplog.text and "Training channel_concat" in caplog.text
+    text = table.read_text()
+    assert "not finished" not in text
+    for row in ("mode=none", "mode=channel_concat", "ref: class_oracle", "ref: visible_lookup", "ref: constant"):
+        assert f"| {row} |" in text
+    assert "abs_err/person" in text
+    rows = {r["row"]: r for r in csv.DictReader((tmp_path / "abl" / "results.csv").open())}
+    oracle, constant = float(rows["ref: class_oracle"]["psnr"]), float(rows["ref: constant"]["psnr"])
+    assert oracle > constant  # the class-mean oracle beats a constant image
+    assert (tmp_path / "abl" / "results.png").exists()
+    caplog.clear()
+    run_ablation(base, grid, seeds="0", out=tmp_path / "abl", progress=False)
+    assert caplog.text.count("done already, skipped") == 2 and "Training" not in caplog.text
+    # A variant trained but not evaluated (its result.json lost) is evaluated again, not retrained.
+    caplog.clear()
+    (tmp_path / "abl" / "variants" / "mode=none__seed=0" / "result.json").unlink()
+    run_ablation(base, grid, seeds="0", out=tmp_path / "abl", progress=False)
+    assert "[1/2] mode=none__seed=0: PSNR" in caplog.text and "Training" not in caplog.text
+    (tmp_path / "abl" / "results.md").unlink()
+    assert main(["ablate", "--config", str(base), "--grid", grid[0], "--out", str(tmp_path / "abl"), "--collect"]) == 0
+    assert (tmp_path / "abl" / "results.md").read_text() == text
