@@ -150,3 +150,27 @@ def test_ablation_runs_resumes_and_collects(tiny_config, tmp_path, caplog):
     (tmp_path / "abl" / "results.md").unlink()
     assert main(["ablate", "--config", str(base), "--grid", grid[0], "--out", str(tmp_path / "abl"), "--collect"]) == 0
     assert (tmp_path / "abl" / "results.md").read_text() == text
+
+
+def test_colour_predictions_are_flagged(tmp_path, caplog):
+    """Palette images (e.g. ironbow) would be scored by their channel mean: the user is warned."""
+    import logging
+
+    import numpy as np
+    from PIL import Image
+
+    from vis2ir.evaluate.run import evaluate_folders, is_grey
+
+    rng = np.random.default_rng(0)
+    for folder in ("grey", "colour", "truth"):
+        (tmp_path / folder).mkdir()
+    grey = rng.integers(0, 256, (16, 16), dtype=np.uint8)
+    Image.fromarray(grey).save(tmp_path / "truth" / "a.png")
+    Image.fromarray(grey).save(tmp_path / "grey" / "a.png")
+    Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "colour" / "a.png")
+    caplog.set_level(logging.WARNING, logger="vis2ir")
+    evaluate_folders(tmp_path / "grey", tmp_path / "truth", out=tmp_path / "o1")
+    assert "in colour" not in caplog.text
+    evaluate_folders(tmp_path / "colour", tmp_path / "truth", out=tmp_path / "o2")
+    assert "1 predictions are in colour (first: a.png)" in caplog.text
+    assert is_grey(torch.full((3, 4, 4), 0.5)) and not is_grey(torch.rand(3, 4, 4))

@@ -28,6 +28,11 @@ log = logging.getLogger(__name__)
 # Folders
 
 
+def is_grey(image: torch.Tensor, tolerance: float = 2 / 255) -> bool:
+    """Whether the three channels of `[3, H, W]` agree (grey replicated, as infrared should be)."""
+    return bool((image.amax(0) - image.amin(0)).max() <= tolerance)
+
+
 def pair_folders(pred: str | Path, truth: str | Path, semantic: str | Path | None = None) -> list[tuple]:
     """`(name, pred path, truth path, semantic path or None)` for every truth image, by file stem."""
     folders = {"--pred": Path(pred), "--truth": Path(truth)} | ({"--semantic": Path(semantic)} if semantic else {})
@@ -58,9 +63,17 @@ def evaluate_folders(pred: str | Path, truth: str | Path, semantic: str | Path |
     cfg = load_config(config, overrides)
     pairs = pair_folders(pred, truth, semantic)
     scorer = Scorer(cfg.eval, device or "cpu")
+    coloured = []
     for name, p, t, s in tqdm(pairs, desc="evaluate", unit="img"):
         classes = decode_classes(to_tensor(read_image(s), str(s))) if s else None
-        scorer.add(name, to_tensor(read_image(p), str(p)), to_tensor(read_image(t), str(t)), classes)
+        prediction = to_tensor(read_image(p), str(p))
+        if not is_grey(prediction):
+            coloured.append(p.name)
+        scorer.add(name, prediction, to_tensor(read_image(t), str(t)), classes)
+    if coloured:  # e.g. `generate --palette ironbow`: the channel mean is not the intensity
+        log.warning("%d predictions are in colour (first: %s); infrared is scored as the mean of the "
+                    "channels, so palette images (ironbow, ...) give wrong figures: score grey outputs",
+                    len(coloured), coloured[0])
     source = {"pred": str(pred), "truth": str(truth), "semantic": str(semantic) if semantic else None}
     result = scorer.result() | {"source": source}
     return _finish(result, out)
