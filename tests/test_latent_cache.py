@@ -60,7 +60,7 @@ def cfg_overrides(tiny_config):
 
 def test_a_cache_made_with_other_settings_is_refused(tiny_config, tmp_path):
     build_latent_cache(tiny_config(*TINY_RUN), tmp_path / "cache")
-    with pytest.raises(Vis2IRError, match=r"made with model.mode='cross_attention', but this run has 'none'"):
+    with pytest.raises(Vis2IRError, match=r"made with model.semantic.mode='cross_attention', but this run has 'none'"):
         LatentCache(tmp_path / "cache", tiny_config(*TINY_RUN, "model.semantic.mode=none"))
     with pytest.raises(Vis2IRError, match="no meta.json"):
         LatentCache(tmp_path / "nothing", tiny_config(*TINY_RUN))

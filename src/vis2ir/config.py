@@ -329,6 +329,10 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))
 
+    def flat(self) -> dict[str, Any]:
+        """Every setting by its dotted key (`model.semantic.mode`), values as plain YAML types."""
+        return _flatten(self.to_dict())
+
     def save(self, path: str | Path) -> None:
         """Write the config as YAML, atomically."""
         path = Path(path)
@@ -453,6 +457,24 @@ def _parse_value(text: str) -> Any:
 def _check(ok: bool, key: str, expected: str, got: Any) -> None:
     if not ok:
         raise ConfigError(f"{key}: expected {expected}, got {got!r}")
+
+
+def first_difference(old: dict[str, Any], new: dict[str, Any], prefixes: tuple[str, ...]):
+    """The first dotted key under `prefixes` whose value differs, as `(key, old, new)`, or None."""
+    for key in sorted(old):
+        if key.startswith(prefixes) and old[key] != new.get(key):
+            return key, old[key], new.get(key)
+    return None
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def _to_plain(value: Any) -> Any:

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from vis2ir.config import Config
+from vis2ir.config import Config, first_difference
 from vis2ir.errors import Vis2IRError
 from vis2ir.latents import image_ids, token_grid
 from vis2ir.model import Encoded, encode_batch
@@ -36,16 +36,15 @@ KEYS = ("x_0", "x_cond", "semantic_tokens")
 SHARD_SIZE = 256
 
 
+# The settings that decide a sample's latents (dotted-key prefixes), less those that do not.
+LATENT_SETTINGS = ("model.backbone", "model.flux_path", "model.codec", "model.pixel_factor", "model.seed",
+                   "model.vae.", "model.semantic.mode", "model.semantic.fusion_alpha", "data.")
+NOT_LATENT = ("data.num_workers", "data.latent_cache", "data.on_bad_sample", "data.synth_prerender")
+
+
 def fingerprint(cfg: Config) -> dict:
-    """The settings that decide a sample's latents."""
-    m, d = cfg.model, cfg.data
-    data = {k: v for k, v in dataclasses.asdict(d).items() if k not in ("num_workers", "latent_cache",
-                                                                        "on_bad_sample", "synth_prerender")}
-    model = {"backbone": m.backbone, "codec": m.codec, "pixel_factor": m.pixel_factor, "seed": m.seed,
-             "vae": dataclasses.asdict(m.vae), "mode": m.semantic.mode, "fusion_alpha": m.semantic.fusion_alpha}
-    if m.backbone == "pretrained":
-        model["flux_path"] = m.flux_path
-    return json.loads(json.dumps({"model": model, "data": data}))
+    """The settings that decide a sample's latents, by dotted key."""
+    return {k: v for k, v in cfg.flat().items() if k.startswith(LATENT_SETTINGS) and k not in NOT_LATENT}
 
 
 @torch.no_grad()
@@ -103,12 +102,10 @@ class LatentCache(Dataset):
         if not meta_path.exists():
             raise Vis2IRError(f"data.latent_cache={path}: no {META_FILE} (make one with `vis2ir data cache`)")
         self.meta = json.loads(meta_path.read_text())
-        want, have = fingerprint(cfg), self.meta["fingerprint"]
-        for section in want:
-            for key in want[section]:
-                if want[section][key] != have.get(section, {}).get(key):
-                    raise Vis2IRError(f"data.latent_cache={path}: made with {section}.{key}="
-                                      f"{have.get(section, {}).get(key)!r}, but this run has {want[section][key]!r}")
+        diff = first_difference(fingerprint(cfg), self.meta["fingerprint"], LATENT_SETTINGS)
+        if diff:
+            key, mine, made = diff
+            raise Vis2IRError(f"data.latent_cache={path}: made with {key}={made!r}, but this run has {mine!r}")
         self.flips = self.meta["flips"]
         self._files: dict[str, object] = {}
 

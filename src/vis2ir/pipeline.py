@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 
 from vis2ir.backbone import resolve_dtype
 from vis2ir.checkpoint import CONFIG_FILE, find_checkpoint, load_checkpoint_config, load_model
-from vis2ir.config import Config, load_config
+from vis2ir.config import Config, first_difference, load_config
+from vis2ir.data.images import IMAGE_SUFFIXES
 from vis2ir.errors import Vis2IRError
 from vis2ir.latents import VAECodec, patch_size, token_grid
 from vis2ir.model import Vis2IRModel, build_model
@@ -38,7 +39,6 @@ from vis2ir.visualize import (AttentionMaps, check_output_format, infrared_image
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 OFFLOAD = ("none", "model", "sequential")
 # Settings that shape the model: a checkpoint only runs with the values it was trained with.
 STRUCTURAL = ("model.backbone", "model.codec", "model.pixel_factor", "model.seed", "model.transformer.",
@@ -281,22 +281,11 @@ def batches(sizes: list[tuple[int, int]], batch_size: int) -> list[list[int]]:
 
 def check_compatible(trained: Config, cfg: Config, directory: Path, where: str) -> None:
     """Fail if `cfg` changes a setting that shapes the model (mode, codec, sizes) from the checkpoint's."""
-    old, new = _flatten(trained.to_dict()), _flatten(cfg.to_dict())
-    for key in sorted(old):
-        if key.startswith(STRUCTURAL) and old[key] != new.get(key):
-            raise Vis2IRError(f"{where}: {key}={new.get(key)!r} differs from the checkpoint's {old[key]!r} "
-                              f"({directory / CONFIG_FILE}); a checkpoint runs with the model settings it was "
-                              "trained with")
-
-
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+    diff = first_difference(trained.flat(), cfg.flat(), STRUCTURAL)
+    if diff:
+        key, old, new = diff
+        raise Vis2IRError(f"{where}: {key}={new!r} differs from the checkpoint's {old!r} "
+                          f"({directory / CONFIG_FILE}); a checkpoint runs with the model settings it was trained with")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -322,7 +311,7 @@ class Summary:
 
 def list_images(folder: Path) -> list[Path]:
     """Image files directly inside `folder`, sorted by name."""
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
                   and not p.name.startswith("."))
 
 
@@ -334,7 +323,7 @@ def list_inputs(input_path: str | Path, semantic: str | Path | None = None) -> l
         raise Vis2IRError(f"--input {src}: no such file or folder")
     paths = list_images(src) if src.is_dir() else [src]
     if not paths:
-        raise Vis2IRError(f"--input {src}: no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder")
+        raise Vis2IRError(f"--input {src}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
     names: dict[str, Path] = {}
     for p in paths:
         if p.stem in names:
