@@ -46,7 +46,9 @@ def run_demo(out_dir: str | Path = "outputs/demo", config_path: str | None = Non
     out.mkdir(parents=True, exist_ok=True)
     report: dict = {"config": cfg.to_dict(), "checkpoint": str(checkpoint)}
 
-    test, fit = _scenes(cfg, "test", scenes), _scenes(cfg, "train", fit_scenes)
+    from vis2ir.evaluate.run import load_split
+
+    test, fit = load_split(cfg, "test", scenes, True), load_split(cfg, "train", fit_scenes, True)
     batch = _stack(test)
     truth = batch["infrared"]
     log.info("Demo: %d held-out ThermalScenes at %d×%d, mode %s", len(test), cfg.data.size, cfg.data.size,
@@ -85,13 +87,6 @@ def run_demo(out_dir: str | Path = "outputs/demo", config_path: str | None = Non
 # ----------------------------------------------------------------------------------------------
 
 
-def _scenes(cfg: Config, split: str, count: int) -> list[dict]:
-    from vis2ir.data import build_dataset
-
-    ds = build_dataset(cfg.data, split, require_semantic=True)
-    return [ds[i] for i in range(min(count, len(ds)))]
-
-
 def _stack(samples: list[dict]) -> dict:
     return {k: torch.stack([s[k] for s in samples]) for k in ("visible", "infrared", "semantic", "classes")}
 
@@ -108,14 +103,9 @@ def _generate(model, batch: dict, cfg: Config, attention: bool = False):
 
 
 def _baselines(fit: list[dict], test: list[dict]) -> dict[str, torch.Tensor]:
-    from vis2ir.evaluate.baselines import ClassMeanPredictor, ColourLookupPredictor, ConstantPredictor
+    from vis2ir.evaluate.baselines import fit_references
 
-    out = {}
-    for name, predictor in (("visible_lookup", ColourLookupPredictor), ("class_oracle", ClassMeanPredictor),
-                            ("constant", ConstantPredictor)):
-        fitted = predictor.fit(fit)
-        out[name] = torch.stack([fitted.predict(s) for s in test])
-    return out
+    return {name: torch.stack([p.predict(s) for s in test]) for name, p in fit_references(fit).items()}
 
 
 def _class_errors(pred: torch.Tensor, batch: dict) -> dict[str, float]:

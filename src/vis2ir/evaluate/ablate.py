@@ -183,7 +183,7 @@ def load_result(path: Path) -> dict:
 def references(cfg: Config, out: Path) -> dict:
     """The reference predictors fitted on the base config's training split and scored on its test split
     (computed once, cached in `references.json`)."""
-    from vis2ir.evaluate.baselines import ClassMeanPredictor, ColourLookupPredictor, ConstantPredictor
+    from vis2ir.evaluate.baselines import fit_references
     from vis2ir.evaluate.run import load_split, sample_classes
     from vis2ir.evaluate.scoring import Scorer
 
@@ -193,8 +193,8 @@ def references(cfg: Config, out: Path) -> dict:
     fit = load_split(cfg, "train", cfg.eval.fit_limit, needs_semantic=True)
     test = load_split(cfg, "test", cfg.eval.limit, needs_semantic=True)
     rows = {}
-    for name, predictor in zip(REFERENCES, (ClassMeanPredictor, ColourLookupPredictor, ConstantPredictor)):
-        fitted, scorer = predictor.fit(fit), Scorer(cfg.eval)
+    for name, fitted in fit_references(fit).items():
+        scorer = Scorer(cfg.eval)
         for s in test:
             scorer.add(s["name"], fitted.predict(s), s["infrared"], sample_classes(s))
         r = scorer.result()

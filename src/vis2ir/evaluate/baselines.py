@@ -71,6 +71,12 @@ class ClassMeanPredictor:
         return _expand(_lookup(self.means, _class_keys(sample)), sample)
 
 
+def fit_references(samples: list[dict]) -> dict:
+    """The three reference predictors, fitted on `samples`, by the names the reports use."""
+    kinds = {"class_oracle": ClassMeanPredictor, "visible_lookup": ColourLookupPredictor, "constant": ConstantPredictor}
+    return {name: kind.fit(samples) for name, kind in kinds.items()}
+
+
 def _fit_means(samples: Iterable[dict], keys_of, n: int) -> torch.Tensor:
     """Mean infrared per key over all pixels; keys never seen get the overall mean."""
     sums = torch.zeros(n, dtype=torch.float64)
