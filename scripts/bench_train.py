@@ -2,7 +2,9 @@
 
 Runs N training steps with `vis2ir.train.train` (Lightning, data loader, VAE encodes, adapter,
 LoRA, optimizer) and, in the same process on the same model, N bare transformer forward+backward
-passes at the same batch and sequence length. Prints both, their ratio and the peak memory.
+passes at the same batch and sequence length. Prints both, their ratio and the peak memory, and
+where the difference goes: the time of `Vis2IRModel.encode` on a training batch (the codec's
+share), with the VAE in its default memory format and in channels-last.
 
     python scripts/bench_train.py --config configs/bench_realsize.yaml [key=value ...]
 
@@ -85,6 +87,36 @@ def bare_steps(module, cfg, steps: int, warmup: int) -> list[float]:
     return times
 
 
+def encode_times(module, cfg, steps: int, warmup: int) -> dict[str, float]:
+    """Median time of `model.encode` on one training batch, as trained and with a channels-last VAE."""
+    from vis2ir.data import build_dataset, collate
+    from vis2ir.latents import VAECodec
+
+    model = module.model
+    device = model.prompt_embeds.device
+    data = build_dataset(cfg.data, "train", require_semantic=model.mode != "none")
+    batch = collate([data[i] for i in range(cfg.train.batch_size)])
+    images = [batch[k].to(device) if k in batch else None for k in ("visible", "infrared", "semantic")]
+
+    def median_time() -> float:
+        times = []
+        for i in range(warmup + steps):
+            torch.cuda.synchronize() if device.type == "cuda" else None
+            start = time.perf_counter()
+            model.encode(*images)
+            torch.cuda.synchronize() if device.type == "cuda" else None
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    out = {"as trained": median_time()}
+    if isinstance(model.codec, VAECodec):
+        model.codec.vae.to(memory_format=torch.channels_last)
+        out["channels-last VAE"] = median_time()
+        model.codec.vae.to(memory_format=torch.contiguous_format)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/bench_realsize.yaml")
@@ -102,6 +134,7 @@ def main() -> None:
     if torch.cuda.is_available():
         clock.module.model.to("cuda")  # Lightning's teardown moved the module to the CPU
     bare = statistics.median(bare_steps(clock.module, cfg, args.steps, args.warmup))
+    encode = {} if cfg.data.latent_cache else encode_times(clock.module, cfg, 10, 2)
     print(f"device: {device}")
     print(f"config: {args.config} {' '.join(args.overrides)}")
     print(f"batch {cfg.train.batch_size}, panels {cfg.data.size}x{cfg.data.size}, mode {cfg.model.semantic.mode}, "
@@ -109,6 +142,10 @@ def main() -> None:
     print(f"vis2ir train step (median of {len(clock.times)}): {step:.3f} s  ({cfg.train.batch_size / step:.2f} samples/s)")
     print(f"bare transformer fwd+bwd (median of {args.steps}): {bare:.3f} s")
     print(f"ratio: {step / bare:.3f}  (target <= 1.10)")
+    for name, seconds in encode.items():
+        print(f"model.encode of one batch, {name} (median of 10): {seconds:.3f} s")
+    if cfg.data.latent_cache:
+        print(f"latents from the cache {cfg.data.latent_cache}: no codec in the step")
     if clock.peak:
         print(f"peak GPU memory during training steps: {clock.peak / 2**30:.1f} GiB  (target <= 40 GB)")
 

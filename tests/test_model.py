@@ -91,3 +91,34 @@ def test_specification_shapes_at_512(tiny_config):
     assert enc.semantic_tokens.shape == (1, 2048, 64)
     assert model.transformer.config.in_channels == 384
     assert model.adapter.layers[0].scale.item() == 0.0
+
+
+@pytest.mark.parametrize("codec_kind", ["pixel", "vae"])
+def test_encode_batch_matches_separate_encodes(codec_kind):
+    """One codec call for canvas + masked canvas gives the two separate encodings; the semantic
+    tokens repeat the panel's tokens across both halves (exactly `[semantic | semantic]` for the
+    pixel codec, whose blocks do not see their neighbours)."""
+    from diffusers import AutoencoderKL
+
+    from vis2ir.latents import PixelCodec, VAECodec, encode_fill_condition, encode_images
+    from vis2ir.model import encode_batch
+    from vis2ir.semantic.modes import build_canvas
+
+    torch.manual_seed(0)
+    codec = PixelCodec(4) if codec_kind == "pixel" else VAECodec(AutoencoderKL(
+        block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4).eval())
+    vis, ir, sem = batch(size=32)
+    cfg = SemanticConfig(mode="cross_attention")
+    enc = encode_batch(codec, cfg, vis, ir, sem)
+    canvas, mask = build_canvas("cross_attention", vis, ir, sem)
+    x_cond, ids = encode_fill_condition(codec, canvas, mask)
+    assert torch.allclose(enc.x_0, encode_images(codec, canvas)[0], atol=1e-5)
+    assert torch.allclose(enc.x_cond, x_cond, atol=1e-5) and torch.equal(enc.img_ids, ids)
+    rows, cols = (4, 8) if codec_kind == "pixel" else (2, 4)  # 32×64 canvas, 8 or 16 pixels a token
+    left, right = enc.semantic_tokens.view(2, rows, 2, cols // 2, -1).unbind(2)  # the two halves
+    assert torch.equal(left, right)
+    if codec_kind == "pixel":
+        assert torch.equal(enc.semantic_tokens, encode_images(codec, torch.cat([sem, sem], -1))[0])
+    sampling = encode_batch(codec, cfg, vis, None, sem)
+    assert sampling.x_0 is None and sampling.x_cond.shape == enc.x_cond.shape

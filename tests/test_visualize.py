@@ -15,7 +15,6 @@ from vis2ir.errors import Vis2IRError
 from vis2ir.latents import encode_images
 from vis2ir.model import build_model
 from vis2ir.pipeline import Vis2IRPipeline
-from vis2ir.semantic.modes import semantic_canvas
 from vis2ir.visualize import (AttentionMaps, class_attention, infrared_image, ironbow_lut, query_attention,
                               received_attention, save_attention_maps, side_by_side, write_png)
 
@@ -93,7 +92,8 @@ def trained_pipeline(position: str, scenes, cache_dir) -> Vis2IRPipeline:
     torch.manual_seed(0)  # the adapter's initial weights
     model = build_model(cfg)
     vis = torch.stack([s["visible"] for s in scenes])
-    sem, ids = encode_images(model.codec, semantic_canvas(torch.stack([s["semantic"] for s in scenes])))
+    sem_map = torch.stack([s["semantic"] for s in scenes])
+    sem, ids = encode_images(model.codec, torch.cat([sem_map, sem_map], dim=-1))
     x_0, _ = encode_images(model.codec, torch.cat([vis, vis], dim=-1))
     opt = torch.optim.Adam(model.adapter.parameters(), lr=1e-2)
     threads = torch.get_num_threads()

@@ -102,7 +102,7 @@ def _cmd_ablate(args: argparse.Namespace) -> None:
     from vis2ir.evaluate.ablate import run_ablation
 
     path = run_ablation(args.config, args.grid or [], seeds=args.seeds, out=args.out, overrides=args.overrides,
-                        shard=args.shard, collect=args.collect, device=args.device)
+                        shard=args.shard, collect=args.collect, device=args.device, plan=args.plan)
     sys.stdout.write(f"{path}\n")
 
 
@@ -229,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--grid", action="append", metavar="KEY=V1,V2,...",
                    help="a setting and its values (repeatable: the variants are the cartesian product)")
+    p.add_argument("--plan", metavar="FILE", help="several grids: a YAML list of {KEY: [V1, V2, ...]} mappings, "
+                   "whose variants are run one after the other (with --grid: after its own)")
     p.add_argument("--seeds", default="0", help="seeds of every variant, e.g. 0,1 (default: 0)")
     p.add_argument("--out", default="runs/ablate", help="ablation folder (default: runs/ablate)")
     p.add_argument("--shard", default="0/1", metavar="I/N", help="run every N-th variant from I (one process per GPU)")

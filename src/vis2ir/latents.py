@@ -164,27 +164,43 @@ def encode_images(vae, images: torch.Tensor, generator: torch.Generator | None =
     return tokens, ids
 
 
+def mask_canvas(canvas: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """FLUX Fill's masked image, in [0, 1]: mid-grey (0 in the codec's [-1, 1]) where `mask` is 1."""
+    return canvas * (1 - mask) + 0.5 * mask
+
+
+def fill_condition(masked_tokens: torch.Tensor, mask: torch.Tensor, codec: Codec) -> torch.Tensor:
+    """Masked-canvas tokens + the folded mask → `x_cond [B, N, 4C + 4s²]`, as
+    `FluxFillPipeline.prepare_mask_latents` builds it."""
+    return torch.cat([masked_tokens, fold_mask(mask.to(masked_tokens.dtype), codec)], dim=-1)
+
+
 def encode_fill_condition(vae, canvas: torch.Tensor, mask: torch.Tensor, generator=None):
-    """The Fill condition `x_cond [B, N, 4C + 4s²]` (masked canvas latents + folded mask, as
-    `FluxFillPipeline.prepare_mask_latents` builds them) and `img_ids [N, 3]`."""
+    """The Fill condition `x_cond [B, N, 4C + 4s²]` and `img_ids [N, 3]` for a canvas and its mask."""
     codec = as_codec(vae)
     if mask.ndim == 3:
         mask = mask[:, None]
     check_image_size(codec, canvas.shape[-2], canvas.shape[-1], "canvas")
-    masked = pack(codec.encode((canvas * 2 - 1) * (1 - mask), generator=generator))
-    ids = image_ids(*token_grid(codec, canvas.shape[-2], canvas.shape[-1]), device=canvas.device)
-    return torch.cat([masked, fold_mask(mask.to(masked.dtype), codec)], dim=-1), ids
+    masked, ids = encode_images(codec, mask_canvas(canvas, mask), generator=generator)
+    return fill_condition(masked, mask, codec), ids
 
 
 def encode_images_fill(vae, canvas: torch.Tensor, mask: torch.Tensor, generator: torch.Generator | None = None):
     """The FLUX Fill inputs for a canvas and its mask (1 = generate here).
 
     Returns `x_0 [B, N, 4C]` (the whole canvas), `x_cond [B, N, 4C + 4s²]` and `img_ids [N, 3]`.
-    With a generator, the two encodings draw posterior samples from it in turn.
+    With a generator, the two encodings draw posterior samples from it in turn (as
+    FluxFillPipeline does); without one, both posterior modes come from a single codec call.
     """
-    x_0, _ = encode_images(vae, canvas, generator=generator)
-    x_cond, ids = encode_fill_condition(vae, canvas, mask, generator=generator)
-    return x_0, x_cond, ids
+    if generator is not None:
+        x_0, _ = encode_images(vae, canvas, generator=generator)
+        x_cond, ids = encode_fill_condition(vae, canvas, mask, generator=generator)
+        return x_0, x_cond, ids
+    if mask.ndim == 3:
+        mask = mask[:, None]
+    tokens, ids = encode_images(vae, torch.cat([canvas, mask_canvas(canvas, mask)]))
+    x_0, masked = tokens.chunk(2)
+    return x_0, fill_condition(masked, mask, as_codec(vae)), ids
 
 
 def decode_tokens(vae, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:

@@ -19,9 +19,11 @@ import torch
 from vis2ir.backbone import Backbone, base_in_channels, load_backbone
 from vis2ir.config import Config, SemanticConfig
 from vis2ir.errors import Vis2IRError
-from vis2ir.latents import encode_fill_condition, encode_images, token_grid, token_width
+from einops import repeat
+
+from vis2ir.latents import encode_fill_condition, encode_images, encode_images_fill, token_grid, token_width
 from vis2ir.semantic.adapter import SemanticConditioningAdapter
-from vis2ir.semantic.modes import SEMANTIC_TOKEN_MODES, build_canvas, semantic_canvas, target_tokens, widen_x_embedder
+from vis2ir.semantic.modes import SEMANTIC_TOKEN_MODES, build_canvas, target_tokens, widen_x_embedder
 
 log = logging.getLogger(__name__)
 
@@ -45,16 +47,22 @@ def encode_batch(codec, semantic_cfg: SemanticConfig, visible: torch.Tensor, inf
 
     `infrared` is None when sampling: the target panel is blank and `x_0` is None. With a
     generator (or one per image), the canvas and the masked canvas take posterior samples from it
-    in that order, as FluxFillPipeline draws them; the semantic tokens take the mode.
+    in that order, as FluxFillPipeline draws them; otherwise both take the posterior mode from one
+    codec call. The semantic tokens are `[semantic | semantic]`: the map describes both
+    pixel-aligned halves (DESIGN §4.1); it is encoded once and its tokens repeated.
     """
     canvas, mask = build_canvas(semantic_cfg.mode, visible, infrared, semantic, semantic_cfg.fusion_alpha)
     dtype = codec.dtype
     canvas, mask = canvas.to(dtype), mask.to(dtype)
-    x_0 = encode_images(codec, canvas, generator=generator)[0] if infrared is not None else None
-    x_cond, ids = encode_fill_condition(codec, canvas, mask, generator=generator)
+    if infrared is not None:
+        x_0, x_cond, ids = encode_images_fill(codec, canvas, mask, generator=generator)
+    else:
+        x_0, (x_cond, ids) = None, encode_fill_condition(codec, canvas, mask, generator=generator)
     sem = None
     if semantic_cfg.mode in SEMANTIC_TOKEN_MODES:
-        sem, _ = encode_images(codec, semantic_canvas(semantic).to(dtype))
+        panel, _ = encode_images(codec, semantic.to(dtype))
+        rows, _ = token_grid(codec, semantic.shape[-2], semantic.shape[-1])
+        sem = repeat(panel, "b (r c) d -> b (r n c) d", r=rows, n=2)
     return Encoded(x_0, x_cond, ids, sem, canvas.shape[-2], canvas.shape[-1])
 
 

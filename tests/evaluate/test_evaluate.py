@@ -12,7 +12,7 @@ from PIL import Image
 from vis2ir.cli import main
 from vis2ir.data.palette import class_id, colourise
 from vis2ir.errors import Vis2IRError
-from vis2ir.evaluate.ablate import make_variants, parse_grid, parse_shard, run_ablation, split_values
+from vis2ir.evaluate.ablate import load_plan, make_variants, parse_grid, parse_shard, plan_variants, run_ablation, split_values
 from vis2ir.evaluate.networks import ALEXNET_FILE, FID_FILE, AlexLPIPS, FIDInception
 from vis2ir.evaluate.run import evaluate_checkpoint, evaluate_folders
 from vis2ir.train import train
@@ -120,6 +120,26 @@ def test_grid_parsing():
         parse_grid(["mode"])
 
 
+def test_plan_file(tmp_path):
+    """A plan is a list of grids: modes alone, then one mode's settings; a row given twice runs once."""
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("- {model.semantic.mode: [none, cross_attention]}\n"
+                    "- model.semantic.mode: cross_attention\n  model.semantic.scale_init: [0.0, 0.1]\n"
+                    "  model.semantic.dropout: 0.0\n"
+                    "- {model.semantic.mode: [none]}\n")
+    variants = plan_variants(load_plan(plan), [0])
+    assert [v.group for v in variants] == ["mode=none", "mode=cross_attention",
+                                           "mode=cross_attention__scale_init=0.0__dropout=0.0",
+                                           "mode=cross_attention__scale_init=0.1__dropout=0.0"]
+    assert variants[3].overrides[:3] == ["model.semantic.mode=cross_attention", "model.semantic.scale_init=0.1",
+                                         "model.semantic.dropout=0.0"]
+    plan.write_text("model.semantic.mode: none\n")
+    with pytest.raises(Vis2IRError, match="--plan .*plan.yaml: expected a YAML list of mappings"):
+        load_plan(plan)
+    with pytest.raises(Vis2IRError, match="--plan .*missing.yaml: cannot read it"):
+        load_plan(tmp_path / "missing.yaml")
+
+
 def test_ablation_runs_resumes_and_collects(tiny_config, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="vis2ir")
     base = tmp_path / "base.yaml"
@@ -149,6 +169,10 @@ def test_ablation_runs_resumes_and_collects(tiny_config, tmp_path, caplog):
     assert "[1/2] mode=none__seed=0: PSNR" in caplog.text and "Training" not in caplog.text
     (tmp_path / "abl" / "results.md").unlink()
     assert main(["ablate", "--config", str(base), "--grid", grid[0], "--out", str(tmp_path / "abl"), "--collect"]) == 0
+    assert (tmp_path / "abl" / "results.md").read_text() == text
+    (tmp_path / "plan.yaml").write_text("- {model.semantic.mode: [none, channel_concat]}\n")
+    assert main(["ablate", "--config", str(base), "--plan", str(tmp_path / "plan.yaml"), "--out",
+                 str(tmp_path / "abl"), "--collect"]) == 0
     assert (tmp_path / "abl" / "results.md").read_text() == text
 
 

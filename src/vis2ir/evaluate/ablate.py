@@ -10,7 +10,9 @@
       results.png                    PSNR and the look-alike classes' errors per row
 
 Every variant shares the base config, data and step budget; it differs only by its grid values and
-its seed (`train.seed` and `model.seed`). `--shard i/n` runs every n-th variant from i, so n
+its seed (`train.seed` and `model.seed`). `--grid KEY=V1,V2` gives one grid (the product of its
+keys' values); `--plan FILE` gives several, as a YAML list of `{key: [values]}` mappings, when the
+rows of a table are not one product (e.g. modes, then the adapter's settings for one mode). `--shard i/n` runs every n-th variant from i, so n
 processes (one per GPU) share a grid; `--collect` only tabulates the results found.
 """
 
@@ -95,6 +97,30 @@ def parse_shard(text: str) -> tuple[int, int]:
     return int(m[1]), int(m[2])
 
 
+def load_plan(path: str | Path) -> list[list[tuple[str, list[str]]]]:
+    """A plan file: a YAML list of grids, each a mapping `key: [values]` (a single value is a list of one)."""
+    import yaml
+
+    try:
+        plan = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise Vis2IRError(f"--plan {path}: cannot read it ({err})") from None
+    if not isinstance(plan, list) or not plan or not all(isinstance(g, dict) and g for g in plan):
+        raise Vis2IRError(f"--plan {path}: expected a YAML list of mappings KEY: [V1, V2, ...], "
+                          "e.g. '- {model.semantic.mode: [none, in_context]}'")
+    return [[(str(k), [_plan_value(v) for v in (vs if isinstance(vs, list) else [vs])]) for k, vs in g.items()]
+            for g in plan]
+
+
+def _plan_value(value) -> str:
+    """A YAML value as the text of a `key=value` override."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value) if not isinstance(value, (list, dict)) else __import__("json").dumps(value)
+
+
 def make_variants(grid: list[tuple[str, list[str]]], seeds: list[int]) -> list[Variant]:
     """The cartesian product of the grid's values, times the seeds."""
     keys = [k for k, _ in grid]
@@ -104,10 +130,25 @@ def make_variants(grid: list[tuple[str, list[str]]], seeds: list[int]) -> list[V
         for seed in seeds:
             overrides = [f"{k}={v}" for k, v in zip(keys, values)] + [f"train.seed={seed}", f"model.seed={seed}"]
             out.append(Variant(f"{group}__seed={seed}", group, overrides, seed))
-    names = [v.name for v in out]
+    check_unique(out)
+    return out
+
+
+def plan_variants(grids: list[list[tuple[str, list[str]]]], seeds: list[int]) -> list[Variant]:
+    """Every grid's variants, in order (a row that several grids give is run once)."""
+    out, seen = [], set()
+    for grid in grids:
+        for v in make_variants(grid, seeds):
+            if v.name not in seen:
+                seen.add(v.name)
+                out.append(v)
+    return out
+
+
+def check_unique(variants: list[Variant]) -> None:
+    names = [v.name for v in variants]
     if len(set(names)) != len(names):
         raise Vis2IRError("--grid: two variants get the same folder name; use keys whose last parts differ")
-    return out
 
 
 def _safe(value: str) -> str:
@@ -119,10 +160,12 @@ def _safe(value: str) -> str:
 
 
 def run_ablation(config: str | Path, grid_items, seeds: str = "0", out: str | Path = "runs/ablate", overrides=(),
-                 shard: str = "0/1", collect: bool = False, device=None, progress: bool = True) -> Path:
+                 shard: str = "0/1", collect: bool = False, device=None, progress: bool = True,
+                 plan: str | Path | None = None) -> Path:
     """Run this process's share of the variants (skipping finished ones), then tabulate; returns results.md."""
     out = Path(out)
-    variants = make_variants(parse_grid(grid_items), parse_seeds(seeds))
+    grids = ([parse_grid(grid_items)] if grid_items or not plan else []) + (load_plan(plan) if plan else [])
+    variants = plan_variants(grids, parse_seeds(seeds))
     base = load_config(config, overrides)
     for v in variants:  # every variant's settings are checked before the first one trains
         load_config(config, [*overrides, *v.overrides])

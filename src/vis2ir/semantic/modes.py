@@ -51,11 +51,6 @@ def build_canvas(mode: str, visible: torch.Tensor, infrared: torch.Tensor | None
     return canvas, mask
 
 
-def semantic_canvas(semantic: torch.Tensor) -> torch.Tensor:
-    """`[semantic | semantic]`: the map describes both pixel-aligned halves (DESIGN §4.1)."""
-    return torch.cat([semantic, semantic], dim=-1)
-
-
 def target_tokens(mode: str, rows: int, cols: int, device=None) -> torch.Tensor:
     """Boolean `[rows·cols]`: which packed tokens of the canvas belong to the target panel."""
     n = num_panels(mode)
