@@ -2,14 +2,16 @@
 # Run one `vis2ir ablate` over every GPU of this machine, several runs side by side on each.
 #
 #   scripts/ablate_gpus.sh RUNS_PER_GPU ABLATE_ARGS...
-#   scripts/ablate_gpus.sh 4 --config configs/ablation.yaml --plan configs/ablation_modes.yaml \
+#   scripts/ablate_gpus.sh 4 --config configs/ablation.yaml --plan configs/plans/ablation_modes.yaml \
 #       --seeds 0,1 --out runs/ablation
 #
 # GPUs × RUNS_PER_GPU processes each take every n-th variant (`--shard i/n`), one GPU each
 # (CUDA_VISIBLE_DEVICES); a small from-scratch model leaves an H100 mostly idle, so several runs per
 # GPU finish sooner than one after another. Logs: OUT/logs/shard-i.log. Finished variants are
 # skipped, so rerunning the same command resumes. Ends with the table (`--collect`).
+# The interpreter is $PYTHON (default python3, the one holding torch and vis2ir).
 set -euo pipefail
+py=${PYTHON:-python3}
 per_gpu=${1:?usage: scripts/ablate_gpus.sh RUNS_PER_GPU ABLATE_ARGS...}
 shift
 out=runs/ablate
@@ -21,11 +23,11 @@ n=$((gpus * per_gpu))
 mkdir -p "$out/logs"
 pids=()
 for ((i = 0; i < n; i++)); do
-  CUDA_VISIBLE_DEVICES=$((i % gpus)) python -m vis2ir.cli ablate "$@" --shard "$i/$n" > "$out/logs/shard-$i.log" 2>&1 &
+  CUDA_VISIBLE_DEVICES=$((i % gpus)) "$py" -m vis2ir.cli ablate "$@" --shard "$i/$n" > "$out/logs/shard-$i.log" 2>&1 &
   pids+=($!)
 done
 echo "$n processes on $gpus GPUs, logs in $out/logs/"
 failed=0
 for ((i = 0; i < n; i++)); do wait "${pids[i]}" || { echo "shard $i/$n failed: $out/logs/shard-$i.log" >&2; failed=1; }; done
-python -m vis2ir.cli ablate "$@" --collect
+"$py" -m vis2ir.cli ablate "$@" --collect
 exit $failed

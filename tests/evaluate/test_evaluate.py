@@ -198,3 +198,50 @@ def test_colour_predictions_are_flagged(tmp_path, caplog):
     evaluate_folders(tmp_path / "colour", tmp_path / "truth", out=tmp_path / "o2")
     assert "1 predictions are in colour (first: a.png)" in caplog.text
     assert is_grey(torch.full((3, 4, 4), 0.5)) and not is_grey(torch.rand(3, 4, 4))
+
+
+def test_ablate_gpus_script_shares_the_plan(tiny_config, tmp_path):
+    """scripts/ablate_gpus.sh: GPUs × runs-per-GPU shards (one fake GPU here, two runs on it), then the table."""
+    import os
+    import stat
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: fake'\n")
+    (fake / "nvidia-smi").chmod(stat.S_IRWXU)
+    base = tmp_path / "base.yaml"
+    tiny_config(*TINY_RUN, "eval.limit=2").save(base)
+    (tmp_path / "plan.yaml").write_text("- {model.semantic.mode: [none, channel_concat]}\n")
+    env = {**os.environ, "PATH": f"{fake}{os.pathsep}{os.environ['PATH']}", "PYTHON": sys.executable,
+           "PYTHONPATH": str(root / "src")}
+    out = tmp_path / "abl"
+    done = subprocess.run(["bash", str(root / "scripts" / "ablate_gpus.sh"), "2", "--config", str(base), "--plan",
+                           str(tmp_path / "plan.yaml"), "--out", str(out)], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "2 processes on 1 GPUs" in done.stdout
+    logs = {p.name: p.read_text() for p in (out / "logs").glob("shard-*.log")}
+    assert "(shard 0/2)" in logs["shard-0.log"] and "(shard 1/2)" in logs["shard-1.log"]
+    text = (out / "results.md").read_text()
+    assert "| mode=none |" in text and "| mode=channel_concat |" in text and "not finished" not in text
+
+
+def test_shipped_plans_make_valid_variants():
+    """Every row of the shipped plans is a valid config on top of configs/ablation.yaml."""
+    from pathlib import Path
+
+    from vis2ir.config import load_config
+
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    plans = sorted((configs / "plans").glob("*.yaml"))
+    assert plans
+    for plan in plans:
+        variants = plan_variants(load_plan(plan), [0, 1])
+        for v in variants:
+            load_config(configs / "ablation.yaml", v.overrides)
+    modes = plan_variants(load_plan(configs / "plans" / "ablation_modes.yaml"), [0])
+    assert len(modes) == 8  # four modes + cross-attention × {none, rope} × {noisy, condition}
