@@ -251,23 +251,27 @@ def save_attention_maps(directory: str | Path, visible: np.ndarray, att: Attenti
     return written
 
 
-def labelled_grid(columns: dict[str, torch.Tensor], rows: int = 8, cell: int = 96) -> np.ndarray:
-    """A picture of named columns of images `[B, 3, H, W]` in [0, 1], one scene per row, names on top.
+def labelled_grid(columns: dict[str, torch.Tensor], rows: int = 8, cell: int = 96, transpose: bool = False) -> np.ndarray:
+    """A picture of named sets of images `[B, 3, H, W]` in [0, 1]: one set per column with its name
+    on top and one scene per row, or with `transpose` one set per row, its name on the left.
 
-    Columns other than `visible` and `semantic` are infrared: shown grey (the channel mean).
+    Sets other than `visible` and `semantic` are infrared: shown grey (the channel mean).
     """
     first = next(iter(columns.values()))
     n = min(rows, first.shape[0])
     h, w = first.shape[-2:]
     scale = max(1, cell // max(h, w))
-    ch, cw, gap, head = h * scale, w * scale, 2, 14
-    sheet = Image.new("RGB", (len(columns) * (cw + gap), head + n * (ch + gap)), "white")
+    ch, cw, gap = h * scale, w * scale, 2
+    top, left = (0, 7 * max(len(name) for name in columns) + 6) if transpose else (14, 0)
+    sets, scenes = (len(columns), n) if transpose else (n, len(columns))  # grid rows, grid columns
+    sheet = Image.new("RGB", (left + scenes * (cw + gap), top + sets * (ch + gap)), "white")
     draw = ImageDraw.Draw(sheet)
     for c, (name, images) in enumerate(columns.items()):
-        draw.text((c * (cw + gap) + 2, 1), name, fill="black")
+        draw.text((2, c * (ch + gap) + ch // 2 - 5) if transpose else (c * (cw + gap) + 2, 1), name, fill="black")
         for r in range(n):
             image = images[r].float().cpu()
             image = image if name in ("visible", "semantic") else image.mean(0, keepdim=True).expand(3, -1, -1)
             tile = (image.clamp(0, 1).permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
-            sheet.paste(Image.fromarray(tile).resize((cw, ch), Image.NEAREST), (c * (cw + gap), head + r * (ch + gap)))
+            col, row = (r, c) if transpose else (c, r)
+            sheet.paste(Image.fromarray(tile).resize((cw, ch), Image.NEAREST), (left + col * (cw + gap), top + row * (ch + gap)))
     return np.asarray(sheet)

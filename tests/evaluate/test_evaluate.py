@@ -159,6 +159,10 @@ def test_ablation_runs_resumes_and_collects(tiny_config, tmp_path, caplog):
     oracle, constant = float(rows["ref: class_oracle"]["psnr"]), float(rows["ref: constant"]["psnr"])
     assert oracle > constant  # the class-mean oracle beats a constant image
     assert (tmp_path / "abl" / "results.png").exists()
+    from PIL import Image
+
+    sheet = Image.open(tmp_path / "abl" / "samples.png")  # visible, semantic, truth + 2 rows of predictions
+    assert sheet.height == 5 * (64 + 2) and sheet.width > 3 * (64 + 2)
     caplog.clear()
     run_ablation(base, grid, seeds="0", out=tmp_path / "abl", progress=False)
     assert caplog.text.count("done already, skipped") == 2 and "Training" not in caplog.text

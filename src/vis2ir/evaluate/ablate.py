@@ -8,6 +8,7 @@
       references.json                the reference predictors (class-mean oracle, visible lookup, constant)
       results.md, results.csv        mean ± spread (sample standard deviation) over seeds
       results.png                    PSNR and the look-alike classes' errors per row
+      samples.png                    the first test scenes: visible, semantic, truth, each row's prediction
 
 Every variant shares the base config, data and step budget; it differs only by its grid values and
 its seed (`train.seed` and `model.seed`). `--grid KEY=V1,V2` gives one grid (the product of its
@@ -177,7 +178,9 @@ def run_ablation(config: str | Path, grid_items, seeds: str = "0", out: str | Pa
         for i, v in enumerate(mine, 1):
             run_variant(config, overrides, v, out, f"[{i}/{len(mine)}]", device, progress)
         references(base, out)
-    return tabulate(out, variants)
+    table = tabulate(out, variants)
+    sample_sheet(base, out, variants)
+    return table
 
 
 def run_variant(config, overrides, v: Variant, out: Path, tag: str, device=None, progress: bool = True) -> dict:
@@ -293,6 +296,33 @@ def tabulate(out: Path, variants: list[Variant]) -> Path:
         _plot(out / "results.png", rows)
     log.info("Results (%d rows, %d variants missing): %s", len(rows), len(missing), path)
     return path
+
+
+def sample_sheet(cfg: Config, out: Path, variants: list[Variant], scenes: int = 6) -> Path | None:
+    """`samples.png`: one row each for the first test scenes' visible, semantic and truth images, then
+    one per table row with its first finished seed's predictions of them."""
+    from vis2ir.evaluate.run import load_split
+    from vis2ir.pipeline import read_image, to_tensor
+    from vis2ir.visualize import labelled_grid, write_png
+
+    folders = {}
+    for v in variants:
+        pred = out / "variants" / v.name / "eval" / "pred"
+        if v.group not in folders and (out / "variants" / v.name / RESULT_FILE).exists():
+            folders[v.group] = pred
+    if not folders:
+        return None
+    import torch
+
+    samples = load_split(cfg, "test", min(scenes, cfg.eval.limit or scenes), needs_semantic=True)  # those evaluated
+    sheet = {"visible": torch.stack([s["visible"] for s in samples]),
+             "semantic": torch.stack([s["semantic"] for s in samples]),
+             "truth": torch.stack([s["infrared"] for s in samples])}
+    for group, folder in folders.items():
+        paths = [folder / f"{s['name']}.png" for s in samples]
+        if all(p.exists() for p in paths):
+            sheet[group] = torch.stack([to_tensor(read_image(p), str(p)) for p in paths])
+    return write_png(out / "samples.png", labelled_grid(sheet, rows=scenes, cell=64, transpose=True))
 
 
 def _csv_row(group: str, seeds: int, stats: dict[str, tuple[float, float]]) -> dict:
