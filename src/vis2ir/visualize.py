@@ -267,7 +267,8 @@ def labelled_grid(columns: dict[str, torch.Tensor], rows: int = 8, cell: int = 9
     sheet = Image.new("RGB", (left + scenes * (cw + gap), top + sets * (ch + gap)), "white")
     draw = ImageDraw.Draw(sheet)
     for c, (name, images) in enumerate(columns.items()):
-        draw.text((2, c * (ch + gap) + ch // 2 - 5) if transpose else (c * (cw + gap) + 2, 1), name, fill="black")
+        label = name if transpose else _fit(draw, name, cw - 2)
+        draw.text((2, c * (ch + gap) + ch // 2 - 5) if transpose else (c * (cw + gap) + 2, 1), label, fill="black")
         for r in range(n):
             image = images[r].float().cpu()
             image = image if name in ("visible", "semantic") else image.mean(0, keepdim=True).expand(3, -1, -1)
@@ -275,3 +276,12 @@ def labelled_grid(columns: dict[str, torch.Tensor], rows: int = 8, cell: int = 9
             col, row = (r, c) if transpose else (c, r)
             sheet.paste(Image.fromarray(tile).resize((cw, ch), Image.NEAREST), (left + col * (cw + gap), top + row * (ch + gap)))
     return np.asarray(sheet)
+
+
+def _fit(draw: ImageDraw.ImageDraw, text: str, width: int) -> str:
+    """`text`, cut short with '…' to fit `width` pixels."""
+    if draw.textlength(text) <= width:
+        return text
+    while text and draw.textlength(text + "…") > width:
+        text = text[:-1]
+    return text + "…"

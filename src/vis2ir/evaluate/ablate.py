@@ -170,13 +170,14 @@ def run_ablation(config: str | Path, grid_items, seeds: str = "0", out: str | Pa
     base = load_config(config, overrides)
     for v in variants:  # every variant's settings are checked before the first one trains
         load_config(config, [*overrides, *v.overrides])
+    rank, world = parse_shard(shard)
     if not collect:
-        rank, world = parse_shard(shard)
         mine = variants[rank::world]
         log.info("Ablation: %d variants (%d seeds), %d in this process (shard %d/%d) -> %s", len(variants),
                  len(parse_seeds(seeds)), len(mine), rank, world, out)
         for i, v in enumerate(mine, 1):
             run_variant(config, overrides, v, out, f"[{i}/{len(mine)}]", device, progress)
+    if collect or rank == 0:  # once (cached); several shards at once would all compute it
         references(base, out)
     table = tabulate(out, variants)
     sample_sheet(base, out, variants)
