@@ -37,15 +37,10 @@ TEXT_FILES = ("text_encoder/config.json", "text_encoder_2/config.json", "tokeniz
 
 @dataclass
 class PromptEmbeds:
-    """T5 sequence embeddings `[1, L, D]`, CLIP pooled embedding `[1, P]` and `txt_ids [L, 3]`."""
+    """T5 sequence embeddings `[1, L, D]` and the CLIP pooled embedding `[1, P]` (FLUX's text ids are zeros)."""
 
     prompt_embeds: torch.Tensor
     pooled_prompt_embeds: torch.Tensor
-
-    @property
-    def text_ids(self) -> torch.Tensor:
-        return torch.zeros(self.prompt_embeds.shape[1], 3, device=self.prompt_embeds.device,
-                           dtype=self.prompt_embeds.dtype)
 
     def to(self, device=None, dtype=None) -> PromptEmbeds:
         return PromptEmbeds(self.prompt_embeds.to(device=device, dtype=dtype),
