@@ -154,7 +154,7 @@ def test_ablation_runs_resumes_and_collects(tiny_config, tmp_path, caplog):
     assert "not finished" not in text
     for row in ("mode=none", "mode=channel_concat", "ref: class_oracle", "ref: visible_lookup", "ref: constant"):
         assert f"| {row} |" in text
-    assert "abs_err/person" in text
+    assert "abs_err/person" in text and "train_minutes" in text
     rows = {r["row"]: r for r in csv.DictReader((tmp_path / "abl" / "results.csv").open())}
     oracle, constant = float(rows["ref: class_oracle"]["psnr"]), float(rows["ref: constant"]["psnr"])
     assert oracle > constant  # the class-mean oracle beats a constant image

@@ -255,11 +255,14 @@ def references(cfg: Config, out: Path) -> dict:
 
 
 def row_values(result: dict) -> dict[str, float]:
-    """The table's numbers of one result: summary metrics and the look-alike classes' errors."""
+    """The table's numbers of one result: summary metrics, the look-alike classes' errors, and the
+    training time in minutes (start-up and rendering included)."""
     values = {k: result["metrics"].get(k) for k in METRICS}
     for c in LOOKALIKE_CLASSES:
         values[f"abs_err/{c}"] = result["classes"].get(c, {}).get("abs_err")
         values[f"hallucinated/{c}"] = result["classes"].get(c, {}).get("hallucinated_heat")
+    seconds = result.get("train_seconds")
+    values["train_minutes"] = None if seconds is None else seconds / 60
     return {k: (float("nan") if v is None else float(v)) for k, v in values.items()}
 
 
@@ -292,7 +295,7 @@ def tabulate(out: Path, variants: list[Variant]) -> Path:
     notes = f"\n{len(missing)} of {len(variants)} variants not finished yet, e.g. {missing[0]}\n" if missing else ""
     path = write_text(out / "results.md", "# Ablation results\n\nMean ± sample standard deviation over seeds; "
                       "PSNR/SSIM under the ThermalGen protocol, `abs_err/<class>`: mean absolute infrared error on "
-                      f"the class's pixels.\n\n{table}{notes}")
+                      f"the class's pixels; `train_minutes`: each run's training, start-up included.\n\n{table}{notes}")
     if rows:
         _plot(out / "results.png", rows)
     log.info("Results (%d rows, %d variants missing): %s", len(rows), len(missing), path)
