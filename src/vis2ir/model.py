@@ -15,12 +15,11 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+from einops import repeat
 
 from vis2ir.backbone import Backbone, base_in_channels, load_backbone
 from vis2ir.config import Config, SemanticConfig
 from vis2ir.errors import Vis2IRError
-from einops import repeat
-
 from vis2ir.latents import encode_fill_condition, encode_images, encode_images_fill, token_grid, token_width
 from vis2ir.semantic.adapter import SemanticConditioningAdapter
 from vis2ir.semantic.modes import SEMANTIC_TOKEN_MODES, build_canvas, target_tokens, widen_x_embedder
