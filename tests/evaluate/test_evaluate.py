@@ -180,6 +180,17 @@ def test_ablation_runs_resumes_and_collects(tiny_config, tmp_path, caplog):
     assert (tmp_path / "abl" / "results.md").read_text() == text
 
 
+def test_cross_attention_variants_get_attention_pictures(tiny_config, tmp_path):
+    base = tmp_path / "base.yaml"
+    tiny_config(*TINY_RUN, "eval.limit=2").save(base)
+    run_ablation(base, ["model.semantic.mode=cross_attention"], out=tmp_path / "abl", progress=False)
+    scenes = sorted((tmp_path / "abl" / "variants" / "mode=cross_attention__seed=0" / "attention").iterdir())
+    assert len(scenes) == 2
+    for scene in scenes:
+        assert {p.name for p in scene.iterdir()} == {"point0.png", "point0_heads.png", "classes.png", "classes.json"}
+        assert json.loads((scene / "classes.json").read_text())  # attention per class region
+
+
 def test_colour_predictions_are_flagged(tmp_path, caplog):
     """Palette images (e.g. ironbow) would be scored by their channel mean: the user is warned."""
     import logging

@@ -4,6 +4,7 @@
       variants/<name>/run/           the variant's training run (`vis2ir.train.train`)
       variants/<name>/trained.json   written when its training ended (a rerun does not train again)
       variants/<name>/eval/          its evaluation on the test split (`evaluate_checkpoint`)
+      variants/<name>/attention/     cross-attention variants: where the adapter looks, on two test scenes
       variants/<name>/result.json    written last: a variant with this file is finished and skipped
       references.json                the reference predictors (class-mean oracle, visible lookup, constant)
       results.md, results.csv        mean ± spread (sample standard deviation) over seeds
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from vis2ir.config import Config, load_config
 from vis2ir.errors import Vis2IRError
@@ -205,6 +207,8 @@ def run_variant(config, overrides, v: Variant, out: Path, tag: str, device=None,
         write_json(folder / TRAINED_FILE, {"train_seconds": train_seconds})
     started = time.perf_counter()
     ev = evaluate_checkpoint(folder / "run", split="test", out=folder / "eval", device=device)
+    if load_config(config, [*overrides, *v.overrides]).model.semantic.mode == "cross_attention":
+        attention_pictures(folder / "run", folder / "attention", device)
     result = {"name": v.name, "group": v.group, "seed": v.seed, "overrides": v.overrides,
               "metrics": ev["metrics"], "classes": ev["classes"], "skipped": ev["skipped"], "images": ev["images"],
               "train_seconds": train_seconds, "eval_seconds": round(time.perf_counter() - started, 1)}
@@ -212,6 +216,28 @@ def run_variant(config, overrides, v: Variant, out: Path, tag: str, device=None,
     log.info("%s %s: PSNR %.2f dB, SSIM %.3f, %s (train %.0f s, eval %.0f s)", tag, v.name, result["metrics"]["psnr"],
              result["metrics"]["ssim"], _class_line(result["classes"]), result["train_seconds"], result["eval_seconds"])
     return result
+
+
+def attention_pictures(run: Path, out: Path, device=None, scenes: int = 2) -> None:
+    """Heat-maps of where a cross-attention model's adapter looks (`vis2ir visualize`'s pictures) on the
+    first test scenes: from a person's centre when the scene has one, else from the image centre."""
+    from vis2ir.checkpoint import find_checkpoint
+    from vis2ir.data.palette import CLASS_IDS
+    from vis2ir.evaluate.run import load_split, sample_classes
+    from vis2ir.pipeline import Vis2IRPipeline, default_device
+    from vis2ir.visualize import as_rgb8, save_attention_maps
+
+    pipe = Vis2IRPipeline.from_checkpoint(find_checkpoint(run), default_device(device))
+    samples = load_split(pipe.cfg, "test", scenes, needs_semantic=True)
+    result = pipe([s["visible"] for s in samples], [s["semantic"] for s in samples], return_attention=True,
+                  batch_size=len(samples))
+    for s, att in zip(samples, result.attention):
+        classes = sample_classes(s)
+        h, w = s["visible"].shape[-2:]
+        person = (classes == CLASS_IDS["person"]).nonzero() if classes is not None else torch.empty(0, 2)
+        y, x = person.float().mean(0).tolist() if len(person) else (h / 2, w / 2)
+        rgb = {k: as_rgb8(s[k].permute(1, 2, 0).numpy()) for k in ("visible", "semantic")}
+        save_attention_maps(out / s["name"], rgb["visible"], att, [(x, y)], rgb["semantic"])
 
 
 def _class_line(classes: dict) -> str:
@@ -316,8 +342,6 @@ def sample_sheet(cfg: Config, out: Path, variants: list[Variant], scenes: int = 
             folders[v.group] = pred
     if not folders:
         return None
-    import torch
-
     samples = load_split(cfg, "test", min(scenes, cfg.eval.limit or scenes), needs_semantic=True)  # those evaluated
     sheet = {"visible": torch.stack([s["visible"] for s in samples]),
              "semantic": torch.stack([s["semantic"] for s in samples]),
