@@ -189,6 +189,9 @@ def test_cross_attention_variants_get_attention_pictures(tiny_config, tmp_path):
     for scene in scenes:
         assert {p.name for p in scene.iterdir()} == {"point0.png", "point0_heads.png", "classes.png", "classes.json"}
         assert json.loads((scene / "classes.json").read_text())  # attention per class region
+    result = json.loads((tmp_path / "abl" / "variants" / "mode=cross_attention__seed=0" / "result.json").read_text())
+    assert 0 < result["adapter_scale"] < 0.1  # from 0, two steps of at most ~lr each
+    assert "adapter_scale" in (tmp_path / "abl" / "results.md").read_text()
 
 
 def test_colour_predictions_are_flagged(tmp_path, caplog):

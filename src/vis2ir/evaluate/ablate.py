@@ -207,15 +207,28 @@ def run_variant(config, overrides, v: Variant, out: Path, tag: str, device=None,
         write_json(folder / TRAINED_FILE, {"train_seconds": train_seconds})
     started = time.perf_counter()
     ev = evaluate_checkpoint(folder / "run", split="test", out=folder / "eval", device=device)
+    scale = None
     if load_config(config, [*overrides, *v.overrides]).model.semantic.mode == "cross_attention":
         attention_pictures(folder / "run", folder / "attention", device)
+        scale = adapter_scale(folder / "run")
     result = {"name": v.name, "group": v.group, "seed": v.seed, "overrides": v.overrides,
               "metrics": ev["metrics"], "classes": ev["classes"], "skipped": ev["skipped"], "images": ev["images"],
-              "train_seconds": train_seconds, "eval_seconds": round(time.perf_counter() - started, 1)}
+              "train_seconds": train_seconds, "eval_seconds": round(time.perf_counter() - started, 1),
+              "adapter_scale": scale}
     write_json(folder / RESULT_FILE, result)
     log.info("%s %s: PSNR %.2f dB, SSIM %.3f, %s (train %.0f s, eval %.0f s)", tag, v.name, result["metrics"]["psnr"],
              result["metrics"]["ssim"], _class_line(result["classes"]), result["train_seconds"], result["eval_seconds"])
     return result
+
+
+def adapter_scale(run: Path) -> float:
+    """The trained adapter's residual scale, |scale| averaged over its layers (it starts at `scale_init`)."""
+    from safetensors.torch import load_file
+
+    from vis2ir.checkpoint import ADAPTER_FILE, find_checkpoint
+
+    weights = load_file(str(find_checkpoint(run) / ADAPTER_FILE))
+    return float(torch.stack([t.float().abs() for k, t in weights.items() if k.endswith("scale")]).mean())
 
 
 def attention_pictures(run: Path, out: Path, device=None, scenes: int = 2) -> None:
@@ -287,6 +300,7 @@ def row_values(result: dict) -> dict[str, float]:
     for c in LOOKALIKE_CLASSES:
         values[f"abs_err/{c}"] = result["classes"].get(c, {}).get("abs_err")
         values[f"hallucinated/{c}"] = result["classes"].get(c, {}).get("hallucinated_heat")
+    values["adapter_scale"] = result.get("adapter_scale")
     seconds = result.get("train_seconds")
     values["train_minutes"] = None if seconds is None else seconds / 60
     return {k: (float("nan") if v is None else float(v)) for k, v in values.items()}
@@ -321,7 +335,8 @@ def tabulate(out: Path, variants: list[Variant]) -> Path:
     notes = f"\n{len(missing)} of {len(variants)} variants not finished yet, e.g. {missing[0]}\n" if missing else ""
     path = write_text(out / "results.md", "# Ablation results\n\nMean ± sample standard deviation over seeds; "
                       "PSNR/SSIM under the ThermalGen protocol, `abs_err/<class>`: mean absolute infrared error on "
-                      f"the class's pixels; `train_minutes`: each run's training, start-up included.\n\n{table}{notes}")
+                      "the class's pixels; `adapter_scale`: the trained adapter's |scale| (mean over layers); "
+                      f"`train_minutes`: each run's training, start-up included.\n\n{table}{notes}")
     if rows:
         _plot(out / "results.png", rows)
     log.info("Results (%d rows, %d variants missing): %s", len(rows), len(missing), path)
