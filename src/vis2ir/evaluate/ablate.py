@@ -294,8 +294,8 @@ def references(cfg: Config, out: Path) -> dict:
 
 
 def row_values(result: dict) -> dict[str, float]:
-    """The table's numbers of one result: summary metrics, the look-alike classes' errors, and the
-    training time in minutes (start-up and rendering included)."""
+    """The table's numbers of one result: summary metrics, the look-alike classes' errors, the trained
+    adapter's scale (cross-attention only) and the training time in minutes (start-up included)."""
     values = {k: result["metrics"].get(k) for k in METRICS}
     for c in LOOKALIKE_CLASSES:
         values[f"abs_err/{c}"] = result["classes"].get(c, {}).get("abs_err")
