@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import string
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from vis2ir.config import ModelConfig
 from vis2ir.errors import Vis2IRError
 from vis2ir.hub import check_hub, is_local, local_folder
 from vis2ir.latents import Codec, PixelCodec, VAECodec, mask_width, token_width
+from vis2ir.visualize import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -214,11 +214,9 @@ def prompt_embeddings(cfg: ModelConfig, load_encoders) -> PromptEmbeds:
     encoders = load_encoders()
     embeds = encode_prompt(encoders, cfg.prompt, cfg.max_sequence_length)
     del encoders  # the text encoders are not needed again
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    save_file({"prompt_embeds": embeds.prompt_embeds.contiguous(),
-               "pooled_prompt_embeds": embeds.pooled_prompt_embeds.contiguous()}, str(tmp))
-    os.replace(tmp, path)
+    tensors = {"prompt_embeds": embeds.prompt_embeds.contiguous(),
+               "pooled_prompt_embeds": embeds.pooled_prompt_embeds.contiguous()}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
     log.info("Prompt embeddings cached at %s", path)
     return embeds
 

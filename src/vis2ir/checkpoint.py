@@ -52,13 +52,6 @@ def add_lora(transformer: torch.nn.Module, cfg: LoraConfig) -> None:
     ))
 
 
-def lora_state_dict(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The LoRA weights (peft keys; `save_lora_weights` adds diffusers' `transformer.` prefix)."""
-    from peft import get_peft_model_state_dict
-
-    return _plain(get_peft_model_state_dict(transformer))
-
-
 # ----------------------------------------------------------------------------------------------
 # Saving
 
@@ -87,10 +80,12 @@ def save_weights(directory: str | Path, model, cfg: Config) -> Path:
 
 def _save_lora(directory: Path, transformer, cfg: LoraConfig, dtype: torch.dtype) -> None:
     from diffusers import FluxFillPipeline
+    from peft import get_peft_model_state_dict
 
+    # peft keys; `save_lora_weights` adds diffusers' `transformer.` prefix
+    lora = _plain(get_peft_model_state_dict(transformer), dtype)
     metadata = {"r": cfg.rank, "lora_alpha": cfg.alpha, "target_modules": cfg.target_modules}
-    FluxFillPipeline.save_lora_weights(directory, transformer_lora_layers=_plain(lora_state_dict(transformer), dtype),
-                                       transformer_lora_adapter_metadata=metadata)
+    FluxFillPipeline.save_lora_weights(directory, transformer_lora_layers=lora, transformer_lora_adapter_metadata=metadata)
 
 
 def _plain(state: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:

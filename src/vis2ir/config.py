@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
-from vis2ir.errors import Vis2IRError
+from vis2ir.errors import Vis2IRError, first_line
 
 ICEDIT_PROMPT = (
     "A diptych with two side-by-side images of the same scene. On the right, the scene is exactly "
@@ -335,10 +335,9 @@ class Config:
 
     def save(self, path: str | Path) -> None:
         """Write the config as YAML, atomically."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-        os.replace(tmp, path)
+        from vis2ir.visualize import write_text  # not at the top: the config loads before torch
+
+        write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -357,7 +356,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         try:
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML ({_first_line(err)})") from None
+            raise ConfigError(f"{path}: not valid YAML ({first_line(err)})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of sections (model, data, train, sample, eval)")
     for item in overrides:
@@ -483,7 +482,3 @@ def _to_plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_to_plain(v) for v in value]
     return value
-
-
-def _first_line(err: Exception) -> str:
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -11,13 +11,11 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from vis2ir.config import Config, load_config
@@ -72,14 +70,12 @@ def run_demo(out_dir: str | Path = "outputs/demo", config_path: str | None = Non
     if trained_model is not None:
         report["training"] = _short_training(cfg, checkpoint, out / "train", train_steps)
     report["seconds"] = round(time.perf_counter() - started, 1)
+    from vis2ir.evaluate.report import write_json
     from vis2ir.visualize import labelled_grid, write_png
 
     columns = {"visible": batch["visible"], "semantic": batch["semantic"], "truth": batch["infrared"], **predictions}
     write_png(out / "report.png", labelled_grid(columns, rows=8))
-    path = out / "metrics.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, path)
+    path = write_json(out / "metrics.json", report)
     _log_summary(report, out)
     return path
 
@@ -124,16 +120,16 @@ def _save_attention(directory: Path, batch: dict, attention, model) -> None:
     if attention is None:
         return
     from vis2ir.latents import token_grid
-    from vis2ir.visualize import AttentionMaps, save_attention_maps
+    from vis2ir.visualize import AttentionMaps, as_rgb8, save_attention_maps
 
     h, w = batch["visible"].shape[-2:]
     rows, cols = token_grid(model.codec, h, 2 * w)
     for i in range(min(2, batch["visible"].shape[0])):
         weights = torch.stack([a[i] for a in attention])
         att = AttentionMaps(weights, rows, cols, (h, w))
-        vis = _rgb8(batch["visible"][i])
+        vis, sem = (as_rgb8(batch[k][i].permute(1, 2, 0).numpy()) for k in ("visible", "semantic"))
         points = [(0.5 * w, 0.6 * h), (0.25 * w, 0.8 * h)]  # input pixels (x, y)
-        save_attention_maps(directory / f"scene{i}", vis, att, points, _rgb8(batch["semantic"][i]))
+        save_attention_maps(directory / f"scene{i}", vis, att, points, sem)
 
 
 def _short_training(cfg: Config, checkpoint: Path, out: Path, steps: int) -> dict:
@@ -154,10 +150,6 @@ def _short_training(cfg: Config, checkpoint: Path, out: Path, steps: int) -> dic
     return {"steps": len(losses), "first_loss": losses[0] if losses else None,
             "last_loss": losses[-1] if losses else None, "seconds": round(time.perf_counter() - started, 1),
             "run_dir": str(run)}
-
-
-def _rgb8(image: torch.Tensor) -> np.ndarray:
-    return (image.clamp(0, 1).permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
 
 
 def _log_summary(report: dict, out: Path) -> None:

@@ -10,7 +10,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from vis2ir.errors import Vis2IRError
+from vis2ir.errors import Vis2IRError, first_line
 
 Fail = Callable[[str], Vis2IRError]
 
@@ -52,8 +52,3 @@ def check_hub(repo_id: str, fail: Fail) -> None:
         raise fail(f"the Hub answered {first_line(err)}") from None
     except Exception as err:  # noqa: BLE001 - network errors come from several libraries
         raise fail(f"the Hub cannot be reached ({first_line(err)})") from None
-
-
-def first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__

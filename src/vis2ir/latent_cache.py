@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -28,6 +27,7 @@ from vis2ir.errors import Vis2IRError
 from vis2ir.latents import image_ids, token_grid
 from vis2ir.model import Encoded, encode_batch
 from vis2ir.semantic.modes import NEEDS_SEMANTIC, num_panels
+from vis2ir.visualize import atomic_write, write_text
 
 log = logging.getLogger(__name__)
 
@@ -80,15 +80,12 @@ def build_latent_cache(cfg: Config, out: str | Path, split: str = "train", batch
                     if value is not None:
                         tensors.setdefault(key + ("_flip" if flipped else ""), []).append(value.cpu())
         name = f"shard-{len(shards):05d}.safetensors"
-        tmp = out / f".{name}.tmp"
-        save_file({k: torch.cat(v).contiguous() for k, v in tensors.items()}, str(tmp))
-        os.replace(tmp, out / name)
+        shard = {k: torch.cat(v).contiguous() for k, v in tensors.items()}
+        atomic_write(out / name, lambda tmp, shard=shard: save_file(shard, str(tmp)))
         shards.append(name)
     meta = {"fingerprint": fingerprint(cfg), "split": split, "count": len(names), "names": names,
             "shards": shards, "shard_size": SHARD_SIZE, "flips": flips}
-    tmp = out / f".{META_FILE}.tmp"
-    tmp.write_text(json.dumps(meta))
-    os.replace(tmp, out / META_FILE)
+    write_text(out / META_FILE, json.dumps(meta))
     log.info("Cached %d %s samples%s in %s", len(names), split, " (both orientations)" if flips else "", out)
     return out
 

@@ -93,8 +93,6 @@ class Vis2IRModel(torch.nn.Module):
 
         self.adapter = None
         if self.mode == "cross_attention":
-            if width % semantic.num_heads:
-                raise Vis2IRError(f"model.semantic.num_heads={semantic.num_heads} must divide the token width {width}")
             with torch.random.fork_rng(devices=[]):  # the same adapter for the same seed, every build
                 torch.manual_seed(seed + 1)
                 self.adapter = SemanticConditioningAdapter(
@@ -112,7 +110,7 @@ class Vis2IRModel(torch.nn.Module):
         log.info("Semantic mode: %s", self.mode)
         if self.adapter is not None:
             s = self.semantic
-            n = sum(p.numel() for p in self.adapter.parameters())
+            n = self.adapter.num_parameters
             log.info("Using Cross-Attention with %d layers, %d heads", s.num_layers, s.num_heads)
             log.info("Semantic cross-attention: %d parameters (%d per layer), position=%s, inject_into=%s",
                      n, n // s.num_layers, s.position, s.inject_into)

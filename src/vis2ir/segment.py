@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from vis2ir.config import DEFAULT_SEGMENTER
 from vis2ir.data.palette import (CLASS_NAMES, THING_IDS, VOID, class_for_label, colourise, legend_entries,
                                  legend_image)
-from vis2ir.errors import Vis2IRError
+from vis2ir.errors import Vis2IRError, first_line
 from vis2ir.hub import check_hub, is_local, local_folder
 from vis2ir.visualize import write_png, write_text
 
@@ -68,7 +68,7 @@ def load_panoptic_model(model: str, device: torch.device):
         loader = AutoProcessor if net.config.model_type == "oneformer" else AutoImageProcessor
         processor = loader.from_pretrained(source)
     except (OSError, ValueError) as err:
-        raise fail(f"it cannot be read ({str(err).strip().splitlines()[0] if str(err).strip() else err!r})") from None
+        raise fail(f"it cannot be read ({first_line(err)})") from None
     if not hasattr(processor, "post_process_panoptic_segmentation"):
         raise fail(f"{type(net).__name__} is not a panoptic segmenter (use Mask2Former or OneFormer)")
     return processor, net.to(device).eval()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,30 +82,28 @@ def side_by_side(panels: list[np.ndarray], gap: int = 4) -> np.ndarray:
     return out
 
 
-def write_text(path: str | Path, text: str) -> Path:
-    """Write `text` atomically (a temporary file, then `os.replace`)."""
+def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
+    """Create `path` atomically: `write(tmp)` fills a temporary file beside it, then `os.replace`;
+    a failed write leaves the old file (if any) and no temporary file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(text)
+        write(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write `text` atomically."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def write_png(path: str | Path, image: np.ndarray) -> Path:
-    """Save a uint8 / uint16 array as PNG, atomically (a temporary file, then `os.replace`)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        Image.fromarray(image).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    """Save a uint8 / uint16 array as PNG, atomically."""
+    return atomic_write(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
 
 
 # ----------------------------------------------------------------------------------------------

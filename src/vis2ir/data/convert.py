@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -21,6 +20,7 @@ from vis2ir.data.errors import DataError
 from vis2ir.data.images import Panel, close_panels
 from vis2ir.data.splits import SPLITS
 from vis2ir.data.tables import write_parquet
+from vis2ir.visualize import atomic_write, write_text
 
 log = logging.getLogger(__name__)
 FORMATS = ("folder", "parquet")
@@ -50,10 +50,10 @@ def convert_source(cfg: DataConfig, out: str | Path, fmt: str = "folder") -> Pat
         lists: dict[str, list[str]] = {s: [] for s in SPLITS}
         for r in tqdm(found.records, desc=f"convert -> {out}", unit="sample"):
             for kind, data in _pngs(reader.open(r, semantic)).items():
-                _write_bytes(out / kind / f"{r.name}.png", data)
+                atomic_write(out / kind / f"{r.name}.png", lambda tmp, data=data: tmp.write_bytes(data))
             lists[r.split].append(r.name)
         for split, names in lists.items():
-            _write_bytes(out / f"{split}.txt", "".join(f"{n}\n" for n in names).encode())
+            write_text(out / f"{split}.txt", "".join(f"{n}\n" for n in names))
     log.info("converted %d samples of %s (%s) to %s in %s", len(found.records), cfg.source, found.layout, fmt, out)
     return out
 
@@ -73,10 +73,3 @@ def _pngs(panels: dict[str, Panel]) -> dict[str, bytes]:
         return out
     finally:
         close_panels(panels)
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)

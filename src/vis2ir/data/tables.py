@@ -14,7 +14,6 @@ from __future__ import annotations
 import glob
 import io
 import json
-import os
 import re
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from vis2ir.data.errors import DataError, describe
 from vis2ir.data.folders import Found, Record
 from vis2ir.data.images import PANEL_KINDS, Panel, open_image, triptych_panels
 from vis2ir.data.splits import assign_splits, split_alias
+from vis2ir.visualize import atomic_write
 
 
 def is_table(source: str) -> bool:
@@ -163,9 +163,9 @@ def write_parquet(path: Path, rows, kinds: tuple[str, ...] = PANEL_KINDS) -> Non
     features.update({c: {"_type": "Image"} for c in columns.values()})
     schema = pa.schema([(cfg.name_column, pa.string())] + [(c, image) for c in columns.values()],
                        metadata={"huggingface": json.dumps({"info": {"features": features}})})
-    batch: list[dict] = []
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+
+    def write(tmp: Path) -> None:
+        batch: list[dict] = []
         with pq.ParquetWriter(tmp, schema) as writer:
             for row in rows:
                 out = {cfg.name_column: row["name"]}
@@ -176,6 +176,5 @@ def write_parquet(path: Path, rows, kinds: tuple[str, ...] = PANEL_KINDS) -> Non
                     batch = []
             if batch:
                 writer.write_table(pa.Table.from_pylist(batch, schema))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    atomic_write(path, write)

@@ -102,24 +102,31 @@ class SemanticCrossAttention(nn.Module):
                 if self.position == "rope" else "")
         return f"dim={self.dim}, heads={self.num_heads}, position={self.position}{rope}"
 
+    def angles(self, x: torch.Tensor, semantic: torch.Tensor, ids: torch.Tensor | None,
+               semantic_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The RoPE angles of the queries and of the keys (one tensor twice when they share ids)."""
+        ids = _check_ids(ids, x.shape[1], "ids")
+        semantic_ids = _check_ids(ids if semantic_ids is None else semantic_ids, semantic.shape[1], "semantic_ids")
+        q_angles = rope_angles(ids, self.head_dim, self.rope_min_wavelength, self.rope_max_wavelength)
+        if semantic_ids is ids:
+            return q_angles, q_angles
+        return q_angles, rope_angles(semantic_ids, self.head_dim, self.rope_min_wavelength, self.rope_max_wavelength)
+
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
         return t.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, semantic: torch.Tensor, ids: torch.Tensor | None = None,
-                semantic_ids: torch.Tensor | None = None, return_attention: bool = False):
+                semantic_ids: torch.Tensor | None = None, return_attention: bool = False, angles=None):
         """`x [B, N, dim]`, `semantic [B, M, dim]`, ids `[N, 3]` / `[M, 3]` (`semantic_ids`
         defaults to `ids`) → `[B, N, dim]`, and the attention `[B, heads, N, M]` (before dropout)
-        when `return_attention`."""
+        when `return_attention`. `angles`: the (query, key) RoPE angles of `self.angles`, when the
+        caller already has them."""
         q = self._heads(self.to_q(self.norm_x(x)))
         s = self.norm_s(semantic)
         k, v = self._heads(self.to_k(s)), self._heads(self.to_v(s))
         if self.position == "rope":
-            ids = _check_ids(ids, x.shape[1], "ids")
-            semantic_ids = ids if semantic_ids is None else semantic_ids
-            semantic_ids = _check_ids(semantic_ids, semantic.shape[1], "semantic_ids")
-            q = apply_rope(q, rope_angles(ids, self.head_dim, self.rope_min_wavelength, self.rope_max_wavelength))
-            k = apply_rope(k, rope_angles(semantic_ids, self.head_dim, self.rope_min_wavelength,
-                                          self.rope_max_wavelength))
+            q_angles, k_angles = angles or self.angles(x, semantic, ids, semantic_ids)
+            q, k = apply_rope(q, q_angles), apply_rope(k, k_angles)
         p = self.dropout if self.training else 0.0
         if return_attention:
             attn = torch.softmax((q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim), dim=-1)
@@ -157,12 +164,15 @@ class SemanticConditioningAdapter(nn.Module):
 
     def forward(self, x: torch.Tensor, semantic: torch.Tensor, ids: torch.Tensor | None = None,
                 semantic_ids: torch.Tensor | None = None, return_attention: bool = False):
-        """As `SemanticCrossAttention.forward`; with `return_attention`, a list of one attention per layer."""
+        """As `SemanticCrossAttention.forward`; with `return_attention`, a list of one attention per layer.
+        Every layer has the same ids, head size and wavelengths: their RoPE angles are computed once."""
+        first = self.layers[0]
+        angles = first.angles(x, semantic, ids, semantic_ids) if first.position == "rope" else None
         maps = []
         for layer in self.layers:
             if return_attention:
-                x, attn = layer(x, semantic, ids, semantic_ids, return_attention=True)
+                x, attn = layer(x, semantic, ids, semantic_ids, return_attention=True, angles=angles)
                 maps.append(attn)
             else:
-                x = layer(x, semantic, ids, semantic_ids)
+                x = layer(x, semantic, ids, semantic_ids, angles=angles)
         return (x, maps) if return_attention else x
