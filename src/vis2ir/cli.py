@@ -242,9 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def quiet() -> None:
-    """One log format; libraries speak only of warnings (Lightning's own handlers removed)."""
-    for name in ("httpx", "httpcore", "urllib3", "filelock", "huggingface_hub", "lightning", "lightning.pytorch",
-                 "lightning.fabric"):
+    """One log format; network and Hub libraries speak only of warnings, transformers and diffusers
+    only of errors. (Lightning's loggers are routed into ours where Lightning is imported: `vis2ir.train`.)"""
+    for name in ("httpx", "httpcore", "urllib3", "filelock", "huggingface_hub"):
         logger = logging.getLogger(name)
         logger.handlers.clear()
         logger.propagate = True

@@ -21,6 +21,7 @@ processes (one per GPU) share a grid; `--collect` only tabulates the results fou
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import math
 import re
@@ -121,7 +122,7 @@ def _plan_value(value) -> str:
         return "null"
     if isinstance(value, bool):
         return str(value).lower()
-    return str(value) if not isinstance(value, (list, dict)) else __import__("json").dumps(value)
+    return str(value) if not isinstance(value, (list, dict)) else json.dumps(value)
 
 
 def make_variants(grid: list[tuple[str, list[str]]], seeds: list[int]) -> list[Variant]:
@@ -168,7 +169,8 @@ def run_ablation(config: str | Path, grid_items, seeds: str = "0", out: str | Pa
     """Run this process's share of the variants (skipping finished ones), then tabulate; returns results.md."""
     out = Path(out)
     grids = ([parse_grid(grid_items)] if grid_items or not plan else []) + (load_plan(plan) if plan else [])
-    variants = plan_variants(grids, parse_seeds(seeds))
+    seed_list = parse_seeds(seeds)
+    variants = plan_variants(grids, seed_list)
     base = load_config(config, overrides)
     for v in variants:  # every variant's settings are checked before the first one trains
         load_config(config, [*overrides, *v.overrides])
@@ -176,11 +178,11 @@ def run_ablation(config: str | Path, grid_items, seeds: str = "0", out: str | Pa
     if not collect:
         mine = variants[rank::world]
         log.info("Ablation: %d variants (%d seeds), %d in this process (shard %d/%d) -> %s", len(variants),
-                 len(parse_seeds(seeds)), len(mine), rank, world, out)
+                 len(seed_list), len(mine), rank, world, out)
         for i, v in enumerate(mine, 1):
             run_variant(config, overrides, v, out, f"[{i}/{len(mine)}]", device, progress)
     if collect or rank == 0:  # once (cached); several shards at once would all compute it
-        references(base, out)
+        references(base, out, device)
     table = tabulate(out, variants)
     sample_sheet(base, out, variants)
     return table
@@ -188,8 +190,9 @@ def run_ablation(config: str | Path, grid_items, seeds: str = "0", out: str | Pa
 
 def run_variant(config, overrides, v: Variant, out: Path, tag: str, device=None, progress: bool = True) -> dict:
     """Train (resuming a partial run) and evaluate one variant, unless its result exists."""
-    from vis2ir.checkpoint import list_checkpoints
+    from vis2ir.checkpoint import find_checkpoint, list_checkpoints
     from vis2ir.evaluate.run import evaluate_checkpoint
+    from vis2ir.pipeline import Vis2IRPipeline, default_device
     from vis2ir.train import train
 
     folder = out / "variants" / v.name
@@ -206,11 +209,13 @@ def run_variant(config, overrides, v: Variant, out: Path, tag: str, device=None,
         train_seconds = round(time.perf_counter() - started, 1)
         write_json(folder / TRAINED_FILE, {"train_seconds": train_seconds})
     started = time.perf_counter()
-    ev = evaluate_checkpoint(folder / "run", split="test", out=folder / "eval", device=device)
+    checkpoint = find_checkpoint(folder / "run")
+    pipe = Vis2IRPipeline.from_checkpoint(checkpoint, default_device(device))  # for scores and pictures
+    ev = evaluate_checkpoint(checkpoint, split="test", out=folder / "eval", pipe=pipe)
     scale = None
-    if load_config(config, [*overrides, *v.overrides]).model.semantic.mode == "cross_attention":
-        attention_pictures(folder / "run", folder / "attention", device)
-        scale = adapter_scale(folder / "run")
+    if pipe.model.adapter is not None:
+        attention_pictures(pipe, folder / "attention")
+        scale = adapter_scale(checkpoint)
     result = {"name": v.name, "group": v.group, "seed": v.seed, "overrides": v.overrides,
               "metrics": ev["metrics"], "classes": ev["classes"], "skipped": ev["skipped"], "images": ev["images"],
               "train_seconds": train_seconds, "eval_seconds": round(time.perf_counter() - started, 1),
@@ -221,26 +226,24 @@ def run_variant(config, overrides, v: Variant, out: Path, tag: str, device=None,
     return result
 
 
-def adapter_scale(run: Path) -> float:
+def adapter_scale(checkpoint: Path) -> float:
     """The trained adapter's residual scale, |scale| averaged over its layers (it starts at `scale_init`)."""
     from safetensors.torch import load_file
 
-    from vis2ir.checkpoint import ADAPTER_FILE, find_checkpoint
+    from vis2ir.checkpoint import ADAPTER_FILE
 
-    weights = load_file(str(find_checkpoint(run) / ADAPTER_FILE))
+    weights = load_file(str(checkpoint / ADAPTER_FILE))
     return float(torch.stack([t.float().abs() for k, t in weights.items() if k.endswith("scale")]).mean())
 
 
-def attention_pictures(run: Path, out: Path, device=None, scenes: int = 2) -> None:
+def attention_pictures(pipe, out: Path, scenes: int = 2) -> None:
     """Heat-maps of where a cross-attention model's adapter looks (`vis2ir visualize`'s pictures) on the
     first test scenes: from a person's centre when the scene has one, else from the image centre."""
-    from vis2ir.checkpoint import find_checkpoint
     from vis2ir.data.palette import CLASS_IDS
-    from vis2ir.evaluate.run import load_split, sample_classes
-    from vis2ir.pipeline import Vis2IRPipeline, default_device
+    from vis2ir.evaluate.baselines import sample_classes
+    from vis2ir.evaluate.run import load_split
     from vis2ir.visualize import as_rgb8, save_attention_maps
 
-    pipe = Vis2IRPipeline.from_checkpoint(find_checkpoint(run), default_device(device))
     samples = load_split(pipe.cfg, "test", scenes, needs_semantic=True)
     result = pipe([s["visible"] for s in samples], [s["semantic"] for s in samples], return_attention=True,
                   batch_size=len(samples))
@@ -258,29 +261,29 @@ def _class_line(classes: dict) -> str:
 
 
 def load_result(path: Path) -> dict:
-    import json
-
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise Vis2IRError(f"{path}: unreadable result ({err}); delete it to rerun the variant") from None
 
 
-def references(cfg: Config, out: Path) -> dict:
+def references(cfg: Config, out: Path, device=None) -> dict:
     """The reference predictors fitted on the base config's training split and scored on its test split
     (computed once, cached in `references.json`)."""
-    from vis2ir.evaluate.baselines import fit_references
-    from vis2ir.evaluate.run import load_split, sample_classes
-    from vis2ir.evaluate.scoring import Scorer
+    from vis2ir.evaluate.baselines import fit_references, sample_classes
+    from vis2ir.evaluate.run import load_split
+    from vis2ir.evaluate.scoring import Scorer, load_networks
+    from vis2ir.pipeline import default_device
 
     path = out / "references.json"
     if path.exists():
         return load_result(path)
     fit = load_split(cfg, "train", cfg.eval.fit_limit, needs_semantic=True)
     test = load_split(cfg, "test", cfg.eval.limit, needs_semantic=True)
-    rows = {}
+    rows, device = {}, default_device(device)
+    networks = load_networks(cfg.eval, device)  # once for the three predictors
     for name, fitted in fit_references(fit).items():
-        scorer = Scorer(cfg.eval)
+        scorer = Scorer(cfg.eval, device, networks)
         for s in test:
             scorer.add(s["name"], fitted.predict(s), s["infrared"], sample_classes(s))
         r = scorer.result()

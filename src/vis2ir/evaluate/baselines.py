@@ -109,9 +109,15 @@ def _colour_keys(visible: torch.Tensor, levels: int) -> torch.Tensor:
     return (q.select(-3, 0) * levels + q.select(-3, 1)) * levels + q.select(-3, 2)
 
 
+def sample_classes(sample: dict) -> torch.Tensor | None:
+    """The sample's class map: its own, decoded from its semantic map, or None."""
+    if "classes" in sample:
+        return sample["classes"]
+    return decode_classes(sample["semantic"]) if "semantic" in sample else None
+
+
 def _class_keys(sample: dict) -> torch.Tensor:
-    classes = sample["classes"] if "classes" in sample else decode_classes(sample["semantic"])
-    return classes.long() + 1  # VOID (-1) -> 0
+    return sample_classes(sample).long() + 1  # VOID (-1) -> 0
 
 
 def _lookup(table: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:

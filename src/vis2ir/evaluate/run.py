@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from vis2ir.config import Config, load_config
 from vis2ir.data.palette import decode_classes
 from vis2ir.errors import Vis2IRError
+from vis2ir.evaluate.baselines import sample_classes
 from vis2ir.evaluate.report import write_report
 from vis2ir.evaluate.scoring import Scorer
 from vis2ir.pipeline import list_images, read_image, to_tensor
@@ -85,14 +86,16 @@ def evaluate_folders(pred: str | Path, truth: str | Path, semantic: str | Path |
 
 def evaluate_checkpoint(checkpoint: str | Path, config: str | Path | None = None, overrides=(),
                         split: str = "test", limit: int | None = None, out: str | Path = "outputs/evaluate",
-                        device=None) -> dict:
+                        device=None, pipe=None) -> dict:
     """Generate with the checkpoint on `split` of the data source (the checkpoint's `data` section, or
-    `config`'s), write the predictions to `out/pred/`, score them, and write the reports."""
+    `config`'s), write the predictions to `out/pred/`, score them, and write the reports. `pipe`: the
+    checkpoint's pipeline, when the caller has already loaded it."""
     from vis2ir.checkpoint import find_checkpoint
     from vis2ir.pipeline import Vis2IRPipeline, default_device
 
     directory = find_checkpoint(checkpoint)
-    pipe = Vis2IRPipeline.from_checkpoint(directory, default_device(device), overrides=overrides, config=config)
+    pipe = pipe or Vis2IRPipeline.from_checkpoint(directory, default_device(device), overrides=overrides,
+                                                  config=config)
     cfg = load_config(config, overrides) if config else pipe.cfg
     limit = limit or cfg.eval.limit
     started = time.perf_counter()
@@ -113,13 +116,6 @@ def load_split(cfg: Config, split: str, limit: int | None, needs_semantic: bool)
     dataset = build_dataset(cfg.data, split, require_semantic=True if needs_semantic else None)
     count = len(dataset) if limit is None else min(limit, len(dataset))
     return [dataset[i] for i in tqdm(range(count), desc=f"load {split}", unit="img", leave=False)]
-
-
-def sample_classes(sample: dict) -> torch.Tensor | None:
-    """The sample's class map: its own, decoded from its semantic map, or None."""
-    if "classes" in sample:
-        return sample["classes"]
-    return decode_classes(sample["semantic"]) if "semantic" in sample else None
 
 
 def predict(pipe, samples: list[dict], batch_size: int, out: Path | None = None) -> list[torch.Tensor]:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from vis2ir.config import EvalConfig
 from vis2ir.data.palette import CLASS_NAMES
 from vis2ir.errors import Vis2IRError
-from vis2ir.evaluate.metrics import ClassAccumulator, prepare, psnr_ssim
+from vis2ir.evaluate.metrics import ClassAccumulator, prepare, psnr_ssim, to_grey
 from vis2ir.evaluate.networks import (ALEXNET_FILE, FID_ENV, FID_FILE, LPIPS_ENV, AlexLPIPS, FIDInception,
                                       MissingWeights, feature_stats, find_weights, frechet_distance)
 
@@ -44,9 +44,10 @@ def load_networks(cfg: EvalConfig, device) -> tuple[dict, dict[str, str]]:
 class Scorer:
     """Add pairs with `add`, then read `result()`."""
 
-    def __init__(self, cfg: EvalConfig, device: str | torch.device = "cpu"):
+    def __init__(self, cfg: EvalConfig, device: str | torch.device = "cpu", networks: tuple | None = None):
+        """`networks`: what `load_networks(cfg, device)` returned, to share between several scorers."""
         self.cfg, self.device = cfg, torch.device(device)
-        self.nets, self.skipped = load_networks(cfg, self.device)
+        self.nets, self.skipped = networks or load_networks(cfg, self.device)
         self.classes = ClassAccumulator(CLASS_NAMES, cfg.hot_percentile)
         self.rows: list[dict] = []
         self.features: dict[str, list[np.ndarray]] = {"pred": [], "truth": []}
@@ -57,7 +58,7 @@ class Scorer:
     def add(self, name: str, pred: torch.Tensor, truth: torch.Tensor, classes: torch.Tensor | None = None) -> dict:
         """One image: `pred`, `truth` `[3|1, H, W]` in [0, 1] (the prediction is resized to the truth's
         size if it differs), `classes` palette ids `[H, W]` at the truth's size, or None."""
-        pred, truth = _grey(pred), _grey(truth)
+        pred, truth = to_grey(pred[None]), to_grey(truth[None])
         if pred.shape[-2:] != truth.shape[-2:]:
             pred = F.interpolate(pred, size=truth.shape[-2:], mode="bilinear", align_corners=False)
         row = {"name": name, **psnr_ssim(pred, truth, "thermalgen")}
@@ -111,9 +112,3 @@ class Scorer:
                 "classes": self.classes.summary() if self.with_classes else {},
                 "per_image": self.rows, "settings": {"hot_percentile": self.cfg.hot_percentile,
                                                      "images_with_classes": self.with_classes}}
-
-
-def _grey(image: torch.Tensor) -> torch.Tensor:
-    """`[3|1, H, W]` → `[1, 1, H, W]` float (the mean of the channels)."""
-    image = image.float()
-    return (image.mean(0, keepdim=True) if image.shape[0] != 1 else image)[None]
