@@ -48,6 +48,21 @@ class StepClock(L.Callback):
             self.peak = torch.cuda.max_memory_allocated()
 
 
+def timed(fn, steps: int, warmup: int, device: torch.device) -> list[float]:
+    """Wall times of `steps` calls of `fn` after `warmup` untimed ones, the GPU synchronised around each."""
+    times = []
+    for i in range(warmup + steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return times
+
+
 def bare_steps(module, cfg, steps: int, warmup: int) -> list[float]:
     """Forward+backward of the transformer alone on random inputs of the training shapes."""
     model = module.model
@@ -70,19 +85,14 @@ def bare_steps(module, cfg, steps: int, warmup: int) -> list[float]:
     assert hidden.shape[-1] - 2 * token_width(model.codec) > 0
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu",
                                                                                                        enabled=False)
-    times = []
     transformer.train()
-    for i in range(warmup + steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+
+    def step():
         with autocast:
             out = transformer(hidden_states=hidden, **kwargs)[0]
         out.float().square().mean().backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
+
+    times = timed(step, steps, warmup, device)
     transformer.zero_grad(set_to_none=True)
     return times
 
@@ -99,15 +109,7 @@ def encode_times(module, cfg, steps: int, warmup: int) -> dict[str, float]:
     images = [batch[k].to(device) if k in batch else None for k in ("visible", "infrared", "semantic")]
 
     def median_time() -> float:
-        times = []
-        for i in range(warmup + steps):
-            torch.cuda.synchronize() if device.type == "cuda" else None
-            start = time.perf_counter()
-            model.encode(*images)
-            torch.cuda.synchronize() if device.type == "cuda" else None
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
-        return statistics.median(times)
+        return statistics.median(timed(lambda: model.encode(*images), steps, warmup, device))
 
     out = {"as trained": median_time()}
     if isinstance(model.codec, VAECodec):

@@ -127,7 +127,7 @@ class atomic_dir:
 
 
 def find_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder from a folder, a run folder (its newest `checkpoints/step-N`), or `latest`."""
+    """A checkpoint folder from a checkpoint folder or a run folder (its newest `checkpoints/step-N`)."""
     path = Path(path)
     if (path / CONFIG_FILE).exists() and not (path / "checkpoints").is_dir():
         return path

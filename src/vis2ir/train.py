@@ -381,8 +381,8 @@ def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
         folder = found[-1]
     else:
         folder = Path(resume)
-        if not (folder / RESUME_FILE).exists() and list_checkpoints(folder):
-            folder = list_checkpoints(folder)[-1]
+        found = [] if (folder / RESUME_FILE).exists() else list_checkpoints(folder)
+        folder = found[-1] if found else folder
     state = folder / RESUME_FILE
     if not state.exists():
         raise Vis2IRError(f"--resume {resume}: {state} not found (expected a checkpoint folder or a run folder)")
