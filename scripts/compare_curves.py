@@ -13,11 +13,13 @@ import csv
 from collections import defaultdict
 from pathlib import Path
 
+from vis2ir.train import metrics_logs
+
 
 def read_metrics(run: Path) -> tuple[dict[int, float], dict[int, float]]:
     """(train loss by step, validation loss by step) over all launches of a run."""
     train, val = {}, {}
-    for path in sorted(run.glob("logs/version_*/metrics.csv")):
+    for path in metrics_logs(run):  # a resumed run's later launches win
         for row in csv.DictReader(path.open()):
             step = int(row["step"])
             if row.get("train/loss"):

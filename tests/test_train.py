@@ -121,3 +121,13 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tiny_confi
 def test_resume_errors(tiny_config, tmp_path):
     with pytest.raises(Vis2IRError, match="--resume latest: no checkpoint under"):
         run(tiny_config, tmp_path, "train.max_steps=3", resume="latest")
+
+
+def test_metrics_logs_are_ordered_by_launch(tmp_path):
+    """version_10 comes after version_2 (the demo reads only the newest: its own launch)."""
+    from vis2ir.train import metrics_logs
+
+    for n in (10, 2, 0):
+        (tmp_path / "logs" / f"version_{n}").mkdir(parents=True)
+        (tmp_path / "logs" / f"version_{n}" / "metrics.csv").write_text("step,train/loss\n")
+    assert [p.parent.name for p in metrics_logs(tmp_path)] == ["version_0", "version_2", "version_10"]

@@ -136,7 +136,7 @@ def _short_training(cfg: Config, checkpoint: Path, out: Path, steps: int) -> dic
     """A real training run from the shipped checkpoint, a few steps long, on this machine."""
     import csv
 
-    from vis2ir.train import train
+    from vis2ir.train import metrics_logs, train
 
     overrides = [f"train.init_from={checkpoint}", f"train.output_dir={out}", f"train.max_steps={steps}",
                  "train.batch_size=4", f"train.checkpoint_every={steps}", f"train.val_every={steps}",
@@ -145,8 +145,8 @@ def _short_training(cfg: Config, checkpoint: Path, out: Path, steps: int) -> dic
     tcfg = load_config(checkpoint / "config.yaml", overrides)
     started = time.perf_counter()
     run = train(tcfg, progress=False)
-    losses = [float(r["train/loss"]) for path in sorted(run.glob("logs/version_*/metrics.csv"))
-              for r in csv.DictReader(path.open()) if r.get("train/loss")]
+    logs = metrics_logs(run)[-1:]  # this launch's log only: an earlier demo may have left its own
+    losses = [float(r["train/loss"]) for path in logs for r in csv.DictReader(path.open()) if r.get("train/loss")]
     return {"steps": len(losses), "first_loss": losses[0] if losses else None,
             "last_loss": losses[-1] if losses else None, "seconds": round(time.perf_counter() - started, 1),
             "run_dir": str(run)}

@@ -370,6 +370,12 @@ class CheckpointExport(L.Callback):
 # Entry point
 
 
+def metrics_logs(run_dir: str | Path) -> list[Path]:
+    """The run's CSV scalar logs (`logs/version_N/metrics.csv`), one per launch, oldest first."""
+    paths = Path(run_dir).glob("logs/version_*/metrics.csv")
+    return sorted(paths, key=lambda p: int(p.parent.name.rpartition("_")[2]))
+
+
 def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
     """`--resume latest` → the newest checkpoint of this run; a folder → its resume state."""
     if resume is None:
