@@ -20,13 +20,16 @@ for ((i = 0; i < ${#args[@]}; i++)); do [[ ${args[i]} == --out ]] && out=${args[
 gpus=$(nvidia-smi -L 2>/dev/null | wc -l)
 if [[ $gpus -lt 1 ]]; then echo "scripts/ablate_gpus.sh: no GPU found (nvidia-smi -L lists none)" >&2; exit 1; fi
 n=$((gpus * per_gpu))
+# Each process gets its share of the CPU cores for its threads, not every core (torch's default).
+threads=$(( $(nproc) / n ))
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( threads > 0 ? threads : 1 ))}
 mkdir -p "$out/logs"
 pids=()
 for ((i = 0; i < n; i++)); do
   CUDA_VISIBLE_DEVICES=$((i % gpus)) "$py" -m vis2ir.cli ablate "$@" --shard "$i/$n" > "$out/logs/shard-$i.log" 2>&1 &
   pids+=($!)
 done
-echo "$n processes on $gpus GPUs, logs in $out/logs/"
+echo "$n processes on $gpus GPUs ($OMP_NUM_THREADS CPU threads each), logs in $out/logs/"
 failed=0
 for ((i = 0; i < n; i++)); do wait "${pids[i]}" || { echo "shard $i/$n failed: $out/logs/shard-$i.log" >&2; failed=1; }; done
 "$py" -m vis2ir.cli ablate "$@" --collect

@@ -236,12 +236,14 @@ def test_ablate_gpus_script_shares_the_plan(tiny_config, tmp_path):
     (tmp_path / "plan.yaml").write_text("- {model.semantic.mode: [none, channel_concat]}\n")
     env = {**os.environ, "PATH": f"{fake}{os.pathsep}{os.environ['PATH']}", "PYTHON": sys.executable,
            "PYTHONPATH": str(root / "src")}
+    env.pop("OMP_NUM_THREADS", None)
     out = tmp_path / "abl"
     done = subprocess.run(["bash", str(root / "scripts" / "ablate_gpus.sh"), "2", "--config", str(base), "--plan",
                            str(tmp_path / "plan.yaml"), "--out", str(out)], env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "2 processes on 1 GPUs" in done.stdout
+    threads = max(1, len(os.sched_getaffinity(0)) // 2)  # each process: its share of the cores (nproc)
+    assert f"2 processes on 1 GPUs ({threads} CPU threads each)" in done.stdout
     logs = {p.name: p.read_text() for p in (out / "logs").glob("shard-*.log")}
     assert "(shard 0/2)" in logs["shard-0.log"] and "(shard 1/2)" in logs["shard-1.log"]
     text = (out / "results.md").read_text()

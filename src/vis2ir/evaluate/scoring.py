@@ -58,13 +58,15 @@ class Scorer:
     def add(self, name: str, pred: torch.Tensor, truth: torch.Tensor, classes: torch.Tensor | None = None) -> dict:
         """One image: `pred`, `truth` `[3|1, H, W]` in [0, 1] (the prediction is resized to the truth's
         size if it differs), `classes` palette ids `[H, W]` at the truth's size, or None."""
-        pred, truth = to_grey(pred[None]), to_grey(truth[None])
+        # On the scorer's device: SSIM at 256×256 is the costly part, and CPU threads are scarce when
+        # several evaluations share a machine (`scripts/ablate_gpus.sh`).
+        pred, truth = to_grey(pred[None].to(self.device)), to_grey(truth[None].to(self.device))
         if pred.shape[-2:] != truth.shape[-2:]:
             pred = F.interpolate(pred, size=truth.shape[-2:], mode="bilinear", align_corners=False)
         row = {"name": name, **psnr_ssim(pred, truth, "thermalgen")}
         row.update({f"{k}_native": v for k, v in psnr_ssim(pred, truth, "native").items()})
         if "lpips" in self.nets:
-            a, b = (prepare(x, "thermalgen").expand(-1, 3, -1, -1).to(self.device) for x in (pred, truth))
+            a, b = (prepare(x, "thermalgen").expand(-1, 3, -1, -1) for x in (pred, truth))
             row["lpips"] = float(self.nets["lpips"](a, b)[0])
         if "fid" in self.nets:
             for key, x in (("pred", pred), ("truth", truth)):  # at the network's input size, batched
@@ -76,7 +78,7 @@ class Scorer:
             if tuple(classes.shape[-2:]) != tuple(truth.shape[-2:]):
                 raise Vis2IRError(f"{name}: semantic map is {list(classes.shape[-2:])}, the truth "
                                   f"{list(truth.shape[-2:])}; they must be the same size")
-            self.classes.add(pred[0, 0], truth[0, 0], classes)
+            self.classes.add(pred[0, 0].cpu(), truth[0, 0].cpu(), classes)
             self.with_classes += 1
         self.rows.append(row)
         return row
