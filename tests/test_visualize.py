@@ -15,8 +15,8 @@ from vis2ir.errors import Vis2IRError
 from vis2ir.latents import encode_images
 from vis2ir.model import build_model
 from vis2ir.pipeline import Vis2IRPipeline
-from vis2ir.visualize import (AttentionMaps, class_attention, infrared_image, ironbow_lut, query_attention,
-                              received_attention, save_attention_maps, side_by_side, write_png)
+from vis2ir.visualize import (MIN_PICTURE_SIDE, AttentionMaps, class_attention, infrared_image, ironbow_lut,
+                              query_attention, received_attention, save_attention_maps, side_by_side, write_png)
 
 from tests.conftest import TINY_MODEL
 
@@ -140,7 +140,9 @@ def test_rope_attention_concentrates_near_the_query(rope_pipe, scenes, tmp_path)
     semantic = (scenes[0]["semantic"].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     written = save_attention_maps(tmp_path, visible, rope_att[0], [(10, 50)], semantic)
     assert sorted(p.name for p in written) == ["classes.json", "classes.png", "point0.png", "point0_heads.png"]
-    assert Image.open(tmp_path / "point0.png").size == (PANEL, PANEL)
+    zoom = -(-MIN_PICTURE_SIDE // PANEL)  # a 64-pixel scene is drawn at 256 pixels
+    assert Image.open(tmp_path / "point0.png").size == (PANEL * zoom, PANEL * zoom)
+    assert Image.open(tmp_path / "classes.png").size[1] == PANEL * zoom
     stats = json.loads((tmp_path / "classes.json").read_text())
     assert sum(s["mass"] for s in stats.values()) == pytest.approx(1.0, abs=1e-4)
     assert set(stats) <= set(CLASS_NAMES) | {"void"}

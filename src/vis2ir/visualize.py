@@ -215,9 +215,17 @@ def tile_grid(tiles: list[list[np.ndarray]], max_side: int = 192, gap: int = 2) 
     return out
 
 
+MIN_PICTURE_SIDE = 256  # attention pictures of smaller images are enlarged to at least this
+
+
+def enlarge(image: np.ndarray, zoom: int) -> np.ndarray:
+    """Each pixel of `[H, W, ...]` repeated `zoom` × `zoom` times (nearest neighbour)."""
+    return image if zoom == 1 else image.repeat(zoom, axis=0).repeat(zoom, axis=1)
+
+
 def save_attention_maps(directory: str | Path, visible: np.ndarray, att: AttentionMaps,
                         points: list[tuple[float, float]], semantic: np.ndarray | None = None) -> list[Path]:
-    """Write the heat-maps for one image into `directory`:
+    """Write the heat-maps for one image into `directory` (at least `MIN_PICTURE_SIDE` pixels high or wide):
 
     - `point{i}.png`: where the query at each point looks (mean over layers and heads), over the visible image;
     - `point{i}_heads.png`: the same per layer (rows) and head (columns);
@@ -225,14 +233,17 @@ def save_attention_maps(directory: str | Path, visible: np.ndarray, att: Attenti
       the attention over its share of the area (needs `semantic`).
     """
     directory = Path(directory)
-    size = att.size
+    zoom = max(1, -(-MIN_PICTURE_SIDE // max(att.size)))  # small images are drawn larger (pixels repeated)
+    size = (att.size[0] * zoom, att.size[1] * zoom)
+    shown_visible = enlarge(as_rgb8(visible), zoom)
     written = []
     for i, (x, y) in enumerate(points):
         maps = query_attention(att, x, y)
-        mean = overlay(visible, upsample(maps.mean(dim=(0, 1)), size))
-        written.append(write_png(directory / f"point{i}.png", mark(mean, x, y)))
-        tiles = [[mark(overlay(visible, upsample(maps[layer, head], size)), x, y) for head in range(maps.shape[1])]
-                 for layer in range(maps.shape[0])]
+        mx, my = (x + 0.5) * zoom - 0.5, (y + 0.5) * zoom - 0.5
+        mean = overlay(shown_visible, upsample(maps.mean(dim=(0, 1)), size))
+        written.append(write_png(directory / f"point{i}.png", mark(mean, mx, my)))
+        tiles = [[mark(overlay(shown_visible, upsample(maps[layer, head], size)), mx, my)
+                  for head in range(maps.shape[1])] for layer in range(maps.shape[0])]
         written.append(write_png(directory / f"point{i}_heads.png", tile_grid(tiles)))
     if semantic is not None:
         from vis2ir.data.palette import CLASS_NAMES, decode
@@ -242,8 +253,10 @@ def save_attention_maps(directory: str | Path, visible: np.ndarray, att: Attenti
         ratio = np.zeros(classes.shape, np.float32)
         for c, s in stats.items():
             ratio[classes == c] = s["ratio"]
-        shown = overlay(visible, ratio, top=max(2.0, float(ratio.max())))  # ratio 1 (a fair share) at mid-scale
-        written.append(write_png(directory / "classes.png", side_by_side([as_rgb8(semantic), shown])))
+        # ratio 1 (a fair share) at mid-scale
+        shown = overlay(shown_visible, enlarge(ratio, zoom), top=max(2.0, float(ratio.max())))
+        pair = side_by_side([enlarge(as_rgb8(semantic), zoom), shown])
+        written.append(write_png(directory / "classes.png", pair))
         named = {(CLASS_NAMES[c] if 0 <= c < len(CLASS_NAMES) else "void"): s
                  for c, s in sorted(stats.items(), key=lambda kv: -kv[1]["ratio"])}
         written.append(write_text(directory / "classes.json", json.dumps(named, indent=2)))

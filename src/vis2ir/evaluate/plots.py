@@ -10,9 +10,9 @@ from PIL import Image, ImageDraw
 COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75))
 ROW = 22       # pixels per category
 BAR_GAP = 4
-LEFT = 170     # room for category labels
+LEFT = 170     # least room for category labels (more when a label is longer)
 TOP = 34       # room for the title and the legend
-WIDTH = 760
+PLOT_WIDTH = 590  # bars, value labels and axis
 
 
 def nice_max(value: float) -> float:
@@ -32,36 +32,39 @@ def bar_chart(title: str, categories: list[str], series: dict[str, list[float]],
     errors = errors or {}
     n = max(1, len(series))
     height = TOP + ROW * n * len(categories) + 8 * len(categories) + 30
-    image = Image.new("RGB", (WIDTH, height), "white")
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    left = max([LEFT] + [int(measure.textlength(c)) + 16 for c in categories])  # no label is cut short
+    width = left + PLOT_WIDTH
+    image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
     draw.text((8, 4), title, fill="black")
     for k, name in enumerate(series):
-        x = LEFT + 150 * k
+        x = left + 150 * k
         draw.rectangle((x, 20, x + 10, 28), fill=COLOURS[k % len(COLOURS)])
         draw.text((x + 14, 18), name, fill="black")
     finite = [v + _finite_or_zero(errors.get(s, [0.0] * len(vals))[i]) for s, vals in series.items()
               for i, v in enumerate(vals) if math.isfinite(v)]
     top = nice_max(max(finite, default=1.0))
-    scale = (WIDTH - LEFT - 70) / top
+    scale = (width - left - 70) / top
     y = TOP
     for i, category in enumerate(categories):
-        draw.text((8, y + (ROW * n) // 2 - 6), category[:26], fill="black")
+        draw.text((8, y + (ROW * n) // 2 - 6), category, fill="black")
         for k, (name, values) in enumerate(series.items()):
             v = values[i]
             if math.isfinite(v):
-                x1 = LEFT + max(v, 0) * scale
-                draw.rectangle((LEFT, y + BAR_GAP // 2, x1, y + ROW - BAR_GAP // 2), fill=COLOURS[k % len(COLOURS)])
+                x1 = left + max(v, 0) * scale
+                draw.rectangle((left, y + BAR_GAP // 2, x1, y + ROW - BAR_GAP // 2), fill=COLOURS[k % len(COLOURS)])
                 e = _finite_or_zero(errors.get(name, [0.0] * len(values))[i])
                 if e:
-                    lo, hi = LEFT + max(v - e, 0) * scale, LEFT + (v + e) * scale
+                    lo, hi = left + max(v - e, 0) * scale, left + (v + e) * scale
                     draw.line((lo, y + ROW // 2, hi, y + ROW // 2), fill="black", width=1)
                 draw.text((x1 + e * scale + 4, y + 4), f"{v:.3g}", fill="black")
             y += ROW
         y += 8
-    draw.line((LEFT, TOP, LEFT, y), fill="black")
-    draw.line((LEFT, y, WIDTH - 70, y), fill="black")
+    draw.line((left, TOP, left, y), fill="black")
+    draw.line((left, y, width - 70, y), fill="black")
     for tick in np.linspace(0, top, 5):
-        x = LEFT + tick * scale
+        x = left + tick * scale
         draw.line((x, y, x, y + 4), fill="black")
         draw.text((x - 8, y + 6), f"{tick:.3g}", fill="black")
     return np.asarray(image)
