@@ -51,6 +51,7 @@ def test_bad_choice_lists_what_is_allowed():
     ("model.codec=pixel", "model.codec: expected 'vae' with a pretrained backbone"),
     ("model.semantic=3", "model.semantic: expected a mapping"),
     ("nonsense", "override 'nonsense': expected key.path=value"),
+    ("sample.adapter_scale=.nan", "sample.adapter_scale: expected a finite number, got nan"),
 ])
 def test_bad_values_say_what_is_expected(override, message):
     with pytest.raises(ConfigError) as err:

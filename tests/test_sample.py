@@ -93,6 +93,10 @@ def test_zero_adapter_scale_equals_stock_flux_fill(parts):
     assert torch.allclose(off, reference, atol=2e-5), (off - reference).abs().max()
     on = pipe(visible, semantic, **kwargs).images[0]
     assert (on - reference).abs().max() > 1e-3
+    # `sample.adapter_scale` is the default (`vis2ir evaluate ... sample.adapter_scale=0`: what the adapter adds)
+    pipe.cfg.sample.adapter_scale = 0.0
+    assert torch.equal(pipe(visible, semantic, **kwargs).images[0], off)
+    assert torch.equal(pipe(visible, semantic, adapter_scale=1.0, **kwargs).images[0], on)
 
 
 def test_an_image_does_not_depend_on_its_batch(parts):

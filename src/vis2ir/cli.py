@@ -127,7 +127,8 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, help="denoising steps (default: sample.steps)")
     p.add_argument("--guidance", type=float, help="guidance (default: sample.guidance)")
     p.add_argument("--batch-size", type=int, default=1, help="images per batch (default: 1)")
-    p.add_argument("--adapter-scale", type=float, help="multiplies the adapter's effect (1: as trained, 0: off)")
+    p.add_argument("--adapter-scale", type=float,
+                   help="multiplies the adapter's effect (1: as trained, 0: off; default: sample.adapter_scale)")
     p.add_argument("--size", type=int, help="resize the longer side to this for the model (default: native)")
     p.add_argument("--overwrite", action="store_true", help="redo outputs that already exist")
     p.add_argument("--point", action="append", metavar="X,Y",

@@ -9,6 +9,7 @@ original launch convention).
 from __future__ import annotations
 
 import dataclasses
+import math
 import difflib
 import os
 import types
@@ -282,9 +283,11 @@ class SampleConfig:
     steps: int = 28
     guidance: float = 50.0
     seed: int = 0
+    adapter_scale: float = 1.0  # the cross-attention adapter's residual: 1 as trained, 0 off (what it adds)
 
     def validate(self) -> None:
         _check(self.steps >= 1, "sample.steps", "an integer >= 1", self.steps)
+        _check(math.isfinite(self.adapter_scale), "sample.adapter_scale", "a finite number", self.adapter_scale)
 
 
 @dataclass

@@ -216,7 +216,7 @@ class Vis2IRPipeline:
                  return_attention: bool = False, output_type: str = "pil", size: int | None = None,
                  progress: bool = False) -> Vis2IROutput:
         """Infrared images for one visible image or a list (with matching semantic maps when the
-        mode needs them). Unset steps, guidance and seed come from the config's `sample` section."""
+        mode needs them). Unset steps, guidance, seed and adapter_scale come from the config's `sample` section."""
         visibles = visible if isinstance(visible, (list, tuple)) else [visible]
         semantics = None if semantic is None else semantic if isinstance(semantic, (list, tuple)) else [semantic]
         if semantics is not None and len(semantics) != len(visibles):
@@ -233,7 +233,8 @@ class Vis2IRPipeline:
             raise Vis2IRError(f"batch_size: expected an integer >= 1, got {batch_size}")
         s = self.cfg.sample
         opts = dict(steps=steps or s.steps, guidance=s.guidance if guidance is None else guidance,
-                    seed=s.seed if seed is None else seed, adapter_scale=adapter_scale,
+                    seed=s.seed if seed is None else seed,
+                    adapter_scale=s.adapter_scale if adapter_scale is None else adapter_scale,
                     return_attention=return_attention, progress=progress)
 
         vis = [to_tensor(v, f"visible image {i}") for i, v in enumerate(visibles)]
