@@ -238,7 +238,8 @@ def adapter_scale(checkpoint: Path) -> float:
 
 def attention_pictures(pipe, out: Path, scenes: int = 2) -> None:
     """Heat-maps of where a cross-attention model's adapter looks (`vis2ir visualize`'s pictures) on the
-    first test scenes: from a person's centre when the scene has one, else from the image centre."""
+    first test scenes: from a person pixel (the one nearest the people's centroid) when the scene has
+    one, else from the image centre."""
     from vis2ir.data.palette import CLASS_IDS
     from vis2ir.evaluate.baselines import sample_classes
     from vis2ir.evaluate.run import load_split
@@ -250,8 +251,11 @@ def attention_pictures(pipe, out: Path, scenes: int = 2) -> None:
     for s, att in zip(samples, result.attention):
         classes = sample_classes(s)
         h, w = s["visible"].shape[-2:]
-        person = (classes == CLASS_IDS["person"]).nonzero() if classes is not None else torch.empty(0, 2)
-        y, x = person.float().mean(0).tolist() if len(person) else (h / 2, w / 2)
+        person = (classes == CLASS_IDS["person"]).nonzero().float() if classes is not None else torch.empty(0, 2)
+        if len(person):  # the person pixel nearest their centroid (the centroid of two people is between them)
+            y, x = person[(person - person.mean(0)).norm(dim=1).argmin()].tolist()
+        else:
+            y, x = h / 2, w / 2
         rgb = {k: as_rgb8(s[k].permute(1, 2, 0).numpy()) for k in ("visible", "semantic")}
         save_attention_maps(out / s["name"], rgb["visible"], att, [(x, y)], rgb["semantic"])
 
