@@ -9,8 +9,8 @@ original launch convention).
 from __future__ import annotations
 
 import dataclasses
-import math
 import difflib
+import math
 import os
 import types
 import typing

@@ -69,10 +69,9 @@ def build_latent_cache(cfg: Config, out: str | Path, split: str = "train", batch
         for b in range(start, min(start + SHARD_SIZE, len(dataset)), batch_size):
             batch = collate([dataset[i] for i in range(b, min(b + batch_size, start + SHARD_SIZE, len(dataset)))])
             names += batch["name"]
+            on_device = {k: batch[k].to(device) for k in ("visible", "infrared", "semantic") if k in batch}
             for flipped in (False, True) if flips else (False,):
-                images = {k: batch[k].to(device) for k in ("visible", "infrared", "semantic") if k in batch}
-                if flipped:
-                    images = {k: v.flip(-1) for k, v in images.items()}
+                images = {k: v.flip(-1) for k, v in on_device.items()} if flipped else on_device
                 enc = encode_batch(codec, cfg.model.semantic, images["visible"], images["infrared"],
                                    images.get("semantic"))
                 for key in KEYS:

@@ -438,9 +438,10 @@ def make_loader(cfg: Config, trainer: L.Trainer, split: str, start_step: int = 0
         train_set = LatentCache(cfg.data.latent_cache, cfg)
     else:
         train_set = build_dataset(cfg.data, "train", require_semantic=need)
-    if cfg.data.source == "thermalscenes" and cfg.data.synth_prerender and not cfg.data.latent_cache:
-        log.info("Rendering %d training scenes once, in %d processes", len(train_set), max(1, cfg.data.num_workers))
-        train_set.prerender(max(1, cfg.data.num_workers))
+        if cfg.data.source == "thermalscenes" and cfg.data.synth_prerender:
+            log.info("Rendering %d training scenes once, in %d processes", len(train_set),
+                     max(1, cfg.data.num_workers))
+            train_set.prerender(max(1, cfg.data.num_workers))
     per_step = cfg.train.batch_size * cfg.train.accumulate_grad_batches
     sampler = StepSampler(start=start_step * per_step, rank=trainer.global_rank, world=trainer.world_size)
     return DataLoader(Positioned(train_set, cfg.train.seed), sampler=sampler, drop_last=True, **kw)

@@ -35,7 +35,7 @@ import torch
 from vis2ir.config import Config, load_config
 from vis2ir.errors import Vis2IRError
 from vis2ir.evaluate.metrics import LOOKALIKE_CLASSES
-from vis2ir.evaluate.report import csv_text, markdown_table, write_json
+from vis2ir.evaluate.report import csv_text, fmt, markdown_table, write_json
 from vis2ir.visualize import write_text
 
 log = logging.getLogger(__name__)
@@ -215,7 +215,7 @@ def run_variant(config, overrides, v: Variant, out: Path, tag: str, device=None,
     scale = None
     if pipe.model.adapter is not None:
         attention_pictures(pipe, folder / "attention")
-        scale = adapter_scale(checkpoint)
+        scale = float(np.mean(np.abs(pipe.model.adapter.scales())))  # |scale| over layers, from `scale_init`
     result = {"name": v.name, "group": v.group, "seed": v.seed, "overrides": v.overrides,
               "metrics": ev["metrics"], "classes": ev["classes"], "skipped": ev["skipped"], "images": ev["images"],
               "train_seconds": train_seconds, "eval_seconds": round(time.perf_counter() - started, 1),
@@ -224,16 +224,6 @@ def run_variant(config, overrides, v: Variant, out: Path, tag: str, device=None,
     log.info("%s %s: PSNR %.2f dB, SSIM %.3f, %s (train %.0f s, eval %.0f s)", tag, v.name, result["metrics"]["psnr"],
              result["metrics"]["ssim"], _class_line(result["classes"]), result["train_seconds"], result["eval_seconds"])
     return result
-
-
-def adapter_scale(checkpoint: Path) -> float:
-    """The trained adapter's residual scale, |scale| averaged over its layers (it starts at `scale_init`)."""
-    from safetensors.torch import load_file
-
-    from vis2ir.checkpoint import ADAPTER_FILE
-
-    weights = load_file(str(checkpoint / ADAPTER_FILE))
-    return float(torch.stack([t.float().abs() for k, t in weights.items() if k.endswith("scale")]).mean())
 
 
 def attention_pictures(pipe, out: Path, scenes: int = 2) -> None:
@@ -392,9 +382,7 @@ def references_rows(out: Path) -> list[tuple[str, int, dict]]:
 
 
 def _pm(mean: float, spread: float) -> str:
-    if not math.isfinite(mean):
-        return "—"
-    return f"{mean:.4g} ± {spread:.2g}" if math.isfinite(spread) else f"{mean:.4g}"
+    return f"{mean:.4g} ± {spread:.2g}" if math.isfinite(mean) and math.isfinite(spread) else fmt(mean)
 
 
 def _plot(path: Path, rows) -> None:

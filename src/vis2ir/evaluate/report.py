@@ -23,7 +23,7 @@ CLASS_KEYS = ("pixels", "images", "abs_err", "mean_err", "hallucinated_heat")
 
 
 def write_json(path: str | Path, data: dict) -> Path:
-    return write_text(path, json.dumps(data, indent=2, allow_nan=True) + "\n")
+    return write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def csv_text(rows: list[dict], columns: list[str]) -> str:
