@@ -16,7 +16,7 @@ from vis2ir.latents import encode_images
 from vis2ir.model import build_model
 from vis2ir.pipeline import Vis2IRPipeline
 from vis2ir.visualize import (MIN_PICTURE_SIDE, AttentionMaps, class_attention, infrared_image, ironbow_lut,
-                              query_attention, received_attention, save_attention_maps, side_by_side, write_png)
+                              labelled_grid, query_attention, received_attention, save_attention_maps, side_by_side, write_png)
 
 from tests.conftest import TINY_MODEL
 
@@ -45,6 +45,21 @@ def test_write_png_is_atomic_and_keeps_16_bits(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["ir.png"]
     both = side_by_side([np.zeros((10, 5, 3), np.uint8), np.ones((8, 7), np.float32)], gap=2)
     assert both.shape == (10, 14, 3) and both[0, 7, 0] == 255 and both[9, 7, 0] == 255  # white below the short one
+
+
+def test_labelled_grid_enlarges_tiles_and_fits_the_longest_label():
+    """Transposed (one set per row): tiles scaled up to `cell`, the label column as wide as the longest
+    name needs and no wider, infrared sets shown grey."""
+    long_name = "mode=cross_attention__position=rope__inject_into=condition__num_heads=16"
+    red = torch.zeros(3, 3, 16, 16)
+    red[:, 0] = 1.0
+    columns = {"visible": torch.zeros(3, 3, 16, 16), long_name: red}
+    sheet = labelled_grid(columns, rows=2, cell=64, transpose=True)
+    left = sheet.shape[1] - 2 * (64 + 2)
+    assert sheet.shape[0] == 2 * (64 + 2)
+    assert 5 * len(long_name) <= left <= 7 * len(long_name)  # the text's own width, not a per-character guess
+    tile = sheet[66:130, left:left + 64]
+    assert (tile == tile[0, 0]).all() and tile[0, 0].tolist() == [85, 85, 85]  # red (1, 0, 0) shown as its mean, grey
 
 
 def test_query_and_class_attention_on_known_maps():

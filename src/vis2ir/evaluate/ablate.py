@@ -362,7 +362,7 @@ def sample_sheet(cfg: Config, out: Path, variants: list[Variant], scenes: int = 
         paths = [folder / f"{s['name']}.png" for s in samples]
         if all(p.exists() for p in paths):
             sheet[group] = torch.stack([to_tensor(read_image(p), str(p)) for p in paths])
-    return write_png(out / "samples.png", labelled_grid(sheet, rows=scenes, cell=64, transpose=True))
+    return write_png(out / "samples.png", labelled_grid(sheet, rows=scenes, cell=128, transpose=True))
 
 
 def _csv_row(group: str, seeds: int, stats: dict[str, tuple[float, float]]) -> dict:
