@@ -213,6 +213,18 @@ def test_generate_semantic_auto_on_the_demo_checkpoint(tiny_model, tmp_path, cou
     assert json.loads((photos / segment.AUTO_DIR / "legend.json").read_text())["model"] == tiny_model
 
 
+def test_semantic_auto_cache_gets_its_legend_from_any_rank(tiny_model, tmp_path, count_calls, monkeypatch):
+    """Under torchrun the rank that makes the maps writes legend.json, not only rank 0 (which may find
+    every map already made by the others)."""
+    smooth(32, 32).save(tmp_path / "a.png")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cache = tmp_path / segment.AUTO_DIR
+    assert segment.ensure_maps([("a", tmp_path / "a.png", cache)], tiny_model, "cpu") == {}
+    assert count_calls == [1] and segment.map_path(cache, "a").is_file()
+    assert json.loads((cache / "legend.json").read_text())["model"] == tiny_model
+
+
 def test_dataset_semantic_auto(tiny_model, tmp_path, count_calls):
     root = tmp_path / "pairs"
     for kind in ("visible", "infrared"):

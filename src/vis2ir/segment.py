@@ -249,9 +249,9 @@ def ensure_maps(jobs: list[tuple[str, Path, Path]], model: str = DEFAULT_SEGMENT
         log.warning("%s: the cached maps were made by %s, not %s; delete the folder to remake them", root,
                     made_by, model)
 
-    def make() -> Segmenter:
+    def make() -> Segmenter:  # whichever process makes maps writes the legend (atomic, same content)
         segmenter = Segmenter(model, device)
-        if made_by is None and rank == 0:
+        if _legend_model(root) is None:
             write_legend(root, segmenter)
         return segmenter
 
