@@ -31,14 +31,19 @@ def prepare(images: torch.Tensor, protocol: str) -> torch.Tensor:
     return grey.clamp(0, 1)
 
 
-def psnr_ssim(pred: torch.Tensor, target: torch.Tensor, protocol: str = "thermalgen") -> dict[str, float]:
-    """Mean PSNR (dB) and SSIM over a batch, each image scored on its own.
+def score_dtype(device: torch.device) -> torch.dtype:
+    """The precision PSNR and SSIM are computed in: float64 on CUDA, float32 elsewhere.
 
-    On CUDA in float64: SSIM's variances are differences of nearly equal means, and CUDA runs float32
-    convolutions in TF32 (10-bit mantissa) by default, which lowered SSIM by 0.015–0.05 on an H100
-    against the same images scored on a CPU (docs/results.md). A CPU's float32 is within 1e-5 of
-    float64 and 15× faster there."""
-    dtype = torch.float64 if pred.device.type == "cuda" else torch.float32
+    SSIM's variances are differences of nearly equal means, and cuDNN runs float32 convolutions in
+    TF32 (10-bit mantissa) by default: that lowered SSIM by 0.013–0.04 on an H100 against the same
+    images scored on a CPU (docs/results.md). A CPU's float32 is within 1e-5 of float64 and 15×
+    faster there; Apple's MPS has no float64."""
+    return torch.float64 if device.type == "cuda" else torch.float32
+
+
+def psnr_ssim(pred: torch.Tensor, target: torch.Tensor, protocol: str = "thermalgen") -> dict[str, float]:
+    """Mean PSNR (dB) and SSIM over a batch, each image scored on its own (in `score_dtype`)."""
+    dtype = score_dtype(pred.device)
     p, t = prepare(pred, protocol).to(dtype), prepare(target, protocol).to(dtype)
     psnr = peak_signal_noise_ratio(p, t, data_range=1.0, reduction="none", dim=(1, 2, 3))
     ssim = structural_similarity_index_measure(p, t, data_range=1.0, reduction="none")
