@@ -21,6 +21,7 @@ from typing import Any, Literal
 import yaml
 
 from vis2ir.errors import Vis2IRError, first_line
+from vis2ir.files import write_text
 
 ICEDIT_PROMPT = (
     "A diptych with two side-by-side images of the same scene. On the right, the scene is exactly "
@@ -338,8 +339,6 @@ class Config:
 
     def save(self, path: str | Path) -> None:
         """Write the config as YAML, atomically."""
-        from vis2ir.visualize import write_text  # not at the top: the config loads before torch
-
         write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 

@@ -70,7 +70,7 @@ def run_demo(out_dir: str | Path = "outputs/demo", config_path: str | None = Non
     if trained_model is not None:
         report["training"] = _short_training(cfg, checkpoint, out / "train", train_steps)
     report["seconds"] = round(time.perf_counter() - started, 1)
-    from vis2ir.evaluate.report import write_json
+    from vis2ir.files import write_json
     from vis2ir.visualize import labelled_grid, write_png
 
     columns = {"visible": batch["visible"], "semantic": batch["semantic"], "truth": batch["infrared"], **predictions}

@@ -27,7 +27,7 @@ from vis2ir.errors import Vis2IRError
 from vis2ir.latents import image_ids, token_grid
 from vis2ir.model import Encoded, encode_batch
 from vis2ir.semantic.modes import NEEDS_SEMANTIC, num_panels
-from vis2ir.visualize import atomic_write, write_text
+from vis2ir.files import atomic_write, write_text
 
 log = logging.getLogger(__name__)
 

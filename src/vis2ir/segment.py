@@ -30,8 +30,9 @@ from vis2ir.config import DEFAULT_SEGMENTER
 from vis2ir.data.palette import (CLASS_NAMES, THING_IDS, VOID, class_for_label, colourise, legend_entries,
                                  legend_image)
 from vis2ir.errors import Vis2IRError, first_line
+from vis2ir.files import write_text
 from vis2ir.hub import check_hub, is_local, local_folder
-from vis2ir.visualize import write_png, write_text
+from vis2ir.visualize import write_png
 
 log = logging.getLogger(__name__)
 

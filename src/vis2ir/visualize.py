@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from vis2ir.errors import Vis2IRError
+from vis2ir.files import atomic_write, write_text
 
 log = logging.getLogger(__name__)
 
@@ -81,25 +80,6 @@ def side_by_side(panels: list[np.ndarray], gap: int = 4) -> np.ndarray:
         out[:p.shape[0], x:x + p.shape[1]] = p
         x += p.shape[1] + gap
     return out
-
-
-def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
-    """Create `path` atomically: `write(tmp)` fills a temporary file beside it, then `os.replace`;
-    a failed write leaves the old file (if any) and no temporary file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def write_text(path: str | Path, text: str) -> Path:
-    """Write `text` atomically."""
-    return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def write_png(path: str | Path, image: np.ndarray) -> Path:

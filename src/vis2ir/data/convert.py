@@ -20,7 +20,7 @@ from vis2ir.data.errors import DataError
 from vis2ir.data.images import Panel, close_panels
 from vis2ir.data.splits import SPLITS
 from vis2ir.data.tables import write_parquet
-from vis2ir.visualize import atomic_write, write_text
+from vis2ir.files import atomic_write, write_text
 
 log = logging.getLogger(__name__)
 FORMATS = ("folder", "parquet")

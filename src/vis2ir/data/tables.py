@@ -22,7 +22,7 @@ from vis2ir.data.errors import DataError, describe
 from vis2ir.data.folders import Found, Record
 from vis2ir.data.images import PANEL_KINDS, Panel, open_image, triptych_panels
 from vis2ir.data.splits import assign_splits, split_alias
-from vis2ir.visualize import atomic_write
+from vis2ir.files import atomic_write
 
 
 def is_table(source: str) -> bool:

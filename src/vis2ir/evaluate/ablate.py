@@ -35,8 +35,8 @@ import torch
 from vis2ir.config import Config, load_config
 from vis2ir.errors import Vis2IRError
 from vis2ir.evaluate.metrics import LOOKALIKE_CLASSES
-from vis2ir.evaluate.report import csv_text, fmt, markdown_table, write_json
-from vis2ir.visualize import write_text
+from vis2ir.evaluate.report import csv_text, fmt, markdown_table
+from vis2ir.files import write_json, write_text
 
 log = logging.getLogger(__name__)
 

@@ -11,19 +11,15 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 from pathlib import Path
 
 from vis2ir.evaluate.plots import bar_chart
-from vis2ir.visualize import write_png, write_text
+from vis2ir.files import write_json, write_text
+from vis2ir.visualize import write_png
 
 SUMMARY_KEYS = ("psnr", "ssim", "psnr_native", "ssim_native", "lpips", "fid")
 CLASS_KEYS = ("pixels", "images", "abs_err", "mean_err", "hallucinated_heat")
-
-
-def write_json(path: str | Path, data: dict) -> Path:
-    return write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def csv_text(rows: list[dict], columns: list[str]) -> str:
