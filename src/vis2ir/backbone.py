@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from vis2ir.config import ModelConfig
 from vis2ir.errors import Vis2IRError
-from vis2ir.hub import check_hub, is_local, local_folder
+from vis2ir.hub import cached_snapshot, check_hub, is_local, local_folder
 from vis2ir.latents import Codec, PixelCodec, VAECodec, mask_width, token_width
 from vis2ir.files import atomic_write
 
@@ -279,11 +279,8 @@ def resolve_flux_path(path: str, need_text: bool = True) -> Path:
     from huggingface_hub import snapshot_download
 
     patterns = [f.split("/")[0] + "/*" for f in needed] + ["model_index.json"]
-    try:  # already in the local Hub cache: no network at all
-        root = Path(snapshot_download(path, allow_patterns=patterns, local_files_only=True))
-        if all((root / f).exists() for f in needed):
-            return root
-    except Exception:  # noqa: BLE001 - any cache miss falls through to the online check
-        pass
+    cached = cached_snapshot(path, needed, patterns)  # already in the local Hub cache: no network at all
+    if cached:
+        return cached
     check_hub(path, fail)
     return Path(snapshot_download(path, allow_patterns=patterns))

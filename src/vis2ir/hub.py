@@ -52,3 +52,17 @@ def check_hub(repo_id: str, fail: Fail) -> None:
         raise fail(f"the Hub answered {first_line(err)}") from None
     except Exception as err:  # noqa: BLE001 - network errors come from several libraries
         raise fail(f"the Hub cannot be reached ({first_line(err)})") from None
+
+
+def cached_snapshot(repo_id: str, needed: tuple[str, ...], allow_patterns: list[str] | None = None,
+                    any_of: tuple[str, ...] = ()) -> Path | None:
+    """The local Hub cache's folder of `repo_id` when it holds every file in `needed` (and, given
+    `any_of`, a file matching one of those globs, e.g. the weights), else None. No network."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        root = Path(snapshot_download(repo_id, allow_patterns=allow_patterns, local_files_only=True))
+    except Exception:  # noqa: BLE001 - any cache miss means: not cached
+        return None
+    complete = all((root / f).exists() for f in needed)
+    return root if complete and (not any_of or any(any(root.glob(g)) for g in any_of)) else None

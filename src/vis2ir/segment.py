@@ -31,7 +31,7 @@ from vis2ir.data.palette import (CLASS_NAMES, THING_IDS, VOID, class_for_label, 
                                  legend_image)
 from vis2ir.errors import Vis2IRError, first_line
 from vis2ir.files import write_text
-from vis2ir.hub import check_hub, is_local, local_folder
+from vis2ir.hub import cached_snapshot, check_hub, is_local, local_folder
 from vis2ir.visualize import write_png
 
 log = logging.getLogger(__name__)
@@ -61,8 +61,9 @@ def load_panoptic_model(model: str, device: torch.device):
     if is_local(model):
         source = str(local_folder(model, NEEDED_FILES, fail))
     else:
-        source = _cached_snapshot(model) or model
-        if source == model:
+        cached = cached_snapshot(model, NEEDED_FILES, any_of=("*.safetensors", "*.bin"))
+        source = str(cached) if cached else model
+        if not cached:
             check_hub(model, fail)
     try:
         net = AutoModelForUniversalSegmentation.from_pretrained(source)
@@ -73,18 +74,6 @@ def load_panoptic_model(model: str, device: torch.device):
     if not hasattr(processor, "post_process_panoptic_segmentation"):
         raise fail(f"{type(net).__name__} is not a panoptic segmenter (use Mask2Former or OneFormer)")
     return processor, net.to(device).eval()
-
-
-def _cached_snapshot(repo_id: str) -> str | None:
-    """The local Hub cache's folder of `repo_id` when it holds the config files and weights, else None."""
-    from huggingface_hub import snapshot_download
-
-    try:
-        root = Path(snapshot_download(repo_id, local_files_only=True))
-    except Exception:  # noqa: BLE001 - any cache miss means: not cached
-        return None
-    weights = any(root.glob("*.safetensors")) or any(root.glob("*.bin"))
-    return str(root) if weights and all((root / f).exists() for f in NEEDED_FILES) else None
 
 
 @dataclass
