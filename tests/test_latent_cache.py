@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -6,7 +8,7 @@ from vis2ir.checkpoint import ADAPTER_FILE, LORA_FILE
 from vis2ir.cli import main
 from vis2ir.data import build_dataset
 from vis2ir.errors import Vis2IRError
-from vis2ir.latent_cache import LatentCache, build_latent_cache
+from vis2ir.latent_cache import MASK_KEY, LatentCache, build_latent_cache
 from vis2ir.model import build_model
 from vis2ir.train import train
 
@@ -66,3 +68,23 @@ def test_a_cache_made_with_other_settings_is_refused(tiny_config, tmp_path):
         LatentCache(tmp_path / "nothing", tiny_config(*TINY_RUN))
     with pytest.raises(Vis2IRError, match="random_crop: a random crop cannot be cached"):
         build_latent_cache(tiny_config(*TINY_RUN, "data.resize_policy=random_crop"), tmp_path / "c2")
+
+
+def test_the_cache_stores_what_all_samples_share_once(tiny_config, tmp_path):
+    """x_cond without the Fill mask's channels (stored once per shard), half the semantic tokens;
+    a cache in the older per-sample format is refused with what to do."""
+    cfg = tiny_config(*TINY_RUN)
+    build_latent_cache(cfg, tmp_path / "cache", batch_size=5)
+    shard = load_file(str(tmp_path / "cache" / "shard-00000.safetensors"))
+    full = LatentCache(tmp_path / "cache", cfg)[0]
+    n, width = shard["x_0"].shape[1:]
+    assert shard["x_cond"].shape[1:] == (n, width) and shard["semantic_tokens"].shape[1:] == (n // 2, width)
+    assert shard[MASK_KEY].shape == (n, full["x_cond"].shape[-1] - width)
+    assert full["x_cond"].shape == (n, width + shard[MASK_KEY].shape[-1])
+    assert full["semantic_tokens"].shape == (n, width)
+    meta_path = tmp_path / "cache" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["format"]
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(Vis2IRError, match=r"made by an older vis2ir \(format 1, expected 2\); make it again"):
+        LatentCache(tmp_path / "cache", cfg)

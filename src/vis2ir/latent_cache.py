@@ -5,6 +5,10 @@ change: encode them once, store them in safetensors shards, and train from them 
 `data.latent_cache=DIR`. With `data.hflip`, both orientations are stored and a sample's flip is
 drawn as the image dataset draws it, so a cached run sees what an uncached one would.
 
+What every sample shares is stored once: the Fill mask's channels of `x_cond` (the target panel is
+always the masked one), and of the semantic tokens `[semantic | semantic]` only the first half. With
+FLUX's VAE that is 160 values per token instead of 448 (x_0 64, x_cond 64 + 256 mask, semantic 64).
+
 The folder records the settings its latents depend on; a training run whose settings differ is
 refused with the first differing key.
 """
@@ -17,6 +21,7 @@ import logging
 from pathlib import Path
 
 import torch
+from einops import rearrange, repeat
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import Dataset
@@ -26,13 +31,15 @@ from vis2ir.config import Config, first_difference
 from vis2ir.errors import Vis2IRError
 from vis2ir.latents import image_ids, token_grid
 from vis2ir.model import Encoded, encode_batch
-from vis2ir.semantic.modes import NEEDS_SEMANTIC, num_panels
 from vis2ir.files import atomic_write, write_text
+from vis2ir.semantic.modes import NEEDS_SEMANTIC, num_panels
 
 log = logging.getLogger(__name__)
 
 META_FILE = "meta.json"
+FORMAT = 2  # 1: x_cond with its mask channels and both semantic halves, per sample
 KEYS = ("x_0", "x_cond", "semantic_tokens")
+MASK_KEY = "x_cond_mask"  # the mask channels of x_cond `[N, 4s²]`, the same for every sample
 SHARD_SIZE = 256
 
 
@@ -63,7 +70,7 @@ def build_latent_cache(cfg: Config, out: str | Path, split: str = "train", batch
     data_cfg = dataclasses.replace(cfg.data, hflip=False)
     dataset = build_dataset(data_cfg, split, require_semantic=cfg.model.semantic.mode in NEEDS_SEMANTIC)
     out.mkdir(parents=True, exist_ok=True)
-    shards, names = [], []
+    shards, names, mask, rows = [], [], None, None
     for start in tqdm(range(0, len(dataset), SHARD_SIZE), desc=f"caching {split} latents", unit="shard"):
         tensors: dict[str, list[torch.Tensor]] = {}
         for b in range(start, min(start + SHARD_SIZE, len(dataset)), batch_size):
@@ -74,18 +81,34 @@ def build_latent_cache(cfg: Config, out: str | Path, split: str = "train", batch
                 images = {k: v.flip(-1) for k, v in on_device.items()} if flipped else on_device
                 enc = encode_batch(codec, cfg.model.semantic, images["visible"], images["infrared"],
                                    images.get("semantic"))
-                for key in KEYS:
-                    value = getattr(enc, key)
-                    if value is not None:
-                        tensors.setdefault(key + ("_flip" if flipped else ""), []).append(value.cpu())
+                rows = token_grid(codec, enc.height, enc.width)[0]
+                mask = enc.x_cond[0, :, enc.x_0.shape[-1]:].cpu() if mask is None else mask
+                for key, value in compact(enc, mask, rows).items():
+                    tensors.setdefault(key + ("_flip" if flipped else ""), []).append(value.cpu())
         name = f"shard-{len(shards):05d}.safetensors"
-        shard = {k: torch.cat(v).contiguous() for k, v in tensors.items()}
+        shard = {k: torch.cat(v).contiguous() for k, v in tensors.items()} | {MASK_KEY: mask.contiguous()}
         atomic_write(out / name, lambda tmp, shard=shard: save_file(shard, str(tmp)))
         shards.append(name)
-    meta = {"fingerprint": fingerprint(cfg), "split": split, "count": len(names), "names": names,
-            "shards": shards, "shard_size": SHARD_SIZE, "flips": flips}
+    meta = {"format": FORMAT, "fingerprint": fingerprint(cfg), "split": split, "count": len(names),
+            "names": names, "shards": shards, "shard_size": SHARD_SIZE, "flips": flips, "token_rows": rows}
     write_text(out / META_FILE, json.dumps(meta))
     log.info("Cached %d %s samples%s in %s", len(names), split, " (both orientations)" if flips else "", out)
+    return out
+
+
+def compact(enc: Encoded, mask: torch.Tensor, rows: int) -> dict[str, torch.Tensor]:
+    """What a batch stores: `x_0`, `x_cond` without its mask channels (checked to equal `mask`, the
+    first sample's), and the first half of each of the `rows` rows of semantic tokens."""
+    width = enc.x_0.shape[-1]
+    mask_channels = enc.x_cond[..., width:].cpu()
+    if not torch.equal(mask_channels, mask.expand_as(mask_channels)):
+        raise Vis2IRError("the Fill mask differs between samples; this cache format needs one mask for all")
+    out = {"x_0": enc.x_0, "x_cond": enc.x_cond[..., :width]}
+    if enc.semantic_tokens is not None:
+        halves = rearrange(enc.semantic_tokens, "b (r n c) d -> b n (r c) d", r=rows, n=2)
+        if not torch.equal(halves[:, 0], halves[:, 1]):
+            raise Vis2IRError("the semantic tokens' halves differ; this cache format stores one")
+        out["semantic_tokens"] = halves[:, 0]
     return out
 
 
@@ -98,6 +121,10 @@ class LatentCache(Dataset):
         if not meta_path.exists():
             raise Vis2IRError(f"data.latent_cache={path}: no {META_FILE} (make one with `vis2ir data cache`)")
         self.meta = json.loads(meta_path.read_text())
+        if self.meta.get("format") != FORMAT:
+            raise Vis2IRError(f"data.latent_cache={path}: made by an older vis2ir (format "
+                              f"{self.meta.get('format', 1)}, expected {FORMAT}); make it again with "
+                              "`vis2ir data cache`")
         diff = first_difference(fingerprint(cfg), self.meta["fingerprint"], LATENT_SETTINGS)
         if diff:
             key, mine, made = diff
@@ -118,6 +145,10 @@ class LatentCache(Dataset):
             stored = key + ("_flip" if flipped else "")
             if stored in f.keys():
                 sample[key] = f.get_slice(stored)[row]
+        sample["x_cond"] = torch.cat([sample["x_cond"], f.get_tensor(MASK_KEY)], dim=-1)
+        if "semantic_tokens" in sample:  # the map describes both halves: [semantic | semantic]
+            rows = self.meta["token_rows"]
+            sample["semantic_tokens"] = repeat(sample["semantic_tokens"], "(r c) d -> (r n c) d", r=rows, n=2)
         return sample
 
     def _open(self, name: str):
