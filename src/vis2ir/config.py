@@ -299,7 +299,9 @@ class EvalConfig:
     AlexNet (`alexnet-owt-7be5be79.pth`) weights, a file or a folder holding it (else
     $VIS2IR_FID_WEIGHTS / $VIS2IR_LPIPS_WEIGHTS, else the torch hub cache). A pixel is "hot" above
     the truth image's `hot_percentile`-th percentile. `limit`: test images scored (null: all);
-    `fit_limit`: training samples the reference predictors are fitted on.
+    `fit_limit`: training samples the reference predictors are fitted on. `noise_draws`: a checkpoint
+    is sampled with `sample.seed`, `sample.seed + 1`, … and scored over all draws (every image shares
+    one draw, so one draw's luck moves the mean PSNR by ~0.5 dB; docs/results.md).
     """
 
     fid_weights: str | None = None
@@ -308,6 +310,7 @@ class EvalConfig:
     batch_size: int = 8
     limit: int | None = None
     fit_limit: int = 400
+    noise_draws: int = 1
 
     def validate(self) -> None:
         _check(0.0 < self.hot_percentile < 100.0, "eval.hot_percentile", "a number in (0, 100)",
@@ -315,6 +318,7 @@ class EvalConfig:
         _check(self.batch_size >= 1, "eval.batch_size", "an integer >= 1", self.batch_size)
         _check(self.limit is None or self.limit >= 1, "eval.limit", "an integer >= 1 (or null: all)", self.limit)
         _check(self.fit_limit >= 1, "eval.fit_limit", "an integer >= 1", self.fit_limit)
+        _check(self.noise_draws >= 1, "eval.noise_draws", "an integer >= 1", self.noise_draws)
 
 
 @dataclass

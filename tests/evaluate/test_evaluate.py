@@ -106,6 +106,27 @@ def test_evaluate_checkpoint_generates_and_scores(tiny_config, tmp_path):
     assert again["metrics"]["psnr"] == pytest.approx(result["metrics"]["psnr"])
 
 
+def test_noise_draws_average_the_seeds(tiny_config, tmp_path):
+    """`eval.noise_draws=2` scores sample.seed and sample.seed + 1: its means are the two single-draw
+    evaluations' means, and the per-draw figures are reported."""
+    run = train_tiny(tiny_config, tmp_path)
+    one = [evaluate_checkpoint(run, overrides=[f"sample.seed={s}"], split="test", limit=3, out=tmp_path / f"s{s}")
+           for s in (3, 4)]
+    both = evaluate_checkpoint(run, overrides=["sample.seed=3", "eval.noise_draws=2"], split="test", limit=3,
+                               out=tmp_path / "both")
+    assert one[0]["metrics"]["psnr"] != one[1]["metrics"]["psnr"]  # the draws differ
+    assert both["images"] == 3 and both["draws"] == 2 and both["seeds"] == [3, 4]
+    assert [d["psnr"] for d in both["per_draw"]] == pytest.approx([r["metrics"]["psnr"] for r in one])
+    for key in ("psnr", "ssim"):
+        assert both["metrics"][key] == pytest.approx(np.mean([r["metrics"][key] for r in one]))
+    person = [r["classes"]["person"]["abs_err"] for r in one]
+    assert both["classes"]["person"]["abs_err"] == pytest.approx(np.mean(person))
+    assert "Means over 2 noise draws" in (tmp_path / "both" / "metrics.md").read_text()
+    rows = list(csv.DictReader((tmp_path / "both" / "per_image.csv").open()))
+    assert len(rows) == 6 and {r["draw"] for r in rows} == {"0", "1"}
+    assert len(list((tmp_path / "both" / "pred").glob("*.png"))) == 3  # the first draw's pictures
+
+
 def test_grid_parsing():
     assert split_values("a,[1,2],{x: 1, y: 2}") == ["a", "[1,2]", "{x: 1, y: 2}"]
     grid = parse_grid(["model.semantic.mode=none,in_context", "train.learning_rate=1e-3"])

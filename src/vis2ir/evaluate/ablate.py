@@ -218,6 +218,7 @@ def run_variant(config, overrides, v: Variant, out: Path, tag: str, device=None,
         scale = float(np.mean(np.abs(pipe.model.adapter.scales())))  # |scale| over layers, from `scale_init`
     result = {"name": v.name, "group": v.group, "seed": v.seed, "overrides": v.overrides,
               "metrics": ev["metrics"], "classes": ev["classes"], "skipped": ev["skipped"], "images": ev["images"],
+              "noise_draws": ev["draws"],
               "train_seconds": train_seconds, "eval_seconds": round(time.perf_counter() - started, 1),
               "adapter_scale": scale}
     write_json(folder / RESULT_FILE, result)

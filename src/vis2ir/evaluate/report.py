@@ -50,6 +50,10 @@ def evaluation_markdown(result: dict) -> str:
             "PSNR/SSIM: ThermalGen protocol (one channel, 256×256 bilinear, data_range 1) and at native "
             "resolution. LPIPS-alex on the 256×256 grey images; FID with the pytorch-fid Inception.\n",
             markdown_table(list(SUMMARY_KEYS), [[fmt(m.get(k)) for k in SUMMARY_KEYS]])]
+    if result.get("per_draw"):
+        psnrs = [d["psnr"] for d in result["per_draw"]]
+        text.append(f"Means over {len(psnrs)} noise draws (`eval.noise_draws`); PSNR per draw: "
+                    f"{', '.join(fmt(v) for v in psnrs)}.\n")
     for name, why in result.get("skipped", {}).items():
         text.append(f"- {name} skipped: {why}\n")
     if result.get("classes"):
@@ -64,7 +68,7 @@ def write_report(result: dict, out: str | Path) -> Path:
     """All report files of one evaluation into `out`; returns the path of `metrics.json`."""
     out = Path(out)
     per_image = result.get("per_image", [])
-    columns = ["name", *[k for k in SUMMARY_KEYS if per_image and k in per_image[0]]]
+    columns = ["name", "draw", *[k for k in SUMMARY_KEYS if per_image and k in per_image[0]]]
     write_text(out / "per_image.csv", csv_text(per_image, columns))
     classes = [{"class": name, **c} for name, c in result.get("classes", {}).items()]
     write_text(out / "per_class.csv", csv_text(classes, ["class", *CLASS_KEYS]))

@@ -100,12 +100,14 @@ def evaluate_checkpoint(checkpoint: str | Path, config: str | Path | None = None
     limit = limit or cfg.eval.limit
     started = time.perf_counter()
     samples = load_split(cfg, split, limit, pipe.needs_semantic)
-    predictions = predict(pipe, samples, cfg.eval.batch_size, Path(out) / "pred")
     scorer = Scorer(cfg.eval, pipe.device)
-    for sample, pred in zip(samples, predictions):
-        scorer.add(sample["name"], pred, sample["infrared"], sample_classes(sample))
+    seeds = [pipe.cfg.sample.seed + k for k in range(cfg.eval.noise_draws)]
+    for k, seed in enumerate(seeds):  # the first draw's predictions are saved
+        predictions = predict(pipe, samples, cfg.eval.batch_size, Path(out) / "pred" if k == 0 else None, seed)
+        for sample, pred in zip(samples, predictions):
+            scorer.add(sample["name"], pred, sample["infrared"], sample_classes(sample), draw=k)
     result = scorer.result() | {"source": {"checkpoint": str(directory), "data": cfg.data.source, "split": split},
-                                "seconds": round(time.perf_counter() - started, 1)}
+                                "seeds": seeds, "seconds": round(time.perf_counter() - started, 1)}
     return _finish(result, out)
 
 
@@ -118,8 +120,10 @@ def load_split(cfg: Config, split: str, limit: int | None, needs_semantic: bool)
     return [dataset[i] for i in tqdm(range(count), desc=f"load {split}", unit="img", leave=False)]
 
 
-def predict(pipe, samples: list[dict], batch_size: int, out: Path | None = None) -> list[torch.Tensor]:
-    """Infrared predictions `[3, H, W]` for the samples, in batches; also saved as `out/<name>.png`."""
+def predict(pipe, samples: list[dict], batch_size: int, out: Path | None = None,
+            seed: int | None = None) -> list[torch.Tensor]:
+    """Infrared predictions `[3, H, W]` for the samples, in batches (noise from `seed`, else
+    `sample.seed`); also saved as `out/<name>.png`."""
     from vis2ir.visualize import infrared_image, write_png
 
     preds: list[torch.Tensor] = []
@@ -127,7 +131,7 @@ def predict(pipe, samples: list[dict], batch_size: int, out: Path | None = None)
         for i in range(0, len(samples), batch_size):
             batch = samples[i:i + batch_size]
             sem = [s["semantic"] for s in batch] if pipe.needs_semantic else None
-            images = pipe([s["visible"] for s in batch], sem, batch_size=len(batch), output_type="pt").images
+            images = pipe([s["visible"] for s in batch], sem, seed=seed, batch_size=len(batch), output_type="pt").images
             for sample, image in zip(batch, images):
                 if out is not None:
                     write_png(out / f"{sample['name']}.png", infrared_image(image.mean(0).numpy()))

@@ -55,15 +55,17 @@ class Scorer:
         self.with_classes = 0
 
     @torch.no_grad()
-    def add(self, name: str, pred: torch.Tensor, truth: torch.Tensor, classes: torch.Tensor | None = None) -> dict:
+    def add(self, name: str, pred: torch.Tensor, truth: torch.Tensor, classes: torch.Tensor | None = None,
+            draw: int = 0) -> dict:
         """One image: `pred`, `truth` `[3|1, H, W]` in [0, 1] (the prediction is resized to the truth's
-        size if it differs), `classes` palette ids `[H, W]` at the truth's size, or None."""
+        size if it differs), `classes` palette ids `[H, W]` at the truth's size, or None. `draw`: which
+        noise draw of the same image this is (`eval.noise_draws`); every draw counts alike."""
         # On the scorer's device: SSIM at 256×256 is the costly part, and CPU threads are scarce when
         # several evaluations share a machine (`scripts/ablate_gpus.sh`).
         pred, truth = to_grey(pred[None].to(self.device)), to_grey(truth[None].to(self.device))
         if pred.shape[-2:] != truth.shape[-2:]:
             pred = F.interpolate(pred, size=truth.shape[-2:], mode="bilinear", align_corners=False)
-        row = {"name": name, **psnr_ssim(pred, truth, "thermalgen")}
+        row = {"name": name, "draw": draw, **psnr_ssim(pred, truth, "thermalgen")}
         row.update({f"{k}_native": v for k, v in psnr_ssim(pred, truth, "native").items()})
         if "lpips" in self.nets:
             a, b = (prepare(x, "thermalgen").expand(-1, 3, -1, -1) for x in (pred, truth))
@@ -106,11 +108,15 @@ class Scorer:
         """Summary (means over images, FID over the set), per class, per image, settings."""
         if not self.rows:
             raise Vis2IRError("no images were scored")
-        keys = [k for k in self.rows[0] if k != "name"]
+        keys = [k for k in self.rows[0] if k not in ("name", "draw")]
         summary = {k: float(np.mean([r[k] for r in self.rows])) for k in keys}
         summary.setdefault("lpips", None)
         summary["fid"] = self.fid()
-        return {"images": len(self.rows), "metrics": summary, "skipped": dict(self.skipped),
+        draws = sorted({r["draw"] for r in self.rows})
+        per_draw = [{"draw": d, **{k: float(np.mean([r[k] for r in self.rows if r["draw"] == d])) for k in keys}}
+                    for d in draws] if len(draws) > 1 else []
+        return {"images": len(self.rows) // len(draws), "draws": len(draws), "per_draw": per_draw,
+                "metrics": summary, "skipped": dict(self.skipped),
                 "classes": self.classes.summary() if self.with_classes else {},
                 "per_image": self.rows, "settings": {"hot_percentile": self.cfg.hot_percentile,
                                                      "images_with_classes": self.with_classes}}
