@@ -122,15 +122,15 @@ class LatentCache(Dataset):
             raise Vis2IRError(f"data.latent_cache={path}: no {META_FILE} (make one with `vis2ir data cache`)")
         self.meta = json.loads(meta_path.read_text())
         if self.meta.get("format") != FORMAT:
-            raise Vis2IRError(f"data.latent_cache={path}: made by an older vis2ir (format "
-                              f"{self.meta.get('format', 1)}, expected {FORMAT}); make it again with "
-                              "`vis2ir data cache`")
+            raise Vis2IRError(f"data.latent_cache={path}: made in cache format {self.meta.get('format', 1)}, "
+                              f"but this vis2ir reads format {FORMAT}; make it again with `vis2ir data cache`")
         diff = first_difference(fingerprint(cfg), self.meta["fingerprint"], LATENT_SETTINGS)
         if diff:
             key, mine, made = diff
             raise Vis2IRError(f"data.latent_cache={path}: made with {key}={made!r}, but this run has {mine!r}")
         self.flips = self.meta["flips"]
         self._files: dict[str, object] = {}
+        self._masks: dict[str, torch.Tensor] = {}  # each shard's x_cond mask channels
 
     def __len__(self) -> int:
         return self.meta["count"]
@@ -145,7 +145,7 @@ class LatentCache(Dataset):
             stored = key + ("_flip" if flipped else "")
             if stored in f.keys():
                 sample[key] = f.get_slice(stored)[row]
-        sample["x_cond"] = torch.cat([sample["x_cond"], f.get_tensor(MASK_KEY)], dim=-1)
+        sample["x_cond"] = torch.cat([sample["x_cond"], self._masks[self.meta["shards"][shard]]], dim=-1)
         if "semantic_tokens" in sample:  # the map describes both halves: [semantic | semantic]
             rows = self.meta["token_rows"]
             sample["semantic_tokens"] = repeat(sample["semantic_tokens"], "(r c) d -> (r n c) d", r=rows, n=2)
@@ -154,6 +154,7 @@ class LatentCache(Dataset):
     def _open(self, name: str):
         if name not in self._files:  # per process: DataLoader workers open their own handles
             self._files[name] = safe_open(str(self.path / name), framework="pt")
+            self._masks[name] = self._files[name].get_tensor(MASK_KEY)
         return self._files[name]
 
 

@@ -199,6 +199,12 @@ def test_ablation_runs_resumes_and_collects(tiny_config, tmp_path, caplog):
     assert main(["ablate", "--config", str(base), "--plan", str(tmp_path / "plan.yaml"), "--out",
                  str(tmp_path / "abl"), "--collect"]) == 0
     assert (tmp_path / "abl" / "results.md").read_text() == text
+    # Scoring overrides reach a variant trained before them; a table mixing draw counts says so.
+    (tmp_path / "abl" / "variants" / "mode=none__seed=0" / "result.json").unlink()
+    run_ablation(base, grid, seeds="0", out=tmp_path / "abl", overrides=["eval.noise_draws=2"], progress=False)
+    again = json.loads((tmp_path / "abl" / "variants" / "mode=none__seed=0" / "result.json").read_text())
+    assert again["noise_draws"] == 2 and again["images"] == 3
+    assert "different eval.noise_draws ([1, 2])" in (tmp_path / "abl" / "results.md").read_text()
 
 
 def test_cross_attention_variants_get_attention_pictures(tiny_config, tmp_path):

@@ -9,6 +9,7 @@ from torchmetrics.functional.image.lpips import ScalingLayer, _normalize_tensor,
 
 from vis2ir.config import EvalConfig
 from vis2ir.data.palette import CLASS_NAMES, class_id
+from vis2ir.evaluate import metrics
 from vis2ir.evaluate.metrics import (ClassAccumulator, class_sums, hot_threshold, prepare, psnr_ssim,
                                      score_dtype)
 from vis2ir.evaluate.networks import (ALEXNET_FILE, FID_FILE, AlexLPIPS, FIDInception, MissingWeights,
@@ -85,9 +86,9 @@ def hand_images():
     return pred, truth, classes
 
 
-def test_scores_are_float64_on_cuda_and_float32_elsewhere():
+def test_scores_are_float64_on_cuda_and_float32_elsewhere(monkeypatch):
     """cuDNN's default TF32 convolutions lowered SSIM by 0.04 on an H100 (docs/results.md), so CUDA
-    scores in float64; on a CPU float32 agrees with float64 to 1e-5."""
+    scores in float64; on a CPU float32 agrees with float64 to 1e-5. `psnr_ssim` follows `score_dtype`."""
     assert score_dtype(torch.device("cuda", 0)) == torch.float64
     assert score_dtype(torch.device("cpu")) == score_dtype(torch.device("mps")) == torch.float32
     g = torch.Generator().manual_seed(0)
@@ -97,6 +98,9 @@ def test_scores_are_float64_on_cuda_and_float32_elsewhere():
     double = structural_similarity_index_measure(p, t, data_range=1.0, reduction="none").mean().item()
     single = psnr_ssim(pred, truth)["ssim"]
     assert abs(single - double) < 1e-5 and 0.3 < single < 0.99  # a real, non-trivial score
+    assert single != double  # float32 here, so the next line tests that psnr_ssim uses score_dtype
+    monkeypatch.setattr(metrics, "score_dtype", lambda device: torch.float64)
+    assert psnr_ssim(pred, truth)["ssim"] == double
 
 
 def test_per_class_metrics_on_hand_made_images():
@@ -151,6 +155,34 @@ def test_scorer_skips_only_the_metrics_without_weights(tmp_path, monkeypatch):
     mse = ((pred - truth) ** 2).mean()
     assert result["metrics"]["psnr_native"] == pytest.approx(float(-10 * torch.log10(mse)), rel=1e-5)
     assert result["classes"]["car"]["hallucinated_heat"] == pytest.approx(1 / 8)
+
+
+def test_fid_with_noise_draws_is_the_mean_of_each_draws_fid():
+    """Several draws of the same images: FID is each draw's FID against the truths (taken once),
+    averaged, not one FID of the pooled draws; one image in two draws is still too few for FID."""
+    features = lambda x: torch.nn.functional.adaptive_avg_pool2d(x[:, :1], 2).flatten(1)  # noqa: E731 - 4-d
+    nets = ({"fid": features}, {})
+    g = torch.Generator().manual_seed(1)
+    truths = [torch.rand(3, 16, 16, generator=g) for _ in range(8)]
+    draws = [[(t + 0.2 * torch.rand(3, 16, 16, generator=g)).clamp(0, 1) for t in truths] for _ in range(2)]
+    both = Scorer(EvalConfig(batch_size=2), "cpu", nets)
+    for d, preds in enumerate(draws):
+        for i, (p, t) in enumerate(zip(preds, truths)):
+            both.add(f"x{i}", p, t, draw=d)
+    alone = []
+    for preds in draws:
+        scorer = Scorer(EvalConfig(batch_size=2), "cpu", nets)
+        for i, (p, t) in enumerate(zip(preds, truths)):
+            scorer.add(f"x{i}", p, t)
+        alone.append(scorer.result()["metrics"]["fid"])
+    result = both.result()
+    assert result["images"] == 8 and result["draws"] == 2 and alone[0] != pytest.approx(alone[1], rel=1e-3)
+    assert [d["fid"] for d in result["per_draw"]] == pytest.approx(alone, rel=1e-6)
+    assert result["metrics"]["fid"] == pytest.approx(np.mean(alone), rel=1e-6)
+    one = Scorer(EvalConfig(), "cpu", nets)
+    for d in range(2):
+        one.add("x0", draws[d][0], truths[0], draw=d)
+    assert one.result()["metrics"]["fid"] is None and one.skipped["fid"] == "needs at least 2 images"
 
 
 def test_bad_weights_file_is_a_one_line_error(tmp_path):

@@ -210,7 +210,8 @@ def run_variant(config, overrides, v: Variant, out: Path, tag: str, device=None,
         write_json(folder / TRAINED_FILE, {"train_seconds": train_seconds})
     started = time.perf_counter()
     checkpoint = find_checkpoint(folder / "run")
-    pipe = Vis2IRPipeline.from_checkpoint(checkpoint, default_device(device))  # for scores and pictures
+    scoring = [o for o in (*overrides, *v.overrides) if o.startswith("eval.")]  # also for runs trained before
+    pipe = Vis2IRPipeline.from_checkpoint(checkpoint, default_device(device), overrides=scoring)
     ev = evaluate_checkpoint(checkpoint, split="test", out=folder / "eval", pipe=pipe)
     scale = None
     if pipe.model.adapter is not None:
@@ -315,11 +316,13 @@ def mean_spread(values: list[float]) -> tuple[float, float]:
 def tabulate(out: Path, variants: list[Variant]) -> Path:
     """results.md / .csv / .png from the finished variants and the references; returns results.md."""
     groups: dict[str, list[dict]] = {}
-    missing = []
+    missing, draws = [], set()
     for v in variants:
         path = out / "variants" / v.name / RESULT_FILE
         if path.exists():
-            groups.setdefault(v.group, []).append(row_values(load_result(path)))
+            result = load_result(path)
+            groups.setdefault(v.group, []).append(row_values(result))
+            draws.add(result.get("noise_draws", 1))
         else:
             missing.append(v.name)
     rows = [(g, len(vals), {k: mean_spread([r[k] for r in vals]) for k in vals[0]}) for g, vals in groups.items()]
@@ -331,6 +334,10 @@ def tabulate(out: Path, variants: list[Variant]) -> Path:
     table = markdown_table(["row", "seeds", *shown], [[g, str(n), *[_pm(*stats[k]) for k in shown]]
                                                      for g, n, stats in rows])
     notes = f"\n{len(missing)} of {len(variants)} variants not finished yet, e.g. {missing[0]}\n" if missing else ""
+    if len(draws) > 1:  # e.g. eval.noise_draws changed between runs: the rows are not comparable
+        notes += f"\nWarning: the variants were scored with different eval.noise_draws ({sorted(draws)}).\n"
+        log.warning("%s: variants scored with different eval.noise_draws %s; delete their result.json files "
+                    "to score them again alike", out, sorted(draws))
     path = write_text(out / "results.md", "# Ablation results\n\nMean ± sample standard deviation over seeds; "
                       "PSNR/SSIM under the ThermalGen protocol, `abs_err/<class>`: mean absolute infrared error on "
                       "the class's pixels; `adapter_scale`: the trained adapter's |scale| (mean over layers); "

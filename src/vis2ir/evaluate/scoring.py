@@ -2,7 +2,8 @@
 
 Per image: PSNR and SSIM under the ThermalGen protocol and at native resolution (`metrics.psnr_ssim`),
 LPIPS-alex on the 256×256 grey images. Over the set: FID between the Inception features of the
-predictions and of the truths. Per class of the semantic map: `metrics.ClassAccumulator`.
+predictions and of the truths (with several noise draws: the mean of each draw's FID). Per class of
+the semantic map: `metrics.ClassAccumulator`.
 A metric whose weights are missing is skipped with a one-line reason; the others still run.
 """
 
@@ -50,8 +51,9 @@ class Scorer:
         self.nets, self.skipped = networks or load_networks(cfg, self.device)
         self.classes = ClassAccumulator(CLASS_NAMES, cfg.hot_percentile)
         self.rows: list[dict] = []
-        self.features: dict[str, list[np.ndarray]] = {"pred": [], "truth": []}
+        self.features: dict[str, list[np.ndarray]] = {"pred": [], "truth": [], "draw": []}
         self.pending: dict[str, list[torch.Tensor]] = {"pred": [], "truth": []}
+        self.pending_draws: list[int] = []
         self.with_classes = 0
 
     @torch.no_grad()
@@ -59,7 +61,8 @@ class Scorer:
             draw: int = 0) -> dict:
         """One image: `pred`, `truth` `[3|1, H, W]` in [0, 1] (the prediction is resized to the truth's
         size if it differs), `classes` palette ids `[H, W]` at the truth's size, or None. `draw`: which
-        noise draw of the same image this is (`eval.noise_draws`); every draw counts alike."""
+        noise draw of the same image this is (`eval.noise_draws`); every draw counts alike, and FID
+        takes the truths' features from draw 0."""
         # On the scorer's device: SSIM at 256×256 is the costly part, and CPU threads are scarce when
         # several evaluations share a machine (`scripts/ablate_gpus.sh`).
         pred, truth = to_grey(pred[None].to(self.device)), to_grey(truth[None].to(self.device))
@@ -71,9 +74,10 @@ class Scorer:
             a, b = (prepare(x, "thermalgen").expand(-1, 3, -1, -1) for x in (pred, truth))
             row["lpips"] = float(self.nets["lpips"](a, b)[0])
         if "fid" in self.nets:
-            for key, x in (("pred", pred), ("truth", truth)):  # at the network's input size, batched
+            for key, x in (("pred", pred), ("truth", truth)) if draw == 0 else (("pred", pred),):
                 self.pending[key].append(F.interpolate(x.clamp(0, 1), size=(299, 299), mode="bilinear",
                                                        align_corners=False).expand(-1, 3, -1, -1))
+            self.pending_draws.append(draw)
             if len(self.pending["pred"]) >= self.cfg.batch_size:
                 self._flush_features()
         if classes is not None:
@@ -92,17 +96,22 @@ class Scorer:
             if images:
                 self.features[key].append(self.nets["fid"](torch.cat(images).to(self.device)).cpu().numpy())
                 images.clear()
+        if self.pending_draws:
+            self.features["draw"].append(np.array(self.pending_draws))
+            self.pending_draws.clear()
 
-    def fid(self) -> float | None:
-        """FID over the images added (None when skipped or with fewer than 2 images)."""
+    def fid(self) -> dict[int, float] | None:
+        """FID of each noise draw's predictions against the truths (None when skipped or with fewer
+        than 2 images)."""
         if "fid" not in self.nets:
             return None
         self._flush_features()
-        if len(self.rows) < 2:
+        if len({r["name"] for r in self.rows}) < 2:
             self.skipped["fid"] = "needs at least 2 images"
             return None
-        return frechet_distance(*feature_stats(np.concatenate(self.features["pred"])),
-                                *feature_stats(np.concatenate(self.features["truth"])))
+        pred, draws = np.concatenate(self.features["pred"]), np.concatenate(self.features["draw"])
+        truth = feature_stats(np.concatenate(self.features["truth"]))
+        return {int(d): frechet_distance(*feature_stats(pred[draws == d]), *truth) for d in np.unique(draws)}
 
     def result(self) -> dict:
         """Summary (means over images, FID over the set), per class, per image, settings."""
@@ -111,12 +120,13 @@ class Scorer:
         keys = [k for k in self.rows[0] if k not in ("name", "draw")]
         summary = {k: float(np.mean([r[k] for r in self.rows])) for k in keys}
         summary.setdefault("lpips", None)
-        summary["fid"] = self.fid()
+        fid = self.fid()
+        summary["fid"] = None if fid is None else float(np.mean(list(fid.values())))
         draws = sorted({r["draw"] for r in self.rows})
-        per_draw = [{"draw": d, **{k: float(np.mean([r[k] for r in self.rows if r["draw"] == d])) for k in keys}}
-                    for d in draws] if len(draws) > 1 else []
-        return {"images": len(self.rows) // len(draws), "draws": len(draws), "per_draw": per_draw,
+        per_draw = [{"draw": d, **{k: float(np.mean([r[k] for r in self.rows if r["draw"] == d])) for k in keys},
+                     "fid": None if fid is None else fid[d]} for d in draws] if len(draws) > 1 else []
+        return {"images": len({r["name"] for r in self.rows}), "draws": len(draws), "per_draw": per_draw,
                 "metrics": summary, "skipped": dict(self.skipped),
                 "classes": self.classes.summary() if self.with_classes else {},
                 "per_image": self.rows, "settings": {"hot_percentile": self.cfg.hot_percentile,
-                                                     "images_with_classes": self.with_classes}}
+                                                     "images_with_classes": self.with_classes // len(draws)}}
