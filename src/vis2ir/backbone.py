@@ -23,9 +23,9 @@ from safetensors.torch import load_file, save_file
 
 from vis2ir.config import ModelConfig
 from vis2ir.errors import Vis2IRError
+from vis2ir.files import atomic_write
 from vis2ir.hub import cached_snapshot, check_hub, is_local, local_folder
 from vis2ir.latents import Codec, PixelCodec, VAECodec, mask_width, token_width
-from vis2ir.files import atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -82,11 +82,11 @@ def build_latent_cache(cfg: Config, out: str | Path, split: str = "train", batch
                 enc = encode_batch(codec, cfg.model.semantic, images["visible"], images["infrared"],
                                    images.get("semantic"))
                 rows = token_grid(codec, enc.height, enc.width)[0]
-                mask = enc.x_cond[0, :, enc.x_0.shape[-1]:].cpu() if mask is None else mask
+                mask = enc.x_cond[0, :, enc.x_0.shape[-1]:] if mask is None else mask  # on the device
                 for key, value in compact(enc, mask, rows).items():
                     tensors.setdefault(key + ("_flip" if flipped else ""), []).append(value.cpu())
         name = f"shard-{len(shards):05d}.safetensors"
-        shard = {k: torch.cat(v).contiguous() for k, v in tensors.items()} | {MASK_KEY: mask.contiguous()}
+        shard = {k: torch.cat(v).contiguous() for k, v in tensors.items()} | {MASK_KEY: mask.cpu().contiguous()}
         atomic_write(out / name, lambda tmp, shard=shard: save_file(shard, str(tmp)))
         shards.append(name)
     meta = {"format": FORMAT, "fingerprint": fingerprint(cfg), "split": split, "count": len(names),
@@ -100,7 +100,7 @@ def compact(enc: Encoded, mask: torch.Tensor, rows: int) -> dict[str, torch.Tens
     """What a batch stores: `x_0`, `x_cond` without its mask channels (checked to equal `mask`, the
     first sample's), and the first half of each of the `rows` rows of semantic tokens."""
     width = enc.x_0.shape[-1]
-    mask_channels = enc.x_cond[..., width:].cpu()
+    mask_channels = enc.x_cond[..., width:]
     if not torch.equal(mask_channels, mask.expand_as(mask_channels)):
         raise Vis2IRError("the Fill mask differs between samples; this cache format needs one mask for all")
     out = {"x_0": enc.x_0, "x_cond": enc.x_cond[..., :width]}

@@ -255,9 +255,11 @@ def labelled_grid(columns: dict[str, torch.Tensor], rows: int = 8, cell: int = 9
     h, w = first.shape[-2:]
     scale = max(1, cell // max(h, w))
     ch, cw, gap = h * scale, w * scale, 2
-    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    label_width = math.ceil(max(measure.textlength(name) for name in columns)) + 8
-    top, left = (0, label_width) if transpose else (14, 0)
+    if transpose:  # names on the left, as wide as the longest needs
+        measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+        top, left = 0, math.ceil(max(measure.textlength(name) for name in columns)) + 8
+    else:
+        top, left = 14, 0
     sets, scenes = (len(columns), n) if transpose else (n, len(columns))  # grid rows, grid columns
     sheet = Image.new("RGB", (left + scenes * (cw + gap), top + sets * (ch + gap)), "white")
     draw = ImageDraw.Draw(sheet)
