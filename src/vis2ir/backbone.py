@@ -26,6 +26,7 @@ from vis2ir.errors import Vis2IRError
 from vis2ir.files import atomic_write
 from vis2ir.hub import cached_snapshot, check_hub, is_local, local_folder
 from vis2ir.latents import Codec, PixelCodec, VAECodec, mask_width, token_width
+from vis2ir.quantize import quantize_transformer, require
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +68,14 @@ def base_in_channels(codec: Codec) -> int:
 
 
 def load_backbone(cfg: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> Backbone:
-    """Build transformer, codec and prompt embeddings as `cfg` says, on `device` in `dtype`."""
+    """Build transformer, codec and prompt embeddings as `cfg` says, on `device` in `dtype`.
+
+    The transformer reaches `device` block by block, quantized on the way when `model.quantize`
+    says so (`quantize.py`), so a quantized real-size model never sits whole in bf16 on the GPU.
+    """
+    require(cfg.quantize)  # a missing library is one line before anything heavy is loaded
     dtype = dtype or resolve_dtype(cfg.dtype, device)
+    fill = None
     if cfg.backbone == "pretrained":
         root = resolve_flux_path(cfg.flux_path, need_text=not _cache_file(cfg).exists())
         from diffusers import FluxTransformer2DModel
@@ -81,9 +88,11 @@ def load_backbone(cfg: ModelConfig, device: torch.device | str = "cpu", dtype: t
         with torch.random.fork_rng(devices=[]):  # seeded build that leaves the global RNG alone
             torch.manual_seed(cfg.seed)
             codec = _random_codec(cfg, dtype)  # first, so that `load_codec` builds the same one
-            transformer = _random_transformer(cfg, codec, device, dtype)
+            transformer = _random_transformer(cfg, codec, dtype)
+        fill = _fill_normal if cfg.transformer.init == "normal" else None
         prompt = prompt_embeddings(cfg, lambda: build_tiny_text_encoders(cfg))
-    return Backbone(transformer.to(device), _to_device(codec, device), prompt.to(device, dtype))
+    transformer = quantize_transformer(transformer, cfg.quantize, device, fill)
+    return Backbone(transformer, _to_device(codec, device), prompt.to(device, dtype))
 
 
 def load_codec(cfg: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> Codec:
@@ -106,11 +115,12 @@ def _random_codec(cfg: ModelConfig, dtype: torch.dtype) -> Codec:
     return PixelCodec(cfg.pixel_factor) if cfg.codec == "pixel" else VAECodec(_cast(build_tiny_vae(cfg), dtype))
 
 
-def _random_transformer(cfg: ModelConfig, codec: Codec, device, dtype):
-    """A transformer of the configured shape for `codec`, with random weights."""
+def _random_transformer(cfg: ModelConfig, codec: Codec, dtype):
+    """A transformer of the configured shape for `codec`, with random weights (or, with
+    `init: normal`, empty weights that `_fill_normal` fills once they are on the device)."""
     width = token_width(codec)
     if cfg.transformer.init == "normal":
-        return build_transformer_fast(cfg, base_in_channels(codec), width, device, dtype)
+        return build_transformer_empty(cfg, base_in_channels(codec), width, dtype)
     return _cast(build_transformer(cfg, base_in_channels(codec), width), dtype)
 
 
@@ -142,17 +152,19 @@ def build_transformer(cfg: ModelConfig, in_channels: int, out_channels: int):
     )
 
 
-@torch.no_grad()
-def build_transformer_fast(cfg: ModelConfig, in_channels: int, out_channels: int, device, dtype):
-    """The same transformer built with empty weights on `device`, then filled with N(0, 0.02)."""
+def build_transformer_empty(cfg: ModelConfig, in_channels: int, out_channels: int, dtype):
+    """The same transformer with empty (meta) weights in `dtype`: a real-size one in under a second,
+    for speed and memory measurements. `_fill_normal` gives each part N(0, 0.02) on its device."""
     from accelerate import init_empty_weights
 
     with init_empty_weights():
-        transformer = build_transformer(cfg, in_channels, out_channels)
-    transformer = transformer.to(dtype).to_empty(device=device)  # allocate once, already in `dtype`
-    for p in transformer.parameters():
+        return build_transformer(cfg, in_channels, out_channels).to(dtype)
+
+
+@torch.no_grad()
+def _fill_normal(module: torch.nn.Module) -> None:
+    for p in module.parameters():
         p.normal_(0, 0.02)
-    return transformer
 
 
 def build_tiny_vae(cfg: ModelConfig):

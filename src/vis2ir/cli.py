@@ -250,7 +250,7 @@ def quiet() -> None:
         logger.handlers.clear()
         logger.propagate = True
         logger.setLevel(logging.WARNING)
-    for name in ("transformers", "diffusers"):
+    for name in ("transformers", "diffusers", "torchao"):  # torchao: its optional kernels' load failures
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
 

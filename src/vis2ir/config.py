@@ -147,6 +147,8 @@ class ModelConfig:
     prompt: str = ICEDIT_PROMPT + DEFAULT_INSTRUCTION
     max_sequence_length: int = 512
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    # The frozen transformer blocks' storage (LoRA trains on top): docs/performance.md, quantize.py.
+    quantize: Literal["none", "fp8", "nf4"] = "none"
     prompt_cache_dir: str = "~/.cache/vis2ir/prompt_embeds"
     seed: int = 0
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
@@ -332,6 +334,8 @@ class Config:
     def validate(self) -> Config:
         for part in (self.model, self.data, self.train, self.sample, self.eval):
             part.validate()
+        _check(self.model.quantize == "none" or self.train.finetune == "lora", "model.quantize",
+               "'none' with train.finetune=full (a quantized base is frozen: train LoRA on it)", self.model.quantize)
         return self
 
     def to_dict(self) -> dict[str, Any]:

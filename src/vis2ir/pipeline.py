@@ -153,7 +153,7 @@ class Vis2IRPipeline:
         cfg = config if isinstance(config, Config) else load_config(config, overrides)
         device = default_device(device)
         dtype = dtype or resolve_dtype(cfg.model.dtype, device)
-        model = build_model(cfg, "cpu" if offload != "none" else device, dtype)
+        model = build_model(cfg, build_device(cfg, offload, device), dtype)
         return cls(model, cfg, device).offload(offload)
 
     @classmethod
@@ -175,7 +175,7 @@ class Vis2IRPipeline:
             cfg.sample = expected.sample
         device = default_device(device)
         dtype = dtype or resolve_dtype(cfg.model.dtype, device)
-        model, _ = load_model(directory, "cpu" if offload != "none" else device, dtype, overrides)
+        model, _ = load_model(directory, build_device(cfg, offload, device), dtype, overrides)
         return cls(model, cfg, device).offload(offload)
 
     def offload(self, how: str = "model") -> Vis2IRPipeline:
@@ -267,6 +267,13 @@ class Vis2IRPipeline:
         stacked = torch.stack([a.float().cpu() for a in maps], dim=1)  # [B, layers, heads, N, M]
         return ir, [AttentionMaps(stacked[i], rows, cols, tuple(v.shape[-2:]), panels)
                     for i, v in enumerate(vis)]
+
+
+def build_device(cfg: Config, offload: str, device: torch.device) -> torch.device:
+    """Where the model is built: on the CPU when it is offloaded, unless it is quantized — a
+    quantized transformer is quantized block by block on `device` (fast, and it fits by design)
+    and only then offloaded."""
+    return device if offload == "none" or cfg.model.quantize != "none" else torch.device("cpu")
 
 
 def batches(sizes: list[tuple[int, int]], batch_size: int) -> list[list[int]]:

@@ -1,0 +1,126 @@
+"""`model.quantize`: the frozen base's blocks in float8 (torchao) or NF4 (bitsandbytes), LoRA on top.
+
+Everything here runs on the CPU (both libraries support it for these layers); the GPU figures are
+in docs/performance.md.
+"""
+
+import sys
+
+import pytest
+import torch
+from diffusers import FluxFillPipeline
+from torch import nn
+
+from vis2ir.checkpoint import LORA_FILE, add_lora, load_model, save_weights
+from vis2ir.config import ConfigError
+from vis2ir.errors import Vis2IRError
+from vis2ir.model import build_model
+from vis2ir.quantize import blocks, require, weight_bytes
+
+pytest.importorskip("torchao")
+pytest.importorskip("bitsandbytes")
+
+WEIGHT_TYPES = {"fp8": "Float8Tensor", "nf4": "Params4bit"}
+# 64 wide: bitsandbytes' CPU kernel packs rows in blocks of 64 (FLUX's layers are 3072 wide).
+WIDTH_64 = ("model.transformer.attention_head_dim=32", "model.transformer.axes_dims_rope=[8,12,12]")
+
+
+def quantized(tiny_config, how, *overrides):
+    cfg = tiny_config("model.semantic.mode=none", "model.dtype=bfloat16", "model.lora.rank=4",
+                      f"model.quantize={how}", *WIDTH_64, *overrides)
+    return cfg, build_model(cfg)
+
+
+def velocity(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    vis, ir = torch.rand(1, 3, 32, 32, generator=g), torch.rand(1, 3, 32, 32, generator=g)
+    noise = torch.randn(1, 8, 64, generator=g)
+    with torch.no_grad():
+        return model(vis, ir, None, torch.tensor([0.5]), noise).pred.float()
+
+
+@pytest.mark.parametrize("how,max_error", [("fp8", 0.08), ("nf4", 0.3)])
+def test_blocks_are_quantized_and_the_rest_kept(tiny_config, how, max_error):
+    _, base = quantized(tiny_config, "none")
+    _, model = quantized(tiny_config, how)
+    linears = [m for b in blocks(model.transformer) for m in b.modules() if isinstance(m, nn.Linear)]
+    assert linears and all(type(m.weight).__name__ == WEIGHT_TYPES[how] for m in linears)
+    assert type(model.transformer.x_embedder.weight) is nn.Parameter  # widened by channel_concat: never quantized
+    assert type(model.transformer.proj_out.weight) is nn.Parameter
+    block_bytes = lambda m: sum(weight_bytes(b) for b in blocks(m.transformer))  # noqa: E731
+    assert block_bytes(model) < 0.65 * block_bytes(base)
+    v0, v1 = velocity(base), velocity(model)
+    error = ((v1 - v0).norm() / v0.norm()).item()
+    assert 0 < error < max_error  # quantized (not equal), yet the same model
+
+
+@pytest.mark.parametrize("how", ["fp8", "nf4"])
+def test_lora_trains_on_a_quantized_base_and_loads_into_the_stock_pipeline(tiny_config, tmp_path, how):
+    """QLoRA: gradients reach LoRA only; the exported LoRA (diffusers layout) loads into an
+    unquantized stock FluxFillPipeline and changes it as it changes our quantized model."""
+    cfg, model = quantized(tiny_config, how)
+    add_lora(model.transformer, cfg.model.lora)
+    lora = [p for n, p in model.transformer.named_parameters() if "lora_" in n]
+    for p in lora:
+        p.data = p.data.float()
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(lora, lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    vis, ir = torch.rand(2, 3, 32, 32, generator=g), torch.rand(2, 3, 32, 32, generator=g)
+    for _ in range(3):
+        pred, target = model(vis, ir, None, torch.tensor([0.3, 0.7]), torch.randn(2, 8, 64, generator=g))
+        loss = (pred.float() - target.float()).square().mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert all(p.grad is None for n, p in model.transformer.named_parameters() if "lora_" not in n)
+    assert any(p.abs().sum() > 0 for n, p in model.transformer.named_parameters() if "lora_B" in n)
+
+    save_weights(tmp_path / "ckpt", model, cfg)
+    assert (tmp_path / "ckpt" / LORA_FILE).exists()
+    plain = tiny_config("model.semantic.mode=none", "model.dtype=float32", "model.lora.rank=4", *WIDTH_64)
+    fresh = build_model(plain).transformer
+    pipe = FluxFillPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
+                            tokenizer_2=None, transformer=fresh)
+    hidden = torch.randn(1, 8, 384, generator=g)  # FLUX Fill's input width for the VAE codec
+    kwargs = dict(timestep=torch.tensor([0.5]), guidance=torch.tensor([1.0]), pooled_projections=torch.randn(1, 32),
+                  encoder_hidden_states=torch.randn(1, 8, 32), txt_ids=torch.zeros(8, 3),
+                  img_ids=torch.zeros(8, 3), return_dict=False)
+    with torch.no_grad():
+        before = fresh(hidden_states=hidden, **kwargs)[0]
+        pipe.load_lora_weights(tmp_path / "ckpt")
+        after = fresh(hidden_states=hidden, **kwargs)[0]
+    assert (after - before).abs().max() > 1e-3  # the trained LoRA changed the stock model
+    # and our checkpoint loads back onto a quantized base
+    loaded, loaded_cfg = load_model(tmp_path / "ckpt")
+    assert loaded_cfg.model.quantize == how
+    v_loaded, v_trained = velocity(loaded), velocity(model.eval())  # LoRA back in bf16, the model's dtype
+    assert ((v_loaded - v_trained).norm() / v_trained.norm()).item() < 0.02
+
+
+def test_missing_library_is_one_line(monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` now raises ImportError
+    with pytest.raises(Vis2IRError) as err:
+        require("nf4")
+    message = str(err.value)
+    assert "\n" not in message and "pip install 'bitsandbytes>=" in message and "model.quantize=none" in message
+    require("none")  # needs nothing
+
+
+def test_quantize_setting_is_checked(tiny_config):
+    with pytest.raises(ConfigError, match="model.quantize.*not allowed"):
+        tiny_config("model.quantize=int3")
+    with pytest.raises(ConfigError, match="model.quantize: expected 'none' with train.finetune=full"):
+        tiny_config("model.quantize=fp8", "train.finetune=full")
+
+
+@pytest.mark.parametrize("how", ["none", "fp8"])
+def test_empty_real_size_style_build_is_filled_then_quantized(tiny_config, how):
+    """`model.transformer.init=normal` (the benchmarks' real-size build): empty weights, filled with
+    N(0, 0.02) block by block on the device, quantized on the way."""
+    _, model = quantized(tiny_config, how, "model.transformer.init=normal")
+    plain = [p for p in model.transformer.parameters() if type(p) is nn.Parameter]
+    assert plain and not any(p.is_meta for p in model.transformer.parameters())
+    values = torch.cat([p.detach().float().flatten() for p in plain])
+    assert torch.isfinite(values).all() and abs(values.std().item() - 0.02) < 0.002
+    assert torch.isfinite(velocity(model)).all()
