@@ -1,7 +1,7 @@
 """`vis2ir train`: flow-matching training of LoRA (or the whole transformer) and the adapter.
 
-Lightning runs the loop, the devices and the strategies (DDP, FSDP, DeepSpeed); this file says
-what one step does (DESIGN §1, §3):
+Lightning runs the loop, the devices and the strategy (DDP; FSDP and DeepSpeed are refused); this
+file says what one step does (DESIGN §1, §3):
 
     t ~ sigmoid(N(mean, std)) (optionally shifted);  x_1 ~ N(0, I) (+ offset noise)
     v̂ = model(x_t = (1 − t)·x_0 + t·x_1);  loss = mse(v̂, x_1 − x_0) over all or target tokens
