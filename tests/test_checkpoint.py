@@ -119,12 +119,12 @@ def _first_to(t, shape):
 @pytest.mark.parametrize("finetune, file, change, problem", [
     ("lora", LORA_FILE, _drop_half, r"13 of 26 tensors missing, e\.g\. transformer\."),
     ("lora", LORA_FILE, lambda t: t.update(extra=torch.zeros(2)), r"1 unexpected, e\.g\. extra"),
-    ("lora", LORA_FILE, lambda t: _first_to(t, (3, 3)), r"1 of the wrong shape, e\.g\. transformer\..*: \[3, 3\] instead"),
+    ("lora", LORA_FILE, lambda t: _first_to(t, (3, 3)), r"1 of the wrong shape, e\.g\. transformer\..*: \[3, 3\] "),
     ("lora", ADAPTER_FILE, lambda t: t.pop(sorted(t)[0]), r"1 of \d+ tensors missing, e\.g\. layers\.0\."),
     ("lora", ADAPTER_FILE, lambda t: t.update(extra=torch.zeros(2)), r"1 unexpected, e\.g\. extra"),
     ("full", TRANSFORMER_FILE, lambda t: t.pop(sorted(t)[-1]), r"1 of \d+ tensors missing"),
     ("full", TRANSFORMER_FILE, lambda t: _first_to(t, (1,)), r"1 of the wrong shape"),
-    ("lora", PROMPT_FILE, lambda t: t.pop("pooled_prompt_embeds"), r"1 of 2 tensors missing, e\.g\. pooled_prompt_embeds"),
+    ("lora", PROMPT_FILE, lambda t: t.pop("pooled_prompt_embeds"), r"1 of 2 tensors missing, e\.g\. pooled_prompt"),
 ], ids=["lora-missing", "lora-extra", "lora-shape", "adapter-missing", "adapter-extra", "full-missing",
         "full-shape", "prompt-missing"])
 def test_a_file_that_does_not_fit_is_refused(tiny_config, tmp_path, finetune, file, change, problem):

@@ -482,6 +482,7 @@ def build_trainer(cfg: Config, run_dir: Path, callbacks=(), loggers=True, progre
         from lightning.pytorch.strategies import DDPStrategy
 
         strategy = DDPStrategy(find_unused_parameters=False)
+    timer = [] if t.max_minutes is None else [LaunchTimer(t.max_minutes, run_dir)]  # not Lightning's: per launch
     if loggers is True:
         from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
@@ -494,8 +495,7 @@ def build_trainer(cfg: Config, run_dir: Path, callbacks=(), loggers=True, progre
         log_every_n_steps=t.log_every, val_check_interval=t.val_every * t.accumulate_grad_batches,
         check_val_every_n_epoch=None, limit_val_batches=t.val_batches, num_sanity_val_steps=0,
         default_root_dir=run_dir, logger=loggers,
-        callbacks=[CheckpointExport(cfg, run_dir), *([] if t.max_minutes is None else [LaunchTimer(t.max_minutes, run_dir)]),
-                   *callbacks],
+        callbacks=[CheckpointExport(cfg, run_dir), *timer, *callbacks],
         enable_checkpointing=False, use_distributed_sampler=False,  # our StepSampler splits the ranks
         enable_progress_bar=progress, enable_model_summary=False,
     )
