@@ -1,8 +1,11 @@
+import re
+
 import pytest
 import torch
 from diffusers import FluxFillPipeline
 
-from vis2ir.checkpoint import (ADAPTER_FILE, LORA_FILE, add_lora, find_checkpoint, load_model, save_weights)
+from vis2ir.checkpoint import (ADAPTER_FILE, LORA_FILE, PROMPT_FILE, TRANSFORMER_FILE, add_lora, find_checkpoint,
+                               load_model, save_weights)
 from vis2ir.errors import Vis2IRError
 from vis2ir.model import build_model
 
@@ -90,3 +93,50 @@ def test_full_finetune_round_trip(tiny_config, tmp_path):
     loaded, _ = load_model(tmp_path / "c")
     assert all(torch.equal(a, b) for a, b in zip(model.transformer.state_dict().values(),
                                                    loaded.transformer.state_dict().values()))
+
+
+def _edit(path, change):
+    """Rewrite a safetensors file with `change(tensors)` applied, keeping its metadata."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), "pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    change(tensors)
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def _drop_half(t):
+    for k in sorted(t)[::2]:
+        del t[k]
+
+
+def _first_to(t, shape):
+    k = sorted(t)[0]
+    t[k] = torch.zeros(shape)
+
+
+@pytest.mark.parametrize("finetune, file, change, problem", [
+    ("lora", LORA_FILE, _drop_half, r"13 of 26 tensors missing, e\.g\. transformer\."),
+    ("lora", LORA_FILE, lambda t: t.update(extra=torch.zeros(2)), r"1 unexpected, e\.g\. extra"),
+    ("lora", LORA_FILE, lambda t: _first_to(t, (3, 3)), r"1 of the wrong shape, e\.g\. transformer\..*: \[3, 3\] "),
+    ("lora", ADAPTER_FILE, lambda t: t.pop(sorted(t)[0]), r"1 of \d+ tensors missing, e\.g\. layers\.0\."),
+    ("lora", ADAPTER_FILE, lambda t: t.update(extra=torch.zeros(2)), r"1 unexpected, e\.g\. extra"),
+    ("full", TRANSFORMER_FILE, lambda t: t.pop(sorted(t)[-1]), r"1 of \d+ tensors missing"),
+    ("full", TRANSFORMER_FILE, lambda t: _first_to(t, (1,)), r"1 of the wrong shape"),
+    ("lora", PROMPT_FILE, lambda t: t.pop("pooled_prompt_embeds"), r"1 of 2 tensors missing, e\.g\. pooled_prompt"),
+], ids=["lora-missing", "lora-extra", "lora-shape", "adapter-missing", "adapter-extra", "full-missing",
+        "full-shape", "prompt-missing"])
+def test_a_file_that_does_not_fit_is_refused(tiny_config, tmp_path, finetune, file, change, problem):
+    """Missing, extra or misshapen tensors: one line naming the file, never a silently different model."""
+    cfg = tiny_config("model.semantic.mode=cross_attention", "model.lora.rank=4", f"train.finetune={finetune}")
+    model = build_model(cfg)
+    if finetune == "lora":
+        add_lora(model.transformer, cfg.model.lora)
+    save_weights(tmp_path / "c", model, cfg)
+    _edit(tmp_path / "c" / file, change)
+    with pytest.raises(Vis2IRError) as err:
+        load_model(tmp_path / "c")
+    message = str(err.value)
+    assert message.startswith(f"{tmp_path / 'c' / file}: does not fit the model built from its config (")
+    assert re.search(problem, message) and "\n" not in message

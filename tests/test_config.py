@@ -89,3 +89,106 @@ def test_cli_reports_config_errors_in_one_line(capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("vis2ir: error: unknown setting 'model.semantic.num_head'")
     assert "\n" not in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.warmup_steps=-1", "train.warmup_steps"),
+    ("train.learning_rate=0", "train.learning_rate"),
+    ("train.learning_rate=-1e-4", "train.learning_rate"),
+    ("train.learning_rate=nan", "train.learning_rate"),
+    ("train.learning_rate=.inf", "train.learning_rate"),
+    ("train.adapter_learning_rate=inf", "train.adapter_learning_rate"),
+    ("train.adapter_learning_rate=0", "train.adapter_learning_rate"),
+    ("train.weight_decay=-0.1", "train.weight_decay"),
+    ("train.adapter_weight_decay=-1", "train.adapter_weight_decay"),
+    ("train.grad_clip=-0.5", "train.grad_clip"),
+    ("train.guidance=.nan", "train.guidance"),
+    ("train.guidance=-1", "train.guidance"),
+    ("train.timestep_mean=nan", "train.timestep_mean"),
+    ("train.timestep_std=0", "train.timestep_std"),
+    ("train.timestep_shift=-2", "train.timestep_shift"),
+    ("train.offset_noise=-0.1", "train.offset_noise"),
+    ("train.max_minutes=0", "train.max_minutes"),
+    ("train.max_minutes=nan", "train.max_minutes"),
+    ("train.max_steps=-1", "train.max_steps"),
+    ("train.accumulate_grad_batches=0", "train.accumulate_grad_batches"),
+    ("train.seed=-1", "train.seed"),
+    ("train.num_nodes=0", "train.num_nodes"),
+    ("train.devices=0", "train.devices"),
+    ("train.checkpoint_every=0", "train.checkpoint_every"),
+    ("train.keep_last=0", "train.keep_last"),
+    ("train.val_every=0", "train.val_every"),
+    ("train.val_batches=-1", "train.val_batches"),
+    ("train.log_every=0", "train.log_every"),
+    ("train.max_bad_steps=0", "train.max_bad_steps"),
+    ("train.strategy=fsdp", "train.strategy"),
+    ("train.strategy=deepspeed", "train.strategy"),
+    ("model.semantic.num_heads=0", "model.semantic.num_heads"),
+    ("model.semantic.num_heads=7", "model.semantic.num_heads"),    # 3072 = 128 × 24 is not a multiple of 7
+    ("model.semantic.num_heads=512", "model.semantic.num_heads"),  # head dim 6: RoPE needs a multiple of 4
+    ("model.semantic.num_layers=0", "model.semantic.num_layers"),
+    ("model.semantic.dropout=1", "model.semantic.dropout"),
+    ("model.semantic.fusion_alpha=nan", "model.semantic.fusion_alpha"),
+    ("model.semantic.scale_init=inf", "model.semantic.scale_init"),
+    ("model.semantic.rope_min_wavelength=0", "model.semantic.rope_min_wavelength"),
+    ("model.semantic.rope_max_wavelength=.inf", "model.semantic.rope_max_wavelength"),
+    ("model.semantic.rope_max_wavelength=1", "model.semantic.rope_min_wavelength"),
+    ("model.lora.rank=0", "model.lora.rank"),
+    ("model.lora.alpha=0", "model.lora.alpha"),
+    ("model.lora.dropout=-0.1", "model.lora.dropout"),
+    ("model.lora.dropout=1.0", "model.lora.dropout"),
+    ("model.transformer.num_attention_heads=0", "model.transformer.num_attention_heads"),
+    ("model.transformer.num_layers=-1", "model.transformer.num_layers"),
+    ("model.transformer.joint_attention_dim=0", "model.transformer.joint_attention_dim"),
+    ("model.transformer.pooled_projection_dim=0", "model.transformer.pooled_projection_dim"),
+    ("model.transformer.axes_dims_rope=[15,57,56]", "model.transformer.axes_dims_rope"),
+    ("model.vae.norm_num_groups=0", "model.vae.norm_num_groups"),
+    ("model.vae.block_out_channels=[16,16,16,12]", "model.vae.block_out_channels"),
+    ("model.vae.latent_channels=0", "model.vae.latent_channels"),
+    ("model.vae.layers_per_block=0", "model.vae.layers_per_block"),
+    ("model.text.num_layers=0", "model.text.num_layers"),
+    ("model.text.seed=-3", "model.text.seed"),
+    ("model.seed=-1", "model.seed"),
+    ("model.pixel_factor=0", "model.pixel_factor"),
+    ("model.max_sequence_length=0", "model.max_sequence_length"),
+    ("data.size=0", "data.size"),
+    ("data.num_workers=-1", "data.num_workers"),
+    ("data.ir_percentiles=[1, nan]", "data.ir_percentiles"),
+    ("data.ir_percentiles=[99, 1]", "data.ir_percentiles"),
+    ("data.ir_range=[0, .inf]", "data.ir_range"),
+    ("data.val_fraction=1", "data.val_fraction"),
+    ("data.test_fraction=-0.1", "data.test_fraction"),
+    ("data.synth_count=0", "data.synth_count"),
+    ("data.synth_seed=-1", "data.synth_seed"),
+    ("sample.steps=0", "sample.steps"),
+    ("sample.guidance=nan", "sample.guidance"),
+    ("sample.guidance=-1", "sample.guidance"),
+    ("sample.seed=-1", "sample.seed"),
+    ("sample.adapter_scale=-inf", "sample.adapter_scale"),
+    ("eval.hot_percentile=100", "eval.hot_percentile"),
+    ("eval.batch_size=0", "eval.batch_size"),
+    ("eval.limit=0", "eval.limit"),
+    ("eval.fit_limit=0", "eval.fit_limit"),
+    ("eval.noise_draws=0", "eval.noise_draws"),
+])
+def test_settings_that_cannot_work_are_refused(override, key):
+    """Every numeric setting has its range; NaN and inf (YAML `.nan`, override `nan`) are never taken."""
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    message = str(err.value)
+    assert message.startswith(f"{key}: expected ") and "\n" not in message
+
+
+def test_nan_in_a_yaml_file_is_refused(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  learning_rate: .nan\n")
+    with pytest.raises(ConfigError, match=r"^train.learning_rate: expected a finite number, got nan$"):
+        load_config(path)
+    path.write_text("train:\n  warmup_steps: -10\n")
+    with pytest.raises(ConfigError, match=r"^train.warmup_steps: expected an integer >= 0, got -10$"):
+        load_config(path)
+
+
+def test_fsdp_is_refused_in_one_line():
+    with pytest.raises(ConfigError, match=r"train.strategy: expected 'auto' or 'ddp' \(DDP works; FSDP .* planned\)"):
+        load_config(None, ["train.strategy=fsdp"])

@@ -131,3 +131,158 @@ def test_metrics_logs_are_ordered_by_launch(tmp_path):
         (tmp_path / "logs" / f"version_{n}").mkdir(parents=True)
         (tmp_path / "logs" / f"version_{n}" / "metrics.csv").write_text("step,train/loss\n")
     assert [p.parent.name for p in metrics_logs(tmp_path)] == ["version_0", "version_2", "version_10"]
+
+
+@pytest.mark.parametrize("at, max_bad, kept", [
+    (5, 2, "step-3"),  # the boundary (step 6) falls after the streak's first bad step
+    (4, 3, "step-3"),  # … after its second, with a third to come
+    (1, 3, None),      # no good checkpoint yet: step 3 falls inside the streak
+])
+def test_nan_streak_across_a_checkpoint_keeps_the_good_one(tiny_config, tmp_path, at, max_bad, kept):
+    """Non-finite weights are never written, and keep_last=1 never prunes the last good checkpoint."""
+    expected = f"last good checkpoint is kept: {tmp_path / 'run' / 'checkpoints' / kept}" if kept else \
+        "no checkpoint with finite weights was written"
+    with pytest.raises(Vis2IRError, match=f"loss was NaN/inf for {max_bad} steps in a row .*{expected}"):
+        run(tiny_config, tmp_path, "train.max_steps=10", f"train.max_bad_steps={max_bad}", "train.keep_last=1",
+            callbacks=[Poison(at, forever=True)])
+    ckpts = list_checkpoints(tmp_path / "run")
+    assert [p.name for p in ckpts] == ([kept] if kept else [])
+    if kept:
+        model, _ = load_model(ckpts[-1])
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+class InfGradient(L.Callback):
+    """A finite loss whose gradient is inf at step `at` (an overflow in the backward)."""
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def on_after_backward(self, trainer, module):
+        if trainer.global_step == self.at:
+            module.model.adapter.layers[0].scale.grad.fill_(float("inf"))
+
+
+def test_a_non_finite_gradient_skips_the_update(tiny_config, tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="vis2ir")
+    run_dir = run(tiny_config, tmp_path, "train.max_steps=3", callbacks=[InfGradient(1)])
+    assert "step 1: gradient norm is inf (1/5 bad steps in a row); skipping the update" in caplog.text
+    assert all(torch.isfinite(v).all() for v in weights(run_dir / "checkpoints" / "step-3").values())
+
+
+def test_resume_keeps_the_runs_settings(tiny_config, tmp_path):
+    """A resume refuses to change what the run is, deletes nothing before it has written a newer
+    checkpoint, and from the command line continues with the run's own settings."""
+    from vis2ir.cli import main
+
+    run_dir = run(tiny_config, tmp_path, "train.max_steps=6", "train.keep_last=2")
+    config = (run_dir / "config.yaml").read_text()
+    with pytest.raises(Vis2IRError, match=r"--resume: train.batch_size=4 differs from the run's 2 \(.*config.yaml\); "
+                                          r"a resumed run keeps its settings except train.max_steps"):
+        run(tiny_config, tmp_path, "train.max_steps=9", "train.batch_size=4", resume="latest")
+    assert (run_dir / "config.yaml").read_text() == config
+    assert [p.name for p in list_checkpoints(run_dir)] == ["step-3", "step-6"]
+    other = tmp_path / "other.yaml"
+    other.write_text("data:\n  size: 64\n")
+    assert main(["train", "--config", str(other), "--resume", "latest", f"train.output_dir={run_dir}"]) == 2
+    # From an earlier checkpoint, with keep_last=1: the newer step-6 is not this launch's to delete,
+    # and the checkpoint it has just written (step-4) survives.
+    run(tiny_config, tmp_path, "train.max_steps=4", "train.keep_last=1", resume=str(run_dir / "checkpoints" / "step-3"))
+    assert [p.name for p in list_checkpoints(run_dir)] == ["step-4", "step-6"]
+    # Only the output folder and the steps on the command line: the run's data, model and batch are used.
+    assert main(["train", "--resume", "latest", f"train.output_dir={run_dir}", "train.max_steps=7"]) == 0
+    assert [p.name for p in list_checkpoints(run_dir)][-1] == "step-7"
+    saved = load_model(run_dir)[1]
+    assert (saved.train.batch_size, saved.train.max_steps, saved.model.backbone) == (2, 7, "random")
+
+
+def test_max_minutes_counts_this_launch_only(tiny_config, tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="vis2ir")
+    run_dir = run(tiny_config, tmp_path, "train.max_steps=3", "train.max_minutes=1000")
+    # A first launch that had used up far more than the budget (the time Lightning's Timer records).
+    state = run_dir / "checkpoints" / "step-3" / "resume.ckpt"
+    ckpt = torch.load(state, weights_only=False)
+    ckpt.setdefault("callbacks", {})["Timer"] = {"time_elapsed": {"train": 1e9, "validate": 0.0, "test": 0.0,
+                                                                   "predict": 0.0}}
+    torch.save(ckpt, state)
+    run(tiny_config, tmp_path, "train.max_steps=5", "train.max_minutes=1000", resume="latest")
+    assert list_checkpoints(run_dir)[-1].name == "step-5"
+    # A budget that runs out says which setting stopped the run, and how to continue.
+    run(tiny_config, tmp_path, "train.max_steps=9", "train.max_minutes=1e-9", resume="latest")
+    assert list_checkpoints(run_dir)[-1].name == "step-6"
+    assert f"Stopping at step 6 of 9: this launch has run train.max_minutes=1e-09; continue with: vis2ir train " \
+           f"--resume {run_dir}" in caplog.text
+
+
+class Interrupt(L.Callback):
+    """Ctrl-C at the start of step `at`."""
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if trainer.global_step == self.at:
+            raise KeyboardInterrupt
+
+
+def test_ctrl_c_writes_the_last_finished_step_and_says_how_to_resume(tiny_config, tmp_path, caplog):
+    from vis2ir.cli import main
+
+    caplog.set_level(logging.WARNING, logger="vis2ir")
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_config, tmp_path, "train.max_steps=10", callbacks=[Interrupt(4)])
+    run_dir = tmp_path / "run"
+    assert [p.name for p in list_checkpoints(run_dir)] == ["step-3", "step-4"]
+    assert f"Interrupted at step 4; newest checkpoint {run_dir / 'checkpoints' / 'step-4'}; resume with: " \
+           f"vis2ir train --resume {run_dir}" in caplog.text
+    assert torch.load(run_dir / "checkpoints" / "step-4" / "resume.ckpt", weights_only=False)["global_step"] == 4
+    assert main(["train", "--resume", str(run_dir), "train.max_steps=5"]) == 0
+    assert list_checkpoints(run_dir)[-1].name == "step-5"
+
+
+def _ddp_rank(rank: int, tmp: str, port: int) -> None:
+    """One of two DDP processes (gloo, CPU): a straight run of 4 steps, then a resume from step 2;
+    writes each launch's draws (flow times and a digest of torch's RNG) per step."""
+    import hashlib
+    import json
+    import os
+
+    from tests.conftest import TINY_MODEL
+    from vis2ir import train as training
+    from vis2ir.config import load_config
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank), NODE_RANK="0",
+                      WORLD_SIZE="2", RANK=str(rank))
+    torch.set_num_threads(1)
+    draws, sample = [], training.sample_timesteps
+
+    def recording(n, *args, **kwargs):
+        t = sample(n, *args, **kwargs)
+        draws[-1].append([*t.tolist(), hashlib.sha1(torch.get_rng_state().numpy().tobytes()).hexdigest()])
+        return t
+
+    training.sample_timesteps = recording
+    cfg = load_config(None, [*TINY_MODEL, f"model.prompt_cache_dir={tmp}/prompt_cache", *TINY_RUN,
+                             f"train.output_dir={tmp}/run", "train.strategy=ddp", "train.devices=2",
+                             "train.accelerator=cpu", "train.checkpoint_every=2", "train.val_every=100",
+                             "train.max_steps=4"])
+    for resume in (None, f"{tmp}/run/checkpoints/step-2"):
+        draws.append([])
+        training.train(cfg, resume=resume, progress=False)
+    with open(f"{tmp}/draws-{rank}.json", "w") as f:
+        json.dump(draws, f)
+
+
+def test_ddp_resume_gives_every_rank_its_own_exact_stream(tmp_path):
+    import json
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_ddp_rank, args=(str(tmp_path), port), nprocs=2)
+    (straight0, resumed0), (straight1, resumed1) = (json.loads((tmp_path / f"draws-{r}.json").read_text())
+                                                    for r in (0, 1))
+    assert len(straight0) == 4 and resumed0 == straight0[2:] and resumed1 == straight1[2:]
+    assert all(a != b for a, b in zip(straight0, straight1))  # the ranks draw different t and RNG states
+    assert all(a != b for a, b in zip(resumed0, resumed1))

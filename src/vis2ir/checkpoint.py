@@ -154,13 +154,17 @@ def load_checkpoint_config(directory: str | Path, overrides=()) -> Config:
 
 
 def load_weights(directory: str | Path, model, cfg: Config) -> None:
-    """Load a checkpoint's weights into a freshly built `Vis2IRModel` of the same config."""
+    """Load a checkpoint's weights into a freshly built `Vis2IRModel` of the same config.
+
+    Every file must hold exactly the tensors, of the shapes, that the model built from `cfg` has:
+    a missing, extra or misshapen tensor raises `Vis2IRError` naming the file and the first of them.
+    """
     directory = Path(directory)
     if cfg.train.finetune == "lora":
         lora = directory / LORA_FILE
         if not lora.exists():
             raise Vis2IRError(f"{lora}: missing (the checkpoint was trained with train.finetune=lora)")
-        _load_lora(directory, model.transformer)
+        _load_lora(directory, model.transformer, cfg.model.lora)
     else:
         path = directory / TRANSFORMER_FILE
         if not path.exists():
@@ -169,11 +173,9 @@ def load_weights(directory: str | Path, model, cfg: Config) -> None:
     prompt = directory / PROMPT_FILE
     if prompt.exists():
         tensors = load_file(str(prompt))
-        for name in ("prompt_embeds", "pooled_prompt_embeds"):
-            buffer = getattr(model, name)
-            if tensors[name].shape != buffer.shape:
-                raise Vis2IRError(f"{prompt}: {name} is {list(tensors[name].shape)}, the model expects "
-                                  f"{list(buffer.shape)} (model.max_sequence_length or the text widths differ)")
+        buffers = {name: getattr(model, name) for name in ("prompt_embeds", "pooled_prompt_embeds")}
+        check_fit(prompt, tensors, buffers, "model.max_sequence_length or the text widths differ")
+        for name, buffer in buffers.items():
             buffer.copy_(tensors[name].to(buffer.dtype))
     if model.adapter is not None:
         path = directory / ADAPTER_FILE
@@ -182,11 +184,41 @@ def load_weights(directory: str | Path, model, cfg: Config) -> None:
         _load_strict(model.adapter, path)
 
 
-def _load_lora(directory: Path, transformer) -> None:
-    """Load our LoRA file the way a stock FluxFillPipeline does (`load_lora_weights`)."""
+def check_fit(path: Path, got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], hint: str = "") -> None:
+    """Raise one line naming `path` and the first missing, extra or misshapen tensor (with their counts)
+    unless `got` has exactly the names and shapes of `expected`."""
+    missing = sorted(set(expected) - set(got))
+    extra = sorted(set(got) - set(expected))
+    wrong = sorted(k for k in set(got) & set(expected) if tuple(got[k].shape) != tuple(expected[k].shape))
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} of {len(expected)} tensors missing, e.g. {missing[0]}")
+    if extra:
+        problems.append(f"{len(extra)} unexpected, e.g. {extra[0]}")
+    if wrong:
+        problems.append(f"{len(wrong)} of the wrong shape, e.g. {wrong[0]}: {list(got[wrong[0]].shape)} instead of "
+                        f"{list(expected[wrong[0]].shape)}")
+    if problems:
+        raise Vis2IRError(f"{path}: does not fit the model built from its config ({'; '.join(problems)})"
+                          + (f"; {hint}" if hint else ""))
+
+
+def _load_lora(directory: Path, transformer, cfg: LoraConfig) -> None:
+    """Load our LoRA file the way a stock FluxFillPipeline does (`load_lora_weights`), after checking
+    that it holds exactly the LoRA tensors that `cfg` puts on this transformer."""
     from diffusers import FluxFillPipeline
+    from peft import get_peft_model_state_dict
 
     state, metadata = FluxFillPipeline.lora_state_dict(str(directory), return_lora_metadata=True)
+    with torch.device("meta"):  # the LoRA that `cfg` adds, as shapes only: no memory, no compute
+        skeleton = type(transformer).from_config(transformer.config)
+        add_lora(skeleton, cfg)
+    expected = {f"transformer.{k}": v for k, v in get_peft_model_state_dict(skeleton).items()}
+    check_fit(directory / LORA_FILE, state, expected, "model.lora settings or the model differ")
+    alpha = (metadata or {}).get("transformer.lora_alpha", cfg.alpha)
+    if float(alpha) != float(cfg.alpha):
+        raise Vis2IRError(f"{directory / LORA_FILE}: made with lora_alpha={alpha}, its config says "
+                          f"model.lora.alpha={cfg.alpha}")
     FluxFillPipeline.load_lora_into_transformer(state, None, transformer=transformer, adapter_name="default",
                                                 metadata=metadata)
 
@@ -194,13 +226,7 @@ def _load_lora(directory: Path, transformer) -> None:
 def _load_strict(module: torch.nn.Module, path: Path) -> None:
     state = load_file(str(path))
     mine = module.state_dict()
-    wrong = [k for k, v in state.items() if k in mine and mine[k].shape != v.shape]
-    missing = sorted(set(mine) - set(state))
-    unexpected = sorted(set(state) - set(mine))
-    if wrong or missing or unexpected:
-        what = (f"shape of {wrong[0]}: {list(state[wrong[0]].shape)} vs {list(mine[wrong[0]].shape)}" if wrong
-                else f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}")
-        raise Vis2IRError(f"{path}: does not fit the model built from its config ({what})")
+    check_fit(path, state, mine)
     module.load_state_dict({k: v.to(mine[k].dtype) for k, v in state.items()})
 
 

@@ -27,9 +27,12 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 
 def _cmd_train(args: argparse.Namespace) -> None:
     from vis2ir.config import load_config
-    from vis2ir.train import train
+    from vis2ir.train import resume_config, train
 
-    train(load_config(args.config, args.overrides), resume=args.resume)
+    # A resume starts from the run's saved settings, not the defaults or the config file's.
+    cfg = resume_config(args.resume, args.config, args.overrides) if args.resume else \
+        load_config(args.config, args.overrides)
+    train(cfg, resume=args.resume)
 
 
 def _cmd_data_synth(args: argparse.Namespace) -> None:

@@ -64,6 +64,17 @@ class SemanticConfig:
                "model.semantic.rope_min_wavelength", "0 < rope_min_wavelength <= rope_max_wavelength",
                self.rope_min_wavelength)
 
+    def validate_width(self, width: int) -> None:
+        """The adapter splits the transformer's token width `width` into `num_heads` heads (RoPE: of 4k)."""
+        if self.mode != "cross_attention":
+            return
+        _check(width % self.num_heads == 0, "model.semantic.num_heads",
+               f"a divisor of the token width {width} (model.transformer.attention_head_dim × num_attention_heads)",
+               self.num_heads)
+        _check(self.position != "rope" or (width // self.num_heads) % 4 == 0, "model.semantic.num_heads",
+               f"a number of heads that leaves a head dimension divisible by 4 for position 'rope' (token width "
+               f"{width}), or model.semantic.position=none", self.num_heads)
+
 
 # ICEdit's LoRA targets (DESIGN §3): image-stream modules only, no text-stream ones. A regex that
 # peft matches against the full module name.
@@ -86,6 +97,8 @@ class LoraConfig:
 
     def validate(self) -> None:
         _check(self.rank >= 1, "model.lora.rank", "an integer >= 1", self.rank)
+        _check(self.alpha > 0, "model.lora.alpha", "a number > 0", self.alpha)
+        _check(0.0 <= self.dropout < 1.0, "model.lora.dropout", "a number in [0, 1)", self.dropout)
 
 
 @dataclass
@@ -108,7 +121,20 @@ class TransformerConfig:
     guidance_embeds: bool = True
     init: Literal["default", "normal"] = "default"
 
+    @property
+    def width(self) -> int:
+        """The token width: attention_head_dim × num_attention_heads (3072 for FLUX.1)."""
+        return self.attention_head_dim * self.num_attention_heads
+
     def validate(self) -> None:
+        for key in ("num_layers", "num_single_layers"):
+            _check(getattr(self, key) >= 0, f"model.transformer.{key}", "an integer >= 0", getattr(self, key))
+        _check(self.num_layers + self.num_single_layers >= 1, "model.transformer.num_layers",
+               "at least one block (num_layers + num_single_layers >= 1)", self.num_layers)
+        for key in ("attention_head_dim", "num_attention_heads", "joint_attention_dim", "pooled_projection_dim"):
+            _check(getattr(self, key) >= 1, f"model.transformer.{key}", "an integer >= 1", getattr(self, key))
+        _check(all(d >= 2 and d % 2 == 0 for d in self.axes_dims_rope), "model.transformer.axes_dims_rope",
+               "three even numbers >= 2", list(self.axes_dims_rope))
         _check(sum(self.axes_dims_rope) == self.attention_head_dim, "model.transformer.axes_dims_rope",
                f"three numbers summing to attention_head_dim={self.attention_head_dim}",
                list(self.axes_dims_rope))
@@ -120,6 +146,10 @@ class TextConfig:
 
     num_layers: int = 1
     seed: int = 0
+
+    def validate(self) -> None:
+        _check(self.num_layers >= 1, "model.text.num_layers", "an integer >= 1", self.num_layers)
+        _check(self.seed >= 0, "model.text.seed", "an integer >= 0", self.seed)
 
 
 @dataclass
@@ -134,6 +164,12 @@ class VAEConfig:
     def validate(self) -> None:
         _check(len(self.block_out_channels) == 4, "model.vae.block_out_channels",
                "four numbers (so that the scale factor stays 8)", list(self.block_out_channels))
+        _check(self.norm_num_groups >= 1, "model.vae.norm_num_groups", "an integer >= 1", self.norm_num_groups)
+        _check(all(c >= 1 and c % self.norm_num_groups == 0 for c in self.block_out_channels),
+               "model.vae.block_out_channels", f"numbers >= 1 divisible by norm_num_groups={self.norm_num_groups}",
+               list(self.block_out_channels))
+        _check(self.latent_channels >= 1, "model.vae.latent_channels", "an integer >= 1", self.latent_channels)
+        _check(self.layers_per_block >= 1, "model.vae.layers_per_block", "an integer >= 1", self.layers_per_block)
 
 
 @dataclass
@@ -161,12 +197,15 @@ class ModelConfig:
         _check(self.max_sequence_length >= 1, "model.max_sequence_length", "an integer >= 1",
                self.max_sequence_length)
         _check(self.pixel_factor >= 1, "model.pixel_factor", "an integer >= 1", self.pixel_factor)
+        _check(self.seed >= 0, "model.seed", "an integer >= 0", self.seed)
         _check(not (self.backbone == "pretrained" and self.codec == "pixel"), "model.codec",
                "'vae' with a pretrained backbone (the pixel codec needs `model.backbone: random`)",
                self.codec)
         self.transformer.validate()
         self.vae.validate()
+        self.text.validate()
         self.semantic.validate()
+        self.semantic.validate_width(self.transformer.width)
         self.lora.validate()
 
 
@@ -216,6 +255,7 @@ class DataConfig:
         _check(0.0 <= self.test_fraction < 1.0 - self.val_fraction, "data.test_fraction",
                "a number in [0, 1 - val_fraction)", self.test_fraction)
         _check(self.synth_count >= 1, "data.synth_count", "an integer >= 1", self.synth_count)
+        _check(self.synth_seed >= 0, "data.synth_seed", "an integer >= 0", self.synth_seed)
         _check(bool(self.segment_model.strip()), "data.segment_model", "a Hub id or a local folder",
                self.segment_model)
 
@@ -260,23 +300,27 @@ class TrainConfig:
     max_bad_steps: int = 5
 
     def validate(self) -> None:
-        _check(self.batch_size >= 1, "train.batch_size", "an integer >= 1", self.batch_size)
-        _check(self.max_steps >= 0, "train.max_steps", "an integer >= 0", self.max_steps)
+        at_least = {"batch_size": 1, "max_steps": 0, "warmup_steps": 0, "accumulate_grad_batches": 1, "seed": 0,
+                    "num_nodes": 1, "checkpoint_every": 1, "keep_last": 1, "val_every": 1, "val_batches": 0,
+                    "log_every": 1, "max_bad_steps": 1}
+        for key, low in at_least.items():
+            _check(getattr(self, key) >= low, f"train.{key}", f"an integer >= {low}", getattr(self, key))
+        _check(self.max_minutes is None or self.max_minutes > 0, "train.max_minutes",
+               "a number of minutes > 0 (or null: no time limit)", self.max_minutes)
         _check(self.learning_rate > 0, "train.learning_rate", "a number > 0", self.learning_rate)
         _check(self.adapter_learning_rate is None or self.adapter_learning_rate > 0,
                "train.adapter_learning_rate", "a number > 0 (or null: the same as learning_rate)",
                self.adapter_learning_rate)
-        _check(self.accumulate_grad_batches >= 1, "train.accumulate_grad_batches", "an integer >= 1",
-               self.accumulate_grad_batches)
-        _check(self.timestep_std > 0 and self.timestep_shift > 0, "train.timestep_std",
-               "timestep_std > 0 and timestep_shift > 0", (self.timestep_std, self.timestep_shift))
-        _check(self.checkpoint_every >= 1 and self.keep_last >= 1, "train.checkpoint_every",
-               "checkpoint_every >= 1 and keep_last >= 1", (self.checkpoint_every, self.keep_last))
-        _check(self.val_every >= 1 and self.log_every >= 1, "train.val_every", "val_every >= 1 and log_every >= 1",
-               (self.val_every, self.log_every))
-        _check(self.max_bad_steps >= 1, "train.max_bad_steps", "an integer >= 1", self.max_bad_steps)
-        _check(isinstance(self.devices, int) or self.devices == "auto" or "," in self.devices,
-               "train.devices", "a number of devices, 'auto', or a list like '0,1'", self.devices)
+        for key in ("weight_decay", "adapter_weight_decay", "grad_clip", "offset_noise", "guidance"):
+            _check(getattr(self, key) >= 0, f"train.{key}", "a number >= 0", getattr(self, key))
+        for key in ("timestep_std", "timestep_shift"):
+            _check(getattr(self, key) > 0, f"train.{key}", "a number > 0", getattr(self, key))
+        _check((isinstance(self.devices, int) and self.devices >= 1) or self.devices == "auto"
+               or (isinstance(self.devices, str) and "," in self.devices),
+               "train.devices", "a number of devices >= 1, 'auto', or a list like '0,1'", self.devices)
+        _check(self.strategy not in ("fsdp", "deepspeed"), "train.strategy",
+               "'auto' or 'ddp' (DDP works; FSDP and DeepSpeed shard the weights, which the checkpoint export "
+               "cannot gather yet: they are planned)", self.strategy)
 
 
 @dataclass
@@ -290,6 +334,8 @@ class SampleConfig:
 
     def validate(self) -> None:
         _check(self.steps >= 1, "sample.steps", "an integer >= 1", self.steps)
+        _check(self.guidance >= 0, "sample.guidance", "a number >= 0", self.guidance)
+        _check(self.seed >= 0, "sample.seed", "an integer >= 0", self.seed)
         _check(math.isfinite(self.adapter_scale), "sample.adapter_scale", "a finite number", self.adapter_scale)
 
 
@@ -332,6 +378,9 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> Config:
+        for key, value in self.flat().items():  # NaN passes no range check but fails every comparison
+            for v in value if isinstance(value, list) else [value]:
+                _check(not isinstance(v, float) or math.isfinite(v), key, "a finite number", value)
         for part in (self.model, self.data, self.train, self.sample, self.eval):
             part.validate()
         _check(self.model.quantize == "none" or self.train.finetune == "lora", "model.quantize",
@@ -354,8 +403,13 @@ class Config:
 # Loading
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read `path` (or `$XFL_CONFIG`, or the defaults), apply `key.path=value` overrides, validate."""
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                base: Config | None = None) -> Config:
+    """Read `path` (or `$XFL_CONFIG`, or the defaults), apply `key.path=value` overrides, validate.
+
+    With `base` (a resumed run's settings), the file's settings and the overrides go over `base`
+    instead of over the defaults.
+    """
     if path is None:
         path = os.environ.get("XFL_CONFIG") or None
     raw: dict[str, Any] = {}
@@ -369,6 +423,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"{path}: not valid YAML ({first_line(err)})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of sections (model, data, train, sample, eval)")
+    if base is not None:
+        raw = _merge(base.to_dict(), raw)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -454,6 +510,14 @@ def _set_dotted(raw: dict, key: str, value: Any) -> None:
             raise ConfigError(f"override {key!r}: {part!r} is a value, not a section")
         node = child
     node[parts[-1]] = value
+
+
+def _merge(old: dict, new: dict) -> dict:
+    """`old` with `new`'s values put in, section by section."""
+    out = dict(old)
+    for k, v in new.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def _parse_value(text: str) -> Any:

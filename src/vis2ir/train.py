@@ -1,31 +1,38 @@
 """`vis2ir train`: flow-matching training of LoRA (or the whole transformer) and the adapter.
 
-Lightning runs the loop, the devices and the strategies (DDP, FSDP, DeepSpeed); this file says
-what one step does (DESIGN §1, §3):
+Lightning runs the loop, the devices and the strategy (DDP; FSDP and DeepSpeed are refused); this
+file says what one step does (DESIGN §1, §3):
 
     t ~ sigmoid(N(mean, std)) (optionally shifted);  x_1 ~ N(0, I) (+ offset noise)
     v̂ = model(x_t = (1 − t)·x_0 + t·x_1);  loss = mse(v̂, x_1 − x_0) over all or target tokens
 
-Steps count optimizer steps. Checkpoints (`checkpoint.py` layout) are written every
-`train.checkpoint_every` steps and at the end, with a resume state; `--resume` continues a run
-exactly (same data order, noise and RNG).
+A step is one (accumulated) batch. A step whose loss or gradients are NaN/inf still counts but
+changes no weight (its gradients are dropped), so step N's checkpoint has read N batches, the logs
+say N, and a resume from it reads batch N next. Checkpoints (`checkpoint.py` layout) are written
+every `train.checkpoint_every` steps, at the end and on Ctrl-C, only when every trainable tensor is
+finite; `--resume` continues a run exactly (same data order, and every rank's noise and RNG are a
+function of the seed, the rank and the step) with the run's own settings (`check_resumable`).
 """
 
 from __future__ import annotations
 
 import logging
+import shlex
 import shutil
+import signal
+import threading
 import time
 import warnings
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from vis2ir.checkpoint import (RESUME_FILE, add_lora, find_checkpoint, list_checkpoints, load_checkpoint_config,
                                load_weights, replace_dir, write_weights)
-from vis2ir.config import Config
+from vis2ir.config import Config, load_config
 from vis2ir.errors import Vis2IRError
 from vis2ir.model import Encoded, Vis2IRModel, build_model
 from vis2ir.semantic.modes import NEEDS_SEMANTIC
@@ -121,16 +128,24 @@ class Vis2IRModule(L.LightningModule):
         self.start_step = start_step
         self.strict_loading = False  # resume states hold only the trainable weights
         self._bad_steps = 0
+        self._bad_loss: float | None = None  # this step's non-finite loss, until its optimizer step
         self._step_started = None
-        self._noise_gen: torch.Generator | None = None  # t and x_1 come from here, resumable
-        self._noise_state: torch.Tensor | None = None
+        self._noise_gen: torch.Generator | None = None  # t and x_1 come from here
 
-    def noise_generator(self) -> torch.Generator:
+    def seed_step(self, batch_idx: int) -> torch.Generator:
+        """Seed this rank's noise generator and torch's RNG (dropout) for this micro-batch.
+
+        The seeds are a function of (train.seed, rank, micro-batch position) only, so every rank
+        draws its own stream and a resumed run draws exactly what an uninterrupted one would.
+        """
+        acc = self.trainer.accumulate_grad_batches
+        position = self.global_step * acc + batch_idx % acc
+        noise_seed, torch_seed = np.random.SeedSequence([self.cfg.train.seed, self.global_rank, position]) \
+            .generate_state(2)
         if self._noise_gen is None:
-            self._noise_gen = torch.Generator(self.device).manual_seed(self.cfg.train.seed * 1009 + self.global_rank)
-            if self._noise_state is not None:
-                self._noise_gen.set_state(self._noise_state)
-        return self._noise_gen
+            self._noise_gen = torch.Generator(self.device)
+        torch.manual_seed(int(torch_seed))
+        return self._noise_gen.manual_seed(int(noise_seed))
 
     # -- building ------------------------------------------------------------------------------
 
@@ -170,7 +185,7 @@ class Vis2IRModule(L.LightningModule):
         else:
             enc = model.encode(vis, ir, sem)
         n = enc.x_0.shape[0]
-        g = self.noise_generator()
+        g = self.seed_step(batch_idx)
         t = sample_timesteps(n, cfg.timestep_mean, cfg.timestep_std, cfg.timestep_shift, g)
         noise = sample_noise(enc.x_0.float(), cfg.offset_noise, g)
         if self.global_step < 2 and log.isEnabledFor(logging.DEBUG):
@@ -178,18 +193,11 @@ class Vis2IRModule(L.LightningModule):
         pred, target = model(vis, ir, sem, t, noise, guidance=cfg.guidance, encoded=enc)
         tokens = model.target_tokens(enc) if cfg.loss_region == "target" else None
         loss = flow_loss(pred, target, tokens)
-        # Every DDP rank must skip together (a rank that skips its backward would hang the others).
+        # Every DDP rank decides together; the backward still runs (DDP needs every rank's), and
+        # `on_before_optimizer_step` drops the gradients, so the weights do not change.
         if self.trainer.strategy.reduce_boolean_decision(not torch.isfinite(loss), all=False):
-            self._bad_steps += 1
-            log.warning("step %d: loss is %s (%d/%d bad steps in a row); skipping the update",
-                        self.global_step, loss.item(), self._bad_steps, cfg.max_bad_steps)
-            if self._bad_steps >= cfg.max_bad_steps:
-                raise Vis2IRError(
-                    f"training stopped at step {self.global_step}: the loss was NaN/inf for {self._bad_steps} "
-                    f"steps in a row (train.max_bad_steps); the last good checkpoint is kept under "
-                    f"{Path(cfg.output_dir) / 'checkpoints'}; try a lower train.learning_rate")
-            return None
-        self._bad_steps = 0
+            self._bad_loss = loss.item()
+            return loss
         self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=n)
         if model.adapter is not None:
             for i, layer in enumerate(model.adapter.layers):  # tensors: no GPU→CPU sync per step
@@ -277,11 +285,34 @@ class Vis2IRModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        if grads:  # one fused pass over all gradients
-            self.log("train/grad_norm", torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))), on_step=True)
-        for group in optimizer.param_groups:
-            self.log(f"train/lr_{group.get('name', 'group')}", group["lr"], on_step=True)
+        """Drop the update of a step whose loss or gradients are not finite; stop after a streak."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in params]))) if params else None
+        bad_grad = norm is not None and not bool(torch.isfinite(norm))  # all-reduced: the same on every rank
+        if self._bad_loss is None and not bad_grad:
+            self._bad_steps = 0
+            if norm is not None:
+                self.log("train/grad_norm", norm, on_step=True)
+            for group in optimizer.param_groups:
+                self.log(f"train/lr_{group.get('name', 'group')}", group["lr"], on_step=True)
+            return
+        what = "loss" if self._bad_loss is not None else "gradient norm"
+        value = self._bad_loss if self._bad_loss is not None else norm.item()
+        self._bad_loss = None
+        for p in params:  # no gradient: the optimizer leaves these weights and their state alone
+            p.grad = None
+        self._bad_steps += 1
+        cfg = self.cfg.train
+        log.warning("step %d: %s is %s (%d/%d bad steps in a row); skipping the update", self.global_step, what,
+                    value, self._bad_steps, cfg.max_bad_steps)
+        if self._bad_steps >= cfg.max_bad_steps:
+            kept = list_checkpoints(cfg.output_dir)  # only finite weights are ever written
+            raise Vis2IRError(
+                f"training stopped at step {self.global_step}: the {what} was NaN/inf for {self._bad_steps} steps "
+                f"in a row (train.max_bad_steps); "
+                + (f"the last good checkpoint is kept: {kept[-1]}" if kept else
+                   f"no checkpoint with finite weights was written under {Path(cfg.output_dir) / 'checkpoints'}")
+                + "; try a lower train.learning_rate")
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
         self._step_started = time.perf_counter()
@@ -294,18 +325,17 @@ class Vis2IRModule(L.LightningModule):
         self.log("train/step_time", dt, on_step=True)
         self.log("train/samples_per_s", n / dt, on_step=True)
 
-    # -- resume state: trainable weights and RNG only (the frozen base is rebuilt from config) -
+    # -- resume state: trainable weights only (the frozen base is rebuilt from config; RNG: `seed_step`)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
-        checkpoint["rng"] = {"noise": self.noise_generator().get_state(), "torch": torch.get_rng_state()}
 
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        rng = checkpoint.get("rng", {})
-        self._noise_state = rng.get("noise")
-        if "torch" in rng:  # dropout and other global draws
-            torch.set_rng_state(rng["torch"])
+    def weights_are_finite(self) -> bool:
+        """Whether every trainable tensor is finite (on every rank); one device sync."""
+        params = [p.detach() for p in self.model.parameters() if p.requires_grad]
+        finite = torch.stack([p.isfinite().all() for p in params]).all() if params else torch.tensor(True)
+        return self.trainer.strategy.reduce_boolean_decision(bool(finite), all=True)
 
 
 def prepare_for_training(model: Vis2IRModel, cfg: Config) -> Vis2IRModel:
@@ -332,10 +362,18 @@ def prepare_for_training(model: Vis2IRModel, cfg: Config) -> Vis2IRModel:
 
 
 class CheckpointExport(L.Callback):
-    """Writes `checkpoints/step-N/` (weights, config, resume state) atomically; keeps the last K."""
+    """Writes `checkpoints/step-N/` (weights, config, resume state) atomically; keeps the last K.
+
+    Never writes weights that are not all finite, and prunes only checkpoints older than the one it
+    has just written: the newest good checkpoint always survives, and a resumed run deletes nothing
+    of the old one before it has written a newer checkpoint. Ctrl-C writes the last finished step.
+    """
 
     def __init__(self, cfg: Config, run_dir: Path):
         self.cfg, self.run_dir, self.last = cfg, run_dir, -1
+
+    def on_train_start(self, trainer, module) -> None:
+        self.last = trainer.global_step  # a resumed run's first step is on disk already
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -346,11 +384,28 @@ class CheckpointExport(L.Callback):
         if trainer.global_step > 0:
             self.save(trainer, module, trainer.global_step)
 
+    def on_exception(self, trainer, module, exception: BaseException) -> None:
+        if not isinstance(exception, KeyboardInterrupt):
+            return
+        step = trainer.global_step  # optimizer steps finished; the interrupted one is redone on resume
+        if step > 0:
+            self.save(trainer, module, step)
+        kept = list_checkpoints(self.run_dir)
+        if trainer.is_global_zero:
+            log.warning("Interrupted at step %d; %s; resume with: %s", step,
+                        f"newest checkpoint {kept[-1]}" if kept else "no checkpoint was written",
+                        resume_command(self.run_dir) if kept else "(nothing to resume)")
+
     def save(self, trainer, module: Vis2IRModule, step: int) -> None:
         if step == self.last:
             return
         self.last = step
         final = self.run_dir / "checkpoints" / f"step-{step}"
+        if not module.weights_are_finite():
+            kept = [p for p in list_checkpoints(self.run_dir) if int(p.name[5:]) < step]
+            log.warning("step %d: the trainable weights are not all finite; no checkpoint written (%s)", step,
+                        f"the last good one is {kept[-1]}" if kept else "none written before")
+            return
         tmp = final.with_name(f".step-{step}.tmp")
         if trainer.is_global_zero:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -360,10 +415,33 @@ class CheckpointExport(L.Callback):
         trainer.save_checkpoint(tmp / RESUME_FILE, weights_only=False)
         if trainer.is_global_zero:
             replace_dir(tmp, final)
-            for old in list_checkpoints(self.run_dir)[:-self.cfg.train.keep_last]:
+            older = [p for p in list_checkpoints(self.run_dir) if int(p.name[5:]) < step]
+            for old in older[:len(older) - (self.cfg.train.keep_last - 1)]:
                 shutil.rmtree(old, ignore_errors=True)
             log.info("Saved checkpoint %s", final)
         trainer.strategy.barrier()
+
+
+class LaunchTimer(L.Callback):
+    """Stops training when this launch has run `train.max_minutes` (a resume starts a new budget)."""
+
+    def __init__(self, minutes: float, run_dir: Path):
+        self.seconds, self.run_dir, self.started = minutes * 60, run_dir, None
+
+    def on_train_start(self, trainer, module) -> None:
+        self.started = time.monotonic()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        elapsed = time.monotonic() - self.started
+        if trainer.strategy.broadcast(elapsed >= self.seconds) and not trainer.should_stop:
+            trainer.should_stop = True
+            log.warning("Stopping at step %d of %d: this launch has run train.max_minutes=%g; continue with: %s",
+                        trainer.global_step, trainer.max_steps, self.seconds / 60, resume_command(self.run_dir))
+
+
+def resume_command(run_dir: Path) -> str:
+    """The command line that continues the run in `run_dir` with its own settings."""
+    return f"vis2ir train --resume {shlex.quote(str(run_dir))}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -404,6 +482,7 @@ def build_trainer(cfg: Config, run_dir: Path, callbacks=(), loggers=True, progre
         from lightning.pytorch.strategies import DDPStrategy
 
         strategy = DDPStrategy(find_unused_parameters=False)
+    timer = [] if t.max_minutes is None else [LaunchTimer(t.max_minutes, run_dir)]  # not Lightning's: per launch
     if loggers is True:
         from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
@@ -412,11 +491,11 @@ def build_trainer(cfg: Config, run_dir: Path, callbacks=(), loggers=True, progre
     return L.Trainer(
         accelerator="gpu" if cuda else "cpu", devices=t.devices, num_nodes=t.num_nodes, strategy=strategy,
         precision=precision, max_steps=t.max_steps, max_epochs=-1,
-        max_time=None if t.max_minutes is None else {"minutes": t.max_minutes},
         accumulate_grad_batches=t.accumulate_grad_batches, gradient_clip_val=t.grad_clip or None,
         log_every_n_steps=t.log_every, val_check_interval=t.val_every * t.accumulate_grad_batches,
         check_val_every_n_epoch=None, limit_val_batches=t.val_batches, num_sanity_val_steps=0,
-        default_root_dir=run_dir, callbacks=[CheckpointExport(cfg, run_dir), *callbacks], logger=loggers,
+        default_root_dir=run_dir, logger=loggers,
+        callbacks=[CheckpointExport(cfg, run_dir), *timer, *callbacks],
         enable_checkpointing=False, use_distributed_sampler=False,  # our StepSampler splits the ranks
         enable_progress_bar=progress, enable_model_summary=False,
     )
@@ -447,11 +526,51 @@ def make_loader(cfg: Config, trainer: L.Trainer, split: str, start_step: int = 0
     return DataLoader(Positioned(train_set, cfg.train.seed), sampler=sampler, drop_last=True, **kw)
 
 
+# A resumed run may change only these settings (how long, how often it logs and saves, where); the
+# rest say what the run is. Dotted prefixes: `sample.` are the validation grids' settings.
+RESUMABLE = ("train.max_steps", "train.max_minutes", "train.output_dir", "train.checkpoint_every", "train.keep_last",
+             "train.log_every", "train.val_every", "train.val_batches", "train.max_bad_steps",
+             "train.gradient_checkpointing", "data.num_workers", "data.synth_prerender", "model.prompt_cache_dir",
+             "sample.", "eval.")
+
+
+def check_resumable(cfg: Config, checkpoint: Path) -> None:
+    """Refuse `cfg` if it changes a setting of the run saved in `checkpoint` outside `RESUMABLE`."""
+    old, new = load_checkpoint_config(checkpoint).flat(), cfg.flat()
+    for key in sorted(new):
+        if not key.startswith(RESUMABLE) and old.get(key) != new[key]:
+            raise Vis2IRError(
+                f"--resume: {key}={new[key]!r} differs from the run's {old.get(key)!r} ({checkpoint / 'config.yaml'}); "
+                f"a resumed run keeps its settings except {', '.join(k.rstrip('.') for k in RESUMABLE)} "
+                f"(start a new train.output_dir to change it)")
+
+
+def resume_config(resume: str, path: str | None = None, overrides=()) -> Config:
+    """The settings of `vis2ir train --resume`: the run's saved config, with the given config file's
+    settings and the overrides put over it (`train` then refuses those that change the run)."""
+    if resume == "latest":
+        run_dir = Path(load_config(path, overrides).train.output_dir)
+    else:
+        run_dir = Path(resume)
+    state = resolve_resume(resume, run_dir)
+    base = load_checkpoint_config(state.parent)
+    if state.parent.parent.name == "checkpoints":  # the run it is in, wherever it was launched from
+        base.train.output_dir = str(state.parent.parent.parent)
+    return load_config(path, overrides, base=base)
+
+
 def train(cfg: Config, resume: str | None = None, model: Vis2IRModel | None = None, progress: bool = True,
           callbacks=()) -> Path:
-    """Train as `cfg` says; returns the run folder."""
+    """Train as `cfg` says; returns the run folder.
+
+    With `resume` ('latest', a run folder or a checkpoint folder) it continues that checkpoint; `cfg`
+    must then agree with the run's saved settings outside `RESUMABLE` (else `Vis2IRError`, and
+    nothing on disk changes). Ctrl-C writes a checkpoint and raises `KeyboardInterrupt`.
+    """
     run_dir = Path(cfg.train.output_dir)
     state = resolve_resume(resume, run_dir)
+    if state is not None:
+        check_resumable(cfg, state.parent)
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     # Our data order is resumable by construction (StepSampler + Positioned), which Lightning cannot see.
     warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
@@ -463,7 +582,16 @@ def train(cfg: Config, resume: str | None = None, model: Vis2IRModel | None = No
     module = Vis2IRModule(cfg, model, start_step=_resume_step(state) if state else 0)
     log.info("Training %s for %d steps (batch %d × %d accumulation × %d devices) into %s", cfg.model.semantic.mode,
              cfg.train.max_steps, cfg.train.batch_size, cfg.train.accumulate_grad_batches, trainer.world_size, run_dir)
-    trainer.fit(module, ckpt_path=state, weights_only=True if state else None)
+    handler = signal.getsignal(signal.SIGINT)  # Lightning ignores Ctrl-C from its first one on
+    try:
+        trainer.fit(module, ckpt_path=state, weights_only=True if state else None)
+    except SystemExit:
+        if trainer.interrupted:  # Lightning turns Ctrl-C into sys.exit(1) once `on_exception` has run
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        if handler is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, handler)
     return run_dir
 
 
