@@ -55,16 +55,17 @@ def load_panoptic_model(model: str, device: torch.device):
     A Hub id is read from the local Hub cache when it is there (no network at all); otherwise one
     quick Hub check, then the download. Missing weights fail within seconds, naming `model`.
     """
-    from transformers import AutoImageProcessor, AutoModelForUniversalSegmentation, AutoProcessor
-
     fail = lambda reason: _missing_model(model, reason)  # noqa: E731
     if is_local(model):
-        source = str(local_folder(model, NEEDED_FILES, fail))
+        source = str(local_folder(model, NEEDED_FILES, fail, weights=(".",)))
     else:
-        cached = cached_snapshot(model, NEEDED_FILES, any_of=("*.safetensors", "*.bin"))
+        cached = cached_snapshot(model, NEEDED_FILES, weights=(".",), fail=fail)
         source = str(cached) if cached else model
         if not cached:
             check_hub(model, fail)
+    # Only now, with weights to load: transformers' model code takes seconds to import.
+    from transformers import AutoImageProcessor, AutoModelForUniversalSegmentation, AutoProcessor
+
     try:
         net = AutoModelForUniversalSegmentation.from_pretrained(source)
         loader = AutoProcessor if net.config.model_type == "oneformer" else AutoImageProcessor
