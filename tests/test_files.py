@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from vis2ir import files
-from vis2ir.checkpoint import atomic_dir, temp_dir
+from vis2ir.checkpoint import atomic_dir
 
 
 @pytest.fixture
@@ -66,6 +66,8 @@ def test_checkpoint_folders_are_fsynced(tmp_path, synced):
 def test_two_processes_temp_folders_coexist(tmp_path, monkeypatch):
     """Each process writes under its own name; a live process's unfinished folder is never deleted,
     a dead one's (same host) is cleaned up."""
+    from vis2ir.checkpoint import temp_dir
+
     final = tmp_path / "checkpoints" / "step-2"
     final.parent.mkdir()
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])

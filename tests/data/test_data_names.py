@@ -13,7 +13,6 @@ from vis2ir.data.synth import _png
 from vis2ir.data.tables import write_parquet
 from vis2ir.data.thermalscenes import render_scene
 from vis2ir.errors import Vis2IRError
-from vis2ir.files import name_problem, safe_join
 
 BAD_NAMES = ["../escaped", "/tmp/vis2ir-absolute-name", "a/../../escaped2", "", "a//b", "nul\x00name", "back\\slash"]
 
@@ -29,6 +28,8 @@ def table_with_names(path, names):
 
 
 def test_name_rules():
+    from vis2ir.files import name_problem, safe_join
+
     assert name_problem("scene_000001") is None and name_problem("set00/V000/I01216") is None
     for bad in BAD_NAMES:
         assert name_problem(bad), bad
