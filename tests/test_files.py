@@ -98,7 +98,8 @@ def test_training_writes_its_checkpoint_under_a_name_of_its_own(tiny_config, tmp
     folders = []
     real = train_module.write_weights
     monkeypatch.setattr(train_module, "write_weights", lambda tmp, *a: folders.append(Path(tmp)) or real(tmp, *a))
-    cfg = tiny_config("model.codec=pixel", "model.semantic.mode=none", "data.size=32", "data.synth_count=12", "data.val_fraction=0.2",
+    cfg = tiny_config("model.codec=pixel", "model.semantic.mode=none", "data.size=32", "data.synth_count=12",
+                      "data.val_fraction=0.2",
                       "data.num_workers=0", "train.batch_size=2", "train.max_steps=1", "train.checkpoint_every=1",
                       "train.val_every=100", f"train.output_dir={tmp_path / 'run'}")
     run = train_module.train(cfg, progress=False)

@@ -269,7 +269,8 @@ def test_segment_without_weights_answers_before_importing_the_model_code(case, t
         expected = "has no weights file"
     else:
         model, expected = "facebook/mask2former-swin-large-coco-panoptic", "HF_HUB_OFFLINE is set"
-    code = (f"import sys\nfrom vis2ir.cli import main\ncode = main(['segment', '--input', {str(tmp_path / 'in.png')!r}, "
+    code = (f"import sys\nfrom vis2ir.cli import main\n"
+            f"code = main(['segment', '--input', {str(tmp_path / 'in.png')!r}, "
             f"'--out', {str(tmp_path / 'o')!r}, '--model', {str(model)!r}])\n"
             f"print(code, [m for m in {HEAVY_MODULES!r} if m in sys.modules])")
     env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",

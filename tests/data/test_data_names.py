@@ -22,7 +22,7 @@ def table_with_names(path, names):
     rows = []
     for k, name in enumerate(names):
         scene = render_scene(k, 5, 32)
-        rows.append({"name": name, **{kind: _png(getattr(scene, kind)) for kind in ("visible", "infrared", "semantic")}})
+        rows.append({"name": name, **{k: _png(getattr(scene, k)) for k in ("visible", "infrared", "semantic")}})
     write_parquet(path, rows)
     return path
 

@@ -6,7 +6,8 @@
 - `ClassMeanPredictor`: the mean infrared of each semantic class — an oracle given the class map.
 
 Each has `fit(samples)` (an iterable of samples or batches: dicts with `visible`, `infrared` and,
-for the class oracle, `classes` or `semantic`; read once, as a stream) and `predict(sample)`, which returns an infrared image
+for the class oracle, `classes` or `semantic`; read once, as a stream) and `predict(sample)`, which
+returns an infrared image
 shaped like `sample["infrared"]` (grey replicated to 3 channels).
 """
 
