@@ -108,3 +108,15 @@ def test_missing_weights_from_the_command_line(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.startswith("vis2ir: error:")]
     assert len(lines) == 1 and "black-forest-labs/FLUX.1-Fill-dev" in lines[0]
     assert "Traceback" not in proc.stderr
+
+
+def test_local_folder_without_weights(local_flux, tmp_path, tiny_config):
+    """A copy with every config but a weight folder emptied (an interrupted copy) is refused, naming it."""
+    import shutil
+
+    root, _ = local_flux
+    broken = tmp_path / "noweights"
+    shutil.copytree(root, broken, ignore=shutil.ignore_patterns("*.safetensors"))
+    cfg = tiny_config("model.backbone=pretrained", f"model.flux_path={broken}")
+    with pytest.raises(Vis2IRError, match=r"the folder's weights are incomplete: transformer/ has no weights file"):
+        load_backbone(cfg.model)

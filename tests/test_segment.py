@@ -246,3 +246,36 @@ def test_dataset_semantic_auto(tiny_model, tmp_path, count_calls):
 def test_bad_settings():
     with pytest.raises(Vis2IRError, match="data.semantic_source"):
         load_config(None, ["data.semantic_source=maybe"])
+
+
+HEAVY_MODULES = ("transformers.modeling_utils", "transformers.models.mask2former", "transformers.processing_utils")
+
+
+@pytest.mark.parametrize("case", ["config without weights", "hub id offline"])
+def test_segment_without_weights_answers_before_importing_the_model_code(case, tiny_model, tmp_path):
+    """`vis2ir segment` with no usable weights: one line, exit 2, and transformers' model code is not
+    imported (it takes seconds): checked in a fresh process's `sys.modules`, not by timing."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import vis2ir
+
+    smooth().save(tmp_path / "in.png")
+    if case == "config without weights":  # an interrupted copy: config files, no weights
+        model = tmp_path / "half"
+        shutil.copytree(tiny_model, model, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+        expected = "has no weights file"
+    else:
+        model, expected = "facebook/mask2former-swin-large-coco-panoptic", "HF_HUB_OFFLINE is set"
+    code = (f"import sys\nfrom vis2ir.cli import main\n"
+            f"code = main(['segment', '--input', {str(tmp_path / 'in.png')!r}, "
+            f"'--out', {str(tmp_path / 'o')!r}, '--model', {str(model)!r}])\n"
+            f"print(code, [m for m in {HEAVY_MODULES!r} if m in sys.modules])")
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
+           "PYTHONPATH": str(Path(vis2ir.__file__).parents[1])}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.stdout.split("\n")[0] == "2 []", proc.stdout + proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("vis2ir: error:")]
+    assert len(errors) == 1 and expected in errors[0] and "Traceback" not in proc.stderr

@@ -34,6 +34,8 @@ FLUX_FILL_ID = "black-forest-labs/FLUX.1-Fill-dev"
 # Files the project reads from a FluxFillPipeline folder; text parts only when embeddings are not cached.
 CORE_FILES = ("transformer/config.json", "vae/config.json")
 TEXT_FILES = ("text_encoder/config.json", "text_encoder_2/config.json", "tokenizer", "tokenizer_2")
+WEIGHT_FOLDERS = ("transformer", "vae")  # each must hold its weights, not only its config
+TEXT_WEIGHT_FOLDERS = ("text_encoder", "text_encoder_2")
 
 
 @dataclass
@@ -284,14 +286,15 @@ def resolve_flux_path(path: str, need_text: bool = True) -> Path:
     Fails within seconds, with one message, when the weights cannot be had: no retry loop.
     """
     needed = CORE_FILES + (TEXT_FILES if need_text else ())
+    weights = WEIGHT_FOLDERS + (TEXT_WEIGHT_FOLDERS if need_text else ())
     fail = lambda reason: _missing_weights(path, reason)  # noqa: E731
     if is_local(path):
-        return local_folder(path, needed, fail)
+        return local_folder(path, needed, fail, weights)
 
     from huggingface_hub import snapshot_download
 
     patterns = [f.split("/")[0] + "/*" for f in needed] + ["model_index.json"]
-    cached = cached_snapshot(path, needed, patterns)  # already in the local Hub cache: no network at all
+    cached = cached_snapshot(path, needed, patterns, weights, fail)  # in the local Hub cache: no network at all
     if cached:
         return cached
     check_hub(path, fail)

@@ -10,8 +10,9 @@
                                          (random text encoders differ between library versions)
       resume.ckpt                        optimizer, step and RNG state for `--resume` (training only)
 
-Folders are written under a temporary name and renamed into place, so a crash never leaves a
-half-written checkpoint where a reader would take it for a whole one.
+Folders are written under a temporary name of the writing process (`temp_dir`), fsynced and renamed
+into place, so a crash never leaves a half-written checkpoint where a reader would take it for a whole
+one, and two runs sharing a folder never delete each other's unfinished checkpoint.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import torch
@@ -26,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from vis2ir.config import Config, LoraConfig, load_config
 from vis2ir.errors import Vis2IRError
+from vis2ir.files import fsync, temp_path
 
 log = logging.getLogger(__name__)
 
@@ -94,24 +97,58 @@ def _plain(state: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> 
             for k, v in state.items()}
 
 
+def temp_dir(final: str | Path) -> Path:
+    """A new temporary folder name beside `final` that only this process uses (host, pid, random part).
+    Temporary folders left by dead processes of this host for the same `final` are deleted; another
+    live process's are never touched."""
+    final = Path(final)
+    host = socket.gethostname().replace("-", "_")
+    if final.parent.is_dir():
+        for old in final.parent.glob(f".{final.name}.tmp@{host}-*"):
+            pid = old.name.rsplit("-", 2)[-2]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(old, ignore_errors=True)
+    return temp_path(final, f"tmp@{host}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process
+        return True
+    return True
+
+
+def fsync_tree(folder: Path) -> None:
+    """fsync every file and folder under `folder` (and `folder`), so a rename publishes complete data."""
+    for path in sorted(folder.rglob("*"), key=lambda p: -len(p.parts)):  # files and sub-folders first
+        fsync(path)
+    fsync(folder)
+
+
 def replace_dir(tmp: Path, final: Path) -> None:
-    """Put the finished folder `tmp` at `final`, replacing what was there."""
-    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    """Put the finished folder `tmp` at `final` durably (its files fsynced first, then the parent
+    folder after the rename), replacing what was there."""
+    fsync_tree(tmp)
+    old = temp_path(final, "old")
     if final.exists():
         os.replace(final, old)
     os.replace(tmp, final)
+    fsync(final.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
 class atomic_dir:
-    """`with atomic_dir(path) as tmp:` write into `tmp`; on success it replaces `path` whole."""
+    """`with atomic_dir(path) as tmp:` write into `tmp` (a `temp_dir` name); on success it replaces
+    `path` whole and durably, on failure `tmp` is deleted."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self.tmp = temp_dir(self.path)
 
     def __enter__(self) -> Path:
-        shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir(parents=True)
         return self.tmp
 

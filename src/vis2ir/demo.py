@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -44,9 +45,9 @@ def run_demo(out_dir: str | Path = "outputs/demo", config_path: str | None = Non
     out.mkdir(parents=True, exist_ok=True)
     report: dict = {"config": cfg.to_dict(), "checkpoint": str(checkpoint)}
 
-    from vis2ir.evaluate.run import load_split
+    from vis2ir.evaluate.run import iter_split, load_split
 
-    test, fit = load_split(cfg, "test", scenes, True), load_split(cfg, "train", fit_scenes, True)
+    test = load_split(cfg, "test", scenes, True)  # the report's scenes (a few)
     batch = _stack(test)
     truth = batch["infrared"]
     log.info("Demo: %d held-out ThermalScenes at %d×%d, mode %s", len(test), cfg.data.size, cfg.data.size,
@@ -61,7 +62,7 @@ def run_demo(out_dir: str | Path = "outputs/demo", config_path: str | None = Non
         predictions["shipped"], attention = _generate(trained_model, batch, cfg, attention=True)
         _save_attention(out / "attention", batch, attention, trained_model)
     predictions["untrained"], _ = _generate(untrained_model, batch, cfg)
-    predictions.update(_baselines(fit, test))
+    predictions.update(_baselines(iter_split(cfg, "train", fit_scenes, True), test))
 
     from vis2ir.evaluate.metrics import psnr_ssim
 
@@ -98,7 +99,8 @@ def _generate(model, batch: dict, cfg: Config, attention: bool = False):
     return out if want else (out, None)
 
 
-def _baselines(fit: list[dict], test: list[dict]) -> dict[str, torch.Tensor]:
+def _baselines(fit: Iterable[dict], test: list[dict]) -> dict[str, torch.Tensor]:
+    """The reference predictors fitted on the stream `fit` (no sample kept), predicting `test`."""
     from vis2ir.evaluate.baselines import fit_references
 
     return {name: torch.stack([p.predict(s) for s in test]) for name, p in fit_references(fit).items()}

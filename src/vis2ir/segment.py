@@ -30,7 +30,7 @@ from vis2ir.config import DEFAULT_SEGMENTER
 from vis2ir.data.palette import (CLASS_NAMES, THING_IDS, VOID, class_for_label, colourise, legend_entries,
                                  legend_image)
 from vis2ir.errors import Vis2IRError, first_line
-from vis2ir.files import write_text
+from vis2ir.files import safe_join, write_text
 from vis2ir.hub import cached_snapshot, check_hub, is_local, local_folder
 from vis2ir.visualize import write_png
 
@@ -55,16 +55,17 @@ def load_panoptic_model(model: str, device: torch.device):
     A Hub id is read from the local Hub cache when it is there (no network at all); otherwise one
     quick Hub check, then the download. Missing weights fail within seconds, naming `model`.
     """
-    from transformers import AutoImageProcessor, AutoModelForUniversalSegmentation, AutoProcessor
-
     fail = lambda reason: _missing_model(model, reason)  # noqa: E731
     if is_local(model):
-        source = str(local_folder(model, NEEDED_FILES, fail))
+        source = str(local_folder(model, NEEDED_FILES, fail, weights=(".",)))
     else:
-        cached = cached_snapshot(model, NEEDED_FILES, any_of=("*.safetensors", "*.bin"))
+        cached = cached_snapshot(model, NEEDED_FILES, weights=(".",), fail=fail)
         source = str(cached) if cached else model
         if not cached:
             check_hub(model, fail)
+    # Only now, with weights to load: transformers' model code takes seconds to import.
+    from transformers import AutoImageProcessor, AutoModelForUniversalSegmentation, AutoProcessor
+
     try:
         net = AutoModelForUniversalSegmentation.from_pretrained(source)
         loader = AutoProcessor if net.config.model_type == "oneformer" else AutoImageProcessor
@@ -171,14 +172,15 @@ def write_panoptic(out: Path, name: str, result: Panoptic, raw: bool = True) -> 
     if raw:
         if result.segment_ids.max(initial=0) > 65535:
             raise Vis2IRError(f"{name}: more than 65535 segments do not fit a 16-bit PNG")
-        write_png(out / SEGMENTS_DIR / f"{name}.png", result.segment_ids.astype(np.uint16))
-        write_text(out / SEGMENTS_DIR / f"{name}.json", json.dumps(result.segments, indent=1))
-    return write_png(out / f"{name}.png", result.colours())
+        write_png(safe_join(out / SEGMENTS_DIR, name, ".png"), result.segment_ids.astype(np.uint16))
+        write_text(safe_join(out / SEGMENTS_DIR, name, ".json"), json.dumps(result.segments, indent=1))
+    return write_png(map_path(out, name), result.colours())
 
 
 def map_path(root: Path, name: str) -> Path:
-    """Where the colour map of sample `name` goes under `root` (a name may hold '/': sub-folders)."""
-    return root / f"{name}.png"
+    """Where the colour map of sample `name` goes under `root` (a name may hold '/': sub-folders; it
+    must stay inside `root`: `files.safe_join`)."""
+    return safe_join(root, name, ".png")
 
 
 def segment_files(jobs: list[tuple[str, Path, Path]], segmenter: Segmenter | Callable[[], Segmenter],

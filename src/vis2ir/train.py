@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from vis2ir.checkpoint import (RESUME_FILE, add_lora, find_checkpoint, list_checkpoints, load_checkpoint_config,
-                               load_weights, replace_dir, write_weights)
+                               load_weights, replace_dir, temp_dir, write_weights)
 from vis2ir.config import Config, load_config
 from vis2ir.errors import Vis2IRError
 from vis2ir.model import Encoded, Vis2IRModel, build_model
@@ -406,9 +406,8 @@ class CheckpointExport(L.Callback):
             log.warning("step %d: the trainable weights are not all finite; no checkpoint written (%s)", step,
                         f"the last good one is {kept[-1]}" if kept else "none written before")
             return
-        tmp = final.with_name(f".step-{step}.tmp")
+        tmp = trainer.strategy.broadcast(temp_dir(final))  # rank 0's name: every rank writes there
         if trainer.is_global_zero:
-            shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             write_weights(tmp, module.model, self.cfg)
         trainer.strategy.barrier()

@@ -292,3 +292,84 @@ def test_shipped_plans_make_valid_variants():
             load_config(configs / "ablation.yaml", v.overrides)
     modes = plan_variants(load_plan(configs / "plans" / "ablation_modes.yaml"), [0])
     assert len(modes) == 8  # four modes + cross-attention × {none, rope} × {noisy, condition}
+
+
+class LiveCounter:
+    """Counts the samples (and predictions) alive at once: each is tracked by a finalizer on its tensor."""
+
+    def __init__(self):
+        self.alive, self.peak, self.made = 0, 0, 0
+
+    def track(self, tensor):
+        import weakref
+
+        self.alive += 1
+        self.made += 1
+        self.peak = max(self.peak, self.alive)
+        weakref.finalize(tensor, self._gone)
+
+    def _gone(self):
+        self.alive -= 1
+
+
+@pytest.fixture
+def live_samples(monkeypatch):
+    """Every dataset that `build_dataset` makes reports its samples' lifetimes to the counter."""
+    import vis2ir.data
+
+    counter = LiveCounter()
+    real = vis2ir.data.build_dataset
+
+    class Counted(torch.utils.data.Dataset):
+        def __init__(self, dataset):
+            self.dataset = dataset
+
+        def __len__(self):
+            return len(self.dataset)
+
+        def __getitem__(self, i):
+            sample = self.dataset[i]
+            counter.track(sample["infrared"])
+            return sample
+
+    monkeypatch.setattr(vis2ir.data, "build_dataset", lambda *a, **kw: Counted(real(*a, **kw)))
+    return counter
+
+
+def test_evaluation_streams_the_split(tiny_config, tmp_path, live_samples, monkeypatch):
+    """`evaluate --checkpoint` holds one batch of samples and predictions at a time, whatever the
+    split's size (LLVIP's 3,463 test pairs at 512 px would be ~37 GiB held at once), also with several
+    noise draws; the reference rows of the ablation stream their training and test samples too."""
+    import gc
+
+    from vis2ir.evaluate.ablate import references
+    from vis2ir.pipeline import Vis2IRPipeline
+
+    preds = LiveCounter()
+    real_call = Vis2IRPipeline.__call__
+
+    def counted_call(self, *a, **kw):
+        out = real_call(self, *a, **kw)
+        for image in out.images:
+            preds.track(image)
+        return out
+
+    monkeypatch.setattr(Vis2IRPipeline, "__call__", counted_call)
+    run = train_tiny(tiny_config, tmp_path)
+    peaks = {}
+    for limit in (8, 24):
+        gc.collect()
+        start = (live_samples.alive, preds.alive)  # e.g. training's last batch, held by its trainer
+        live_samples.peak, preds.peak = start
+        result = evaluate_checkpoint(run, overrides=["data.synth_count=120", "eval.batch_size=2", "eval.noise_draws=2"],
+                                     split="test", limit=limit, out=tmp_path / f"ev{limit}")
+        assert result["images"] == limit and len(result["per_image"]) == 2 * limit
+        peaks[limit] = (live_samples.peak - start[0], preds.peak - start[1])
+    assert peaks[24] == peaks[8] and max(peaks[24]) <= 4, peaks  # two batches of 2 at most, not 24
+    gc.collect()
+    start, made = live_samples.alive, live_samples.made
+    live_samples.peak = start
+    cfg = tiny_config(*TINY_RUN, "data.synth_count=120", "eval.fit_limit=40", "eval.limit=16", "eval.batch_size=2")
+    rows = references(cfg, tmp_path / "abl")
+    assert live_samples.peak - start <= 4 and live_samples.made - made == 40 + 16
+    assert rows["class_oracle"]["metrics"]["psnr"] > 0

@@ -20,7 +20,7 @@ from vis2ir.data.errors import DataError
 from vis2ir.data.images import Panel, close_panels
 from vis2ir.data.splits import SPLITS
 from vis2ir.data.tables import write_parquet
-from vis2ir.files import atomic_write, write_text
+from vis2ir.files import safe_join, write_bytes, write_text
 
 log = logging.getLogger(__name__)
 FORMATS = ("folder", "parquet")
@@ -50,7 +50,7 @@ def convert_source(cfg: DataConfig, out: str | Path, fmt: str = "folder") -> Pat
         lists: dict[str, list[str]] = {s: [] for s in SPLITS}
         for r in tqdm(found.records, desc=f"convert -> {out}", unit="sample"):
             for kind, data in _pngs(reader.open(r, semantic)).items():
-                atomic_write(out / kind / f"{r.name}.png", lambda tmp, data=data: tmp.write_bytes(data))
+                write_bytes(safe_join(out / kind, r.name, ".png"), data)
             lists[r.split].append(r.name)
         for split, names in lists.items():
             write_text(out / f"{split}.txt", "".join(f"{n}\n" for n in names))

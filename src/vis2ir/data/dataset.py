@@ -27,6 +27,7 @@ from vis2ir.data.palette import decode_classes
 from vis2ir.data.splits import SPLITS
 from vis2ir.data.synth import ThermalScenes
 from vis2ir.data.tables import TableReader, find_table, is_table
+from vis2ir.files import name_problem
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +35,30 @@ log = logging.getLogger(__name__)
 def open_source(cfg: DataConfig) -> tuple[Found, FileReader | TableReader]:
     """Find every sample of `cfg.source` (a folder layout or a table) and a reader for them."""
     if cfg.layout == "table" or (cfg.layout == "auto" and is_table(cfg.source)):
-        return find_table(cfg)
+        return _check_names(*find_table(cfg))
     root = Path(cfg.source).expanduser()
     if not root.is_dir():
         raise DataError(f"{cfg.source}: no such folder (data.source takes a folder, parquet files, a "
                         "`datasets` folder or Hub id, or 'thermalscenes')")
     layout = detect_layout(root) if cfg.layout == "auto" else cfg.layout
     found = find_folder(root, layout, cfg.semantic_dir, cfg.val_fraction, cfg.test_fraction)
-    return found, FileReader(root / cfg.semantic_dir)
+    return _check_names(found, FileReader(root / cfg.semantic_dir))
+
+
+def _check_names(found: Found, reader):
+    """Samples whose names could not name an output file inside its folder (`files.name_problem`:
+    `../x`, an absolute path, ...) become problems, named, and are left out."""
+    good = []
+    for r in found.records:
+        problem = name_problem(r.name)
+        if problem is None:
+            good.append(r)
+            continue
+        where = r.visible or r.triptych or f"{found.root} [{r.table}] row {r.row}"
+        found.problems.append(f"{where}: sample name {r.name!r} {problem} (names become output file names "
+                              "and must stay inside the output folder)")
+    found.records = good
+    return found, reader
 
 
 def build_dataset(cfg: DataConfig, split: str, require_semantic: bool | None = None,

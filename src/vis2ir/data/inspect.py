@@ -15,6 +15,7 @@ from vis2ir.data.dataset import PanelDataset, open_source, scan
 from vis2ir.data.errors import DataError
 from vis2ir.data.folders import FileReader
 from vis2ir.data.splits import SPLITS, hash_split
+from vis2ir.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +38,10 @@ def inspect_source(cfg: DataConfig, out: str | Path | None = None, count: int = 
     log.info("problems: %d%s", len(report["problems"]), "".join(f"\n  {p}" for p in report["problems"][:20]))
     if out is not None:
         sheet = contact_sheet(samples)
-        Path(out).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        sheet.save(out)
+        fmt = Image.registered_extensions().get(Path(out).suffix.lower())
+        if fmt is None:
+            raise DataError(f"contact sheet {out}: unknown image suffix (use .png or .jpg)")
+        atomic_write(Path(out).expanduser(), lambda tmp: sheet.save(tmp, format=fmt))
         report["sheet"] = str(out)
         log.info("contact sheet: %s (%d triptychs)", out, len(samples))
     return report

@@ -23,6 +23,7 @@ from vis2ir.data.images import PANEL_KINDS, rgb_tensor
 from vis2ir.data.splits import hash_split
 from vis2ir.data.tables import write_parquet
 from vis2ir.data.thermalscenes import Scene, render_scene
+from vis2ir.files import write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -114,11 +115,9 @@ def write_thermalscenes(out: str | Path, count: int, size: int = 256, seed: int 
     scenes = (render_scene(i, seed, size) for i in range(count))
     bar = tqdm(scenes, total=count, desc=f"ThermalScenes -> {out}", unit="scene")
     if fmt == "folder":
-        for kind in ("visible", "infrared", "semantic"):
-            (out / kind).mkdir(exist_ok=True)
         for i, scene in enumerate(bar):
             for kind in ("visible", "infrared", "semantic"):
-                Image.fromarray(getattr(scene, kind)).save(out / kind / f"{scene_name(i)}.png", compress_level=3)
+                write_bytes(out / kind / f"{scene_name(i)}.png", _png(getattr(scene, kind)))
         target = out
     elif fmt == "parquet":
         target = out / "thermalscenes.parquet"

@@ -36,7 +36,7 @@ from vis2ir.config import Config, load_config
 from vis2ir.errors import Vis2IRError
 from vis2ir.evaluate.metrics import LOOKALIKE_CLASSES
 from vis2ir.evaluate.report import csv_text, fmt, markdown_table
-from vis2ir.files import write_json, write_text
+from vis2ir.files import safe_join, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -249,7 +249,7 @@ def attention_pictures(pipe, out: Path, scenes: int = 2) -> None:
         else:
             y, x = h / 2, w / 2
         rgb = {k: as_rgb8(s[k].permute(1, 2, 0).numpy()) for k in ("visible", "semantic")}
-        save_attention_maps(out / s["name"], rgb["visible"], att, [(x, y)], rgb["semantic"])
+        save_attention_maps(safe_join(out, s["name"]), rgb["visible"], att, [(x, y)], rgb["semantic"])
 
 
 def _class_line(classes: dict) -> str:
@@ -265,23 +265,25 @@ def load_result(path: Path) -> dict:
 
 def references(cfg: Config, out: Path, device=None) -> dict:
     """The reference predictors fitted on the base config's training split and scored on its test split
-    (computed once, cached in `references.json`)."""
+    (computed once, cached in `references.json`). Both splits are streamed: no sample is kept."""
     from vis2ir.evaluate.baselines import fit_references, sample_classes
-    from vis2ir.evaluate.run import load_split
+    from vis2ir.evaluate.run import iter_split
     from vis2ir.evaluate.scoring import Scorer, load_networks
     from vis2ir.pipeline import default_device
 
     path = out / "references.json"
     if path.exists():
         return load_result(path)
-    fit = load_split(cfg, "train", cfg.eval.fit_limit, needs_semantic=True)
-    test = load_split(cfg, "test", cfg.eval.limit, needs_semantic=True)
-    rows, device = {}, default_device(device)
+    fitted = fit_references(iter_split(cfg, "train", cfg.eval.fit_limit, needs_semantic=True))
+    device = default_device(device)
     networks = load_networks(cfg.eval, device)  # once for the three predictors
-    for name, fitted in fit_references(fit).items():
-        scorer = Scorer(cfg.eval, device, networks)
-        for s in test:
-            scorer.add(s["name"], fitted.predict(s), s["infrared"], sample_classes(s))
+    scorers = {name: Scorer(cfg.eval, device, networks) for name in fitted}
+    for s in iter_split(cfg, "test", cfg.eval.limit, needs_semantic=True):
+        classes = sample_classes(s)
+        for name, predictor in fitted.items():
+            scorers[name].add(s["name"], predictor.predict(s), s["infrared"], classes)
+    rows = {}
+    for name, scorer in scorers.items():
         r = scorer.result()
         rows[name] = {"metrics": r["metrics"], "classes": r["classes"]}
     write_json(path, rows)
@@ -367,7 +369,7 @@ def sample_sheet(cfg: Config, out: Path, variants: list[Variant], scenes: int = 
              "semantic": torch.stack([s["semantic"] for s in samples]),
              "truth": torch.stack([s["infrared"] for s in samples])}
     for group, folder in folders.items():
-        paths = [folder / f"{s['name']}.png" for s in samples]
+        paths = [safe_join(folder, s["name"], ".png") for s in samples]
         if all(p.exists() for p in paths):
             sheet[group] = torch.stack([to_tensor(read_image(p), str(p)) for p in paths])
     return write_png(out / "samples.png", labelled_grid(sheet, rows=scenes, cell=128, transpose=True))

@@ -6,7 +6,8 @@
 - `ClassMeanPredictor`: the mean infrared of each semantic class — an oracle given the class map.
 
 Each has `fit(samples)` (an iterable of samples or batches: dicts with `visible`, `infrared` and,
-for the class oracle, `classes` or `semantic`) and `predict(sample)`, which returns an infrared image
+for the class oracle, `classes` or `semantic`; read once, as a stream) and `predict(sample)`, which
+returns an infrared image
 shaped like `sample["infrared"]` (grey replicated to 3 channels).
 """
 
@@ -30,12 +31,13 @@ class ConstantPredictor:
     value: float
 
     @classmethod
+    def fitter(cls) -> MeanFitter:
+        return MeanFitter(lambda s: torch.zeros(infrared_grey(s).shape, dtype=torch.long), 1,
+                          lambda means: cls(float(means[0])))
+
+    @classmethod
     def fit(cls, samples: Iterable[dict]) -> ConstantPredictor:
-        total, count = 0.0, 0
-        for sample in samples:
-            ir = infrared_grey(sample)
-            total, count = total + float(ir.sum()), count + ir.numel()
-        return cls(total / max(count, 1))
+        return fit_all({"fit": cls.fitter()}, samples)["fit"]
 
     def predict(self, sample: dict) -> torch.Tensor:
         return torch.full_like(sample["infrared"], self.value, dtype=torch.float32)
@@ -49,9 +51,12 @@ class ColourLookupPredictor:
     means: torch.Tensor  # [levels ** 3], the training mean where a colour was never seen
 
     @classmethod
+    def fitter(cls, levels: int = 16) -> MeanFitter:
+        return MeanFitter(lambda s: _colour_keys(s["visible"], levels), levels**3, lambda means: cls(levels, means))
+
+    @classmethod
     def fit(cls, samples: Iterable[dict], levels: int = 16) -> ColourLookupPredictor:
-        means = _fit_means(samples, lambda s: _colour_keys(s["visible"], levels), levels**3)
-        return cls(levels, means)
+        return fit_all({"fit": cls.fitter(levels)}, samples)["fit"]
 
     def predict(self, sample: dict) -> torch.Tensor:
         return _expand(_lookup(self.means, _colour_keys(sample["visible"], self.levels)), sample)
@@ -64,44 +69,64 @@ class ClassMeanPredictor:
     means: torch.Tensor  # [NUM_CLASSES + 1]; index 0 is VOID
 
     @classmethod
+    def fitter(cls) -> MeanFitter:
+        return MeanFitter(_class_keys, NUM_CLASSES + 1, cls)
+
+    @classmethod
     def fit(cls, samples: Iterable[dict]) -> ClassMeanPredictor:
-        return cls(_fit_means(samples, _class_keys, NUM_CLASSES + 1))
+        return fit_all({"fit": cls.fitter()}, samples)["fit"]
 
     def predict(self, sample: dict) -> torch.Tensor:
         return _expand(_lookup(self.means, _class_keys(sample)), sample)
 
 
-def fit_references(samples: list[dict]) -> dict:
-    """The three reference predictors, fitted on `samples`, by the names the reports use."""
-    kinds = {"class_oracle": ClassMeanPredictor, "visible_lookup": ColourLookupPredictor, "constant": ConstantPredictor}
-    return {name: kind.fit(samples) for name, kind in kinds.items()}
+def fit_references(samples: Iterable[dict]) -> dict:
+    """The three reference predictors, fitted in one pass over `samples` (a stream: none is kept), by
+    the names the reports use."""
+    return fit_all({"class_oracle": ClassMeanPredictor.fitter(), "visible_lookup": ColourLookupPredictor.fitter(),
+                    "constant": ConstantPredictor.fitter()}, samples)
 
 
-def _fit_means(samples: Iterable[dict], keys_of, n: int) -> torch.Tensor:
-    """Mean infrared per key over all pixels; keys never seen get the overall mean."""
-    sums = torch.zeros(n, dtype=torch.float64)
-    counts = torch.zeros(n, dtype=torch.float64)
-    keys: list[torch.Tensor] = []
-    values: list[torch.Tensor] = []
-
-    def flush() -> None:  # one bincount per few million pixels, not one per sample
-        k, v = torch.cat(keys), torch.cat(values)
-        sums.add_(torch.bincount(k, weights=v, minlength=n))
-        counts.add_(torch.bincount(k, minlength=n).double())
-        keys.clear(), values.clear()
-
-    pending = 0
+def fit_all(fitters: dict[str, MeanFitter], samples: Iterable[dict]) -> dict:
+    """Feed every sample to every fitter, once; `{name: fitted predictor}`."""
     for sample in samples:
-        keys.append(keys_of(sample).reshape(-1))
-        values.append(infrared_grey(sample).reshape(-1).double())
-        pending += len(keys[-1])
-        if pending >= 1 << 22:
-            flush()
-            pending = 0
-    if keys:
-        flush()
-    overall = sums.sum() / counts.sum().clamp(min=1)
-    return torch.where(counts > 0, sums / counts.clamp(min=1), overall).float()
+        for fitter in fitters.values():
+            fitter.add(sample)
+    return {name: fitter.result() for name, fitter in fitters.items()}
+
+
+class MeanFitter:
+    """Mean infrared per key over all pixels (`keys_of(sample)`: long keys `[..., H, W]` in [0, n)), from
+    samples added one at a time; only per-key sums and counts are kept. `result()` builds the predictor
+    (`build(means)`); keys never seen get the overall mean."""
+
+    def __init__(self, keys_of, n: int, build):
+        self.keys_of, self.n, self.build = keys_of, n, build
+        self.sums = torch.zeros(n, dtype=torch.float64)
+        self.counts = torch.zeros(n, dtype=torch.float64)
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.pending = 0
+
+    def add(self, sample: dict) -> None:
+        self.keys.append(self.keys_of(sample).reshape(-1))
+        self.values.append(infrared_grey(sample).reshape(-1).double())
+        self.pending += len(self.keys[-1])
+        if self.pending >= 1 << 22:  # one bincount per few million pixels, not one per sample
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.keys:
+            k, v = torch.cat(self.keys), torch.cat(self.values)
+            self.sums.add_(torch.bincount(k, weights=v, minlength=self.n))
+            self.counts.add_(torch.bincount(k, minlength=self.n).double())
+            self.keys.clear(), self.values.clear()
+        self.pending = 0
+
+    def result(self):
+        self._flush()
+        overall = self.sums.sum() / self.counts.sum().clamp(min=1)
+        return self.build(torch.where(self.counts > 0, self.sums / self.counts.clamp(min=1), overall).float())
 
 
 def _colour_keys(visible: torch.Tensor, levels: int) -> torch.Tensor:

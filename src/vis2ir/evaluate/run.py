@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ from vis2ir.errors import Vis2IRError
 from vis2ir.evaluate.baselines import sample_classes
 from vis2ir.evaluate.report import write_report
 from vis2ir.evaluate.scoring import Scorer
+from vis2ir.files import safe_join
 from vis2ir.pipeline import list_images, read_image, to_tensor
 
 log = logging.getLogger(__name__)
@@ -89,7 +91,10 @@ def evaluate_checkpoint(checkpoint: str | Path, config: str | Path | None = None
                         device=None, pipe=None) -> dict:
     """Generate with the checkpoint on `split` of the data source (the checkpoint's `data` section, or
     `config`'s), write the predictions to `out/pred/`, score them, and write the reports. `pipe`: the
-    checkpoint's pipeline, when the caller has already loaded it."""
+    checkpoint's pipeline, when the caller has already loaded it.
+
+    Streams: each batch of `eval.batch_size` samples is read, generated, saved and scored, then
+    dropped, so memory does not grow with the split (the scorer keeps per-image rows and features)."""
     from vis2ir.checkpoint import find_checkpoint
     from vis2ir.pipeline import Vis2IRPipeline, default_device
 
@@ -99,45 +104,61 @@ def evaluate_checkpoint(checkpoint: str | Path, config: str | Path | None = None
     cfg = load_config(config, overrides) if config else pipe.cfg
     limit = limit or cfg.eval.limit
     started = time.perf_counter()
-    samples = load_split(cfg, split, limit, pipe.needs_semantic)
+    dataset = split_dataset(cfg, split, pipe.needs_semantic)
+    count = len(dataset) if limit is None else min(limit, len(dataset))
     scorer = Scorer(cfg.eval, pipe.device)
     seeds = [pipe.cfg.sample.seed + k for k in range(cfg.eval.noise_draws)]
     for k, seed in enumerate(seeds):  # the first draw's predictions are saved
-        predictions = predict(pipe, samples, cfg.eval.batch_size, Path(out) / "pred" if k == 0 else None, seed)
-        for sample, pred in zip(samples, predictions):
-            scorer.add(sample["name"], pred, sample["infrared"], sample_classes(sample), draw=k)
+        desc = "generate" if len(seeds) == 1 else f"generate (draw {k + 1}/{len(seeds)})"
+        with tqdm(total=count, desc=desc, unit="img") as bar:
+            for batch in batches(dataset, count, cfg.eval.batch_size):
+                predictions = predict(pipe, batch, Path(out) / "pred" if k == 0 else None, seed)
+                for sample, pred in zip(batch, predictions):
+                    scorer.add(sample["name"], pred, sample["infrared"], sample_classes(sample), draw=k)
+                bar.update(len(batch))
     result = scorer.result() | {"source": {"checkpoint": str(directory), "data": cfg.data.source, "split": split},
                                 "seeds": seeds, "seconds": round(time.perf_counter() - started, 1)}
     return _finish(result, out)
 
 
-def load_split(cfg: Config, split: str, limit: int | None, needs_semantic: bool) -> list[dict]:
-    """The first `limit` samples of `split` (semantic maps included whenever the source has them)."""
+def split_dataset(cfg: Config, split: str, needs_semantic: bool):
+    """The dataset of `split` (semantic maps included whenever the source has them)."""
     from vis2ir.data import build_dataset
 
-    dataset = build_dataset(cfg.data, split, require_semantic=True if needs_semantic else None)
+    return build_dataset(cfg.data, split, require_semantic=True if needs_semantic else None)
+
+
+def batches(dataset, count: int, batch_size: int) -> Iterator[list[dict]]:
+    """The first `count` samples of `dataset`, read `batch_size` at a time (one batch held at once)."""
+    for start in range(0, count, batch_size):
+        yield [dataset[i] for i in range(start, min(start + batch_size, count))]
+
+
+def iter_split(cfg: Config, split: str, limit: int | None, needs_semantic: bool,
+               batch_size: int | None = None) -> Iterator[dict]:
+    """The first `limit` samples of `split`, one at a time, read `batch_size` (`eval.batch_size`) at a time."""
+    dataset = split_dataset(cfg, split, needs_semantic)
     count = len(dataset) if limit is None else min(limit, len(dataset))
-    return [dataset[i] for i in tqdm(range(count), desc=f"load {split}", unit="img", leave=False)]
+    for batch in batches(dataset, count, batch_size or cfg.eval.batch_size):
+        yield from batch
 
 
-def predict(pipe, samples: list[dict], batch_size: int, out: Path | None = None,
-            seed: int | None = None) -> list[torch.Tensor]:
-    """Infrared predictions `[3, H, W]` for the samples, in batches (noise from `seed`, else
-    `sample.seed`); also saved as `out/<name>.png`."""
+def load_split(cfg: Config, split: str, limit: int, needs_semantic: bool) -> list[dict]:
+    """The first `limit` samples of `split` as a list: for a few samples (pictures), not a whole split."""
+    return list(iter_split(cfg, split, limit, needs_semantic))
+
+
+def predict(pipe, batch: list[dict], out: Path | None = None, seed: int | None = None) -> list[torch.Tensor]:
+    """Infrared predictions `[3, H, W]` in [0, 1] for one batch of samples (noise from `seed`, else
+    `sample.seed`); also saved as `out/<name>.png` (names are checked to stay inside `out`)."""
     from vis2ir.visualize import infrared_image, write_png
 
-    preds: list[torch.Tensor] = []
-    with tqdm(total=len(samples), desc="generate", unit="img") as bar:
-        for i in range(0, len(samples), batch_size):
-            batch = samples[i:i + batch_size]
-            sem = [s["semantic"] for s in batch] if pipe.needs_semantic else None
-            images = pipe([s["visible"] for s in batch], sem, seed=seed, batch_size=len(batch), output_type="pt").images
-            for sample, image in zip(batch, images):
-                if out is not None:
-                    write_png(out / f"{sample['name']}.png", infrared_image(image.mean(0).numpy()))
-                preds.append(image)
-            bar.update(len(batch))
-    return preds
+    sem = [s["semantic"] for s in batch] if pipe.needs_semantic else None
+    images = pipe([s["visible"] for s in batch], sem, seed=seed, batch_size=len(batch), output_type="pt").images
+    if out is not None:
+        for sample, image in zip(batch, images):
+            write_png(safe_join(out, sample["name"], ".png"), infrared_image(image.mean(0).numpy()))
+    return list(images)
 
 
 def _finish(result: dict, out: str | Path) -> dict:
