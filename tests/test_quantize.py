@@ -16,6 +16,7 @@ from vis2ir.config import ConfigError
 from vis2ir.errors import Vis2IRError
 from vis2ir.model import build_model
 from vis2ir.quantize import blocks, require, weight_bytes
+from vis2ir.train import train
 
 pytest.importorskip("torchao")
 pytest.importorskip("bitsandbytes")
@@ -107,11 +108,32 @@ def test_missing_library_is_one_line(monkeypatch):
     require("none")  # needs nothing
 
 
-def test_quantize_setting_is_checked(tiny_config):
+def test_quantize_setting_is_checked(tiny_config, tmp_path):
     with pytest.raises(ConfigError, match="model.quantize.*not allowed"):
         tiny_config("model.quantize=int3")
-    with pytest.raises(ConfigError, match="model.quantize: expected 'none' with train.finetune=full"):
-        tiny_config("model.quantize=fp8", "train.finetune=full")
+    with pytest.raises(Vis2IRError, match="model.quantize=fp8 .* train.finetune=lora only"):
+        train(tiny_config("model.quantize=fp8", "train.finetune=full", f"train.output_dir={tmp_path / 'run'}"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_quantized_training_runs_and_a_full_checkpoint_can_be_sampled_quantized(tiny_config, tmp_path):
+    """`vis2ir train` with model.quantize (LoRA on the quantized base), and a full-weights checkpoint
+    (like the shipped demo model) loaded in full precision, then quantized."""
+    run = ("data.size=32", "data.synth_count=24", "data.val_fraction=0.2", "data.test_fraction=0.2", "data.num_workers=0", "train.batch_size=2",
+           "train.max_steps=2", "train.checkpoint_every=2", "train.val_every=100", "train.log_every=1")
+    full_run = train(tiny_config(*WIDTH_64, *run, "model.semantic.mode=none", "train.finetune=full",
+                                 f"train.output_dir={tmp_path / 'full'}"), progress=False)
+    qlora_run = train(tiny_config(*WIDTH_64, *run, "model.semantic.mode=none", "model.quantize=nf4",
+                                  f"train.init_from={full_run}", f"train.output_dir={tmp_path / 'qlora'}"),
+                      progress=False)
+    assert (qlora_run / "checkpoints" / "step-2" / LORA_FILE).exists()
+    plain, _ = load_model(full_run)
+    for how, max_error in (("fp8", 0.08), ("nf4", 0.3)):
+        model, cfg = load_model(full_run, overrides=[f"model.quantize={how}"])
+        assert cfg.model.quantize == how
+        assert type(blocks(model.transformer)[0].attn.to_q.weight).__name__ == WEIGHT_TYPES[how]
+        v0, v1 = velocity(plain), velocity(model)
+        assert 0 < ((v1 - v0).norm() / v0.norm()).item() < max_error
 
 
 @pytest.mark.parametrize("how", ["none", "fp8"])

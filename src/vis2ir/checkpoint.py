@@ -270,11 +270,32 @@ def _load_strict(module: torch.nn.Module, path: Path) -> None:
 def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
                overrides=()):
     """`(model, config)` from a checkpoint folder or a run folder (its newest checkpoint)."""
-    from vis2ir.model import build_model
-
     directory = find_checkpoint(path)
     cfg = load_checkpoint_config(directory, overrides)
-    model = build_model(cfg, device, dtype)
-    load_weights(directory, model, cfg)
+    model = build_with_weights(directory, cfg, device, dtype)
     log.info("Loaded checkpoint %s", directory)
     return model.eval(), cfg
+
+
+def build_with_weights(directory: str | Path, cfg: Config, device: torch.device | str = "cpu",
+                       dtype: torch.dtype | None = None):
+    """The model `cfg` describes, with the weights of the checkpoint `directory` (whose own config
+    gives the structure). A full-weights checkpoint under `model.quantize` is loaded in full precision
+    on the CPU first and quantized on its way to `device` (weights cannot be loaded into a quantized layer)."""
+    import dataclasses
+
+    from vis2ir.backbone import resolve_dtype
+    from vis2ir.model import build_model
+    from vis2ir.quantize import quantize_transformer
+
+    trained = load_checkpoint_config(directory)
+    dtype = dtype or resolve_dtype(cfg.model.dtype, device)
+    if trained.train.finetune == "full" and cfg.model.quantize != "none":
+        plain = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, quantize="none"))
+        model = build_model(plain, "cpu", dtype)
+        load_weights(directory, model, trained)
+        quantize_transformer(model.transformer, cfg.model.quantize, device)
+        return model.to(device)
+    model = build_model(cfg, device, dtype)
+    load_weights(directory, model, trained)
+    return model

@@ -383,8 +383,6 @@ class Config:
                 _check(not isinstance(v, float) or math.isfinite(v), key, "a finite number", value)
         for part in (self.model, self.data, self.train, self.sample, self.eval):
             part.validate()
-        _check(self.model.quantize == "none" or self.train.finetune == "lora", "model.quantize",
-               "'none' with train.finetune=full (a quantized base is frozen: train LoRA on it)", self.model.quantize)
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from vis2ir.checkpoint import (RESUME_FILE, add_lora, find_checkpoint, list_checkpoints, load_checkpoint_config,
-                               load_weights, replace_dir, temp_dir, write_weights)
+from vis2ir.checkpoint import (RESUME_FILE, add_lora, build_with_weights, find_checkpoint, list_checkpoints,
+                               load_checkpoint_config, replace_dir, temp_dir, write_weights)
 from vis2ir.config import Config, load_config
 from vis2ir.errors import Vis2IRError
 from vis2ir.model import Encoded, Vis2IRModel, build_model
@@ -157,11 +157,12 @@ class Vis2IRModule(L.LightningModule):
         # Full training keeps fp32 master weights (autocast does the bf16 maths); LoRA trains
         # fp32 adapters over a frozen base in the model's dtype.
         dtype = torch.float32 if cfg.train.finetune == "full" else None
-        model = build_model(cfg, device, dtype)
         if cfg.train.init_from:
             source = find_checkpoint(cfg.train.init_from)
-            load_weights(source, model, load_checkpoint_config(source))
+            model = build_with_weights(source, cfg, device, dtype)
             log.info("Initialised from %s", source)
+        else:
+            model = build_model(cfg, device, dtype)
         self.model = prepare_for_training(model, cfg)
 
     # -- data (here, where each process knows its rank) -----------------------------------------
@@ -566,6 +567,9 @@ def train(cfg: Config, resume: str | None = None, model: Vis2IRModel | None = No
     must then agree with the run's saved settings outside `RESUMABLE` (else `Vis2IRError`, and
     nothing on disk changes). Ctrl-C writes a checkpoint and raises `KeyboardInterrupt`.
     """
+    if cfg.model.quantize != "none" and cfg.train.finetune == "full":
+        raise Vis2IRError(f"model.quantize={cfg.model.quantize} stores the frozen base quantized, so it trains "
+                          "with train.finetune=lora only (LoRA on the quantized base); or set model.quantize=none")
     run_dir = Path(cfg.train.output_dir)
     state = resolve_resume(resume, run_dir)
     if state is not None:
