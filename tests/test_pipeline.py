@@ -12,8 +12,10 @@ from vis2ir.cli import main
 from vis2ir.config import load_config
 from vis2ir.errors import Vis2IRError
 from vis2ir.model import build_model
-from vis2ir.pipeline import (Vis2IRPipeline, batches, dist_env, list_inputs, model_size, run_generate, shard,
-                             to_tensor)
+from vis2ir.io.images import to_tensor
+from vis2ir.io.inputs import list_inputs
+from vis2ir.io.runtime import dist_env, shard
+from vis2ir.pipeline import Vis2IRPipeline, batches, model_size, run_generate
 
 from tests.conftest import TINY_MODEL
 

@@ -15,12 +15,15 @@ from vis2ir.data.dataset import PanelDataset, open_source, scan
 from vis2ir.data.errors import DataError
 from vis2ir.data.folders import FileReader
 from vis2ir.data.splits import SPLITS, hash_split
+from vis2ir.io.images import write_png
 
 log = logging.getLogger(__name__)
 
 THUMB = 160  # panel size on the contact sheet
 CAPTION = 18
 TABLE_CHECKS = 500  # table rows whose headers are read (folders: every file)
+PIXEL_CHECKS = 64  # samples decoded (at thumbnail size) to find what headers cannot tell: colour-mapped
+# infrared, semantic maps that are not palette colours, undecodable data
 
 
 def inspect_source(cfg: DataConfig, out: str | Path | None = None, count: int = 8) -> dict:
@@ -37,8 +40,7 @@ def inspect_source(cfg: DataConfig, out: str | Path | None = None, count: int = 
     log.info("problems: %d%s", len(report["problems"]), "".join(f"\n  {p}" for p in report["problems"][:20]))
     if out is not None:
         sheet = contact_sheet(samples)
-        Path(out).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        sheet.save(out)
+        write_png(Path(out).expanduser(), np.asarray(sheet))
         report["sheet"] = str(out)
         log.info("contact sheet: %s (%d triptychs)", out, len(samples))
     return report
@@ -81,15 +83,18 @@ def _inspect_files(cfg: DataConfig, count: int) -> tuple[dict, list[dict]]:
               "problems": problems}
     thumbs = dataclasses.replace(cfg, size=THUMB, hflip=False, on_bad_sample="skip",
                                  resize_policy="resize" if cfg.resize_policy == "resize" else "center_crop")
-    shown = [good[k * len(good) // count] for k in range(min(count, len(good)))]
+    checks = max(count, PIXEL_CHECKS)
+    decoded = [good[k * len(good) // checks] for k in range(min(checks, len(good)))]
     samples = []
-    for record in shown:
+    for record in decoded:
         try:
             sample = PanelDataset([record], reader, thumbs, "val", semantic=None).load(0)
         except DataError as err:
             problems.append(str(err))
             continue
         samples.append({**sample, "split": record.split})
+    if len(samples) > count:  # the sheet: `count` of them, spread over the source
+        samples = [samples[k * len(samples) // count] for k in range(count)]
     return report, samples
 
 
