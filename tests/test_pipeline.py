@@ -204,7 +204,7 @@ def test_generate_folder(config_file, tmp_path, caplog, capsys):
     save(src / "c.jpg", noise_image(32, 32, 2))
     (src / "broken.png").write_bytes(b"not a png")
     assert run("--config", config_file, "--input", src, "--out", out, "--batch-size", 2, "--compare") == 2
-    assert "broken.png: cannot read the image" in caplog.text  # reported when met …
+    assert "broken.png: cannot read image (" in caplog.text  # reported when met (the one reader's wording) …
     assert "vis2ir: error: 1 of 4 inputs failed: broken (" in capsys.readouterr().err  # … and summed up at the end
     assert sorted(p.name for p in out.glob("*.png")) == ["a.png", "b.png", "c.png"]
     a = Image.open(out / "a.png")

@@ -83,8 +83,8 @@ def _inspect_files(cfg: DataConfig, count: int) -> tuple[dict, list[dict]]:
               "problems": problems}
     thumbs = dataclasses.replace(cfg, size=THUMB, hflip=False, on_bad_sample="skip",
                                  resize_policy="resize" if cfg.resize_policy == "resize" else "center_crop")
-    checks = max(count, PIXEL_CHECKS)
-    decoded = [good[k * len(good) // checks] for k in range(min(checks, len(good)))]
+    checks = min(max(count, PIXEL_CHECKS), len(good))
+    decoded = [good[k * len(good) // checks] for k in range(checks)]
     samples = []
     for record in decoded:
         try:

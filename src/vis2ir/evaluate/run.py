@@ -14,6 +14,7 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -75,7 +76,7 @@ def evaluate_folders(pred: str | Path, truth: str | Path, semantic: str | Path |
         try:
             classes = decode_classes(to_tensor(read_image(s), str(s))) if s else None
             raw = read_image(p)
-            if not is_finite(raw):  # a float TIFF from a broken model
+            if not is_finite(np.asarray(raw)):  # a float TIFF from a broken model
                 raise Vis2IRError(f"{p}: the prediction is not finite (NaN/inf)")
             prediction = to_tensor(raw, str(p), normaliser)
             target = to_tensor(read_image(t), str(t), normaliser)

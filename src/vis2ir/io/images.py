@@ -219,7 +219,9 @@ def to_tensor(image: Any, what: str = "image", normaliser: Normaliser | None = N
 
 def is_finite(image: torch.Tensor | np.ndarray) -> bool:
     """Whether every value is a finite number (a broken model gives NaN / inf)."""
-    return bool(torch.isfinite(torch.as_tensor(image)).all())
+    if isinstance(image, np.ndarray):
+        return bool(np.isfinite(image).all())
+    return bool(torch.isfinite(image).all())
 
 
 # ----------------------------------------------------------------------------------------------
