@@ -1,7 +1,7 @@
 """The Python API, and the folder runner behind `vis2ir generate` and `vis2ir visualize`.
 
     pipe = Vis2IRPipeline.from_checkpoint("runs/demo", device="cuda")
-    out = pipe(Image.open("scene.png"), semantic=Image.open("scene_semantic.png"), seed=0)
+    out = pipe(read_image("scene.png"), semantic=read_image("scene_semantic.png"), seed=0)  # vis2ir.io.images
     out.images[0].save("scene_ir.png")
 
 Images of any size go in: each is resized for the model (bicubic; semantic maps nearest, so their
