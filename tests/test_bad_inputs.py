@@ -354,3 +354,22 @@ def test_checkpoint_generates_at_its_training_size(tmp_path, monkeypatch):
         assert seen == [want], extra
         assert Image.open(tmp_path / "out" / "photo.png").size == (128, 64)
     assert pipeline.Vis2IRPipeline.from_config(cfg, device="cpu").generation_size() is None  # a config: native
+
+
+def test_validation_grid_of_non_finite_samples_is_not_written(tiny_config, tmp_path, monkeypatch, caplog):
+    """Training's validation picture of a model gone NaN: a warning, not a black grid."""
+    import vis2ir.sample
+    from vis2ir.model import build_model
+    from vis2ir.train import Vis2IRModule
+
+    cfg = tiny_config("model.codec=pixel", "model.semantic.mode=none", f"train.output_dir={tmp_path / 'run'}")
+    module = Vis2IRModule(cfg, build_model(cfg))
+    vis = torch.rand(2, 3, 16, 16)
+    monkeypatch.setattr(vis2ir.sample, "generate", lambda *a, **k: torch.full_like(vis, float("nan")))
+    with caplog.at_level(logging.WARNING, logger="vis2ir"):
+        module._sample_grid(vis, vis, None)
+    assert "validation samples are not finite" in caplog.text
+    assert not (tmp_path / "run" / "samples").exists()
+    monkeypatch.setattr(vis2ir.sample, "generate", lambda *a, **k: vis)  # finite: written as before
+    module._sample_grid(vis, vis, None)
+    assert len(list((tmp_path / "run" / "samples").glob("*.png"))) == 1
