@@ -10,6 +10,7 @@ from PIL import Image
 from vis2ir.checkpoint import ADAPTER_FILE, add_lora, save_weights
 from vis2ir.cli import main
 from vis2ir.config import load_config
+from vis2ir.data.palette import colourise
 from vis2ir.errors import Vis2IRError
 from vis2ir.model import build_model
 from vis2ir.io.images import to_tensor
@@ -230,7 +231,7 @@ def test_generate_errors_are_one_line(checkpoint, tmp_path, capsys):
     src = tmp_path / "in"
     save(src / "a.png", noise_image(16, 16))
     save(src / "b.png", noise_image(16, 16))
-    save(tmp_path / "sem" / "a.png", noise_image(16, 16))
+    save(tmp_path / "sem" / "a.png", colourise(np.arange(256).reshape(16, 16) % 133))  # palette colours
     assert run("--checkpoint", checkpoint, "--input", src, "--out", tmp_path / "out") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["vis2ir: error: model.semantic.mode=cross_attention needs semantic maps: pass --semantic "
