@@ -209,7 +209,8 @@ CASES = [
     Case("9 giant", giant, "data", r"visible/b\.png: the image is too large .*VIS2IR_MAX_IMAGE_PIXELS",
          pixel_limit=5000),
     Case("9 giant", giant, "generate", r"^done a=48x80; failed: 1 of 2 inputs failed: b \(.*visible/b\.png: the "
-                                       r"image is too large \(100x100 = 10000 pixels, the limit is 5000", pixel_limit=5000),
+                                       r"image is too large \(100x100 = 10000 pixels, the limit is 5000",
+         pixel_limit=5000),
     Case("9 bomb", giant, "generate", r"^done a=48x80; failed: 1 of 2 inputs failed: b \(.*visible/b\.png: the "
                                       r"image is too large \(10000 pixels, the limit is 4000", pixel_limit=4000),
     Case("9 giant", giant, "generate", r"^done a=48x80 b=100x100; failed: -$", {"VIS2IR_MAX_IMAGE_PIXELS": "0"},
@@ -221,8 +222,9 @@ CASES = [
     Case("12 class ids", class_id_map, "inspect", r"semantic/b\.png: the semantic map has one channel"),
     Case("12 class ids", class_id_map, "generate", r"^done a=48x80; failed: .*semantic/b\.png: the semantic map "
                                                    r"has one channel .*colourise"),
-    Case("12 foreign colours", foreign_colours, "data", r"semantic/b\.png: \d+% of the semantic map's pixels are "
-                                                        r"far from every palette colour; make maps with `vis2ir segment`"),
+    Case("12 foreign colours", foreign_colours, "data",
+         r"semantic/b\.png: \d+% of the semantic map's pixels are far from every palette colour; make maps with "
+         r"`vis2ir segment`"),
     Case("12 foreign colours", foreign_colours, "inspect", r"semantic/b\.png: \d+% of the semantic map's pixels"),
     Case("12 foreign colours", foreign_colours, "generate", r"^done a=48x80; failed: .*far from every palette"),
     Case("12 aspect", wrong_aspect_map, "generate", r"^done a=48x80; failed: .*semantic/b\.png: size mismatch: "

@@ -10,9 +10,10 @@ colours stay exact) and the infrared comes back at the input's size. The model's
 and the input's own size for a model built from a config; `native` (or 0) the input's own size; a
 number, the longer side. Either way each side is rounded to a multiple of the codec's patch size.
 16-bit and float inputs are normalised as in training (`data.ir_normalize`). An image whose output is
-not finite (a broken model) raises `NonFiniteOutput`, which carries the other images. Every image is sampled with its own generator seeded with `seed`, so its result does
-not depend on its batch, and with mode `none` (or adapter scale 0) it equals stock
-`FluxFillPipeline` with `generator=torch.Generator("cpu").manual_seed(seed)`.
+not finite (a broken model) raises `NonFiniteOutput`, which carries the other images. Every image
+is sampled with its own generator seeded with `seed`, so its result does not depend on its batch,
+and with mode `none` (or adapter scale 0) it equals stock `FluxFillPipeline` with
+`generator=torch.Generator("cpu").manual_seed(seed)`.
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ from vis2ir.errors import Vis2IRError, first_line
 from vis2ir.files import write_text
 from vis2ir.hub import cached_snapshot, check_hub, is_local, local_folder
 from vis2ir.io.images import ImageError, read_image, write_png
-from vis2ir.io.inputs import AUTO_DIR, Summary, list_inputs, map_path
+from vis2ir.io.inputs import AUTO_DIR, Summary, list_inputs, map_path  # noqa: F401 (AUTO_DIR: the cache's name)
 from vis2ir.io.runtime import default_device, dist_env, shard
 
 log = logging.getLogger(__name__)
