@@ -10,10 +10,13 @@ from PIL import Image
 from vis2ir.checkpoint import ADAPTER_FILE, add_lora, save_weights
 from vis2ir.cli import main
 from vis2ir.config import load_config
+from vis2ir.data.palette import colourise
 from vis2ir.errors import Vis2IRError
 from vis2ir.model import build_model
-from vis2ir.pipeline import (Vis2IRPipeline, batches, dist_env, list_inputs, model_size, run_generate, shard,
-                             to_tensor)
+from vis2ir.io.images import to_tensor
+from vis2ir.io.inputs import list_inputs
+from vis2ir.io.runtime import dist_env, shard
+from vis2ir.pipeline import Vis2IRPipeline, batches, model_size, run_generate
 
 from tests.conftest import TINY_MODEL
 
@@ -202,7 +205,7 @@ def test_generate_folder(config_file, tmp_path, caplog, capsys):
     save(src / "c.jpg", noise_image(32, 32, 2))
     (src / "broken.png").write_bytes(b"not a png")
     assert run("--config", config_file, "--input", src, "--out", out, "--batch-size", 2, "--compare") == 2
-    assert "broken.png: cannot read the image" in caplog.text  # reported when met …
+    assert "broken.png: cannot read image (" in caplog.text  # reported when met (the one reader's wording) …
     assert "vis2ir: error: 1 of 4 inputs failed: broken (" in capsys.readouterr().err  # … and summed up at the end
     assert sorted(p.name for p in out.glob("*.png")) == ["a.png", "b.png", "c.png"]
     a = Image.open(out / "a.png")
@@ -228,7 +231,7 @@ def test_generate_errors_are_one_line(checkpoint, tmp_path, capsys):
     src = tmp_path / "in"
     save(src / "a.png", noise_image(16, 16))
     save(src / "b.png", noise_image(16, 16))
-    save(tmp_path / "sem" / "a.png", noise_image(16, 16))
+    save(tmp_path / "sem" / "a.png", colourise(np.arange(256).reshape(16, 16) % 133))  # palette colours
     assert run("--checkpoint", checkpoint, "--input", src, "--out", tmp_path / "out") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["vis2ir: error: model.semantic.mode=cross_attention needs semantic maps: pass --semantic "

@@ -116,6 +116,15 @@ def _cmd_segment(args: argparse.Namespace) -> None:
                 overwrite=args.overwrite, threshold=args.threshold)
 
 
+def _size(text: str) -> int | str:
+    if text in ("auto", "native"):
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of pixels, 'auto' or 'native', got {text!r}") from None
+
+
 def _add_generate_args(p: argparse.ArgumentParser) -> None:
     _add_config_args(p)
     p.add_argument("--checkpoint", help="checkpoint folder, or a run folder (its newest checkpoint)")
@@ -132,7 +141,9 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=1, help="images per batch (default: 1)")
     p.add_argument("--adapter-scale", type=float,
                    help="multiplies the adapter's effect (1: as trained, 0: off; default: sample.adapter_scale)")
-    p.add_argument("--size", type=int, help="resize the longer side to this for the model (default: native)")
+    p.add_argument("--size", type=_size, help="the longer side the model generates at, then scaled back to each "
+                   "input's size: pixels, 'native' (or 0: the input's own size) or 'auto' (a checkpoint's training "
+                   "panel size, data.size; default: sample.size, auto)")
     p.add_argument("--overwrite", action="store_true", help="redo outputs that already exist")
     p.add_argument("--point", action="append", metavar="X,Y",
                    help="query point in input pixels for attention maps (repeatable; default: the centre)")

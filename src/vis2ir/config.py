@@ -331,11 +331,16 @@ class SampleConfig:
     guidance: float = 50.0
     seed: int = 0
     adapter_scale: float = 1.0  # the cross-attention adapter's residual: 1 as trained, 0 off (what it adds)
+    # Longer side images are generated at: `auto` = a checkpoint's data.size (a config-built model: the
+    # input's own size), `native` or 0 = the input's own size, or a number of pixels.
+    size: int | Literal["auto", "native"] = "auto"
 
     def validate(self) -> None:
         _check(self.steps >= 1, "sample.steps", "an integer >= 1", self.steps)
         _check(self.guidance >= 0, "sample.guidance", "a number >= 0", self.guidance)
         _check(self.seed >= 0, "sample.seed", "an integer >= 0", self.seed)
+        _check(not isinstance(self.size, int) or self.size >= 0, "sample.size", "auto, native or pixels >= 0",
+               self.size)
         _check(math.isfinite(self.adapter_scale), "sample.adapter_scale", "a finite number", self.adapter_scale)
 
 

@@ -72,7 +72,8 @@ def run_demo(out_dir: str | Path = "outputs/demo", config_path: str | None = Non
         report["training"] = _short_training(cfg, checkpoint, out / "train", train_steps)
     report["seconds"] = round(time.perf_counter() - started, 1)
     from vis2ir.files import write_json
-    from vis2ir.visualize import labelled_grid, write_png
+    from vis2ir.io.images import write_png
+    from vis2ir.visualize import labelled_grid
 
     columns = {"visible": batch["visible"], "semantic": batch["semantic"], "truth": batch["infrared"], **predictions}
     write_png(out / "report.png", labelled_grid(columns, rows=8))

@@ -15,3 +15,9 @@ def first_line(err: BaseException) -> str:
     """The first line of an exception's message (its type name when empty), for one-line errors."""
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+def describe(err: BaseException) -> str:
+    """'Type: first line of the message', for wrapping a library's error in a one-line error."""
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__

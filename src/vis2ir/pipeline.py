@@ -1,41 +1,46 @@
 """The Python API, and the folder runner behind `vis2ir generate` and `vis2ir visualize`.
 
     pipe = Vis2IRPipeline.from_checkpoint("runs/demo", device="cuda")
-    out = pipe(Image.open("scene.png"), semantic=Image.open("scene_semantic.png"), seed=0)
+    out = pipe(read_image("scene.png"), semantic=read_image("scene_semantic.png"), seed=0)  # vis2ir.io.images
     out.images[0].save("scene_ir.png")
 
-Images of any size go in: each is resized to a multiple of the codec's patch size for the model
-(bicubic; semantic maps nearest, so their colours stay exact) and the infrared comes back at the
-input's size. Every image is sampled with its own generator seeded with `seed`, so its result does
-not depend on its batch, and with mode `none` (or adapter scale 0) it equals stock
-`FluxFillPipeline` with `generator=torch.Generator("cpu").manual_seed(seed)`.
+Images of any size go in: each is resized for the model (bicubic; semantic maps nearest, so their
+colours stay exact) and the infrared comes back at the input's size. The model's size (`size`, else
+`sample.size`): `auto` is the panel size a checkpoint was trained at (`data.size`, as the longer side)
+and the input's own size for a model built from a config; `native` (or 0) the input's own size; a
+number, the longer side. Either way each side is rounded to a multiple of the codec's patch size.
+16-bit and float inputs are normalised as in training (`data.ir_normalize`). An image whose output is
+not finite (a broken model) raises `NonFiniteOutput`, which carries the other images. Every image
+is sampled with its own generator seeded with `seed`, so its result does not depend on its batch,
+and with mode `none` (or adapter scale 0) it equals stock `FluxFillPipeline` with
+`generator=torch.Generator("cpu").manual_seed(seed)`.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from tqdm.auto import tqdm
 
 from vis2ir.backbone import resolve_dtype
 from vis2ir.checkpoint import CONFIG_FILE, find_checkpoint, load_checkpoint_config, load_model
 from vis2ir.config import Config, first_difference, load_config
-from vis2ir.data.images import IMAGE_SUFFIXES
+from vis2ir.data.palette import semantic_problem
 from vis2ir.errors import Vis2IRError
+from vis2ir.io.images import Normaliser, is_finite, read_image, rgb_image, same_aspect, to_tensor, write_png, wxh
+from vis2ir.io.inputs import Item, Summary, list_inputs
+from vis2ir.io.runtime import default_device, dist_env, shard
 from vis2ir.latents import VAECodec, patch_size, token_grid
 from vis2ir.model import Vis2IRModel, build_model
 from vis2ir.sample import generate
 from vis2ir.semantic.modes import NEEDS_SEMANTIC, num_panels
-from vis2ir.visualize import (AttentionMaps, check_output_format, infrared_image, save_attention_maps, side_by_side,
-                              write_png)
+from vis2ir.visualize import AttentionMaps, check_output_format, infrared_image, save_attention_maps, side_by_side
 
 log = logging.getLogger(__name__)
 
@@ -49,31 +54,6 @@ STRUCTURAL = ("model.backbone", "model.codec", "model.pixel_factor", "model.seed
 
 # ----------------------------------------------------------------------------------------------
 # Images in and out
-
-
-def to_tensor(image: Any, what: str = "image") -> torch.Tensor:
-    """A PIL image, array (`[H, W]`, `[H, W, 3|4]`; uint8, uint16 or float in [0, 1]) or tensor
-    (`[3, H, W]`, `[H, W]`) → float `[3, H, W]` in [0, 1]."""
-    if isinstance(image, Image.Image):
-        if image.mode in ("I;16", "I;16B", "I;16L"):
-            image = np.asarray(image, dtype=np.uint16)
-        elif image.mode in ("I", "F"):
-            image = np.asarray(image, dtype=np.float32) / (65535.0 if image.mode == "I" else 1.0)
-        else:
-            image = np.asarray(image.convert("RGB"))
-    if isinstance(image, np.ndarray):
-        scale = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}.get(image.dtype, 1.0)
-        t = torch.from_numpy(image.astype(np.float32) / scale)
-        t = t[None] if t.ndim == 2 else t[..., :3].permute(2, 0, 1) if t.ndim == 3 else t
-    elif isinstance(image, torch.Tensor):
-        t = image.detach().cpu()
-        t = t.float() / 255 if t.dtype == torch.uint8 else t.float()
-        t = t[None] if t.ndim == 2 else t
-    else:
-        raise Vis2IRError(f"{what}: expected a PIL image, numpy array or tensor, got {type(image).__name__}")
-    if t.ndim != 3 or t.shape[0] not in (1, 3):
-        raise Vis2IRError(f"{what}: expected [H, W], [H, W, 3] or [3, H, W], got shape {list(t.shape)}")
-    return t.expand(3, -1, -1).clamp(0, 1)
 
 
 def model_size(height: int, width: int, patch: int, size: int | None = None) -> tuple[int, int]:
@@ -104,18 +84,6 @@ def to_output(image: torch.Tensor, output_type: str):
     return Image.fromarray(np.round(grey * 255).astype(np.uint8))
 
 
-def read_image(path: str | Path) -> Image.Image:
-    """Open an image file fully (errors name the file)."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.copy()
-    except FileNotFoundError:
-        raise Vis2IRError(f"{path}: no such file") from None
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise Vis2IRError(f"{path}: cannot read the image ({str(err).strip() or type(err).__name__})") from None
-
-
 # ----------------------------------------------------------------------------------------------
 # The pipeline
 
@@ -126,13 +94,17 @@ class Vis2IROutput:
     attention: list[AttentionMaps] | None = None  # one per image, with `return_attention`
 
 
-def default_device(device: str | torch.device | None = None) -> torch.device:
-    """`device`, else `cuda:$LOCAL_RANK` when CUDA is available, else the CPU."""
-    if device is not None:
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
+class NonFiniteOutput(Vis2IRError):
+    """The infrared of some images came out NaN or inf (broken weights). `bad`: their indices;
+    `output`: the result of the call, with None in their places."""
+
+    def __init__(self, bad: list[int], output: Vis2IROutput):
+        super().__init__(f"{'image' if len(bad) == 1 else 'images'} {', '.join(map(str, bad))}: {NOT_FINITE}")
+        self.bad, self.output = bad, output
+
+
+NOT_FINITE = ("the model's output is not finite (NaN/inf), so no image is written; the weights are probably "
+              "broken (e.g. trained through NaN losses: see the training log)")
 
 
 class Vis2IRPipeline:
@@ -142,6 +114,8 @@ class Vis2IRPipeline:
         self.model = model.eval()
         self.cfg = cfg
         self.device = torch.device(device) if device is not None else model.prompt_embeds.device
+        self.normaliser = Normaliser.of(cfg.data)  # 16-bit / float inputs, as the data loader reads them
+        self.trained_size: int | None = None  # a checkpoint's panel size (data.size): sample.size=auto
         self._hooks: list = []
 
     # -- construction ----------------------------------------------------------------------
@@ -176,7 +150,9 @@ class Vis2IRPipeline:
         device = default_device(device)
         dtype = dtype or resolve_dtype(cfg.model.dtype, device)
         model, _ = load_model(directory, build_device(cfg, offload, device), dtype, overrides)
-        return cls(model, cfg, device).offload(offload)
+        pipe = cls(model, cfg, device)
+        pipe.trained_size = trained.data.size
+        return pipe.offload(offload)
 
     def offload(self, how: str = "model") -> Vis2IRPipeline:
         """Keep weights on the CPU and move them to the device when used (diffusers' mechanisms):
@@ -211,12 +187,24 @@ class Vis2IRPipeline:
     def needs_semantic(self) -> bool:
         return self.model.mode in NEEDS_SEMANTIC
 
+    def generation_size(self, size: int | str | None = None) -> int | None:
+        """The longer side images are generated at (None: their own size), from `size` or `sample.size`."""
+        size = self.cfg.sample.size if size is None else size
+        if size == "auto":
+            return self.trained_size
+        if size == "native" or size == 0:
+            return None
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise Vis2IRError(f"size: expected a number of pixels, 'auto' or 'native' (0), got {size!r}")
+        return size
+
     def __call__(self, visible, semantic=None, steps: int | None = None, guidance: float | None = None,
                  seed: int | None = None, adapter_scale: float | None = None, batch_size: int = 1,
-                 return_attention: bool = False, output_type: str = "pil", size: int | None = None,
+                 return_attention: bool = False, output_type: str = "pil", size: int | str | None = None,
                  progress: bool = False) -> Vis2IROutput:
         """Infrared images for one visible image or a list (with matching semantic maps when the
-        mode needs them). Unset steps, guidance, seed and adapter_scale come from the config's `sample` section."""
+        mode needs them). Unset steps, guidance, seed, adapter_scale and size come from the config's
+        `sample` section. Raises `NonFiniteOutput` when some outputs are NaN/inf (the others in it)."""
         visibles = visible if isinstance(visible, (list, tuple)) else [visible]
         semantics = None if semantic is None else semantic if isinstance(semantic, (list, tuple)) else [semantic]
         if semantics is not None and len(semantics) != len(visibles):
@@ -237,21 +225,29 @@ class Vis2IRPipeline:
                     adapter_scale=s.adapter_scale if adapter_scale is None else adapter_scale,
                     return_attention=return_attention, progress=progress)
 
-        vis = [to_tensor(v, f"visible image {i}") for i, v in enumerate(visibles)]
+        vis = [to_tensor(v, f"visible image {i}", self.normaliser) for i, v in enumerate(visibles)]
         sem = None if semantics is None else [to_tensor(m, f"semantic map {i}") for i, m in enumerate(semantics)]
         patch = patch_size(self.model.codec)
-        sizes = [model_size(v.shape[1], v.shape[2], patch, size) for v in vis]
+        longer = self.generation_size(size)
+        sizes = [model_size(v.shape[1], v.shape[2], patch, longer) for v in vis]
+        bad: list[int] = []
         images, attention = [None] * len(vis), [None] * len(vis)
         try:
             for idx in batches(sizes, batch_size):
                 out = self._generate([vis[i] for i in idx], None if sem is None else [sem[i] for i in idx],
                                      sizes[idx[0]], opts)
                 for i, ir, att in zip(idx, *out):
-                    images[i], attention[i] = to_output(ir, output_type), att
+                    if is_finite(ir):
+                        images[i], attention[i] = to_output(ir, output_type), att
+                    else:
+                        bad.append(i)
         finally:
             for hook in self._hooks:
                 hook.offload()
-        return Vis2IROutput(images, attention if return_attention else None)
+        result = Vis2IROutput(images, attention if return_attention else None)
+        if bad:
+            raise NonFiniteOutput(bad, result)
+        return result
 
     def _generate(self, vis: list[torch.Tensor], sem: list[torch.Tensor] | None, size: tuple[int, int], opts: dict):
         """One batch of images that share a model size → (infrared at input sizes, attention maps)."""
@@ -300,89 +296,6 @@ def check_compatible(trained: Config, cfg: Config, directory: Path, where: str) 
 # Folder in, folder out
 
 
-@dataclass
-class Item:
-    """One input image, its semantic map and its output name."""
-
-    name: str
-    visible: Path
-    semantic: Path | None = None
-    problem: str | None = None  # why it cannot run (found while listing)
-
-
-@dataclass
-class Summary:
-    done: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
-    failed: dict[str, str] = field(default_factory=dict)
-
-
-def list_images(folder: Path) -> list[Path]:
-    """Image files directly inside `folder`, sorted by name."""
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                  and not p.name.startswith("."))
-
-
-def list_inputs(input_path: str | Path, semantic: str | Path | None = None) -> list[Item]:
-    """The items of a run: one file or a folder's images, each matched to a semantic map by name
-    (`semantic="auto"`: the map cached in `semantic_auto/` beside the inputs, made when missing)."""
-    src = Path(input_path)
-    if not src.exists():
-        raise Vis2IRError(f"--input {src}: no such file or folder")
-    paths = list_images(src) if src.is_dir() else [src]
-    if not paths:
-        raise Vis2IRError(f"--input {src}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
-    names: dict[str, Path] = {}
-    for p in paths:
-        if p.stem in names:
-            raise Vis2IRError(f"--input: {names[p.stem].name} and {p.name} would both write {p.stem}.png")
-        names[p.stem] = p
-    items = [Item(p.stem, p) for p in paths]
-    if semantic is None:
-        return items
-    sem = Path(semantic)
-    if str(semantic) == "auto":  # maps cached beside the inputs; `run_generate` makes the missing ones
-        from vis2ir.segment import AUTO_DIR, map_path
-
-        cache = (src if src.is_dir() else src.parent) / AUTO_DIR
-        for it in items:
-            it.semantic = map_path(cache, it.name)
-        return items
-    if not sem.exists():
-        raise Vis2IRError(f"--semantic {sem}: no such file or folder")
-    if sem.is_file():
-        if src.is_dir():
-            raise Vis2IRError(f"--semantic {sem}: a single file goes with a single --input file; pass a folder "
-                              "of maps named like the inputs")
-        items[0].semantic = sem
-        return items
-    maps: dict[str, Path] = {}
-    for p in list_images(sem):
-        maps.setdefault(p.stem, p)
-    for it in items:
-        it.semantic = sem / it.visible.name if (sem / it.visible.name).is_file() else maps.get(it.name)
-        if it.semantic is None:
-            it.problem = f"no semantic map named {it.name}.* in {sem}"
-    return items
-
-
-def dist_env() -> tuple[int, int]:
-    """`(rank, world_size)` from the RANK / WORLD_SIZE variables torchrun and accelerate set (else 0, 1)."""
-    try:
-        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    except ValueError:
-        raise Vis2IRError(f"RANK={os.environ.get('RANK')!r}, WORLD_SIZE={os.environ.get('WORLD_SIZE')!r}: "
-                          "expected integers") from None
-    if not 0 <= rank < world:
-        raise Vis2IRError(f"RANK={rank} must be in [0, WORLD_SIZE={world})")
-    return rank, world
-
-
-def shard(items: list, rank: int, world: int) -> list:
-    """This process's share of `items`: every `world`-th from `rank` (all shares together: each item once)."""
-    return items[rank::world]
-
-
 def parse_point(text: str) -> tuple[float, float]:
     """`"x,y"` (input pixels) → `(x, y)`."""
     try:
@@ -397,12 +310,17 @@ def run_generate(input: str | Path, out: str | Path, *, config=None, checkpoint=
                  batch_size: int = 1, adapter_scale: float | None = None, overwrite: bool = False,
                  bit_depth: int = 8, palette: str = "white-hot", compare: bool = False,
                  save_attention: bool = False, points=(), offload: str = "none", device=None,
-                 size: int | None = None, write_images: bool = True, segment_model: str | None = None) -> Summary:
+                 size: int | str | None = None, write_images: bool = True,
+                 segment_model: str | None = None) -> Summary:
     """Generate infrared for a file or a folder into `out` (`<name>.png`), under several processes
-    each taking its share. Existing outputs are skipped unless `overwrite`; a bad input is reported
-    and the run goes on; any failure ends in one error that lists them. With `semantic="auto"` the
-    missing maps are made with the panoptic `segment_model` (default: `DEFAULT_SEGMENTER`)."""
+    each taking its share. Existing outputs are skipped unless `overwrite`; a bad input (unreadable,
+    too large, a semantic map that is not palette colours or not the photo's aspect) or a non-finite
+    output is reported and the run goes on; any failure ends in one error that lists them. `size`:
+    see `Vis2IRPipeline` (default `sample.size`). With `semantic="auto"` the missing maps are made
+    with the panoptic `segment_model` (default: `DEFAULT_SEGMENTER`)."""
     check_output_format(bit_depth, palette)
+    if isinstance(size, str) and size not in ("auto", "native"):
+        raise Vis2IRError(f"--size: expected a number of pixels, 'auto' or 'native' (0), got {size!r}")
     if offload not in OFFLOAD:
         raise Vis2IRError(f"--offload: {offload!r} is not one of {', '.join(OFFLOAD)}")
     points = [parse_point(p) if isinstance(p, str) else p for p in points]
@@ -443,10 +361,7 @@ def run_generate(input: str | Path, out: str | Path, *, config=None, checkpoint=
                 bar.update(max(1, len(group)))
     log.info("Done: %d generated, %d skipped, %d failed -> %s", len(summary.done), len(summary.skipped),
              len(summary.failed), out)
-    if summary.failed:
-        listed = "; ".join(f"{k} ({v})" for k, v in list(summary.failed.items())[:5])
-        more = f"; and {len(summary.failed) - 5} more" if len(summary.failed) > 5 else ""
-        raise Vis2IRError(f"{len(summary.failed)} of {len(mine)} inputs failed: {listed}{more}")
+    summary.raise_failures(len(mine))
     return summary
 
 
@@ -496,6 +411,8 @@ def _loaded_groups(items: list[Item], batch_size: int, summary: Summary, needs_s
             if it.problem and needs_semantic:
                 raise Vis2IRError(f"{it.visible}: {it.problem}")
             loaded = _Loaded(it, read_image(it.visible), read_image(it.semantic) if it.semantic else None)
+            if loaded.semantic is not None:
+                _check_map(loaded)
         except Vis2IRError as err:
             log.error("%s", err)
             summary.failed[it.name] = str(err)
@@ -509,6 +426,17 @@ def _loaded_groups(items: list[Item], batch_size: int, summary: Summary, needs_s
         yield group
 
 
+def _check_map(g: _Loaded) -> None:
+    """A semantic map must be palette colours, with the aspect ratio of its photo (as in training)."""
+    sem, vis = g.semantic, g.visible
+    if not same_aspect(sem.size, vis.size):
+        raise Vis2IRError(f"{g.item.semantic}: size mismatch: semantic map is {wxh(sem.size)}, not the aspect ratio "
+                          f"of visible {g.item.visible} ({wxh(vis.size)})")
+    problem = semantic_problem(None, sem.mode) or semantic_problem(np.asarray(rgb_image(sem))[::2, ::2])
+    if problem:
+        raise Vis2IRError(f"{g.item.semantic}: {problem}")
+
+
 def _run_batch(pipe: Vis2IRPipeline, group: list[_Loaded], out: Path, summary: Summary, opts: dict,
                attention: bool, write_images: bool, bit_depth: int, palette: str, compare: bool, points) -> None:
     if not group:
@@ -517,15 +445,22 @@ def _run_batch(pipe: Vis2IRPipeline, group: list[_Loaded], out: Path, summary: S
     try:
         result = pipe([g.visible for g in group], sem, batch_size=len(group), return_attention=attention,
                       output_type="pt", **opts)
+    except NonFiniteOutput as err:  # those items fail; the others are written
+        result = err.output
+        for k in err.bad:
+            log.error("%s: %s", group[k].item.visible, NOT_FINITE)
+            summary.failed[group[k].item.name] = NOT_FINITE
     except Vis2IRError as err:
         for g in group:
             log.error("%s: %s", g.item.visible, err)
             summary.failed[g.item.name] = str(err)
         return
     for k, g in enumerate(group):
+        if result.images[k] is None:
+            continue
         try:
             _write_outputs(g, result.images[k], None if result.attention is None else result.attention[k], out,
-                           write_images, bit_depth, palette, compare, points)
+                           write_images, bit_depth, palette, compare, points, pipe.normaliser)
         except Vis2IRError as err:
             log.error("%s: %s", g.item.visible, err)
             summary.failed[g.item.name] = str(err)
@@ -534,10 +469,11 @@ def _run_batch(pipe: Vis2IRPipeline, group: list[_Loaded], out: Path, summary: S
 
 
 def _write_outputs(g: _Loaded, ir: torch.Tensor, att: AttentionMaps | None, out: Path, write_images: bool,
-                   bit_depth: int, palette: str, compare: bool, points) -> None:
+                   bit_depth: int, palette: str, compare: bool, points, normaliser: Normaliser) -> None:
     """The files of one item: `<name>.png`, `compare/<name>.png`, attention heat-maps."""
-    visible = np.asarray(g.visible.convert("RGB"))
-    semantic = None if g.semantic is None else np.asarray(g.semantic.convert("RGB"))
+    shown = to_tensor(g.visible, str(g.item.visible), normaliser)  # 16-bit photos as the model saw them
+    visible = (shown * 255).round().byte().permute(1, 2, 0).numpy()
+    semantic = None if g.semantic is None else np.asarray(rgb_image(g.semantic))
     grey = ir.mean(0).numpy()
     if write_images:
         write_png(out / f"{g.item.name}.png", infrared_image(grey, bit_depth, palette))

@@ -32,11 +32,12 @@ from vis2ir.data.palette import (CLASS_NAMES, THING_IDS, VOID, class_for_label, 
 from vis2ir.errors import Vis2IRError, first_line
 from vis2ir.files import safe_join, write_text
 from vis2ir.hub import cached_snapshot, check_hub, is_local, local_folder
-from vis2ir.visualize import write_png
+from vis2ir.io.images import ImageError, read_image, write_png
+from vis2ir.io.inputs import AUTO_DIR, Summary, list_inputs, map_path  # noqa: F401 (AUTO_DIR: the cache's name)
+from vis2ir.io.runtime import default_device, dist_env, shard
 
 log = logging.getLogger(__name__)
 
-AUTO_DIR = "semantic_auto"  # the cache of `--semantic auto` / `data.semantic_source: auto`, beside the data
 SEGMENTS_DIR = "segments"
 NEEDED_FILES = ("config.json", "preprocessor_config.json")
 
@@ -101,8 +102,6 @@ class Segmenter:
     """A panoptic model, its processor and its label → palette mapping; call it on a list of PIL images."""
 
     def __init__(self, model: str = DEFAULT_SEGMENTER, device=None, threshold: float = 0.5):
-        from vis2ir.pipeline import default_device
-
         self.name, self.device, self.threshold = model, default_device(device), threshold
         self.processor, self.model = load_panoptic_model(model, self.device)
         id2label = {int(k): v for k, v in self.model.config.id2label.items()}
@@ -177,12 +176,6 @@ def write_panoptic(out: Path, name: str, result: Panoptic, raw: bool = True) -> 
     return write_png(map_path(out, name), result.colours())
 
 
-def map_path(root: Path, name: str) -> Path:
-    """Where the colour map of sample `name` goes under `root` (a name may hold '/': sub-folders; it
-    must stay inside `root`: `files.safe_join`)."""
-    return safe_join(root, name, ".png")
-
-
 def segment_files(jobs: list[tuple[str, Path, Path]], segmenter: Segmenter | Callable[[], Segmenter],
                   batch_size: int = 4, raw: bool = False, desc: str = "segment") -> dict[str, str]:
     """Segment `(name, visible image, output root)` jobs whose colour map does not exist yet.
@@ -191,8 +184,6 @@ def segment_files(jobs: list[tuple[str, Path, Path]], segmenter: Segmenter | Cal
     each batch, so processes sharing a folder skip what another has finished meanwhile. Returns
     the failures, name → reason (an unreadable image does not stop the run).
     """
-    from vis2ir.pipeline import read_image
-
     if batch_size < 1:
         raise Vis2IRError(f"--batch-size: expected an integer >= 1, got {batch_size}")
     todo = [j for j in jobs if not map_path(j[2], j[0]).exists()]
@@ -210,7 +201,7 @@ def segment_files(jobs: list[tuple[str, Path, Path]], segmenter: Segmenter | Cal
                 try:
                     images.append(read_image(visible))
                     batch.append((name, root))
-                except Vis2IRError as err:
+                except ImageError as err:
                     log.error("%s", err)
                     failed[name] = str(err)
             for (name, root), result in zip(batch, segmenter(images) if images else []):
@@ -226,8 +217,6 @@ def ensure_maps(jobs: list[tuple[str, Path, Path]], model: str = DEFAULT_SEGMENT
     Each process of a torchrun / accelerate launch starts with its own share, then helps with the
     rest; maps already on disk are reused without loading the model. Returns failures, name → reason.
     """
-    from vis2ir.pipeline import dist_env, shard
-
     rank, world = dist_env()
     mine = shard(jobs, rank, world)
     rest = [j for i, j in enumerate(jobs) if i % world != rank]
@@ -262,10 +251,8 @@ def run_segment(input: str | Path, out: str | Path, model: str = DEFAULT_SEGMENT
                 device=None, overwrite: bool = False, threshold: float = 0.5):
     """`vis2ir segment`: colour maps, segment ids and a legend for a file or a folder of visible images.
 
-    Under torchrun / accelerate each process takes its share. Returns the run's `pipeline.Summary`.
+    Under torchrun / accelerate each process takes its share. Returns the run's `Summary`.
     """
-    from vis2ir.pipeline import Summary, dist_env, list_inputs, shard
-
     out = Path(out)
     items = list_inputs(input)
     if any(it.name == "legend" for it in items):
@@ -294,7 +281,5 @@ def run_segment(input: str | Path, out: str | Path, model: str = DEFAULT_SEGMENT
     summary.done = [j[0] for j in jobs if j[0] not in summary.failed]
     log.info("Done: %d segmented, %d skipped, %d failed -> %s", len(summary.done), len(summary.skipped),
              len(summary.failed), out)
-    if summary.failed:
-        listed = "; ".join(f"{k} ({v})" for k, v in list(summary.failed.items())[:5])
-        raise Vis2IRError(f"{len(summary.failed)} of {len(mine)} inputs failed: {listed}")
+    summary.raise_failures(len(mine))
     return summary

@@ -168,10 +168,10 @@ class Vis2IRModule(L.LightningModule):
     # -- data (here, where each process knows its rank) -----------------------------------------
 
     def train_dataloader(self) -> DataLoader:
-        return make_loader(self.cfg, self.trainer, "train", self.start_step)
+        return split_loader(self.cfg, self.trainer, "train", self.start_step)
 
     def val_dataloader(self) -> DataLoader | list:
-        return make_loader(self.cfg, self.trainer, "val")
+        return split_loader(self.cfg, self.trainer, "val")
 
     # -- steps ---------------------------------------------------------------------------------
 
@@ -227,12 +227,17 @@ class Vis2IRModule(L.LightningModule):
     @torch.no_grad()
     def _sample_grid(self, vis, ir, sem) -> None:
         """visible | generated | ground truth | semantic, saved under samples/ and sent to TensorBoard."""
+        from vis2ir.io.images import is_finite, write_png
         from vis2ir.sample import generate
-        from vis2ir.visualize import labelled_grid, write_png
+        from vis2ir.visualize import labelled_grid
 
         s = self.cfg.sample
         generated = generate(self.model, vis, sem if self.model.mode != "none" else None, steps=s.steps,
                              guidance=s.guidance, seed=s.seed)
+        if not is_finite(generated):  # a black grid would look like a result
+            log.warning("step %d: the validation samples are not finite (NaN/inf); no samples picture written",
+                        self.global_step)
+            return
         columns = {"visible": vis, "generated": generated, "truth": ir}
         if sem is not None:
             columns["semantic"] = sem
@@ -501,16 +506,16 @@ def build_trainer(cfg: Config, run_dir: Path, callbacks=(), loggers=True, progre
     )
 
 
-def make_loader(cfg: Config, trainer: L.Trainer, split: str, start_step: int = 0) -> DataLoader | list:
-    """The train loader (endless, resumable order), or the validation loader ([] when empty)."""
-    from vis2ir.data import build_dataset, collate
+def split_loader(cfg: Config, trainer: L.Trainer, split: str, start_step: int = 0) -> DataLoader | list:
+    """The train loader (endless, resumable order), or the validation loader ([] when empty); both are
+    the data package's `make_loader`."""
+    from vis2ir.data import build_dataset, make_loader
 
     need = cfg.model.semantic.mode in NEEDS_SEMANTIC
-    kw = dict(batch_size=cfg.train.batch_size, num_workers=cfg.data.num_workers, collate_fn=collate,
-              pin_memory=torch.cuda.is_available(), persistent_workers=cfg.data.num_workers > 0)
+    kw = dict(batch_size=cfg.train.batch_size, num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available())
     if split == "val":
         val_set = build_dataset(cfg.data, "val", require_semantic=need)
-        return DataLoader(val_set, shuffle=False, **kw) if len(val_set) else []
+        return make_loader(val_set, shuffle=False, **kw) if len(val_set) else []
     if cfg.data.latent_cache:
         from vis2ir.latent_cache import LatentCache
 
@@ -523,7 +528,7 @@ def make_loader(cfg: Config, trainer: L.Trainer, split: str, start_step: int = 0
             train_set.prerender(max(1, cfg.data.num_workers))
     per_step = cfg.train.batch_size * cfg.train.accumulate_grad_batches
     sampler = StepSampler(start=start_step * per_step, rank=trainer.global_rank, world=trainer.world_size)
-    return DataLoader(Positioned(train_set, cfg.train.seed), sampler=sampler, drop_last=True, **kw)
+    return make_loader(Positioned(train_set, cfg.train.seed), sampler=sampler, drop_last=True, **kw)
 
 
 # A resumed run may change only these settings (how long, how often it logs and saves, where); the

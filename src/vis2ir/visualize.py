@@ -2,7 +2,7 @@
 
 Pure functions on numpy images (uint8 `[H, W, 3]` RGB, or float `[H, W]` in [0, 1]) and on
 `AttentionMaps`, the adapter's attention for one image as the pipeline returns it. Files are
-written atomically (`write_png`).
+written atomically (`vis2ir.io.images.write_png`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from vis2ir.errors import Vis2IRError
-from vis2ir.files import atomic_write, write_text
+from vis2ir.files import write_text
+from vis2ir.io.images import write_png
 
 log = logging.getLogger(__name__)
 
@@ -80,11 +81,6 @@ def side_by_side(panels: list[np.ndarray], gap: int = 4) -> np.ndarray:
         out[:p.shape[0], x:x + p.shape[1]] = p
         x += p.shape[1] + gap
     return out
-
-
-def write_png(path: str | Path, image: np.ndarray) -> Path:
-    """Save a uint8 / uint16 array as PNG, atomically."""
-    return atomic_write(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from vis2ir.config import DataConfig
 from vis2ir.data.errors import DataError
 from vis2ir.data.folders import FileReader, Found, Record, detect_layout, find_folder
-from vis2ir.data.images import Normaliser, check_sizes, close_panels, crop_box, decode_panel
+from vis2ir.data.images import Normaliser, check_panels, close_panels, crop_box, decode_panel
 from vis2ir.data.palette import decode_classes
 from vis2ir.data.splits import SPLITS
 from vis2ir.data.synth import ThermalScenes
@@ -99,14 +99,14 @@ def build_dataset(cfg: DataConfig, split: str, require_semantic: bool | None = N
 
 def scan(records: list[Record], reader, semantic: bool, problems: list[str], desc: str,
          sizes: Counter | None = None) -> list[Record]:
-    """Open every record's files (headers only) and check sizes; bad ones go to `problems`,
+    """Open every record's files (headers only) and check them (`check_panels`); bad ones go to `problems`,
     visible panel sizes are counted in `sizes`."""
     good = []
     for record in tqdm(records, desc=desc, unit="sample", leave=False, disable=len(records) < 500):
         try:
             panels = reader.open(record, semantic)
             try:
-                check_sizes(panels)
+                check_panels(panels)
                 if sizes is not None:
                     sizes[panels["visible"].size] += 1
             finally:
@@ -127,7 +127,7 @@ class PanelDataset(Dataset):
         self.size, self.policy = cfg.size, cfg.resize_policy
         self.flip = cfg.hflip and split == "train"
         self.skip = cfg.on_bad_sample == "skip"
-        self.normaliser = Normaliser(cfg.ir_normalize, cfg.ir_percentiles, cfg.ir_range)
+        self.normaliser = Normaliser.of(cfg)
         self.semantic, self.classes = semantic, classes
         self._bad: dict[int, str] = {}  # this process's known-bad samples and why
 
@@ -158,7 +158,7 @@ class PanelDataset(Dataset):
         record = self.records[i]
         panels = self.reader.open(record, self.semantic)
         try:
-            check_sizes(panels)
+            check_panels(panels)
             box = crop_box(panels["visible"].size, self.policy, random=self.split == "train")
             flip = self.flip and bool(torch.rand(()) < 0.5)
             sample: dict = {kind: decode_panel(p, kind, box, self.size, self.normaliser, flip)
@@ -247,7 +247,8 @@ def _auto_semantic(cfg: DataConfig, found: Found, reader, records: list[Record],
             return records
         raise DataError(f"{cfg.source}: data.semantic_source=auto makes maps for folder sources only; this table "
                         f"has no semantic column {cfg.semantic_column!r} (write it out as folders, or add the column)")
-    from vis2ir.segment import AUTO_DIR, ensure_maps, map_path
+    from vis2ir.io.inputs import AUTO_DIR, map_path
+    from vis2ir.segment import ensure_maps
 
     cache = found.root / AUTO_DIR
     lacking = [r for r in records if r.semantic is None and r.triptych is None]

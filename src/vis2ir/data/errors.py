@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from vis2ir.errors import Vis2IRError
+from vis2ir.errors import Vis2IRError, describe  # noqa: F401 (describe: re-exported for the data package)
 
 
 class DataError(Vis2IRError):
@@ -18,8 +18,3 @@ class DataError(Vis2IRError):
             message = message[message.rindex(marker) + len(marker):].strip()
         super().__init__(message)
 
-
-def describe(err: BaseException) -> str:
-    """'Type: first line of the message', for wrapping a library's error in a one-line DataError."""
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__

@@ -25,8 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vis2ir.data.errors import DataError
-from vis2ir.data.images import IMAGE_SUFFIXES, Panel, close_panels, open_image, triptych_panels
+from vis2ir.data.images import Panel, close_panels, open_image, triptych_panels
 from vis2ir.data.splits import assign_splits, split_alias
+from vis2ir.io.images import IMAGE_SUFFIXES
+from vis2ir.io.inputs import list_files, list_images
 
 
 @dataclass(frozen=True)
@@ -182,13 +184,12 @@ _PAIRERS = {"paired": _pair_paired, "llvip": _pair_paired, "m3fd": _pair_m3fd, "
 
 
 def _index(folder: Path) -> dict[str, Path]:
-    """Images under `folder` by name (relative path without suffix, '/'-separated)."""
+    """Images under `folder` by name (relative path without suffix, '/'-separated); hidden files left out."""
     if not folder.is_dir():
         return {}
     out: dict[str, Path] = {}
-    for path in sorted(folder.rglob("*")):
-        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
-            out.setdefault(path.relative_to(folder).with_suffix("").as_posix(), path)
+    for path in list_images(folder, recursive=True):
+        out.setdefault(path.relative_to(folder).with_suffix("").as_posix(), path)
     return out
 
 
@@ -207,7 +208,7 @@ def _list_files(root: Path, layout: str) -> dict[str, str]:
     if layout == "flir":
         files = [(root / "align_train.txt", "train"), (root / "align_validation.txt", "test")]
     elif layout == "kaist":
-        found = sorted([*root.glob("*.txt"), *root.glob("[iI]mage[sS]ets/*.txt")])
+        found = sorted([*list_files(root, "*.txt"), *list_files(root, "[iI]mage[sS]ets/*.txt")])
         files = [(txt, s) for txt in found for s in ("train", "val", "test") if s in txt.stem.lower()]
     else:
         files = [(root / f"{split}.txt", split) for split in ("train", "val", "test")]

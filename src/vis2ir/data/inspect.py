@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 THUMB = 160  # panel size on the contact sheet
 CAPTION = 18
 TABLE_CHECKS = 500  # table rows whose headers are read (folders: every file)
+PIXEL_CHECKS = 64  # samples decoded (at thumbnail size) to find what headers cannot tell: colour-mapped
+# infrared, semantic maps that are not palette colours, undecodable data
 
 
 def inspect_source(cfg: DataConfig, out: str | Path | None = None, count: int = 8) -> dict:
@@ -84,15 +86,18 @@ def _inspect_files(cfg: DataConfig, count: int) -> tuple[dict, list[dict]]:
               "problems": problems}
     thumbs = dataclasses.replace(cfg, size=THUMB, hflip=False, on_bad_sample="skip",
                                  resize_policy="resize" if cfg.resize_policy == "resize" else "center_crop")
-    shown = [good[k * len(good) // count] for k in range(min(count, len(good)))]
+    checks = min(max(count, PIXEL_CHECKS), len(good))
+    decoded = [good[k * len(good) // checks] for k in range(checks)]
     samples = []
-    for record in shown:
+    for record in decoded:
         try:
             sample = PanelDataset([record], reader, thumbs, "val", semantic=None).load(0)
         except DataError as err:
             problems.append(str(err))
             continue
         samples.append({**sample, "split": record.split})
+    if len(samples) > count:  # the sheet: `count` of them, spread over the source
+        samples = [samples[k * len(samples) // count] for k in range(count)]
     return report, samples
 
 

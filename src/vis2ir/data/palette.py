@@ -120,6 +120,33 @@ def decode_classes(semantic: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(decode(rgb)[0])
 
 
+FAR = 3  # a pixel farther than this (per channel) from every palette colour is not a palette colour (JPEG: ~0-2)
+MOSTLY_FAR = 0.5  # a map with this fraction of such pixels is not coloured with the palette
+REMEDY = ("make maps with `vis2ir segment`, or colour class ids with vis2ir.data.palette.colourise "
+          "(class ids in the palette's order, docs/data.md)")
+
+
+def semantic_problem(rgb: np.ndarray | None, mode: str | None = None) -> str | None:
+    """Why a semantic map cannot be used, or None. `mode`: the file's PIL mode (one channel: class
+    ids, not colours); `rgb`: uint8 `[H, W, 3]` pixels, refused when grey and not palette greys, or
+    when mostly far from every palette colour (a map from another tool or palette)."""
+    if mode is not None and mode not in ("RGB", "RGBA", "RGBX", "P", "PA", "CMYK", "YCbCr"):
+        return f"the semantic map has one channel (mode {mode}: class ids?), not palette colours; {REMEDY}"
+    if rgb is None or rgb.size == 0:
+        return None
+    rgb = np.asarray(rgb)[..., :3].astype(np.int16)
+    classes, shades = decode(rgb)
+    nearest = _COLOURS[np.where(classes >= 0, classes * len(INSTANCE_SHADES) + shades + 1, 0)].astype(np.int16)
+    distance = np.abs(rgb - nearest).max(-1)
+    grey = bool((np.abs(rgb - rgb[..., :1]).max() <= 2))
+    if grey and (distance > 0).mean() > 0.1:
+        return f"the semantic map is grey (class ids?), not palette colours; {REMEDY}"
+    far = float((distance > FAR).mean())
+    if far >= MOSTLY_FAR:
+        return f"{far:.0%} of the semantic map's pixels are far from every palette colour; {REMEDY}"
+    return None
+
+
 # ----------------------------------------------------------------------------------------------
 # Things and stuff, model label names, the legend
 

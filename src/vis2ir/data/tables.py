@@ -23,6 +23,7 @@ from vis2ir.data.folders import Found, Record
 from vis2ir.data.images import PANEL_KINDS, Panel, open_image, triptych_panels
 from vis2ir.data.splits import assign_splits, split_alias
 from vis2ir.files import atomic_write
+from vis2ir.io.inputs import is_hidden, list_files
 
 
 def is_table(source: str) -> bool:
@@ -31,7 +32,8 @@ def is_table(source: str) -> bool:
     if glob.has_magic(source) or source.endswith(".parquet"):
         return True
     if path.is_dir():
-        return any((path / f).is_file() for f in ("dataset_dict.json", "state.json")) or any(path.rglob("*.parquet"))
+        return (any((path / f).is_file() for f in ("dataset_dict.json", "state.json"))
+                or bool(list_files(path, "*.parquet", recursive=True)))
     return not path.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", source) is not None
 
 
@@ -98,8 +100,9 @@ def _load(source: str) -> dict:
         if path.is_dir() and any((path / f).is_file() for f in ("dataset_dict.json", "state.json")):
             loaded = datasets.load_from_disk(str(path))
         elif glob.has_magic(source) or path.suffix == ".parquet" or path.is_dir():
-            files = sorted(glob.glob(str(path), recursive=True)) if glob.has_magic(source) else (
-                sorted(str(p) for p in path.rglob("*.parquet")) if path.is_dir() else [str(path)])
+            files = sorted(f for f in glob.glob(str(path), recursive=True) if not is_hidden(Path(f))) if (
+                glob.has_magic(source)) else ([str(p) for p in list_files(path, "*.parquet", recursive=True)]
+                                              if path.is_dir() else [str(path)])
             if not files:
                 raise DataError(f"{source}: no parquet files found")
             groups: dict[str, list[str]] = {}

@@ -192,7 +192,8 @@ def run_variant(config, overrides, v: Variant, out: Path, tag: str, device=None,
     """Train (resuming a partial run) and evaluate one variant, unless its result exists."""
     from vis2ir.checkpoint import find_checkpoint, list_checkpoints
     from vis2ir.evaluate.run import evaluate_checkpoint
-    from vis2ir.pipeline import Vis2IRPipeline, default_device
+    from vis2ir.io.runtime import default_device
+    from vis2ir.pipeline import Vis2IRPipeline
     from vis2ir.train import train
 
     folder = out / "variants" / v.name
@@ -269,7 +270,7 @@ def references(cfg: Config, out: Path, device=None) -> dict:
     from vis2ir.evaluate.baselines import fit_references, sample_classes
     from vis2ir.evaluate.run import iter_split
     from vis2ir.evaluate.scoring import Scorer, load_networks
-    from vis2ir.pipeline import default_device
+    from vis2ir.io.runtime import default_device
 
     path = out / "references.json"
     if path.exists():
@@ -354,8 +355,8 @@ def sample_sheet(cfg: Config, out: Path, variants: list[Variant], scenes: int = 
     """`samples.png`: one row each for the first test scenes' visible, semantic and truth images, then
     one per table row with its first finished seed's predictions of them."""
     from vis2ir.evaluate.run import load_split
-    from vis2ir.pipeline import read_image, to_tensor
-    from vis2ir.visualize import labelled_grid, write_png
+    from vis2ir.io.images import read_image, to_tensor, write_png
+    from vis2ir.visualize import labelled_grid
 
     folders = {}
     for v in variants:
@@ -397,7 +398,7 @@ def _pm(mean: float, spread: float) -> str:
 
 def _plot(path: Path, rows) -> None:
     from vis2ir.evaluate.plots import bar_chart, stack_vertically
-    from vis2ir.visualize import write_png
+    from vis2ir.io.images import write_png
 
     names = [g for g, _, _ in rows]
     psnr = bar_chart("PSNR (dB, ThermalGen protocol), mean ± sd over seeds", names,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from vis2ir.evaluate.plots import bar_chart
 from vis2ir.files import write_json, write_text
-from vis2ir.visualize import write_png
+from vis2ir.io.images import write_png
 
 SUMMARY_KEYS = ("psnr", "ssim", "psnr_native", "ssim_native", "lpips", "fid")
 CLASS_KEYS = ("pixels", "images", "abs_err", "mean_err", "hallucinated_heat")

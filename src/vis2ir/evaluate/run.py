@@ -1,8 +1,11 @@
 """`vis2ir evaluate`: score a folder of predictions against a folder of truths, or a checkpoint on a
 data source's split (generate, then score), and write the reports (`report.py`).
 
-Folders are paired by file stem (`a.png` ↔ `a.jpg`); semantic maps, when given, are decoded with
-the palette into classes for the per-class metrics.
+Folders are paired by file stem (`a.png` ↔ `a.jpg`; hidden files ignored); semantic maps, when given,
+are decoded with the palette into classes for the per-class metrics. Images are read as everywhere
+(`vis2ir.io.images`): upright, 16-bit and float truths and predictions normalised by the config's
+`data.ir_normalize` exactly as the data loader does. A file that cannot be read, or a prediction that
+is not finite, is a failed item: reported, left out of the scores, and listed in one error at the end.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -22,7 +26,8 @@ from vis2ir.evaluate.baselines import sample_classes
 from vis2ir.evaluate.report import write_report
 from vis2ir.evaluate.scoring import Scorer
 from vis2ir.files import safe_join
-from vis2ir.pipeline import list_images, read_image, to_tensor
+from vis2ir.io.images import Normaliser, is_finite, read_image, to_tensor
+from vis2ir.io.inputs import list_images
 
 log = logging.getLogger(__name__)
 
@@ -62,24 +67,42 @@ def pair_folders(pred: str | Path, truth: str | Path, semantic: str | Path | Non
 def evaluate_folders(pred: str | Path, truth: str | Path, semantic: str | Path | None = None,
                      out: str | Path = "outputs/evaluate", config: str | Path | None = None,
                      overrides=(), device=None) -> dict:
-    """Score the predictions in `pred` against `truth` (and per class with `semantic`); write the reports."""
+    """Score the predictions in `pred` against `truth` (and per class with `semantic`); write the reports.
+    Failed items (unreadable, or a prediction that is not finite) are left out, then raised as one error."""
     cfg = load_config(config, overrides)
     pairs = pair_folders(pred, truth, semantic)
     scorer = Scorer(cfg.eval, device or "cpu")
-    coloured = []
+    normaliser = Normaliser.of(cfg.data)
+    coloured, failed = [], {}
     for name, p, t, s in tqdm(pairs, desc="evaluate", unit="img"):
-        classes = decode_classes(to_tensor(read_image(s), str(s))) if s else None
-        prediction = to_tensor(read_image(p), str(p))
+        try:
+            classes = decode_classes(to_tensor(read_image(s), str(s))) if s else None
+            raw = read_image(p)
+            if not is_finite(np.asarray(raw)):  # a float TIFF from a broken model
+                raise Vis2IRError(f"{p}: the prediction is not finite (NaN/inf)")
+            prediction = to_tensor(raw, str(p), normaliser)
+            target = to_tensor(read_image(t), str(t), normaliser)
+        except Vis2IRError as err:
+            log.error("%s", err)
+            failed[name] = str(err)
+            continue
         if not is_grey(prediction):
             coloured.append(p.name)
-        scorer.add(name, prediction, to_tensor(read_image(t), str(t)), classes)
+        scorer.add(name, prediction, target, classes)
     if coloured:  # e.g. `generate --palette ironbow`: the channel mean is not the intensity
         log.warning("%d predictions are in colour (first: %s); infrared is scored as the mean of the "
                     "channels, so palette images (ironbow, ...) give wrong figures: score grey outputs",
                     len(coloured), coloured[0])
+    if len(failed) == len(pairs):
+        raise Vis2IRError(f"--pred {pred}: no pair could be scored (first: {next(iter(failed.values()))})")
     source = {"pred": str(pred), "truth": str(truth), "semantic": str(semantic) if semantic else None}
-    result = scorer.result() | {"source": source}
-    return _finish(result, out)
+    result = scorer.result() | {"source": source} | ({"failed": failed} if failed else {})
+    _finish(result, out)
+    if failed:
+        listed = "; ".join(f"{k} ({v})" for k, v in list(failed.items())[:5])
+        raise Vis2IRError(f"{len(failed)} of {len(pairs)} pairs failed and were not scored (the report covers "
+                          f"the others, {out}): {listed}")
+    return result
 
 
 # ----------------------------------------------------------------------------------------------
@@ -96,7 +119,8 @@ def evaluate_checkpoint(checkpoint: str | Path, config: str | Path | None = None
     Streams: each batch of `eval.batch_size` samples is read, generated, saved and scored, then
     dropped, so memory does not grow with the split (the scorer keeps per-image rows and features)."""
     from vis2ir.checkpoint import find_checkpoint
-    from vis2ir.pipeline import Vis2IRPipeline, default_device
+    from vis2ir.io.runtime import default_device
+    from vis2ir.pipeline import Vis2IRPipeline
 
     directory = find_checkpoint(checkpoint)
     pipe = pipe or Vis2IRPipeline.from_checkpoint(directory, default_device(device), overrides=overrides,
@@ -114,6 +138,8 @@ def evaluate_checkpoint(checkpoint: str | Path, config: str | Path | None = None
             for batch in batches(dataset, count, cfg.eval.batch_size):
                 predictions = predict(pipe, batch, Path(out) / "pred" if k == 0 else None, seed)
                 for sample, pred in zip(batch, predictions):
+                    if pred is None:  # not finite: reported by predict, not scored
+                        continue
                     scorer.add(sample["name"], pred, sample["infrared"], sample_classes(sample), draw=k)
                 bar.update(len(batch))
     result = scorer.result() | {"source": {"checkpoint": str(directory), "data": cfg.data.source, "split": split},
@@ -148,16 +174,25 @@ def load_split(cfg: Config, split: str, limit: int, needs_semantic: bool) -> lis
     return list(iter_split(cfg, split, limit, needs_semantic))
 
 
-def predict(pipe, batch: list[dict], out: Path | None = None, seed: int | None = None) -> list[torch.Tensor]:
+def predict(pipe, batch: list[dict], out: Path | None = None, seed: int | None = None) -> list[torch.Tensor | None]:
     """Infrared predictions `[3, H, W]` in [0, 1] for one batch of samples (noise from `seed`, else
-    `sample.seed`); also saved as `out/<name>.png` (names are checked to stay inside `out`)."""
-    from vis2ir.visualize import infrared_image, write_png
+    `sample.seed`); also saved as `out/<name>.png` (names are checked to stay inside `out`). A
+    prediction that is not finite is None (logged, nothing written)."""
+    from vis2ir.io.images import write_png
+    from vis2ir.pipeline import NOT_FINITE, NonFiniteOutput
+    from vis2ir.visualize import infrared_image
 
     sem = [s["semantic"] for s in batch] if pipe.needs_semantic else None
-    images = pipe([s["visible"] for s in batch], sem, seed=seed, batch_size=len(batch), output_type="pt").images
+    try:
+        images = pipe([s["visible"] for s in batch], sem, seed=seed, batch_size=len(batch), output_type="pt").images
+    except NonFiniteOutput as err:
+        images = err.output.images
+        for k in err.bad:
+            log.error("%s: %s", batch[k]["name"], NOT_FINITE)
     if out is not None:
         for sample, image in zip(batch, images):
-            write_png(safe_join(out, sample["name"], ".png"), infrared_image(image.mean(0).numpy()))
+            if image is not None:
+                write_png(safe_join(out, sample["name"], ".png"), infrared_image(image.mean(0).numpy()))
     return list(images)
 
 

@@ -1,0 +1,234 @@
+"""The one image reader and writer of the package: every command reads and writes images here.
+
+- **Opening** (`open_image`) reads the header only and refuses images above the pixel limit (a
+  decompression bomb, or a giant no command can use) in one line naming the file; the limit is
+  Pillow's `Image.MAX_IMAGE_PIXELS` (about 89 megapixels), or `$VIS2IR_MAX_IMAGE_PIXELS` (0: none).
+- **Orientation**: sizes are reported (`oriented_size`) and pixels decoded (`load_image`) upright,
+  as the EXIF `Orientation` tag of phone photos says (`ImageOps.exif_transpose`).
+- **Values**: 8-bit images are divided by 255; 16-bit, 32-bit and float images go through a
+  `Normaliser` (the `data.ir_normalize` settings), the same one in training, generation and scoring.
+- **Writing**: `write_png`, atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from vis2ir.errors import Vis2IRError, describe
+from vis2ir.files import atomic_write
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+ONE_CHANNEL_MODES = ("1", "L", "LA", "La", *HIGH_BIT_MODES)
+PIXEL_LIMIT_ENV = "VIS2IR_MAX_IMAGE_PIXELS"
+ORIENTATION_TAG = 0x0112
+_QUARTER_TURNS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
+
+class ImageError(Vis2IRError):
+    """An image file that cannot be used; the message names the file."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Opening and decoding
+
+
+def pixel_limit() -> int | None:
+    """The largest image (in pixels) that is opened: `$VIS2IR_MAX_IMAGE_PIXELS` (0: no limit), else
+    Pillow's `Image.MAX_IMAGE_PIXELS`. Setting the variable also sets Pillow's own guard to match."""
+    text = os.environ.get(PIXEL_LIMIT_ENV)
+    if text is not None:
+        try:
+            value = int(text)
+        except ValueError:
+            raise Vis2IRError(f"{PIXEL_LIMIT_ENV}={text!r}: expected a number of pixels (0: no limit)") from None
+        Image.MAX_IMAGE_PIXELS = value or None
+    return Image.MAX_IMAGE_PIXELS
+
+
+def _too_large(label: str, pixels: str, limit: int | None) -> ImageError:
+    return ImageError(f"{label}: the image is too large ({pixels} pixels, the limit is {limit}: a decompression "
+                      f"bomb guard); set {PIXEL_LIMIT_ENV} to a larger number of pixels (0: no limit) if you mean it")
+
+
+def open_image(src: str | Path | BinaryIO, label: str | None = None) -> Image.Image:
+    """Open an image lazily (header only). An unreadable file, or one above `pixel_limit()`, is an
+    `ImageError` naming `label` (default: the path)."""
+    label = str(src) if label is None else label
+    limit = pixel_limit()
+    try:
+        with warnings.catch_warnings():  # the limit is checked below, as an error
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(src)
+    except FileNotFoundError:
+        raise ImageError(f"{label}: no such file") from None
+    except Image.DecompressionBombError as err:
+        found = str(err).split("(", 1)[-1].split(" ", 1)[0]
+        raise _too_large(label, found, limit) from None
+    except Exception as err:  # PIL raises many types for bad files; all mean "cannot read"
+        raise ImageError(f"{label}: cannot read image ({describe(err)})") from None
+    w, h = image.size
+    if limit and w * h > limit:
+        image.close()
+        raise _too_large(label, f"{w}x{h} = {w * h}", limit)
+    return image
+
+
+def orientation(image: Image.Image) -> int:
+    """The EXIF orientation (1: upright) from the header, without decoding the pixels."""
+    try:
+        if image.format == "PNG" and "exif" not in image.info:
+            return 1  # Pillow would decode the whole PNG to look for a late eXIf chunk
+        return int(image.getexif().get(ORIENTATION_TAG, 1) or 1)
+    except Exception:  # a malformed EXIF block: treat the image as upright
+        return 1
+
+
+def oriented_size(image: Image.Image) -> tuple[int, int]:
+    """`(width, height)` of the image as shown upright (EXIF orientation applied), from the header."""
+    w, h = image.size
+    return (h, w) if orientation(image) in _QUARTER_TURNS else (w, h)
+
+
+def draft_size(image: Image.Image, width: int, height: int) -> tuple[int, int]:
+    """A wanted upright size in the stored image's orientation (for `Image.draft`, before decoding)."""
+    return (height, width) if orientation(image) in _QUARTER_TURNS else (width, height)
+
+
+def load_image(image: Image.Image, label: str) -> Image.Image:
+    """Decode an opened image and turn it upright (in place); returns it. Truncated or corrupt data
+    (or too little memory for it) is an `ImageError` naming `label`."""
+    try:
+        image.load()
+        if orientation(image) != 1:
+            ImageOps.exif_transpose(image, in_place=True)
+    except Exception as err:  # truncated or corrupt data: PIL raises many types
+        raise ImageError(f"{label}: cannot decode image ({describe(err)})") from None
+    return image
+
+
+def read_image(path: str | Path, label: str | None = None) -> Image.Image:
+    """Open, decode and turn upright an image file (errors are `ImageError`s naming the file)."""
+    label = str(path) if label is None else label
+    with open_image(path, label) as image:
+        return load_image(image, label).copy()
+
+
+def rgb_image(image: Image.Image) -> Image.Image:
+    """Any PIL image as RGB (transparent palette entries resolved first, alpha dropped)."""
+    if image.mode == "RGB":
+        return image
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    return image.convert("RGB")
+
+
+def same_aspect(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    """Whether two `(width, height)` sizes have the same aspect ratio (within 1 %)."""
+    return abs(a[0] * b[1] - a[1] * b[0]) <= 0.01 * a[0] * b[1]
+
+
+def wxh(size: tuple[int, int]) -> str:
+    return f"{size[0]}x{size[1]}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Values
+
+
+@dataclass(frozen=True)
+class Normaliser:
+    """Maps a high-bit (e.g. 16-bit infrared) image to [0, 1]: per image by min-max or percentiles,
+    or by a fixed range of raw values (`data.ir_normalize`, `ir_percentiles`, `ir_range`)."""
+
+    method: str = "percentile"
+    percentiles: tuple[float, float] = (1.0, 99.0)
+    value_range: tuple[float, float] = (0.0, 65535.0)
+
+    @classmethod
+    def of(cls, data_cfg: Any) -> Normaliser:
+        """The normaliser a `DataConfig` describes."""
+        return cls(data_cfg.ir_normalize, tuple(data_cfg.ir_percentiles), tuple(data_cfg.ir_range))
+
+    def __call__(self, a: np.ndarray) -> np.ndarray:
+        """Raw values `[H, W]` -> float32 in [0, 1]."""
+        a = a.astype(np.float32)
+        if self.method == "fixed":
+            lo, hi = self.value_range
+        elif self.method == "minmax":
+            lo, hi = float(a.min()), float(a.max())
+        else:
+            lo, hi = np.percentile(a[::2, ::2], self.percentiles)
+        return np.clip((a - np.float32(lo)) / np.float32(max(hi - lo, 1e-6)), 0.0, 1.0).astype(np.float32)
+
+
+FULL_RANGE = Normaliser("fixed")  # 0 .. 65535 -> 0 .. 1: the default for 16-bit images outside a data set
+
+
+def rgb_tensor(a: np.ndarray) -> torch.Tensor:
+    """uint8 `[H, W, 3]` (or grey `[H, W]`, replicated) -> float `[3, H, W]` in [0, 1].
+
+    Done in numpy: torch's parallel kernels stall for milliseconds when the cores are busy."""
+    a = a.transpose(2, 0, 1) if a.ndim == 3 else np.broadcast_to(a, (3, *a.shape))
+    out = np.ascontiguousarray(a, dtype=np.float32)
+    return torch.from_numpy(np.divide(out, np.float32(255), out=out))
+
+
+def to_tensor(image: Any, what: str = "image", normaliser: Normaliser | None = None) -> torch.Tensor:
+    """A PIL image, array (`[H, W]`, `[H, W, 3|4]`; uint8, uint16 or float in [0, 1]) or tensor
+    (`[3, H, W]`, `[H, W]`) → float `[3, H, W]` in [0, 1].
+
+    16-bit and 32-bit images (and float PIL images) go through `normaliser` as the data loader's
+    panels do; without one, 16-bit values are divided by 65535 and float ones are taken as [0, 1].
+    Raises `Vis2IRError` naming `what` for other types and shapes.
+    """
+    if isinstance(image, Image.Image):
+        if image.mode in HIGH_BIT_MODES:
+            raw = np.asarray(image)
+            image = raw.astype(np.float32) if image.mode == "F" and normaliser is None else (
+                (normaliser or FULL_RANGE)(raw))
+        else:
+            image = np.asarray(rgb_image(image))
+    if isinstance(image, np.ndarray):
+        if image.dtype == np.uint8:
+            t = torch.from_numpy(image.astype(np.float32) / 255.0)
+        elif image.dtype in (np.uint16, np.int32, np.uint32) and image.ndim == 2:
+            t = torch.from_numpy((normaliser or FULL_RANGE)(image))
+        else:
+            scale = 65535.0 if image.dtype == np.uint16 else 1.0
+            t = torch.from_numpy(image.astype(np.float32) / scale)
+        t = t[None] if t.ndim == 2 else t[..., :3].permute(2, 0, 1) if t.ndim == 3 else t
+    elif isinstance(image, torch.Tensor):
+        t = image.detach().cpu()
+        t = t.float() / 255 if t.dtype == torch.uint8 else t.float()
+        t = t[None] if t.ndim == 2 else t
+    else:
+        raise Vis2IRError(f"{what}: expected a PIL image, numpy array or tensor, got {type(image).__name__}")
+    if t.ndim != 3 or t.shape[0] not in (1, 3):
+        raise Vis2IRError(f"{what}: expected [H, W], [H, W, 3] or [3, H, W], got shape {list(t.shape)}")
+    return t.expand(3, -1, -1).clamp(0, 1)
+
+
+def is_finite(image: torch.Tensor | np.ndarray) -> bool:
+    """Whether every value is a finite number (a broken model gives NaN / inf)."""
+    if isinstance(image, np.ndarray):
+        return bool(np.isfinite(image).all())
+    return bool(torch.isfinite(image).all())
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+
+
+def write_png(path: str | Path, image: np.ndarray, **options) -> Path:
+    """Save a uint8 / uint16 array (`[H, W]` grey or `[H, W, 3]` RGB) as PNG, atomically; `options`
+    go to Pillow (`compress_level=...`)."""
+    return atomic_write(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG", **options))
