@@ -17,7 +17,7 @@ from PIL import Image
 from vis2ir.cli import main
 from vis2ir.config import DataConfig, load_config
 from vis2ir.data import DataError, build_dataset, inspect_source
-from vis2ir.data.palette import colourise
+from vis2ir.palette import colourise
 from vis2ir.errors import Vis2IRError
 from vis2ir.evaluate.run import evaluate_folders
 from vis2ir.io.images import Normaliser, read_image, to_tensor

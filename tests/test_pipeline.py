@@ -10,7 +10,7 @@ from PIL import Image
 from vis2ir.checkpoint import ADAPTER_FILE, add_lora, save_weights
 from vis2ir.cli import main
 from vis2ir.config import load_config
-from vis2ir.data.palette import colourise
+from vis2ir.palette import colourise
 from vis2ir.errors import Vis2IRError
 from vis2ir.model import build_model
 from vis2ir.io.images import to_tensor

@@ -13,7 +13,7 @@ from vis2ir import segment
 from vis2ir.cli import main
 from vis2ir.config import load_config
 from vis2ir.data import build_dataset
-from vis2ir.data.palette import CLASS_IDS, INSTANCE_SHADES, VOID, class_for_label, colourise, decode
+from vis2ir.palette import CLASS_IDS, INSTANCE_SHADES, VOID, class_for_label, colourise, decode
 from vis2ir.demo import DEMO_CHECKPOINT
 from vis2ir.errors import Vis2IRError
 from vis2ir.pipeline import run_generate

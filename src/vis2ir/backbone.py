@@ -3,10 +3,10 @@
 `load_backbone(cfg)` is the one entry point. With `model.backbone: pretrained` it reads
 `model.flux_path` (a Hub id, with the user's token, or a local folder in diffusers
 `FluxFillPipeline` layout). With `model.backbone: random` it builds every part from the config
-with random weights, so tests, CI and the demo run with nothing downloaded (DESIGN §6).
+with random weights, so tests, CI and the demo run with nothing downloaded (docs/design.md §6).
 
 The prompt is fixed, so its embeddings are a constant: they are computed once, cached on disk
-(keyed by model, prompt and maximum length) and the text encoders are dropped (DESIGN §2).
+(keyed by model, prompt and maximum length) and the text encoders are dropped (docs/design.md §2).
 """
 
 from __future__ import annotations

@@ -41,7 +41,7 @@ class ConfigError(Vis2IRError):
 
 @dataclass
 class SemanticConfig:
-    """How the semantic map conditions the model (DESIGN §5)."""
+    """How the semantic map conditions the model (docs/design.md §5)."""
 
     mode: SemanticMode = "cross_attention"
     num_layers: int = 1
@@ -76,7 +76,7 @@ class SemanticConfig:
                f"{width}), or model.semantic.position=none", self.num_heads)
 
 
-# ICEdit's LoRA targets (DESIGN §3): image-stream modules only, no text-stream ones. A regex that
+# ICEdit's LoRA targets (docs/design.md §3): image-stream modules only, no text-stream ones. A regex that
 # peft matches against the full module name.
 ICEDIT_LORA_TARGETS = (
     r"(x_embedder"
@@ -108,7 +108,7 @@ class TransformerConfig:
     The defaults are FLUX.1 Fill's real size; configs for tests and the demo shrink them.
     `in_channels` and `out_channels` are not settings: they follow from the codec and the mode.
     `init: normal` builds the weights empty on the target device and fills them with N(0, 0.02):
-    a real-size model in under a second, for speed and memory measurements (DESIGN §9).
+    a real-size model in under a second, for speed and memory measurements (docs/design.md §9).
     """
 
     num_layers: int = 19
@@ -262,7 +262,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimisation, checkpoints, logging and hardware for `vis2ir train` (DESIGN §3)."""
+    """Optimisation, checkpoints, logging and hardware for `vis2ir train` (docs/design.md §3)."""
 
     batch_size: int = 4
     max_steps: int = 1000
@@ -325,7 +325,7 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
-    """Sampling settings (DESIGN §1)."""
+    """Sampling settings (docs/design.md §1)."""
 
     steps: int = 28
     guidance: float = 50.0

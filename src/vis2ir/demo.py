@@ -109,7 +109,7 @@ def _baselines(fit: Iterable[dict], test: list[dict]) -> dict[str, torch.Tensor]
 
 def _class_errors(pred: torch.Tensor, batch: dict) -> dict[str, float]:
     """Mean absolute infrared error on the classes whose heat the visible image cannot tell."""
-    from vis2ir.data.palette import CLASS_NAMES
+    from vis2ir.palette import CLASS_NAMES
     from vis2ir.evaluate.metrics import LOOKALIKE_CLASSES, ClassAccumulator, to_grey
 
     acc = ClassAccumulator(CLASS_NAMES)

@@ -25,7 +25,7 @@ class PixelCodec:
     """An exact space-to-depth "autoencoder": s×s pixel blocks become 3·s² channels.
 
     Lets a small transformer trained from scratch make real pictures with no pretrained VAE
-    (DESIGN §6). Encoding is lossless; `decode(encode(x)) == x`.
+    (docs/design.md §6). Encoding is lossless; `decode(encode(x)) == x`.
     """
 
     factor: int = 4

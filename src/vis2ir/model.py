@@ -1,7 +1,7 @@
 """A batch of triptychs → (prediction, flow-matching target), for any semantic mode.
 
 `Vis2IRModel` composes the backbone (transformer, codec, prompt embeddings) with the semantic
-conditioning of DESIGN §5. Its three steps are used by training and sampling alike:
+conditioning of docs/design.md §5. Its three steps are used by training and sampling alike:
 
     encode(batch)                    → Encoded: x_0, x_cond, semantic tokens, ids   (codec, no grad)
     velocity(x_t, encoded, t, g)     → v̂                                           (adapter + transformer)
@@ -48,7 +48,7 @@ def encode_batch(codec, semantic_cfg: SemanticConfig, visible: torch.Tensor, inf
     generator (or one per image), the canvas and the masked canvas take posterior samples from it
     in that order, as FluxFillPipeline draws them; otherwise both take the posterior mode from one
     codec call. The semantic tokens are `[semantic | semantic]`: the map describes both
-    pixel-aligned halves (DESIGN §4.1); it is encoded once and its tokens repeated.
+    pixel-aligned halves (docs/design.md §4.1); it is encoded once and its tokens repeated.
     """
     canvas, mask = build_canvas(semantic_cfg.mode, visible, infrared, semantic, semantic_cfg.fusion_alpha)
     dtype = codec.dtype

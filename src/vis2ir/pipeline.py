@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from vis2ir.backbone import resolve_dtype
 from vis2ir.checkpoint import CONFIG_FILE, find_checkpoint, load_checkpoint_config, load_model
 from vis2ir.config import Config, first_difference, load_config
-from vis2ir.data.palette import semantic_problem
+from vis2ir.palette import semantic_problem
 from vis2ir.errors import Vis2IRError
 from vis2ir.io.images import Normaliser, is_finite, read_image, rgb_image, same_aspect, to_tensor, write_png, wxh
 from vis2ir.io.inputs import Item, Summary, list_inputs

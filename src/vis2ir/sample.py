@@ -1,4 +1,4 @@
-"""Sampling as FluxFillPipeline does it (DESIGN §1), as small functions.
+"""Sampling as FluxFillPipeline does it (docs/design.md §1), as small functions.
 
     make_generators → get_noise → Vis2IRModel.encode → get_schedule → denoise → decode_target
 

@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vis2ir.config import DEFAULT_SEGMENTER
-from vis2ir.data.palette import (CLASS_NAMES, THING_IDS, VOID, class_for_label, colourise, legend_entries,
+from vis2ir.palette import (CLASS_NAMES, THING_IDS, VOID, class_for_label, colourise, legend_entries,
                                  legend_image)
 from vis2ir.errors import Vis2IRError, first_line
 from vis2ir.files import safe_join, write_text
@@ -157,7 +157,7 @@ def write_legend(folder: Path, segmenter: Segmenter) -> None:
     ids = segmenter.class_ids
     info = {"model": segmenter.name,
             "shading": "instance k of a thing class is its base colour + INSTANCE_SHADES[k % 27] "
-                       "(vis2ir.data.palette); stuff and instance 0 keep the base colour; void is black",
+                       "(vis2ir.palette); stuff and instance 0 keep the base colour; void is black",
             "classes": legend_entries(ids),
             "labels": {segmenter.labels[k]: (CLASS_NAMES[c] if c != VOID else "void")
                        for k, c in sorted(segmenter.label_class.items())}}

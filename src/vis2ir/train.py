@@ -1,7 +1,7 @@
 """`vis2ir train`: flow-matching training of LoRA (or the whole transformer) and the adapter.
 
 Lightning runs the loop, the devices and the strategy (DDP; FSDP and DeepSpeed are refused); this
-file says what one step does (DESIGN §1, §3):
+file says what one step does (docs/design.md §1, §3):
 
     t ~ sigmoid(N(mean, std)) (optionally shifted);  x_1 ~ N(0, I) (+ offset noise)
     v̂ = model(x_t = (1 − t)·x_0 + t·x_1);  loss = mse(v̂, x_1 − x_0) over all or target tokens
@@ -583,7 +583,7 @@ def train(cfg: Config, resume: str | None = None, model: Vis2IRModel | None = No
     # Our data order is resumable by construction (StepSampler + Positioned), which Lightning cannot see.
     warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
     if torch.cuda.is_available():
-        torch.backends.cuda.enable_cudnn_sdp(False)  # cuDNN attention backward crashed on Hopper (DESIGN §9)
+        torch.backends.cuda.enable_cudnn_sdp(False)  # cuDNN attention backward crashed on Hopper (docs/design.md §9)
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(run_dir / "config.yaml")
     trainer = build_trainer(cfg, run_dir, callbacks=callbacks, progress=progress)

@@ -223,7 +223,7 @@ def save_attention_maps(directory: str | Path, visible: np.ndarray, att: Attenti
                   for head in range(maps.shape[1])] for layer in range(maps.shape[0])]
         written.append(write_png(directory / f"point{i}_heads.png", tile_grid(tiles)))
     if semantic is not None:
-        from vis2ir.data.palette import CLASS_NAMES, decode
+        from vis2ir.palette import CLASS_NAMES, decode
 
         classes = decode(as_rgb8(semantic))[0]
         stats = class_attention(received_attention(att), classes)

@@ -1,4 +1,4 @@
-"""Every layout of DESIGN §8 (and the specification's tables) is read from small generated files."""
+"""Every layout of docs/design.md §8 (and the specification's tables) is read from small generated files."""
 
 import numpy as np
 import pytest

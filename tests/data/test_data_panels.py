@@ -7,7 +7,8 @@ from datafiles import save
 from PIL import Image
 
 from vis2ir.config import DataConfig
-from vis2ir.data import build_dataset, open_source, palette
+from vis2ir import palette
+from vis2ir.data import build_dataset, open_source
 from vis2ir.data.dataset import PanelDataset
 from vis2ir.data.images import Normaliser, Panel, crop_box, decode_panel
 

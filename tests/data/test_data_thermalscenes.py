@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from vis2ir.config import DataConfig
-from vis2ir.data import SPLITS, ThermalScenes, build_dataset, make_loader, palette, render_scene, write_thermalscenes
+from vis2ir import palette
+from vis2ir.data import SPLITS, ThermalScenes, build_dataset, make_loader, render_scene, write_thermalscenes
 from vis2ir.data.thermalscenes import CAR, CAR_RUNNING, PERSON, SCENE_CLASSES, STATUE
 from vis2ir.evaluate.baselines import ClassMeanPredictor, ColourLookupPredictor, ConstantPredictor
 from vis2ir.evaluate.metrics import psnr_ssim

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from vis2ir.cli import main
-from vis2ir.data.palette import class_id, colourise
+from vis2ir.palette import class_id, colourise
 from vis2ir.errors import Vis2IRError
 from vis2ir.evaluate.ablate import load_plan, make_variants, parse_grid, parse_shard, plan_variants, run_ablation, split_values
 from vis2ir.evaluate.networks import ALEXNET_FILE, FID_FILE, AlexLPIPS, FIDInception

@@ -8,7 +8,7 @@ from torchmetrics.functional.image import structural_similarity_index_measure
 from torchmetrics.functional.image.lpips import ScalingLayer, _normalize_tensor, _spatial_average
 
 from vis2ir.config import EvalConfig
-from vis2ir.data.palette import CLASS_NAMES, class_id
+from vis2ir.palette import CLASS_NAMES, class_id
 from vis2ir.evaluate import metrics
 from vis2ir.evaluate.metrics import (ClassAccumulator, class_sums, hot_threshold, prepare, psnr_ssim,
                                      score_dtype)

@@ -12,7 +12,7 @@ from vis2ir.semantic.adapter import (
     rope_wavelengths,
 )
 
-PER_LAYER_AT_64 = 4 * (64 * 64 + 64) + 2 * (2 * 64) + 1  # = 16,897 (DESIGN §4.2)
+PER_LAYER_AT_64 = 4 * (64 * 64 + 64) + 2 * (2 * 64) + 1  # = 16,897 (docs/design.md §4.2)
 
 
 def grid_ids(rows: int, cols: int) -> torch.Tensor:
@@ -55,7 +55,7 @@ def test_zero_scale_is_identity_and_scale_still_gets_a_gradient(position, num_la
     for layer in adapter.layers:
         assert layer.scale.grad is not None and layer.scale.grad.abs() > 1e-4
         # The zero scale multiplies every other path, so Q/K/V/out and the LayerNorms get exactly
-        # zero gradient: a zero-initialised adapter only "wakes up" through the scale (DESIGN §10).
+        # zero gradient: a zero-initialised adapter only "wakes up" through the scale (docs/design.md §10).
         for name, p in layer.named_parameters():
             if name != "scale":
                 assert p.grad is not None and torch.count_nonzero(p.grad) == 0, name

@@ -8,7 +8,7 @@ Entry points: `build_dataset(cfg.data, split)` for any source, `make_loader` / `
 from vis2ir.data.dataset import PanelDataset, build_dataset, collate, make_loader, open_source
 from vis2ir.data.errors import DataError
 from vis2ir.data.inspect import contact_sheet, inspect_source
-from vis2ir.data.palette import CLASS_NAMES, NUM_CLASSES, VOID, class_id, colourise, decode, decode_classes
+from vis2ir.palette import CLASS_NAMES, NUM_CLASSES, VOID, class_id, colourise, decode, decode_classes
 from vis2ir.data.splits import SPLITS
 from vis2ir.data.synth import ThermalScenes, write_thermalscenes
 from vis2ir.data.thermalscenes import Scene, render_scene

@@ -23,7 +23,7 @@ from vis2ir.config import DataConfig
 from vis2ir.data.errors import DataError
 from vis2ir.data.folders import FileReader, Found, Record, detect_layout, find_folder
 from vis2ir.data.images import Normaliser, check_panels, close_panels, crop_box, decode_panel
-from vis2ir.data.palette import decode_classes
+from vis2ir.palette import decode_classes
 from vis2ir.data.splits import SPLITS
 from vis2ir.data.synth import ThermalScenes
 from vis2ir.data.tables import TableReader, find_table, is_table

@@ -1,4 +1,4 @@
-"""Folder layouts of paired visible/infrared data (DESIGN §8), found by their shape.
+"""Folder layouts of paired visible/infrared data (docs/design.md §8), found by their shape.
 
 | layout    | files                                                   | official splits              |
 |-----------|---------------------------------------------------------|------------------------------|

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from vis2ir.data.errors import DataError
-from vis2ir.data.palette import semantic_problem
+from vis2ir.palette import semantic_problem
 from vis2ir.io import images as io
 from vis2ir.io.images import HIGH_BIT_MODES, IMAGE_SUFFIXES, Normaliser, rgb_tensor  # noqa: F401 (re-exported)
 

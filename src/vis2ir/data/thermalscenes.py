@@ -1,4 +1,4 @@
-"""ThermalScenes: procedural, seeded visible/infrared/semantic scenes at any resolution (DESIGN §7).
+"""ThermalScenes: procedural, seeded visible/infrared/semantic scenes at any resolution (docs/design.md §7).
 
 A scene is painted back to front into per-pixel maps of class, instance, albedo, temperature and
 emissivity; the visible panel is albedo under day, dusk or night light with texture and noise, the
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from vis2ir.data.palette import CLASS_IDS, colourise
+from vis2ir.palette import CLASS_IDS, colourise
 
 T_LOW, T_HIGH = -10.0, 40.0  # temperatures (°C) mapped to infrared 0 and 1
 _C = CLASS_IDS

@@ -233,7 +233,7 @@ def attention_pictures(pipe, out: Path, scenes: int = 2) -> None:
     """Heat-maps of where a cross-attention model's adapter looks (`vis2ir visualize`'s pictures) on the
     first test scenes: from a person pixel (the one nearest the people's centroid) when the scene has
     one, else from the image centre."""
-    from vis2ir.data.palette import CLASS_IDS
+    from vis2ir.palette import CLASS_IDS
     from vis2ir.evaluate.baselines import sample_classes
     from vis2ir.evaluate.run import load_split
     from vis2ir.visualize import as_rgb8, save_attention_maps

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vis2ir.data.palette import NUM_CLASSES, decode_classes
+from vis2ir.palette import NUM_CLASSES, decode_classes
 
 
 def infrared_grey(sample: dict) -> torch.Tensor:

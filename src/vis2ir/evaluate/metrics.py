@@ -1,4 +1,4 @@
-"""Image metrics under the field's conventions (DESIGN §8).
+"""Image metrics under the field's conventions (docs/design.md §8).
 
 Infrared is compared as one channel (the mean of the three replicated ones). The ThermalGen
 protocol resizes both images to 256×256 (bilinear) before PSNR and SSIM with data_range 1, so that
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
-# Classes that look alike in the visible image but differ in heat (DESIGN §7): their errors show
+# Classes that look alike in the visible image but differ in heat (docs/design.md §7): their errors show
 # whether a model uses the semantic map.
 LOOKALIKE_CLASSES = ("person", "statue", "car", "car-running")
 

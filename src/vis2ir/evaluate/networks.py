@@ -1,4 +1,4 @@
-"""The two downloaded-weight metrics, without torchvision (DESIGN §6): FID and LPIPS-alex.
+"""The two downloaded-weight metrics, without torchvision (docs/design.md §6): FID and LPIPS-alex.
 
 - FID: pytorch-fid's Inception-v3 (the TensorFlow FID graph ported to PyTorch), built here layer for
   layer with the same module names, so its weights file `pt_inception-2015-12-05-6726825d.pth` loads

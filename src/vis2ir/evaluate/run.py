@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vis2ir.config import Config, load_config
-from vis2ir.data.palette import decode_classes
+from vis2ir.palette import decode_classes
 from vis2ir.errors import Vis2IRError
 from vis2ir.evaluate.baselines import sample_classes
 from vis2ir.evaluate.report import write_report

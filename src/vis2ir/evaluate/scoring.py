@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from vis2ir.config import EvalConfig
-from vis2ir.data.palette import CLASS_NAMES
+from vis2ir.palette import CLASS_NAMES
 from vis2ir.errors import Vis2IRError
 from vis2ir.evaluate.metrics import ClassAccumulator, prepare, psnr_ssim, to_grey
 from vis2ir.evaluate.networks import (ALEXNET_FILE, FID_ENV, FID_FILE, LPIPS_ENV, AlexLPIPS, FIDInception,

@@ -1,4 +1,4 @@
-"""The semantic cross-attention adapter (DESIGN §4.2–4.3, §5): image tokens attend to semantic tokens.
+"""The semantic cross-attention adapter (docs/design.md §4.2–4.3, §5): image tokens attend to semantic tokens.
 
 One layer computes `x + scale · out(softmax(Q Kᵀ / √d) V)` with `Q = q(LN(x))`,
 `K = k(LN(s))`, `V = v(LN(s))` — the original specification's formula when `position="none"`.

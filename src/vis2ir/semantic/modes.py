@@ -1,4 +1,4 @@
-"""The semantic modes of DESIGN §5: how each one lays out the Fill canvas and its inputs.
+"""The semantic modes of docs/design.md §5: how each one lays out the Fill canvas and its inputs.
 
 | mode            | canvas                              | semantic tokens         | extra inputs           |
 |-----------------|-------------------------------------|-------------------------|------------------------|

@@ -122,7 +122,7 @@ def decode_classes(semantic: torch.Tensor) -> torch.Tensor:
 
 FAR = 3  # a pixel farther than this (per channel) from every palette colour is not a palette colour (JPEG: ~0-2)
 MOSTLY_FAR = 0.5  # a map with this fraction of such pixels is not coloured with the palette
-REMEDY = ("make maps with `vis2ir segment`, or colour class ids with vis2ir.data.palette.colourise "
+REMEDY = ("make maps with `vis2ir segment`, or colour class ids with vis2ir.palette.colourise "
           "(class ids in the palette's order, docs/data.md)")
 
 

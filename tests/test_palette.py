@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from vis2ir.data import palette
+from vis2ir import palette
 
 
 def test_coco_classes_first_in_panoptic_order_then_synthetic_extras():
