@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 from diffusers import FluxFillPipeline
 from torch import nn
 
@@ -15,7 +16,7 @@ from vis2ir.checkpoint import LORA_FILE, add_lora, load_model, save_weights
 from vis2ir.config import ConfigError
 from vis2ir.errors import Vis2IRError
 from vis2ir.model import build_model
-from vis2ir.quantize import blocks, require, weight_bytes
+from vis2ir.quantize import OutOfMemory, blocks, out_of_memory, require, weight_bytes
 from vis2ir.train import train
 
 pytest.importorskip("torchao")
@@ -146,3 +147,47 @@ def test_empty_real_size_style_build_is_filled_then_quantized(tiny_config, how):
     values = torch.cat([p.detach().float().flatten() for p in plain])
     assert torch.isfinite(values).all() and abs(values.std().item() - 0.02) < 0.002
     assert torch.isfinite(velocity(model)).all()
+
+
+def test_out_of_memory_is_one_line_with_what_fits(tiny_config, tmp_path, monkeypatch):
+    """An out-of-memory error in generation or training is one line naming the settings that use less
+    and their measured peaks, not a traceback; `generate` stops at the first one."""
+    import vis2ir.pipeline as pipeline
+    import vis2ir.train as training
+    from vis2ir.cli import main
+    from vis2ir.quantize import MEASURED_PEAK_GIB
+
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(pipeline, "generate", no_memory)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for k in range(3):
+        Image.new("RGB", (32, 32), (40 * k, 90, 120)).save(photos / f"{k}.png")
+    cfg = tiny_config("model.semantic.mode=none")
+    config = tmp_path / "c.yaml"
+    cfg.save(config)
+    calls = []
+    monkeypatch.setattr(pipeline, "out_of_memory", lambda *a: calls.append(a) or out_of_memory(*a))
+    assert main(["generate", "--config", str(config), "--input", str(photos), "--out", str(tmp_path / "ir")]) == 2
+    assert len(calls) == 1 and not (tmp_path / "ir" / "0.png").exists()
+    message = str(out_of_memory("generation", cfg))
+    assert "\n" not in message and "model.quantize=fp8 or nf4" in message and "--offload sequential" in message
+    assert f"nf4 {MEASURED_PEAK_GIB['generation']['nf4']:g} GiB" in message
+
+    monkeypatch.setattr(training.Vis2IRModule, "training_step", no_memory)
+    run_cfg = tiny_config("model.codec=pixel", "model.semantic.mode=none", "data.size=32", "data.synth_count=24",
+                          "data.val_fraction=0.2", "data.test_fraction=0.2", "data.num_workers=0",
+                          "train.max_steps=2", f"train.output_dir={tmp_path / 'run'}")
+    with pytest.raises(OutOfMemory) as err:
+        train(run_cfg, progress=False)
+    assert "\n" not in str(err.value) and "train.batch_size=1" in str(err.value)
+    assert "now model.quantize=none, train.batch_size=4" in str(err.value)
+
+
+def test_vae_tiling_setting_reaches_the_vae(tiny_config):
+    from vis2ir.pipeline import Vis2IRPipeline
+
+    assert not Vis2IRPipeline.from_config(tiny_config()).model.codec.vae.use_tiling
+    assert Vis2IRPipeline.from_config(tiny_config("sample.vae_tiling=true")).model.codec.vae.use_tiling

@@ -334,6 +334,8 @@ class SampleConfig:
     # Longer side images are generated at: `auto` = a checkpoint's data.size (a config-built model: the
     # input's own size), `native` or 0 = the input's own size, or a number of pixels.
     size: int | Literal["auto", "native"] = "auto"
+    # diffusers' tiled VAE encode/decode: less memory for large images (a VAE codec only; docs/performance.md)
+    vae_tiling: bool = False
 
     def validate(self) -> None:
         _check(self.steps >= 1, "sample.steps", "an integer >= 1", self.steps)

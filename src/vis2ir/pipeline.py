@@ -31,13 +31,14 @@ from tqdm.auto import tqdm
 from vis2ir.backbone import resolve_dtype
 from vis2ir.checkpoint import CONFIG_FILE, find_checkpoint, load_checkpoint_config, load_model
 from vis2ir.config import Config, first_difference, load_config
-from vis2ir.palette import semantic_problem
 from vis2ir.errors import Vis2IRError
 from vis2ir.io.images import Normaliser, is_finite, read_image, rgb_image, same_aspect, to_tensor, write_png, wxh
 from vis2ir.io.inputs import Item, Summary, list_inputs
 from vis2ir.io.runtime import default_device, dist_env, shard
 from vis2ir.latents import VAECodec, patch_size, token_grid
 from vis2ir.model import Vis2IRModel, build_model
+from vis2ir.palette import semantic_problem
+from vis2ir.quantize import OutOfMemory, out_of_memory
 from vis2ir.sample import generate
 from vis2ir.semantic.modes import NEEDS_SEMANTIC, num_panels
 from vis2ir.visualize import AttentionMaps, check_output_format, infrared_image, save_attention_maps, side_by_side
@@ -117,6 +118,8 @@ class Vis2IRPipeline:
         self.normaliser = Normaliser.of(cfg.data)  # 16-bit / float inputs, as the data loader reads them
         self.trained_size: int | None = None  # a checkpoint's panel size (data.size): sample.size=auto
         self._hooks: list = []
+        if cfg.sample.vae_tiling and isinstance(model.codec, VAECodec):
+            model.codec.vae.enable_tiling()  # diffusers' tiled encode/decode: less memory on large images
 
     # -- construction ----------------------------------------------------------------------
 
@@ -241,6 +244,8 @@ class Vis2IRPipeline:
                         images[i], attention[i] = to_output(ir, output_type), att
                     else:
                         bad.append(i)
+        except torch.OutOfMemoryError:
+            raise out_of_memory("generation", self.cfg, self.device) from None
         finally:
             for hook in self._hooks:
                 hook.offload()
@@ -450,6 +455,8 @@ def _run_batch(pipe: Vis2IRPipeline, group: list[_Loaded], out: Path, summary: S
         for k in err.bad:
             log.error("%s: %s", group[k].item.visible, NOT_FINITE)
             summary.failed[group[k].item.name] = NOT_FINITE
+    except OutOfMemory:
+        raise  # the next batch would fail alike: stop with the advice
     except Vis2IRError as err:
         for g in group:
             log.error("%s: %s", g.item.visible, err)

@@ -150,3 +150,44 @@ def _nf4(block: nn.Module, device: torch.device) -> None:
 
 
 _QUANTIZERS = {"fp8": _fp8, "nf4": _nf4}
+
+
+# ----------------------------------------------------------------------------------------------
+# Out of memory: one line with the settings that would fit
+
+# Peak `torch.cuda.max_memory_allocated`, GiB, of the real-size FLUX.1-Fill transformer at 512×512
+# panels (a 512×1024 canvas), measured on an H200 (docs/performance.md, docs/performance/quantize/):
+# `vis2ir train` at batch 1 with gradient checkpointing (the bf16 figure: a plain bf16 LoRA step), and
+# `vis2ir generate` with 28 steps.
+MEASURED_PEAK_GIB = {
+    "training": {"none": 24.3, "fp8": 15.2, "nf4": 10.1},
+    "generation": {"none": 23.6, "fp8": 12.6, "nf4": 7.3},
+}
+
+
+class OutOfMemory(Vis2IRError):
+    """The device ran out of memory; the message names settings measured to fit in less."""
+
+
+def out_of_memory(task: str, cfg, device: torch.device | str | None = None) -> OutOfMemory:
+    """The one-line answer to an out-of-memory error during `task` ('training' or 'generation'):
+    the card's size, this run's settings, and the measured peaks of the settings that use less."""
+    device = torch.device(device) if device is not None else None
+    card = ""
+    if device is not None and device.type == "cuda" and torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(device)
+        card = f" on {props.name} ({props.total_memory / 2**30:.1f} GiB)"
+    peaks = ", ".join(f"{'bf16' if q == 'none' else q} {gib:g} GiB" for q, gib in MEASURED_PEAK_GIB[task].items())
+    if task == "training":
+        now = (f"now model.quantize={cfg.model.quantize}, train.batch_size={cfg.train.batch_size}, "
+               f"train.gradient_checkpointing={str(cfg.train.gradient_checkpointing).lower()}")
+        fix = ("set model.quantize=fp8 or nf4, train.batch_size=1 (train.accumulate_grad_batches keeps the "
+               "effective batch) and train.gradient_checkpointing=true")
+        what = "vis2ir train at batch 1 with checkpointing"
+    else:
+        now = f"now model.quantize={cfg.model.quantize}"
+        fix = ("set model.quantize=fp8 or nf4, generate --offload sequential (slowest, least memory), "
+               "sample.vae_tiling=true for large images, or a smaller --size")
+        what = "vis2ir generate, 28 steps"
+    return OutOfMemory(f"out of memory during {task}{card} ({now}): {fix}; measured peaks at 512x512 panels "
+                       f"({what}, docs/performance.md): {peaks}")

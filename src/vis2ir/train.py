@@ -35,6 +35,7 @@ from vis2ir.checkpoint import (RESUME_FILE, add_lora, build_with_weights, find_c
 from vis2ir.config import Config, load_config
 from vis2ir.errors import Vis2IRError
 from vis2ir.model import Encoded, Vis2IRModel, build_model
+from vis2ir.quantize import out_of_memory
 from vis2ir.semantic.modes import NEEDS_SEMANTIC
 
 log = logging.getLogger(__name__)
@@ -597,6 +598,8 @@ def train(cfg: Config, resume: str | None = None, model: Vis2IRModel | None = No
         if trainer.interrupted:  # Lightning turns Ctrl-C into sys.exit(1) once `on_exception` has run
             raise KeyboardInterrupt from None
         raise
+    except torch.OutOfMemoryError:
+        raise out_of_memory("training", cfg, trainer.strategy.root_device) from None
     finally:
         if handler is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, handler)
