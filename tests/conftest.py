@@ -30,3 +30,23 @@ def tiny_config(tmp_path):
         return load_config(None, [*TINY_MODEL, f"model.prompt_cache_dir={tmp_path / 'prompt_cache'}", *overrides])
 
     return make
+
+
+def stock_pipeline_outputs(transformer, lora_dir, *others):
+    """A tiny transformer's output on fixed inputs before and after a stock diffusers
+    `FluxFillPipeline.load_lora_weights(lora_dir)`, then the outputs of `others` on the same inputs."""
+    from diffusers import FluxFillPipeline
+
+    pipe = FluxFillPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
+                            tokenizer_2=None, transformer=transformer)
+    g = torch.Generator().manual_seed(7)
+    hidden = torch.randn(1, 8, 384, generator=g)  # FLUX Fill's input width for the VAE codec
+    kwargs = dict(timestep=torch.tensor([0.5]), guidance=torch.tensor([1.0]),
+                  pooled_projections=torch.randn(1, 32, generator=g),
+                  encoder_hidden_states=torch.randn(1, 8, 32, generator=g), txt_ids=torch.zeros(8, 3),
+                  img_ids=torch.zeros(8, 3), return_dict=False)
+    with torch.no_grad():
+        before = transformer(hidden_states=hidden, **kwargs)[0]
+        pipe.load_lora_weights(lora_dir)
+        after = transformer(hidden_states=hidden, **kwargs)[0]
+        return (before, after, *(m(hidden_states=hidden, **kwargs)[0] for m in others))

@@ -2,12 +2,13 @@ import re
 
 import pytest
 import torch
-from diffusers import FluxFillPipeline
 
 from vis2ir.checkpoint import (ADAPTER_FILE, LORA_FILE, PROMPT_FILE, TRANSFORMER_FILE, add_lora, find_checkpoint,
                                load_model, save_weights)
 from vis2ir.errors import Vis2IRError
 from vis2ir.model import build_model
+
+from tests.conftest import stock_pipeline_outputs
 
 
 def perturb(module, seed=0):
@@ -58,17 +59,7 @@ def test_stock_pipeline_loads_the_lora(tiny_config, tmp_path):
 
     fresh = build_model(cfg).transformer
     fresh.load_state_dict(base)
-    pipe = FluxFillPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
-                            tokenizer_2=None, transformer=fresh)
-    hidden = torch.randn(1, 8, 384)
-    kwargs = dict(timestep=torch.tensor([0.5]), guidance=torch.tensor([1.0]), pooled_projections=torch.randn(1, 32),
-                  encoder_hidden_states=torch.randn(1, 8, 32), txt_ids=torch.zeros(8, 3),
-                  img_ids=torch.zeros(8, 3), return_dict=False)
-    with torch.no_grad():
-        before = fresh(hidden_states=hidden, **kwargs)[0]
-        pipe.load_lora_weights(tmp_path / "ckpt")
-        after = fresh(hidden_states=hidden, **kwargs)[0]
-        ours = model.transformer(hidden_states=hidden, **kwargs)[0]
+    before, after, ours = stock_pipeline_outputs(fresh, tmp_path / "ckpt", model.transformer)
     assert not torch.allclose(before, after, atol=1e-4)
     assert torch.allclose(after, ours, atol=1e-5)
 

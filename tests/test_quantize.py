@@ -9,7 +9,6 @@ import sys
 import pytest
 import torch
 from PIL import Image
-from diffusers import FluxFillPipeline
 from torch import nn
 
 from vis2ir.checkpoint import LORA_FILE, add_lora, load_model, save_weights
@@ -18,6 +17,8 @@ from vis2ir.errors import Vis2IRError
 from vis2ir.model import build_model
 from vis2ir.quantize import OutOfMemory, blocks, out_of_memory, require, weight_bytes
 from vis2ir.train import train
+
+from tests.conftest import stock_pipeline_outputs
 
 pytest.importorskip("torchao")
 pytest.importorskip("bitsandbytes")
@@ -81,17 +82,7 @@ def test_lora_trains_on_a_quantized_base_and_loads_into_the_stock_pipeline(tiny_
     save_weights(tmp_path / "ckpt", model, cfg)
     assert (tmp_path / "ckpt" / LORA_FILE).exists()
     plain = tiny_config("model.semantic.mode=none", "model.dtype=float32", "model.lora.rank=4", *WIDTH_64)
-    fresh = build_model(plain).transformer
-    pipe = FluxFillPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
-                            tokenizer_2=None, transformer=fresh)
-    hidden = torch.randn(1, 8, 384, generator=g)  # FLUX Fill's input width for the VAE codec
-    kwargs = dict(timestep=torch.tensor([0.5]), guidance=torch.tensor([1.0]), pooled_projections=torch.randn(1, 32),
-                  encoder_hidden_states=torch.randn(1, 8, 32), txt_ids=torch.zeros(8, 3),
-                  img_ids=torch.zeros(8, 3), return_dict=False)
-    with torch.no_grad():
-        before = fresh(hidden_states=hidden, **kwargs)[0]
-        pipe.load_lora_weights(tmp_path / "ckpt")
-        after = fresh(hidden_states=hidden, **kwargs)[0]
+    before, after = stock_pipeline_outputs(build_model(plain).transformer, tmp_path / "ckpt")
     assert (after - before).abs().max() > 1e-3  # the trained LoRA changed the stock model
     # and our checkpoint loads back onto a quantized base
     loaded, loaded_cfg = load_model(tmp_path / "ckpt")
