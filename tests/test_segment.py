@@ -185,7 +185,8 @@ def test_missing_local_model_folder(tmp_path, capsys):
     code = main(["segment", "--input", str(tmp_path / "in.png"), "--out", str(tmp_path / "o"),
                  "--model", str(tmp_path / "nowhere")])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "no such local folder" in err[0] and "nowhere" in err[0]
+    assert code == 2 and len(err) == 1 and "no such folder" in err[0] and "nowhere" in err[0]
+    assert "hf download" not in err[0]  # a path is not a Hub id
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / "config.json").write_text("{}")
     with pytest.raises(Vis2IRError, match="the folder lacks preprocessor_config.json"):
