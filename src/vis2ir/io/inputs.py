@@ -34,8 +34,10 @@ def missing_maps_help(images: str | Path | None = None, maps: str | Path | None 
         none = (f"use a model trained with model.semantic.mode=none (this checkpoint was trained with "
                 f"model.semantic.mode={trained_mode}, which needs them)")
     else:
-        none = "set model.semantic.mode=none (no semantic conditioning; a checkpoint keeps the mode it was trained with)"
-    return (f"make them with `{segment}`, or set {auto} (made by a panoptic segmenter and cached on first use), "
+        none = ("set model.semantic.mode=none (no semantic conditioning; a checkpoint keeps the mode it was "
+                "trained with)")
+    verb = "pass" if auto.startswith("--") else "set"
+    return (f"make them with `{segment}`, or {verb} {auto} (made by a panoptic segmenter and cached on first use), "
             f"or {none}")
 
 
