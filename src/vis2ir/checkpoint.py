@@ -169,7 +169,8 @@ def find_checkpoint(path: str | Path) -> Path:
     one-line `Vis2IRError` saying so."""
     path = Path(path).expanduser()
     if not path.exists():
-        raise Vis2IRError(f"{path}: no such folder (expected a checkpoint folder, a run folder or its checkpoints/)")
+        raise Vis2IRError(f"{path}: no such folder, so no checkpoint here (expected a checkpoint folder, a run "
+                          "folder or its checkpoints/)")
     if (path / CONFIG_FILE).exists() and not (path / "checkpoints").is_dir():
         return path
     steps = list_checkpoints(path)
