@@ -234,11 +234,17 @@ def test_generate_errors_are_one_line(checkpoint, tmp_path, capsys):
     save(tmp_path / "sem" / "a.png", colourise(np.arange(256).reshape(16, 16) % 133))  # palette colours
     assert run("--checkpoint", checkpoint, "--input", src, "--out", tmp_path / "out") == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["vis2ir: error: model.semantic.mode=cross_attention needs semantic maps: pass --semantic "
-                   "FILE|DIR (maps named like the inputs), or use model.semantic.mode=none"]
+    # The three ways out; for a checkpoint (its mode is fixed) mode none means another model (it said
+    # "or use model.semantic.mode=none", which this checkpoint cannot do).
+    assert len(err) == 1 and err[0].startswith(
+        "vis2ir: error: model.semantic.mode=cross_attention needs semantic maps: pass --semantic FILE|DIR (maps "
+        f"named like the inputs); make them with `vis2ir segment --input {src} --out {src}_semantic`, or "
+        "pass --semantic auto (")
+    assert "use a model trained with model.semantic.mode=none (this checkpoint was trained with" in err[0]
     assert run("--checkpoint", checkpoint, "--input", src, "--semantic", tmp_path / "sem", "--out",
                tmp_path / "out", "--save-attention") == 2  # b has no map: reported, a is done
-    assert "1 of 2 inputs failed: b (" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "1 of 2 inputs failed: b (" in err and "for the missing semantic maps: make them with `vis2ir segment" in err
     assert (tmp_path / "out" / "a.png").exists() and not (tmp_path / "out" / "b.png").exists()
     assert (tmp_path / "out" / "attention" / "a" / "point0.png").exists()
 
@@ -264,3 +270,27 @@ def test_every_mode_generates(cache, mode):
                output_type="np")
     assert [im.shape for im in out.images] == [(24, 16)] * 2
     assert all(np.isfinite(im).all() and 0 <= im.min() <= im.max() <= 1 for im in out.images)
+
+
+def test_generate_recursive_mirrors_the_sub_folders(config_file, tmp_path, capsys):
+    """`--recursive`: the images of split folders, outputs in the same sub-folders (kept inside --out);
+    an output folder inside the input is not read back as input."""
+    src = tmp_path / "in"
+    save(src / "train" / "a.png", noise_image(16, 16))
+    save(src / "test" / "a.png", noise_image(16, 16, 1))  # the same file name in two splits
+    save(src / "top.png", noise_image(16, 16, 2))
+    save(tmp_path / "splits" / "train" / "x.png", noise_image(16, 16, 3))
+    assert run("--config", config_file, "--input", tmp_path / "splits", "--out", tmp_path / "o") == 2
+    assert "(it has sub-folders: --recursive takes their images too)" in capsys.readouterr().err
+    out = src / "ir"
+    assert run("--config", config_file, "--input", src, "--out", out, "--recursive", "--compare") == 0
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png")) == [
+        "compare/test/a.png", "compare/top.png", "compare/train/a.png", "test/a.png", "top.png", "train/a.png"]
+    assert run("--config", config_file, "--input", src, "--out", out, "--recursive") == 0  # all done: skipped
+    assert not (out / "ir").exists()
+    items = list_inputs(src, recursive=True, exclude=(out,))
+    assert [it.name for it in items] == ["test/a", "top", "train/a"]
+    save(tmp_path / "maps" / "train" / "a.png", noise_image(16, 16))
+    by_name = {it.name: it for it in list_inputs(src, tmp_path / "maps", recursive=True, exclude=(out,))}
+    assert by_name["train/a"].semantic == tmp_path / "maps" / "train" / "a.png"
+    assert by_name["test/a"].semantic is None and "no semantic map named test/a.*" in by_name["test/a"].problem

@@ -185,7 +185,8 @@ def test_missing_local_model_folder(tmp_path, capsys):
     code = main(["segment", "--input", str(tmp_path / "in.png"), "--out", str(tmp_path / "o"),
                  "--model", str(tmp_path / "nowhere")])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "no such local folder" in err[0] and "nowhere" in err[0]
+    assert code == 2 and len(err) == 1 and "no such folder" in err[0] and "nowhere" in err[0]
+    assert "hf download" not in err[0]  # a path is not a Hub id
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / "config.json").write_text("{}")
     with pytest.raises(Vis2IRError, match="the folder lacks preprocessor_config.json"):
@@ -279,3 +280,37 @@ def test_segment_without_weights_answers_before_importing_the_model_code(case, t
     assert proc.stdout.split("\n")[0] == "2 []", proc.stdout + proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("vis2ir: error:")]
     assert len(errors) == 1 and expected in errors[0] and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("how", ["generate", "data"])
+@pytest.mark.parametrize("model", ["hub id", "missing path"])
+def test_segmenter_errors_name_the_real_flag_and_no_maps_are_announced_before_it_loads(how, model, tmp_path,
+                                                                                      monkeypatch, caplog):
+    """`generate --semantic auto` names --segment-model (not segment's --model), the data path
+    data.segment_model; a path that does not exist is 'no such folder', never `hf download <path>`; no
+    line says maps are made or cached before the segmenter has loaded."""
+    import logging
+
+    caplog.set_level(logging.INFO)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    name = "facebook/mask2former-swin-large-coco-panoptic" if model == "hub id" else str(tmp_path / "nowhere")
+    root = tmp_path / "pairs"
+    for kind in ("visible", "infrared"):
+        (root / kind).mkdir(parents=True)
+    smooth(32, 32).save(root / "visible" / "a.png")
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(root / "infrared" / "a.png")
+    with pytest.raises(Vis2IRError) as err:
+        if how == "generate":
+            run_generate(root / "visible", tmp_path / "ir", checkpoint=DEMO_CHECKPOINT, semantic="auto",
+                         segment_model=name, device="cpu")
+        else:
+            cfg = load_config(None, [f"data.source={root}", "data.size=32", "data.val_fraction=0",
+                                     "data.test_fraction=0", "data.semantic_source=auto", f"data.segment_model={name}"])
+            build_dataset(cfg.data, "train", require_semantic=True)
+    message = str(err.value)
+    setting = "--segment-model" if how == "generate" else "data.segment_model"
+    assert f"({setting})" in message and "(--model" not in message and "--model /path" not in message
+    if model == "missing path":
+        assert "no such folder" in message and "hf download" not in message
+    assert "cached in" not in caplog.text and "made with" not in caplog.text

@@ -286,3 +286,36 @@ def test_ddp_resume_gives_every_rank_its_own_exact_stream(tmp_path):
     assert len(straight0) == 4 and resumed0 == straight0[2:] and resumed1 == straight1[2:]
     assert all(a != b for a, b in zip(straight0, straight1))  # the ranks draw different t and RNG states
     assert all(a != b for a, b in zip(resumed0, resumed1))
+
+
+def test_a_run_shorter_than_log_every_writes_its_metrics(tiny_config, tmp_path):
+    """Lightning logs every `log_every` steps only; the last step of a launch is logged too."""
+    run_dir = run(tiny_config, tmp_path, "train.max_steps=2", "train.log_every=50", "train.val_every=50")
+    lines = (run_dir / "logs" / "version_0" / "metrics.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    losses = [row.split(",")[header.index("train/loss")] for row in lines[1:]]
+    assert [v for v in losses if v], lines  # the loss of the last step is there
+
+
+def test_a_launch_that_fails_before_training_leaves_no_version_folder(tiny_config, tmp_path):
+    """A launch that fails before its first step (here: its data folder does not exist) leaves no empty
+    logs/version_K behind: the next launch's logs are version_0."""
+    with pytest.raises(Vis2IRError, match="no such folder"):
+        run(tiny_config, tmp_path, "train.max_steps=2", f"data.source={tmp_path / 'nowhere'}")
+    assert not list((tmp_path / "run").glob("*/version_*"))
+    run_dir = run(tiny_config, tmp_path, "train.max_steps=1")
+    assert sorted(p.relative_to(run_dir).as_posix() for p in run_dir.glob("*/version_*")) == [
+        "logs/version_0", "tensorboard/version_0"]
+
+
+def test_resume_and_checkpoint_take_a_runs_checkpoints_folder(tiny_config, tmp_path):
+    from vis2ir.checkpoint import find_checkpoint
+    from vis2ir.train import resolve_resume
+
+    run_dir = run(tiny_config, tmp_path, "train.max_steps=6")
+    assert find_checkpoint(run_dir / "checkpoints") == run_dir / "checkpoints" / "step-6"
+    assert resolve_resume(str(run_dir / "checkpoints"), run_dir) == run_dir / "checkpoints" / "step-6" / "resume.ckpt"
+    with pytest.raises(Vis2IRError, match=r"nowhere: no such folder"):
+        find_checkpoint(tmp_path / "nowhere")
+    with pytest.raises(Vis2IRError, match=r"--resume .*nowhere: no such folder"):
+        resolve_resume(str(tmp_path / "nowhere"), run_dir)

@@ -164,8 +164,13 @@ class atomic_dir:
 
 
 def find_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder from a checkpoint folder or a run folder (its newest `checkpoints/step-N`)."""
-    path = Path(path)
+    """A checkpoint folder from a checkpoint folder, a run folder or a run's `checkpoints/` folder (the
+    newest `step-N` of the latter two). A path that does not exist, or holds no checkpoint, is a
+    one-line `Vis2IRError` saying so."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise Vis2IRError(f"{path}: no such folder, so no checkpoint here (expected a checkpoint folder, a run "
+                          "folder or its checkpoints/)")
     if (path / CONFIG_FILE).exists() and not (path / "checkpoints").is_dir():
         return path
     steps = list_checkpoints(path)
@@ -175,8 +180,11 @@ def find_checkpoint(path: str | Path) -> Path:
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """`run_dir/checkpoints/step-N` folders, oldest first."""
+    """The `step-N` checkpoint folders of a run folder (`run_dir/checkpoints/`), or of its `checkpoints/`
+    folder itself, oldest first."""
     root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        root = Path(run_dir)
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit()]

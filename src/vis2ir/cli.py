@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 import warnings
 
@@ -11,11 +12,15 @@ from vis2ir.errors import Vis2IRError
 
 log = logging.getLogger("vis2ir")
 
+# A `key.path=value` override; it may stand anywhere among a command's arguments (`main` collects them).
+OVERRIDE = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*=")
+
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config (default: $XFL_CONFIG, else the built-in defaults)")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="dotted overrides, e.g. model.semantic.num_heads=16")
+    p.set_defaults(overrides=[])
+    p.epilog = ("key=value: dotted overrides of the settings, e.g. model.semantic.num_heads=16; they may stand "
+                "anywhere among the arguments")
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
@@ -27,12 +32,12 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 
 def _cmd_train(args: argparse.Namespace) -> None:
     from vis2ir.config import load_config
+
+    cfg = None if args.resume else load_config(args.config, args.overrides)  # before torch and Lightning load
     from vis2ir.train import resume_config, train
 
     # A resume starts from the run's saved settings, not the defaults or the config file's.
-    cfg = resume_config(args.resume, args.config, args.overrides) if args.resume else \
-        load_config(args.config, args.overrides)
-    train(cfg, resume=args.resume)
+    train(cfg or resume_config(args.resume, args.config, args.overrides), resume=args.resume)
 
 
 def _cmd_data_synth(args: argparse.Namespace) -> None:
@@ -45,17 +50,31 @@ def _cmd_data_inspect(args: argparse.Namespace) -> None:
     import dataclasses
 
     from vis2ir.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
     from vis2ir.data import inspect_source
 
-    data = dataclasses.replace(load_config(args.config, args.overrides).data, source=args.source)
-    inspect_source(data, out=args.out, count=args.count)
+    data = dataclasses.replace(cfg.data, source=args.source)
+    report = inspect_source(data, out=args.out or inspect_sheet_path(args.source), count=args.count,
+                            mode=cfg.model.semantic.mode)
+    if report["problems"]:  # after the report and the contact sheet are written
+        raise Vis2IRError(f"{args.source}: {len(report['problems'])} problems found (listed above; contact sheet: "
+                          f"{report['sheet']})")
+
+
+def inspect_sheet_path(source: str) -> str:
+    """`data inspect`'s contact sheet without --out: outputs/inspect/<the source's name>.png."""
+    name = re.sub(r"[^\w.-]+", "_", source.rstrip("/\\").rsplit("/", 1)[-1]).strip("._") or "source"
+    return f"outputs/inspect/{name}.png"
 
 
 def _cmd_data_cache(args: argparse.Namespace) -> None:
     from vis2ir.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
     from vis2ir.latent_cache import build_latent_cache
 
-    out = build_latent_cache(load_config(args.config, args.overrides), args.out, args.split, args.batch_size)
+    out = build_latent_cache(cfg, args.out, args.split, args.batch_size)
     sys.stdout.write(f"{out}\n  train with: data.latent_cache={out}\n")
 
 
@@ -63,15 +82,16 @@ def _cmd_data_convert(args: argparse.Namespace) -> None:
     import dataclasses
 
     from vis2ir.config import load_config
-    from vis2ir.data.convert import convert_source
 
     data = dataclasses.replace(load_config(args.config, args.overrides).data, source=args.source)
+    from vis2ir.data.convert import convert_source
+
     sys.stdout.write(f"{convert_source(data, args.out, args.format)}\n")
 
 
 def _generate_kwargs(args: argparse.Namespace) -> dict:
     keys = ("config", "checkpoint", "overrides", "semantic", "seed", "steps", "guidance", "batch_size",
-            "adapter_scale", "overwrite", "offload", "device", "size", "segment_model")
+            "adapter_scale", "overwrite", "offload", "device", "size", "segment_model", "recursive")
     return {k: getattr(args, k) for k in keys} | {"points": args.point or ()}
 
 
@@ -113,7 +133,7 @@ def _cmd_segment(args: argparse.Namespace) -> None:
     from vis2ir.segment import run_segment
 
     run_segment(args.input, args.out, model=args.model, batch_size=args.batch_size, device=args.device,
-                overwrite=args.overwrite, threshold=args.threshold)
+                overwrite=args.overwrite, threshold=args.threshold, recursive=args.recursive)
 
 
 def _size(text: str) -> int | str:
@@ -129,6 +149,8 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
     _add_config_args(p)
     p.add_argument("--checkpoint", help="checkpoint folder, or a run folder (its newest checkpoint)")
     p.add_argument("--input", required=True, help="a visible image, or a folder of them")
+    p.add_argument("--recursive", action="store_true", help="also the images in the sub-folders of --input "
+                   "(e.g. split folders); outputs and --semantic maps mirror the sub-folders")
     p.add_argument("--semantic", help="semantic map(s): a file, a folder of maps named like the inputs, or "
                    "'auto' (made by a panoptic segmenter, cached in semantic_auto/ beside the inputs)")
     p.add_argument("--segment-model", metavar="ID|PATH",
@@ -183,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=_cmd_data_synth)
     q = data.add_parser("inspect", help="counts per split, sizes, problems, and a contact sheet PNG")
     q.add_argument("source", help="a data folder, parquet file(s), a datasets folder or Hub id, or 'thermalscenes'")
-    q.add_argument("--out", help="write a contact sheet of triptychs to this PNG")
+    q.add_argument("--out", help="the contact sheet of triptychs, a PNG (default: outputs/inspect/<source name>.png)")
     q.add_argument("--count", type=int, default=8, help="triptychs on the contact sheet (default: 8)")
     _add_config_args(q)
     q.set_defaults(func=_cmd_data_inspect)
@@ -204,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("segment", help="visible images (file or folder) -> panoptic semantic maps and a legend")
     p.add_argument("--input", required=True, help="a visible image, or a folder of them")
+    p.add_argument("--recursive", action="store_true", help="also the images in the sub-folders of --input "
+                   "(e.g. visible/train, visible/test); the maps mirror the sub-folders")
     p.add_argument("--out", required=True, help="output folder: <name>.png, segments/, legend.json, legend.png")
     p.add_argument("--model", default=DEFAULT_SEGMENTER, metavar="ID|PATH",
                    help=f"transformers panoptic model (Mask2Former, OneFormer): Hub id or local folder "
@@ -253,7 +277,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="device for generation during evaluation (default: cuda:$LOCAL_RANK if available)")
     p.set_defaults(func=_cmd_ablate)
 
+    _mark_overrides(parser)
     return parser
+
+
+def _mark_overrides(parser: argparse.ArgumentParser) -> None:
+    """Give every (sub)command that takes overrides `_parser` (for its errors) and `[key=value ...]` in its usage."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                sub.set_defaults(_parser=sub)
+                if sub.get_default("overrides") is not None:
+                    sub.usage = f"{sub.format_usage().removeprefix('usage: ').strip()} [key=value ...]"
+                _mark_overrides(sub)
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse `argv`, collecting `key=value` overrides wherever they stand (before, between or after options)."""
+    args, extras = parser.parse_known_args(argv)
+    sub = getattr(args, "_parser", parser)
+    overrides = [t for t in extras if OVERRIDE.match(t)]
+    rest = [t for t in extras if not OVERRIDE.match(t)]
+    source = getattr(args, "source", None)
+    if rest and source is not None and OVERRIDE.match(source) and not rest[0].startswith("-"):
+        overrides.insert(0, source)  # `data inspect key=value SOURCE`: the override took SOURCE's place
+        args.source = rest.pop(0)
+    if rest:
+        sub.error(f"unrecognized arguments: {' '.join(rest)}")
+    if overrides and getattr(args, "overrides", None) is None:
+        sub.error(f"this command takes no key=value settings: {' '.join(overrides)}")
+    if overrides:
+        args.overrides = [*args.overrides, *overrides]
+    return args
 
 
 def quiet() -> None:
@@ -271,11 +326,15 @@ def quiet() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format="[%(levelname)s] %(message)s")
     quiet()
     try:
+        if getattr(args, "overrides", None) is not None:
+            from vis2ir.config import check_config
+
+            check_config(args.config, args.overrides)  # a typo is answered before torch is imported
         args.func(args)
     except Vis2IRError as err:
         if args.debug:

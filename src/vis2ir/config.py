@@ -415,6 +415,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     With `base` (a resumed run's settings), the file's settings and the overrides go over `base`
     instead of over the defaults.
     """
+    return from_dict(Config, _raw_settings(path, overrides, base)).validate()
+
+
+def check_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> None:
+    """Check the keys and value types of a config file and overrides, without the range checks that
+    depend on the base a command puts them over (a checkpoint's or a resumed run's settings). Cheap and
+    torch-free: commands call it before importing torch, so a typo is answered at once."""
+    from_dict(Config, _raw_settings(path, overrides))
+
+
+def _raw_settings(path: str | Path | None, overrides, base: Config | None = None) -> dict[str, Any]:
+    """The nested settings of `path` (or `$XFL_CONFIG`) over `base`, with the overrides put in."""
     if path is None:
         path = os.environ.get("XFL_CONFIG") or None
     raw: dict[str, Any] = {}
@@ -422,10 +434,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML ({first_line(err)})") from None
+        raw = read_yaml(path) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of sections (model, data, train, sample, eval)")
     if base is not None:
@@ -435,7 +444,26 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected key.path=value, e.g. model.semantic.num_heads=16")
         _set_dotted(raw, key.strip(), _parse_value(value))
-    return from_dict(Config, raw).validate()
+    return raw
+
+
+def read_yaml(path: str | Path) -> Any:
+    """The YAML document in file `path`. A syntax error is a one-line `ConfigError` that starts
+    `FILE:LINE:COLUMN:` (1-based, as editors count) and says what the parser expected."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read it ({first_line(err)})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        context = f" ({err.context})" if err.context else ""
+        raise ConfigError(f"{where}: not valid YAML: {err.problem or first_line(err)}{context}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({first_line(err)})") from None
 
 
 def from_dict(cls: type, raw: Any, where: str = "") -> Any:

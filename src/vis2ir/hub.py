@@ -52,7 +52,7 @@ def local_folder(path: str, needed: tuple[str, ...], fail: Fail, weights: tuple[
     of the sub-folders `weights` (`weights_problem`)."""
     local = Path(path).expanduser()
     if not local.is_dir():
-        raise fail("no such local folder")
+        raise fail("no such folder")
     missing = [f for f in needed if not (local / f).exists()]
     if missing:
         raise fail(f"the folder lacks {missing[0]}")

@@ -33,7 +33,8 @@ from vis2ir.checkpoint import CONFIG_FILE, find_checkpoint, load_checkpoint_conf
 from vis2ir.config import Config, first_difference, load_config
 from vis2ir.errors import Vis2IRError
 from vis2ir.io.images import Normaliser, is_finite, read_image, rgb_image, same_aspect, to_tensor, write_png, wxh
-from vis2ir.io.inputs import Item, Summary, list_inputs
+from vis2ir.files import safe_join
+from vis2ir.io.inputs import Item, Summary, auto_cache, list_inputs, missing_maps_help
 from vis2ir.io.runtime import default_device, dist_env, shard
 from vis2ir.latents import VAECodec, patch_size, token_grid
 from vis2ir.model import Vis2IRModel, build_model
@@ -213,8 +214,10 @@ class Vis2IRPipeline:
         if semantics is not None and len(semantics) != len(visibles):
             raise Vis2IRError(f"got {len(visibles)} visible images but {len(semantics)} semantic maps")
         if semantics is None and self.needs_semantic:
-            raise Vis2IRError(f"model.semantic.mode={self.model.mode} needs a semantic map for every image "
-                              "(pass semantic=..., or --semantic FILE|DIR)")
+            raise Vis2IRError(f"model.semantic.mode={self.model.mode} needs a semantic map for every image: pass "
+                              "semantic=[maps] (or --semantic FILE|DIR); " + missing_maps_help(
+                                  auto="--semantic auto",
+                                  trained_mode=self.model.mode if self.trained_size is not None else None))
         if return_attention and self.model.adapter is None:
             raise Vis2IRError(f"attention maps need model.semantic.mode=cross_attention (this model's mode is "
                               f"{self.model.mode})")
@@ -316,13 +319,14 @@ def run_generate(input: str | Path, out: str | Path, *, config=None, checkpoint=
                  bit_depth: int = 8, palette: str = "white-hot", compare: bool = False,
                  save_attention: bool = False, points=(), offload: str = "none", device=None,
                  size: int | str | None = None, write_images: bool = True,
-                 segment_model: str | None = None) -> Summary:
+                 segment_model: str | None = None, recursive: bool = False) -> Summary:
     """Generate infrared for a file or a folder into `out` (`<name>.png`), under several processes
     each taking its share. Existing outputs are skipped unless `overwrite`; a bad input (unreadable,
     too large, a semantic map that is not palette colours or not the photo's aspect) or a non-finite
     output is reported and the run goes on; any failure ends in one error that lists them. `size`:
     see `Vis2IRPipeline` (default `sample.size`). With `semantic="auto"` the missing maps are made
-    with the panoptic `segment_model` (default: `DEFAULT_SEGMENTER`)."""
+    with the panoptic `segment_model` (default: `DEFAULT_SEGMENTER`). With `recursive` the images of
+    sub-folders are generated too, their outputs in the same sub-folders of `out`."""
     check_output_format(bit_depth, palette)
     if isinstance(size, str) and size not in ("auto", "native"):
         raise Vis2IRError(f"--size: expected a number of pixels, 'auto' or 'native' (0), got {size!r}")
@@ -330,13 +334,16 @@ def run_generate(input: str | Path, out: str | Path, *, config=None, checkpoint=
         raise Vis2IRError(f"--offload: {offload!r} is not one of {', '.join(OFFLOAD)}")
     points = [parse_point(p) if isinstance(p, str) else p for p in points]
     out = Path(out)
-    items = list_inputs(input, semantic)
+    items = list_inputs(input, semantic, recursive=recursive, exclude=(out,))
     rank, world = dist_env()
     mine = shard(items, rank, world)
     cfg = _run_config(config, checkpoint, overrides)
-    if cfg.model.semantic.mode in NEEDS_SEMANTIC and semantic is None:
-        raise Vis2IRError(f"model.semantic.mode={cfg.model.semantic.mode} needs semantic maps: pass --semantic "
-                          "FILE|DIR (maps named like the inputs), or use model.semantic.mode=none")
+    mode = cfg.model.semantic.mode
+    maps_help = missing_maps_help(input, f"{Path(input).with_suffix('')}_semantic", auto="--semantic auto",
+                                  trained_mode=mode if checkpoint else None, recursive=recursive)
+    if mode in NEEDS_SEMANTIC and semantic is None:
+        raise Vis2IRError(f"model.semantic.mode={mode} needs semantic maps: pass --semantic FILE|DIR (maps named "
+                          f"like the inputs); {maps_help}")
     attention = save_attention or not write_images
     if attention and cfg.model.semantic.mode != "cross_attention":
         raise Vis2IRError(f"attention maps need model.semantic.mode=cross_attention (the model's mode is "
@@ -352,8 +359,8 @@ def run_generate(input: str | Path, out: str | Path, *, config=None, checkpoint=
     log.info("Process %d/%d: %d inputs, %d to do, %d already done (use --overwrite to redo)", rank, world,
              len(mine), len(todo), len(summary.skipped))
     if str(semantic) == "auto":
-        _auto_semantic(todo, cfg.model.semantic.mode in NEEDS_SEMANTIC or compare, segment_model, device,
-                       batch_size)
+        _auto_semantic(todo, auto_cache(input), cfg.model.semantic.mode in NEEDS_SEMANTIC or compare,
+                       segment_model, device, batch_size)
     if todo:
         pipe = (Vis2IRPipeline.from_checkpoint(checkpoint, device, overrides=overrides, config=config,
                                                offload=offload) if checkpoint
@@ -366,11 +373,12 @@ def run_generate(input: str | Path, out: str | Path, *, config=None, checkpoint=
                 bar.update(max(1, len(group)))
     log.info("Done: %d generated, %d skipped, %d failed -> %s", len(summary.done), len(summary.skipped),
              len(summary.failed), out)
-    summary.raise_failures(len(mine))
+    lacking = any(it.problem and it.name in summary.failed for it in mine)
+    summary.raise_failures(len(mine), f"for the missing semantic maps: {maps_help}" if lacking else None)
     return summary
 
 
-def _auto_semantic(items: list[Item], needed: bool, model: str | None, device, batch_size: int) -> None:
+def _auto_semantic(items: list[Item], cache: Path, needed: bool, model: str | None, device, batch_size: int) -> None:
     """`--semantic auto`: make the items' missing maps (a failure marks its item); without a use for
     them (mode without semantics, no --compare) drop them instead."""
     if not needed:
@@ -380,8 +388,8 @@ def _auto_semantic(items: list[Item], needed: bool, model: str | None, device, b
     from vis2ir.config import DEFAULT_SEGMENTER
     from vis2ir.segment import ensure_maps
 
-    jobs = [(it.name, it.visible, it.semantic.parent) for it in items]  # names are file stems: no '/'
-    failed = ensure_maps(jobs, model or DEFAULT_SEGMENTER, device, batch_size)
+    jobs = [(it.name, it.visible, cache) for it in items]  # a name may hold '/' (--recursive)
+    failed = ensure_maps(jobs, model or DEFAULT_SEGMENTER, device, batch_size, setting="--segment-model")
     for it in items:
         if it.name in failed:
             it.problem, it.semantic = f"no semantic map ({failed[it.name]})", None
@@ -395,7 +403,7 @@ def _run_config(config, checkpoint, overrides) -> Config:
 
 
 def _target(out: Path, it: Item, write_images: bool) -> Path:
-    return out / f"{it.name}.png" if write_images else out / it.name / "point0.png"
+    return safe_join(out, it.name, ".png") if write_images else safe_join(out, it.name) / "point0.png"
 
 
 @dataclass
@@ -483,11 +491,11 @@ def _write_outputs(g: _Loaded, ir: torch.Tensor, att: AttentionMaps | None, out:
     semantic = None if g.semantic is None else np.asarray(rgb_image(g.semantic))
     grey = ir.mean(0).numpy()
     if write_images:
-        write_png(out / f"{g.item.name}.png", infrared_image(grey, bit_depth, palette))
+        write_png(safe_join(out, g.item.name, ".png"), infrared_image(grey, bit_depth, palette))
     if compare:
         panels = [visible] + ([semantic] if semantic is not None else []) + [infrared_image(grey, 8, palette)]
-        write_png(out / "compare" / f"{g.item.name}.png", side_by_side(panels))
+        write_png(safe_join(out / "compare", g.item.name, ".png"), side_by_side(panels))
     if att is not None:
         h, w = visible.shape[:2]
-        save_attention_maps(out / "attention" / g.item.name if write_images else out / g.item.name, visible, att,
+        save_attention_maps(safe_join(out / "attention" if write_images else out, g.item.name), visible, att,
                             list(points) or [(w / 2, h / 2)], semantic)

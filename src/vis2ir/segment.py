@@ -42,21 +42,30 @@ SEGMENTS_DIR = "segments"
 NEEDED_FILES = ("config.json", "preprocessor_config.json")
 
 
-def _missing_model(model: str, reason: str) -> Vis2IRError:
+LOCAL_LAYOUT = "transformers save_pretrained layout: config.json, preprocessor_config.json and the weights"
+
+
+def _missing_model(model: str, reason: str, setting: str = "--model") -> Vis2IRError:
+    """The one-line error for a segmenter that cannot be loaded; `setting`: the flag or setting that names it
+    (`--model` of segment, `--segment-model` of generate, `data.segment_model`)."""
+    flag = f"{setting} /path/to/model" if setting.startswith("--") else f"{setting}=/path/to/model"
+    if is_local(model):  # a path: downloading it from the Hub is no answer
+        return Vis2IRError(f"cannot load the panoptic segmenter {model!r} ({setting}): {reason}; give a folder in the "
+                           f"{LOCAL_LAYOUT}, or a Hub id such as {DEFAULT_SEGMENTER}")
     return Vis2IRError(
-        f"cannot load the panoptic segmenter {model!r} (--model / data.segment_model): {reason}. Download it "
-        f"once while online (`hf download {model}`, then it is read from the Hub cache), or pass a local folder "
-        "with --model /path/to/model (transformers save_pretrained layout: config.json, "
-        "preprocessor_config.json and the weights)")
+        f"cannot load the panoptic segmenter {model!r} ({setting}): {reason}. Download it once while online "
+        f"(`hf download {model}`, then it is read from the Hub cache), or pass a local folder with {flag} "
+        f"({LOCAL_LAYOUT})")
 
 
-def load_panoptic_model(model: str, device: torch.device):
+def load_panoptic_model(model: str, device: torch.device, setting: str = "--model"):
     """`(processor, model)` of a transformers panoptic segmenter from a local folder or the Hub.
 
     A Hub id is read from the local Hub cache when it is there (no network at all); otherwise one
-    quick Hub check, then the download. Missing weights fail within seconds, naming `model`.
+    quick Hub check, then the download. Missing weights fail within seconds, naming `model` and the
+    `setting` that chose it.
     """
-    fail = lambda reason: _missing_model(model, reason)  # noqa: E731
+    fail = lambda reason: _missing_model(model, reason, setting)  # noqa: E731
     if is_local(model):
         source = str(local_folder(model, NEEDED_FILES, fail, weights=(".",)))
     else:
@@ -101,9 +110,9 @@ class Panoptic:
 class Segmenter:
     """A panoptic model, its processor and its label → palette mapping; call it on a list of PIL images."""
 
-    def __init__(self, model: str = DEFAULT_SEGMENTER, device=None, threshold: float = 0.5):
+    def __init__(self, model: str = DEFAULT_SEGMENTER, device=None, threshold: float = 0.5, setting: str = "--model"):
         self.name, self.device, self.threshold = model, default_device(device), threshold
-        self.processor, self.model = load_panoptic_model(model, self.device)
+        self.processor, self.model = load_panoptic_model(model, self.device, setting)
         id2label = {int(k): v for k, v in self.model.config.id2label.items()}
         self.label_class = {k: class_for_label(v) for k, v in id2label.items()}
         self.labels = id2label
@@ -211,19 +220,17 @@ def segment_files(jobs: list[tuple[str, Path, Path]], segmenter: Segmenter | Cal
 
 
 def ensure_maps(jobs: list[tuple[str, Path, Path]], model: str = DEFAULT_SEGMENTER, device=None,
-                batch_size: int = 4) -> dict[str, str]:
+                batch_size: int = 4, setting: str = "data.segment_model") -> dict[str, str]:
     """Create the missing colour maps of `(name, visible, root)` jobs (the `semantic auto` cache).
 
     Each process of a torchrun / accelerate launch starts with its own share, then helps with the
-    rest; maps already on disk are reused without loading the model. Returns failures, name → reason.
+    rest; maps already on disk are reused without loading the model. `setting` names where `model`
+    came from in its errors (`--segment-model`, `data.segment_model`). Returns failures, name → reason.
     """
     rank, world = dist_env()
     mine = shard(jobs, rank, world)
     rest = [j for i, j in enumerate(jobs) if i % world != rank]
     missing = sum(not map_path(root, name).exists() for name, _, root in jobs)
-    if missing:
-        log.info("Semantic maps: %d of %d missing, made with %s and cached in %s", missing, len(jobs), model,
-                 jobs[0][2])
     root = jobs[0][2] if jobs else None
     made_by = _legend_model(root) if root else None
     if made_by not in (None, model):
@@ -231,7 +238,8 @@ def ensure_maps(jobs: list[tuple[str, Path, Path]], model: str = DEFAULT_SEGMENT
                     made_by, model)
 
     def make() -> Segmenter:  # whichever process makes maps writes the legend (atomic, same content)
-        segmenter = Segmenter(model, device)
+        segmenter = Segmenter(model, device, setting=setting)
+        log.info("Semantic maps: making the %d of %d missing with %s, cached in %s", missing, len(jobs), model, root)
         if _legend_model(root) is None:
             write_legend(root, segmenter)
         return segmenter
@@ -248,13 +256,14 @@ def _legend_model(folder: Path) -> str | None:
 
 
 def run_segment(input: str | Path, out: str | Path, model: str = DEFAULT_SEGMENTER, batch_size: int = 4,
-                device=None, overwrite: bool = False, threshold: float = 0.5):
-    """`vis2ir segment`: colour maps, segment ids and a legend for a file or a folder of visible images.
+                device=None, overwrite: bool = False, threshold: float = 0.5, recursive: bool = False):
+    """`vis2ir segment`: colour maps, segment ids and a legend for a file or a folder of visible images
+    (with `recursive`, of its sub-folders too: the maps mirror them, as a data layout's `semantic/` does).
 
     Under torchrun / accelerate each process takes its share. Returns the run's `Summary`.
     """
     out = Path(out)
-    items = list_inputs(input)
+    items = list_inputs(input, recursive=recursive, exclude=(out,))
     if any(it.name == "legend" for it in items):
         raise Vis2IRError(f"--input {input}: an image named legend.* would collide with {out / 'legend.png'}; "
                           "rename it")

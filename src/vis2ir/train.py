@@ -445,6 +445,15 @@ class LaunchTimer(L.Callback):
                         trainer.global_step, trainer.max_steps, self.seconds / 60, resume_command(self.run_dir))
 
 
+class LogLastStep(L.Callback):
+    """Logs the last step of a launch even when it is not a multiple of `train.log_every` (Lightning logs
+    only those), so a run shorter than `log_every` still writes its metrics."""
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if 0 <= trainer.max_steps <= trainer.global_step:  # Lightning writes the step's metrics right after
+            trainer.log_every_n_steps = 1
+
+
 def resume_command(run_dir: Path) -> str:
     """The command line that continues the run in `run_dir` with its own settings."""
     return f"vis2ir train --resume {shlex.quote(str(run_dir))}"
@@ -452,6 +461,14 @@ def resume_command(run_dir: Path) -> str:
 
 # ----------------------------------------------------------------------------------------------
 # Entry point
+
+
+LOG_DIRS = ("logs", "tensorboard")  # the CSV and TensorBoard loggers' folders; one version_K per launch
+
+
+def log_versions(run_dir: str | Path) -> set[Path]:
+    """The launch folders (`logs/version_K`, `tensorboard/version_K`) that exist in `run_dir`."""
+    return {p for name in LOG_DIRS for p in Path(run_dir).glob(f"{name}/version_*") if p.is_dir()}
 
 
 def metrics_logs(run_dir: str | Path) -> list[Path]:
@@ -470,7 +487,9 @@ def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
             raise Vis2IRError(f"--resume latest: no checkpoint under {run_dir / 'checkpoints'}")
         folder = found[-1]
     else:
-        folder = Path(resume)
+        folder = Path(resume).expanduser()
+        if not folder.exists():
+            raise Vis2IRError(f"--resume {resume}: no such folder (expected a checkpoint folder or a run folder)")
         found = [] if (folder / RESUME_FILE).exists() else list_checkpoints(folder)
         folder = found[-1] if found else folder
     state = folder / RESUME_FILE
@@ -501,7 +520,7 @@ def build_trainer(cfg: Config, run_dir: Path, callbacks=(), loggers=True, progre
         log_every_n_steps=t.log_every, val_check_interval=t.val_every * t.accumulate_grad_batches,
         check_val_every_n_epoch=None, limit_val_batches=t.val_batches, num_sanity_val_steps=0,
         default_root_dir=run_dir, logger=loggers,
-        callbacks=[CheckpointExport(cfg, run_dir), *timer, *callbacks],
+        callbacks=[CheckpointExport(cfg, run_dir), LogLastStep(), *timer, *callbacks],
         enable_checkpointing=False, use_distributed_sampler=False,  # our StepSampler splits the ranks
         enable_progress_bar=progress, enable_model_summary=False,
     )
@@ -587,6 +606,7 @@ def train(cfg: Config, resume: str | None = None, model: Vis2IRModel | None = No
         torch.backends.cuda.enable_cudnn_sdp(False)  # cuDNN attention backward crashed on Hopper (docs/design.md §9)
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(run_dir / "config.yaml")
+    versions = log_versions(run_dir)
     trainer = build_trainer(cfg, run_dir, callbacks=callbacks, progress=progress)
     module = Vis2IRModule(cfg, model, start_step=_resume_step(state) if state else 0)
     log.info("Training %s for %d steps (batch %d × %d accumulation × %d devices) into %s", cfg.model.semantic.mode,
@@ -594,8 +614,11 @@ def train(cfg: Config, resume: str | None = None, model: Vis2IRModel | None = No
     handler = signal.getsignal(signal.SIGINT)  # Lightning ignores Ctrl-C from its first one on
     try:
         trainer.fit(module, ckpt_path=state, weights_only=True if state else None)
-    except SystemExit:
-        if trainer.interrupted:  # Lightning turns Ctrl-C into sys.exit(1) once `on_exception` has run
+    except BaseException as err:
+        if trainer.global_step <= module.start_step:  # failed before its first step: leave no empty version_K
+            for folder in log_versions(run_dir) - versions:
+                shutil.rmtree(folder, ignore_errors=True)
+        if isinstance(err, SystemExit) and trainer.interrupted:  # Lightning's sys.exit(1) after Ctrl-C
             raise KeyboardInterrupt from None
         raise
     except torch.OutOfMemoryError:

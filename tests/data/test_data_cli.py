@@ -22,12 +22,36 @@ def test_synth_then_inspect(tmp_path, caplog):
     assert image[20:180, :160].std() > 10 and image[20:180, 322:482].std() > 10  # real pictures, not blanks
 
 
-def test_inspect_reports_pairing_problems(tmp_path, caplog):
+def test_inspect_reports_pairing_problems(tmp_path, caplog, capsys, monkeypatch):
+    """Problems found: the report and the contact sheet are written, then the exit status is 2 (it was 0)."""
+    caplog.set_level(logging.INFO)
+    data = tmp_path / "pairs"
+    assert main(["data", "synth", "--out", str(data), "--count", "4", "--size", "32"]) == 0
+    (data / "infrared/scene_000001.png").unlink()
+    monkeypatch.chdir(tmp_path)
+    assert main(["data", "inspect", str(data)]) == 2
+    assert "problems: 1" in caplog.text and "scene_000001.png: missing partner" in caplog.text
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("vis2ir: error:")]
+    assert len(errors) == 1 and "1 problems found" in errors[0] and "outputs/inspect/pairs.png" in errors[0]
+    assert "contact sheet: outputs/inspect/pairs.png" in caplog.text
+    assert Image.open(tmp_path / "outputs/inspect/pairs.png").size[0] == 3 * 160 + 4  # the default place
+
+
+def test_inspect_reports_missing_semantic_maps_when_the_mode_needs_them(tmp_path, caplog, capsys, monkeypatch):
     caplog.set_level(logging.INFO)
     assert main(["data", "synth", "--out", str(tmp_path), "--count", "4", "--size", "32"]) == 0
-    (tmp_path / "infrared/scene_000001.png").unlink()
-    assert main(["data", "inspect", str(tmp_path)]) == 0
-    assert "problems: 1" in caplog.text and "scene_000001.png: missing partner" in caplog.text
+    for path in (tmp_path / "semantic").iterdir():
+        path.unlink()
+    monkeypatch.chdir(tmp_path)
+    assert main(["data", "inspect", str(tmp_path), "--out", "s.png", "model.semantic.mode=none"]) == 0
+    assert main(["data", "inspect", str(tmp_path), "--out", "s.png"]) == 2  # the default mode needs maps
+    problem = caplog.text.split("problems: 1\n")[1].splitlines()[0]
+    assert "no semantic map in" in problem and "model.semantic.mode=cross_attention needs them" in problem
+    for way_out in ("vis2ir segment --input", "data.semantic_source=auto", "model.semantic.mode=none"):
+        assert way_out in problem
+    caplog.clear()
+    assert main(["data", "inspect", str(tmp_path), "--out", "s.png", "data.semantic_source=auto"]) == 0
+    assert "data.semantic_source=auto makes the missing ones on first use" in caplog.text
 
 
 def test_synth_parquet_and_inspect_thermalscenes(tmp_path, caplog):

@@ -6,7 +6,7 @@ import torch
 from datafiles import assert_sample, expected, save, scene, write_pair
 
 from vis2ir.config import DataConfig
-from vis2ir.data import SPLITS, build_dataset, collate, open_source
+from vis2ir.data import SPLITS, DataError, build_dataset, collate, open_source
 from vis2ir.data.folders import detect_layout
 
 
@@ -225,3 +225,104 @@ def test_table_without_image_columns_names_the_settings(tmp_path, hf_cache):
     with pytest.raises(DataError, match=r"t\.parquet: no image columns 'visible' \+ 'infrared'.*rgb, thermal.*"
                                         r"data\.visible_column"):
         build_dataset(DataConfig(source=str(tmp_path / "t.parquet")), "train")
+
+
+# ----------------------------------------------------------------------------------------------
+# A folder inside a known layout, and the formats listings take (issue 15)
+
+
+@pytest.mark.parametrize("layout, files, given, part, top", [
+    ("llvip", ("visible/train/0.jpg", "infrared/train/0.jpg"), "visible", "visible", "."),
+    ("llvip", ("visible/train/0.jpg", "infrared/train/0.jpg"), "visible/train", "visible/train", "."),
+    ("llvip", ("visible/train/0.jpg", "infrared/train/0.jpg"), "infrared", "infrared", "."),
+    ("paired", ("visible/0.png", "infrared/0.png"), "visible", "visible", "."),
+    ("m3fd", ("Vis/0.png", "Ir/0.png"), "Ir", "Ir", "."),
+    ("msrs", ("train/vi/0.png", "train/ir/0.png"), "train", "train", "."),
+    ("msrs", ("train/vi/0.png", "train/ir/0.png"), "train/vi", "train/vi", "."),
+    ("kaist", ("set00/V000/visible/I00000.jpg", "set00/V000/lwir/I00000.jpg"), "set00/V000/visible",
+     "set00/V000/visible", "."),
+])
+def test_a_folder_inside_a_known_layout_names_the_layout(tmp_path, layout, files, given, part, top):
+    """`data.source=LLVIP/visible` is answered with the folder to give, not read as triptychs."""
+    root = tmp_path / "DATA"
+    write_pair(root / files[0], root / files[1], 0)
+    assert detect_layout(root) == layout
+    with pytest.raises(DataError) as err:
+        open_source(DataConfig(source=str(root / given)))
+    message = str(err.value)
+    assert f"this is the {part} folder of the " in message and f"data.source={root}" in message
+    assert ("give its parent" in message) == ("/" not in given) and "\n" not in message
+
+
+def test_a_triptych_folder_beside_a_layout_is_still_triptychs(tmp_path):
+    write_pair(tmp_path / "visible/0.png", tmp_path / "infrared/0.png", 0)
+    save(tmp_path / "triptychs/t0.png", np.zeros((16, 48, 3), np.uint8))
+    assert detect_layout(tmp_path / "triptychs") == "triptych"
+
+
+def test_gif_and_other_formats_are_read_or_named_as_skipped(tmp_path, caplog):
+    """GIF (its first frame), PPM and TGA are samples like PNG; a PSD (Pillow reads it, vis2ir does not)
+    is named as skipped, in the log and in `data inspect`'s report."""
+    import logging
+
+    from PIL import Image
+
+    from vis2ir.data import inspect_source
+
+    caplog.set_level(logging.INFO)
+    for k, suffix in enumerate((".gif", ".ppm", ".tga", ".png")):
+        write_pair(tmp_path / f"visible/s{k}{suffix}", tmp_path / f"infrared/s{k}.png", k)
+    Image.fromarray(scene(0).visible).save(tmp_path / "visible/extra.psd", format="PNG")  # suffix is what counts
+    cfg = DataConfig(source=str(tmp_path), size=64, hflip=False, val_fraction=0, test_fraction=0)
+    found, _ = open_source(cfg)
+    assert sorted(r.name for r in found.records) == ["s0", "s1", "s2", "s3"]
+    assert "1 image files of formats vis2ir does not read (.psd) are skipped" in found.skipped
+    ds = build_dataset(cfg, "train")
+    assert "extra.psd" in caplog.text
+    samples = {ds[i]["name"]: ds[i] for i in range(len(ds))}
+    assert_sample(samples["s1"], 1)  # PPM: exact
+    assert_sample(samples["s2"], 2)  # TGA: exact
+    assert samples["s0"]["visible"].shape == (3, 64, 64)  # GIF: its first frame, palette-quantised
+    assert (samples["s0"]["visible"] - expected(0)["visible"]).abs().mean() < 0.05
+    report = inspect_source(cfg, mode="none")
+    assert "extra.psd" in report["skipped"] and report["problems"] == []
+
+
+WAYS_OUT = ("vis2ir segment --input", "data.semantic_source=auto", "model.semantic.mode=none")
+
+
+def test_every_missing_semantic_maps_message_says_the_three_ways_out(tmp_path):
+    from vis2ir.data.folders import FileReader
+
+    for k in range(4):
+        write_pair(tmp_path / f"visible/train/s{k}.png", tmp_path / f"infrared/train/s{k}.png", k,
+                   tmp_path / f"semantic/train/s{k}.png" if k == 0 else None)
+    cfg = DataConfig(source=str(tmp_path), size=64, val_fraction=0, test_fraction=0)
+    with pytest.raises(DataError) as some:  # 3 of 4 lack a map
+        build_dataset(cfg, "train", require_semantic=True)
+    (tmp_path / "semantic/train/s0.png").unlink()
+    with pytest.raises(DataError) as none:  # all lack one
+        build_dataset(cfg, "train", require_semantic=True)
+    with pytest.raises(DataError) as classes:
+        build_dataset(cfg, "train", with_classes=True)
+    found, reader = open_source(cfg)
+    with pytest.raises(DataError) as opened:
+        FileReader(tmp_path / "semantic").open(found.records[0], semantic=True)
+    assert "3 of 4 samples of split 'train' lack one" in str(some.value)
+    assert f"vis2ir segment --input {tmp_path / 'visible'} --out {tmp_path / 'semantic'} --recursive" in str(none.value)
+    for err in (some, none, classes, opened):
+        assert all(way in str(err.value) for way in WAYS_OUT), str(err.value)
+        assert "\n" not in str(err.value)
+
+
+def test_a_table_without_semantic_maps_says_how_to_get_them(tmp_path, hf_cache):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{k: v for k, v in row.items() if k != "panoptic_img"} for row in _rows([0, 1])]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "train.parquet")
+    cfg = DataConfig(source=str(tmp_path / "train.parquet"), size=64, val_fraction=0, test_fraction=0)
+    with pytest.raises(DataError) as err:
+        build_dataset(cfg, "train", require_semantic=True)
+    message = str(err.value)
+    assert "vis2ir data convert" in message and all(way in message for way in WAYS_OUT), message

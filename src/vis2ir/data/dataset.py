@@ -28,6 +28,7 @@ from vis2ir.data.splits import SPLITS
 from vis2ir.data.synth import ThermalScenes
 from vis2ir.data.tables import TableReader, find_table, is_table
 from vis2ir.files import name_problem
+from vis2ir.io.inputs import missing_maps_help
 
 log = logging.getLogger(__name__)
 
@@ -81,13 +82,23 @@ def build_dataset(cfg: DataConfig, split: str, require_semantic: bool | None = N
         raise DataError(f"{cfg.source}: no samples in split {split!r} ({found.layout} layout; "
                         + ", ".join(f"{s}: {counts[s]}" for s in SPLITS) + ")")
     problems = list(found.problems)
+    if found.skipped:
+        log.warning("%s: %s", found.root, found.skipped)
     if cfg.semantic_source == "auto" and require_semantic is not False:
         records = _auto_semantic(cfg, found, reader, records, problems)
     semantic, lacking = _use_semantic(cfg, found, reader, records, require_semantic)
     if with_classes and not semantic:
-        raise DataError(f"{cfg.source}: class maps need semantic maps, and this source has none")
+        raise DataError(f"{cfg.source}: class maps need semantic maps, and this source has none; "
+                        + maps_help(cfg, found))
     if lacking:
-        problems += [f"{r.visible}: no semantic map in {found.root / cfg.semantic_dir}" for r in lacking]
+        where = found.root / cfg.semantic_dir
+        if cfg.on_bad_sample == "error":
+            raise DataError(f"{lacking[0].visible}: no semantic map in {where} ({len(lacking)} of {len(records)} "
+                            f"samples of split {split!r} lack one); {maps_help(cfg, found)}; or "
+                            "data.on_bad_sample=skip leaves those samples out")
+        log.warning("%d of %d samples of split %r have no semantic map in %s and are left out; %s", len(lacking),
+                    len(records), split, where, maps_help(cfg, found))
+        problems += [f"{r.visible}: no semantic map in {where}" for r in lacking]
         records = [r for r in records if r.semantic is not None]
     if isinstance(reader, FileReader):
         records = scan(records, reader, semantic, problems, desc=f"checking {split} files")
@@ -227,15 +238,32 @@ def _use_semantic(cfg: DataConfig, found: Found, reader, records: list[Record],
     if isinstance(reader, TableReader):
         if require and not reader.has_semantic:
             raise DataError(f"{cfg.source}: no semantic column {cfg.semantic_column!r} (data.semantic_column); "
-                            "the semantic mode needs semantic maps")
+                            f"the semantic mode needs semantic maps: {maps_help(cfg, found)}")
         return reader.has_semantic, []
     missing = [r for r in records if r.semantic is None and r.triptych is None]
     if require is None:
         return not missing, []
     if len(missing) == len(records):
         raise DataError(f"{found.root / cfg.semantic_dir}: no semantic maps for this data (expected "
-                        "<name>.png there, named like the visible images); the semantic mode needs them")
+                        f"<name>.png there, named like the visible images); the semantic mode needs them: "
+                        f"{maps_help(cfg, found)}")
     return True, missing
+
+
+# The folder of visible images whose relative paths are the sample names, per layout (others: none).
+_VISIBLE_DIRS = {"paired": "visible", "llvip": "visible", "m3fd": "Vis"}
+
+
+def maps_help(cfg: DataConfig, found: Found) -> str:
+    """The ways out of missing semantic maps for this source (`io.inputs.missing_maps_help`), with the
+    `vis2ir segment` command that writes them where the source looks for them."""
+    if found.layout == "table":  # maps are made for folders: convert first
+        return (f"write the table out as folders (`vis2ir data convert {cfg.source} --out DIR`) and "
+                + missing_maps_help("DIR/visible", "DIR/semantic", recursive=True)
+                + " (data.semantic_source=auto works on folder sources)")
+    visible = _VISIBLE_DIRS.get(found.layout)
+    return missing_maps_help(found.root / visible if visible else "<the visible images, named as the samples>",
+                             found.root / cfg.semantic_dir, recursive=True)
 
 
 def _auto_semantic(cfg: DataConfig, found: Found, reader, records: list[Record],
@@ -246,7 +274,7 @@ def _auto_semantic(cfg: DataConfig, found: Found, reader, records: list[Record],
         if reader.has_semantic:
             return records
         raise DataError(f"{cfg.source}: data.semantic_source=auto makes maps for folder sources only; this table "
-                        f"has no semantic column {cfg.semantic_column!r} (write it out as folders, or add the column)")
+                        f"has no semantic column {cfg.semantic_column!r}: {maps_help(cfg, found)}")
     from vis2ir.io.inputs import AUTO_DIR, map_path
     from vis2ir.segment import ensure_maps
 
@@ -254,7 +282,8 @@ def _auto_semantic(cfg: DataConfig, found: Found, reader, records: list[Record],
     lacking = [r for r in records if r.semantic is None and r.triptych is None]
     if not lacking:
         return records
-    failed = ensure_maps([(r.name, Path(r.visible), cache) for r in lacking], cfg.segment_model)
+    failed = ensure_maps([(r.name, Path(r.visible), cache) for r in lacking], cfg.segment_model,
+                         setting="data.segment_model")
     problems += [f"{r.visible}: the segmenter failed ({failed[r.name]})" for r in lacking if r.name in failed]
     made = {r.name: str(map_path(cache, r.name)) for r in lacking if r.name not in failed}
     return [replace(r, semantic=made[r.name]) if r.name in made else r for r in records]

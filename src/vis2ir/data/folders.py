@@ -28,7 +28,7 @@ from vis2ir.data.errors import DataError
 from vis2ir.data.images import Panel, close_panels, open_image, triptych_panels
 from vis2ir.data.splits import assign_splits, split_alias
 from vis2ir.io.images import IMAGE_SUFFIXES
-from vis2ir.io.inputs import list_files, list_images
+from vis2ir.io.inputs import AUTO_DIR, list_files, list_images, missing_maps_help, skipped_note
 
 
 @dataclass(frozen=True)
@@ -53,11 +53,20 @@ class Found:
     root: Path
     records: list[Record]
     problems: list[str] = field(default_factory=list)
+    skipped: str | None = None  # image files of formats the listings do not take (`io.inputs.skipped_note`)
 
 
-def detect_layout(root: Path) -> str:
-    """The layout of folder `root`, from its sub-folders and files."""
-    subdirs = {p.name for p in root.iterdir() if p.is_dir()}
+LAYOUT_NAMES = {"flir": "FLIR", "llvip": "LLVIP", "paired": "paired visible/infrared", "m3fd": "M3FD",
+                "msrs": "MSRS", "kaist": "KAIST"}
+PART_SEARCH_DEPTH = 3  # how many folders up a part of a layout looks for it (KAIST: setXX/V00Y/visible)
+
+
+def _known_layout(root: Path) -> str | None:
+    """The paired layout of folder `root` from its sub-folders and files, or None (triptychs aside)."""
+    try:
+        subdirs = {p.name for p in root.iterdir() if p.is_dir()}
+    except OSError:
+        return None
     if "JPEGImages" in subdirs and any(root.glob("align_*.txt")):
         return "flir"
     if {"visible", "infrared"} <= subdirs:
@@ -69,6 +78,42 @@ def detect_layout(root: Path) -> str:
         return "msrs"
     if any(re.fullmatch(r"set\d+", d) for d in subdirs):
         return "kaist"
+    return None
+
+
+def _is_part(top: Path, layout: str, first: str) -> bool:
+    """Whether sub-folder `first` of a `layout` folder `top` is one of the layout's own folders."""
+    if first in ("semantic", AUTO_DIR):
+        return True
+    return {"flir": first == "JPEGImages", "llvip": first in ("visible", "infrared"),
+            "paired": first in ("visible", "infrared"), "m3fd": first in ("Vis", "Ir"),
+            "msrs": (top / first / "vi").is_dir(), "kaist": bool(re.fullmatch(r"set\d+", first))}[layout]
+
+
+def _part_of_layout(root: Path) -> DataError | None:
+    """The error for a folder inside a known layout (`LLVIP/visible`, `MSRS/train/vi`), naming the layout's
+    folder to give instead, or None."""
+    root = root.resolve()
+    for top in list(root.parents)[:PART_SEARCH_DEPTH]:
+        layout = _known_layout(top)
+        if layout is not None:
+            part = root.relative_to(top)
+            if _is_part(top, layout, part.parts[0]):
+                whose = "its parent" if top == root.parent else "the layout's folder"
+                return DataError(f"{root}: this is the {part.as_posix()} folder of the {LAYOUT_NAMES[layout]} "
+                                 f"layout in {top}, not a data set of its own: give {whose}, data.source={top}")
+    return None
+
+
+def detect_layout(root: Path) -> str:
+    """The layout of folder `root`, from its sub-folders and files. A folder inside a known layout (its
+    `visible/` folder, a split of it) is refused with the folder to give instead, not read as triptychs."""
+    layout = _known_layout(root)
+    if layout is not None:
+        return layout
+    inside = _part_of_layout(root)
+    if inside is not None:
+        raise inside
     if _index(root):
         return "triptych"
     raise DataError(f"{root}: no images and no known layout (expected visible/ + infrared/, Vis/ + Ir/, "
@@ -97,7 +142,9 @@ def find_folder(root: Path, layout: str, semantic_dir: str, val_fraction: float,
             sem = maps.get(name)
             records.append(Record(name, split, visible=str(files[0]), infrared=str(files[1]),
                                   semantic=str(sem) if sem else None))
-    return Found(layout, root, records, problems)
+    other_formats: list[Path] = []
+    list_images(root, recursive=True, skipped=other_formats)
+    return Found(layout, root, records, problems, skipped_note(other_formats))
 
 
 class FileReader:
@@ -117,7 +164,7 @@ class FileReader:
         if semantic:
             if record.semantic is None:
                 raise DataError(f"{record.visible}: no semantic map (expected {self.semantic_dir}/"
-                                f"{record.name}.png; a panoptic segmenter can make them)")
+                                f"{record.name}.png); {missing_maps_help(maps=self.semantic_dir, recursive=True)}")
             files.append(("semantic", record.semantic))
         panels: dict[str, Panel] = {}
         try:

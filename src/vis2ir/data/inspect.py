@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from vis2ir.config import DataConfig
-from vis2ir.data.dataset import PanelDataset, open_source, scan
+from vis2ir.data.dataset import PanelDataset, maps_help, open_source, scan
 from vis2ir.data.errors import DataError
 from vis2ir.data.folders import FileReader
 from vis2ir.data.splits import SPLITS, hash_split
@@ -26,17 +26,25 @@ PIXEL_CHECKS = 64  # samples decoded (at thumbnail size) to find what headers ca
 # infrared, semantic maps that are not palette colours, undecodable data
 
 
-def inspect_source(cfg: DataConfig, out: str | Path | None = None, count: int = 8) -> dict:
+def inspect_source(cfg: DataConfig, out: str | Path | None = None, count: int = 8, mode: str | None = None) -> dict:
     """Log counts per split, panel sizes, semantic coverage and problems; write a contact sheet of
-    `count` triptychs to `out` (PNG) when given. Returns the same facts as a dict."""
+    `count` triptychs to `out` (PNG) when given. Returns the same facts as a dict.
+
+    `mode`: the semantic mode the data is meant for (`model.semantic.mode`); unless it is None or
+    'none', samples without a semantic map are a problem (with `data.semantic_source: files`)."""
     if cfg.source == "thermalscenes":
         report, samples = _inspect_thermalscenes(cfg, count)
     else:
-        report, samples = _inspect_files(cfg, count)
+        report, samples = _inspect_files(cfg, count, mode)
+    total = sum(report["counts"].values())
     log.info("source: %s (%s)", cfg.source, report["layout"])
     log.info("samples: %s", ", ".join(f"{s} {report['counts'][s]}" for s in SPLITS))
     log.info("panel sizes (visible): %s", ", ".join(f"{k} x{v}" for k, v in report["sizes"].items()) or "-")
-    log.info("semantic maps: %d of %d", report["semantic"], sum(report["counts"].values()))
+    auto = cfg.semantic_source == "auto" and report["semantic"] < total
+    log.info("semantic maps: %d of %d%s", report["semantic"], total,
+             " (data.semantic_source=auto makes the missing ones on first use)" if auto else "")
+    if report.get("skipped"):
+        log.info("skipped files: %s", report["skipped"])
     log.info("problems: %d%s", len(report["problems"]), "".join(f"\n  {p}" for p in report["problems"][:20]))
     if out is not None:
         sheet = contact_sheet(samples)
@@ -71,7 +79,7 @@ def contact_sheet(samples: list[dict]) -> Image.Image:
     return sheet
 
 
-def _inspect_files(cfg: DataConfig, count: int) -> tuple[dict, list[dict]]:
+def _inspect_files(cfg: DataConfig, count: int, mode: str | None) -> tuple[dict, list[dict]]:
     found, reader = open_source(cfg)
     records = found.records
     checked = records if isinstance(reader, FileReader) else records[:: max(1, len(records) // TABLE_CHECKS)]
@@ -81,9 +89,11 @@ def _inspect_files(cfg: DataConfig, count: int) -> tuple[dict, list[dict]]:
         semantic = sum(r.semantic is not None or r.triptych is not None for r in records)
     else:
         semantic = len(records) if reader.has_semantic else 0
+    if mode not in (None, "none") and cfg.semantic_source != "auto" and semantic < len(records):
+        problems.insert(0, _missing_maps_problem(cfg, found, reader, mode))
     report = {"layout": found.layout, "counts": {s: sum(r.split == s for r in records) for s in SPLITS},
               "sizes": {f"{w}x{h}": n for (w, h), n in sizes.most_common(5)}, "semantic": semantic,
-              "problems": problems}
+              "problems": problems, "skipped": found.skipped}
     thumbs = dataclasses.replace(cfg, size=THUMB, hflip=False, on_bad_sample="skip",
                                  resize_policy="resize" if cfg.resize_policy == "resize" else "center_crop")
     checks = min(max(count, PIXEL_CHECKS), len(good))
@@ -99,6 +109,17 @@ def _inspect_files(cfg: DataConfig, count: int) -> tuple[dict, list[dict]]:
     if len(samples) > count:  # the sheet: `count` of them, spread over the source
         samples = [samples[k * len(samples) // count] for k in range(count)]
     return report, samples
+
+
+def _missing_maps_problem(cfg: DataConfig, found, reader, mode: str) -> str:
+    """One problem line for the samples that lack the semantic map `mode` needs, with the ways out."""
+    needs = f"model.semantic.mode={mode} needs them"
+    if not isinstance(reader, FileReader):
+        return (f"{cfg.source}: no semantic column {cfg.semantic_column!r} (data.semantic_column); {needs}: "
+                f"{maps_help(cfg, found)}")
+    lacking = [r for r in found.records if r.semantic is None and r.triptych is None]
+    return (f"{lacking[0].visible}: no semantic map in {found.root / cfg.semantic_dir}, nor for {len(lacking) - 1} "
+            f"more of the {len(found.records)} samples; {needs}: {maps_help(cfg, found)}")
 
 
 def _inspect_thermalscenes(cfg: DataConfig, count: int) -> tuple[dict, list[dict]]:

@@ -103,12 +103,11 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 def load_plan(path: str | Path) -> list[list[tuple[str, list[str]]]]:
     """A plan file: a YAML list of grids, each a mapping `key: [values]` (a single value is a list of one)."""
-    import yaml
+    from vis2ir.config import read_yaml
 
-    try:
-        plan = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as err:
-        raise Vis2IRError(f"--plan {path}: cannot read it ({err})") from None
+    if not Path(path).is_file():
+        raise Vis2IRError(f"--plan {path}: cannot read it (no such file)")
+    plan = read_yaml(path)
     if not isinstance(plan, list) or not plan or not all(isinstance(g, dict) and g for g in plan):
         raise Vis2IRError(f"--plan {path}: expected a YAML list of mappings KEY: [V1, V2, ...], "
                           "e.g. '- {model.semantic.mode: [none, in_context]}'")

@@ -25,12 +25,21 @@ from PIL import Image, ImageOps
 from vis2ir.errors import Vis2IRError, describe
 from vis2ir.files import atomic_write
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+# The image files every listing takes (GIF and multi-page TIFF: their first frame). Files of the other
+# formats Pillow opens (PSD, ICO, EPS, ...) are named as skipped by the listings (`other_image_suffixes`).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".bmp", ".dib", ".gif", ".tif", ".tiff", ".webp",
+                  ".avif", ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".jp2", ".j2k", ".jpx")
 HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 ONE_CHANNEL_MODES = ("1", "L", "LA", "La", *HIGH_BIT_MODES)
 PIXEL_LIMIT_ENV = "VIS2IR_MAX_IMAGE_PIXELS"
 ORIENTATION_TAG = 0x0112
 _QUARTER_TURNS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
+
+def other_image_suffixes() -> frozenset[str]:
+    """Suffixes of image formats Pillow can open that the listings do not take (named as skipped)."""
+    return frozenset(ext for ext, fmt in Image.registered_extensions().items()
+                     if fmt in Image.OPEN and ext not in IMAGE_SUFFIXES)
 
 
 class ImageError(Vis2IRError):

@@ -8,15 +8,37 @@ Hidden files are skipped by every listing of the package (data layouts, list fil
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from vis2ir.errors import Vis2IRError
 from vis2ir.files import safe_join
-from vis2ir.io.images import IMAGE_SUFFIXES
+from vis2ir.io.images import IMAGE_SUFFIXES, other_image_suffixes
+
+log = logging.getLogger(__name__)
 
 SYSTEM_NAMES = frozenset({"thumbs.db", "desktop.ini", "__macosx"})
 AUTO_DIR = "semantic_auto"  # the cache of `--semantic auto` / `data.semantic_source: auto`, beside the data
+
+
+def missing_maps_help(images: str | Path | None = None, maps: str | Path | None = None, *,
+                      auto: str = "data.semantic_source=auto", trained_mode: str | None = None,
+                      recursive: bool = False) -> str:
+    """The three ways out of missing semantic maps, ending every 'no semantic maps' message: make them
+    with `vis2ir segment` (from `images` into `maps`), have them made on the fly (`auto`: the setting or
+    flag that does it), or go without (`model.semantic.mode=none`; a checkpoint trained with
+    `trained_mode` keeps it, so then a model trained without maps)."""
+    segment = f"vis2ir segment --input {images or 'IMAGES'} --out {maps or 'MAPS'}" + (" --recursive" * recursive)
+    if trained_mode is not None:
+        none = (f"use a model trained with model.semantic.mode=none (this checkpoint was trained with "
+                f"model.semantic.mode={trained_mode}, which needs them)")
+    else:
+        none = ("set model.semantic.mode=none (no semantic conditioning; a checkpoint keeps the mode it was "
+                "trained with)")
+    verb = "pass" if auto.startswith("--") else "set"
+    return (f"make them with `{segment}`, or {verb} {auto} (made by a panoptic segmenter and cached on first use), "
+            f"or {none}")
 
 
 def is_hidden(path: Path, root: Path | None = None) -> bool:
@@ -32,9 +54,29 @@ def list_files(folder: Path, pattern: str = "*", recursive: bool = False) -> lis
     return sorted(p for p in found if not is_hidden(p, folder) and p.is_file())
 
 
-def list_images(folder: Path, recursive: bool = False) -> list[Path]:
-    """Image files (`IMAGE_SUFFIXES`) in `folder` (and its sub-folders with `recursive`), sorted."""
-    return [p for p in list_files(folder, recursive=recursive) if p.suffix.lower() in IMAGE_SUFFIXES]
+def list_images(folder: Path, recursive: bool = False, skipped: list[Path] | None = None) -> list[Path]:
+    """Image files (`IMAGE_SUFFIXES`) in `folder` (and its sub-folders with `recursive`), sorted; files of
+    other formats Pillow opens are added to `skipped` when given."""
+    files = list_files(folder, recursive=recursive)
+    if skipped is not None:
+        others = other_image_suffixes()
+        skipped += [p for p in files if p.suffix.lower() in others]
+    return [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+
+
+def skipped_note(skipped: list[Path]) -> str | None:
+    """One line naming image files of formats the listings do not take, or None when there are none."""
+    if not skipped:
+        return None
+    kinds = ", ".join(sorted({p.suffix.lower() for p in skipped}))
+    return (f"{len(skipped)} image files of formats vis2ir does not read ({kinds}) are skipped, e.g. {skipped[0]}; "
+            f"convert them to PNG to use them (read: {' '.join(IMAGE_SUFFIXES)})")
+
+
+def _log_skipped(src: Path, skipped: list[Path]) -> None:
+    note = skipped_note(skipped)
+    if note:
+        log.warning("--input %s: %s", src, note)
 
 
 def map_path(root: Path, name: str) -> Path:
@@ -65,36 +107,54 @@ class Summary:
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
 
-    def raise_failures(self, total: int) -> None:
-        """One error listing the first failures, when there are any (`total`: this process's inputs)."""
+    def raise_failures(self, total: int, hint: str | None = None) -> None:
+        """One error listing the first failures, when there are any (`total`: this process's inputs;
+        `hint`: what to do, said once at the end)."""
         if self.failed:
             listed = "; ".join(f"{k} ({v})" for k, v in list(self.failed.items())[:5])
             more = f"; and {len(self.failed) - 5} more" if len(self.failed) > 5 else ""
-            raise Vis2IRError(f"{len(self.failed)} of {total} inputs failed: {listed}{more}")
+            raise Vis2IRError(f"{len(self.failed)} of {total} inputs failed: {listed}{more}"
+                              + (f"; {hint}" if hint else ""))
 
 
-def list_inputs(input_path: str | Path, semantic: str | Path | None = None) -> list[Item]:
+def auto_cache(input_path: str | Path) -> Path:
+    """Where `--semantic auto` caches the maps of an input file or folder: `semantic_auto/` beside them."""
+    src = Path(input_path)
+    return (src if src.is_dir() else src.parent) / AUTO_DIR
+
+
+def list_inputs(input_path: str | Path, semantic: str | Path | None = None, recursive: bool = False,
+                exclude: tuple[str | Path, ...] = ()) -> list[Item]:
     """The items of a run: one file or a folder's images, each matched to a semantic map by name
-    (`semantic="auto"`: the map cached in `semantic_auto/` beside the inputs, made when missing)."""
+    (`semantic="auto"`: the map cached in `semantic_auto/` beside the inputs, made when missing).
+
+    With `recursive` the images of sub-folders are items too, named by their relative path without
+    suffix (`train/010001`: outputs mirror the sub-folders), and maps are looked up under the same
+    relative names; the `semantic_auto/` cache and the folders in `exclude` (a run's output folder
+    inside its input) are left out."""
     src = Path(input_path)
     if not src.exists():
         raise Vis2IRError(f"--input {src}: no such file or folder")
-    paths = list_images(src) if src.is_dir() else [src]
+    skipped: list[Path] = []
+    paths = _input_images(src, recursive, exclude, skipped) if src.is_dir() else [src]
+    _log_skipped(src, skipped)
     if not paths:
-        raise Vis2IRError(f"--input {src}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+        raise Vis2IRError(f"--input {src}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder"
+                          + ("" if recursive or not any(p.is_dir() for p in src.iterdir()) else
+                             " (it has sub-folders: --recursive takes their images too)"))
     names: dict[str, Path] = {}
     for p in paths:
-        if p.stem in names:
-            raise Vis2IRError(f"--input: {names[p.stem].name} and {p.name} would both write {p.stem}.png")
-        names[p.stem] = p
-    items = [Item(p.stem, p) for p in paths]
+        name = p.relative_to(src).with_suffix("").as_posix() if recursive and src.is_dir() else p.stem
+        if name in names:
+            raise Vis2IRError(f"--input: {names[name]} and {p} would both write {name}.png")
+        names[name] = p
+    items = [Item(name, p) for name, p in names.items()]
     if semantic is None:
         return items
     sem = Path(semantic)
     if str(semantic) == "auto":  # maps cached beside the inputs; the runner makes the missing ones
-        cache = (src if src.is_dir() else src.parent) / AUTO_DIR
         for it in items:
-            it.semantic = map_path(cache, it.name)
+            it.semantic = map_path(auto_cache(src), it.name)
         return items
     if not sem.exists():
         raise Vis2IRError(f"--semantic {sem}: no such file or folder")
@@ -105,10 +165,18 @@ def list_inputs(input_path: str | Path, semantic: str | Path | None = None) -> l
         items[0].semantic = sem
         return items
     maps: dict[str, Path] = {}
-    for p in list_images(sem):
-        maps.setdefault(p.stem, p)
+    for p in list_images(sem, recursive=recursive):
+        maps.setdefault(p.relative_to(sem).with_suffix("").as_posix(), p)
     for it in items:
-        it.semantic = sem / it.visible.name if (sem / it.visible.name).is_file() else maps.get(it.name)
+        same_file = sem / it.visible.relative_to(src) if src.is_dir() else sem / it.visible.name
+        it.semantic = same_file if same_file.is_file() else maps.get(it.name)
         if it.semantic is None:
             it.problem = f"no semantic map named {it.name}.* in {sem}"
     return items
+
+
+def _input_images(src: Path, recursive: bool, exclude, skipped: list[Path]) -> list[Path]:
+    """The images of folder `src` (and its sub-folders), without the auto-map cache and `exclude`."""
+    left_out = [Path(e).resolve() for e in exclude] + [(src / AUTO_DIR).resolve()]
+    found = list_images(src, recursive=recursive, skipped=skipped)
+    return [p for p in found if not any(p.resolve().is_relative_to(d) for d in left_out)]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from vis2ir.errors import Vis2IRError
+from vis2ir.io.inputs import missing_maps_help
 
 MODES = ("none", "pixel_fusion", "cross_attention", "in_context", "channel_concat")
 NEEDS_SEMANTIC = ("pixel_fusion", "cross_attention", "in_context", "channel_concat")
@@ -38,7 +39,8 @@ def build_canvas(mode: str, visible: torch.Tensor, infrared: torch.Tensor | None
     if mode not in MODES:
         raise Vis2IRError(f"model.semantic.mode: {mode!r} is not allowed; choose one of {', '.join(MODES)}")
     if mode in NEEDS_SEMANTIC and semantic is None:
-        raise Vis2IRError(f"model.semantic.mode={mode} needs a semantic map for every image, and none was given")
+        raise Vis2IRError(f"model.semantic.mode={mode} needs a semantic map for every image, and none was given; "
+                          + missing_maps_help())
     if infrared is None:
         infrared = torch.zeros_like(visible)
     if mode == "pixel_fusion":
