@@ -56,7 +56,7 @@ def samples(scenes: int) -> dict:
 def curves(steps: int, window: int, root: Path) -> dict:
     common = [f"train.init_from={DEMO_CHECKPOINT}", "train.finetune=lora", "model.lora.rank=16",
               "model.lora.alpha=16", "data.synth_count=400", "data.num_workers=0", "data.synth_prerender=false",
-              "train.batch_size=16", f"train.max_steps={steps}", "train.learning_rate=1e-3", "train.warmup_steps=0",
+              "train.batch_size=8", f"train.max_steps={steps}", "train.learning_rate=1e-3", "train.warmup_steps=0",
               "train.max_minutes=null", "train.log_every=1", "train.val_every=100000", f"train.checkpoint_every={steps}",
               "train.precision=32-true"]
     from vis2ir.config import load_config
@@ -76,15 +76,22 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
     p.add_argument("--scenes", type=int, default=16)
-    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--steps", type=int, default=40)
     p.add_argument("--window", type=int, default=10)
+    p.add_argument("--part", choices=("samples", "training", "both"), default="both")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING, format="[%(levelname)s] %(message)s")
     torch.manual_seed(0)
-    result = {"device": "cpu", "torch": torch.__version__, "samples": samples(args.scenes)}
-    with tempfile.TemporaryDirectory() as tmp:
-        result["training"] = curves(args.steps, args.window, Path(tmp))
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    out = Path(args.out)
+    result = json.loads(out.read_text()) if out.exists() else {}
+    result |= {"device": "cpu", "torch": torch.__version__}
+    if args.part in ("samples", "both"):
+        result["samples"] = samples(args.scenes)
+        out.write_text(json.dumps(result, indent=2) + "\n")  # each part is kept as soon as it is measured
+    if args.part in ("training", "both"):
+        with tempfile.TemporaryDirectory() as tmp:
+            result["training"] = curves(args.steps, args.window, Path(tmp))
+        out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=1))
     return 0
 
