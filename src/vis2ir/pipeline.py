@@ -40,7 +40,8 @@ from vis2ir.latents import VAECodec, patch_size, token_grid
 from vis2ir.model import Vis2IRModel, build_model
 from vis2ir.sample import generate
 from vis2ir.semantic.modes import NEEDS_SEMANTIC, num_panels
-from vis2ir.visualize import AttentionMaps, check_output_format, infrared_image, save_attention_maps, side_by_side
+from vis2ir.figures import save_figure
+from vis2ir.visualize import AttentionMaps, check_output_format, compare_figure, infrared_image, save_attention_maps
 
 log = logging.getLogger(__name__)
 
@@ -478,8 +479,9 @@ def _write_outputs(g: _Loaded, ir: torch.Tensor, att: AttentionMaps | None, out:
     if write_images:
         write_png(out / f"{g.item.name}.png", infrared_image(grey, bit_depth, palette))
     if compare:
-        panels = [visible] + ([semantic] if semantic is not None else []) + [infrared_image(grey, 8, palette)]
-        write_png(out / "compare" / f"{g.item.name}.png", side_by_side(panels))
+        panels = {"visible": visible} | ({"semantic": semantic} if semantic is not None else {})
+        panels[f"generated infrared ({palette})"] = infrared_image(grey, 8, palette)
+        save_figure(out / "compare" / f"{g.item.name}.png", compare_figure(panels, f"{g.item.name}: visible → infrared"))
     if att is not None:
         h, w = visible.shape[:2]
         save_attention_maps(out / "attention" / g.item.name if write_images else out / g.item.name, visible, att,
