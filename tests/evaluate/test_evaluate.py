@@ -183,7 +183,7 @@ def test_ablation_runs_resumes_and_collects(tiny_config, tmp_path, caplog):
     from PIL import Image
 
     sheet = Image.open(tmp_path / "abl" / "samples.png")  # visible, semantic, truth + 2 rows of predictions
-    assert sheet.height == 5 * (128 + 2) and sheet.width > 3 * (128 + 2)  # tiles enlarged to 128 px
+    assert 5 * 128 < sheet.height < 6 * 128 and sheet.width > 3 * 128  # tiles enlarged to 128 px, labelled
     caplog.clear()
     run_ablation(base, grid, seeds="0", out=tmp_path / "abl", progress=False)
     assert caplog.text.count("done already, skipped") == 2 and "Training" not in caplog.text

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from matplotlib.figure import Figure
 
-from vis2ir.figures import DPI, FONT_SIZE
+from vis2ir.figures import DPI, FONT_SIZE, text_width
 
 ROW_INCHES = 0.22  # per bar
 
@@ -26,11 +26,14 @@ class Chart:
     axis: str = ""
 
 
-def bar_charts(charts: list[Chart], width: float = 7.5) -> Figure:
-    """The charts one above the other, each with its title, category labels (never cut: the saved
-    figure grows to hold them), the value at each bar's end and, with several series, a legend."""
+def bar_charts(charts: list[Chart], plot_width: float = 6.0) -> Figure:
+    """The charts one above the other, each with its title, category labels (never cut: the figure is
+    as wide as the longest label needs beside `plot_width` inches of bars), the value at each bar's end
+    and, with several series, a legend."""
     heights = [max(1.0, ROW_INCHES * len(c.categories) * max(1, len(c.series)) + 0.3) for c in charts]
-    fig = Figure(figsize=(width, sum(heights) + 0.9 * len(charts)), dpi=DPI, layout="constrained")
+    labels = max(text_width(name) for c in charts for name in c.categories)
+    fig = Figure(figsize=(plot_width + labels + 0.3, sum(heights) + 0.9 * len(charts)), dpi=DPI,
+                 layout="constrained")
     axes = fig.subplots(len(charts), 1, squeeze=False, height_ratios=heights)[:, 0]
     for ax, chart in zip(axes, charts):
         _draw(ax, chart)
