@@ -192,14 +192,15 @@ def save_attention_maps(directory: str | Path, visible: np.ndarray, att: Attenti
         mean = maps.mean(dim=(0, 1))
         top = float(mean.max())
         fig = image_grid([[overlay(shown, upsample(mean, (h, w)), top)]], cell=cell, markers=[[(x, y)]],
-                         title=f"Where the query at x={x:g}, y={y:g} (+) looks\n(mean over {maps.shape[0]} layers "
-                               f"× {maps.shape[1]} heads; {att.rows}×{att.panel_cols} tokens)",
+                         title=f"Where the query at x={x:.1f}, y={y:.1f} (+) looks\n(mean over "
+                               f"{_count(maps.shape[0], 'layer')} × {_count(maps.shape[1], 'head')}; "
+                               f"{att.rows}×{att.panel_cols} tokens)",
                          colour_bar=ironbow_bar(label, top))
         written.append(save_figure(directory / f"point{i}.png", fig))
         top = float(maps.max())
         tiles = [[overlay(shown, upsample(maps[layer, head], (h, w)), top) for head in range(maps.shape[1])]
                  for layer in range(maps.shape[0])]
-        fig = image_grid(tiles, cell=HEAD_CELL, title=f"Per layer and head: the query at x={x:g}, y={y:g} (+)",
+        fig = image_grid(tiles, cell=HEAD_CELL, title=f"Per layer and head: the query at x={x:.1f}, y={y:.1f} (+)",
                          column_labels=[f"head {k}" for k in range(maps.shape[1])],
                          row_labels=[f"layer {k}" for k in range(maps.shape[0])],
                          markers=[[(x, y)] * maps.shape[1]] * maps.shape[0], colour_bar=ironbow_bar(label, top))
@@ -224,6 +225,10 @@ def save_attention_maps(directory: str | Path, visible: np.ndarray, att: Attenti
                  for c, s in sorted(stats.items(), key=lambda kv: -kv[1]["ratio"])}
         written.append(write_text(directory / "classes.json", json.dumps(named, indent=2)))
     return written
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}" + ("s" if n != 1 else "")
 
 
 def labelled_grid(columns: dict[str, torch.Tensor], rows: int = 8, cell: int = 96, transpose: bool = False,
