@@ -210,7 +210,8 @@ def test_generate_folder(config_file, tmp_path, caplog, capsys):
     assert sorted(p.name for p in out.glob("*.png")) == ["a.png", "b.png", "c.png"]
     a = Image.open(out / "a.png")
     assert a.mode == "L" and a.size == (40, 24)
-    assert Image.open(out / "compare" / "b.png").size == (32 * 2 + 4, 32)
+    compare = Image.open(out / "compare" / "b.png")  # visible | generated, each drawn 256 px, labelled
+    assert compare.size[0] > 2 * 256 and 256 < compare.size[1] < 2 * 256
     assert not list(out.rglob(".*"))  # no temporary files left behind
 
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")}
@@ -225,6 +226,29 @@ def test_generate_folder(config_file, tmp_path, caplog, capsys):
                "--palette", "ironbow") == 0
     assert Image.open(out / "c.png").mode == "RGB"
     assert run("--config", config_file, "--input", src, "--out", out, "--bit-depth", 16, "--palette", "ironbow") == 2
+
+
+def test_compare_shows_the_truth_when_it_is_known(config_file, tmp_path, monkeypatch):
+    """`generate --compare --truth DIR`: the compare picture labels its panels and adds the truth of the
+    inputs that have one (named like them, at the output's size); the others show no truth panel."""
+    import vis2ir.pipeline as pipeline
+
+    shown = {}
+    original = pipeline.compare_figure
+    monkeypatch.setattr(pipeline, "compare_figure",
+                        lambda panels, title: shown.setdefault(title.split(":")[0], panels) and original(panels, title))
+    src, out = tmp_path / "in", tmp_path / "out"
+    save(src / "a.png", noise_image(32, 32))
+    save(src / "b.png", noise_image(32, 32, 1))
+    truth = np.full((64, 64), 200, np.uint8)  # twice the size: shown at the output's
+    save(tmp_path / "truth" / "a.png", truth)
+    assert run("--config", config_file, "--input", src, "--out", out, "--compare", "--truth", tmp_path / "truth") == 0
+    assert list(shown["a"]) == ["visible", "generated infrared (white-hot)", "truth (white-hot)"]
+    assert shown["a"]["truth (white-hot)"].shape == (32, 32) and (shown["a"]["truth (white-hot)"] == 200).all()
+    assert list(shown["b"]) == ["visible", "generated infrared (white-hot)"]
+    assert (out / "compare" / "a.png").exists() and (out / "compare" / "b.png").exists()
+    assert run("--config", config_file, "--input", src, "--out", tmp_path / "o2", "--compare",
+               "--truth", tmp_path / "nowhere") == 2
 
 
 def test_generate_errors_are_one_line(checkpoint, tmp_path, capsys):

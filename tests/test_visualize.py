@@ -15,8 +15,10 @@ from vis2ir.errors import Vis2IRError
 from vis2ir.latents import encode_images
 from vis2ir.model import build_model
 from vis2ir.pipeline import Vis2IRPipeline
+from vis2ir.figures import DPI, figure_array, text_width
+from vis2ir.io.images import write_png
 from vis2ir.visualize import (MIN_PICTURE_SIDE, AttentionMaps, class_attention, infrared_image, ironbow_lut,
-                              labelled_grid, query_attention, received_attention, save_attention_maps, side_by_side, write_png)
+                              labelled_grid, query_attention, received_attention, save_attention_maps)
 
 from tests.conftest import TINY_MODEL
 
@@ -43,23 +45,25 @@ def test_write_png_is_atomic_and_keeps_16_bits(tmp_path):
     path = write_png(tmp_path / "sub" / "ir.png", deep)
     assert np.array_equal(np.asarray(Image.open(path)), deep)
     assert [p.name for p in path.parent.iterdir()] == ["ir.png"]
-    both = side_by_side([np.zeros((10, 5, 3), np.uint8), np.ones((8, 7), np.float32)], gap=2)
-    assert both.shape == (10, 14, 3) and both[0, 7, 0] == 255 and both[9, 7, 0] == 255  # white below the short one
 
 
 def test_labelled_grid_enlarges_tiles_and_fits_the_longest_label():
     """Transposed (one set per row): tiles scaled up to `cell`, the label column as wide as the longest
-    name needs and no wider, infrared sets shown grey."""
+    name needs (never cut), infrared sets shown grey."""
     long_name = "mode=cross_attention__position=rope__inject_into=condition__num_heads=16"
     red = torch.zeros(3, 3, 16, 16)
     red[:, 0] = 1.0
     columns = {"visible": torch.zeros(3, 3, 16, 16), long_name: red}
-    sheet = labelled_grid(columns, rows=2, cell=64, transpose=True)
-    left = sheet.shape[1] - 2 * (64 + 2)
-    assert sheet.shape[0] == 2 * (64 + 2)
-    assert 5 * len(long_name) <= left <= 7 * len(long_name)  # the text's own width, not a per-character guess
-    tile = sheet[66:130, left:left + 64]
-    assert (tile == tile[0, 0]).all() and tile[0, 0].tolist() == [85, 85, 85]  # red (1, 0, 0) shown as its mean, grey
+    fig = labelled_grid(columns, rows=2, cell=64, transpose=True, title="t")
+    sheet = figure_array(fig)
+    label = text_width(long_name) * DPI
+    assert sheet.shape[1] >= label + 2 * 64 and sheet.shape[1] <= label + 2 * 64 + 40  # the label's own width
+    assert sheet.shape[0] >= 2 * 64
+    images = [ax.images[0].get_array() for ax in fig.axes if ax.images]
+    assert len(images) == 4 and all(a.shape[:2] == (16, 16) for a in images)
+    grey = np.asarray(images[2])  # the long-named set's first tile: red (1, 0, 0) shown as its mean, grey
+    assert (grey == grey[0, 0]).all() and grey[0, 0].tolist() == [85, 85, 85]
+    assert long_name in [ax.get_ylabel() for ax in fig.axes]
 
 
 def test_query_and_class_attention_on_known_maps():
@@ -155,9 +159,9 @@ def test_rope_attention_concentrates_near_the_query(rope_pipe, scenes, tmp_path)
     semantic = (scenes[0]["semantic"].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     written = save_attention_maps(tmp_path, visible, rope_att[0], [(10, 50)], semantic)
     assert sorted(p.name for p in written) == ["classes.json", "classes.png", "point0.png", "point0_heads.png"]
-    zoom = -(-MIN_PICTURE_SIDE // PANEL)  # a 64-pixel scene is drawn at 256 pixels
-    assert Image.open(tmp_path / "point0.png").size == (PANEL * zoom, PANEL * zoom)
-    assert Image.open(tmp_path / "classes.png").size[1] == PANEL * zoom
+    # a 64-pixel scene is drawn at 256 pixels (with its title and colour bar around it)
+    assert min(Image.open(tmp_path / "point0.png").size) > MIN_PICTURE_SIDE
+    assert Image.open(tmp_path / "classes.png").size[1] > MIN_PICTURE_SIDE
     stats = json.loads((tmp_path / "classes.json").read_text())
     assert sum(s["mass"] for s in stats.values()) == pytest.approx(1.0, abs=1e-4)
     assert set(stats) <= set(CLASS_NAMES) | {"void"}

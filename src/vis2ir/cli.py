@@ -99,7 +99,7 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     from vis2ir.pipeline import run_generate
 
     run_generate(args.input, args.out, bit_depth=args.bit_depth, palette=args.palette, compare=args.compare,
-                 save_attention=args.save_attention, **_generate_kwargs(args))
+                 save_attention=args.save_attention, truth=args.truth, **_generate_kwargs(args))
 
 
 def _cmd_visualize(args: argparse.Namespace) -> None:
@@ -244,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--palette", choices=("white-hot", "black-hot", "ironbow"), default="white-hot",
                    help="infrared palette (default: white-hot grey)")
     p.add_argument("--compare", action="store_true", help="also write compare/<name>.png: visible | semantic | IR")
+    p.add_argument("--truth", help="with --compare: true infrared FILE|DIR named like the inputs, shown beside")
     p.add_argument("--save-attention", action="store_true",
                    help="also write attention/<name>/: adapter heat-maps (mode cross_attention)")
     p.set_defaults(func=_cmd_generate)

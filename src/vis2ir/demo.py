@@ -72,11 +72,8 @@ def run_demo(out_dir: str | Path = "outputs/demo", config_path: str | None = Non
         report["training"] = _short_training(cfg, checkpoint, out / "train", train_steps)
     report["seconds"] = round(time.perf_counter() - started, 1)
     from vis2ir.files import write_json
-    from vis2ir.io.images import write_png
-    from vis2ir.visualize import labelled_grid
 
-    columns = {"visible": batch["visible"], "semantic": batch["semantic"], "truth": batch["infrared"], **predictions}
-    write_png(out / "report.png", labelled_grid(columns, rows=8))
+    _report_picture(out / "report.png", batch, predictions, report["metrics"], cfg)
     path = write_json(out / "metrics.json", report)
     _log_summary(report, out)
     return path
@@ -117,6 +114,25 @@ def _class_errors(pred: torch.Tensor, batch: dict) -> dict[str, float]:
         acc.add(p, t, c)
     summary = acc.summary()
     return {f"abs_err/{c}": summary[c]["abs_err"] for c in LOOKALIKE_CLASSES if c in summary}
+
+
+def _report_picture(path: Path, batch: dict, predictions: dict[str, torch.Tensor], metrics: dict, cfg: Config,
+                    rows: int = 8) -> Path:
+    """`report.png`: the first `rows` scenes as columns visible, semantic, truth, then each prediction
+    headed by its PSNR/SSIM and look-alike class errors over all the scenes."""
+    from vis2ir.figures import save_figure
+    from vis2ir.visualize import labelled_grid
+
+    columns = {"visible": batch["visible"], "semantic": batch["semantic"], "truth": batch["infrared"], **predictions}
+    captions = {name: "\n".join([f"PSNR {m['psnr']:.2f} dB", f"SSIM {m['ssim']:.3f}"]
+                                + [f"{k.split('/', 1)[1]} {v:.3f}" for k, v in m.items() if k.startswith("abs_err/")])
+                for name, m in metrics.items()}
+    n = batch["visible"].shape[0]
+    title = (f"vis2ir demo: {min(rows, n)} of {n} held-out ThermalScenes ({cfg.data.size}×{cfg.data.size}), "
+             f"mode {cfg.model.semantic.mode}. Under each prediction: PSNR/SSIM (native, one channel) over the "
+             f"{n} scenes,\nthen the mean absolute infrared error (0–1) on classes that look alike in the visible image")
+    fig = labelled_grid(columns, rows=rows, cell=128, title=title, captions=captions)
+    return save_figure(path, fig)
 
 
 def _save_attention(directory: Path, batch: dict, attention, model) -> None:

@@ -196,24 +196,3 @@ def legend_entries(ids=None) -> list[dict]:
     return [{"id": int(i), "name": CLASS_NAMES[i], "rgb": [int(v) for v in BASE_COLOURS[i]],
              "hex": "#{:02x}{:02x}{:02x}".format(*(int(v) for v in BASE_COLOURS[i])),
              "thing": i in THING_IDS} for i in ids]
-
-
-def legend_image(ids=None, rows_per_column: int = 40, shades: int = 4) -> np.ndarray:
-    """A readable legend, uint8 RGB: per class its base colour, then (things) the next instance shades."""
-    from PIL import Image, ImageDraw
-
-    entries = [{"id": VOID, "name": "void (no class)", "thing": False}] + legend_entries(ids)
-    row, swatch, text_w = 16, 14, 170
-    col_w = shades * (swatch + 2) + text_w
-    cols = -(-len(entries) // rows_per_column)
-    rows = min(len(entries), rows_per_column)
-    sheet = Image.new("RGB", (cols * col_w + 4, rows * row + 4), "white")
-    draw = ImageDraw.Draw(sheet)
-    for k, e in enumerate(entries):
-        x, y = 2 + (k // rows_per_column) * col_w, 2 + (k % rows_per_column) * row
-        for s in range(shades if e["thing"] else 1):
-            colour = tuple(int(v) for v in colourise(np.array([e["id"]]), np.array([s]))[0])
-            draw.rectangle([x + s * (swatch + 2), y, x + s * (swatch + 2) + swatch - 1, y + swatch - 1],
-                           fill=colour, outline=(128, 128, 128))
-        draw.text((x + shades * (swatch + 2) + 2, y + 1), f"{e['id']:>3} {e['name']}", fill="black")
-    return np.asarray(sheet)

@@ -34,7 +34,7 @@ from vis2ir.config import Config, first_difference, load_config
 from vis2ir.errors import Vis2IRError
 from vis2ir.io.images import Normaliser, is_finite, read_image, rgb_image, same_aspect, to_tensor, write_png, wxh
 from vis2ir.files import safe_join
-from vis2ir.io.inputs import Item, Summary, auto_cache, list_inputs, missing_maps_help
+from vis2ir.io.inputs import Item, Summary, auto_cache, list_images, list_inputs, missing_maps_help
 from vis2ir.io.runtime import default_device, dist_env, shard
 from vis2ir.latents import VAECodec, patch_size, token_grid
 from vis2ir.model import Vis2IRModel, build_model
@@ -42,7 +42,8 @@ from vis2ir.palette import semantic_problem
 from vis2ir.quantize import OutOfMemory, out_of_memory
 from vis2ir.sample import generate
 from vis2ir.semantic.modes import NEEDS_SEMANTIC, num_panels
-from vis2ir.visualize import AttentionMaps, check_output_format, infrared_image, save_attention_maps, side_by_side
+from vis2ir.figures import save_figure
+from vis2ir.visualize import AttentionMaps, check_output_format, compare_figure, infrared_image, save_attention_maps
 
 log = logging.getLogger(__name__)
 
@@ -319,14 +320,16 @@ def run_generate(input: str | Path, out: str | Path, *, config=None, checkpoint=
                  bit_depth: int = 8, palette: str = "white-hot", compare: bool = False,
                  save_attention: bool = False, points=(), offload: str = "none", device=None,
                  size: int | str | None = None, write_images: bool = True,
-                 segment_model: str | None = None, recursive: bool = False) -> Summary:
+                 segment_model: str | None = None, recursive: bool = False,
+                 truth: str | Path | None = None) -> Summary:
     """Generate infrared for a file or a folder into `out` (`<name>.png`), under several processes
     each taking its share. Existing outputs are skipped unless `overwrite`; a bad input (unreadable,
     too large, a semantic map that is not palette colours or not the photo's aspect) or a non-finite
     output is reported and the run goes on; any failure ends in one error that lists them. `size`:
     see `Vis2IRPipeline` (default `sample.size`). With `semantic="auto"` the missing maps are made
     with the panoptic `segment_model` (default: `DEFAULT_SEGMENTER`). With `recursive` the images of
-    sub-folders are generated too, their outputs in the same sub-folders of `out`."""
+    sub-folders are generated too, their outputs in the same sub-folders of `out`. `truth`: a folder
+    (or file) of true infrared images named like the inputs, shown beside the prediction in `compare/`."""
     check_output_format(bit_depth, palette)
     if isinstance(size, str) and size not in ("auto", "native"):
         raise Vis2IRError(f"--size: expected a number of pixels, 'auto' or 'native' (0), got {size!r}")
@@ -334,6 +337,7 @@ def run_generate(input: str | Path, out: str | Path, *, config=None, checkpoint=
         raise Vis2IRError(f"--offload: {offload!r} is not one of {', '.join(OFFLOAD)}")
     points = [parse_point(p) if isinstance(p, str) else p for p in points]
     out = Path(out)
+    truths = _truths(truth) if compare else {}
     items = list_inputs(input, semantic, recursive=recursive, exclude=(out,))
     rank, world = dist_env()
     mine = shard(items, rank, world)
@@ -368,14 +372,26 @@ def run_generate(input: str | Path, out: str | Path, *, config=None, checkpoint=
         opts = dict(seed=seed, steps=steps, guidance=guidance, adapter_scale=adapter_scale, size=size)
         with tqdm(total=len(todo), desc=f"generate {rank}/{world}" if world > 1 else "generate", unit="img") as bar:
             for group in _loaded_groups(todo, batch_size, summary, pipe.needs_semantic):
-                _run_batch(pipe, group, out, summary, opts, attention, write_images, bit_depth, palette, compare,
-                           points)
+                _run_batch(pipe, group, out, summary, opts, attention, write_images, bit_depth, palette,
+                           compare and truths, points)
                 bar.update(max(1, len(group)))
     log.info("Done: %d generated, %d skipped, %d failed -> %s", len(summary.done), len(summary.skipped),
              len(summary.failed), out)
     lacking = any(it.problem and it.name in summary.failed for it in mine)
     summary.raise_failures(len(mine), f"for the missing semantic maps: {maps_help}" if lacking else None)
     return summary
+
+
+def _truths(truth: str | Path | None) -> dict[str, Path] | bool:
+    """`--truth`: the true infrared images by file stem (a file: itself); True (compare without truths) when None."""
+    if truth is None:
+        return True
+    truth = Path(truth)
+    if truth.is_file():
+        return {truth.stem: truth}
+    if not truth.is_dir():
+        raise Vis2IRError(f"--truth {truth}: no such file or folder")
+    return {p.stem: p for p in list_images(truth)} or True
 
 
 def _auto_semantic(items: list[Item], cache: Path, needed: bool, model: str | None, device, batch_size: int) -> None:
@@ -451,7 +467,8 @@ def _check_map(g: _Loaded) -> None:
 
 
 def _run_batch(pipe: Vis2IRPipeline, group: list[_Loaded], out: Path, summary: Summary, opts: dict,
-               attention: bool, write_images: bool, bit_depth: int, palette: str, compare: bool, points) -> None:
+               attention: bool, write_images: bool, bit_depth: int, palette: str, compare: dict | bool,
+               points) -> None:
     if not group:
         return
     sem = [g.semantic for g in group] if pipe.needs_semantic else None
@@ -484,8 +501,9 @@ def _run_batch(pipe: Vis2IRPipeline, group: list[_Loaded], out: Path, summary: S
 
 
 def _write_outputs(g: _Loaded, ir: torch.Tensor, att: AttentionMaps | None, out: Path, write_images: bool,
-                   bit_depth: int, palette: str, compare: bool, points, normaliser: Normaliser) -> None:
-    """The files of one item: `<name>.png`, `compare/<name>.png`, attention heat-maps."""
+                   bit_depth: int, palette: str, compare: dict | bool, points, normaliser: Normaliser) -> None:
+    """The files of one item: `<name>.png`, `compare/<name>.png` (`compare`: true, or the truths by name,
+    `_truths`), attention heat-maps."""
     shown = to_tensor(g.visible, str(g.item.visible), normaliser)  # 16-bit photos as the model saw them
     visible = (shown * 255).round().byte().permute(1, 2, 0).numpy()
     semantic = None if g.semantic is None else np.asarray(rgb_image(g.semantic))
@@ -493,8 +511,16 @@ def _write_outputs(g: _Loaded, ir: torch.Tensor, att: AttentionMaps | None, out:
     if write_images:
         write_png(safe_join(out, g.item.name, ".png"), infrared_image(grey, bit_depth, palette))
     if compare:
-        panels = [visible] + ([semantic] if semantic is not None else []) + [infrared_image(grey, 8, palette)]
-        write_png(safe_join(out / "compare", g.item.name, ".png"), side_by_side(panels))
+        panels = {"visible": visible} | ({"semantic": semantic} if semantic is not None else {})
+        panels[f"generated infrared ({palette})"] = infrared_image(grey, 8, palette)
+        known = compare.get(g.item.name) if isinstance(compare, dict) else None
+        if known is not None:  # the truth as the model's output is scored: one channel, at the output's size
+            true = to_tensor(read_image(known), str(known), normaliser).mean(0)
+            if tuple(true.shape) != grey.shape:
+                true = F.interpolate(true[None, None], size=grey.shape, mode="bilinear", align_corners=False)[0, 0]
+            panels[f"truth ({palette})"] = infrared_image(true.numpy(), 8, palette)
+        save_figure(safe_join(out / "compare", g.item.name, ".png"),
+                    compare_figure(panels, f"{g.item.name}: visible → infrared"))
     if att is not None:
         h, w = visible.shape[:2]
         save_attention_maps(safe_join(out / "attention" if write_images else out, g.item.name), visible, att,

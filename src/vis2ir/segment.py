@@ -27,9 +27,9 @@ import torch
 from tqdm.auto import tqdm
 
 from vis2ir.config import DEFAULT_SEGMENTER
-from vis2ir.palette import (CLASS_NAMES, THING_IDS, VOID, class_for_label, colourise, legend_entries,
-                                 legend_image)
+from vis2ir.palette import CLASS_NAMES, THING_IDS, VOID, class_for_label, colourise, legend_entries
 from vis2ir.errors import Vis2IRError, first_line
+from vis2ir.figures import palette_legend, save_figure
 from vis2ir.files import safe_join, write_text
 from vis2ir.hub import cached_snapshot, check_hub, is_local, local_folder
 from vis2ir.io.images import ImageError, read_image, write_png
@@ -172,7 +172,7 @@ def write_legend(folder: Path, segmenter: Segmenter) -> None:
                        for k, c in sorted(segmenter.label_class.items())}}
     folder.mkdir(parents=True, exist_ok=True)
     write_text(folder / "legend.json", json.dumps(info, indent=2))
-    write_png(folder / "legend.png", legend_image(ids))
+    save_figure(folder / "legend.png", palette_legend(ids=ids, title=f"Classes of {segmenter.name}"))
 
 
 def write_panoptic(out: Path, name: str, result: Panoptic, raw: bool = True) -> Path:

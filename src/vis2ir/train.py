@@ -228,7 +228,8 @@ class Vis2IRModule(L.LightningModule):
     @torch.no_grad()
     def _sample_grid(self, vis, ir, sem) -> None:
         """visible | generated | ground truth | semantic, saved under samples/ and sent to TensorBoard."""
-        from vis2ir.io.images import is_finite, write_png
+        from vis2ir.figures import figure_array, save_figure
+        from vis2ir.io.images import is_finite
         from vis2ir.sample import generate
         from vis2ir.visualize import labelled_grid
 
@@ -242,8 +243,10 @@ class Vis2IRModule(L.LightningModule):
         columns = {"visible": vis, "generated": generated, "truth": ir}
         if sem is not None:
             columns["semantic"] = sem
-        grid = labelled_grid(columns)
-        path = write_png(Path(self.cfg.train.output_dir) / "samples" / f"step-{self.global_step}.png", grid)
+        fig = labelled_grid(columns, title=f"Validation samples at step {self.global_step} "
+                                           f"({s.steps} sampling steps, guidance {s.guidance:g})")
+        path = save_figure(Path(self.cfg.train.output_dir) / "samples" / f"step-{self.global_step}.png", fig)
+        grid = figure_array(fig)
         for logger in self.loggers:
             if hasattr(logger.experiment, "add_image"):
                 logger.experiment.add_image("val/samples", grid, self.global_step, dataformats="HWC")

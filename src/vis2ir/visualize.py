@@ -1,29 +1,32 @@
-"""Pictures of results: infrared palettes, side-by-side comparisons, adapter-attention heat-maps.
+"""Pictures of results: infrared palettes, labelled comparisons and grids, adapter-attention heat-maps.
 
-Pure functions on numpy images (uint8 `[H, W, 3]` RGB, or float `[H, W]` in [0, 1]) and on
-`AttentionMaps`, the adapter's attention for one image as the pipeline returns it. Files are
-written atomically (`vis2ir.io.images.write_png`).
+Functions on numpy images (uint8 `[H, W, 3]` RGB, or float `[H, W]` in [0, 1]) and on
+`AttentionMaps`, the adapter's attention for one image as the pipeline returns it. Every picture has
+a title, labelled panels, a colour bar where colours are values and the semantic palette's legend
+where a semantic map is shown (`vis2ir.figures`, matplotlib); files are written atomically.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from matplotlib.figure import Figure
 
 from vis2ir.errors import Vis2IRError
+from vis2ir.figures import ColourBar, image_grid, lut_colormap, save_figure, semantic_ids
 from vis2ir.files import write_text
-from vis2ir.io.images import write_png
+from vis2ir.palette import decode
 
 log = logging.getLogger(__name__)
 
+MIN_PICTURE_SIDE = 256  # pictures of smaller images are drawn larger (pixels not smoothed)
+HEAD_CELL = 160  # per-head attention tiles
 PALETTES = ("white-hot", "black-hot", "ironbow")
 # Ironbow: black → indigo → magenta → red → orange → yellow → white, by control points.
 IRONBOW_POINTS = ((0.00, (0, 0, 10)), (0.15, (30, 0, 100)), (0.35, (140, 10, 150)), (0.55, (220, 60, 60)),
@@ -71,16 +74,13 @@ def as_rgb8(image: np.ndarray) -> np.ndarray:
     return np.repeat(image[..., None], 3, -1) if image.ndim == 2 else image[..., :3]
 
 
-def side_by_side(panels: list[np.ndarray], gap: int = 4) -> np.ndarray:
-    """Images of one height side by side on white, as uint8 RGB."""
-    panels = [as_rgb8(p) for p in panels]
-    h = max(p.shape[0] for p in panels)
-    out = np.full((h, sum(p.shape[1] for p in panels) + gap * (len(panels) - 1), 3), 255, np.uint8)
-    x = 0
-    for p in panels:
-        out[:p.shape[0], x:x + p.shape[1]] = p
-        x += p.shape[1] + gap
-    return out
+def compare_figure(panels: dict[str, np.ndarray], title: str) -> Figure:
+    """Named images of one scene side by side, each labelled (`visible`, `semantic`, `generated`,
+    `truth`, ...), with the semantic palette's legend of the classes in a `semantic` panel."""
+    semantic = panels.get("semantic")
+    cell = max(MIN_PICTURE_SIDE, max(next(iter(panels.values())).shape[:2]))
+    return image_grid([[as_rgb8(p) for p in panels.values()]], title=title, column_labels=list(panels),
+                      cell=min(cell, 512), legend_ids=semantic_ids([as_rgb8(semantic)]) if semantic is not None else ())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -166,115 +166,105 @@ def overlay(visible: np.ndarray, heat: np.ndarray, top: float | None = None, alp
     return np.round((1 - weight) * as_rgb8(visible) + weight * colours).astype(np.uint8)
 
 
-def mark(image: np.ndarray, x: float, y: float) -> np.ndarray:
-    """A small cross at `(x, y)`, white with a black outline."""
-    pil = Image.fromarray(image)
-    draw = ImageDraw.Draw(pil)
-    r = max(3, min(image.shape[:2]) // 40)
-    for colour, width in (((0, 0, 0), 3), ((255, 255, 255), 1)):
-        draw.line([(x - r, y), (x + r, y)], fill=colour, width=width)
-        draw.line([(x, y - r), (x, y + r)], fill=colour, width=width)
-    return np.asarray(pil)
-
-
-def tile_grid(tiles: list[list[np.ndarray]], max_side: int = 192, gap: int = 2) -> np.ndarray:
-    """Rows of equally sized images → one image, each tile shrunk to at most `max_side` pixels."""
-    h, w = tiles[0][0].shape[:2]
-    scale = min(1.0, max_side / max(h, w))
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    rows = [side_by_side([np.asarray(Image.fromarray(t).resize(size, Image.BILINEAR)) for t in row], gap)
-            for row in tiles]
-    out = np.full((sum(r.shape[0] for r in rows) + gap * (len(rows) - 1), rows[0].shape[1], 3), 255, np.uint8)
-    y = 0
-    for r in rows:
-        out[y:y + r.shape[0]] = r
-        y += r.shape[0] + gap
-    return out
-
-
-MIN_PICTURE_SIDE = 256  # attention pictures of smaller images are enlarged to at least this
-
-
-def enlarge(image: np.ndarray, zoom: int) -> np.ndarray:
-    """Each pixel of `[H, W, ...]` repeated `zoom` × `zoom` times (nearest neighbour)."""
-    return image if zoom == 1 else image.repeat(zoom, axis=0).repeat(zoom, axis=1)
+def ironbow_bar(label: str, top: float) -> ColourBar:
+    return ColourBar(label, 0.0, top, lut_colormap(ironbow_lut(), "ironbow"))
 
 
 def save_attention_maps(directory: str | Path, visible: np.ndarray, att: AttentionMaps,
                         points: list[tuple[float, float]], semantic: np.ndarray | None = None) -> list[Path]:
-    """Write the heat-maps for one image into `directory` (at least `MIN_PICTURE_SIDE` pixels high or wide):
+    """Write the heat-maps for one image into `directory` (drawn at least `MIN_PICTURE_SIDE` pixels
+    high or wide), each with a title and a colour bar of the attention weights:
 
-    - `point{i}.png`: where the query at each point looks (mean over layers and heads), over the visible image;
-    - `point{i}_heads.png`: the same per layer (rows) and head (columns);
+    - `point{i}.png`: where the query at each point (the cross) looks, mean over layers and heads,
+      over the visible image;
+    - `point{i}_heads.png`: the same per layer (rows) and head (columns), on one colour scale;
     - `classes.png` / `classes.json`: the attention each semantic class region receives, as its share of
-      the attention over its share of the area (needs `semantic`).
+      the attention over its share of the area, beside the semantic map and its legend (needs `semantic`).
     """
     directory = Path(directory)
-    zoom = max(1, -(-MIN_PICTURE_SIDE // max(att.size)))  # small images are drawn larger (pixels repeated)
-    size = (att.size[0] * zoom, att.size[1] * zoom)
-    shown_visible = enlarge(as_rgb8(visible), zoom)
+    h, w = att.size
+    cell = max(MIN_PICTURE_SIDE, h, w)
+    shown = as_rgb8(visible)
     written = []
+    label = "attention weight per semantic token"
     for i, (x, y) in enumerate(points):
         maps = query_attention(att, x, y)
-        mx, my = (x + 0.5) * zoom - 0.5, (y + 0.5) * zoom - 0.5
-        mean = overlay(shown_visible, upsample(maps.mean(dim=(0, 1)), size))
-        written.append(write_png(directory / f"point{i}.png", mark(mean, mx, my)))
-        tiles = [[mark(overlay(shown_visible, upsample(maps[layer, head], size)), mx, my)
-                  for head in range(maps.shape[1])] for layer in range(maps.shape[0])]
-        written.append(write_png(directory / f"point{i}_heads.png", tile_grid(tiles)))
+        mean = maps.mean(dim=(0, 1))
+        top = float(mean.max())
+        fig = image_grid([[overlay(shown, upsample(mean, (h, w)), top)]], cell=cell, markers=[[(x, y)]],
+                         title=f"Where the query at x={x:.1f}, y={y:.1f} (+) looks\n(mean over "
+                               f"{_count(maps.shape[0], 'layer')} × {_count(maps.shape[1], 'head')}; "
+                               f"{att.rows}×{att.panel_cols} tokens)",
+                         colour_bar=ironbow_bar(label, top))
+        written.append(save_figure(directory / f"point{i}.png", fig))
+        top = float(maps.max())
+        tiles = [[overlay(shown, upsample(maps[layer, head], (h, w)), top) for head in range(maps.shape[1])]
+                 for layer in range(maps.shape[0])]
+        fig = image_grid(tiles, cell=HEAD_CELL, title=f"Per layer and head: the query at x={x:.1f}, y={y:.1f} (+)",
+                         column_labels=[f"head {k}" for k in range(maps.shape[1])],
+                         row_labels=[f"layer {k}" for k in range(maps.shape[0])],
+                         markers=[[(x, y)] * maps.shape[1]] * maps.shape[0], colour_bar=ironbow_bar(label, top))
+        written.append(save_figure(directory / f"point{i}_heads.png", fig))
     if semantic is not None:
-        from vis2ir.palette import CLASS_NAMES, decode
+        from vis2ir.palette import CLASS_NAMES
 
-        classes = decode(as_rgb8(semantic))[0]
+        semantic = as_rgb8(semantic)
+        classes = decode(semantic)[0]
         stats = class_attention(received_attention(att), classes)
         ratio = np.zeros(classes.shape, np.float32)
         for c, s in stats.items():
             ratio[classes == c] = s["ratio"]
-        # ratio 1 (a fair share) at mid-scale
-        shown = overlay(shown_visible, enlarge(ratio, zoom), top=max(2.0, float(ratio.max())))
-        pair = side_by_side([enlarge(as_rgb8(semantic), zoom), shown])
-        written.append(write_png(directory / "classes.png", pair))
+        top = max(2.0, float(ratio.max()))  # ratio 1 (a fair share) at mid-scale or below
+        fig = image_grid([[semantic, overlay(shown, ratio, top=top)]], cell=cell,
+                         title="Attention each class region receives, over its share of the area",
+                         column_labels=["semantic map", "received attention ÷ area (1: a fair share)"],
+                         colour_bar=ironbow_bar("attention share ÷ area share", top),
+                         legend_ids=semantic_ids([semantic]))
+        written.append(save_figure(directory / "classes.png", fig))
         named = {(CLASS_NAMES[c] if 0 <= c < len(CLASS_NAMES) else "void"): s
                  for c, s in sorted(stats.items(), key=lambda kv: -kv[1]["ratio"])}
         written.append(write_text(directory / "classes.json", json.dumps(named, indent=2)))
     return written
 
 
-def labelled_grid(columns: dict[str, torch.Tensor], rows: int = 8, cell: int = 96, transpose: bool = False) -> np.ndarray:
-    """A picture of named sets of images `[B, 3, H, W]` in [0, 1]: one set per column with its name
-    on top and one scene per row, or with `transpose` one set per row, its name on the left.
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}" + ("s" if n != 1 else "")
+
+
+def labelled_grid(columns: dict[str, torch.Tensor], rows: int = 8, cell: int = 96, transpose: bool = False,
+                  title: str = "", captions: dict[str, str] | None = None, scene_names: list[str] | None = None
+                  ) -> Figure:
+    """A labelled picture of named sets of images `[B, 3, H, W]` in [0, 1]: one set per column with its
+    name (and `captions[name]`, e.g. its scores) on top and one scene per row (named by `scene_names`),
+    or with `transpose` one set per row, its name on the left. A `semantic` set adds the palette's legend
+    of the classes shown.
 
     Sets other than `visible` and `semantic` are infrared: shown grey (the channel mean).
     """
     first = next(iter(columns.values()))
     n = min(rows, first.shape[0])
-    h, w = first.shape[-2:]
-    scale = max(1, cell // max(h, w))
-    ch, cw, gap = h * scale, w * scale, 2
-    if transpose:  # names on the left, as wide as the longest needs
-        measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-        top, left = 0, math.ceil(max(measure.textlength(name) for name in columns)) + 8
-    else:
-        top, left = 14, 0
-    sets, scenes = (len(columns), n) if transpose else (n, len(columns))  # grid rows, grid columns
-    sheet = Image.new("RGB", (left + scenes * (cw + gap), top + sets * (ch + gap)), "white")
-    draw = ImageDraw.Draw(sheet)
-    for c, (name, images) in enumerate(columns.items()):
-        label = name if transpose else _fit(draw, name, cw - 2)
-        draw.text((2, c * (ch + gap) + ch // 2 - 5) if transpose else (c * (cw + gap) + 2, 1), label, fill="black")
-        for r in range(n):
-            image = images[r].float().cpu()
-            image = image if name in ("visible", "semantic") else image.mean(0, keepdim=True).expand(3, -1, -1)
-            tile = (image.clamp(0, 1).permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
-            col, row = (r, c) if transpose else (c, r)
-            sheet.paste(Image.fromarray(tile).resize((cw, ch), Image.NEAREST), (left + col * (cw + gap), top + row * (ch + gap)))
-    return np.asarray(sheet)
+    tiles = {}
+    for name, images in columns.items():
+        images = images[:n].float().cpu().clamp(0, 1)
+        if name not in ("visible", "semantic"):
+            images = images.mean(1, keepdim=True).expand(-1, 3, -1, -1)
+        tiles[name] = [(images[r].permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8) for r in range(n)]
+    labels = [name + (f"\n{captions[name]}" if captions and captions.get(name) else "") for name in columns]
+    names = (scene_names or [])[:n] or None
+    legend = semantic_ids(tiles["semantic"]) if "semantic" in tiles else ()
+    if transpose:
+        return image_grid([tiles[name] for name in columns], title=title, row_labels=labels, column_labels=names,
+                          cell=cell, legend_ids=legend)
+    return image_grid([[tiles[name][r] for name in columns] for r in range(n)], title=title, column_labels=labels,
+                      row_labels=names, cell=cell, legend_ids=legend)
 
 
-def _fit(draw: ImageDraw.ImageDraw, text: str, width: int) -> str:
-    """`text`, cut short with '…' to fit `width` pixels."""
-    if draw.textlength(text) <= width:
-        return text
-    while text and draw.textlength(text + "…") > width:
-        text = text[:-1]
-    return text + "…"
+def error_strip(examples: list[tuple[str, np.ndarray, np.ndarray]], title: str) -> Figure:
+    """One row per `(name, prediction, truth)` (grey float `[H, W]` in [0, 1], same size): prediction |
+    truth | absolute error, the error in colour on one scale for all rows, with its colour bar."""
+    top = max(0.05, max(float(np.abs(p - t).max()) for _, p, t in examples))
+    bar = ColourBar("|prediction − truth| (infrared, 0–1)", 0.0, top, "magma")
+    rows = [[as_rgb8(p), as_rgb8(t), bar.colour(np.abs(p - t))] for _, p, t in examples]
+    cell = min(256, max(128, *examples[0][1].shape))
+    return image_grid(rows, title=title, column_labels=["prediction", "truth", "absolute error"],
+                      row_labels=[name for name, _, _ in examples], cell=cell, colour_bar=bar)

@@ -183,7 +183,7 @@ def test_ablation_runs_resumes_and_collects(tiny_config, tmp_path, caplog):
     from PIL import Image
 
     sheet = Image.open(tmp_path / "abl" / "samples.png")  # visible, semantic, truth + 2 rows of predictions
-    assert sheet.height == 5 * (128 + 2) and sheet.width > 3 * (128 + 2)  # tiles enlarged to 128 px
+    assert 5 * 128 < sheet.height < 6 * 128 and sheet.width > 3 * 128  # tiles enlarged to 128 px, labelled
     caplog.clear()
     run_ablation(base, grid, seeds="0", out=tmp_path / "abl", progress=False)
     assert caplog.text.count("done already, skipped") == 2 and "Training" not in caplog.text
@@ -373,3 +373,33 @@ def test_evaluation_streams_the_split(tiny_config, tmp_path, live_samples, monke
     rows = references(cfg, tmp_path / "abl")
     assert live_samples.peak - start <= 4 and live_samples.made - made == 40 + 16
     assert rows["class_oracle"]["metrics"]["psnr"] > 0
+
+
+def test_checkpoint_and_folder_evaluations_give_one_number(tiny_config, tmp_path):
+    """Issue 15, item 9: `--checkpoint` scores the 8-bit predictions it saves, so `--pred` on those
+    files against the same truths (a folder source already at data.size: the loader neither crops nor
+    resizes) gives the same figures; each report says what it scored."""
+    run = train_tiny(tiny_config, tmp_path)
+    source = tmp_path / "scenes"
+    assert main(["data", "synth", "--out", str(source), "--count", "16", "--size", "32", "--seed", "3"]) == 0
+    by_checkpoint = evaluate_checkpoint(run, overrides=[f"data.source={source}", "data.test_fraction=0.5"],
+                                        split="test", limit=3, out=tmp_path / "ev")
+    names = [r["name"] for r in by_checkpoint["per_image"]]
+    for kind in ("infrared", "semantic"):  # the scored samples' truths and maps, as files
+        (tmp_path / kind).mkdir()
+        for name in names:
+            (tmp_path / kind / f"{name}.png").write_bytes((source / kind / f"{name}.png").read_bytes())
+    by_files = evaluate_folders(tmp_path / "ev" / "pred", tmp_path / "infrared", tmp_path / "semantic",
+                                out=tmp_path / "files")
+    for key in ("psnr", "ssim", "psnr_native", "ssim_native"):
+        assert by_files["metrics"][key] == pytest.approx(by_checkpoint["metrics"][key], rel=1e-6, abs=1e-9), key
+    assert by_files["classes"].keys() == by_checkpoint["classes"].keys()
+    for name, c in by_checkpoint["classes"].items():
+        assert by_files["classes"][name]["abs_err"] == pytest.approx(c["abs_err"], rel=1e-6), name
+    scored = json.loads((tmp_path / "ev" / "metrics.json").read_text())["scored"]
+    assert "8 bits" in scored["prediction"] and "32×32" in scored["resolution"]
+    assert "centred square" in scored["truth"] and "data.ir_normalize=percentile" in scored["truth"]
+    assert "at their own size" in by_files["scored"]["truth"]
+    for out in ("ev", "files"):
+        assert "What was scored" in (tmp_path / out / "metrics.md").read_text()
+        assert Image.open(tmp_path / out / "strip.png").size[0] > 3 * 128  # prediction | truth | error

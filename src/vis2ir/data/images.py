@@ -156,3 +156,28 @@ def _check_not_colour_mapped(image: Image.Image, pixels: tuple, label: str) -> N
         raise DataError(f"{label}: the infrared image is in colour ({share:.0%} of its pixels), as exported "
                         "through a colour palette (ironbow, rainbow); its brightness does not keep the heat "
                         "order: export the raw or grey-scale infrared instead")
+
+
+def loader_description(cfg, split: str) -> str:
+    """In words, what the data loader makes of each sample of `split` under `cfg` (a `DataConfig`): the
+    crop, the resize and the infrared normalisation (for contact sheets and evaluation reports)."""
+    size = f"{cfg.size}×{cfg.size}"
+    if cfg.source == "thermalscenes":
+        return f"ThermalScenes rendered at {size} (synthetic, seed {cfg.synth_seed}): no crop or resize"
+    if cfg.resize_policy == "resize":
+        geometry = f"each panel resized to {size} (aspect ratio not kept)"
+    elif cfg.resize_policy == "random_crop" and split == "train":
+        geometry = f"a square of the panel's shorter side at a random place, resized to {size}"
+    else:
+        geometry = f"the centred square of the panel's shorter side, resized to {size}"
+    if cfg.hflip and split == "train":
+        geometry += ", mirrored at random"
+    return f"{geometry} (bicubic; semantic maps nearest); infrared {normalisation_description(cfg)}"
+
+
+def normalisation_description(cfg) -> str:
+    """In words, how infrared values become 0–1 under `cfg` (a `DataConfig`; `vis2ir.io.images.Normaliser`)."""
+    how = {"percentile": f"percentiles {cfg.ir_percentiles[0]:g}–{cfg.ir_percentiles[1]:g} of each image",
+           "minmax": "each image's minimum–maximum",
+           "fixed": f"the fixed range {cfg.ir_range[0]:g}–{cfg.ir_range[1]:g}"}[cfg.ir_normalize]
+    return f"8-bit ÷ 255, 16-bit and float mapped to 0–1 by {how} (data.ir_normalize={cfg.ir_normalize})"

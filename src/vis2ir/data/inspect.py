@@ -4,23 +4,25 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import textwrap
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from matplotlib.backend_bases import FigureCanvasBase
+from matplotlib.figure import Figure
 
 from vis2ir.config import DataConfig
 from vis2ir.data.dataset import PanelDataset, maps_help, open_source, scan
 from vis2ir.data.errors import DataError
 from vis2ir.data.folders import FileReader
 from vis2ir.data.splits import SPLITS, hash_split
-from vis2ir.files import atomic_write
+from vis2ir.data.images import loader_description
+from vis2ir.figures import image_grid, save_figure, semantic_ids
 
 log = logging.getLogger(__name__)
 
 THUMB = 160  # panel size on the contact sheet
-CAPTION = 18
 TABLE_CHECKS = 500  # table rows whose headers are read (folders: every file)
 PIXEL_CHECKS = 64  # samples decoded (at thumbnail size) to find what headers cannot tell: colour-mapped
 # infrared, semantic maps that are not palette colours, undecodable data
@@ -47,36 +49,33 @@ def inspect_source(cfg: DataConfig, out: str | Path | None = None, count: int = 
         log.info("skipped files: %s", report["skipped"])
     log.info("problems: %d%s", len(report["problems"]), "".join(f"\n  {p}" for p in report["problems"][:20]))
     if out is not None:
-        sheet = contact_sheet(samples)
-        fmt = Image.registered_extensions().get(Path(out).suffix.lower())
-        if fmt is None:
+        if Path(out).suffix.lower().lstrip(".") not in FigureCanvasBase.get_supported_filetypes():
             raise DataError(f"contact sheet {out}: unknown image suffix (use .png or .jpg)")
-        atomic_write(Path(out).expanduser(), lambda tmp: sheet.save(tmp, format=fmt))
+        save_figure(Path(out).expanduser(), contact_sheet(samples, cfg.source, loader_description(cfg, "val")))
         report["sheet"] = str(out)
         log.info("contact sheet: %s (%d triptychs)", out, len(samples))
     return report
 
 
-def contact_sheet(samples: list[dict]) -> Image.Image:
-    """One row per sample: a caption (name), then visible | infrared | semantic."""
+def contact_sheet(samples: list[dict], source: str = "", loading: str = "") -> Figure:
+    """One row per sample (named, with its split), columns visible | infrared | semantic as the loader
+    prepares them; the title names the source and says what the loader does (`loading`, e.g.
+    `data.images.loader_description`); a legend of the semantic classes shown."""
     if not samples:
         raise DataError("contact sheet: no readable samples to show")
-    size = samples[0]["visible"].shape[-1]
-    sheet = Image.new("RGB", (3 * size + 4, len(samples) * (size + CAPTION + 2)), (32, 32, 32))
-    draw = ImageDraw.Draw(sheet)
-    font = ImageFont.load_default()
-    for row, sample in enumerate(samples):
-        y = row * (size + CAPTION + 2)
-        draw.text((4, y + 3), f"{sample['name']}  [{sample.get('split', '')}]", fill=(230, 230, 230), font=font)
-        for col, kind in enumerate(("visible", "infrared", "semantic")):
-            x = col * (size + 2)
-            if kind in sample:
-                pixels = (sample[kind].clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-                sheet.paste(Image.fromarray(np.ascontiguousarray(pixels)), (x, y + CAPTION))
-            else:
-                draw.rectangle((x, y + CAPTION, x + size - 1, y + CAPTION + size - 1), fill=(70, 70, 70))
-                draw.text((x + 8, y + CAPTION + size // 2), "no semantic map", fill=(230, 230, 230), font=font)
-    return sheet
+    kinds = ("visible", "infrared", "semantic")
+    cells = [[_pixels(sample[kind]) if kind in sample else None for kind in kinds] for sample in samples]
+    shown = [c[2] for c in cells if c[2] is not None]
+    title = (f"{source}: {len(samples)} samples as the loader prepares them (shown at {THUMB} px)"
+             + (f"\n{textwrap.fill(loading, 110)}" if loading else ""))
+    return image_grid(cells, title=title, column_labels=list(kinds), cell=THUMB, missing="no semantic map",
+                      row_labels=[f"{s['name']}\n[{s.get('split', '')}]" for s in samples],
+                      legend_ids=semantic_ids(shown) if shown else ())
+
+
+def _pixels(image) -> np.ndarray:
+    """A `[3, H, W]` tensor in [0, 1] → uint8 RGB `[H, W, 3]`."""
+    return np.ascontiguousarray((image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())
 
 
 def _inspect_files(cfg: DataConfig, count: int, mode: str | None) -> tuple[dict, list[dict]]:

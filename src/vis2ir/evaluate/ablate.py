@@ -354,7 +354,8 @@ def sample_sheet(cfg: Config, out: Path, variants: list[Variant], scenes: int = 
     """`samples.png`: one row each for the first test scenes' visible, semantic and truth images, then
     one per table row with its first finished seed's predictions of them."""
     from vis2ir.evaluate.run import load_split
-    from vis2ir.io.images import read_image, to_tensor, write_png
+    from vis2ir.figures import save_figure
+    from vis2ir.io.images import read_image, to_tensor
     from vis2ir.visualize import labelled_grid
 
     folders = {}
@@ -372,7 +373,11 @@ def sample_sheet(cfg: Config, out: Path, variants: list[Variant], scenes: int = 
         paths = [safe_join(folder, s["name"], ".png") for s in samples]
         if all(p.exists() for p in paths):
             sheet[group] = torch.stack([to_tensor(read_image(p), str(p)) for p in paths])
-    return write_png(out / "samples.png", labelled_grid(sheet, rows=scenes, cell=128, transpose=True))
+    title = (f"Ablation samples: the first {len(samples)} test scenes, then each row's first finished seed's "
+             "predictions")
+    fig = labelled_grid(sheet, rows=scenes, cell=128, transpose=True, title=title,
+                        scene_names=[s["name"] for s in samples])
+    return save_figure(out / "samples.png", fig)
 
 
 def _csv_row(group: str, seeds: int, stats: dict[str, tuple[float, float]]) -> dict:
@@ -396,14 +401,15 @@ def _pm(mean: float, spread: float) -> str:
 
 
 def _plot(path: Path, rows) -> None:
-    from vis2ir.evaluate.plots import bar_chart, stack_vertically
-    from vis2ir.io.images import write_png
+    from vis2ir.evaluate.plots import Chart, bar_charts
+    from vis2ir.figures import save_figure
 
     names = [g for g, _, _ in rows]
-    psnr = bar_chart("PSNR (dB, ThermalGen protocol), mean ± sd over seeds", names,
-                     {"PSNR": [s["psnr"][0] for _, _, s in rows]},
-                     {"PSNR": [s["psnr"][1] for _, _, s in rows]})
-    classes = bar_chart("Mean absolute error on look-alike classes", names,
-                        {c: [s[f"abs_err/{c}"][0] for _, _, s in rows] for c in LOOKALIKE_CLASSES},
-                        {c: [s[f"abs_err/{c}"][1] for _, _, s in rows] for c in LOOKALIKE_CLASSES})
-    write_png(path, stack_vertically([psnr, classes]))
+    psnr = Chart("PSNR (ThermalGen protocol): mean ± sd over seeds", names,
+                 {"PSNR": [s["psnr"][0] for _, _, s in rows]}, {"PSNR": [s["psnr"][1] for _, _, s in rows]},
+                 axis="PSNR (dB), higher is better")
+    classes = Chart("Mean absolute infrared error on the look-alike classes: mean ± sd over seeds", names,
+                    {c: [s[f"abs_err/{c}"][0] for _, _, s in rows] for c in LOOKALIKE_CLASSES},
+                    {c: [s[f"abs_err/{c}"][1] for _, _, s in rows] for c in LOOKALIKE_CLASSES},
+                    axis="mean absolute error (infrared in 0–1), lower is better")
+    save_figure(path, bar_charts([psnr, classes]))

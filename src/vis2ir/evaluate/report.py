@@ -5,6 +5,10 @@
     per_class.csv    one row per class of the semantic maps
     metrics.md       the summary and the per-class table, in markdown
     per_class.png    per-class mean absolute error and hallucinated-heat rate
+    strip.png        prediction | truth | absolute error for the first few images, as scored
+
+`result["scored"]` says what was scored (which files or loader, resolution, normalisation, 8-bit or
+float), in `metrics.json` and at the top of `metrics.md`.
 """
 
 from __future__ import annotations
@@ -15,8 +19,8 @@ import math
 from pathlib import Path
 
 from vis2ir.evaluate.plots import bar_chart
+from vis2ir.figures import save_figure
 from vis2ir.files import write_json, write_text
-from vis2ir.io.images import write_png
 
 SUMMARY_KEYS = ("psnr", "ssim", "psnr_native", "ssim_native", "lpips", "fid")
 CLASS_KEYS = ("pixels", "images", "abs_err", "mean_err", "hallucinated_heat")
@@ -50,6 +54,8 @@ def evaluation_markdown(result: dict) -> str:
             "PSNR/SSIM: ThermalGen protocol (one channel, 256×256 bilinear, data_range 1) and at native "
             "resolution. LPIPS-alex on the 256×256 grey images; FID with the pytorch-fid Inception.\n",
             markdown_table(list(SUMMARY_KEYS), [[fmt(m.get(k)) for k in SUMMARY_KEYS]])]
+    if result.get("scored"):
+        text.append("What was scored:\n\n" + "".join(f"- {k}: {v}\n" for k, v in result["scored"].items()))
     if result.get("per_draw"):
         psnrs = [d["psnr"] for d in result["per_draw"]]
         text.append(f"Means over {len(psnrs)} noise draws (`eval.noise_draws`); PSNR per draw: "
@@ -64,8 +70,9 @@ def evaluation_markdown(result: dict) -> str:
     return "\n".join(text)
 
 
-def write_report(result: dict, out: str | Path) -> Path:
-    """All report files of one evaluation into `out`; returns the path of `metrics.json`."""
+def write_report(result: dict, out: str | Path, examples=()) -> Path:
+    """All report files of one evaluation into `out`; returns the path of `metrics.json`. `examples`:
+    `(name, prediction, truth)` grey float `[H, W]` as scored (`Scorer.examples`) for `strip.png`."""
     out = Path(out)
     per_image = result.get("per_image", [])
     columns = ["name", "draw", *[k for k in SUMMARY_KEYS if per_image and k in per_image[0]]]
@@ -75,8 +82,17 @@ def write_report(result: dict, out: str | Path) -> Path:
     write_text(out / "metrics.md", evaluation_markdown(result))
     if classes:
         names = [c["class"] for c in classes]
-        chart = bar_chart("Per-class error (mean absolute) and hallucinated-heat rate", names,
-                          {"abs err": [c["abs_err"] for c in classes],
-                           "hallucinated heat": [c["hallucinated_heat"] for c in classes]})
-        write_png(out / "per_class.png", chart)
+        chart = bar_chart(f"Per-class error over {result['images']} images", names,
+                          {"mean absolute error": [c["abs_err"] for c in classes],
+                           "hallucinated heat (share of not-hot pixels predicted hot)":
+                               [c["hallucinated_heat"] for c in classes]},
+                          axis="infrared error (0–1) / share of pixels (0–1)")
+        save_figure(out / "per_class.png", chart)
+    if examples:
+        from vis2ir.visualize import error_strip
+
+        title = (f"The first {len(examples)} of {result['images']} images as scored (native resolution): "
+                 f"PSNR {fmt(result['metrics']['psnr_native'])} dB, SSIM {fmt(result['metrics']['ssim_native'])} "
+                 "over all")
+        save_figure(out / "strip.png", error_strip(list(examples), title))
     return write_json(out / "metrics.json", result)

@@ -30,6 +30,7 @@ from vis2ir.io.images import Normaliser, is_finite, read_image, to_tensor
 from vis2ir.io.inputs import list_images
 
 log = logging.getLogger(__name__)
+STRIP_IMAGES = 4  # images in strip.png
 
 
 # ----------------------------------------------------------------------------------------------
@@ -71,7 +72,7 @@ def evaluate_folders(pred: str | Path, truth: str | Path, semantic: str | Path |
     Failed items (unreadable, or a prediction that is not finite) are left out, then raised as one error."""
     cfg = load_config(config, overrides)
     pairs = pair_folders(pred, truth, semantic)
-    scorer = Scorer(cfg.eval, device or "cpu")
+    scorer = Scorer(cfg.eval, device or "cpu", examples=STRIP_IMAGES)
     normaliser = Normaliser.of(cfg.data)
     coloured, failed = [], {}
     for name, p, t, s in tqdm(pairs, desc="evaluate", unit="img"):
@@ -95,9 +96,16 @@ def evaluate_folders(pred: str | Path, truth: str | Path, semantic: str | Path |
                     len(coloured), coloured[0])
     if len(failed) == len(pairs):
         raise Vis2IRError(f"--pred {pred}: no pair could be scored (first: {next(iter(failed.values()))})")
+    from vis2ir.data.images import normalisation_description
+
     source = {"pred": str(pred), "truth": str(truth), "semantic": str(semantic) if semantic else None}
-    result = scorer.result() | {"source": source} | ({"failed": failed} if failed else {})
-    _finish(result, out)
+    values = normalisation_description(cfg.data)
+    scored = {"prediction": f"the files in --pred ({values}); one resized (bilinear) to its truth's size where "
+                            "they differ; grey: the mean of the channels",
+              "truth": f"the files in --truth at their own size ({values})",
+              "resolution": "native: each truth's own size; ThermalGen: both resized to 256×256 (bilinear)"}
+    result = scorer.result() | {"source": source, "scored": scored} | ({"failed": failed} if failed else {})
+    _finish(result, out, scorer.examples)
     if failed:
         listed = "; ".join(f"{k} ({v})" for k, v in list(failed.items())[:5])
         raise Vis2IRError(f"{len(failed)} of {len(pairs)} pairs failed and were not scored (the report covers "
@@ -119,6 +127,7 @@ def evaluate_checkpoint(checkpoint: str | Path, config: str | Path | None = None
     Streams: each batch of `eval.batch_size` samples is read, generated, saved and scored, then
     dropped, so memory does not grow with the split (the scorer keeps per-image rows and features)."""
     from vis2ir.checkpoint import find_checkpoint
+    from vis2ir.data.images import loader_description
     from vis2ir.io.runtime import default_device
     from vis2ir.pipeline import Vis2IRPipeline
 
@@ -130,7 +139,7 @@ def evaluate_checkpoint(checkpoint: str | Path, config: str | Path | None = None
     started = time.perf_counter()
     dataset = split_dataset(cfg, split, pipe.needs_semantic)
     count = len(dataset) if limit is None else min(limit, len(dataset))
-    scorer = Scorer(cfg.eval, pipe.device)
+    scorer = Scorer(cfg.eval, pipe.device, examples=STRIP_IMAGES)
     seeds = [pipe.cfg.sample.seed + k for k in range(cfg.eval.noise_draws)]
     for k, seed in enumerate(seeds):  # the first draw's predictions are saved
         desc = "generate" if len(seeds) == 1 else f"generate (draw {k + 1}/{len(seeds)})"
@@ -142,9 +151,15 @@ def evaluate_checkpoint(checkpoint: str | Path, config: str | Path | None = None
                         continue
                     scorer.add(sample["name"], pred, sample["infrared"], sample_classes(sample), draw=k)
                 bar.update(len(batch))
+    size = f"{cfg.data.size}×{cfg.data.size}"
+    scored = {"prediction": f"generated at {size}, rounded to 8 bits exactly as saved in pred/ (grey)",
+              "truth": f"the data loader's {split!r} samples of {cfg.data.source}: {loader_description(cfg.data, split)}",
+              "resolution": f"native: {size}; ThermalGen: both resized to 256×256 (bilinear)",
+              "same figures": f"`vis2ir evaluate --pred {Path(out) / 'pred'} --truth T` scores the same when T holds "
+                              f"these truths at {size} (e.g. a folder source already at that size)"}
     result = scorer.result() | {"source": {"checkpoint": str(directory), "data": cfg.data.source, "split": split},
-                                "seeds": seeds, "seconds": round(time.perf_counter() - started, 1)}
-    return _finish(result, out)
+                                "scored": scored, "seeds": seeds, "seconds": round(time.perf_counter() - started, 1)}
+    return _finish(result, out, scorer.examples)
 
 
 def split_dataset(cfg: Config, split: str, needs_semantic: bool):
@@ -176,8 +191,9 @@ def load_split(cfg: Config, split: str, limit: int, needs_semantic: bool) -> lis
 
 def predict(pipe, batch: list[dict], out: Path | None = None, seed: int | None = None) -> list[torch.Tensor | None]:
     """Infrared predictions `[3, H, W]` in [0, 1] for one batch of samples (noise from `seed`, else
-    `sample.seed`); also saved as `out/<name>.png` (names are checked to stay inside `out`). A
-    prediction that is not finite is None (logged, nothing written)."""
+    `sample.seed`), grey and rounded to 8 bits as saved: `out/<name>.png` (names are checked to stay
+    inside `out`), so what is scored is what `evaluate --pred` reads back. A prediction that is not
+    finite is None (logged, nothing written)."""
     from vis2ir.io.images import write_png
     from vis2ir.pipeline import NOT_FINITE, NonFiniteOutput
     from vis2ir.visualize import infrared_image
@@ -189,15 +205,20 @@ def predict(pipe, batch: list[dict], out: Path | None = None, seed: int | None =
         images = err.output.images
         for k in err.bad:
             log.error("%s: %s", batch[k]["name"], NOT_FINITE)
-    if out is not None:
-        for sample, image in zip(batch, images):
-            if image is not None:
-                write_png(safe_join(out, sample["name"], ".png"), infrared_image(image.mean(0).numpy()))
-    return list(images)
+    saved = []
+    for sample, image in zip(batch, images):
+        if image is None:
+            saved.append(None)
+            continue
+        grey = infrared_image(image.mean(0).numpy())  # uint8 [H, W]
+        if out is not None:
+            write_png(safe_join(out, sample["name"], ".png"), grey)
+        saved.append(torch.from_numpy(grey.astype(np.float32) / 255.0)[None].expand(3, -1, -1))
+    return saved
 
 
-def _finish(result: dict, out: str | Path) -> dict:
-    path = write_report(result, out)
+def _finish(result: dict, out: str | Path, examples=()) -> dict:
+    path = write_report(result, out, examples)
     m = result["metrics"]
     log.info("%d images: PSNR %.2f dB, SSIM %.3f (ThermalGen 256×256); native PSNR %.2f dB, SSIM %.3f; "
              "LPIPS %s; FID %s -> %s", result["images"], m["psnr"], m["ssim"], m["psnr_native"], m["ssim_native"],

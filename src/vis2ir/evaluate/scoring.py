@@ -45,8 +45,11 @@ def load_networks(cfg: EvalConfig, device) -> tuple[dict, dict[str, str]]:
 class Scorer:
     """Add pairs with `add`, then read `result()`."""
 
-    def __init__(self, cfg: EvalConfig, device: str | torch.device = "cpu", networks: tuple | None = None):
-        """`networks`: what `load_networks(cfg, device)` returned, to share between several scorers."""
+    def __init__(self, cfg: EvalConfig, device: str | torch.device = "cpu", networks: tuple | None = None,
+                 examples: int = 0):
+        """`networks`: what `load_networks(cfg, device)` returned, to share between several scorers;
+        `examples`: how many of the first pairs (of draw 0) to keep in `self.examples` as scored — name,
+        prediction and truth, grey float `[H, W]` at the truth's size — for a picture."""
         self.cfg, self.device = cfg, torch.device(device)
         self.nets, self.skipped = networks or load_networks(cfg, self.device)
         self.classes = ClassAccumulator(CLASS_NAMES, cfg.hot_percentile)
@@ -55,6 +58,8 @@ class Scorer:
         self.pending: dict[str, list[torch.Tensor]] = {"pred": [], "truth": []}
         self.pending_draws: list[int] = []
         self.with_classes = 0
+        self.keep_examples = examples
+        self.examples: list[tuple[str, np.ndarray, np.ndarray]] = []
 
     @torch.no_grad()
     def add(self, name: str, pred: torch.Tensor, truth: torch.Tensor, classes: torch.Tensor | None = None,
@@ -68,6 +73,8 @@ class Scorer:
         pred, truth = to_grey(pred[None].to(self.device)), to_grey(truth[None].to(self.device))
         if pred.shape[-2:] != truth.shape[-2:]:
             pred = F.interpolate(pred, size=truth.shape[-2:], mode="bilinear", align_corners=False)
+        if draw == 0 and len(self.examples) < self.keep_examples:
+            self.examples.append((name, pred[0, 0].cpu().numpy(), truth[0, 0].cpu().numpy()))
         row = {"name": name, "draw": draw, **psnr_ssim(pred, truth, "thermalgen")}
         row.update({f"{k}_native": v for k, v in psnr_ssim(pred, truth, "native").items()})
         if "lpips" in self.nets:

@@ -1,0 +1,129 @@
+"""Every picture the package writes: a title, labels that are not cut and do not overlap, a colour bar
+or legend where colours carry meaning, and text drawn with its spaces (issue 15, item 8)."""
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from matplotlib.text import Text
+from PIL import Image, ImageDraw
+
+from vis2ir.data import ThermalScenes, class_id, colourise
+from vis2ir.data.inspect import contact_sheet
+from vis2ir.figures import figure_array, image_grid, palette_legend, save_figure
+from vis2ir.visualize import AttentionMaps, compare_figure, error_strip, labelled_grid, save_attention_maps
+import vis2ir.visualize as visualize
+
+
+def texts(fig) -> list[str]:
+    """Every non-empty text of a figure (titles, labels, legend entries, colour-bar labels)."""
+    return [t.get_text() for t in fig.findobj(Text) if t.get_text()]
+
+
+def word_gaps(image: np.ndarray) -> int:
+    """Blank runs of at least 5 pixel columns (wider than any gap between the letters of a 9-point word)
+    between the first and last inked column of one line of dark text on white, uint8 RGB."""
+    ink = (image.min(-1) < 128).any(0)
+    cols = np.flatnonzero(ink)
+    runs, run = 0, 0
+    for blank in ~ink[cols[0]:cols[-1] + 1]:
+        run = run + 1 if blank else 0
+        runs += run == 5
+    return runs
+
+
+def test_text_keeps_its_spaces():
+    """The cause of "nosemantic map": Pillow's default font draws a space 2 pixels wide, no wider than the
+    gaps between letters. matplotlib's text has word gaps wider than any gap inside a word."""
+    for text in ("no semantic map", "Per-class error"):
+        fig = Figure(figsize=(3, 0.4))
+        fig.text(0.02, 0.3, text, fontsize=9)
+        assert word_gaps(figure_array(fig)) == text.count(" "), text
+        old = Image.new("RGB", (300, 30), "white")
+        ImageDraw.Draw(old).text((2, 2), text, fill="black")  # Pillow's default font: words run together
+        assert word_gaps(np.asarray(old)) < text.count(" ")
+
+
+def scene_arrays(n=2, size=48):
+    scenes = ThermalScenes(n, size, seed=1)
+    rgb = lambda t: (t.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    return [{k: rgb(scenes[i][k]) for k in ("visible", "semantic", "infrared")} | {"name": scenes[i]["name"]}
+            for i in range(n)]
+
+
+def test_compare_labels_its_panels_and_the_semantic_classes():
+    s = scene_arrays(1)[0]
+    fig = compare_figure({"visible": s["visible"], "semantic": s["semantic"], "generated infrared (white-hot)":
+                          s["infrared"][..., 0], "truth": s["infrared"][..., 0]}, "scene: visible → infrared")
+    found = texts(fig)
+    assert {"visible", "semantic", "generated infrared (white-hot)", "truth", "scene: visible → infrared"} <= set(found)
+    present = {int(c) for c in np.unique(visualize.decode(s["semantic"])[0]) if c >= 0}
+    legend = [t for t in found if t.split(" ", 1)[0].isdigit()]
+    assert {int(t.split(" ", 1)[0]) for t in legend} == present  # one legend entry per class in the map
+
+
+def test_demo_grid_captions_do_not_overlap():
+    """Column captions wider than a tile (each prediction's scores) get room: no two overlap."""
+    t = torch.rand(3, 3, 32, 32)
+    columns = {"visible": t, "truth": t, "shipped": t, "visible_lookup": t}
+    captions = {"shipped": "PSNR 21.43 dB · SSIM 0.727 · person 0.049 · statue 0.080",
+                "visible_lookup": "PSNR 18.61 dB · SSIM 0.538 · person 0.175 · statue 0.091"}
+    fig = labelled_grid(columns, rows=2, cell=64, title="demo", captions=captions)
+    fig.canvas.draw()
+    titles = sorted((ax.title.get_window_extent() for ax in fig.axes if ax.get_title()), key=lambda b: b.x0)
+    assert len(titles) == 4
+    assert all(a.x1 <= b.x0 for a, b in zip(titles, titles[1:]))
+    assert "shipped\n" + captions["shipped"] in texts(fig)
+
+
+def test_attention_pictures_have_colour_bars_and_labelled_heads(tmp_path, monkeypatch):
+    figures = {}
+
+    def keep(path, fig):
+        figures[path.name] = fig
+        return save_figure(path, fig)
+
+    monkeypatch.setattr(visualize, "save_figure", keep)
+    s = scene_arrays(1, 32)[0]
+    rows, cols, layers = 4, 8, 2
+    weights = torch.softmax(torch.randn(layers, 3, rows * cols, rows * cols), -1)
+    att = AttentionMaps(weights, rows, cols, (32, 32))
+    save_attention_maps(tmp_path, s["visible"], att, [(5, 20)], s["semantic"])
+    assert set(figures) == {"point0.png", "point0_heads.png", "classes.png"}
+    for name in figures:
+        assert "attention" in " ".join(texts(figures[name]))
+    assert "attention weight per semantic token" in texts(figures["point0.png"])  # the colour bar's label
+    heads = texts(figures["point0_heads.png"])
+    assert {f"head {k}" for k in range(3)} <= set(heads)
+    assert {f"layer {k}" for k in range(layers)} <= set(heads)
+    assert "attention share ÷ area share" in texts(figures["classes.png"])
+    assert any(t.endswith(" person") for t in texts(figures["classes.png"]))  # the palette legend
+    assert Image.open(tmp_path / "point0_heads.png").size[0] > 3 * 160
+
+
+def test_contact_sheet_labels_columns_rows_and_the_loaders_processing():
+    samples = [{k: torch.from_numpy(v).permute(2, 0, 1) / 255 for k, v in s.items() if k != "name"}
+               | {"name": s["name"], "split": "train"} for s in scene_arrays(2)]
+    del samples[1]["semantic"]
+    fig = contact_sheet(samples, "data/x", "the centred square of the panel's shorter side, resized to 48×48")
+    found = texts(fig)
+    assert {"visible", "infrared", "semantic", "no semantic map"} <= set(found)
+    assert f"{samples[0]['name']}\n[train]" in found
+    assert any("resized to 48×48" in t and "data/x" in t for t in found)
+
+
+def test_error_strip_and_palette_legend(tmp_path):
+    truth = np.zeros((16, 16), np.float32)
+    pred = truth.copy()
+    pred[4:8, 4:8] = 0.5
+    fig = error_strip([("a", pred, truth), ("b", truth, truth)], "scored")
+    found = texts(fig)
+    assert {"prediction", "truth", "absolute error", "a", "b", "|prediction − truth| (infrared, 0–1)"} <= set(found)
+    error = fig.axes[2].images[0].get_array()  # a's error, coloured: bright where the prediction is off
+    assert np.asarray(error)[5, 5].sum() > np.asarray(error)[0, 0].sum() + 200
+    classes = np.full((8, 8), class_id("road"))
+    classes[2:5, 2:5] = class_id("person")
+    legend = texts(palette_legend(colourise(classes), title="map"))
+    assert any(t.endswith("person") for t in legend) and any(t.endswith("road") for t in legend)
+    assert not any(t.endswith(" car") for t in legend)  # only the map's classes (and void)
+    path = save_figure(tmp_path / "legend.png", palette_legend())
+    assert Image.open(path).size[1] > 40 * 16 and not list(tmp_path.glob(".*"))  # every class; no temporary files
