@@ -19,12 +19,13 @@ from pathlib import Path
 
 import torch
 
+from vis2ir.checkpoint import SHIPPED
 from vis2ir.config import Config, load_config
 from vis2ir.errors import Vis2IRError
 
 log = logging.getLogger(__name__)
 
-DEMO_CHECKPOINT = Path(__file__).parent / "assets" / "demo"
+DEMO_CHECKPOINT = SHIPPED["demo"]
 
 
 def run_demo(out_dir: str | Path = "outputs/demo", config_path: str | None = None, overrides=(),
