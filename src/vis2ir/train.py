@@ -461,7 +461,12 @@ class StepProgressBar(TQDMProgressBar):
     """Counts the optimizer steps of this launch out of those it will run (`train.max_steps` minus the
     step it resumed from), not epochs: training is one endless epoch that ends at `max_steps`."""
 
+    def on_train_start(self, trainer, module) -> None:
+        super().on_train_start(trainer, module)
+        self.on_train_epoch_start(trainer, module)
+
     def on_train_epoch_start(self, trainer, module) -> None:
+        """The bar of this launch (a resumed launch starts inside its epoch: `on_train_start` calls this)."""
         self._first = trainer.global_step
         bar = self.train_progress_bar
         bar.reset(total=max(0, trainer.max_steps - self._first))
