@@ -59,10 +59,15 @@ def run_demo(out_dir: str | Path = "outputs/demo", config_path: str | None = Non
         trained_model, _ = load_model(find_checkpoint(checkpoint), overrides=overrides)
     untrained_model = build_model(cfg)
     predictions = {}
+    # The demo draws no progress bars; these lines say which stage runs (each takes seconds to a minute).
+    log.info("Demo 1/3: generating their infrared (%d denoising steps) with the %s model and the same model untrained",
+             cfg.sample.steps, "shipped" if checkpoint == DEMO_CHECKPOINT else "given")
     if trained_model is not None:
         predictions["shipped"], attention = _generate(trained_model, batch, cfg, attention=True)
         _save_attention(out / "attention", batch, attention, trained_model)
     predictions["untrained"], _ = _generate(untrained_model, batch, cfg)
+    log.info("Demo 2/3: fitting the reference predictors (visible-colour lookup, class means) on %d training scenes",
+             fit_scenes)
     predictions.update(_baselines(iter_split(cfg, "train", fit_scenes, True), test))
 
     from vis2ir.evaluate.metrics import psnr_ssim
@@ -147,6 +152,8 @@ def _short_training(cfg: Config, checkpoint: Path, out: Path, steps: int) -> dic
                  "train.val_batches=1", "train.log_every=1", "data.num_workers=0", "train.accelerator=cpu",
                  "data.synth_count=200"]
     tcfg = load_config(checkpoint / "config.yaml", overrides)
+    log.info("Demo 3/3: a short real training run from the checkpoint, %d steps of batch 4 on the CPU, into %s",
+             steps, out)
     started = time.perf_counter()
     run = train(tcfg, progress=False)
     logs = metrics_logs(run)[-1:]  # this launch's log only: an earlier demo may have left its own
