@@ -346,10 +346,11 @@ def test_a_batch_larger_than_the_training_split_is_refused(tiny_config, tmp_path
 
 
 def test_init_from_names_the_shipped_checkpoint_and_refuses_another_shape(tiny_config, tmp_path, monkeypatch):
-    from vis2ir.checkpoint import SHIPPED, find_checkpoint
+    from vis2ir.checkpoint import SHIPPED, checkpoint_path, find_checkpoint
     from vis2ir.demo import DEMO_CHECKPOINT
 
     assert find_checkpoint("demo") == SHIPPED["demo"] == DEMO_CHECKPOINT
+    assert checkpoint_path("demo") == DEMO_CHECKPOINT  # `vis2ir demo --checkpoint demo` too
     monkeypatch.chdir(tmp_path)  # a folder called demo is ./demo
     with pytest.raises(Vis2IRError, match="demo: no checkpoint here"):
         find_checkpoint("./demo")

@@ -196,10 +196,15 @@ def check_init_from(cfg: Config) -> Path:
 
 
 
+def checkpoint_path(path: str | Path) -> Path:
+    """`path` as a folder: a shipped checkpoint's name ('demo', `SHIPPED`) gives its folder in the package."""
+    return SHIPPED.get(path, Path(path)) if isinstance(path, str) else Path(path)
+
+
 def find_checkpoint(path: str | Path) -> Path:
     """A checkpoint folder from a checkpoint folder, a run folder (its newest `checkpoints/step-N`), or
     the name of a shipped checkpoint (`SHIPPED`: 'demo')."""
-    path = SHIPPED.get(path, Path(path)) if isinstance(path, str) else Path(path)
+    path = checkpoint_path(path)
     if (path / CONFIG_FILE).exists() and not (path / "checkpoints").is_dir():
         return path
     steps = list_checkpoints(path)

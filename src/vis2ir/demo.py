@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from vis2ir.checkpoint import SHIPPED
+from vis2ir.checkpoint import SHIPPED, checkpoint_path
 from vis2ir.config import Config, load_config
 from vis2ir.errors import Vis2IRError
 
@@ -37,7 +37,7 @@ def run_demo(out_dir: str | Path = "outputs/demo", config_path: str | None = Non
 
     started = time.perf_counter()
     out = Path(out_dir)
-    checkpoint = Path(checkpoint or DEMO_CHECKPOINT)
+    checkpoint = checkpoint_path(checkpoint or DEMO_CHECKPOINT)
     if config_path is None and not overrides and not (checkpoint / "config.yaml").exists():
         raise Vis2IRError(f"{checkpoint}: the shipped demo checkpoint is missing (reinstall vis2ir, or train one "
                           "with `vis2ir train --config configs/demo.yaml` and pass --checkpoint)")
