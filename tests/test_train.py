@@ -355,7 +355,7 @@ def test_init_from_names_the_shipped_checkpoint_and_refuses_another_shape(tiny_c
     with pytest.raises(Vis2IRError, match="demo: no checkpoint here"):
         find_checkpoint("./demo")
     with pytest.raises(Vis2IRError, match=r"^train.init_from=demo: model.pixel_factor=2 differs from the checkpoint's "
-                                          r"4 \(.*assets/demo/config.yaml\); a checkpoint runs with the model settings"):
+                                          r"4 \(.*assets/demo/config.yaml\); a checkpoint runs with the model"):
         train(load_config(ROOT / "configs" / "finetune_demo.yaml", [f"train.output_dir={tmp_path / 'run'}",
                                                                     "model.pixel_factor=2"]), progress=False)
     assert not (tmp_path / "run" / "checkpoints").exists()

@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("config", help="settings: every one with its value and meaning")
     q = p.add_subparsers(dest="config_command", required=True).add_parser(
-        "show", help="print every setting of a config (with overrides) with its meaning, as YAML a config file can hold")
+        "show", help="print every setting (a config file's, with overrides) with its meaning, as commented YAML")
     _add_config_args(q)
     q.set_defaults(func=_cmd_config_show)
 
