@@ -1,6 +1,7 @@
 """The README's first command: `vis2ir demo` with the shipped checkpoint."""
 
 import json
+import logging
 
 from PIL import Image
 
@@ -13,8 +14,12 @@ def test_shipped_checkpoint_is_small():
     assert files and sum(f.stat().st_size for f in files) <= 25 * 2**20
 
 
-def test_demo_end_to_end(tmp_path, capsys):
+def test_demo_end_to_end(tmp_path, capsys, caplog):
+    caplog.set_level(logging.INFO, logger="vis2ir")
     assert main(["demo", "--out", str(tmp_path)]) == 0
+    # No progress bar: each stage says what it is doing.
+    stages = [r.getMessage().split(":")[0] for r in caplog.records if r.getMessage().startswith("Demo ")]
+    assert [s for s in stages if "/3" in s] == ["Demo 1/3", "Demo 2/3", "Demo 3/3"]
     printed = capsys.readouterr().out.strip().splitlines()[-1]
     report = json.loads((tmp_path / "metrics.json").read_text())
     assert printed == str(tmp_path / "metrics.json")

@@ -1,4 +1,5 @@
 import logging
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -6,9 +7,11 @@ import torch
 from safetensors.torch import load_file
 
 from vis2ir.checkpoint import ADAPTER_FILE, LORA_FILE, PROMPT_FILE, list_checkpoints, load_model
+from vis2ir.config import load_config
 from vis2ir.errors import Vis2IRError
 from vis2ir.train import Positioned, StepSampler, flow_loss, sample_timesteps, train
 
+ROOT = Path(__file__).resolve().parents[1]
 TINY_RUN = ["model.codec=pixel", "model.semantic.mode=cross_attention", "model.semantic.scale_init=0.1",
             "model.lora.rank=4", "data.source=thermalscenes", "data.size=32", "data.synth_count=24", "data.val_fraction=0.2", "data.test_fraction=0.2",
             "data.num_workers=0", "train.batch_size=2", "train.learning_rate=1e-3", "train.adapter_learning_rate=1e-2",
@@ -319,3 +322,73 @@ def test_resume_and_checkpoint_take_a_runs_checkpoints_folder(tiny_config, tmp_p
         find_checkpoint(tmp_path / "nowhere")
     with pytest.raises(Vis2IRError, match=r"--resume .*nowhere: no such folder"):
         resolve_resume(str(tmp_path / "nowhere"), run_dir)
+
+
+def test_progress_bar_counts_the_steps_of_this_launch(tiny_config, tmp_path, capsys):
+    """Not 'Epoch 0/-2' or '22/10': the optimizer steps this launch runs, out of those it will run."""
+    cfg = tiny_config(*TINY_RUN, f"train.output_dir={tmp_path / 'run'}", "train.max_steps=3")
+    train(cfg, progress=True)
+    first = capsys.readouterr()
+    train(tiny_config(*TINY_RUN, f"train.output_dir={tmp_path / 'run'}", "train.max_steps=5"), resume="latest",
+          progress=True)
+    second = capsys.readouterr()
+    bars = [(out.out + out.err).replace("\r", "\n") for out in (first, second)]
+    assert "train steps: 100%" in bars[0] and "| 3/3 [" in bars[0]
+    assert "train steps 4-5: 100%" in bars[1] and "| 2/2 [" in bars[1] and "/5 [" not in bars[1]
+    assert not any("Epoch" in bar or "v_num" in bar for bar in bars)
+
+
+def test_logged_steps_are_the_checkpoint_steps(tiny_config, tmp_path):
+    """The loss logged at step N (and the validation after it) belong to the step `step-N` ends with."""
+    import csv
+
+    run_dir = run(tiny_config, tmp_path, "train.max_steps=6", "train.log_every=3", "train.keep_last=5")
+    rows = list(csv.DictReader((run_dir / "logs" / "version_0" / "metrics.csv").open()))
+    train_steps = [int(r["step"]) for r in rows if r["train/loss"]]
+    val_steps = [int(r["step"]) for r in rows if r["val/loss"]]
+    assert train_steps == val_steps == [3, 6]
+    assert [p.name for p in list_checkpoints(run_dir)] == ["step-3", "step-6"]
+    assert sorted(p.name for p in (run_dir / "samples").iterdir()) == ["step-3.png", "step-6.png"]
+
+
+def test_lightning_advertising_tips_are_silenced(tiny_config, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    run(tiny_config, tmp_path, "train.max_steps=1")
+    assert "💡" not in caplog.text and "litlogger" not in caplog.text
+    assert "`Trainer.fit` stopped: `max_steps=1` reached." in caplog.text  # Lightning's other lines still pass
+
+
+def test_an_empty_validation_split_trains_with_a_warning(tiny_config, tmp_path, caplog):
+    """24 scenes at the default val_fraction (5 %) have no validation sample: training goes on without it."""
+    caplog.set_level(logging.WARNING, logger="vis2ir")
+    run_dir = run(tiny_config, tmp_path, "train.max_steps=3", "data.val_fraction=0.05", "data.test_fraction=0.05")
+    assert "thermalscenes: the validation split is empty (data.val_fraction=0.05 of a small data set); training " \
+           "goes on without validation" in caplog.text
+    assert [p.name for p in list_checkpoints(run_dir)] == ["step-3"]
+    assert not (run_dir / "samples").exists()
+
+
+def test_a_batch_larger_than_the_training_split_is_refused(tiny_config, tmp_path):
+    """Not a silent repeat of samples within a batch: one line naming the setting and the split's size."""
+    with pytest.raises(Vis2IRError, match=r"^train.batch_size=14 is larger than the training split of thermalscenes "
+                                          r"\(13 samples\): a batch would repeat samples; set train.batch_size to "
+                                          r"at most 13, or add samples$"):
+        run(tiny_config, tmp_path, "train.max_steps=1", "train.batch_size=14")
+    assert list_checkpoints(tmp_path / "run") == []
+    run(tiny_config, tmp_path, "train.max_steps=1", "train.batch_size=13")  # the whole split is one batch
+
+
+def test_init_from_names_the_shipped_checkpoint_and_refuses_another_shape(tiny_config, tmp_path, monkeypatch):
+    from vis2ir.checkpoint import SHIPPED, checkpoint_path, find_checkpoint
+    from vis2ir.demo import DEMO_CHECKPOINT
+
+    assert find_checkpoint("demo") == SHIPPED["demo"] == DEMO_CHECKPOINT
+    assert checkpoint_path("demo") == DEMO_CHECKPOINT  # `vis2ir demo --checkpoint demo` too
+    monkeypatch.chdir(tmp_path)  # a folder called demo is ./demo
+    with pytest.raises(Vis2IRError, match="demo: no checkpoint here"):
+        find_checkpoint("./demo")
+    with pytest.raises(Vis2IRError, match=r"^train.init_from=demo: model.pixel_factor=2 differs from the checkpoint's "
+                                          r"4 \(.*assets/demo/config.yaml\); a checkpoint runs with the model"):
+        train(load_config(ROOT / "configs" / "finetune_demo.yaml", [f"train.output_dir={tmp_path / 'run'}",
+                                                                    "model.pixel_factor=2"]), progress=False)
+    assert not (tmp_path / "run" / "checkpoints").exists()

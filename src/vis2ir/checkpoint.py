@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from vis2ir.config import Config, LoraConfig, load_config
+from vis2ir.config import Config, LoraConfig, first_difference, load_config
 from vis2ir.errors import Vis2IRError
 from vis2ir.files import fsync, temp_path
 
@@ -38,6 +38,11 @@ TRANSFORMER_FILE = "transformer.safetensors"
 ADAPTER_FILE = "adapter.safetensors"
 PROMPT_FILE = "prompt_embeds.safetensors"
 RESUME_FILE = "resume.ckpt"
+
+# Checkpoints shipped inside the package, by the name that stands for them wherever a checkpoint folder
+# is asked for (`train.init_from: demo`, `--checkpoint demo`, `Vis2IRPipeline.from_checkpoint("demo")`).
+# A folder of that name in the working directory is written `./demo`.
+SHIPPED = {"demo": Path(__file__).parent / "assets" / "demo"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -162,12 +167,45 @@ class atomic_dir:
 # ----------------------------------------------------------------------------------------------
 # Loading
 
+# Settings that shape the model: a checkpoint only runs (or is fine-tuned) with the values it was trained with.
+STRUCTURAL = ("model.backbone", "model.codec", "model.pixel_factor", "model.seed", "model.transformer.",
+              "model.vae.", "model.text.", "model.lora.rank", "model.lora.target_modules", "model.semantic.mode",
+              "model.semantic.num_layers", "model.semantic.num_heads", "model.semantic.position",
+              "model.semantic.rope_", "model.semantic.inject_into", "model.semantic.fusion_alpha", "train.finetune")
+
+
+def check_compatible(trained: Config, cfg: Config, directory: Path, where: str, keys=STRUCTURAL) -> None:
+    """Fail if `cfg` changes a setting under `keys` (mode, codec, sizes) from the checkpoint's `trained`."""
+    diff = first_difference(trained.flat(), cfg.flat(), keys)
+    if diff:
+        key, old, new = diff
+        raise Vis2IRError(f"{where}: {key}={new!r} differs from the checkpoint's {old!r} "
+                          f"({directory / CONFIG_FILE}); a checkpoint runs with the model settings it was trained with")
+
+
+def check_init_from(cfg: Config) -> Path:
+    """The checkpoint `train.init_from` names, after checking that `cfg` builds the model it holds: the
+    structural settings must agree, except `train.finetune` (a full checkpoint can be fine-tuned with LoRA,
+    then with any `model.lora` settings). Raises `Vis2IRError` naming the first setting that differs."""
+    source = find_checkpoint(cfg.train.init_from)
+    trained = load_checkpoint_config(source)
+    keys = tuple(k for k in STRUCTURAL if k != "train.finetune"
+                 and not (trained.train.finetune == "full" and k.startswith("model.lora.")))
+    check_compatible(trained, cfg, source, f"train.init_from={cfg.train.init_from}", keys)
+    return source
+
+
+
+def checkpoint_path(path: str | Path) -> Path:
+    """`path` as a folder: a shipped checkpoint's name ('demo', `SHIPPED`) gives its folder in the package."""
+    return SHIPPED.get(path, Path(path)) if isinstance(path, str) else Path(path)
+
 
 def find_checkpoint(path: str | Path) -> Path:
     """A checkpoint folder from a checkpoint folder, a run folder or a run's `checkpoints/` folder (the
-    newest `step-N` of the latter two). A path that does not exist, or holds no checkpoint, is a
-    one-line `Vis2IRError` saying so."""
-    path = Path(path).expanduser()
+    newest `step-N` of the latter two), or the name of a shipped checkpoint (`SHIPPED`: 'demo'). A path
+    that does not exist, or holds no checkpoint, is a one-line `Vis2IRError` saying so."""
+    path = checkpoint_path(path).expanduser()
     if not path.exists():
         raise Vis2IRError(f"{path}: no such folder, so no checkpoint here (expected a checkpoint folder, a run "
                           "folder or its checkpoints/)")

@@ -40,6 +40,12 @@ def _cmd_train(args: argparse.Namespace) -> None:
     train(cfg or resume_config(args.resume, args.config, args.overrides), resume=args.resume)
 
 
+def _cmd_config_show(args: argparse.Namespace) -> None:
+    from vis2ir.config import describe_settings, load_config
+
+    sys.stdout.write(describe_settings(load_config(args.config, args.overrides)))
+
+
 def _cmd_data_synth(args: argparse.Namespace) -> None:
     from vis2ir.data import write_thermalscenes
 
@@ -192,6 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "'latest' (the newest checkpoint under train.output_dir)")
     _add_config_args(p)
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("config", help="settings: every one with its value and meaning")
+    q = p.add_subparsers(dest="config_command", required=True).add_parser(
+        "show", help="print every setting (a config file's, with overrides) with its meaning, as commented YAML")
+    _add_config_args(q)
+    q.set_defaults(func=_cmd_config_show)
 
     p = sub.add_parser("data", help="data tools: synthetic ThermalScenes, inspecting a source, latent cache")
     data = p.add_subparsers(dest="data_command", required=True)

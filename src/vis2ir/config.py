@@ -43,16 +43,20 @@ class ConfigError(Vis2IRError):
 class SemanticConfig:
     """How the semantic map conditions the model (docs/design.md §5)."""
 
+    # how the semantic map conditions the model: none, pixel_fusion, cross_attention, in_context, channel_concat
     mode: SemanticMode = "cross_attention"
-    num_layers: int = 1
-    num_heads: int = 8
-    dropout: float = 0.0
+    num_layers: int = 1  # cross-attention adapter layers
+    num_heads: int = 8  # attention heads of the adapter (must divide the token width)
+    dropout: float = 0.0  # dropout inside the adapter's attention
+    # rope: the adapter's queries and keys carry 2-D positions; none: they do not
     position: Literal["rope", "none"] = "rope"
-    rope_min_wavelength: float = 5.0
-    rope_max_wavelength: float = 80.0
+    rope_min_wavelength: float = 5.0  # shortest RoPE wavelength of the adapter, in tokens
+    rope_max_wavelength: float = 80.0  # longest RoPE wavelength of the adapter, in tokens
+    # starting value of each adapter layer's residual scale (0: the adapter starts switched off)
     scale_init: float = 0.0
-    inject_into: Literal["noisy", "condition"] = "condition"  # measured far better than noisy (docs/results.md)
-    fusion_alpha: float = 0.5
+    # condition: the adapter acts on the clean visible tokens, measured far better (docs/results.md); noisy: on x_t
+    inject_into: Literal["noisy", "condition"] = "condition"
+    fusion_alpha: float = 0.5  # pixel_fusion: weight of the semantic map blended into the visible image
 
     def validate(self) -> None:
         _check(self.num_layers >= 1, "model.semantic.num_layers", "an integer >= 1", self.num_layers)
@@ -89,10 +93,12 @@ ICEDIT_LORA_TARGETS = (
 class LoraConfig:
     """LoRA on the transformer (used when `train.finetune: lora`)."""
 
-    rank: int = 32
-    alpha: float = 32.0
-    dropout: float = 0.0
+    rank: int = 32  # LoRA rank: the inner width of each low-rank update
+    alpha: float = 32.0  # LoRA alpha (the update is scaled by alpha / rank)
+    dropout: float = 0.0  # dropout on the LoRA branch
+    # initialisation of the LoRA weights: gaussian (as ICEdit) or peft's default
     init: Literal["gaussian", "default"] = "gaussian"
+    # regular expression of the transformer modules that get LoRA (ICEdit's image-stream set)
     target_modules: str = ICEDIT_LORA_TARGETS
 
     def validate(self) -> None:
@@ -111,14 +117,16 @@ class TransformerConfig:
     a real-size model in under a second, for speed and memory measurements (docs/design.md §9).
     """
 
-    num_layers: int = 19
-    num_single_layers: int = 38
-    attention_head_dim: int = 128
-    num_attention_heads: int = 24
-    joint_attention_dim: int = 4096
-    pooled_projection_dim: int = 768
+    num_layers: int = 19  # double-stream (MM-DiT) blocks
+    num_single_layers: int = 38  # single-stream blocks
+    attention_head_dim: int = 128  # width of one attention head
+    num_attention_heads: int = 24  # attention heads (token width = attention_head_dim × num_attention_heads)
+    joint_attention_dim: int = 4096  # width of the text (T5) embeddings
+    pooled_projection_dim: int = 768  # width of the pooled text (CLIP) embedding
+    # RoPE dimensions of the (index, row, column) axes; they sum to attention_head_dim
     axes_dims_rope: tuple[int, int, int] = (16, 56, 56)
-    guidance_embeds: bool = True
+    guidance_embeds: bool = True  # whether the transformer takes a guidance value (FLUX.1 Fill does)
+    # default: the layers' own initialisation; normal: N(0, 0.02), fast, for speed and memory measurements
     init: Literal["default", "normal"] = "default"
 
     @property
@@ -144,8 +152,8 @@ class TransformerConfig:
 class TextConfig:
     """Tiny random text encoders for a random backbone; their widths follow `model.transformer`."""
 
-    num_layers: int = 1
-    seed: int = 0
+    num_layers: int = 1  # layers of each tiny random text encoder
+    seed: int = 0  # seed of the random text encoders' weights
 
     def validate(self) -> None:
         _check(self.num_layers >= 1, "model.text.num_layers", "an integer >= 1", self.num_layers)
@@ -156,10 +164,10 @@ class TextConfig:
 class VAEConfig:
     """A tiny `AutoencoderKL` built from configuration (`codec: vae` with `backbone: random`)."""
 
-    block_out_channels: tuple[int, ...] = (16, 16, 16, 16)
-    latent_channels: int = 16
-    layers_per_block: int = 1
-    norm_num_groups: int = 8
+    block_out_channels: tuple[int, ...] = (16, 16, 16, 16)  # channels of the four encoder/decoder stages
+    latent_channels: int = 16  # latent channels
+    layers_per_block: int = 1  # ResNet layers per stage
+    norm_num_groups: int = 8  # groups of the group norms
 
     def validate(self) -> None:
         _check(len(self.block_out_channels) == 4, "model.vae.block_out_channels",
@@ -176,17 +184,23 @@ class VAEConfig:
 class ModelConfig:
     """The backbone (FLUX.1 Fill or a model built from configuration) and the semantic mode."""
 
+    # FLUX.1 Fill: Hub id or local folder (diffusers FluxFillPipeline layout)
     flux_path: str = "black-forest-labs/FLUX.1-Fill-dev"
+    # pretrained: FLUX.1 Fill from flux_path; random: a model built from model.transformer (from scratch)
     backbone: Literal["pretrained", "random"] = "pretrained"
+    # vae: FLUX's VAE latents; pixel: an exact pixel codec (random backbone only)
     codec: Literal["vae", "pixel"] = "vae"
-    pixel_factor: int = 4
+    pixel_factor: int = 4  # pixel codec: pixels per token side (a factor × factor × 3 patch per token)
+    # the fixed instruction the model is conditioned on (its embeddings are computed once and cached)
     prompt: str = ICEDIT_PROMPT + DEFAULT_INSTRUCTION
-    max_sequence_length: int = 512
+    max_sequence_length: int = 512  # T5 tokens of the prompt
+    # weights' dtype: auto = bfloat16 on a GPU, float32 on the CPU
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    # The frozen transformer blocks' storage (LoRA trains on top): docs/performance.md, quantize.py.
+    # storage of the frozen transformer blocks, none, fp8 or nf4 (LoRA trains on top; docs/performance.md)
     quantize: Literal["none", "fp8", "nf4"] = "none"
+    # where prompt embeddings are cached, so the text encoders load only once
     prompt_cache_dir: str = "~/.cache/vis2ir/prompt_embeds"
-    seed: int = 0
+    seed: int = 0  # seed of a random backbone's weights
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     text: TextConfig = field(default_factory=TextConfig)
@@ -219,30 +233,37 @@ class DataConfig:
     caches them in `<source>/semantic_auto/` (docs/segmentation.md).
     """
 
+    # thermalscenes, a folder in a known layout, parquet file(s) or a glob, a datasets folder or Hub id
     source: str = "thermalscenes"
+    # the folder or table layout; auto: detected from the folder's shape (docs/data.md)
     layout: Literal["auto", "table", "triptych", "paired", "llvip", "flir", "m3fd", "msrs", "kaist"] = "auto"
-    size: int = 512
+    size: int = 512  # panel size in pixels (the longer side when resizing; a multiple of 16)
+    # how a panel is made square: resize, center_crop, or random_crop (training only)
     resize_policy: Literal["resize", "center_crop", "random_crop"] = "center_crop"
-    hflip: bool = True
-    visible_column: str = "visible"
-    infrared_column: str = "infrared"
-    semantic_column: str = "panoptic_img"
-    triptych_column: str = "triptych"
-    name_column: str = "name"
-    semantic_dir: str = "semantic"
+    hflip: bool = True  # mirror half of the training samples at random (all panels alike)
+    visible_column: str = "visible"  # table sources: the visible image's column
+    infrared_column: str = "infrared"  # table sources: the infrared image's column
+    semantic_column: str = "panoptic_img"  # table sources: the semantic map's column
+    triptych_column: str = "triptych"  # table sources: the column of [visible | infrared | semantic] images
+    name_column: str = "name"  # table sources: the column of sample names (else row numbers)
+    semantic_dir: str = "semantic"  # folder sources: the folder of semantic maps, <semantic_dir>/<name>.png
+    # files: maps from semantic_dir; auto: missing ones made by segment_model, cached in semantic_auto/
     semantic_source: Literal["files", "auto"] = "files"
-    segment_model: str = DEFAULT_SEGMENTER
+    segment_model: str = DEFAULT_SEGMENTER  # panoptic segmenter for semantic_source: auto (Hub id or local folder)
+    # 16-bit / float infrared to [0, 1]: percentile (per image), minmax (per image), fixed (ir_range)
     ir_normalize: Literal["percentile", "minmax", "fixed"] = "percentile"
-    ir_percentiles: tuple[float, float] = (1.0, 99.0)
-    ir_range: tuple[float, float] = (0.0, 65535.0)
+    ir_percentiles: tuple[float, float] = (1.0, 99.0)  # percentile: the low and high percentiles mapped to 0 and 1
+    ir_range: tuple[float, float] = (0.0, 65535.0)  # fixed: the raw values mapped to 0 and 1
+    # share of samples without an official split that go to val (carved from train when none)
     val_fraction: float = 0.05
-    test_fraction: float = 0.05
+    test_fraction: float = 0.05  # share of samples without an official split that go to test
+    # error: stop at the first bad sample; skip: warn and leave it out
     on_bad_sample: Literal["error", "skip"] = "error"
-    synth_count: int = 1000
-    synth_seed: int = 0
-    synth_prerender: bool = False
-    latent_cache: str | None = None
-    num_workers: int = 2
+    synth_count: int = 1000  # thermalscenes: number of scenes (split by name hash)
+    synth_seed: int = 0  # thermalscenes: seed of the scene set
+    synth_prerender: bool = False  # thermalscenes: render the training scenes once before the loader workers start
+    latent_cache: str | None = None  # a folder made by `vis2ir data cache`: train from its latents, skipping the codec
+    num_workers: int = 2  # DataLoader worker processes (0: load in the main process)
 
     def validate(self) -> None:
         _check(self.size >= 16 and self.size % 16 == 0, "data.size", "a multiple of 16", self.size)
@@ -264,40 +285,46 @@ class DataConfig:
 class TrainConfig:
     """Optimisation, checkpoints, logging and hardware for `vis2ir train` (docs/design.md §3)."""
 
-    batch_size: int = 4
-    max_steps: int = 1000
+    batch_size: int = 4  # samples per device and micro-batch (at most the training split's size)
+    max_steps: int = 1000  # the run's total optimizer steps; a resumed run continues to it
+    # time budget of each launch in minutes (null: none); when spent, a checkpoint and the resume command
     max_minutes: float | None = None
-    output_dir: str = "runs/vis2ir"
+    output_dir: str = "runs/vis2ir"  # the run folder: checkpoints/, logs/, tensorboard/, samples/, config.yaml
+    # lora: LoRA on a frozen transformer; full: every transformer weight trains
     finetune: Literal["lora", "full"] = "lora"
+    # start from a checkpoint's weights: a checkpoint or run folder, or demo (the shipped model)
     init_from: str | None = None
-    optimizer: Literal["adamw", "prodigy"] = "adamw"
-    learning_rate: float = 1e-4
-    weight_decay: float = 0.01
-    adapter_learning_rate: float | None = None
-    adapter_weight_decay: float = 0.0
-    warmup_steps: int = 0
-    grad_clip: float = 0.5
-    accumulate_grad_batches: int = 1
-    gradient_checkpointing: bool = False
+    optimizer: Literal["adamw", "prodigy"] = "adamw"  # adamw or prodigy
+    learning_rate: float = 1e-4  # learning rate of the transformer (LoRA or full)
+    weight_decay: float = 0.01  # weight decay of the transformer's trainable weights
+    adapter_learning_rate: float | None = None  # learning rate of the cross-attention adapter (null: learning_rate)
+    adapter_weight_decay: float = 0.0  # weight decay of the adapter
+    warmup_steps: int = 0  # linear learning-rate warm-up steps
+    grad_clip: float = 0.5  # gradient norm clipping (0: none)
+    accumulate_grad_batches: int = 1  # micro-batches per optimizer step
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass (less memory, slower)
+    # Lightning precision; auto: bf16-mixed on a GPU, 32-true on the CPU
     precision: Literal["auto", "bf16-mixed", "bf16-true", "16-mixed", "32-true"] = "auto"
-    guidance: float = 1.0
+    guidance: float = 1.0  # guidance value given to the transformer in training
+    # all: loss over every token; target: over the infrared panel's tokens only
     loss_region: Literal["all", "target"] = "all"
-    timestep_mean: float = 0.0
-    timestep_std: float = 1.0
-    timestep_shift: float = 1.0
-    offset_noise: float = 0.0
-    seed: int = 0
-    accelerator: Literal["auto", "cpu", "gpu"] = "auto"
-    devices: int | str = "auto"
-    num_nodes: int = 1
+    timestep_mean: float = 0.0  # mean of the logit-normal flow-time distribution
+    timestep_std: float = 1.0  # standard deviation of the logit-normal flow-time distribution
+    timestep_shift: float = 1.0  # shift of the flow times towards noise (> 1) or data (< 1)
+    offset_noise: float = 0.0  # per-sample, per-channel offset added to the noise
+    seed: int = 0  # seed of the data order, noise and flow times
+    accelerator: Literal["auto", "cpu", "gpu"] = "auto"  # auto: a GPU when there is one; cpu; gpu
+    devices: int | str = "auto"  # devices per node: a number, auto, or a list like '0,1'
+    num_nodes: int = 1  # machines (multi-node DDP)
+    # auto or ddp (fsdp and deepspeed are refused for now)
     strategy: Literal["auto", "ddp", "fsdp", "deepspeed"] = "auto"
-    checkpoint_every: int = 500
-    keep_last: int = 3
-    save_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    val_every: int = 500
-    val_batches: int = 2
-    log_every: int = 10
-    max_bad_steps: int = 5
+    checkpoint_every: int = 500  # write checkpoints/step-N every this many steps (and at the end)
+    keep_last: int = 3  # checkpoints kept (the newest ones)
+    save_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # dtype of the saved weights
+    val_every: int = 500  # validate every this many steps
+    val_batches: int = 2  # validation batches per validation (0: no validation)
+    log_every: int = 10  # log the training scalars every this many steps
+    max_bad_steps: int = 5  # stop after this many NaN/inf steps in a row (each one's update is skipped)
 
     def validate(self) -> None:
         at_least = {"batch_size": 1, "max_steps": 0, "warmup_steps": 0, "accumulate_grad_batches": 1, "seed": 0,
@@ -327,9 +354,9 @@ class TrainConfig:
 class SampleConfig:
     """Sampling settings (docs/design.md §1)."""
 
-    steps: int = 28
-    guidance: float = 50.0
-    seed: int = 0
+    steps: int = 28  # denoising steps
+    guidance: float = 50.0  # guidance value given to the transformer (FLUX.1 Fill: 30-50; the demo model: 1)
+    seed: int = 0  # seed of each image's noise
     adapter_scale: float = 1.0  # the cross-attention adapter's residual: 1 as trained, 0 off (what it adds)
     # Longer side images are generated at: `auto` = a checkpoint's data.size (a config-built model: the
     # input's own size), `native` or 0 = the input's own size, or a number of pixels.
@@ -359,13 +386,15 @@ class EvalConfig:
     one draw, so one draw's luck moves the mean PSNR by ~0.5 dB; docs/results.md).
     """
 
+    # Inception weights for FID: a file or a folder holding it (null: $VIS2IR_FID_WEIGHTS, torch hub cache)
     fid_weights: str | None = None
+    # AlexNet weights for LPIPS: a file or a folder (null: $VIS2IR_LPIPS_WEIGHTS, torch hub cache)
     lpips_weights: str | None = None
-    hot_percentile: float = 90.0
-    batch_size: int = 8
-    limit: int | None = None
-    fit_limit: int = 400
-    noise_draws: int = 1
+    hot_percentile: float = 90.0  # a pixel is hot above this percentile of its truth image (hallucinated-heat metric)
+    batch_size: int = 8  # images per batch when generating for evaluation
+    limit: int | None = None  # test images scored (null: all)
+    fit_limit: int = 400  # training samples the reference predictors are fitted on
+    noise_draws: int = 1  # draws of noise per image (seeds sample.seed, +1, ...), scored over all
 
     def validate(self) -> None:
         _check(0.0 < self.hot_percentile < 100.0, "eval.hot_percentile", "a number in (0, 100)",
@@ -402,6 +431,72 @@ class Config:
     def save(self, path: str | Path) -> None:
         """Write the config as YAML, atomically."""
         write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+# ----------------------------------------------------------------------------------------------
+# Meanings: `vis2ir config show`
+
+
+def setting_meanings() -> dict[str, str]:
+    """Every setting's one-line meaning by dotted key, and each section's (`model.semantic`): the comment
+    beside or above its field in this file, or the section class's docstring's first line. The comments
+    are the one source of truth; a test checks that every setting has one."""
+    import ast
+    import io
+    import tokenize
+
+    source = Path(__file__).read_text(encoding="utf-8")
+    lines = source.splitlines()
+    comments = {t.start[0]: t.string.lstrip("#").strip()
+                for t in tokenize.generate_tokens(io.StringIO(source).readline) if t.type == tokenize.COMMENT}
+    classes = {n.name: n for n in ast.parse(source).body if isinstance(n, ast.ClassDef)}
+
+    def meaning(node: ast.AnnAssign) -> str:
+        above, line = [], node.lineno - 1
+        while line in comments and lines[line - 1].lstrip().startswith("#"):
+            above.insert(0, comments[line])
+            line -= 1
+        beside = comments.get(node.end_lineno) if not lines[node.end_lineno - 1].lstrip().startswith("#") else None
+        return " ".join([*above, *([beside] if beside else [])])
+
+    out: dict[str, str] = {}
+
+    def walk(cls: type, prefix: str) -> None:
+        nodes = {n.target.id: n for n in classes[cls.__name__].body
+                 if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)}
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                out[prefix + f.name] = (hints[f.name].__doc__ or "").strip().splitlines()[0]
+                walk(hints[f.name], f"{prefix}{f.name}.")
+            else:
+                out[prefix + f.name] = meaning(nodes[f.name])
+
+    walk(Config, "")
+    return out
+
+
+def describe_settings(cfg: Config) -> str:
+    """`cfg` as commented YAML: every setting with its value and its meaning (`setting_meanings`). The text
+    is a valid config file: saved, it loads back to `cfg`."""
+    meanings = setting_meanings()
+
+    def inline(value: Any) -> str:
+        return yaml.safe_dump(value, default_flow_style=True, width=10**9, allow_unicode=True) \
+            .removesuffix("\n").removesuffix("\n...")
+
+    def section(d: dict, prefix: str, indent: str) -> list[str]:
+        rows = []
+        for key, value in d.items():
+            text = meanings.get(prefix + key, "")
+            if isinstance(value, dict):
+                rows.append(f"{indent}{key}:{'  # ' + text if text else ''}")
+                rows += section(value, f"{prefix}{key}.", indent + "  ")
+            else:
+                rows.append(f"{indent}{key}: {inline(value)}" + (f"  # {text}" if text else ""))
+        return rows
+
+    return "\n".join(section(cfg.to_dict(), "", "")) + "\n"
 
 
 # ----------------------------------------------------------------------------------------------

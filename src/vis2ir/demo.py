@@ -19,12 +19,13 @@ from pathlib import Path
 
 import torch
 
+from vis2ir.checkpoint import SHIPPED, checkpoint_path
 from vis2ir.config import Config, load_config
 from vis2ir.errors import Vis2IRError
 
 log = logging.getLogger(__name__)
 
-DEMO_CHECKPOINT = Path(__file__).parent / "assets" / "demo"
+DEMO_CHECKPOINT = SHIPPED["demo"]
 
 
 def run_demo(out_dir: str | Path = "outputs/demo", config_path: str | None = None, overrides=(),
@@ -36,7 +37,7 @@ def run_demo(out_dir: str | Path = "outputs/demo", config_path: str | None = Non
 
     started = time.perf_counter()
     out = Path(out_dir)
-    checkpoint = Path(checkpoint or DEMO_CHECKPOINT)
+    checkpoint = checkpoint_path(checkpoint or DEMO_CHECKPOINT)
     if config_path is None and not overrides and not (checkpoint / "config.yaml").exists():
         raise Vis2IRError(f"{checkpoint}: the shipped demo checkpoint is missing (reinstall vis2ir, or train one "
                           "with `vis2ir train --config configs/demo.yaml` and pass --checkpoint)")
@@ -58,10 +59,15 @@ def run_demo(out_dir: str | Path = "outputs/demo", config_path: str | None = Non
         trained_model, _ = load_model(find_checkpoint(checkpoint), overrides=overrides)
     untrained_model = build_model(cfg)
     predictions = {}
+    # The demo draws no progress bars; these lines say which stage runs (each takes seconds to a minute).
+    log.info("Demo 1/3: generating their infrared (%d denoising steps) with the %s model and the same model untrained",
+             cfg.sample.steps, "shipped" if checkpoint == DEMO_CHECKPOINT else "given")
     if trained_model is not None:
         predictions["shipped"], attention = _generate(trained_model, batch, cfg, attention=True)
         _save_attention(out / "attention", batch, attention, trained_model)
     predictions["untrained"], _ = _generate(untrained_model, batch, cfg)
+    log.info("Demo 2/3: fitting the reference predictors (visible-colour lookup, class means) on %d training scenes",
+             fit_scenes)
     predictions.update(_baselines(iter_split(cfg, "train", fit_scenes, True), test))
 
     from vis2ir.evaluate.metrics import psnr_ssim
@@ -162,6 +168,8 @@ def _short_training(cfg: Config, checkpoint: Path, out: Path, steps: int) -> dic
                  "train.val_batches=1", "train.log_every=1", "data.num_workers=0", "train.accelerator=cpu",
                  "data.synth_count=200"]
     tcfg = load_config(checkpoint / "config.yaml", overrides)
+    log.info("Demo 3/3: a short real training run from the checkpoint, %d steps of batch 4 on the CPU, into %s",
+             steps, out)
     started = time.perf_counter()
     run = train(tcfg, progress=False)
     logs = metrics_logs(run)[-1:]  # this launch's log only: an earlier demo may have left its own

@@ -29,8 +29,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from vis2ir.backbone import resolve_dtype
-from vis2ir.checkpoint import CONFIG_FILE, find_checkpoint, load_checkpoint_config, load_model
-from vis2ir.config import Config, first_difference, load_config
+from vis2ir.checkpoint import check_compatible, find_checkpoint, load_checkpoint_config, load_model
+from vis2ir.config import Config, load_config
 from vis2ir.errors import Vis2IRError
 from vis2ir.io.images import Normaliser, is_finite, read_image, rgb_image, same_aspect, to_tensor, write_png, wxh
 from vis2ir.files import safe_join
@@ -48,11 +48,6 @@ from vis2ir.visualize import AttentionMaps, check_output_format, compare_figure,
 log = logging.getLogger(__name__)
 
 OFFLOAD = ("none", "model", "sequential")
-# Settings that shape the model: a checkpoint only runs with the values it was trained with.
-STRUCTURAL = ("model.backbone", "model.codec", "model.pixel_factor", "model.seed", "model.transformer.",
-              "model.vae.", "model.text.", "model.lora.rank", "model.lora.target_modules", "model.semantic.mode",
-              "model.semantic.num_layers", "model.semantic.num_heads", "model.semantic.position",
-              "model.semantic.rope_", "model.semantic.inject_into", "model.semantic.fusion_alpha", "train.finetune")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -290,15 +285,6 @@ def batches(sizes: list[tuple[int, int]], batch_size: int) -> list[list[int]]:
         else:
             out.append([i])
     return out
-
-
-def check_compatible(trained: Config, cfg: Config, directory: Path, where: str) -> None:
-    """Fail if `cfg` changes a setting that shapes the model (mode, codec, sizes) from the checkpoint's."""
-    diff = first_difference(trained.flat(), cfg.flat(), STRUCTURAL)
-    if diff:
-        key, old, new = diff
-        raise Vis2IRError(f"{where}: {key}={new!r} differs from the checkpoint's {old!r} "
-                          f"({directory / CONFIG_FILE}); a checkpoint runs with the model settings it was trained with")
 
 
 # ----------------------------------------------------------------------------------------------

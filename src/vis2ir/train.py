@@ -30,8 +30,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from vis2ir.checkpoint import (RESUME_FILE, add_lora, build_with_weights, find_checkpoint, list_checkpoints,
-                               load_checkpoint_config, replace_dir, temp_dir, write_weights)
+from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from vis2ir.checkpoint import (RESUME_FILE, add_lora, build_with_weights, check_init_from, find_checkpoint,
+                               list_checkpoints, load_checkpoint_config, replace_dir, temp_dir, write_weights)
 from vis2ir.config import Config, load_config
 from vis2ir.errors import Vis2IRError
 from vis2ir.model import Encoded, Vis2IRModel, build_model
@@ -39,10 +42,20 @@ from vis2ir.quantize import out_of_memory
 from vis2ir.semantic.modes import NEEDS_SEMANTIC
 
 log = logging.getLogger(__name__)
-# Lightning installs its own console handlers; let its records reach ours, in our format.
-for _name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+
+
+def _no_tips(record: logging.LogRecord) -> bool:
+    """Lightning's "💡 Tip: try installing litlogger / litmodels" lines (advertising printed on every run)."""
+    return not str(record.msg).startswith("💡 Tip:")
+
+
+# Lightning installs its own console handlers; let its records reach ours, in our format, without its tips
+# (rank_zero_info logs them through these loggers; its warnings pass).
+for _name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning.pytorch.utilities.rank_zero",
+              "lightning.fabric.utilities.rank_zero"):
     logging.getLogger(_name).handlers.clear()
     logging.getLogger(_name).propagate = True
+    logging.getLogger(_name).addFilter(_no_tips)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -159,7 +172,7 @@ class Vis2IRModule(L.LightningModule):
         # fp32 adapters over a frozen base in the model's dtype.
         dtype = torch.float32 if cfg.train.finetune == "full" else None
         if cfg.train.init_from:
-            source = find_checkpoint(cfg.train.init_from)
+            source = find_checkpoint(cfg.train.init_from)  # checked against cfg by `train` (check_init_from)
             model = build_with_weights(source, cfg, device, dtype)
             log.info("Initialised from %s", source)
         else:
@@ -457,6 +470,57 @@ class LogLastStep(L.Callback):
             trainer.log_every_n_steps = 1
 
 
+class StepProgressBar(TQDMProgressBar):
+    """Counts the optimizer steps of this launch out of those it will run (`train.max_steps` minus the
+    step it resumed from), not epochs: training is one endless epoch that ends at `max_steps`."""
+
+    def on_train_start(self, trainer, module) -> None:
+        super().on_train_start(trainer, module)
+        self.on_train_epoch_start(trainer, module)
+
+    def on_train_epoch_start(self, trainer, module) -> None:
+        """The bar of this launch (a resumed launch starts inside its epoch: `on_train_start` calls this)."""
+        self._first = trainer.global_step
+        bar = self.train_progress_bar
+        bar.reset(total=max(0, trainer.max_steps - self._first))
+        bar.initial = 0
+        bar.set_description(f"train steps {self._first + 1}-{trainer.max_steps}" if self._first else "train steps",
+                            refresh=False)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        n = trainer.global_step - self._first
+        bar = self.train_progress_bar
+        if n != bar.n and self._should_update(n, bar.total):
+            bar.n = n
+            bar.refresh()
+            bar.set_postfix(self.get_metrics(trainer, module))
+
+    @property
+    def train_description(self) -> str:
+        return "train steps"
+
+    def get_metrics(self, trainer, module) -> dict:
+        metrics = super().get_metrics(trainer, module)
+        metrics.pop("v_num", None)  # the launch's log folder number, not a measurement
+        return metrics
+
+
+class _StepNamed:
+    """Logs a step's scalars under the number of optimizer steps done with it, the N of the checkpoint
+    `step-N` written after it (Lightning passes the count before the step: one less)."""
+
+    def log_metrics(self, metrics, step=None):
+        return super().log_metrics(metrics, None if step is None else step + 1)
+
+
+class StepCSVLogger(_StepNamed, CSVLogger):
+    """`logs/version_K/metrics.csv`, steps numbered as checkpoints."""
+
+
+class StepTensorBoardLogger(_StepNamed, TensorBoardLogger):
+    """`tensorboard/version_K/`, steps numbered as checkpoints."""
+
+
 def resume_command(run_dir: Path) -> str:
     """The command line that continues the run in `run_dir` with its own settings."""
     return f"vis2ir train --resume {shlex.quote(str(run_dir))}"
@@ -512,10 +576,9 @@ def build_trainer(cfg: Config, run_dir: Path, callbacks=(), loggers=True, progre
         strategy = DDPStrategy(find_unused_parameters=False)
     timer = [] if t.max_minutes is None else [LaunchTimer(t.max_minutes, run_dir)]  # not Lightning's: per launch
     if loggers is True:
-        from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-
         # One version folder per launch, so a resumed run adds its logs beside the first ones.
-        loggers = [CSVLogger(run_dir, name="logs"), TensorBoardLogger(run_dir, name="tensorboard")]
+        loggers = [StepCSVLogger(run_dir, name="logs"), StepTensorBoardLogger(run_dir, name="tensorboard")]
+    bar = [StepProgressBar()] if progress else []
     return L.Trainer(
         accelerator="gpu" if cuda else "cpu", devices=t.devices, num_nodes=t.num_nodes, strategy=strategy,
         precision=precision, max_steps=t.max_steps, max_epochs=-1,
@@ -523,7 +586,7 @@ def build_trainer(cfg: Config, run_dir: Path, callbacks=(), loggers=True, progre
         log_every_n_steps=t.log_every, val_check_interval=t.val_every * t.accumulate_grad_batches,
         check_val_every_n_epoch=None, limit_val_batches=t.val_batches, num_sanity_val_steps=0,
         default_root_dir=run_dir, logger=loggers,
-        callbacks=[CheckpointExport(cfg, run_dir), LogLastStep(), *timer, *callbacks],
+        callbacks=[CheckpointExport(cfg, run_dir), LogLastStep(), *timer, *bar, *callbacks],
         enable_checkpointing=False, use_distributed_sampler=False,  # our StepSampler splits the ranks
         enable_progress_bar=progress, enable_model_summary=False,
     )
@@ -537,8 +600,13 @@ def split_loader(cfg: Config, trainer: L.Trainer, split: str, start_step: int = 
     need = cfg.model.semantic.mode in NEEDS_SEMANTIC
     kw = dict(batch_size=cfg.train.batch_size, num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available())
     if split == "val":
-        val_set = build_dataset(cfg.data, "val", require_semantic=need)
-        return make_loader(val_set, shuffle=False, **kw) if len(val_set) else []
+        val_set = build_dataset(cfg.data, "val", require_semantic=need, empty_ok=True)
+        if not len(val_set):
+            log.warning("%s: the validation split is empty (data.val_fraction=%g of a small data set); training goes "
+                        "on without validation (a larger data.val_fraction, or more samples, gives one)",
+                        cfg.data.source, cfg.data.val_fraction)
+            return []
+        return make_loader(val_set, shuffle=False, **kw)
     if cfg.data.latent_cache:
         from vis2ir.latent_cache import LatentCache
 
@@ -549,6 +617,11 @@ def split_loader(cfg: Config, trainer: L.Trainer, split: str, start_step: int = 
             log.info("Rendering %d training scenes once, in %d processes", len(train_set),
                      max(1, cfg.data.num_workers))
             train_set.prerender(max(1, cfg.data.num_workers))
+    if cfg.train.batch_size * trainer.world_size > len(train_set):
+        devices = f" × {trainer.world_size} devices" if trainer.world_size > 1 else ""
+        raise Vis2IRError(f"train.batch_size={cfg.train.batch_size}{devices} is larger than the training split of "
+                          f"{cfg.data.source} ({len(train_set)} samples): a batch would repeat samples; set "
+                          f"train.batch_size to at most {len(train_set) // trainer.world_size}, or add samples")
     per_step = cfg.train.batch_size * cfg.train.accumulate_grad_batches
     sampler = StepSampler(start=start_step * per_step, rank=trainer.global_rank, world=trainer.world_size)
     return make_loader(Positioned(train_set, cfg.train.seed), sampler=sampler, drop_last=True, **kw)
@@ -602,9 +675,13 @@ def train(cfg: Config, resume: str | None = None, model: Vis2IRModel | None = No
     state = resolve_resume(resume, run_dir)
     if state is not None:
         check_resumable(cfg, state.parent)
+    if cfg.train.init_from:
+        check_init_from(cfg)
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     # Our data order is resumable by construction (StepSampler + Positioned), which Lightning cannot see.
     warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
+    # An empty validation split is announced by `split_loader` and means "no validation".
+    warnings.filterwarnings("ignore", message=".*Total length of `list` across ranks is zero.*")
     if torch.cuda.is_available():
         torch.backends.cuda.enable_cudnn_sdp(False)  # cuDNN attention backward crashed on Hopper (docs/design.md §9)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -63,20 +63,23 @@ def _check_names(found: Found, reader):
 
 
 def build_dataset(cfg: DataConfig, split: str, require_semantic: bool | None = None,
-                  with_classes: bool = False) -> Dataset:
+                  with_classes: bool = False, empty_ok: bool = False) -> Dataset:
     """The dataset of `split` ('train', 'val' or 'test') of `cfg.source`.
 
     `require_semantic`: True when the model needs semantic maps (missing ones are an error), False
     to leave them out, None to include them when every sample has one. `with_classes` adds the class
     map decoded from the semantic colours (ThermalScenes always has it). Pairing problems and
-    unreadable files are found here, before any epoch, as far as file headers tell.
+    unreadable files are found here, before any epoch, as far as file headers tell. A split with no
+    samples raises `DataError`, or with `empty_ok` gives an empty dataset (a small set's val split).
     """
     if split not in SPLITS:
         raise DataError(f"split {split!r}: expected one of {', '.join(SPLITS)}")
     if cfg.source == "thermalscenes":
-        return ThermalScenes.split_of(cfg, split, semantic=require_semantic is not False)
+        return ThermalScenes.split_of(cfg, split, semantic=require_semantic is not False, empty_ok=empty_ok)
     found, reader = open_source(cfg)
     records = [r for r in found.records if r.split == split]
+    if not records and empty_ok:
+        return PanelDataset([], reader, cfg, split, semantic=None)
     if not records:
         counts = Counter(r.split for r in found.records)
         raise DataError(f"{cfg.source}: no samples in split {split!r} ({found.layout} layout; "

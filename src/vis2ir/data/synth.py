@@ -48,10 +48,11 @@ class ThermalScenes(Dataset):
         self._cache: dict[int, Scene] | None = {} if cache else None
 
     @classmethod
-    def split_of(cls, cfg: DataConfig, split: str, semantic: bool = True) -> ThermalScenes:
-        """The scenes of `split` among `cfg.synth_count` scenes of seed `cfg.synth_seed`, at `cfg.size`."""
+    def split_of(cls, cfg: DataConfig, split: str, semantic: bool = True, empty_ok: bool = False) -> ThermalScenes:
+        """The scenes of `split` among `cfg.synth_count` scenes of seed `cfg.synth_seed`, at `cfg.size`
+        (none: `DataError`, or an empty set with `empty_ok`)."""
         indices = split_indices(cfg.synth_count, split, cfg.val_fraction, cfg.test_fraction)
-        if not indices:
+        if not indices and not empty_ok:
             raise DataError(f"data.synth_count={cfg.synth_count}: too few scenes for a {split!r} split "
                             f"(val_fraction={cfg.val_fraction}, test_fraction={cfg.test_fraction})")
         return cls(cfg.synth_count, cfg.size, cfg.synth_seed, indices=indices,
