@@ -385,7 +385,7 @@ def test_init_from_names_the_shipped_checkpoint_and_refuses_another_shape(tiny_c
     assert find_checkpoint("demo") == SHIPPED["demo"] == DEMO_CHECKPOINT
     assert checkpoint_path("demo") == DEMO_CHECKPOINT  # `vis2ir demo --checkpoint demo` too
     monkeypatch.chdir(tmp_path)  # a folder called demo is ./demo
-    with pytest.raises(Vis2IRError, match="demo: no checkpoint here"):
+    with pytest.raises(Vis2IRError, match="demo: no such folder, so no checkpoint here"):
         find_checkpoint("./demo")
     with pytest.raises(Vis2IRError, match=r"^train.init_from=demo: model.pixel_factor=2 differs from the checkpoint's "
                                           r"4 \(.*assets/demo/config.yaml\); a checkpoint runs with the model"):
