@@ -700,9 +700,9 @@ def train(cfg: Config, resume: str | None = None, model: Vis2IRModel | None = No
                 shutil.rmtree(folder, ignore_errors=True)
         if isinstance(err, SystemExit) and trainer.interrupted:  # Lightning's sys.exit(1) after Ctrl-C
             raise KeyboardInterrupt from None
+        if isinstance(err, torch.OutOfMemoryError):
+            raise out_of_memory("training", cfg, trainer.strategy.root_device) from None
         raise
-    except torch.OutOfMemoryError:
-        raise out_of_memory("training", cfg, trainer.strategy.root_device) from None
     finally:
         if handler is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, handler)
