@@ -50,3 +50,24 @@ def stock_pipeline_outputs(transformer, lora_dir, *others):
         pipe.load_lora_weights(lora_dir)
         after = transformer(hidden_states=hidden, **kwargs)[0]
         return (before, after, *(m(hidden_states=hidden, **kwargs)[0] for m in others))
+
+
+@pytest.fixture
+def hub_calls(monkeypatch):
+    """Counts the Hub requests a failing lookup makes: one quick `auth_check` at most, never a download
+    (a `snapshot_download(local_files_only=True)` reads the local cache only and is not counted): the
+    "fails within seconds, no retry loop" promise, checked by what is called, not by a clock."""
+    import huggingface_hub
+
+    calls = {"auth_check": 0, "snapshot_download": 0}
+    real = {name: getattr(huggingface_hub, name) for name in calls}
+
+    def counted(name):
+        def wrapper(*args, **kwargs):
+            calls[name] += not kwargs.get("local_files_only", False)
+            return real[name](*args, **kwargs)
+        return wrapper
+
+    for name in calls:
+        monkeypatch.setattr(huggingface_hub, name, counted(name))
+    return calls

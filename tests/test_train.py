@@ -204,7 +204,7 @@ def test_max_minutes_counts_this_launch_only(tiny_config, tmp_path, caplog):
     run_dir = run(tiny_config, tmp_path, "train.max_steps=3", "train.max_minutes=1000")
     # A first launch that had used up far more than the budget (the time Lightning's Timer records).
     state = run_dir / "checkpoints" / "step-3" / "resume.ckpt"
-    ckpt = torch.load(state, weights_only=False)
+    ckpt = torch.load(state, weights_only=True)
     ckpt.setdefault("callbacks", {})["Timer"] = {"time_elapsed": {"train": 1e9, "validate": 0.0, "test": 0.0,
                                                                    "predict": 0.0}}
     torch.save(ckpt, state)
@@ -238,7 +238,7 @@ def test_ctrl_c_writes_the_last_finished_step_and_says_how_to_resume(tiny_config
     assert [p.name for p in list_checkpoints(run_dir)] == ["step-3", "step-4"]
     assert f"Interrupted at step 4; newest checkpoint {run_dir / 'checkpoints' / 'step-4'}; resume with: " \
            f"vis2ir train --resume {run_dir}" in caplog.text
-    assert torch.load(run_dir / "checkpoints" / "step-4" / "resume.ckpt", weights_only=False)["global_step"] == 4
+    assert torch.load(run_dir / "checkpoints" / "step-4" / "resume.ckpt", weights_only=True)["global_step"] == 4
     assert main(["train", "--resume", str(run_dir), "train.max_steps=5"]) == 0
     assert list_checkpoints(run_dir)[-1].name == "step-5"
 
