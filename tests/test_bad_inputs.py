@@ -270,6 +270,19 @@ def test_exif_rotated_photo_is_read_upright_everywhere(tmp_path):
     assert (sample["visible"] - want).abs().mean() < 0.05
 
 
+def test_data_convert_writes_the_rotated_photo_upright(tmp_path):
+    """`data convert` writes the pixels as shown: the PNG carries no EXIF tag, so it must be upright."""
+    from vis2ir.data.convert import convert_source
+
+    exif_rotated(tmp_path / "src")
+    cfg = DataConfig(source=str(tmp_path / "src"), val_fraction=0.0, test_fraction=0.0)
+    out = convert_source(cfg, tmp_path / "out", "folder")
+    converted = next((out / "visible").rglob("b.png"))
+    upright = torch.from_numpy(scene(1)["visible"]).permute(2, 0, 1).float() / 255
+    pixels = to_tensor(read_image(converted))
+    assert pixels.shape == (3, H, W) and (pixels - upright).abs().mean() < 0.03
+
+
 def test_16bit_truth_reads_the_same_in_the_loader_and_in_evaluate(tmp_path):
     """`evaluate --pred/--truth` reads a 16-bit truth exactly as the data loader does (data.ir_normalize)."""
     sixteen_bit(tmp_path)

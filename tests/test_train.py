@@ -392,3 +392,9 @@ def test_init_from_names_the_shipped_checkpoint_and_refuses_another_shape(tiny_c
         train(load_config(ROOT / "configs" / "finetune_demo.yaml", [f"train.output_dir={tmp_path / 'run'}",
                                                                     "model.pixel_factor=2"]), progress=False)
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_keep_last_larger_than_the_run_keeps_every_checkpoint(tiny_config, tmp_path):
+    """keep_last=4 with two older checkpoints: nothing is pruned (a negative slice end once deleted one)."""
+    run_dir = run(tiny_config, tmp_path, "train.max_steps=9", "train.keep_last=4", "train.val_every=100")
+    assert [p.name for p in list_checkpoints(run_dir)] == ["step-3", "step-6", "step-9"]

@@ -93,7 +93,9 @@ def load_backbone(cfg: ModelConfig, device: torch.device | str = "cpu", dtype: t
             transformer = _random_transformer(cfg, codec, dtype)
         fill = _fill_normal if cfg.transformer.init == "normal" else None
         prompt = prompt_embeddings(cfg, lambda: build_tiny_text_encoders(cfg))
-    transformer = quantize_transformer(transformer, cfg.quantize, device, fill)
+    with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
+        torch.manual_seed(cfg.seed)  # `init: normal` fills the weights here: seeded, global RNG left alone
+        transformer = quantize_transformer(transformer, cfg.quantize, device, fill)
     return Backbone(transformer, _to_device(codec, device), prompt.to(device, dtype))
 
 

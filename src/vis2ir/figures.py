@@ -25,20 +25,20 @@ from vis2ir.files import atomic_write
 DPI = 100
 FONT_SIZE = 9
 PAD_INCHES = 0.08
+SAVE_OPTIONS = dict(dpi=DPI, bbox_inches="tight", pad_inches=PAD_INCHES, facecolor="white")  # one look for files and arrays
 
 
 def save_figure(path: str | Path, fig: Figure) -> Path:
     """Save `fig` atomically (format from the suffix: `.png`, `.jpg`, ...) with every label inside."""
     path = Path(path)
     fmt = path.suffix.lstrip(".").lower() or "png"
-    return atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=DPI, bbox_inches="tight",
-                                                      pad_inches=PAD_INCHES, facecolor="white"))
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, **SAVE_OPTIONS))
 
 
 def figure_array(fig: Figure) -> np.ndarray:
     """`fig` rendered as `save_figure` writes it: uint8 RGB `[H, W, 3]` (e.g. for TensorBoard)."""
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight", pad_inches=PAD_INCHES, facecolor="white")
+    fig.savefig(buffer, format="png", **SAVE_OPTIONS)
     buffer.seek(0)
     return np.asarray(Image.open(buffer).convert("RGB"))
 

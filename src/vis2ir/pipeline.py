@@ -426,7 +426,7 @@ def _loaded_groups(items: list[Item], batch_size: int, summary: Summary, needs_s
             if it.problem and needs_semantic:
                 raise Vis2IRError(f"{it.visible}: {it.problem}")
             loaded = _Loaded(it, read_image(it.visible), read_image(it.semantic) if it.semantic else None)
-            if loaded.semantic is not None:
+            if loaded.semantic is not None and needs_semantic:  # a map the model does not read is not judged
                 _check_map(loaded)
         except Vis2IRError as err:
             log.error("%s", err)

@@ -69,7 +69,6 @@ def quantize_transformer(transformer: nn.Module, how: str, device: torch.device 
     """
     require(how)
     device = torch.device(device)
-    block_ids = {id(b) for b in blocks(transformer)}
     for name, child in transformer.named_children():  # everything but the blocks: as it is
         if name not in BLOCK_LISTS:
             _to_device(child, device, fill)
@@ -77,9 +76,8 @@ def quantize_transformer(transformer: nn.Module, how: str, device: torch.device 
         _to_device(block, device, fill)
         if how != "none":
             _QUANTIZERS[how](block, device)
-    for name, p in transformer.named_parameters(recurse=False):  # none in diffusers' Flux; kept general
-        if id(p) not in block_ids:
-            p.data = p.data.to(device)
+    for p in transformer.parameters(recurse=False):  # none in diffusers' Flux; kept general
+        p.data = p.data.to(device)
     if how != "none":
         transformer.requires_grad_(False)
         log.info("Quantized the transformer's blocks to %s: %.2f GiB of weights on %s", how,

@@ -311,7 +311,10 @@ class Vis2IRModule(L.LightningModule):
         """Drop the update of a step whose loss or gradients are not finite; stop after a streak."""
         params = [p for p in self.model.parameters() if p.grad is not None]
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in params]))) if params else None
-        bad_grad = norm is not None and not bool(torch.isfinite(norm))  # all-reduced: the same on every rank
+        # All-reduced: the same on every rank. Under fp16 loss scaling inf gradients are the scaler's business
+        # (it skips the step and lowers the scale), not a bad step.
+        scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None
+        bad_grad = norm is not None and not scaled and not bool(torch.isfinite(norm))
         if self._bad_loss is None and not bad_grad:
             self._bad_steps = 0
             if norm is not None:
@@ -438,7 +441,7 @@ class CheckpointExport(L.Callback):
         if trainer.is_global_zero:
             replace_dir(tmp, final)
             older = [p for p in list_checkpoints(self.run_dir) if int(p.name[5:]) < step]
-            for old in older[:len(older) - (self.cfg.train.keep_last - 1)]:
+            for old in older[:max(0, len(older) - (self.cfg.train.keep_last - 1))]:
                 shutil.rmtree(old, ignore_errors=True)
             log.info("Saved checkpoint %s", final)
         trainer.strategy.barrier()

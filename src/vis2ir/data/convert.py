@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from vis2ir.config import DataConfig
 from vis2ir.data.dataset import _use_semantic, open_source
 from vis2ir.data.errors import DataError
-from vis2ir.data.images import Panel, close_panels
+from vis2ir.data.images import Panel, close_panels, load_upright
 from vis2ir.data.splits import SPLITS
 from vis2ir.data.tables import write_parquet
 from vis2ir.files import safe_join, write_bytes, write_text
@@ -59,12 +59,13 @@ def convert_source(cfg: DataConfig, out: str | Path, fmt: str = "folder") -> Pat
 
 
 def _pngs(panels: dict[str, Panel]) -> dict[str, bytes]:
-    """Each panel's pixels (its view of the stored image, at full size) as PNG bytes."""
+    """Each panel's pixels (its view of the stored image, upright, at full size) as PNG bytes."""
     try:
         out = {}
         for kind, panel in panels.items():
-            (w, h), (x0, y0, x1, y1) = panel.full_size, panel.view
-            image = panel.image.crop((round(x0 * w), round(y0 * h), round(x1 * w), round(y1 * h)))
+            upright = load_upright(panel)  # EXIF orientation applied: the PNG carries no tag
+            (w, h), (x0, y0, x1, y1) = upright.size, panel.view
+            image = upright.crop((round(x0 * w), round(y0 * h), round(x1 * w), round(y1 * h)))
             if image.mode not in ("L", "RGB", "I;16", "I", "RGBA", "LA"):
                 image = image.convert("RGB")
             buf = io.BytesIO()

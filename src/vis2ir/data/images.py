@@ -61,6 +61,15 @@ def open_image(src: str | Path | BinaryIO, label: str) -> Image.Image:
         raise DataError(str(err)) from None
 
 
+def load_upright(panel: Panel) -> Image.Image:
+    """Decode a panel's image and turn it upright (EXIF), as its `view` and `size` count; undecodable
+    data is a `DataError` naming the panel."""
+    try:
+        return io.load_image(panel.image, panel.label)
+    except io.ImageError as err:
+        raise DataError(str(err)) from None
+
+
 def triptych_panels(image: Image.Image, label: str) -> dict[str, Panel]:
     """Split a `[visible | infrared | semantic]` image into three panels (width must divide by 3)."""
     w, h = io.oriented_size(image)
@@ -114,10 +123,7 @@ def decode_panel(panel: Panel, kind: str, box: Box, size: int, normaliser: Norma
     if image.format == "JPEG" and kind != "semantic":
         wanted = io.draft_size(image, math.ceil(size / (x1 - x0)), math.ceil(size / (y1 - y0)))
         image.draft("L" if kind == "infrared" else "RGB", wanted)
-    try:
-        io.load_image(image, panel.label)
-    except io.ImageError as err:
-        raise DataError(str(err)) from None
+    load_upright(panel)
     w, h = image.size
     pixels = (x0 * w, y0 * h, x1 * w, y1 * h)
     if kind == "semantic":

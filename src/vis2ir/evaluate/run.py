@@ -104,13 +104,8 @@ def evaluate_folders(pred: str | Path, truth: str | Path, semantic: str | Path |
                             "they differ; grey: the mean of the channels",
               "truth": f"the files in --truth at their own size ({values})",
               "resolution": "native: each truth's own size; ThermalGen: both resized to 256×256 (bilinear)"}
-    result = scorer.result() | {"source": source, "scored": scored} | ({"failed": failed} if failed else {})
-    _finish(result, out, scorer.examples)
-    if failed:
-        listed = "; ".join(f"{k} ({v})" for k, v in list(failed.items())[:5])
-        raise Vis2IRError(f"{len(failed)} of {len(pairs)} pairs failed and were not scored (the report covers "
-                          f"the others, {out}): {listed}")
-    return result
+    return _finish_with_failures(scorer.result() | {"source": source, "scored": scored}, out, scorer, failed,
+                                 len(pairs), "pairs")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -141,13 +136,15 @@ def evaluate_checkpoint(checkpoint: str | Path, config: str | Path | None = None
     count = len(dataset) if limit is None else min(limit, len(dataset))
     scorer = Scorer(cfg.eval, pipe.device, examples=STRIP_IMAGES)
     seeds = [pipe.cfg.sample.seed + k for k in range(cfg.eval.noise_draws)]
+    failed: dict[str, str] = {}
     for k, seed in enumerate(seeds):  # the first draw's predictions are saved
         desc = "generate" if len(seeds) == 1 else f"generate (draw {k + 1}/{len(seeds)})"
         with tqdm(total=count, desc=desc, unit="img") as bar:
             for batch in batches(dataset, count, cfg.eval.batch_size):
                 predictions = predict(pipe, batch, Path(out) / "pred" if k == 0 else None, seed)
                 for sample, pred in zip(batch, predictions):
-                    if pred is None:  # not finite: reported by predict, not scored
+                    if pred is None:  # not finite: reported by predict, not scored, listed at the end
+                        failed[sample["name"] if k == 0 else f"{sample['name']} (draw {k})"] = NOT_FINITE
                         continue
                     scorer.add(sample["name"], pred, sample["infrared"], sample_classes(sample), draw=k)
                 bar.update(len(batch))
@@ -157,9 +154,22 @@ def evaluate_checkpoint(checkpoint: str | Path, config: str | Path | None = None
               "resolution": f"native: {size}; ThermalGen: both resized to 256×256 (bilinear)",
               "same figures": f"`vis2ir evaluate --pred {Path(out) / 'pred'} --truth T` scores the same when T holds "
                               f"these truths at {size} (e.g. a folder source already at that size)"}
+    if len(failed) == count * len(seeds):
+        raise Vis2IRError(f"--checkpoint {directory}: no prediction could be scored ({NOT_FINITE})")
     result = scorer.result() | {"source": {"checkpoint": str(directory), "data": cfg.data.source, "split": split},
                                 "scored": scored, "seeds": seeds, "seconds": round(time.perf_counter() - started, 1)}
-    return _finish(result, out, scorer.examples)
+    return _finish_with_failures(result, out, scorer, failed, count * len(seeds), "predictions")
+
+
+def _finish_with_failures(result: dict, out, scorer, failed: dict[str, str], total: int, what: str) -> dict:
+    """Write the reports (with the failed items listed), then raise one error naming them, if any."""
+    result = result | ({"failed": failed} if failed else {})
+    _finish(result, out, scorer.examples)
+    if failed:
+        listed = "; ".join(f"{k} ({v})" for k, v in list(failed.items())[:5])
+        raise Vis2IRError(f"{len(failed)} of {total} {what} failed and were not scored (the report covers "
+                          f"the others, {out}): {listed}")
+    return result
 
 
 def split_dataset(cfg: Config, split: str, needs_semantic: bool):
