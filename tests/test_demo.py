@@ -3,15 +3,30 @@
 import json
 import logging
 
+from pathlib import Path
+
+import pytest
 from PIL import Image
 
+from vis2ir.checkpoint import SHIPPED
 from vis2ir.cli import main
-from vis2ir.demo import DEMO_CHECKPOINT
+from vis2ir.demo import DEMO_CHECKPOINTS
 
 
-def test_shipped_checkpoint_is_small():
-    files = list(DEMO_CHECKPOINT.glob("*.safetensors"))
+@pytest.mark.parametrize("name", sorted(DEMO_CHECKPOINTS))
+def test_shipped_checkpoint_is_small(name):
+    files = list(DEMO_CHECKPOINTS[name].glob("*.safetensors"))
     assert files and sum(f.stat().st_size for f in files) <= 25 * 2**20
+
+
+def test_the_shipped_checkpoints_are_package_data():
+    """A wheel carries both shipped models (pyproject's package-data names their folders)."""
+    import tomllib
+
+    data = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    globs = data["tool"]["setuptools"]["package-data"]["vis2ir"]
+    for name, folder in SHIPPED.items():
+        assert f"assets/{name}/*" in globs and (folder / "config.yaml").exists()
 
 
 def test_demo_end_to_end(tmp_path, capsys, caplog):
@@ -33,4 +48,16 @@ def test_demo_end_to_end(tmp_path, capsys, caplog):
     assert grid.width > 6 * 64 and grid.height > 64
     if report["config"]["model"]["semantic"]["mode"] == "cross_attention":
         assert (tmp_path / "attention" / "scene0" / "point0.png").exists()
+    # Both shipped models side by side (issue 19): the cross-attention one scored too, and its
+    # adapter's attention maps written (mean and per head for two points, and per class).
+    assert report["modes"]["shipped"] == "channel_concat"
+    assert report["modes"]["shipped_cross_attention"] == "cross_attention"
+    assert m["shipped_cross_attention"]["psnr"] > m["visible_lookup"]["psnr"]
+    assert m["shipped_cross_attention"]["psnr"] >= m["untrained"]["psnr"] + 5
+    assert report["attention"]["model"] == "shipped_cross_attention"
+    for scene in ("scene0", "scene1"):
+        folder = tmp_path / "attention" / scene
+        for name in ("point0.png", "point0_heads.png", "point1.png", "classes.png"):
+            assert Image.open(folder / name).width >= 256
+        assert "person" in json.loads((folder / "classes.json").read_text())
     assert "seconds" in report  # its time is reported; no limit is asserted (CI is a shared machine)

@@ -41,8 +41,9 @@ RESUME_FILE = "resume.ckpt"
 
 # Checkpoints shipped inside the package, by the name that stands for them wherever a checkpoint folder
 # is asked for (`train.init_from: demo`, `--checkpoint demo`, `Vis2IRPipeline.from_checkpoint("demo")`).
-# A folder of that name in the working directory is written `./demo`.
-SHIPPED = {"demo": Path(__file__).parent / "assets" / "demo"}
+# A folder of that name in the working directory is written `./demo`. `demo` is mode channel_concat,
+# `demo_cross_attention` the cross-attention adapter (docs/demo.md).
+SHIPPED = {name: Path(__file__).parent / "assets" / name for name in ("demo", "demo_cross_attention")}
 
 
 # ----------------------------------------------------------------------------------------------

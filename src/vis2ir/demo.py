@@ -1,12 +1,13 @@
 """`vis2ir demo`: the whole system on the embedded default, on a CPU, with nothing downloaded.
 
-1. makes held-out ThermalScenes (synthetic visible / infrared / semantic triptychs);
-2. generates infrared with the shipped demo checkpoint (trained by `vis2ir train --config
-   configs/demo.yaml` on a GPU; docs/demo.md), and with the same model untrained;
+1. makes held-out ThermalScenes (synthetic visible / infrared / semantic triptychs), once for every model;
+2. generates their infrared with both shipped demo checkpoints side by side — `channel_concat` and the
+   cross-attention adapter (each trained by `vis2ir train` on a GPU; docs/demo.md) — and with the
+   first one's model untrained;
 3. fits the reference predictors on training scenes (visible-colour lookup, class-mean oracle);
-4. saves the adapter's attention maps where the mode has them;
-5. runs a short real training from the checkpoint to show the loop works;
-6. writes a report: `report.png` (a grid a person can look at) and `metrics.json`.
+4. saves the adapter's attention maps of the cross-attention model (`attention/scene<i>/`);
+5. runs a short real training from the first checkpoint to show the loop works;
+6. writes a report: `report.png` (a grid a person can look at, every column's scores under it) and `metrics.json`.
 """
 
 from __future__ import annotations
@@ -26,46 +27,52 @@ from vis2ir.errors import Vis2IRError
 log = logging.getLogger(__name__)
 
 DEMO_CHECKPOINT = SHIPPED["demo"]
+# The shipped models the demo shows side by side, by their column in the report and metrics.json.
+DEMO_CHECKPOINTS = {"shipped": DEMO_CHECKPOINT, "shipped_cross_attention": SHIPPED["demo_cross_attention"]}
 
 
 def run_demo(out_dir: str | Path = "outputs/demo", config_path: str | None = None, overrides=(),
              checkpoint: str | Path | None = None, scenes: int = 16, fit_scenes: int = 400,
              train_steps: int = 10) -> Path:
-    """Run the demo; returns the path of `metrics.json`."""
-    from vis2ir.checkpoint import find_checkpoint, load_model
+    """Run the demo on the shipped checkpoints (or on `checkpoint` alone); returns the path of `metrics.json`."""
     from vis2ir.model import build_model
+    from vis2ir.pipeline import Vis2IRPipeline
 
     started = time.perf_counter()
     out = Path(out_dir)
-    checkpoint = checkpoint_path(checkpoint or DEMO_CHECKPOINT)
-    if config_path is None and not overrides and not (checkpoint / "config.yaml").exists():
-        raise Vis2IRError(f"{checkpoint}: the shipped demo checkpoint is missing (reinstall vis2ir, or train one "
+    checkpoints = dict(DEMO_CHECKPOINTS) if checkpoint is None else {"shipped": checkpoint_path(checkpoint)}
+    first = next(iter(checkpoints.values()))
+    if config_path is None and not overrides and not (first / "config.yaml").exists():
+        raise Vis2IRError(f"{first}: the shipped demo checkpoint is missing (reinstall vis2ir, or train one "
                           "with `vis2ir train --config configs/demo.yaml` and pass --checkpoint)")
-    cfg = load_config(config_path or checkpoint / "config.yaml", overrides)
+    cfg = load_config(config_path or first / "config.yaml", overrides)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     out.mkdir(parents=True, exist_ok=True)
-    report: dict = {"config": cfg.to_dict(), "checkpoint": str(checkpoint)}
+    report: dict = {"config": cfg.to_dict(), "checkpoint": str(first),
+                    "checkpoints": {name: str(path) for name, path in checkpoints.items()}}
 
     from vis2ir.evaluate.run import iter_split, load_split
 
-    test = load_split(cfg, "test", scenes, True)  # the report's scenes (a few)
+    test = load_split(cfg, "test", scenes, True)  # the report's scenes (a few), shared by every model
     batch = _stack(test)
     truth = batch["infrared"]
-    log.info("Demo: %d held-out ThermalScenes at %d×%d, mode %s", len(test), cfg.data.size, cfg.data.size,
-             cfg.model.semantic.mode)
+    log.info("Demo: %d held-out ThermalScenes at %d×%d", len(test), cfg.data.size, cfg.data.size)
 
-    trained_model = None
-    if (checkpoint / "config.yaml").exists():
-        trained_model, _ = load_model(find_checkpoint(checkpoint), overrides=overrides)
-    untrained_model = build_model(cfg)
-    predictions = {}
+    pipes = {name: Vis2IRPipeline.from_checkpoint(path, "cpu", overrides=overrides)
+             for name, path in checkpoints.items() if (path / "config.yaml").exists()}
+    pipes["untrained"] = Vis2IRPipeline(build_model(cfg), cfg, "cpu")
+    modes = {name: pipe.model.mode for name, pipe in pipes.items()}
+    report["modes"] = modes
     # The demo draws no progress bars; these lines say which stage runs (each takes seconds to a minute).
-    log.info("Demo 1/3: generating their infrared (%d denoising steps) with the %s model and the same model untrained",
-             cfg.sample.steps, "shipped" if checkpoint == DEMO_CHECKPOINT else "given")
-    if trained_model is not None:
-        predictions["shipped"], attention = _generate(trained_model, batch, cfg, attention=True)
-        _save_attention(out / "attention", batch, attention, trained_model)
-    predictions["untrained"], _ = _generate(untrained_model, batch, cfg)
+    log.info("Demo 1/3: generating their infrared (%d denoising steps) with %s", cfg.sample.steps,
+             ", ".join(f"the {name} model ({mode})" for name, mode in modes.items()))
+    predictions = {}
+    for name, pipe in pipes.items():
+        attention = name != "untrained" and pipe.model.adapter is not None
+        predictions[name], maps = _generate(pipe, batch, attention)
+        if maps is not None:
+            _save_attention(out / "attention", batch, maps)
+            report["attention"] = {"model": name, "folder": str(out / "attention")}
     log.info("Demo 2/3: fitting the reference predictors (visible-colour lookup, class means) on %d training scenes",
              fit_scenes)
     predictions.update(_baselines(iter_split(cfg, "train", fit_scenes, True), test))
@@ -74,12 +81,13 @@ def run_demo(out_dir: str | Path = "outputs/demo", config_path: str | None = Non
 
     report["metrics"] = {name: {**psnr_ssim(pred, truth, "native"), **_class_errors(pred, batch)}
                          for name, pred in predictions.items()}
-    if trained_model is not None:
-        report["training"] = _short_training(cfg, checkpoint, out / "train", train_steps)
+    trained = [name for name in checkpoints if name in pipes]
+    if trained:
+        report["training"] = _short_training(cfg, checkpoints[trained[0]], out / "train", train_steps)
     report["seconds"] = round(time.perf_counter() - started, 1)
     from vis2ir.files import write_json
 
-    _report_picture(out / "report.png", batch, predictions, report["metrics"], cfg)
+    _report_picture(out / "report.png", batch, predictions, report["metrics"], cfg, modes)
     path = write_json(out / "metrics.json", report)
     _log_summary(report, out)
     return path
@@ -92,15 +100,13 @@ def _stack(samples: list[dict]) -> dict:
     return {k: torch.stack([s[k] for s in samples]) for k in ("visible", "infrared", "semantic", "classes")}
 
 
-@torch.no_grad()
-def _generate(model, batch: dict, cfg: Config, attention: bool = False):
-    from vis2ir.sample import generate
-
-    sem = batch["semantic"] if model.mode != "none" else None
-    want = attention and model.adapter is not None
-    out = generate(model.eval(), batch["visible"], sem, steps=cfg.sample.steps, guidance=cfg.sample.guidance,
-                   seed=cfg.sample.seed, return_attention=want)
-    return out if want else (out, None)
+def _generate(pipe, batch: dict, attention: bool = False):
+    """Predictions `[B, 3, H, W]` for the batch through the public pipeline (its sample settings), and
+    with `attention` the adapter's `AttentionMaps` per scene (else None)."""
+    sem = list(batch["semantic"]) if pipe.needs_semantic else None
+    result = pipe(list(batch["visible"]), sem, batch_size=batch["visible"].shape[0], output_type="pt",
+                  return_attention=attention)
+    return torch.stack(result.images), result.attention
 
 
 def _baselines(fit: Iterable[dict], test: list[dict]) -> dict[str, torch.Tensor]:
@@ -123,38 +129,36 @@ def _class_errors(pred: torch.Tensor, batch: dict) -> dict[str, float]:
 
 
 def _report_picture(path: Path, batch: dict, predictions: dict[str, torch.Tensor], metrics: dict, cfg: Config,
-                    rows: int = 8) -> Path:
+                    modes: dict[str, str], rows: int = 8) -> Path:
     """`report.png`: the first `rows` scenes as columns visible, semantic, truth, then each prediction
-    headed by its PSNR/SSIM and look-alike class errors over all the scenes."""
+    headed by its model's semantic mode (`modes`, for the model columns), its PSNR/SSIM and look-alike
+    class errors over all the scenes."""
     from vis2ir.figures import save_figure
     from vis2ir.visualize import labelled_grid
 
     columns = {"visible": batch["visible"], "semantic": batch["semantic"], "truth": batch["infrared"], **predictions}
-    captions = {name: "\n".join([f"PSNR {m['psnr']:.2f} dB", f"SSIM {m['ssim']:.3f}"]
+    captions = {name: "\n".join(([f"mode {modes[name]}"] if name in modes else [])
+                                + [f"PSNR {m['psnr']:.2f} dB", f"SSIM {m['ssim']:.3f}"]
                                 + [f"{k.split('/', 1)[1]} {v:.3f}" for k, v in m.items() if k.startswith("abs_err/")])
                 for name, m in metrics.items()}
     n = batch["visible"].shape[0]
-    title = (f"vis2ir demo: {min(rows, n)} of {n} held-out ThermalScenes ({cfg.data.size}×{cfg.data.size}), "
-             f"mode {cfg.model.semantic.mode}. Under each prediction: PSNR/SSIM (native, one channel) over the "
-             f"{n} scenes,\nthen the mean absolute infrared error (0–1) on classes that look alike in the visible image")
+    title = (f"vis2ir demo: {min(rows, n)} of {n} held-out ThermalScenes ({cfg.data.size}×{cfg.data.size}). "
+             f"Under each prediction: its semantic mode (models), PSNR/SSIM (native, one channel) over the {n} "
+             f"scenes,\nthen the mean absolute infrared error (0–1) on classes that look alike in the visible image")
     fig = labelled_grid(columns, rows=rows, cell=128, title=title, captions=captions)
     return save_figure(path, fig)
 
 
-def _save_attention(directory: Path, batch: dict, attention, model) -> None:
-    if attention is None:
-        return
-    from vis2ir.latents import token_grid
-    from vis2ir.visualize import AttentionMaps, as_rgb8, save_attention_maps
+def _save_attention(directory: Path, batch: dict, attention: list, scenes: int = 2) -> None:
+    """The adapter's heat-maps of the first `scenes` scenes (`visualize.save_attention_maps`): where two
+    query points look (mean and per head) and the attention each class region receives."""
+    from vis2ir.visualize import as_rgb8, save_attention_maps
 
     h, w = batch["visible"].shape[-2:]
-    rows, cols = token_grid(model.codec, h, 2 * w)
-    for i in range(min(2, batch["visible"].shape[0])):
-        weights = torch.stack([a[i] for a in attention])
-        att = AttentionMaps(weights, rows, cols, (h, w))
+    points = [(0.5 * w, 0.6 * h), (0.25 * w, 0.8 * h)]  # input pixels (x, y)
+    for i in range(min(scenes, len(attention))):
         vis, sem = (as_rgb8(batch[k][i].permute(1, 2, 0).numpy()) for k in ("visible", "semantic"))
-        points = [(0.5 * w, 0.6 * h), (0.25 * w, 0.8 * h)]  # input pixels (x, y)
-        save_attention_maps(directory / f"scene{i}", vis, att, points, sem)
+        save_attention_maps(directory / f"scene{i}", vis, attention[i], points, sem)
 
 
 def _short_training(cfg: Config, checkpoint: Path, out: Path, steps: int) -> dict:
@@ -180,8 +184,9 @@ def _short_training(cfg: Config, checkpoint: Path, out: Path, steps: int) -> dic
 
 
 def _log_summary(report: dict, out: Path) -> None:
+    width = max(map(len, report["metrics"]))
     for name, m in report["metrics"].items():
-        log.info("%-15s PSNR %6.2f dB   SSIM %.3f", name, m["psnr"], m["ssim"])
+        log.info("%-*s  PSNR %6.2f dB   SSIM %.3f", width, name, m["psnr"], m["ssim"])
     if "training" in report:
         t = report["training"]
         log.info("short training from the checkpoint: %d steps in %.0f s, loss %.4f → %.4f", t["steps"],

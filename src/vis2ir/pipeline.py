@@ -201,10 +201,10 @@ class Vis2IRPipeline:
     def __call__(self, visible, semantic=None, steps: int | None = None, guidance: float | None = None,
                  seed: int | None = None, adapter_scale: float | None = None, batch_size: int = 1,
                  return_attention: bool = False, output_type: str = "pil", size: int | str | None = None,
-                 progress: bool = False) -> Vis2IROutput:
+                 progress: bool = False, callback=None) -> Vis2IROutput:
         """Infrared images for one visible image or a list (with matching semantic maps when the
         mode needs them). Unset steps, guidance, seed, adapter_scale and size come from the config's
-        `sample` section. Raises `NonFiniteOutput` when some outputs are NaN/inf (the others in it)."""
+        `sample` section. `callback(done, steps)` is called after each denoising step of each batch. Raises `NonFiniteOutput` when some outputs are NaN/inf (the others in it)."""
         visibles = visible if isinstance(visible, (list, tuple)) else [visible]
         semantics = None if semantic is None else semantic if isinstance(semantic, (list, tuple)) else [semantic]
         if semantics is not None and len(semantics) != len(visibles):
@@ -225,7 +225,7 @@ class Vis2IRPipeline:
         opts = dict(steps=steps or s.steps, guidance=s.guidance if guidance is None else guidance,
                     seed=s.seed if seed is None else seed,
                     adapter_scale=s.adapter_scale if adapter_scale is None else adapter_scale,
-                    return_attention=return_attention, progress=progress)
+                    return_attention=return_attention, progress=progress, callback=callback)
 
         vis = [to_tensor(v, f"visible image {i}", self.normaliser) for i, v in enumerate(visibles)]
         sem = None if semantics is None else [to_tensor(m, f"semantic map {i}") for i, m in enumerate(semantics)]

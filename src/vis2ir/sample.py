@@ -15,6 +15,7 @@ sampler's state stays the un-enhanced x_t.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -73,16 +74,17 @@ def get_schedule(steps: int, seq_len: int, shift: bool = True) -> torch.Tensor:
 
 @torch.no_grad()
 def denoise(model: Vis2IRModel, enc: Encoded, x: torch.Tensor, sigmas: torch.Tensor, guidance: float,
-            adapter_scale: float | None = None, return_attention: bool = False, progress: bool = False):
+            adapter_scale: float | None = None, return_attention: bool = False, progress: bool = False,
+            callback: Callable[[int, int], None] | None = None):
     """Euler steps x ← x + (σ_next − σ)·v̂ from noise `x` along `sigmas`, as the scheduler steps.
 
     With `return_attention`, also the adapter's attention per layer `[B, heads, N, M]`, averaged
-    over the steps.
+    over the steps. `callback(done, steps)` is called after each step (e.g. a web page's progress bar).
     """
     sigmas = sigmas.to(x.device)
     total = None
-    for sigma, sigma_next in tqdm(list(zip(sigmas[:-1], sigmas[1:])), disable=not progress, desc="denoise",
-                                  leave=False):
+    for done, (sigma, sigma_next) in enumerate(tqdm(list(zip(sigmas[:-1], sigmas[1:])), disable=not progress,
+                                                    desc="denoise", leave=False), 1):
         # The timestep as the stock pipeline passes it: σ·1000 in the latents' dtype, then / 1000.
         t = (sigma * NUM_TRAIN_TIMESTEPS).expand(x.shape[0]).to(x.dtype) / NUM_TRAIN_TIMESTEPS
         out = model.velocity(x, enc, t, guidance, return_attention=return_attention, adapter_scale=adapter_scale)
@@ -90,6 +92,8 @@ def denoise(model: Vis2IRModel, enc: Encoded, x: torch.Tensor, sigmas: torch.Ten
         x = (x.float() + (sigma_next - sigma) * v).to(v.dtype)
         if attention is not None:
             total = attention if total is None else [a + b for a, b in zip(total, attention)]
+        if callback is not None:
+            callback(done, len(sigmas) - 1)
     if not return_attention:
         return x
     return x, [a / (len(sigmas) - 1) for a in total] if total else []
@@ -105,14 +109,16 @@ def decode_target(model: Vis2IRModel, tokens: torch.Tensor, enc: Encoded) -> tor
 @torch.no_grad()
 def generate(model: Vis2IRModel, visible: torch.Tensor, semantic: torch.Tensor | None = None, steps: int = 28,
              guidance: float = 50.0, seed: int = 0, adapter_scale: float | None = None,
-             return_attention: bool = False, progress: bool = False):
+             return_attention: bool = False, progress: bool = False,
+             callback: Callable[[int, int], None] | None = None):
     """Infrared images `[B, 3, H, W]` in [0, 1] for visible images in [0, 1] (sides multiples of the
-    patch size); with `return_attention`, also the adapter's attention per layer (see `denoise`)."""
+    patch size); with `return_attention`, also the adapter's attention per layer; `callback(done, steps)`
+    after each denoising step (see `denoise`)."""
     generators = make_generators(seed, visible.shape[0])
     x = get_noise(model, generators, visible.shape[-2], visible.shape[-1] * num_panels(model.mode), visible.device)
     enc = model.encode(visible, None, semantic, generators)  # after the noise, as stock draws them
     sigmas = get_schedule(steps, x.shape[1])
-    out = denoise(model, enc, x, sigmas, guidance, adapter_scale, return_attention, progress)
+    out = denoise(model, enc, x, sigmas, guidance, adapter_scale, return_attention, progress, callback)
     x, attention = out if return_attention else (out, None)
     images = decode_target(model, x, enc)
     return (images, attention) if return_attention else images
