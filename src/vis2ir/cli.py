@@ -30,6 +30,16 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     sys.stdout.write(f"{path}\n")
 
 
+def _cmd_app(args: argparse.Namespace) -> None:
+    try:
+        import gradio  # noqa: F401 - the optional `app` extra
+    except ImportError:
+        raise Vis2IRError('vis2ir app needs gradio, which is not installed: pip install "vis2ir[app]"') from None
+    from vis2ir.app import serve
+
+    serve(args.checkpoint, host=args.host, port=args.port, share=args.share, device=args.device)
+
+
 def _cmd_train(args: argparse.Namespace) -> None:
     from vis2ir.config import load_config
 
@@ -192,6 +202,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="a checkpoint to demonstrate instead of the shipped one")
     _add_config_args(p)
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("app", help="a web page (Gradio) that generates infrared from uploaded photos; needs "
+                       'pip install "vis2ir[app]"')
+    p.add_argument("--checkpoint", help="checkpoint or run folder to serve (default: the two shipped demo models)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0: every "
+                   "interface)")
+    p.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
+    p.add_argument("--share", action="store_true", help="also a temporary public link through Gradio's share "
+                   "servers (default: off)")
+    p.add_argument("--device", help="e.g. cuda:0 or cpu (default: the CPU for the shipped models, else cuda if "
+                   "available)")
+    p.set_defaults(func=_cmd_app)
 
     p = sub.add_parser("train", help="train LoRA / the adapter (or a small model from scratch)")
     p.add_argument("--resume", metavar="DIR|latest", help="continue from a checkpoint folder, a run folder, or "

@@ -427,7 +427,7 @@ def _loaded_groups(items: list[Item], batch_size: int, summary: Summary, needs_s
                 raise Vis2IRError(f"{it.visible}: {it.problem}")
             loaded = _Loaded(it, read_image(it.visible), read_image(it.semantic) if it.semantic else None)
             if loaded.semantic is not None and needs_semantic:  # a map the model does not read is not judged
-                _check_map(loaded)
+                check_map(loaded.semantic, loaded.visible, it.semantic, it.visible)
         except Vis2IRError as err:
             log.error("%s", err)
             summary.failed[it.name] = str(err)
@@ -441,15 +441,15 @@ def _loaded_groups(items: list[Item], batch_size: int, summary: Summary, needs_s
         yield group
 
 
-def _check_map(g: _Loaded) -> None:
-    """A semantic map must be palette colours, with the aspect ratio of its photo (as in training)."""
-    sem, vis = g.semantic, g.visible
+def check_map(sem: Image.Image, vis: Image.Image, sem_label, vis_label) -> None:
+    """A semantic map must be palette colours, with the aspect ratio of its photo (as in training); a
+    `Vis2IRError` naming the map (`sem_label`) otherwise. Used by `generate` and the web app alike."""
     if not same_aspect(sem.size, vis.size):
-        raise Vis2IRError(f"{g.item.semantic}: size mismatch: semantic map is {wxh(sem.size)}, not the aspect ratio "
-                          f"of visible {g.item.visible} ({wxh(vis.size)})")
+        raise Vis2IRError(f"{sem_label}: size mismatch: semantic map is {wxh(sem.size)}, not the aspect ratio "
+                          f"of visible {vis_label} ({wxh(vis.size)})")
     problem = semantic_problem(None, sem.mode) or semantic_problem(np.asarray(rgb_image(sem))[::2, ::2])
     if problem:
-        raise Vis2IRError(f"{g.item.semantic}: {problem}")
+        raise Vis2IRError(f"{sem_label}: {problem}")
 
 
 def _run_batch(pipe: Vis2IRPipeline, group: list[_Loaded], out: Path, summary: Summary, opts: dict,

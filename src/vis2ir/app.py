@@ -1,0 +1,246 @@
+"""`vis2ir app`: a web page (Gradio) that turns a photo into infrared with a trained model.
+
+    vis2ir app [--checkpoint DIR] [--host 127.0.0.1] [--port 7860] [--share] [--device cpu]
+
+By default it serves the two shipped demo models (`channel_concat` and the cross-attention adapter)
+on the CPU, with nothing downloaded; `--checkpoint` serves a trained one instead. The page: example
+ThermalScenes (held-out photo and semantic map) one click away, upload or drop a photo and its map
+(read by the package's one image reader: EXIF-upright, pixel limit, 16-bit), palette, bit depth,
+steps and seed, a progress bar over the denoising steps, the result as a before/after slider and as
+the compare picture, a PNG to download (8 or 16 bit, written by the package's one writer) and, for
+cross-attention models, where the adapter attends from a clicked point (mean and per head). A bad
+upload gets the command line's one-line error in the page. Requests are queued one at a time.
+
+The top layer of the package: it imports the lower ones, nothing imports it (the CLI imports it lazily,
+so `gradio`, the optional `app` extra, is needed only here).
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+from PIL import Image
+
+from vis2ir.checkpoint import SHIPPED
+from vis2ir.config import DEFAULT_SEGMENTER
+from vis2ir.errors import Vis2IRError
+from vis2ir.figures import figure_array
+from vis2ir.io.images import read_image, rgb_image, to_tensor, write_png
+from vis2ir.pipeline import Vis2IRPipeline, check_map
+from vis2ir.visualize import (MIN_PICTURE_SIDE, PALETTES, as_rgb8, check_output_format, compare_figure,
+                              infrared_image, save_attention_maps)
+
+log = logging.getLogger(__name__)
+
+EXAMPLES = 4  # held-out ThermalScenes offered as examples
+SHIPPED_MODELS = ("demo", "demo_cross_attention")
+INSTALL_HINT = 'pip install "vis2ir[app]"'
+
+
+def load_models(checkpoint: str | Path | None = None, device=None) -> dict[str, Vis2IRPipeline]:
+    """The models the page serves, by their label ('demo (channel_concat)'): the shipped demo models on the
+    CPU, or the checkpoint (or run folder) `checkpoint` on `device` (default: CUDA when there is one)."""
+    sources = [SHIPPED[name] for name in SHIPPED_MODELS] if checkpoint is None else [checkpoint]
+    device = device or ("cpu" if checkpoint is None else None)
+    models = {}
+    for source in sources:
+        pipe = Vis2IRPipeline.from_checkpoint(source, device)
+        name = Path(source).name if checkpoint is None else str(checkpoint)
+        models[f"{name} ({pipe.model.mode})"] = pipe
+    return models
+
+
+def example_scenes(folder: Path, pipe: Vis2IRPipeline, count: int = EXAMPLES) -> list[list[str]]:
+    """`count` held-out ThermalScenes (the test split of the demo data, at the model's panel size) as
+    `[photo, semantic map]` PNG paths in `folder`."""
+    from vis2ir.data.synth import scene_name, split_indices
+    from vis2ir.data.thermalscenes import render_scene
+
+    data = pipe.cfg.data
+    rows = []
+    for index in split_indices(data.synth_count, "test", data.val_fraction, data.test_fraction)[:count]:
+        scene = render_scene(index, data.synth_seed, data.size)
+        paths = [write_png(folder / kind / f"{scene_name(index)}.png", getattr(scene, kind))
+                 for kind in ("visible", "semantic")]
+        rows.append([str(p) for p in paths])
+    return rows
+
+
+@dataclass
+class Result:
+    """One generation, kept per visitor (gr.State) for the attention view."""
+
+    visible: np.ndarray        # the photo as the model saw it: uint8 RGB [H, W, 3], upright
+    attention: object = None   # AttentionMaps (cross-attention models), else None
+
+
+def shown(image: np.ndarray) -> np.ndarray:
+    """A small image drawn at least `MIN_PICTURE_SIDE` pixels on its longer side (pixels not smoothed)."""
+    h, w = image.shape[:2]
+    scale = max(1, -(-MIN_PICTURE_SIDE // max(h, w)))
+    return image if scale == 1 else image.repeat(scale, 0).repeat(scale, 1)
+
+
+class App:
+    """The page's functions, independent of Gradio's event wiring (so they can be called directly)."""
+
+    def __init__(self, models: dict[str, Vis2IRPipeline], workdir: Path, segment_model: str = DEFAULT_SEGMENTER):
+        self.models, self.workdir, self.segment_model = models, Path(workdir), segment_model
+        self._segmenter = None
+
+    def _semantic(self, pipe: Vis2IRPipeline, visible: Image.Image, photo_label: str, map_file: str | None):
+        """The semantic map for the photo: the upload (checked as `generate` checks it), else one made by
+        the panoptic segmenter when its weights are on this machine; None when the model reads none."""
+        if not pipe.needs_semantic:
+            return None
+        if map_file:
+            label = f"semantic map {Path(map_file).name}"
+            semantic = read_image(map_file, label)
+            check_map(semantic, visible, label, photo_label)
+            return semantic
+        return Image.fromarray(self.segmenter(pipe.model.mode)([visible])[0].colours())
+
+    def segmenter(self, mode: str):
+        """The panoptic segmenter, loaded once, only from weights already on this machine (no download)."""
+        if self._segmenter is None:
+            from vis2ir.hub import cached_snapshot, is_local
+            from vis2ir.segment import NEEDED_FILES, Segmenter
+
+            local = is_local(self.segment_model) and Path(self.segment_model).expanduser().is_dir()
+            if not local and cached_snapshot(self.segment_model, NEEDED_FILES, weights=(".",)) is None:
+                raise Vis2IRError(
+                    f"this model (mode {mode}) needs a semantic map: upload one beside the photo (the project's "
+                    f"palette; `vis2ir segment` makes them), or put the panoptic segmenter's weights on this machine "
+                    f"(`hf download {self.segment_model}`) and the page makes it")
+            self._segmenter = Segmenter(self.segment_model, "cpu", setting="vis2ir app --segment-model")
+        return self._segmenter
+
+    def generate(self, model: str, photo: str | None, semantic: str | None, palette: str, bit_depth: int,
+                 steps: int, seed: int, progress=None):
+        """Infrared for the uploaded photo: `(slider pair, compare picture, PNG path, photo to click, state,
+        attention note)`. Raises `Vis2IRError` for a bad upload or setting (one line)."""
+        if photo is None:
+            raise Vis2IRError("no photo: upload or drop a visible photo (or click an example below)")
+        pipe = self.models[model]
+        bit_depth, steps, seed = int(bit_depth), int(steps), int(seed)
+        check_output_format(bit_depth, palette)
+        if steps < 1:
+            raise Vis2IRError(f"steps: expected an integer >= 1, got {steps}")
+        label = f"photo {Path(photo).name}"
+        visible = read_image(photo, label)
+        semantic = self._semantic(pipe, visible, label, semantic)
+        callback = None if progress is None else lambda done, total: progress((done, total), desc="denoising")
+        attend = pipe.model.adapter is not None
+        result = pipe(visible, semantic, steps=steps, seed=seed, output_type="pt", return_attention=attend,
+                      callback=callback)
+        grey = result.images[0].mean(0).numpy()
+        seen = as_rgb8(to_tensor(visible, label, pipe.normaliser).permute(1, 2, 0).numpy())
+        stem = Path(photo).stem
+        png = write_png(self.workdir / uuid.uuid4().hex / f"{stem}_infrared_{bit_depth}bit.png",
+                        infrared_image(grey, bit_depth, palette))
+        ir8 = infrared_image(grey, 8, palette)
+        panels = {"visible": seen} | ({} if semantic is None else {"semantic": np.asarray(rgb_image(semantic))})
+        panels[f"generated infrared ({palette})"] = ir8
+        compare = figure_array(compare_figure(panels, f"{stem}: visible → infrared ({model})"))
+        if attend:
+            note = "Click a point on the photo to see where the adapter attends from there."
+        else:
+            note = f"This model (mode {pipe.model.mode}) has no attention adapter: no attention maps."
+        return ((shown(seen), shown(as_rgb8(ir8))), compare, str(png), shown(seen),
+                Result(seen, result.attention[0] if attend else None), note)
+
+    def attention(self, state: Result | None, x: float, y: float) -> tuple[str, str]:
+        """Where the adapter attends from the point `(x, y)` of the shown photo: the pictures of
+        `save_attention_maps` (mean over heads, per head) as PNG paths."""
+        if state is None or state.attention is None:
+            raise Vis2IRError("no attention maps: generate with a cross-attention model first")
+        h, w = state.visible.shape[:2]
+        scale = shown(state.visible).shape[0] / h  # the photo is shown enlarged
+        folder = self.workdir / uuid.uuid4().hex
+        point = (min(x / scale, w - 0.5), min(y / scale, h - 0.5))
+        mean, heads = save_attention_maps(folder, state.visible, state.attention, [point])
+        return str(mean), str(heads)
+
+
+def build_app(models: dict[str, Vis2IRPipeline], workdir: str | Path) -> gr.Blocks:
+    """The page for `models` (label → pipeline); uploads' and results' files go under `workdir`."""
+    app = App(models, Path(workdir))
+    examples = example_scenes(Path(workdir) / "examples", next(iter(models.values())))
+
+    def generate(model, photo, semantic, palette, bit_depth, steps, seed, progress=gr.Progress()):
+        try:
+            return app.generate(model, photo, semantic, palette, bit_depth, steps, seed, progress)
+        except Vis2IRError as err:
+            raise gr.Error(str(err)) from None
+
+    def attend(state, evt: gr.SelectData):
+        try:
+            return app.attention(state, *evt.index[:2])
+        except Vis2IRError as err:
+            raise gr.Error(str(err)) from None
+
+    first = next(iter(models.values()))
+    with gr.Blocks(title="vis2ir: visible → infrared") as page:
+        gr.Markdown("## vis2ir: visible → infrared\nUpload or drop a photo and its semantic map (or click an "
+                    "example scene), then **Generate**. The result is on the right: drag the slider to compare.")
+        state = gr.State()
+        with gr.Row():
+            with gr.Column(scale=1):
+                model = gr.Dropdown(list(models), value=next(iter(models)), label="model", elem_id="model")
+                photo = gr.File(label="visible photo (any size; EXIF-upright)", file_types=["image"],
+                                value=examples[0][0], elem_id="photo")
+                semantic = gr.File(label="semantic map (palette colours; not needed for mode none)",
+                                   file_types=["image"], value=examples[0][1], elem_id="semantic")
+                with gr.Row():
+                    palette = gr.Radio(list(PALETTES), value="white-hot", label="palette")
+                    bit_depth = gr.Radio([8, 16], value=8, label="PNG bit depth (16: grey palettes)")
+                with gr.Row():
+                    steps = gr.Slider(1, 50, value=first.cfg.sample.steps, step=1, label="denoising steps")
+                    seed = gr.Number(value=first.cfg.sample.seed, precision=0, label="seed")
+                button = gr.Button("Generate", variant="primary", elem_id="generate")
+                gr.Examples(examples, inputs=[photo, semantic], label="ThermalScenes (held out): photo, map")
+            with gr.Column(scale=1):
+                slider = gr.ImageSlider(label="visible | infrared (drag the slider)", type="numpy",
+                                        elem_id="result")
+                download = gr.File(label="download the infrared PNG")
+        with gr.Row():
+            compare = gr.Image(label="compare", show_label=False, type="numpy", interactive=False)
+        with gr.Row():
+            with gr.Column(scale=1):
+                note = gr.Markdown(elem_id="note")
+                clickable = gr.Image(label="click a point: where does the adapter attend?", type="numpy",
+                                     interactive=False, elem_id="clickable")
+            with gr.Column(scale=2):
+                mean = gr.Image(label="attention from the point (mean over heads)", show_label=False, type="filepath",
+                                interactive=False, elem_id="mean")
+                heads = gr.Image(label="per head", show_label=False, type="filepath", interactive=False,
+                                 elem_id="heads")
+        inputs = [model, photo, semantic, palette, bit_depth, steps, seed]
+        outputs = [slider, compare, download, clickable, state, note]
+        button.click(generate, inputs, outputs, api_name="generate")
+        page.load(generate, inputs, outputs)  # a result at once, from the first example
+        clickable.select(attend, [state], [mean, heads])
+    return page
+
+
+def serve(checkpoint: str | Path | None = None, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
+          device=None, block: bool = True) -> gr.Blocks:
+    """Serve the page (one request at a time, the others queued) until interrupted, or, without `block`,
+    in the background (`page.close()` stops it). Returns the page."""
+    models = load_models(checkpoint, device)
+    workdir = Path(tempfile.mkdtemp(prefix="vis2ir-app-"))
+    atexit.register(shutil.rmtree, workdir, ignore_errors=True)
+    page = build_app(models, workdir)
+    page.queue(default_concurrency_limit=1)
+    log.info("Serving %s on http://%s:%d%s", ", ".join(models), host, port, " (and a public share link)" * share)
+    page.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block, quiet=True,
+                allowed_paths=[str(workdir)])
+    return page

@@ -1,0 +1,186 @@
+"""`vis2ir app`: the web page, end to end through gradio_client and a real (headless) browser."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vis2ir.app import App, load_models, serve
+from vis2ir.cli import main
+from vis2ir.data.thermalscenes import render_scene
+
+ORIENTATION = 0x0112
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def models():
+    return load_models()
+
+
+@pytest.fixture(scope="module")
+def served():
+    """The page with the shipped models on 127.0.0.1 at a free port, in the background; stopped afterwards."""
+    port = free_port()
+    page = serve(host="127.0.0.1", port=port, block=False)
+    yield f"http://127.0.0.1:{port}/"
+    page.close()
+
+
+@pytest.fixture
+def phone_photo(tmp_path):
+    """A landscape scene (80×48 upright) stored sideways in a JPEG with EXIF orientation 6, as phones
+    write them, and its semantic map upright; returns (photo, map)."""
+    scene = render_scene(7, size=(48, 80))  # a day scene with people
+    photo, semantic = tmp_path / "phone.jpg", tmp_path / "phone_map.png"
+    exif = Image.Exif()
+    exif[ORIENTATION] = 6  # "rotate 90° clockwise to view": the pixels are stored turned left
+    Image.fromarray(scene.visible).transpose(Image.Transpose.ROTATE_90).save(photo, quality=95, exif=exif)
+    Image.fromarray(scene.semantic).save(semantic)
+    assert Image.open(photo).size == (48, 80)
+    return photo, semantic
+
+
+def test_a_photo_through_the_served_page(served, phone_photo, tmp_path):
+    """gradio_client sends a photo and its map to the running server and gets a 16-bit PNG of the photo's
+    upright size back; a file that is not an image gets the command line's one-line error."""
+    from gradio_client import Client, handle_file
+
+    client = Client(served, verbose=False)
+    photo, semantic = phone_photo
+    out = client.predict("demo (channel_concat)", handle_file(str(photo)), handle_file(str(semantic)), "white-hot",
+                         16, 4, 0, api_name="/generate")
+    png = Image.open(out[2])
+    assert png.size == (80, 48) and png.mode.startswith("I")  # upright (EXIF) and 16-bit
+    assert np.asarray(png).std() > 0
+
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image")
+    with pytest.raises(Exception, match=r"photo notes\.png: cannot read image") as err:
+        client.predict("demo (channel_concat)", handle_file(str(bad)), handle_file(str(semantic)), "white-hot", 8, 4,
+                       0, api_name="/generate")
+    assert "\n" not in str(err.value).strip()
+
+
+def test_page_functions(models, phone_photo, tmp_path):
+    """Progress follows the denoising steps; a cross-attention model's attention is shown from a clicked point;
+    bad maps and settings are one-line errors naming what is wrong."""
+    from vis2ir.errors import Vis2IRError
+
+    app = App(models, tmp_path)
+    photo, semantic = (str(p) for p in phone_photo)
+    steps = []
+    out = app.generate("demo_cross_attention (cross_attention)", photo, semantic, "ironbow", 8, 3, 0,
+                       lambda done, desc=None: steps.append(done))
+    assert steps == [(1, 3), (2, 3), (3, 3)]
+    (before, after), compare, png, clickable, state, note = out
+    assert Image.open(png).size == (80, 48) and before.shape == after.shape == clickable.shape
+    assert state.attention is not None and "Click a point" in note
+    x, y = clickable.shape[1] / 2, clickable.shape[0] / 2  # in the shown (enlarged) photo's pixels
+    mean, heads = app.attention(state, x, y)
+    assert Image.open(mean).width >= 256 and Image.open(heads).width > Image.open(mean).width
+    out = app.generate("demo (channel_concat)", photo, semantic, "white-hot", 8, 2, 0)
+    assert out[4].attention is None and "no attention adapter" in out[5]
+    with pytest.raises(Vis2IRError, match="generate with a cross-attention model first"):
+        app.attention(out[4], 1, 1)
+
+    square = tmp_path / "square.png"
+    Image.fromarray(render_scene(1, size=64).semantic).save(square)
+    with pytest.raises(Vis2IRError, match=r"semantic map square\.png: size mismatch.*photo phone\.jpg"):
+        app.generate("demo (channel_concat)", photo, str(square), "white-hot", 8, 2, 0)
+    with pytest.raises(Vis2IRError, match="16 works with the grey palettes"):
+        app.generate("demo (channel_concat)", photo, semantic, "ironbow", 16, 2, 0)
+    with pytest.raises(Vis2IRError, match="no photo"):
+        app.generate("demo (channel_concat)", None, semantic, "white-hot", 8, 2, 0)
+    app.segment_model = str(tmp_path / "no-segmenter")  # no map and no segmenter weights here: say what to do
+    with pytest.raises(Vis2IRError, match="needs a semantic map: upload one"):
+        app.generate("demo (channel_concat)", photo, None, "white-hot", 8, 2, 0)
+
+
+def test_app_without_gradio_says_how_to_install(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "gradio", None)  # as if not installed
+    assert main(["app"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == 'vis2ir: error: vis2ir app needs gradio, which is not installed: pip install "vis2ir[app]"'
+
+
+def _browser():
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not (chromium and driver):
+        pytest.skip("chromium and chromium-driver are not installed here (.ci/run installs them with apt-get)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1700"):
+        options.add_argument(arg)
+    return webdriver.Chrome(options=options, service=Service(driver))
+
+
+def _wait(condition, timeout: float = 120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = condition()
+        if found:
+            return found
+        time.sleep(0.5)
+    raise AssertionError("the page did not show it in time")
+
+
+def test_the_page_in_a_browser(served, phone_photo, tmp_path):
+    """Headless Chromium: upload a photo and its map, press Generate, see the infrared; click the photo and
+    see the attention. Screenshots go to $VIS2IR_APP_SCREENSHOTS (docs/pictures) when set."""
+    from selenium.webdriver.common.by import By
+
+    shots = Path(os.environ.get("VIS2IR_APP_SCREENSHOTS", tmp_path))
+    browser = _browser()
+    try:
+        browser.get(served)
+        images = lambda: browser.find_elements(By.CSS_SELECTOR, "#result img")  # noqa: E731
+        _wait(lambda: len(images()) >= 2)  # the first example's result, on load
+        first = images()[1].get_attribute("src")
+        photo, semantic = phone_photo
+        for elem, path in (("photo", photo), ("semantic", semantic)):
+            for clear in browser.find_elements(By.CSS_SELECTOR, f"#{elem} button[aria-label='Clear']"):
+                clear.click()
+            _wait(lambda: browser.find_elements(By.CSS_SELECTOR, f"#{elem} input[type=file]"))
+            browser.find_element(By.CSS_SELECTOR, f"#{elem} input[type=file]").send_keys(str(path))
+            _wait(lambda: path.stem in browser.find_element(By.ID, elem).text)
+        browser.find_element(By.ID, "generate").click()
+        _wait(lambda: len(images()) >= 2 and images()[1].get_attribute("src") != first)
+        shown = images()[1]
+        assert shown.get_attribute("naturalWidth") == str(80 * 4)  # the 80×48 photo drawn 4× larger
+        browser.save_screenshot(str(shots / "app_result.png"))
+
+        model = browser.find_element(By.CSS_SELECTOR, "#model input")
+        model.click()
+        _wait(lambda: browser.find_elements(By.CSS_SELECTOR, "ul[role=listbox] li"))
+        [o for o in browser.find_elements(By.CSS_SELECTOR, "ul[role=listbox] li") if "cross" in o.text][0].click()
+        browser.find_element(By.ID, "generate").click()
+        _wait(lambda: "Click a point" in browser.find_element(By.ID, "note").text)
+        target = _wait(lambda: browser.find_elements(By.CSS_SELECTOR, "#clickable img"))[0]
+        time.sleep(1)
+        target.click()
+        _wait(lambda: browser.find_elements(By.CSS_SELECTOR, "#heads img"))
+        browser.execute_script("document.getElementById('clickable').scrollIntoView()")
+        time.sleep(1)
+        browser.save_screenshot(str(shots / "app_attention.png"))
+    finally:
+        browser.quit()
+    for name in ("app_result.png", "app_attention.png"):
+        assert Image.open(shots / name).size[0] >= 1000
