@@ -153,7 +153,8 @@ def main() -> None:
     for name in ("ddp", "fsdp"):
         r = result[name]
         log.info("%-6s %13.3fs %12.2f %26s %26s", name, r["median_step_s"] or float("nan"),
-                 r["samples_per_s"] or float("nan"), gib(r["peak_gib_per_rank"]), gib(r["peak_with_build_gib_per_rank"]))
+                 r["samples_per_s"] or float("nan"), gib(r["peak_gib_per_rank"]),
+                 gib(r["peak_with_build_gib_per_rank"]))
     log.info("fsdp resume from step %d: %s (straight %s, resumed %s)", end - 2,
              "exact" if result["fsdp_resume"]["exact"] else "NOT EXACT",
              result["fsdp_resume"]["straight_losses_per_rank"], result["fsdp_resume"]["resumed_losses_per_rank"])
