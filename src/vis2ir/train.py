@@ -244,12 +244,13 @@ class Vis2IRModule(L.LightningModule):
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=vis.shape[0])
         # A sharded model's forward is a collective: every rank samples, rank 0 writes.
         if batch_idx == 0 and (self.trainer.is_global_zero or is_sharded(model)):
-            self._sample_grid(vis[:4], ir[:4], None if sem is None else sem[:4])
+            self._sample_grid(vis[:4], ir[:4], None if sem is None else sem[:4], write=self.trainer.is_global_zero)
         return loss
 
     @torch.no_grad()
-    def _sample_grid(self, vis, ir, sem) -> None:
-        """visible | generated | ground truth | semantic, saved under samples/ and sent to TensorBoard."""
+    def _sample_grid(self, vis, ir, sem, write: bool = True) -> None:
+        """visible | generated | ground truth | semantic, saved under samples/ and sent to TensorBoard
+        (`write=False`: generated only, for a sharded model's forward that every rank must join)."""
         from vis2ir.figures import figure_array, save_figure
         from vis2ir.io.images import is_finite
         from vis2ir.sample import generate
@@ -258,7 +259,7 @@ class Vis2IRModule(L.LightningModule):
         s = self.cfg.sample
         generated = generate(self.model, vis, sem if self.model.mode != "none" else None, steps=s.steps,
                              guidance=s.guidance, seed=s.seed)
-        if not self.trainer.is_global_zero:
+        if not write:
             return
         if not is_finite(generated):  # a black grid would look like a result
             log.warning("step %d: the validation samples are not finite (NaN/inf); no samples picture written",
