@@ -40,7 +40,7 @@ def stock_pipeline_outputs(transformer, lora_dir, *others):
     pipe = FluxFillPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
                             tokenizer_2=None, transformer=transformer)
     g = torch.Generator().manual_seed(7)
-    hidden = torch.randn(1, 8, 384, generator=g)  # FLUX Fill's input width for the VAE codec
+    hidden = torch.randn(1, 8, transformer.config.in_channels, generator=g)  # 384 for FLUX Fill's VAE codec
     kwargs = dict(timestep=torch.tensor([0.5]), guidance=torch.tensor([1.0]),
                   pooled_projections=torch.randn(1, 32, generator=g),
                   encoder_hidden_states=torch.randn(1, 8, 32, generator=g), txt_ids=torch.zeros(8, 3),

@@ -121,7 +121,6 @@ def test_cli_reports_config_errors_in_one_line(capsys):
     ("train.val_batches=-1", "train.val_batches"),
     ("train.log_every=0", "train.log_every"),
     ("train.max_bad_steps=0", "train.max_bad_steps"),
-    ("train.strategy=fsdp", "train.strategy"),
     ("train.strategy=deepspeed", "train.strategy"),
     ("model.semantic.num_heads=0", "model.semantic.num_heads"),
     ("model.semantic.num_heads=7", "model.semantic.num_heads"),    # 3072 = 128 × 24 is not a multiple of 7
@@ -189,6 +188,20 @@ def test_nan_in_a_yaml_file_is_refused(tmp_path):
         load_config(path)
 
 
-def test_fsdp_is_refused_in_one_line():
-    with pytest.raises(ConfigError, match=r"train.strategy: expected 'auto' or 'ddp' \(DDP works; FSDP .* planned\)"):
-        load_config(None, ["train.strategy=fsdp"])
+@pytest.mark.parametrize("overrides, message", [
+    (["train.strategy=deepspeed"], r"^train.strategy: expected 'auto', 'ddp' or 'fsdp' \(DeepSpeed is not supported: "
+                                   r"train.strategy=fsdp shards the frozen base .*\), got 'deepspeed'$"),
+    (["train.strategy=fsdp", "model.quantize=nf4"], r"^model.quantize: expected none with train.strategy=fsdp "
+                                                    r"\(a quantized base cannot be sharded: .*\), got 'nf4'$"),
+    (["model.quantize=fp8", "train.strategy=fsdp"], r"^model.quantize: expected none with train.strategy=fsdp"),
+    (["train.strategy=fsdp", "train.precision=16-mixed"], r"^train.precision: expected .* with train.strategy=fsdp"),
+])
+def test_strategies_that_cannot_work_are_refused_in_one_line(overrides, message):
+    """FSDP trains (tests/test_train.py); DeepSpeed, FSDP over a quantized base and FSDP with fp16 loss scaling
+    are refused in one line saying what to use instead."""
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config(None, overrides)
+    assert "\n" not in str(err.value)
+    assert load_config(None, ["train.strategy=fsdp"]).train.strategy == "fsdp"
+
+

@@ -243,9 +243,9 @@ def test_ctrl_c_writes_the_last_finished_step_and_says_how_to_resume(tiny_config
     assert list_checkpoints(run_dir)[-1].name == "step-5"
 
 
-def _ddp_rank(rank: int, tmp: str, port: int) -> None:
-    """One of two DDP processes (gloo, CPU): a straight run of 4 steps, then a resume from step 2;
-    writes each launch's draws (flow times and a digest of torch's RNG) per step."""
+def _distributed_rank(rank: int, tmp: str, port: int) -> None:
+    """One of two processes (gloo, CPU), for each strategy (ddp, then fsdp): a straight run of 4 steps, then a
+    resume from step 2; writes each launch's draws (flow times and a digest of torch's RNG) and losses per step."""
     import hashlib
     import json
     import os
@@ -257,38 +257,96 @@ def _ddp_rank(rank: int, tmp: str, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank), NODE_RANK="0",
                       WORLD_SIZE="2", RANK=str(rank))
     torch.set_num_threads(1)
-    draws, sample = [], training.sample_timesteps
+    draws, losses, sample = [], [], training.sample_timesteps
 
     def recording(n, *args, **kwargs):
         t = sample(n, *args, **kwargs)
         draws[-1].append([*t.tolist(), hashlib.sha1(torch.get_rng_state().numpy().tobytes()).hexdigest()])
         return t
 
+    class Losses(L.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            losses[-1].append(float(outputs["loss"]))
+
     training.sample_timesteps = recording
-    cfg = load_config(None, [*TINY_MODEL, f"model.prompt_cache_dir={tmp}/prompt_cache", *TINY_RUN,
-                             f"train.output_dir={tmp}/run", "train.strategy=ddp", "train.devices=2",
-                             "train.accelerator=cpu", "train.checkpoint_every=2", "train.val_every=100",
-                             "train.max_steps=4"])
-    for resume in (None, f"{tmp}/run/checkpoints/step-2"):
-        draws.append([])
-        training.train(cfg, resume=resume, progress=False)
+    errors = {}
+    for strategy in ("ddp", "fsdp"):
+        try:  # a failure of one strategy fails its own test only
+            # Validation (with its samples picture: under FSDP a collective) every 2 steps.
+            cfg = load_config(None, [*TINY_MODEL, f"model.prompt_cache_dir={tmp}/prompt_cache", *TINY_RUN,
+                                     f"train.output_dir={tmp}/{strategy}", f"train.strategy={strategy}",
+                                     "train.devices=2", "train.accelerator=cpu", "train.checkpoint_every=2",
+                                     "train.val_every=2", "sample.steps=2", "train.max_steps=4"])
+            for resume in (None, f"{tmp}/{strategy}/checkpoints/step-2"):
+                draws.append([])
+                losses.append([])
+                training.train(cfg, resume=resume, progress=False, callbacks=[Losses()])
+        except Exception as err:  # noqa: BLE001
+            errors[strategy] = f"{type(err).__name__}: {err}"
     with open(f"{tmp}/draws-{rank}.json", "w") as f:
-        json.dump(draws, f)
+        json.dump({"draws": draws, "losses": losses, "errors": errors}, f)
 
 
-def test_ddp_resume_gives_every_rank_its_own_exact_stream(tmp_path):
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    """The runs of `_distributed_rank`: `(folder, [rank 0's, rank 1's])`, each
+    `{"draws"|"losses": [ddp straight, ddp resumed, fsdp straight, fsdp resumed]}`."""
     import json
     import socket
 
+    tmp_path = tmp_path_factory.mktemp("two_processes")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_ddp_rank, args=(str(tmp_path), port), nprocs=2)
-    (straight0, resumed0), (straight1, resumed1) = (json.loads((tmp_path / f"draws-{r}.json").read_text())
-                                                    for r in (0, 1))
+    torch.multiprocessing.spawn(_distributed_rank, args=(str(tmp_path), port), nprocs=2)
+    return tmp_path, [json.loads((tmp_path / f"draws-{r}.json").read_text()) for r in (0, 1)]
+
+
+def test_ddp_resume_gives_every_rank_its_own_exact_stream(two_processes):
+    _, ranks = two_processes
+    assert all("ddp" not in r["errors"] for r in ranks), ranks[0]["errors"]
+    (straight0, resumed0), (straight1, resumed1) = (r["draws"][:2] for r in ranks)
     assert len(straight0) == 4 and resumed0 == straight0[2:] and resumed1 == straight1[2:]
     assert all(a != b for a, b in zip(straight0, straight1))  # the ranks draw different t and RNG states
     assert all(a != b for a, b in zip(resumed0, resumed1))
+
+
+def test_fsdp_trains_as_ddp_and_resumes_exactly(two_processes):
+    """train.strategy=fsdp on 2 processes: the same draws and (to float rounding) losses and weights as DDP,
+    a resume that repeats the uninterrupted run's losses exactly, and checkpoints in the single-device
+    layout: the LoRA loads into a stock FluxFillPipeline, the resume state has DDP's keys."""
+    from vis2ir.checkpoint import build_with_weights, load_checkpoint_config
+    from vis2ir.model import build_model
+
+    from tests.conftest import stock_pipeline_outputs
+
+    tmp, ranks = two_processes
+    assert not ranks[0]["errors"] and not ranks[1]["errors"], ranks[0]["errors"]
+    for r in ranks:
+        ddp_straight, _, straight, resumed = r["losses"]
+        assert len(straight) == 4 and resumed == straight[2:]  # exact
+        assert straight == pytest.approx(ddp_straight, rel=1e-5)
+        assert r["draws"][2:] == r["draws"][:2]  # FSDP draws what DDP draws
+    assert ranks[0]["losses"][2] != ranks[1]["losses"][2]  # each rank its own batch and noise
+    fsdp, ddp = tmp / "fsdp" / "checkpoints", tmp / "ddp" / "checkpoints"
+    assert [p.name for p in list_checkpoints(tmp / "fsdp")] == ["step-2", "step-4"]
+    assert (tmp / "fsdp" / "samples" / "step-4.png").exists()
+    ours, theirs = weights(fsdp / "step-4"), weights(ddp / "step-4")
+    assert ours.keys() == theirs.keys()
+    for k in ours:
+        assert ours[k].shape == theirs[k].shape and torch.allclose(ours[k], theirs[k], atol=1e-5), k
+    state, ddp_state = (torch.load(d / "step-4" / "resume.ckpt", weights_only=True) for d in (fsdp, ddp))
+    assert state.keys() == ddp_state.keys() and state["state_dict"].keys() == ddp_state["state_dict"].keys()
+    optimizer, ddp_optimizer = state["optimizer_states"][0], ddp_state["optimizer_states"][0]
+    assert optimizer["state"].keys() == ddp_optimizer["state"].keys()
+    assert [g["params"] for g in optimizer["param_groups"]] == [g["params"] for g in ddp_optimizer["param_groups"]]
+    for i, s in optimizer["state"].items():
+        assert torch.allclose(s["exp_avg_sq"], ddp_optimizer["state"][i]["exp_avg_sq"], atol=1e-8)
+    # The exported LoRA loads into the stock pipeline and gives what our loader gives.
+    cfg = load_checkpoint_config(fsdp / "step-4")
+    loaded = build_with_weights(fsdp / "step-4", cfg)
+    before, after, mine = stock_pipeline_outputs(build_model(cfg).transformer, fsdp / "step-4", loaded.transformer)
+    assert not torch.allclose(before, after, atol=1e-4) and torch.allclose(after, mine, atol=1e-5)
 
 
 def test_a_run_shorter_than_log_every_writes_its_metrics(tiny_config, tmp_path):

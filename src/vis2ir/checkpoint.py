@@ -65,19 +65,30 @@ def add_lora(transformer: torch.nn.Module, cfg: LoraConfig) -> None:
 # Saving
 
 
-def write_weights(directory: str | Path, model, cfg: Config) -> None:
-    """Write config and weights of `model` (a `Vis2IRModel`) into the existing folder `directory`."""
+def write_weights(directory: str | Path, model, cfg: Config, state: dict[str, torch.Tensor] | None = None) -> None:
+    """Write config and weights of `model` (a `Vis2IRModel`) into the existing folder `directory`.
+
+    `state`: the model's trained tensors by name, whole (`sharding.trainable_state`, which gathers them
+    from FSDP shards); by default the model's own `state_dict()`.
+    """
     directory = Path(directory)
     cfg.save(directory / CONFIG_FILE)
     dtype = getattr(torch, cfg.train.save_dtype)
+    state = model.state_dict() if state is None else state
+    transformer = _part(state, "transformer.")
     if cfg.train.finetune == "lora":
-        _save_lora(directory, model.transformer, cfg.model.lora, dtype)
+        _save_lora(directory, model.transformer, transformer, cfg.model.lora, dtype)
     else:
-        save_file(_plain(model.transformer.state_dict(), dtype), str(directory / TRANSFORMER_FILE))
+        save_file(_plain(transformer, dtype), str(directory / TRANSFORMER_FILE))
     if model.adapter is not None:
-        save_file(_plain(model.adapter.state_dict(), dtype), str(directory / ADAPTER_FILE))
+        save_file(_plain(_part(state, "adapter."), dtype), str(directory / ADAPTER_FILE))
     save_file(_plain({"prompt_embeds": model.prompt_embeds, "pooled_prompt_embeds": model.pooled_prompt_embeds},
                      torch.float32), str(directory / PROMPT_FILE))
+
+
+def _part(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries of `state` under `prefix`, named without it (a sub-module's state dict)."""
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def save_weights(directory: str | Path, model, cfg: Config) -> Path:
@@ -87,12 +98,14 @@ def save_weights(directory: str | Path, model, cfg: Config) -> Path:
     return Path(directory)
 
 
-def _save_lora(directory: Path, transformer, cfg: LoraConfig, dtype: torch.dtype) -> None:
+def _save_lora(directory: Path, transformer, state: dict[str, torch.Tensor], cfg: LoraConfig,
+               dtype: torch.dtype) -> None:
+    """The LoRA tensors of the transformer's `state` in diffusers' layout."""
     from diffusers import FluxFillPipeline
     from peft import get_peft_model_state_dict
 
     # peft keys; `save_lora_weights` adds diffusers' `transformer.` prefix
-    lora = _plain(get_peft_model_state_dict(transformer), dtype)
+    lora = _plain(get_peft_model_state_dict(transformer, state_dict=state), dtype)
     metadata = {"r": cfg.rank, "lora_alpha": cfg.alpha, "target_modules": cfg.target_modules}
     FluxFillPipeline.save_lora_weights(directory, transformer_lora_layers=lora, transformer_lora_adapter_metadata=metadata)
 

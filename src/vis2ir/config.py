@@ -316,7 +316,7 @@ class TrainConfig:
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"  # auto: a GPU when there is one; cpu; gpu
     devices: int | str = "auto"  # devices per node: a number, auto, or a list like '0,1'
     num_nodes: int = 1  # machines (multi-node DDP)
-    # auto or ddp (fsdp and deepspeed are refused for now)
+    # auto, ddp (a whole model per device) or fsdp (the frozen base sharded across the devices); deepspeed is refused
     strategy: Literal["auto", "ddp", "fsdp", "deepspeed"] = "auto"
     checkpoint_every: int = 500  # write checkpoints/step-N every this many steps (and at the end)
     keep_last: int = 3  # checkpoints kept (the newest ones)
@@ -345,9 +345,12 @@ class TrainConfig:
         _check((isinstance(self.devices, int) and self.devices >= 1) or self.devices == "auto"
                or (isinstance(self.devices, str) and "," in self.devices),
                "train.devices", "a number of devices >= 1, 'auto', or a list like '0,1'", self.devices)
-        _check(self.strategy not in ("fsdp", "deepspeed"), "train.strategy",
-               "'auto' or 'ddp' (DDP works; FSDP and DeepSpeed shard the weights, which the checkpoint export "
-               "cannot gather yet: they are planned)", self.strategy)
+        _check(self.strategy != "deepspeed", "train.strategy",
+               "'auto', 'ddp' or 'fsdp' (DeepSpeed is not supported: train.strategy=fsdp shards the frozen base "
+               "across the GPUs, ddp keeps a whole model on each)", self.strategy)
+        _check(self.strategy != "fsdp" or self.precision != "16-mixed", "train.precision",
+               "'auto', 'bf16-mixed', 'bf16-true' or '32-true' with train.strategy=fsdp (Lightning's FSDP2 "
+               "strategy has no fp16 loss scaling)", self.precision)
 
 
 @dataclass
@@ -419,6 +422,9 @@ class Config:
                 _check(not isinstance(v, float) or math.isfinite(v), key, "a finite number", value)
         for part in (self.model, self.data, self.train, self.sample, self.eval):
             part.validate()
+        _check(self.train.strategy != "fsdp" or self.model.quantize == "none", "model.quantize",
+               "none with train.strategy=fsdp (a quantized base cannot be sharded: train.strategy=ddp trains on "
+               "it, or fsdp shards a bf16 base with model.quantize=none)", self.model.quantize)
         return self
 
     def to_dict(self) -> dict[str, Any]:

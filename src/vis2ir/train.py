@@ -1,7 +1,7 @@
 """`vis2ir train`: flow-matching training of LoRA (or the whole transformer) and the adapter.
 
-Lightning runs the loop, the devices and the strategy (DDP; FSDP and DeepSpeed are refused); this
-file says what one step does (docs/design.md §1, §3):
+Lightning runs the loop, the devices and the strategy (DDP, or FSDP2 through `sharding.py`; DeepSpeed
+is refused); this file says what one step does (docs/design.md §1, §3):
 
     t ~ sigmoid(N(mean, std)) (optionally shifted);  x_1 ~ N(0, I) (+ offset noise)
     v̂ = model(x_t = (1 − t)·x_0 + t·x_1);  loss = mse(v̂, x_1 − x_0) over all or target tokens
@@ -40,6 +40,8 @@ from vis2ir.errors import Vis2IRError
 from vis2ir.model import Encoded, Vis2IRModel, build_model
 from vis2ir.quantize import out_of_memory
 from vis2ir.semantic.modes import NEEDS_SEMANTIC
+from vis2ir.sharding import (ShardedStrategy, average_replicated_grads, clip_grads, is_sharded, local, shard_model,
+                             total_norm, trainable_state)
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +145,7 @@ class Vis2IRModule(L.LightningModule):
         self.strict_loading = False  # resume states hold only the trainable weights
         self._bad_steps = 0
         self._bad_loss: float | None = None  # this step's non-finite loss, until its optimizer step
+        self._grad_norm: torch.Tensor | None = None  # this step's gradient norm, for clipping
         self._step_started = None
         self._noise_gen: torch.Generator | None = None  # t and x_1 come from here
 
@@ -164,8 +167,13 @@ class Vis2IRModule(L.LightningModule):
     # -- building ------------------------------------------------------------------------------
 
     def configure_model(self) -> None:
-        if self.model is not None:
-            return
+        if self.model is None:
+            self.model = self._build()
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, ShardedStrategy) and not is_sharded(self.model):
+            shard_model(self.model, strategy.device_mesh["data_parallel"])
+
+    def _build(self) -> Vis2IRModel:
         cfg = self.cfg
         device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
         # Full training keeps fp32 master weights (autocast does the bf16 maths); LoRA trains
@@ -177,7 +185,7 @@ class Vis2IRModule(L.LightningModule):
             log.info("Initialised from %s", source)
         else:
             model = build_model(cfg, device, dtype)
-        self.model = prepare_for_training(model, cfg)
+        return prepare_for_training(model, cfg)
 
     # -- data (here, where each process knows its rank) -----------------------------------------
 
@@ -234,13 +242,15 @@ class Vis2IRModule(L.LightningModule):
             losses.append(flow_loss(pred, target, tokens))
         loss = torch.stack(losses).mean()
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=vis.shape[0])
-        if batch_idx == 0 and self.trainer.is_global_zero:
-            self._sample_grid(vis[:4], ir[:4], None if sem is None else sem[:4])
+        # A sharded model's forward is a collective: every rank samples, rank 0 writes.
+        if batch_idx == 0 and (self.trainer.is_global_zero or is_sharded(model)):
+            self._sample_grid(vis[:4], ir[:4], None if sem is None else sem[:4], write=self.trainer.is_global_zero)
         return loss
 
     @torch.no_grad()
-    def _sample_grid(self, vis, ir, sem) -> None:
-        """visible | generated | ground truth | semantic, saved under samples/ and sent to TensorBoard."""
+    def _sample_grid(self, vis, ir, sem, write: bool = True) -> None:
+        """visible | generated | ground truth | semantic, saved under samples/ and sent to TensorBoard
+        (`write=False`: generated only, for a sharded model's forward that every rank must join)."""
         from vis2ir.figures import figure_array, save_figure
         from vis2ir.io.images import is_finite
         from vis2ir.sample import generate
@@ -249,6 +259,8 @@ class Vis2IRModule(L.LightningModule):
         s = self.cfg.sample
         generated = generate(self.model, vis, sem if self.model.mode != "none" else None, steps=s.steps,
                              guidance=s.guidance, seed=s.seed)
+        if not write:
+            return
         if not is_finite(generated):  # a black grid would look like a result
             log.warning("step %d: the validation samples are not finite (NaN/inf); no samples picture written",
                         self.global_step)
@@ -310,7 +322,10 @@ class Vis2IRModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         """Drop the update of a step whose loss or gradients are not finite; stop after a streak."""
         params = [p for p in self.model.parameters() if p.grad is not None]
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in params]))) if params else None
+        if is_sharded(self.model):  # FSDP reduced the shards' gradients; the whole adapter's are averaged here
+            average_replicated_grads(params, self.trainer.strategy)
+        norm = total_norm([p.grad for p in params]) if params else None
+        self._grad_norm = norm
         # All-reduced: the same on every rank. Under fp16 loss scaling inf gradients are the scaler's business
         # (it skips the step and lowers the scale), not a bad step.
         scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None
@@ -327,6 +342,7 @@ class Vis2IRModule(L.LightningModule):
         self._bad_loss = None
         for p in params:  # no gradient: the optimizer leaves these weights and their state alone
             p.grad = None
+        self._grad_norm = None
         self._bad_steps += 1
         cfg = self.cfg.train
         log.warning("step %d: %s is %s (%d/%d bad steps in a row); skipping the update", self.global_step, what,
@@ -339,6 +355,12 @@ class Vis2IRModule(L.LightningModule):
                 + (f"the last good checkpoint is kept: {kept[-1]}" if kept else
                    f"no checkpoint with finite weights was written under {Path(cfg.output_dir) / 'checkpoints'}")
                 + "; try a lower train.learning_rate")
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clip to `train.grad_clip` by the norm `on_before_optimizer_step` took (of sharded and whole
+        gradients together, which torch's `clip_grad_norm_` cannot mix)."""
+        if gradient_clip_val and self._grad_norm is not None:
+            clip_grads([p for p in self.model.parameters() if p.grad is not None], gradient_clip_val, self._grad_norm)
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
         self._step_started = time.perf_counter()
@@ -359,7 +381,7 @@ class Vis2IRModule(L.LightningModule):
 
     def weights_are_finite(self) -> bool:
         """Whether every trainable tensor is finite (on every rank); one device sync."""
-        params = [p.detach() for p in self.model.parameters() if p.requires_grad]
+        params = [local(p.detach()) for p in self.model.parameters() if p.requires_grad]  # this rank's shards
         finite = torch.stack([p.isfinite().all() for p in params]).all() if params else torch.tensor(True)
         return self.trainer.strategy.reduce_boolean_decision(bool(finite), all=True)
 
@@ -433,9 +455,10 @@ class CheckpointExport(L.Callback):
                         f"the last good one is {kept[-1]}" if kept else "none written before")
             return
         tmp = trainer.strategy.broadcast(temp_dir(final))  # rank 0's name: every rank writes there
+        state = trainable_state(module.model)  # every rank: under FSDP it gathers the shards to rank 0
         if trainer.is_global_zero:
             tmp.mkdir(parents=True)
-            write_weights(tmp, module.model, self.cfg)
+            write_weights(tmp, module.model, self.cfg, state)
         trainer.strategy.barrier()
         trainer.save_checkpoint(tmp / RESUME_FILE, weights_only=False)
         if trainer.is_global_zero:
@@ -577,6 +600,8 @@ def build_trainer(cfg: Config, run_dir: Path, callbacks=(), loggers=True, progre
         from lightning.pytorch.strategies import DDPStrategy
 
         strategy = DDPStrategy(find_unused_parameters=False)
+    elif strategy == "fsdp":
+        strategy = ShardedStrategy()
     timer = [] if t.max_minutes is None else [LaunchTimer(t.max_minutes, run_dir)]  # not Lightning's: per launch
     if loggers is True:
         # One version folder per launch, so a resumed run adds its logs beside the first ones.
