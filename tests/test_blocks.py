@@ -159,3 +159,9 @@ def test_compiled_blocks_match_eager(tiny_config, monkeypatch):
     assert torch.allclose(out[0][0], out[1][0], rtol=1e-4)
     for a, b in zip(out[0][1], out[1][1]):
         assert torch.allclose(a, b, rtol=1e-3, atol=1e-6)
+
+
+def test_bf16_mixed_trains_with_the_fused_optimizer_and_clipping(tiny_config, tmp_path):
+    """Lightning refuses to clip for a fused optimizer under mixed precision; vis2ir clips itself."""
+    run_dir = run(tiny_config, tmp_path, "train.max_steps=3", "train.precision=bf16-mixed", "train.grad_clip=0.01")
+    assert [p.name for p in list_checkpoints(run_dir)] == ["step-3"]

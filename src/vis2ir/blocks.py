@@ -134,6 +134,7 @@ def set_checkpointing(transformer, plan: Sequence[bool]) -> None:
         return block(*args)
 
     transformer.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint)
+    transformer._vis2ir_plan = list(plan)  # read by scripts/bench_train.py
 
 
 def describe_plan(plan: Sequence[bool], transformer) -> str:

@@ -313,8 +313,10 @@ class Vis2IRModule(L.LightningModule):
             optimizer = Prodigy(groups, lr=cfg.learning_rate, use_bias_correction=True, safeguard_warmup=True,
                                 weight_decay=cfg.weight_decay)
         else:
-            # fused: one kernel per step, and it skips a step on the device when told (`found_inf`)
-            optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=True)
+            # fused: one kernel per step, and it skips a step on the device when told (`found_inf`); not under
+            # fp16 loss scaling, where Lightning unscales the gradients itself before clipping
+            optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                          fused=cfg.precision != "16-mixed")
         warmup = cfg.warmup_steps
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
@@ -375,6 +377,9 @@ class Vis2IRModule(L.LightningModule):
         elif bool(bad):  # other optimizers cannot skip on the device: drop the gradients (one sync)
             for p in params:
                 p.grad = None
+        clip = self.cfg.train.grad_clip
+        if norm is not None and clip:  # clip by the norm just computed (as clip_grad_norm_), not a second pass
+            torch._foreach_mul_([p.grad for p in params], torch.clamp(clip / (norm + 1e-6), max=1.0))
         if norm is not None:
             self.log("train/grad_norm", norm, on_step=True)
         if self._log_now():
@@ -493,6 +498,8 @@ def prepare_for_training(model: Vis2IRModel, cfg: Config) -> Vis2IRModel:
                                   image_tokens, text_tokens, optimizer_states=4 if cfg.train.optimizer == "prodigy" else 2)
     elif checkpointing:
         transformer.enable_gradient_checkpointing()
+    else:
+        transformer.disable_gradient_checkpointing()
     if cfg.train.compile:
         blocks.compile_blocks(transformer)
     return model
@@ -713,7 +720,7 @@ def build_trainer(cfg: Config, run_dir: Path, callbacks=(), loggers=True, progre
     return L.Trainer(
         accelerator="gpu" if cuda else "cpu", devices=t.devices, num_nodes=t.num_nodes, strategy=strategy,
         precision=precision, max_steps=t.max_steps, max_epochs=-1,
-        accumulate_grad_batches=t.accumulate_grad_batches, gradient_clip_val=t.grad_clip or None,
+        accumulate_grad_batches=t.accumulate_grad_batches,  # gradients are clipped in on_before_optimizer_step
         log_every_n_steps=t.log_every, val_check_interval=t.val_every * t.accumulate_grad_batches,
         check_val_every_n_epoch=None, limit_val_batches=t.val_batches, num_sanity_val_steps=0,
         default_root_dir=run_dir, logger=loggers,
