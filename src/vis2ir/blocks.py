@@ -101,7 +101,8 @@ def measure_blocks(transformer, batch: int, image_tokens: int, text_tokens: int)
     for block in blocks(transformer):
         kind = type(block).__name__
         if kind not in per_kind:
-            per_kind[kind] = saved_bytes(lambda: block(hidden, text, temb, rope), exclude=frozen)
+            # forward, not __call__: a compiled block's graph would hide what autograd saves from the hooks
+            per_kind[kind] = saved_bytes(lambda: block.forward(hidden, text, temb, rope), exclude=frozen)
         full.append(per_kind[kind])
     return full, [kept] * len(full)
 
