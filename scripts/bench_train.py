@@ -1,156 +1,218 @@
-"""Training speed and memory at real size, through `vis2ir train`'s own code path.
+"""Training speed and memory at real size: `vis2ir train` against the plain bf16 LoRA step, in one process.
 
-Runs N training steps with `vis2ir.train.train` (Lightning, data loader, VAE encodes, adapter,
-LoRA, optimizer) and, in the same process on the same model, N bare transformer forward+backward
-passes at the same batch and sequence length. Prints both, their ratio and the peak memory, and
-where the difference goes: the time of `Vis2IRModel.encode` on a training batch (the codec's
-share), with the VAE in its default memory format and in channels-last.
+The model is built once. First a latent cache of a few dozen ThermalScenes samples is made with the config's
+codec (`vis2ir data cache`'s code; at real size FLUX's VAE architecture with random weights), so the codec is
+not in the step. Then, for each variant, `vis2ir.train.train` (Lightning, the cached-latent loader, the
+adapter, LoRA, the fused AdamW, bad-step checks, logging) runs `--warmup + --steps` steps on that model, and
+the **plain step** runs as many: the same transformer and LoRA in bf16, no autocast, the same AdamW, the same
+checkpointing and compilation, on random inputs of the training shapes, no Lightning. Variants:
 
-    python scripts/bench_train.py --config configs/bench_realsize.yaml [key=value ...]
+    plain_ckpt / train_ckpt          full checkpointing, eager            (ratio train/plain: target ≤ 1.05)
+    train_ckpt_mixed                 the same with train.precision=bf16-mixed (fp32 LoRA under autocast)
+    plain_ckpt_compiled / train_ckpt_compiled    full checkpointing, compiled blocks (target ≥ 3.5 samples/s)
+    plain_auto / train_auto          gradient_checkpointing auto, the card's memory, compiled (target ≥ 5.0)
+    train_auto_75                    auto with memory_budget_gib=75 (an 80 GB card), compiled
 
-Needs a GPU for meaningful figures (the config builds the 12-billion-parameter transformer);
-`--config configs/demo.yaml` runs it small on a CPU to check the script itself.
+Every figure (median step, samples/s, peak `torch.cuda.max_memory_allocated`, first-step time = compile time,
+the auto plan) is logged as a table and written as JSON to `--out`.
+
+    python scripts/bench_train.py --out docs/performance/train/h200.json                  # on an H200
+    python scripts/bench_train.py --config configs/demo.yaml --tiny --out /tmp/bench.json  # a check on the CPU
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import statistics
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import lightning as L
 import torch
 
-from vis2ir.config import load_config
-from vis2ir.train import train
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from vis2ir import blocks  # noqa: E402
+from vis2ir.config import load_config  # noqa: E402
+from vis2ir.latent_cache import build_latent_cache  # noqa: E402
+from vis2ir.model import build_model  # noqa: E402
+from vis2ir.train import prepare_for_training, train, training_tokens  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+GiB = 2**30
+VARIANTS = {  # name: (kind, overrides)
+    "plain_ckpt": ("plain", ["train.gradient_checkpointing=true"]),
+    "train_ckpt": ("train", ["train.gradient_checkpointing=true"]),
+    "train_ckpt_mixed": ("train", ["train.gradient_checkpointing=true", "train.precision=bf16-mixed"]),
+    "plain_ckpt_compiled": ("plain", ["train.gradient_checkpointing=true", "train.compile=true"]),
+    "train_ckpt_compiled": ("train", ["train.gradient_checkpointing=true", "train.compile=true"]),
+    "plain_auto": ("plain", ["train.gradient_checkpointing=auto", "train.compile=true"]),
+    "train_auto": ("train", ["train.gradient_checkpointing=auto", "train.compile=true"]),
+    "train_auto_75": ("train", ["train.gradient_checkpointing=auto", "train.memory_budget_gib=75", "train.compile=true"]),
+}
+RATIOS = {"ckpt": ("train_ckpt", "plain_ckpt"), "ckpt_compiled": ("train_ckpt_compiled", "plain_ckpt_compiled"),
+          "auto": ("train_auto", "plain_auto")}
+log = logging.getLogger("bench_train")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class StepClock(L.Callback):
-    """Wall time between consecutive optimizer steps (data waits included), and peak memory."""
+    """Wall time of every optimizer step (data waits included) and the peak after warm-up; hands the model
+    back before Lightning's teardown would move it to the CPU."""
 
-    def __init__(self, warmup: int):
-        self.warmup, self.times, self.last, self.module, self.peak = warmup, [], None, None, 0
+    def __init__(self, warmup: int, device: torch.device):
+        self.warmup, self.device, self.times, self.last, self.model, self.peak = warmup, device, [], None, None, None
+
+    def on_train_start(self, trainer, module):
+        sync(self.device)
+        self.last = time.perf_counter()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        sync(self.device)
         now = time.perf_counter()
-        if self.last is not None and trainer.global_step > self.warmup:
-            self.times.append(now - self.last)
-        if trainer.global_step == self.warmup and torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
+        self.times.append(now - self.last)
+        if trainer.global_step == self.warmup and self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         self.last = now
-        self.module = module
 
     def on_train_end(self, trainer, module):
-        if torch.cuda.is_available():
-            self.peak = torch.cuda.max_memory_allocated()
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device) / GiB
+        self.model, module.model = module.model, None
 
 
-def timed(fn, steps: int, warmup: int, device: torch.device) -> list[float]:
-    """Wall times of `steps` calls of `fn` after `warmup` untimed ones, the GPU synchronised around each."""
-    times = []
-    for i in range(warmup + steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return times
-
-
-def bare_steps(module, cfg, steps: int, warmup: int) -> list[float]:
-    """Forward+backward of the transformer alone on random inputs of the training shapes."""
-    model = module.model
+def plain_times(model, cfg, steps: int, warmup: int, device: torch.device) -> list[float]:
+    """The plain bf16 LoRA step: transformer forward + backward on random inputs of the training shapes, no
+    autocast, the fused AdamW on the (bf16) LoRA weights, zero_grad; each step timed with the GPU synchronised."""
     transformer = model.transformer
-    device = next(transformer.parameters()).device
     b = cfg.train.batch_size
-    size = cfg.data.size
-    from vis2ir.latents import patch_size, token_width
-
-    p = patch_size(model.codec)
-    n = (size // p) * (2 * size // p) * (3 if model.mode == "in_context" else 2) // 2
-    hidden = torch.randn(b, n, transformer.config.in_channels, device=device, dtype=transformer.dtype)
-    kwargs = dict(
-        timestep=torch.full((b,), 0.5, device=device), guidance=torch.full((b,), 1.0, device=device),
-        pooled_projections=model.pooled_prompt_embeds.expand(b, -1),
-        encoder_hidden_states=model.prompt_embeds.expand(b, -1, -1),
-        txt_ids=torch.zeros(model.prompt_embeds.shape[1], 3, device=device),
-        img_ids=torch.zeros(n, 3, device=device), return_dict=False,
-    )
-    assert hidden.shape[-1] - 2 * token_width(model.codec) > 0
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu",
-                                                                                                       enabled=False)
+    image, text = training_tokens(model, cfg)
+    hidden = torch.randn(b, image, transformer.config.in_channels, device=device, dtype=transformer.dtype)
+    kwargs = dict(timestep=torch.full((b,), 0.5, device=device), guidance=torch.full((b,), 1.0, device=device),
+                  pooled_projections=model.pooled_prompt_embeds.to(transformer.dtype).expand(b, -1),
+                  encoder_hidden_states=model.prompt_embeds.to(transformer.dtype).expand(b, -1, -1),
+                  txt_ids=torch.zeros(text, 3, device=device), img_ids=torch.zeros(image, 3, device=device),
+                  return_dict=False)
+    lora = [p for p in transformer.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(lora, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay, fused=True)
     transformer.train()
-
-    def step():
-        with autocast:
-            out = transformer(hidden_states=hidden, **kwargs)[0]
+    times = []
+    for _ in range(warmup + steps):
+        sync(device)
+        start = time.perf_counter()
+        out = transformer(hidden_states=hidden, **kwargs)[0]
         out.float().square().mean().backward()
-
-    times = timed(step, steps, warmup, device)
-    transformer.zero_grad(set_to_none=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync(device)
+        times.append(time.perf_counter() - start)
     return times
 
 
-def encode_times(module, cfg, steps: int, warmup: int) -> dict[str, float]:
-    """Median time of `model.encode` on one training batch, as trained and with a channels-last VAE."""
-    from vis2ir.data import build_dataset, collate
-    from vis2ir.latents import VAECodec
+def run_variant(name: str, model, base, overrides: list[str], args, device: torch.device) -> dict:
+    kind, extra = VARIANTS[name]
+    cfg = load_config(args.config, [*base, *extra, *overrides])
+    row = {"variant": name, "kind": kind, "settings": extra}
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    prepare_for_training(model, cfg)  # LoRA dtype, checkpointing plan, compiled blocks, as `train` does
+    plan = getattr(model.transformer, "_vis2ir_plan", None)
+    if cfg.train.gradient_checkpointing == "auto":
+        row["checkpointed_blocks"] = sum(plan) if plan is not None else None
+    if kind == "plain":
+        times = plain_times(model, cfg, args.steps, args.warmup, device)
+        peak = torch.cuda.max_memory_allocated(device) / GiB if device.type == "cuda" else None
+    else:
+        clock = StepClock(args.warmup, device)
+        train(cfg, model=model, callbacks=[clock], progress=False)
+        times, peak = clock.times, clock.peak
+    measured = times[args.warmup:]
+    step = statistics.median(measured)
+    row.update(first_step_s=round(times[0], 3), step_s=round(step, 4), samples_per_s=round(cfg.train.batch_size / step, 3),
+               step_times_s=[round(t, 4) for t in measured], peak_gib=None if peak is None else round(peak, 2))
+    log.info("%-22s first step %7.2f s   step %.3f s   %6.2f samples/s   peak %s GiB", name, times[0], step,
+             row["samples_per_s"], row["peak_gib"])
+    return row
 
-    model = module.model
-    device = model.prompt_embeds.device
-    data = build_dataset(cfg.data, "train", require_semantic=model.mode != "none")
-    batch = collate([data[i] for i in range(cfg.train.batch_size)])
-    images = [batch[k].to(device) if k in batch else None for k in ("visible", "infrared", "semantic")]
 
-    def median_time() -> float:
-        return statistics.median(timed(lambda: model.encode(*images), steps, warmup, device))
-
-    out = {"as trained": median_time()}
-    if isinstance(model.codec, VAECodec):
-        model.codec.vae.to(memory_format=torch.channels_last)
-        out["channels-last VAE"] = median_time()
-        model.codec.vae.to(memory_format=torch.contiguous_format)
-    return out
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/bench_realsize.yaml")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=str(ROOT / "configs" / "bench_realsize.yaml"))
+    p.add_argument("--out", required=True, help="JSON file of every figure")
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--cache-samples", type=int, default=40, help="ThermalScenes scenes rendered for the cache")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
+    p.add_argument("--tiny", action="store_true", help="small and short on the CPU: budgets scaled down, batch 2")
+    p.add_argument("overrides", nargs="*", help="key=value settings for every variant")
+    args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="[%(levelname)s] %(message)s")
-    cfg = load_config(args.config, [f"train.max_steps={args.steps + args.warmup}", *args.overrides])
-    clock = StepClock(args.warmup)
-    train(cfg, callbacks=[clock], progress=False)
-    step = statistics.median(clock.times)
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    print(f"vis2ir train step times (s): {' '.join(f'{t:.3f}' for t in clock.times)}", flush=True)
-    if torch.cuda.is_available():
-        clock.module.model.to("cuda")  # Lightning's teardown moved the module to the CPU
-    bare = statistics.median(bare_steps(clock.module, cfg, args.steps, args.warmup))
-    encode = {} if cfg.data.latent_cache else encode_times(clock.module, cfg, 10, 2)
-    print(f"device: {device}")
-    print(f"config: {args.config} {' '.join(args.overrides)}")
-    print(f"batch {cfg.train.batch_size}, panels {cfg.data.size}x{cfg.data.size}, mode {cfg.model.semantic.mode}, "
-          f"gradient checkpointing {cfg.train.gradient_checkpointing}")
-    print(f"vis2ir train step (median of {len(clock.times)}): {step:.3f} s  ({cfg.train.batch_size / step:.2f} samples/s)")
-    print(f"bare transformer fwd+bwd (median of {args.steps}): {bare:.3f} s")
-    print(f"ratio: {step / bare:.3f}  (target <= 1.10)")
-    for name, seconds in encode.items():
-        print(f"model.encode of one batch, {name} (median of 10): {seconds:.3f} s")
-    if cfg.data.latent_cache:
-        print(f"latents from the cache {cfg.data.latent_cache}: no codec in the step")
-    if clock.peak:
-        print(f"peak GPU memory during training steps: {clock.peak / 2**30:.1f} GiB  (target <= 40 GB)")
+    for noisy in ("lightning", "vis2ir.train", "vis2ir.model", "vis2ir.backbone"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.backends.cuda.enable_cudnn_sdp(False)  # its backward crashed on Hopper (docs/design.md §9)
+    names = [n.strip() for n in args.variants.split(",") if n.strip()]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    work = Path(tempfile.mkdtemp(prefix="bench_train_"))
+    base = [f"data.synth_count={args.cache_samples}", "data.val_fraction=0.05", "data.test_fraction=0.05",
+            "train.precision=bf16-true", "train.val_batches=0", f"train.max_steps={args.steps + args.warmup}",
+            f"train.output_dir={work / 'run'}", "train.checkpoint_every=1000000", "train.log_every=1000000",
+            "data.num_workers=2", "model.semantic.mode=none"]
+    if args.tiny:
+        base += ["train.batch_size=2", "train.finetune=lora"]
+        VARIANTS["train_auto_75"] = ("train", ["train.gradient_checkpointing=auto", "train.memory_budget_gib=0.2",
+                                               "train.compile=true"])
+    cfg = load_config(args.config, [*base, *args.overrides])
+    started = time.perf_counter()
+    cache = build_latent_cache(cfg, work / "cache", device=device)
+    cache_s = time.perf_counter() - started
+    base.append(f"data.latent_cache={cache}")
+    cfg = load_config(args.config, [*base, *args.overrides])
+    started = time.perf_counter()
+    model = build_model(cfg, device)
+    sync(device)
+    build_s = time.perf_counter() - started
+    rows = []
+    # Eager variants before compiled ones: a compiled block stays compiled.
+    for name in sorted(names, key=lambda n: "compile=true" in " ".join(VARIANTS[n][1])):
+        try:
+            rows.append(run_variant(name, model, base, args.overrides, args, device))
+        except Exception as err:  # noqa: BLE001 - a benchmark records every failure and goes on
+            log.exception("%s failed", name)
+            rows.append({"variant": name, "error": f"{type(err).__name__}: {str(err).strip().splitlines()[0]}"})
+    by_name = {r["variant"]: r for r in rows if "step_s" in r}
+    ratios = {key: round(by_name[a]["step_s"] / by_name[b]["step_s"], 3)
+              for key, (a, b) in RATIOS.items() if a in by_name and b in by_name}
+    meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__, "config": args.config, "overrides": args.overrides,
+            "batch_size": cfg.train.batch_size, "panel": cfg.data.size, "tokens": training_tokens(model, cfg),
+            "steps": args.steps, "warmup": args.warmup, "cache_samples": args.cache_samples,
+            "cache_build_s": round(cache_s, 1), "model_build_s": round(build_s, 2), "from_latent_cache": True}
+    for lib in ("diffusers", "peft", "lightning"):
+        meta[lib] = __import__(lib).__version__
+    result = {**meta, "ratios_train_over_plain": ratios, "rows": rows}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    log.info("%-22s %10s %10s %10s %12s", "variant", "step s", "samples/s", "peak GiB", "first step s")
+    for r in rows:
+        log.info("%-22s %10s %10s %10s %12s", r["variant"], r.get("step_s", "-"), r.get("samples_per_s", "-"),
+                 r.get("peak_gib", "-"), r.get("first_step_s", r.get("error", "-")))
+    log.info("vis2ir/plain at equal settings: %s (target <= 1.05); written %s", ratios, out)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

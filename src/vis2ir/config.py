@@ -302,8 +302,15 @@ class TrainConfig:
     warmup_steps: int = 0  # linear learning-rate warm-up steps
     grad_clip: float = 0.5  # gradient norm clipping (0: none)
     accumulate_grad_batches: int = 1  # micro-batches per optimizer step
-    gradient_checkpointing: bool = False  # recompute activations in the backward pass (less memory, slower)
-    # Lightning precision; auto: bf16-mixed on a GPU, 32-true on the CPU
+    # recompute activations in the backward pass (less memory, slower): true (every transformer block), false,
+    # or auto (only as many blocks as train.memory_budget_gib needs, planned from measured block memory)
+    gradient_checkpointing: bool | Literal["auto"] = False
+    # GiB the training step may use with gradient_checkpointing auto (null: the GPU's memory less 5 %)
+    memory_budget_gib: float | None = None
+    # compile the transformer's repeated blocks with torch.compile (faster steps; the first step compiles)
+    compile: bool = False
+    # auto: bf16-mixed on a GPU, 32-true on the CPU; bf16-mixed: fp32 trainable weights under bf16 autocast;
+    # bf16-true: bf16 weights, no autocast, AdamW on fp32 master copies; 16-mixed, 32-true: Lightning's
     precision: Literal["auto", "bf16-mixed", "bf16-true", "16-mixed", "32-true"] = "auto"
     guidance: float = 1.0  # guidance value given to the transformer in training
     # all: loss over every token; target: over the infrared panel's tokens only
@@ -345,9 +352,16 @@ class TrainConfig:
         _check((isinstance(self.devices, int) and self.devices >= 1) or self.devices == "auto"
                or (isinstance(self.devices, str) and "," in self.devices),
                "train.devices", "a number of devices >= 1, 'auto', or a list like '0,1'", self.devices)
+        _check(self.memory_budget_gib is None or self.memory_budget_gib > 0, "train.memory_budget_gib",
+               "a number of GiB > 0 (or null: the GPU's memory less 5 %)", self.memory_budget_gib)
         _check(self.strategy != "deepspeed", "train.strategy",
                "'auto', 'ddp' or 'fsdp' (DeepSpeed is not supported: train.strategy=fsdp shards the frozen base "
                "across the GPUs, ddp keeps a whole model on each)", self.strategy)
+        _check(self.strategy != "fsdp" or not self.compile, "train.compile",
+               "false with train.strategy=fsdp (compiled blocks under FSDP are not tested yet)", self.compile)
+        _check(self.strategy != "fsdp" or self.gradient_checkpointing != "auto", "train.gradient_checkpointing",
+               "true or false with train.strategy=fsdp (the `auto` plan measures unsharded blocks)",
+               self.gradient_checkpointing)
         _check(self.strategy != "fsdp" or self.precision != "16-mixed", "train.precision",
                "'auto', 'bf16-mixed', 'bf16-true' or '32-true' with train.strategy=fsdp (Lightning's FSDP2 "
                "strategy has no fp16 loss scaling)", self.precision)

@@ -153,7 +153,9 @@ class Vis2IRModel(torch.nn.Module):
         hidden = torch.cat(parts, dim=-1)
         g = None
         if self.transformer.config.guidance_embeds:
-            g = torch.as_tensor(guidance, device=x_t.device, dtype=torch.float32).expand(b)
+            # A number is filled on the device: a tensor made from it on the host would be a blocking copy.
+            g = guidance.to(x_t.device, torch.float32).expand(b) if torch.is_tensor(guidance) else \
+                torch.full((b,), float(guidance), device=x_t.device)
         out = self.transformer(
             hidden_states=hidden,
             timestep=t.to(device=x_t.device, dtype=dtype).expand(b),

@@ -84,7 +84,10 @@ def sample_noise(x_0: torch.Tensor, offset: float = 0.0, generator: torch.Genera
 def flow_loss(pred: torch.Tensor, target: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
     """Mean squared error over all tokens, or over the tokens selected by the boolean `[N]` mask."""
     err = (pred.float() - target.float()).square()
-    return err.mean() if tokens is None else err[:, tokens].mean()
+    if tokens is None:
+        return err.mean()
+    # A weighted mean, not err[:, tokens]: boolean indexing would wait for the GPU to count the tokens.
+    return (err * tokens.view(1, -1, 1)).sum() / (tokens.sum() * err.shape[0] * err.shape[2])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -144,9 +147,13 @@ class Vis2IRModule(L.LightningModule):
         self.start_step = start_step
         self.strict_loading = False  # resume states hold only the trainable weights
         self._bad_steps = 0
-        self._bad_loss: float | None = None  # this step's non-finite loss, until its optimizer step
-        self._grad_norm: torch.Tensor | None = None  # this step's gradient norm, for clipping
+        self._loss_bad: torch.Tensor | None = None  # on the device: a micro-batch of this step had a NaN/inf loss
+        self._loss_seen: torch.Tensor | None = None  # … and that loss (the last non-finite one), for the message
+        self._pending: list[tuple] = []  # (step, loss, norm, bad, event) of steps not yet counted on the host
+        self._masters: list[tuple[torch.Tensor, torch.Tensor]] = []  # (bf16 weight, its fp32 master) for bf16-true
+        self._loaded_masters: list[torch.Tensor] | None = None
         self._step_started = None
+        self._first_step = True
         self._noise_gen: torch.Generator | None = None  # t and x_1 come from here
 
     def seed_step(self, batch_idx: int) -> torch.Generator:
@@ -176,9 +183,10 @@ class Vis2IRModule(L.LightningModule):
     def _build(self) -> Vis2IRModel:
         cfg = self.cfg
         device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
-        # Full training keeps fp32 master weights (autocast does the bf16 maths); LoRA trains
-        # fp32 adapters over a frozen base in the model's dtype.
-        dtype = torch.float32 if cfg.train.finetune == "full" else None
+        # Full training keeps fp32 master weights (autocast does the bf16 maths; with bf16-true the optimizer
+        # holds them); LoRA trains fp32 (bf16-true: bf16) adapters over a frozen base in the model's dtype.
+        true_bf16 = cfg.train.precision == "bf16-true"
+        dtype = torch.bfloat16 if true_bf16 else torch.float32 if cfg.train.finetune == "full" else None
         if cfg.train.init_from:
             source = find_checkpoint(cfg.train.init_from)  # checked against cfg by `train` (check_init_from)
             model = build_with_weights(source, cfg, device, dtype)
@@ -216,11 +224,12 @@ class Vis2IRModule(L.LightningModule):
         pred, target = model(vis, ir, sem, t, noise, guidance=cfg.guidance, encoded=enc)
         tokens = model.target_tokens(enc) if cfg.loss_region == "target" else None
         loss = flow_loss(pred, target, tokens)
-        # Every DDP rank decides together; the backward still runs (DDP needs every rank's), and
-        # `on_before_optimizer_step` drops the gradients, so the weights do not change.
-        if self.trainer.strategy.reduce_boolean_decision(not torch.isfinite(loss), all=False):
-            self._bad_loss = loss.item()
-            return loss
+        # Decided on the device, without waiting for it: `on_before_optimizer_step` skips the update of a step
+        # with a non-finite loss or gradient (every DDP rank together), and counts it on the host later.
+        bad = ~torch.isfinite(loss.detach())
+        self._loss_bad = bad if self._loss_bad is None else self._loss_bad | bad
+        seen = loss.detach().float()
+        self._loss_seen = seen if self._loss_seen is None else torch.where(bad, seen, self._loss_seen)
         self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=n)
         if model.adapter is not None:
             for i, layer in enumerate(model.adapter.layers):  # tensors: no GPU→CPU sync per step
@@ -308,44 +317,125 @@ class Vis2IRModule(L.LightningModule):
             log.info("Added %d semantic cross-attention parameters to optimizer", sum(p.numel() for p in adapter))
         log.info("Trainable %s parameters: %d", "LoRA" if cfg.finetune == "lora" else "transformer",
                  sum(p.numel() for p in backbone))
+        groups = self._master_groups(groups)
         if cfg.optimizer == "prodigy":
             from prodigyopt import Prodigy
 
             optimizer = Prodigy(groups, lr=cfg.learning_rate, use_bias_correction=True, safeguard_warmup=True,
                                 weight_decay=cfg.weight_decay)
         else:
-            optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+            # fused: one kernel per step, and it skips a step on the device when told (`found_inf`); not under
+            # fp16 loss scaling, where Lightning unscales the gradients itself before clipping, nor on FSDP's
+            # sharded parameters (a device flag beside DTensors; a bad step there drops its gradients instead)
+            optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                          fused=cfg.precision != "16-mixed" and not is_sharded(model))
         warmup = cfg.warmup_steps
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
+    def _master_groups(self, groups: list[dict]) -> list[dict]:
+        """With `train.precision: bf16-true` the optimizer updates fp32 master copies of the bf16 weights (a
+        bf16 weight cannot take an update much smaller than itself); `optimizer_step` copies them back."""
+        if self.cfg.train.precision != "bf16-true":
+            return groups
+        loaded = iter(self._loaded_masters or ())
+        out = []
+        for group in groups:
+            params = []
+            for p in group["params"]:
+                if p.dtype == torch.float32:
+                    params.append(p)
+                    continue
+                master = next(loaded, None)
+                master = (p.detach().float() if master is None else master.to(p.device)).clone()
+                self._masters.append((p, master))
+                params.append(master)
+            out.append({**group, "params": params})
+        self._loaded_masters = None
+        return out
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        optimizer.step(closure=optimizer_closure)
+        if self._masters:
+            with torch.no_grad():
+                torch._foreach_copy_([p for p, _ in self._masters], [m for _, m in self._masters])
+
     def on_before_optimizer_step(self, optimizer) -> None:
-        """Drop the update of a step whose loss or gradients are not finite; stop after a streak."""
-        params = [p for p in self.model.parameters() if p.grad is not None]
+        """Skip the update of a step whose loss or gradients are not finite, on the device; count it later.
+
+        The decision never waits for the GPU: the fused AdamW skips the step itself (`found_inf`, as under
+        loss scaling), and the host reads the step's flags one step later (at once on the CPU) to count bad
+        steps, warn and stop after `train.max_bad_steps` in a row.
+        """
+        for p, master in self._masters:  # bf16 gradients → the fp32 masters the optimizer updates
+            master.grad = p.grad.float() if p.grad is not None else None
+            p.grad = None
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if is_sharded(self.model):  # FSDP reduced the shards' gradients; the whole adapter's are averaged here
             average_replicated_grads(params, self.trainer.strategy)
-        norm = total_norm([p.grad for p in params]) if params else None
-        self._grad_norm = norm
-        # All-reduced: the same on every rank. Under fp16 loss scaling inf gradients are the scaler's business
-        # (it skips the step and lowers the scale), not a bad step.
+        norm = total_norm([p.grad for p in params]) if params else None  # sharded and whole gradients together
+        # Under fp16 loss scaling inf gradients are the scaler's business (it skips the step and lowers the
+        # scale), not a bad step.
         scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None
-        bad_grad = norm is not None and not scaled and not bool(torch.isfinite(norm))
-        if self._bad_loss is None and not bad_grad:
-            self._bad_steps = 0
-            if norm is not None:
-                self.log("train/grad_norm", norm, on_step=True)
+        zero = torch.zeros((), dtype=torch.bool, device=self.device)
+        loss_bad = self._loss_bad if self._loss_bad is not None else zero
+        grad_bad = ~torch.isfinite(norm) if norm is not None and not scaled else zero
+        bad = (loss_bad | grad_bad).float()
+        if self.trainer.world_size > 1:  # every rank skips together
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        loss = self._loss_seen if self._loss_seen is not None else zero.float()
+        self._loss_bad = self._loss_seen = None
+        raw = getattr(optimizer, "optimizer", optimizer)
+        if isinstance(raw, torch.optim.AdamW) and raw.defaults.get("fused"):
+            raw.found_inf = bad
+        elif bool(bad):  # other optimizers cannot skip on the device: drop the gradients (one sync)
+            for p in params:
+                p.grad = None
+        clip = self.cfg.train.grad_clip
+        if norm is not None and clip:  # clip by the norm just computed (as clip_grad_norm_), not a second pass
+            clip_grads(params, clip, norm)  # sharded and whole gradients alike
+        if norm is not None:
+            self.log("train/grad_norm", norm, on_step=True)
+        if self._log_now():
             for group in optimizer.param_groups:
                 self.log(f"train/lr_{group.get('name', 'group')}", group["lr"], on_step=True)
-            return
-        what = "loss" if self._bad_loss is not None else "gradient norm"
-        value = self._bad_loss if self._bad_loss is not None else norm.item()
-        self._bad_loss = None
-        for p in params:  # no gradient: the optimizer leaves these weights and their state alone
-            p.grad = None
-        self._grad_norm = None
+        self._pending.append(self._to_host(self.global_step, loss, norm if norm is not None else zero.float(), bad))
+        self._count_bad_steps(lag=1 if self.device.type == "cuda" else 0)
+
+    @staticmethod
+    def _to_host(step: int, *values: torch.Tensor) -> tuple:
+        """Start copying a step's flags to the host without waiting; `_count_bad_steps` reads them."""
+        if values[0].device.type != "cuda":
+            return step, *values, None
+        host = torch.stack([v.detach().float() for v in values]).to("cpu", non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return step, host, event
+
+    def _count_bad_steps(self, lag: int = 0) -> None:
+        """Count the bad steps of all but the newest `lag` pending steps; warn; stop after a streak."""
+        while len(self._pending) > lag:
+            step, *values, event = self._pending.pop(0)
+            if event is not None:
+                event.synchronize()
+                values = values[0].tolist()
+            else:
+                values = [float(v) for v in values]
+            loss, norm, bad = values
+            if not bad:
+                self._bad_steps = 0
+                continue
+            self._report_bad_step(step, "loss" if not np.isfinite(loss) else "gradient norm",
+                                  loss if not np.isfinite(loss) else norm)
+
+    def _log_now(self) -> bool:
+        """Whether Lightning writes this step's scalars (scalars logged as Python numbers cost a copy to the GPU)."""
+        return self.trainer._logger_connector.should_update_logs
+
+    def _report_bad_step(self, step: int, what: str, value: float) -> None:
         self._bad_steps += 1
         cfg = self.cfg.train
-        log.warning("step %d: %s is %s (%d/%d bad steps in a row); skipping the update", self.global_step, what,
+        log.warning("step %d: %s is %s (%d/%d bad steps in a row); skipping the update", step, what,
                     value, self._bad_steps, cfg.max_bad_steps)
         if self._bad_steps >= cfg.max_bad_steps:
             kept = list_checkpoints(cfg.output_dir)  # only finite weights are ever written
@@ -356,12 +446,6 @@ class Vis2IRModule(L.LightningModule):
                    f"no checkpoint with finite weights was written under {Path(cfg.output_dir) / 'checkpoints'}")
                 + "; try a lower train.learning_rate")
 
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        """Clip to `train.grad_clip` by the norm `on_before_optimizer_step` took (of sharded and whole
-        gradients together, which torch's `clip_grad_norm_` cannot mix)."""
-        if gradient_clip_val and self._grad_norm is not None:
-            clip_grads([p for p in self.model.parameters() if p.grad is not None], gradient_clip_val, self._grad_norm)
-
     def on_train_batch_start(self, batch, batch_idx) -> None:
         self._step_started = time.perf_counter()
 
@@ -369,40 +453,79 @@ class Vis2IRModule(L.LightningModule):
         if self._step_started is None:
             return
         dt = time.perf_counter() - self._step_started
-        n = len(batch["name"]) * self.trainer.world_size
-        self.log("train/step_time", dt, on_step=True)
-        self.log("train/samples_per_s", n / dt, on_step=True)
+        if self._first_step and self.cfg.train.compile:
+            log.info("First training step (compiling the transformer's blocks): %.1f s", dt)
+        self._first_step = False
+        if self._log_now():
+            n = len(batch["name"]) * self.trainer.world_size
+            self.log("train/step_time", dt, on_step=True)
+            self.log("train/samples_per_s", n / dt, on_step=True)
+
+    def on_train_end(self) -> None:
+        self._count_bad_steps()
 
     # -- resume state: trainable weights only (the frozen base is rebuilt from config; RNG: `seed_step`)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        if self._masters:  # bf16-true: the fp32 masters, so that a resume continues exactly
+            checkpoint["master_weights"] = [m.detach().cpu() for _, m in self._masters]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._loaded_masters = checkpoint.get("master_weights")  # before `configure_optimizers` runs
 
     def weights_are_finite(self) -> bool:
-        """Whether every trainable tensor is finite (on every rank); one device sync."""
+        """Whether every trainable tensor is finite (on every rank); one device sync. Counts the pending bad
+        steps first (a streak stops training before a checkpoint)."""
+        self._count_bad_steps()
         params = [local(p.detach()) for p in self.model.parameters() if p.requires_grad]  # this rank's shards
         finite = torch.stack([p.isfinite().all() for p in params]).all() if params else torch.tensor(True)
         return self.trainer.strategy.reduce_boolean_decision(bool(finite), all=True)
 
 
 def prepare_for_training(model: Vis2IRModel, cfg: Config) -> Vis2IRModel:
-    """LoRA (fp32 adapters on a frozen base) or full training; gradient checkpointing if asked."""
+    """LoRA (fp32 adapters on a frozen base; bf16 with `train.precision: bf16-true`) or full training;
+    gradient checkpointing of every block, none, or as a memory budget needs (`auto`); compiled blocks."""
+    from vis2ir import blocks
+
+    true_bf16 = cfg.train.precision == "bf16-true"
+    transformer = model.transformer
+    if true_bf16:
+        transformer.to(torch.bfloat16)
     if cfg.train.finetune == "lora":
-        if not getattr(model.transformer, "peft_config", None):  # else LoRA came with `train.init_from`
-            add_lora(model.transformer, cfg.model.lora)
-        for name, p in model.transformer.named_parameters():
+        if not getattr(transformer, "peft_config", None):  # else LoRA came with `train.init_from`
+            add_lora(transformer, cfg.model.lora)
+        for name, p in transformer.named_parameters():
             p.requires_grad_("lora_" in name)
-        for p in model.transformer.parameters():
+        for p in transformer.parameters():
             if p.requires_grad:
-                p.data = p.data.float()
+                p.data = p.data.to(torch.bfloat16 if true_bf16 else torch.float32)
     else:
-        model.transformer.requires_grad_(True)
+        transformer.requires_grad_(True)
     if model.adapter is not None:
         model.adapter.float().requires_grad_(True)
-    if cfg.train.gradient_checkpointing:
-        model.transformer.enable_gradient_checkpointing()
+    checkpointing = cfg.train.gradient_checkpointing
+    if checkpointing == "auto":
+        image_tokens, text_tokens = training_tokens(model, cfg)
+        blocks.plan_checkpointing(transformer, model, cfg.train.memory_budget_gib, cfg.train.batch_size,
+                                  image_tokens, text_tokens, optimizer_states=4 if cfg.train.optimizer == "prodigy" else 2)
+    elif checkpointing:
+        transformer.enable_gradient_checkpointing()
+    else:
+        transformer.disable_gradient_checkpointing()
+    if cfg.train.compile:
+        blocks.compile_blocks(transformer)
     return model
+
+
+def training_tokens(model: Vis2IRModel, cfg: Config) -> tuple[int, int]:
+    """(image tokens, text tokens) of one training sample: the canvas of `data.size` panels, the prompt."""
+    from vis2ir.latents import token_grid
+    from vis2ir.semantic.modes import num_panels
+
+    rows, cols = token_grid(model.codec, cfg.data.size, cfg.data.size * num_panels(model.mode))
+    return rows * cols, model.prompt_embeds.shape[1]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -519,7 +642,8 @@ class StepProgressBar(TQDMProgressBar):
         if n != bar.n and self._should_update(n, bar.total):
             bar.n = n
             bar.refresh()
-            bar.set_postfix(self.get_metrics(trainer, module))
+            if n % trainer.log_every_n_steps == 0 or n == bar.total:  # reading the scalars waits for the GPU
+                bar.set_postfix(self.get_metrics(trainer, module))
 
     @property
     def train_description(self) -> str:
@@ -595,6 +719,9 @@ def build_trainer(cfg: Config, run_dir: Path, callbacks=(), loggers=True, progre
     t = cfg.train
     cuda = torch.cuda.is_available() and t.accelerator != "cpu"
     precision = t.precision if t.precision != "auto" else ("bf16-mixed" if cuda else "32-true")
+    # bf16-true is ours (`prepare_for_training`, `_master_groups`): bf16 transformer, fp32 adapter and masters;
+    # Lightning's own would cast the adapter and the inputs too. So Lightning adds nothing.
+    precision = "32-true" if precision == "bf16-true" else precision
     strategy = t.strategy
     if strategy == "ddp":
         from lightning.pytorch.strategies import DDPStrategy
@@ -610,7 +737,7 @@ def build_trainer(cfg: Config, run_dir: Path, callbacks=(), loggers=True, progre
     return L.Trainer(
         accelerator="gpu" if cuda else "cpu", devices=t.devices, num_nodes=t.num_nodes, strategy=strategy,
         precision=precision, max_steps=t.max_steps, max_epochs=-1,
-        accumulate_grad_batches=t.accumulate_grad_batches, gradient_clip_val=t.grad_clip or None,
+        accumulate_grad_batches=t.accumulate_grad_batches,  # gradients are clipped in on_before_optimizer_step
         log_every_n_steps=t.log_every, val_check_interval=t.val_every * t.accumulate_grad_batches,
         check_val_every_n_epoch=None, limit_val_batches=t.val_batches, num_sanity_val_steps=0,
         default_root_dir=run_dir, logger=loggers,
@@ -659,7 +786,7 @@ def split_loader(cfg: Config, trainer: L.Trainer, split: str, start_step: int = 
 # rest say what the run is. Dotted prefixes: `sample.` are the validation grids' settings.
 RESUMABLE = ("train.max_steps", "train.max_minutes", "train.output_dir", "train.checkpoint_every", "train.keep_last",
              "train.log_every", "train.val_every", "train.val_batches", "train.max_bad_steps",
-             "train.gradient_checkpointing", "data.num_workers", "data.synth_prerender", "model.prompt_cache_dir",
+             "train.gradient_checkpointing", "train.memory_budget_gib", "train.compile", "data.num_workers", "data.synth_prerender", "model.prompt_cache_dir",
              "sample.", "eval.")
 
 
