@@ -183,6 +183,12 @@ def test_step_cache_through_the_pipeline_setting(cache_dir):
     pipe = Vis2IRPipeline(model, cfg)
     pipe([inputs()[0][0]] * 2, steps=5, output_type="pt", batch_size=1)
     assert (pipe.step_cache.computed, pipe.step_cache.total) == (6, 10)  # 0, 2, 4 of each image's 5 steps
+    assert pipe.step_cache.computed_at == [2, 0, 2, 0, 2]
+    pipe(inputs()[0][0], steps=5, output_type="pt")  # the counts go on while the settings stay
+    assert (pipe.step_cache.computed, pipe.step_cache.total) == (9, 15)
+    pipe.cfg.sample.cache_interval = 1
+    pipe(inputs()[0][0], steps=5, output_type="pt")
+    assert (pipe.step_cache.computed, pipe.step_cache.total) == (5, 5)
 
 
 def test_step_cache_on_an_unsupported_model_is_one_line():

@@ -119,7 +119,7 @@ class Vis2IRPipeline:
         self._hooks: list = []
         if cfg.sample.vae_tiling and isinstance(model.codec, VAECodec):
             model.codec.vae.enable_tiling()  # diffusers' tiled encode/decode: less memory on large images
-        self.step_cache: StepCache | None = None  # the last call's step cache (`sample.cache`), with its counts
+        self.step_cache: StepCache | None = None  # `sample.cache`, counting over the calls with these settings
         self._compile_pending = False
         if cfg.sample.compile:
             self.compile(cfg.sample.compile_mode)
@@ -234,7 +234,8 @@ class Vis2IRPipeline:
         if batch_size < 1:
             raise Vis2IRError(f"batch_size: expected an integer >= 1, got {batch_size}")
         s = self.cfg.sample
-        self.step_cache = StepCache.of(s)
+        if self.step_cache is None or self.step_cache.settings != s:  # counts accumulate while settings stay
+            self.step_cache = StepCache.of(s)
         opts = dict(steps=steps or s.steps, guidance=s.guidance if guidance is None else guidance,
                     seed=s.seed if seed is None else seed,
                     adapter_scale=s.adapter_scale if adapter_scale is None else adapter_scale,
@@ -266,7 +267,7 @@ class Vis2IRPipeline:
             for hook in self._hooks:
                 hook.offload()
         if self.step_cache is not None:
-            log.info("%s", self.step_cache.summary())
+            log.debug("%s", self.step_cache.summary())
         result = Vis2IROutput(images, attention if return_attention else None)
         if bad:
             raise NonFiniteOutput(bad, result)

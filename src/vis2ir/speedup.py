@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from contextlib import contextmanager
 
@@ -58,17 +59,20 @@ class StepCache:
         with cache.active(transformer):
             for each step: v = transformer(...); cache.record()
 
-    `computed` / `total`: steps computed in full / steps run, over every loop so far.
+    `computed` / `total`: steps computed in full / steps run, over every loop so far; `computed_at[i]`: the
+    loops that computed step i in full.
     """
 
     def __init__(self, settings: SampleConfig):
         if settings.cache not in CACHES[1:]:
             raise Vis2IRError(f"sample.cache: {settings.cache!r} is not one of {', '.join(CACHES)}")
-        self.settings = settings
+        self.settings = dataclasses.replace(settings)  # a copy: the counts belong to these settings
         self.kind = settings.cache
         self.computed = 0
         self.total = 0
+        self.computed_at: list[int] = []  # per step index: the loops that computed it in full
         self._probe = None
+        self._step = 0
 
     @classmethod
     def of(cls, settings: SampleConfig) -> StepCache | None:
@@ -114,7 +118,7 @@ class StepCache:
         except Exception as err:  # noqa: BLE001 - e.g. a block class the hooks do not know
             raise Vis2IRError(f"sample.cache={self.kind}: diffusers could not apply it to "
                               f"{type(transformer).__name__} ({describe(err)}); set sample.cache=none") from None
-        self._probe = self._make_probe(transformer)
+        self._probe, self._step = self._make_probe(transformer), 0
         try:
             with transformer.cache_context("vis2ir"):
                 yield self
@@ -142,8 +146,13 @@ class StepCache:
 
     def record(self) -> None:
         """Count the step just run (inside `active`): computed in full, or skipped."""
+        computed = bool(self._probe())
+        if self._step == len(self.computed_at):
+            self.computed_at.append(0)
+        self.computed_at[self._step] += computed
         self.total += 1
-        self.computed += bool(self._probe())
+        self.computed += computed
+        self._step += 1
 
     def summary(self) -> str:
         return (f"sample.cache={self.kind}: {self.computed} of {self.total} steps computed in full "
