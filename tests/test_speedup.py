@@ -80,7 +80,8 @@ def test_attention_on_the_condition_is_the_per_step_attention(cache_dir):
     visible, semantic = inputs()
     _, attention = generate(model, visible, semantic, steps=STEPS, guidance=1.0, return_attention=True)
     enc = model.encode(visible, None, semantic, make_generators(0, 1))
-    _, once = model.velocity(torch.zeros(*enc.x_cond.shape[:2], token_width(model.codec)), enc, torch.ones(1), return_attention=True)
+    x_t = torch.zeros(*enc.x_cond.shape[:2], token_width(model.codec))
+    _, once = model.velocity(x_t, enc, torch.ones(1), return_attention=True)
     assert torch.allclose(attention[0], once[0], atol=1e-6)
 
 
