@@ -199,6 +199,17 @@ def test_step_cache_on_an_unsupported_model_is_one_line():
             pass
 
 
+def test_step_cache_with_an_old_diffusers_is_one_line(cache_dir, monkeypatch):
+    import diffusers.hooks
+
+    monkeypatch.delattr(diffusers.hooks, "TaylorSeerCacheConfig")
+    cfg, model = model_for(cache_dir, "model.semantic.mode=none")
+    with pytest.raises(Vis2IRError, match=r"^sample.cache=taylorseer needs diffusers' TaylorSeerCacheConfig, which "
+                                          r"diffusers .* does not have; upgrade diffusers or set sample.cache=none$"):
+        run(model, cfg, "taylorseer")
+    assert not model.transformer.is_cache_enabled
+
+
 @pytest.mark.parametrize("override, key", [("sample.cache=teacache", "sample.cache"),
                                            ("sample.cache_interval=0", "sample.cache_interval"),
                                            ("sample.cache_warmup=0", "sample.cache_warmup"),
