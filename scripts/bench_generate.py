@@ -1,19 +1,27 @@
-"""Time `vis2ir generate`'s code path against its floor: the bare transformer forwards plus one VAE decode.
+"""Time `vis2ir generate`'s code path: exact eager, compiled blocks, and the step caches, against the bare floor.
 
-Real size (the default, on CUDA in bf16): the FLUX.1-Fill transformer built with random weights
-(`model.transformer.init=normal`: empty weights on the device, filled with N(0, 0.02)), the FLUX VAE
-architecture with random weights (block_out_channels 128/256/512/512, 16 latent channels, 2 layers
-per block, shift 0.1159, scale 0.3611, no quant convs), 512×512 panels (a 512×1024 diptych, 2048
-tokens), 28 steps. In the same run: 28 bare transformer forwards on same-shaped inputs and one decode
-of the whole canvas. Target: pipeline ≤ 1.10 × (forwards + decode).
+Real size (the default, on CUDA in bf16): the FLUX.1-Fill transformer of `configs/bench_realsize.yaml`
+(random weights, `model.transformer.init=normal`), the FLUX VAE architecture with random weights,
+mode `none`, 512×512 panels (a 512×1024 diptych, 2048 tokens), 28 steps, batch 1. In one process:
 
-    python scripts/bench_generate.py                 # on an H100 / H200
-    python scripts/bench_generate.py --tiny          # a tiny model on the CPU: checks that it runs
+1. `exact`: `Vis2IRPipeline` as it ships (eager), and its floor: 28 bare transformer forwards + one decode;
+2. `taylorseer`: `sample.cache=taylorseer` (its schedule is fixed: the same steps are computed at any weights);
+3. `first_block`: `sample.cache=first_block` replaying the schedule measured on the trained demo models
+   (`--schedule`, written by scripts/cache_fidelity.py: a step is computed when most images computed it),
+   since random weights say nothing about how often an adaptive cache skips; the first block's
+   decision (with its one read-back per step) still runs, its answer is replaced;
+4. the same three with `sample.compile=true` (`--compile-mode`): the first call's time (compilation
+   included) and the compiled forwards' floor.
+Each time is the fastest of `--repeats` runs after one warm-up. Everything goes to `--out` as JSON.
+
+    python scripts/bench_generate.py --out bench_generate.json                  # an H100 / H200: ~3-4 min
+    python scripts/bench_generate.py --tiny --steps 4 --out /tmp/bench.json     # a tiny model on the CPU
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import sys
@@ -21,6 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import diffusers
 import numpy as np
 import torch
 from PIL import Image
@@ -28,18 +37,22 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from vis2ir.config import load_config  # noqa: E402
+from vis2ir.files import write_json  # noqa: E402
 from vis2ir.latents import image_ids, mask_width, token_width  # noqa: E402
 from vis2ir.pipeline import Vis2IRPipeline  # noqa: E402
 
 log = logging.getLogger("bench_generate")
 
-REAL_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "bench_realsize.yaml"
+ROOT = Path(__file__).resolve().parents[1]
+REAL_CONFIG = ROOT / "configs" / "bench_realsize.yaml"
+SCHEDULE = ROOT / "docs" / "performance" / "sampling" / "cache_fidelity.json"
 REAL = ["model.semantic.mode=none"]  # the real-size model of bench_realsize.yaml, sampled as stock FLUX Fill
 TINY = ["model.backbone=random", "model.codec=vae", "model.max_sequence_length=8", "model.transformer.num_layers=1",
         "model.transformer.num_single_layers=1", "model.transformer.attention_head_dim=16",
         "model.transformer.num_attention_heads=2", "model.transformer.joint_attention_dim=32",
         "model.transformer.pooled_projection_dim=32", "model.transformer.axes_dims_rope=[4,6,6]",
         "model.semantic.mode=none"]
+MIN_PSNR = 30.0  # dB against the exact samples: the quality a replayed first_block schedule must have had
 
 
 def sync(device: torch.device) -> None:
@@ -47,53 +60,95 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def once(fn, device: torch.device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
 def timed(fn, device: torch.device, repeats: int) -> float:
     """The fastest of `repeats` runs of `fn()`, in seconds (after one warm-up run)."""
     fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return min(once(fn, device) for _ in range(repeats))
 
 
-@torch.no_grad()
-def bare_floor(pipe: Vis2IRPipeline, panel: int, steps: int, guidance: float, repeats: int) -> tuple[float, float]:
-    """Seconds for `steps` bare transformer forwards and for one decode of the whole canvas."""
+def bare_forwards(pipe: Vis2IRPipeline, panel: int, steps: int, guidance: float):
+    """`steps` bare transformer forwards on same-shaped inputs, as a function."""
     m, device = pipe.model, pipe.device
     codec, dtype = m.codec, m.transformer.dtype
     p = 2 * codec.scale_factor
     rows, cols = panel // p, 2 * panel // p
     width = 2 * token_width(codec) + mask_width(codec)
-    hidden = torch.randn(1, rows * cols, width, device=device, dtype=dtype)
     kwargs = dict(
-        hidden_states=hidden, timestep=torch.full((1,), 0.5, device=device, dtype=dtype),
+        hidden_states=torch.randn(1, rows * cols, width, device=device, dtype=dtype),
+        timestep=torch.full((1,), 0.5, device=device, dtype=dtype),
         guidance=torch.full((1,), guidance, device=device, dtype=torch.float32),
         pooled_projections=m.pooled_prompt_embeds.to(dtype), encoder_hidden_states=m.prompt_embeds.to(dtype),
         txt_ids=m.prompt_embeds.new_zeros(m.prompt_embeds.shape[1], 3), img_ids=image_ids(rows, cols, device=device),
         return_dict=False)
 
     def forwards():
-        for _ in range(steps):
-            m.transformer(**kwargs)
+        with torch.no_grad():
+            for _ in range(steps):
+                m.transformer(**kwargs)
+    return forwards
 
-    latents = torch.randn(1, codec.latent_channels, panel // codec.scale_factor, 2 * panel // codec.scale_factor,
-                          device=device, dtype=codec.dtype)
-    return timed(forwards, device, repeats), timed(lambda: codec.decode(latents), device, repeats)
+
+def measured_schedule(path: Path, steps: int, variant: str | None) -> tuple[str, list[bool]] | None:
+    """The first_block schedule to replay: of the variants measured at `steps` steps whose samples stayed
+    ≥ MIN_PSNR dB from the exact ones on every demo model, the one that skipped most (or `variant`); a step
+    is computed when most images computed it. None when the file has none."""
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    per_model = [m.get(str(steps), {}) for m in data["models"].values()]
+    names = [n for n in (per_model[0] if per_model else {}) if n.startswith("first_block")]
+    ok = [n for n in names if all((r.get(n, {}).get("psnr_vs_exact") or float("inf")) >= MIN_PSNR for r in per_model)]
+    if variant is None:
+        if not ok:
+            return None
+        variant = max(ok, key=lambda n: sum(r[n]["skip_rate"] for r in per_model))
+    counts = np.sum([r[variant]["computed_at"] for r in per_model], axis=0)
+    images = data["scenes"] * len(per_model)
+    schedule = [bool(c * 2 > images) for c in counts]
+    schedule[0] = True  # the first step always computes
+    return variant, schedule
+
+
+def replay(schedule: list[bool]):
+    """Make First-Block-Cache's decisions follow `schedule` (one per transformer call, cycling per image);
+    the hook still computes its own decision (and reads it back) first, as it costs."""
+    from diffusers.hooks.first_block_cache import FBCHeadBlockHook
+
+    original = FBCHeadBlockHook._should_compute_remaining_blocks
+    decisions = itertools.cycle(schedule)
+
+    def decide(self, residual):
+        original(self, residual)
+        return next(decisions)
+
+    FBCHeadBlockHook._should_compute_remaining_blocks = decide
+    return lambda: setattr(FBCHeadBlockHook, "_should_compute_remaining_blocks", original)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path,
+                        help=f"default: {REAL_CONFIG.relative_to(ROOT)} (or a tiny model: --tiny)")
     parser.add_argument("--tiny", action="store_true", help="a tiny model on the CPU (checks the script runs)")
     parser.add_argument("--panel", type=int, help="panel size in pixels (default: 512, or 64 with --tiny)")
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--guidance", type=float, default=50.0)
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each; the fastest counts (default: 3)")
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs of each; the fastest counts (default: 2)")
+    parser.add_argument("--compile-mode", default="default", help="sample.compile_mode (default: default)")
+    parser.add_argument("--schedule", type=Path, default=SCHEDULE, help="scripts/cache_fidelity.py's JSON")
+    parser.add_argument("--first-block-variant", help="which measured first_block variant to replay (default: the one "
+                        f"skipping most at >= {MIN_PSNR:g} dB on every demo model)")
+    parser.add_argument("--no-compile", action="store_true", help="eager variants only")
     parser.add_argument("--device", help="default: cuda if available, else cpu")
-    parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    parser.add_argument("--out", "--json", dest="out", type=Path, help="write the figures to this JSON file")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="more config overrides")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -101,32 +156,86 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     panel = args.panel or (64 if args.tiny else 512)
     with tempfile.TemporaryDirectory() as cache:
-        cfg = load_config(None if args.tiny else REAL_CONFIG,
-                          [*(TINY if args.tiny else REAL), f"model.prompt_cache_dir={cache}", *args.overrides])
+        base = None if args.tiny else (args.config or REAL_CONFIG)
+        cfg = load_config(base, [*(TINY if args.tiny else REAL), f"model.prompt_cache_dir={cache}", "sample.cache=none",
+                                 "sample.compile=false", *args.overrides])
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         start = time.perf_counter()
         pipe = Vis2IRPipeline.from_config(cfg, device=device, dtype=dtype)
         built = time.perf_counter() - start
     n_params = sum(p.numel() for p in pipe.model.transformer.parameters())
     image = Image.fromarray((np.random.default_rng(0).random((panel, panel, 3)) * 255).astype(np.uint8))
-    pipeline_s = timed(lambda: pipe(image, steps=args.steps, guidance=args.guidance, seed=0), device, args.repeats)
-    forwards_s, decode_s = bare_floor(pipe, panel, args.steps, args.guidance, args.repeats)
-    floor = forwards_s + decode_s
+    s = pipe.cfg.sample
+    rows: dict[str, dict] = {}
+
+    def generate():
+        pipe(image, steps=args.steps, guidance=args.guidance, seed=0)
+
+    def variant(name: str, cache: str, note: str = "") -> None:
+        s.cache = cache
+        seconds = timed(generate, device, args.repeats)
+        computed = args.steps if pipe.step_cache is None else round(pipe.step_cache.computed / pipe.step_cache.total
+                                                                     * args.steps, 1)
+        rows[name] = {"seconds": round(seconds, 4), "images_per_s": round(1 / seconds, 3),
+                      "steps_computed": computed, "note": note}
+        pipe.step_cache = None
+        log.info("%-28s %.3f s  (%s of %d steps computed)%s", name, seconds, computed, args.steps,
+                 f"  {note}" if note else "")
+
+    schedule = measured_schedule(args.schedule, args.steps, args.first_block_variant)
+    fbc_note = (f"replays {schedule[0]} measured on the demo models: {sum(schedule[1])} of {args.steps} steps computed"
+                if schedule else "no measured schedule for these steps: the hook's own decisions (random weights)")
+
+    def cached_variants(prefix: str) -> None:
+        variant(f"{prefix}taylorseer", "taylorseer",
+                f"interval {s.cache_interval}, warm-up {s.cache_warmup}, order {s.cache_order} (fixed schedule)")
+        restore = replay(schedule[1]) if schedule else (lambda: None)
+        try:
+            variant(f"{prefix}first_block", "first_block", fbc_note)
+        finally:
+            restore()
+
+    variant("exact", "none")
+    forwards = bare_forwards(pipe, panel, args.steps, args.guidance)
+    forwards_s = timed(forwards, device, args.repeats)
+    latents = torch.randn(1, pipe.model.codec.latent_channels, panel // pipe.model.codec.scale_factor,
+                          2 * panel // pipe.model.codec.scale_factor, device=device, dtype=pipe.model.codec.dtype)
+    decode_s = timed(lambda: pipe.model.codec.decode(latents), device, args.repeats)
+    cached_variants("")
+    compile_s = compiled_forwards_s = None
+    if not args.no_compile:
+        s.cache = "none"
+        pipe.compile(args.compile_mode)
+        compile_s = once(generate, device)  # the first call compiles
+        log.info("%-28s %.1f s (first call, compilation included)", "compile", compile_s)
+        variant("compiled", "none", f"mode {args.compile_mode}")
+        compiled_forwards_s = timed(forwards, device, args.repeats)
+        cached_variants("compiled + ")
     figures = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__, "diffusers": diffusers.__version__,
         "dtype": str(dtype).removeprefix("torch."), "transformer_parameters": n_params, "panel": panel,
-        "steps": args.steps, "build_s": round(built, 3), "pipeline_s": round(pipeline_s, 4),
-        "forwards_s": round(forwards_s, 4), "decode_s": round(decode_s, 4), "ratio": round(pipeline_s / floor, 4),
+        "canvas": f"{panel}x{2 * panel}", "batch_size": 1, "steps": args.steps, "guidance": args.guidance,
+        "settings": [*(TINY if args.tiny else REAL), *args.overrides], "compile_mode": args.compile_mode,
+        "build_s": round(built, 3), "forwards_s": round(forwards_s, 4), "decode_s": round(decode_s, 4),
+        "ratio_exact_to_floor": round(rows["exact"]["seconds"] / (forwards_s + decode_s), 4),
+        "compile_first_call_s": None if compile_s is None else round(compile_s, 2),
+        "compiled_forwards_s": None if compiled_forwards_s is None else round(compiled_forwards_s, 4),
+        "first_block_schedule": None if not schedule else {"variant": schedule[0], "computed": schedule[1],
+                                                           "source": str(args.schedule)},
+        "variants": rows,
         "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
-        "torch": torch.__version__,
+        "targets": {"exact_s": 2.0, "cached_s": 1.0, "cached_min_psnr_vs_exact_db": MIN_PSNR},
     }
-    log.info("%s, %s, transformer %.2f B parameters, %d×%d panels, %d steps (built in %.1f s)", figures["device"],
-             figures["dtype"], n_params / 1e9, panel, panel, args.steps, built)
-    log.info("generate code path:       %.3f s", pipeline_s)
-    log.info("%d bare forwards + decode: %.3f s + %.3f s = %.3f s", args.steps, forwards_s, decode_s, floor)
-    log.info("ratio: %.3f (target <= 1.10)", pipeline_s / floor)
-    if args.json:
-        args.json.write_text(json.dumps(figures, indent=2))
+    log.info("%s, %s, transformer %.2f B parameters, %d×%d canvas, %d steps, batch 1 (built in %.1f s)",
+             figures["device"], figures["dtype"], n_params / 1e9, panel, 2 * panel, args.steps, built)
+    log.info("floor: %d bare forwards + decode = %.3f s + %.3f s (compiled forwards: %s s)", args.steps, forwards_s,
+             decode_s, figures["compiled_forwards_s"])
+    log.info("%-28s %9s %12s", "variant", "seconds", "steps run")
+    for name, row in rows.items():
+        log.info("%-28s %9.3f %12s", name, row["seconds"], row["steps_computed"])
+    if args.out:
+        write_json(args.out, figures)
     return 0
 
 

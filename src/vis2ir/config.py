@@ -380,6 +380,18 @@ class SampleConfig:
     size: int | Literal["auto", "native"] = "auto"
     # diffusers' tiled VAE encode/decode: less memory for large images (a VAE codec only; docs/performance.md)
     vae_tiling: bool = False
+    # torch.compile the transformer's repeated blocks (regional compilation): the first image compiles (slow)
+    compile: bool = False
+    # torch.compile mode: default, max-autotune-no-cudagraphs (longer compile), reduce-overhead (CUDA graphs)
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    # reuse the transformer's work across steps (approximate): none; first_block (diffusers' First-Block-Cache:
+    # skip the other blocks while the first block's residual changes less than cache_threshold); taylorseer
+    # (diffusers' TaylorSeer, lite: compute every cache_interval-th step, extrapolate the output in between)
+    cache: Literal["none", "first_block", "taylorseer"] = "none"
+    cache_threshold: float = 0.05  # first_block: relative change of the first block's residual that recomputes
+    cache_interval: int = 5  # taylorseer: one computed step every cache_interval steps after the warm-up
+    cache_warmup: int = 3  # taylorseer: the first steps always computed
+    cache_order: int = 1  # taylorseer: order of the Taylor extrapolation
 
     def validate(self) -> None:
         _check(self.steps >= 1, "sample.steps", "an integer >= 1", self.steps)
@@ -388,6 +400,11 @@ class SampleConfig:
         _check(not isinstance(self.size, int) or self.size >= 0, "sample.size", "auto, native or pixels >= 0",
                self.size)
         _check(math.isfinite(self.adapter_scale), "sample.adapter_scale", "a finite number", self.adapter_scale)
+        _check(math.isfinite(self.cache_threshold) and self.cache_threshold >= 0, "sample.cache_threshold",
+               "a number >= 0", self.cache_threshold)
+        _check(self.cache_interval >= 1, "sample.cache_interval", "an integer >= 1", self.cache_interval)
+        _check(self.cache_warmup >= 1, "sample.cache_warmup", "an integer >= 1", self.cache_warmup)
+        _check(self.cache_order >= 1, "sample.cache_order", "an integer >= 1", self.cache_order)
 
 
 @dataclass

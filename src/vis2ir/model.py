@@ -65,6 +65,19 @@ def encode_batch(codec, semantic_cfg: SemanticConfig, visible: torch.Tensor, inf
     return Encoded(x_0, x_cond, ids, sem, canvas.shape[-2], canvas.shape[-1])
 
 
+@dataclass
+class Conditioning:
+    """The transformer's inputs besides x_t and t for one batch (`Vis2IRModel.conditioning`): they do not
+    change across sampling steps, so sampling computes them once per image."""
+
+    rest: torch.Tensor               # [B, N, C'] the channels after x_t: x_cond (adapted) (+ semantic tokens)
+    guidance: torch.Tensor | None    # [B] float32, or None when the transformer has no guidance embedding
+    pooled: torch.Tensor             # [B, P] pooled prompt embedding, in the transformer's dtype
+    prompt: torch.Tensor             # [B, L, D] prompt embeddings
+    txt_ids: torch.Tensor            # [L, 3] zeros
+    attention: list | None = None    # the adapter's attention per layer [B, heads, N, N] (condition injection)
+
+
 class Prediction(NamedTuple):
     pred: torch.Tensor    # v̂ [B, N, 4C]
     target: torch.Tensor  # x_1 − x_0
@@ -124,49 +137,71 @@ class Vis2IRModel(torch.nn.Module):
         """Images in [0, 1] `[B, 3, H, W]` → the latent inputs (see `encode_batch`)."""
         return encode_batch(self.codec, self.semantic, visible, infrared, semantic, generator)
 
-    def velocity(self, x_t: torch.Tensor, enc: Encoded, t: torch.Tensor, guidance: float | torch.Tensor = 1.0,
-                 return_attention: bool = False, adapter_scale: float | None = None):
-        """v̂ for noisy tokens `x_t` at flow time `t ∈ [0, 1]` (`[B]`); optionally the adapter's attention.
-
-        `adapter_scale` multiplies the adapter's residual (None or 1: as trained, 0: off).
-        """
+    def conditioning(self, enc: Encoded, guidance: float | torch.Tensor = 1.0, return_attention: bool = False,
+                     adapter_scale: float | None = None) -> Conditioning:
+        """What the transformer reads besides x_t and t, computed once per batch: sampling reuses it at
+        every step. Runs the adapter when it acts on the clean condition (`inject_into: condition`)."""
         dtype = self.transformer.dtype
-        b = x_t.shape[0]
-        x_in, cond, attention = x_t, enc.x_cond, None
-        if self.adapter is not None:
-            # The adapter runs in fp32 (it is small); its output joins the transformer's dtype.
-            sem = enc.semantic_tokens.float()
+        b = enc.x_cond.shape[0]
+        cond, attention = enc.x_cond, None
+        if self.adapter is not None and self.semantic.inject_into == "condition":
             w = token_width(self.codec)
-            base = x_t if self.semantic.inject_into == "noisy" else cond[..., :w]
-            adapted = self.adapter(base.float(), sem, enc.img_ids.float(), return_attention=return_attention)
-            if return_attention:
-                adapted, attention = adapted
-            if adapter_scale is not None and adapter_scale != 1:
-                adapted = base.float() + adapter_scale * (adapted - base.float())
-            if self.semantic.inject_into == "noisy":
-                x_in = adapted
-            else:
-                cond = torch.cat([adapted.to(cond.dtype), cond[..., w:]], dim=-1)
-        parts = [x_in.to(dtype), cond.to(dtype)]
+            adapted, attention = self._adapt(cond[..., :w], enc, return_attention, adapter_scale)
+            cond = torch.cat([adapted.to(cond.dtype), cond[..., w:]], dim=-1)
+        parts = [cond.to(dtype)]
         if self.mode == "channel_concat":
             parts.append(enc.semantic_tokens.to(dtype))
-        hidden = torch.cat(parts, dim=-1)
+        device = enc.x_cond.device
         g = None
-        if self.transformer.config.guidance_embeds:
-            # A number is filled on the device: a tensor made from it on the host would be a blocking copy.
-            g = guidance.to(x_t.device, torch.float32).expand(b) if torch.is_tensor(guidance) else \
-                torch.full((b,), float(guidance), device=x_t.device)
+        if self.transformer.config.guidance_embeds:  # filled on the device: no host-to-device copy
+            g = guidance.to(device, torch.float32).expand(b) if torch.is_tensor(guidance) else \
+                torch.full((b,), float(guidance), device=device, dtype=torch.float32)
+        return Conditioning(
+            rest=torch.cat(parts, dim=-1), guidance=g,
+            pooled=self.pooled_prompt_embeds.to(dtype).expand(b, -1),
+            prompt=self.prompt_embeds.to(dtype).expand(b, -1, -1),
+            txt_ids=self.prompt_embeds.new_zeros(self.prompt_embeds.shape[1], 3), attention=attention)
+
+    def _adapt(self, base: torch.Tensor, enc: Encoded, return_attention: bool, adapter_scale: float | None):
+        """The adapter on `base` `[B, N, w]` in fp32 (it is small) → (adapted, attention or None)."""
+        base = base.float()
+        adapted = self.adapter(base, enc.semantic_tokens.float(), enc.img_ids.float(),
+                               return_attention=return_attention)
+        adapted, attention = adapted if return_attention else (adapted, None)
+        if adapter_scale is not None and adapter_scale != 1:
+            adapted = base + adapter_scale * (adapted - base)
+        return adapted, attention
+
+    def predict(self, x_t: torch.Tensor, enc: Encoded, cond: Conditioning, t: torch.Tensor,
+                return_attention: bool = False, adapter_scale: float | None = None):
+        """v̂ `[B, N, 4C]` for noisy tokens `x_t` at flow time `t` (`[B]`, in [0, 1]) with the batch's
+        `conditioning`; with `return_attention`, also the adapter's attention per layer (or None)."""
+        dtype = self.transformer.dtype
+        b = x_t.shape[0]
+        x_in, attention = x_t, cond.attention
+        if self.adapter is not None and self.semantic.inject_into == "noisy":
+            x_in, attention = self._adapt(x_t, enc, return_attention, adapter_scale)
         out = self.transformer(
-            hidden_states=hidden,
+            hidden_states=torch.cat([x_in.to(dtype), cond.rest], dim=-1),
             timestep=t.to(device=x_t.device, dtype=dtype).expand(b),
-            guidance=g,
-            pooled_projections=self.pooled_prompt_embeds.to(dtype).expand(b, -1),
-            encoder_hidden_states=self.prompt_embeds.to(dtype).expand(b, -1, -1),
-            txt_ids=self.prompt_embeds.new_zeros(self.prompt_embeds.shape[1], 3),
+            guidance=cond.guidance,
+            pooled_projections=cond.pooled,
+            encoder_hidden_states=cond.prompt,
+            txt_ids=cond.txt_ids,
             img_ids=enc.img_ids,
             return_dict=False,
         )[0]
         return (out, attention) if return_attention else out
+
+    def velocity(self, x_t: torch.Tensor, enc: Encoded, t: torch.Tensor, guidance: float | torch.Tensor = 1.0,
+                 return_attention: bool = False, adapter_scale: float | None = None):
+        """v̂ for noisy tokens `x_t` at flow time `t ∈ [0, 1]` (`[B]`); optionally the adapter's attention.
+
+        `adapter_scale` multiplies the adapter's residual (None or 1: as trained, 0: off). One call of
+        `conditioning` and `predict` (training: the adapter runs in every step, with its gradients).
+        """
+        cond = self.conditioning(enc, guidance, return_attention, adapter_scale)
+        return self.predict(x_t, enc, cond, t, return_attention, adapter_scale)
 
     def forward(self, visible: torch.Tensor, infrared: torch.Tensor, semantic: torch.Tensor | None,
                 t: torch.Tensor, noise: torch.Tensor | None = None, guidance: float = 1.0,

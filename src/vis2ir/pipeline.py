@@ -19,6 +19,7 @@ and with mode `none` (or adapter scale 0) it equals stock `FluxFillPipeline` wit
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,7 @@ from vis2ir.palette import semantic_problem
 from vis2ir.quantize import OutOfMemory, out_of_memory
 from vis2ir.sample import generate
 from vis2ir.semantic.modes import NEEDS_SEMANTIC, num_panels
+from vis2ir.speedup import StepCache, compile_blocks
 from vis2ir.figures import save_figure
 from vis2ir.visualize import AttentionMaps, check_output_format, compare_figure, infrared_image, save_attention_maps
 
@@ -117,6 +119,16 @@ class Vis2IRPipeline:
         self._hooks: list = []
         if cfg.sample.vae_tiling and isinstance(model.codec, VAECodec):
             model.codec.vae.enable_tiling()  # diffusers' tiled encode/decode: less memory on large images
+        self.step_cache: StepCache | None = None  # `sample.cache`, counting over the calls with these settings
+        self._compile_pending = False
+        if cfg.sample.compile:
+            self.compile(cfg.sample.compile_mode)
+
+    def compile(self, mode: str = "default") -> Vis2IRPipeline:
+        """`torch.compile` the transformer's blocks (`sample.compile`; `speedup.compile_blocks`). The next
+        call compiles them (its time is logged); results equal the eager ones within float rounding."""
+        self._compile_pending = compile_blocks(self.model.transformer, mode) > 0 or self._compile_pending
+        return self
 
     # -- construction ----------------------------------------------------------------------
 
@@ -222,10 +234,13 @@ class Vis2IRPipeline:
         if batch_size < 1:
             raise Vis2IRError(f"batch_size: expected an integer >= 1, got {batch_size}")
         s = self.cfg.sample
+        if self.step_cache is None or self.step_cache.settings != s:  # counts accumulate while settings stay
+            self.step_cache = StepCache.of(s)
         opts = dict(steps=steps or s.steps, guidance=s.guidance if guidance is None else guidance,
                     seed=s.seed if seed is None else seed,
                     adapter_scale=s.adapter_scale if adapter_scale is None else adapter_scale,
-                    return_attention=return_attention, progress=progress, callback=callback)
+                    return_attention=return_attention, progress=progress, callback=callback,
+                    cache=self.step_cache)
 
         vis = [to_tensor(v, f"visible image {i}", self.normaliser) for i, v in enumerate(visibles)]
         sem = None if semantics is None else [to_tensor(m, f"semantic map {i}") for i, m in enumerate(semantics)]
@@ -236,8 +251,12 @@ class Vis2IRPipeline:
         images, attention = [None] * len(vis), [None] * len(vis)
         try:
             for idx in batches(sizes, batch_size):
+                started = time.perf_counter()
                 out = self._generate([vis[i] for i in idx], None if sem is None else [sem[i] for i in idx],
                                      sizes[idx[0]], opts)
+                if self._compile_pending:  # the outputs are on the host now: the time is the GPU's too
+                    self._compile_pending = False
+                    log.info("sample.compile: first batch, compilation included: %.1f s", time.perf_counter() - started)
                 for i, ir, att in zip(idx, *out):
                     if is_finite(ir):
                         images[i], attention[i] = to_output(ir, output_type), att
@@ -248,6 +267,8 @@ class Vis2IRPipeline:
         finally:
             for hook in self._hooks:
                 hook.offload()
+        if self.step_cache is not None:
+            log.debug("%s", self.step_cache.summary())
         result = Vis2IROutput(images, attention if return_attention else None)
         if bad:
             raise NonFiniteOutput(bad, result)

@@ -8,14 +8,17 @@ seeded with the seed, so its result does not depend on its batch, and draws from
 order: the posterior sample of the whole canvas (which stock scales by zero at strength 1), the
 initial noise, then the posterior sample of the masked canvas.
 
-The adapter is applied to the model's input at every step (inside `Vis2IRModel.velocity`); the
-sampler's state stays the un-enhanced x_t.
+The adapter is applied to the model's input (`Vis2IRModel.conditioning` / `predict`): once per image
+when it acts on the clean condition, at every step when it acts on x_t; the sampler's state stays the
+un-enhanced x_t. Optional speed-ups (`speedup.py`): compiled blocks (exact within float rounding) and
+step caches (approximate, off by default).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -24,6 +27,7 @@ from tqdm.auto import tqdm
 from vis2ir.latents import VAECodec, as_codec, decode_tokens, pack
 from vis2ir.model import Encoded, Vis2IRModel
 from vis2ir.semantic.modes import crop_target, num_panels
+from vis2ir.speedup import StepCache
 
 NUM_TRAIN_TIMESTEPS = 1000  # FlowMatchEulerDiscreteScheduler's; the transformer divides it back out
 
@@ -72,31 +76,69 @@ def get_schedule(steps: int, seq_len: int, shift: bool = True) -> torch.Tensor:
     return torch.from_numpy(np.concatenate([sigmas, np.zeros(1, np.float32)]))
 
 
+@contextmanager
+def computed_once(module: torch.nn.Module):
+    """Within the block, `module` computes its output on the first call and returns that output on every
+    later call. For the transformer's RoPE table (`pos_embed`): its ids are the same at every sampling step."""
+    had_own = "forward" in vars(module)  # e.g. an offload hook's forward
+    original = module.forward
+    saved = []
+
+    def forward(*args, **kwargs):
+        if not saved:
+            saved.append(original(*args, **kwargs))
+        return saved[0]
+
+    module.forward = forward
+    try:
+        yield
+    finally:
+        if had_own:
+            module.forward = original
+        else:
+            del module.forward
+
+
 @torch.no_grad()
 def denoise(model: Vis2IRModel, enc: Encoded, x: torch.Tensor, sigmas: torch.Tensor, guidance: float,
             adapter_scale: float | None = None, return_attention: bool = False, progress: bool = False,
-            callback: Callable[[int, int], None] | None = None):
+            cache: StepCache | None = None, callback: Callable[[int, int], None] | None = None):
     """Euler steps x ← x + (σ_next − σ)·v̂ from noise `x` along `sigmas`, as the scheduler steps.
 
-    With `return_attention`, also the adapter's attention per layer `[B, heads, N, M]`, averaged
-    over the steps. `callback(done, steps)` is called after each step (e.g. a web page's progress bar).
+    What does not change across steps is computed once: the conditioning (the adapter, when it acts on
+    the clean condition; the guidance and prompt tensors), the timesteps and step sizes, the RoPE table.
+    The loop itself builds no tensor on the host and reads nothing back (no host–device synchronisation;
+    the `first_block` cache reads one number per step). `cache`: a step cache (`sample.cache`), or None.
+    With `return_attention`, also the adapter's attention per layer `[B, heads, N, M]`, averaged over the
+    steps (computed once when the adapter acts on the condition: it is the same at every step).
+    `callback(done, steps)` is called after each step (e.g. a web page's progress bar).
     """
     sigmas = sigmas.to(x.device)
+    steps = len(sigmas) - 1
+    # The timesteps as the stock pipeline passes them: σ·1000 in the latents' dtype, then / 1000.
+    timesteps = (sigmas[:-1] * NUM_TRAIN_TIMESTEPS).to(x.dtype) / NUM_TRAIN_TIMESTEPS
+    deltas = sigmas[1:] - sigmas[:-1]
+    b = x.shape[0]
+    cond = model.conditioning(enc, guidance, return_attention, adapter_scale)
     total = None
-    for done, (sigma, sigma_next) in enumerate(tqdm(list(zip(sigmas[:-1], sigmas[1:])), disable=not progress,
-                                                    desc="denoise", leave=False), 1):
-        # The timestep as the stock pipeline passes it: σ·1000 in the latents' dtype, then / 1000.
-        t = (sigma * NUM_TRAIN_TIMESTEPS).expand(x.shape[0]).to(x.dtype) / NUM_TRAIN_TIMESTEPS
-        out = model.velocity(x, enc, t, guidance, return_attention=return_attention, adapter_scale=adapter_scale)
-        v, attention = out if return_attention else (out, None)
-        x = (x.float() + (sigma_next - sigma) * v).to(v.dtype)
-        if attention is not None:
-            total = attention if total is None else [a + b for a, b in zip(total, attention)]
-        if callback is not None:
-            callback(done, len(sigmas) - 1)
+    transformer = model.transformer
+    with computed_once(transformer.pos_embed) if hasattr(transformer, "pos_embed") else nullcontext(), \
+            cache.active(transformer) if cache is not None else nullcontext():
+        for i in tqdm(range(steps), disable=not progress, desc="denoise", leave=False):
+            out = model.predict(x, enc, cond, timesteps[i].expand(b), return_attention, adapter_scale)
+            v, attention = out if return_attention else (out, None)
+            x = (x.float() + deltas[i] * v).to(v.dtype)
+            if cache is not None:
+                cache.record()
+            if attention is not None and attention is not cond.attention:
+                total = attention if total is None else [s + a for s, a in zip(total, attention)]
+            if callback is not None:
+                callback(i + 1, steps)
     if not return_attention:
         return x
-    return x, [a / (len(sigmas) - 1) for a in total] if total else []
+    if cond.attention is not None:
+        return x, cond.attention
+    return x, [a / steps for a in total] if total else []
 
 
 @torch.no_grad()
@@ -109,16 +151,17 @@ def decode_target(model: Vis2IRModel, tokens: torch.Tensor, enc: Encoded) -> tor
 @torch.no_grad()
 def generate(model: Vis2IRModel, visible: torch.Tensor, semantic: torch.Tensor | None = None, steps: int = 28,
              guidance: float = 50.0, seed: int = 0, adapter_scale: float | None = None,
-             return_attention: bool = False, progress: bool = False,
+             return_attention: bool = False, progress: bool = False, cache: StepCache | None = None,
              callback: Callable[[int, int], None] | None = None):
     """Infrared images `[B, 3, H, W]` in [0, 1] for visible images in [0, 1] (sides multiples of the
-    patch size); with `return_attention`, also the adapter's attention per layer; `callback(done, steps)`
-    after each denoising step (see `denoise`)."""
+    patch size); with `return_attention`, also the adapter's attention per layer (see `denoise`).
+    `cache`: a step cache (`StepCache`, approximate), or None for the exact sampler; `callback(done, steps)`
+    after each denoising step."""
     generators = make_generators(seed, visible.shape[0])
     x = get_noise(model, generators, visible.shape[-2], visible.shape[-1] * num_panels(model.mode), visible.device)
     enc = model.encode(visible, None, semantic, generators)  # after the noise, as stock draws them
     sigmas = get_schedule(steps, x.shape[1])
-    out = denoise(model, enc, x, sigmas, guidance, adapter_scale, return_attention, progress, callback)
+    out = denoise(model, enc, x, sigmas, guidance, adapter_scale, return_attention, progress, cache, callback)
     x, attention = out if return_attention else (out, None)
     images = decode_target(model, x, enc)
     return (images, attention) if return_attention else images

@@ -1,0 +1,159 @@
+"""Faster sampling: compiled transformer blocks (`sample.compile`) and step caches (`sample.cache`).
+
+- `compile_blocks`: regional compilation — each of the transformer's double and single blocks gets
+  `torch.compile`d on its own (the 57 blocks of FLUX share two compiled graphs), so compiling takes
+  tens of seconds instead of minutes. The block's `forward` is replaced by its compiled version, so the
+  step caches' hooks, registered later around it, stay outside the compiled code. Exact within float
+  rounding.
+- `StepCache`: diffusers' cache hooks for the denoising loop, approximate:
+  `first_block` (First-Block-Cache: the first block always runs; while its residual changes by less than
+  `cache_threshold` (relative mean) from the last fully computed step, the other blocks are skipped and
+  their last residual is reused) and `taylorseer` (TaylorSeer, diffusers' lite variant: the whole
+  transformer runs at the first `cache_warmup` steps and then every `cache_interval`-th step; at the
+  other steps its output is extrapolated by a Taylor series of order `cache_order` and the blocks skipped).
+  The hooks are registered for one denoising loop and removed after it, so nothing carries over from one
+  image to the next. It counts the steps computed in full (`computed`, `total`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from vis2ir.config import SampleConfig
+from vis2ir.errors import Vis2IRError, describe
+from vis2ir.quantize import BLOCK_LISTS, blocks
+
+log = logging.getLogger(__name__)
+
+CACHES = ("none", "first_block", "taylorseer")
+
+
+def compile_blocks(transformer: nn.Module, mode: str = "default") -> int:
+    """`torch.compile` each block of `transformer` (in place, once); returns the number of blocks compiled.
+
+    Raises `Vis2IRError` when the transformer has no block lists (`transformer_blocks`, `single_transformer_blocks`).
+    """
+    found = blocks(transformer)
+    if not found:
+        raise Vis2IRError(f"sample.compile: the transformer ({type(transformer).__name__}) has none of the block lists "
+                          f"{', '.join(BLOCK_LISTS)}; set sample.compile=false")
+    if getattr(transformer, "_vis2ir_compiled", None) is not None:
+        return 0
+    for block in found:
+        block.forward = torch.compile(block.forward, mode=None if mode == "default" else mode)
+    transformer._vis2ir_compiled = mode
+    log.info("sample.compile: %d transformer blocks compiled with torch.compile (mode %s); the first image "
+             "compiles them (slow), later ones run compiled", len(found), mode)
+    return len(found)
+
+
+class StepCache:
+    """One `sample.cache` setting (not `none`), applied to a transformer for one denoising loop at a time.
+
+        cache = StepCache.of(cfg.sample)          # None when sample.cache is none
+        with cache.active(transformer):
+            for each step: v = transformer(...); cache.record()
+
+    `computed` / `total`: steps computed in full / steps run, over every loop so far; `computed_at[i]`: the
+    loops that computed step i in full.
+    """
+
+    def __init__(self, settings: SampleConfig):
+        if settings.cache not in CACHES[1:]:
+            raise Vis2IRError(f"sample.cache: {settings.cache!r} is not one of {', '.join(CACHES)}")
+        self.settings = dataclasses.replace(settings)  # a copy: the counts belong to these settings
+        self.kind = settings.cache
+        self.computed = 0
+        self.total = 0
+        self.computed_at: list[int] = []  # per step index: the loops that computed it in full
+        self._probe = None
+        self._step = 0
+
+    @classmethod
+    def of(cls, settings: SampleConfig) -> StepCache | None:
+        """The cache `settings.cache` names, or None for `none` (the exact sampler)."""
+        return None if settings.cache == "none" else cls(settings)
+
+    @property
+    def skip_rate(self) -> float | None:
+        """Fraction of the steps run whose blocks were skipped (None before any step)."""
+        return None if not self.total else 1 - self.computed / self.total
+
+    def _config(self):
+        """The diffusers cache config for the setting; a one-line error when this diffusers lacks it."""
+        import diffusers
+        import diffusers.hooks
+
+        name = "FirstBlockCacheConfig" if self.kind == "first_block" else "TaylorSeerCacheConfig"
+        config_class = getattr(diffusers.hooks, name, None)
+        if config_class is None:
+            raise Vis2IRError(f"sample.cache={self.kind} needs diffusers' {name}, which diffusers "
+                              f"{diffusers.__version__} does not have; upgrade diffusers or set sample.cache=none")
+        s = self.settings
+        if self.kind == "first_block":
+            return config_class(threshold=s.cache_threshold)
+        return config_class(cache_interval=s.cache_interval, disable_cache_before_step=s.cache_warmup,
+                            max_order=s.cache_order, taylor_factors_dtype=torch.float32, use_lite_mode=True)
+
+    def _check(self, transformer: nn.Module) -> None:
+        """The hooks need a diffusers transformer (`enable_cache`) with its blocks in the usual lists."""
+        have = blocks(transformer)
+        if not hasattr(transformer, "enable_cache") or len(have) < 2:
+            raise Vis2IRError(f"sample.cache={self.kind} needs a diffusers transformer with `enable_cache` and at "
+                              f"least 2 blocks in {' / '.join(BLOCK_LISTS)}; this model's is "
+                              f"{type(transformer).__name__} with {len(have)}: set sample.cache=none")
+
+    @contextmanager
+    def active(self, transformer: nn.Module):
+        """Register the cache's hooks on `transformer` for one denoising loop (fresh state), remove them after."""
+        self._check(transformer)
+        config = self._config()
+        try:
+            transformer.enable_cache(config)
+        except Exception as err:  # noqa: BLE001 - e.g. a block class the hooks do not know
+            raise Vis2IRError(f"sample.cache={self.kind}: diffusers could not apply it to "
+                              f"{type(transformer).__name__} ({describe(err)}); set sample.cache=none") from None
+        self._probe, self._step = self._make_probe(transformer), 0
+        try:
+            with transformer.cache_context("vis2ir"):
+                yield self
+        finally:
+            self._probe = None
+            transformer.disable_cache()
+
+    def _make_probe(self, transformer: nn.Module):
+        """A function telling whether the last transformer call computed its blocks (read from the hooks' state)."""
+        from diffusers.hooks import HookRegistry
+
+        if self.kind == "first_block":
+            from diffusers.hooks.first_block_cache import _FBC_LEADER_BLOCK_HOOK
+
+            hook = HookRegistry.check_if_exists_or_initialize(blocks(transformer)[0]).get_hook(_FBC_LEADER_BLOCK_HOOK)
+            return lambda: hook.state_manager.get_state().should_compute
+        from diffusers.hooks.taylorseer_cache import _TAYLORSEER_CACHE_HOOK
+
+        hook = HookRegistry.check_if_exists_or_initialize(transformer.proj_out).get_hook(_TAYLORSEER_CACHE_HOOK)
+
+        def computed() -> bool:
+            state = hook.state_manager.get_state()
+            return state.last_update_step == state.current_step
+        return computed
+
+    def record(self) -> None:
+        """Count the step just run (inside `active`): computed in full, or skipped."""
+        computed = bool(self._probe())
+        if self._step == len(self.computed_at):
+            self.computed_at.append(0)
+        self.computed_at[self._step] += computed
+        self.total += 1
+        self.computed += computed
+        self._step += 1
+
+    def summary(self) -> str:
+        return (f"sample.cache={self.kind}: {self.computed} of {self.total} steps computed in full "
+                f"({100 * (self.skip_rate or 0):.0f} % skipped)")
