@@ -6,7 +6,8 @@
 
 Images of any size go in: each is resized for the model (bicubic; semantic maps nearest, so their
 colours stay exact) and the infrared comes back at the input's size. The model's size (`size`, else
-`sample.size`): `auto` is the panel size a checkpoint was trained at (`data.size`, as the longer side)
+`sample.size`): `auto` is the panel size a checkpoint was trained at (`data.size` as the longer side; with
+`data.resize_policy: bucket`, an image of `data.size`² pixels at the input's aspect)
 and the input's own size for a model built from a config; `native` (or 0) the input's own size; a
 number, the longer side. Either way each side is rounded to a multiple of the codec's patch size.
 16-bit and float inputs are normalised as in training (`data.ir_normalize`). An image whose output is
@@ -54,11 +55,12 @@ OFFLOAD = ("none", "model", "sequential")
 # Images in and out
 
 
-def model_size(height: int, width: int, patch: int, size: int | None = None) -> tuple[int, int]:
+def model_size(height: int, width: int, patch: int, size: int | None = None, area: bool = False) -> tuple[int, int]:
     """The model's image size: each side rounded to a multiple of `patch` (at least one patch); with
-    `size`, the longer side is first scaled to `size` (aspect kept)."""
+    `size`, the longer side is first scaled to `size`, or with `area` the image to `size`² pixels (as
+    `data.resize_policy: bucket` trains), aspect kept."""
     if size is not None:
-        scale = size / max(height, width)
+        scale = (size * size / (height * width)) ** 0.5 if area else size / max(height, width)
         height, width = height * scale, width * scale
     return tuple(max(patch, int(round(s / patch)) * patch) for s in (height, width))
 
@@ -114,6 +116,7 @@ class Vis2IRPipeline:
         self.device = torch.device(device) if device is not None else model.prompt_embeds.device
         self.normaliser = Normaliser.of(cfg.data)  # 16-bit / float inputs, as the data loader reads them
         self.trained_size: int | None = None  # a checkpoint's panel size (data.size): sample.size=auto
+        self.trained_area = False  # trained with aspect-ratio buckets: auto keeps the area data.size², not the side
         self._hooks: list = []
         if cfg.sample.vae_tiling and isinstance(model.codec, VAECodec):
             model.codec.vae.enable_tiling()  # diffusers' tiled encode/decode: less memory on large images
@@ -152,6 +155,7 @@ class Vis2IRPipeline:
         model, _ = load_model(directory, build_device(cfg, offload, device), dtype, overrides)
         pipe = cls(model, cfg, device)
         pipe.trained_size = trained.data.size
+        pipe.trained_area = trained.data.resize_policy == "bucket"
         return pipe.offload(offload)
 
     def offload(self, how: str = "model") -> Vis2IRPipeline:
@@ -231,7 +235,8 @@ class Vis2IRPipeline:
         sem = None if semantics is None else [to_tensor(m, f"semantic map {i}") for i, m in enumerate(semantics)]
         patch = patch_size(self.model.codec)
         longer = self.generation_size(size)
-        sizes = [model_size(v.shape[1], v.shape[2], patch, longer) for v in vis]
+        area = self.trained_area and (self.cfg.sample.size if size is None else size) == "auto"
+        sizes = [model_size(v.shape[1], v.shape[2], patch, longer, area) for v in vis]
         bad: list[int] = []
         images, attention = [None] * len(vis), [None] * len(vis)
         try:
