@@ -146,7 +146,21 @@ def test_llvip_pairs_of_640x512_train_at_5_4_and_generate_at_640x512(tiny_config
     with Image.open(out / "000005.png") as image:
         assert image.size == (640, 512)
         assert np.asarray(image).std() > 0
-    from vis2ir.pipeline import Vis2IRPipeline, model_size
+    # evaluate --checkpoint scores at the data's aspect (the bucket), and says how ThermalGen's square treats it
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "eval")]) == 0
+    with Image.open(tmp_path / "eval" / "pred" / "test" / "000005.png") as image:
+        assert image.size == (160, 128)
+    scored = json.loads((tmp_path / "eval" / "metrics.json").read_text())["scored"]
+    assert "native: each sample's aspect-ratio bucket (160×128)" in scored["resolution"]
+    assert "256×256" in scored["resolution"] and "aspect ratio is not kept" in scored["resolution"]
+    assert "aspect-ratio buckets" in scored["truth"]
+    # …generated at the bucket it trained at (auto), the tiny model's 5:4 output resized back to 640×512.
+    from vis2ir.pipeline import Vis2IRPipeline
 
     pipe = Vis2IRPipeline.from_checkpoint(tmp_path / "run")
-    assert pipe.trained_area and model_size(512, 640, 8, pipe.generation_size(), area=True) == (128, 160)
+    seen = []
+    pipe.model.encode = lambda vis, *a, encode=pipe.model.encode: seen.append(tuple(vis.shape)) or encode(vis, *a)
+    visible = Image.open(root / "visible" / "test" / "000005.jpg")
+    assert pipe(visible, semantic=Image.open(root / "semantic" / "test" / "000005.png"), steps=1).images[0].size \
+        == (640, 512)
+    assert seen[0][-2:] == (128, 160)

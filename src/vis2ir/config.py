@@ -363,8 +363,8 @@ class SampleConfig:
     seed: int = 0  # seed of each image's noise
     adapter_scale: float = 1.0  # the cross-attention adapter's residual: 1 as trained, 0 off (what it adds)
     # Longer side images are generated at: `auto` = a checkpoint's data.size (trained with resize_policy bucket:
-    # data.size² pixels at the input's aspect; a config-built model: the input's own size), `native` or 0 = the
-    # input's own size, or a number of pixels.
+    # the input's aspect-ratio bucket; a config-built model: the input's own size), `native` or 0 = the input's
+    # own size, or a number of pixels.
     size: int | Literal["auto", "native"] = "auto"
     # diffusers' tiled VAE encode/decode: less memory for large images (a VAE codec only; docs/performance.md)
     vae_tiling: bool = False
