@@ -59,7 +59,15 @@ def _cmd_config_show(args: argparse.Namespace) -> None:
 def _cmd_data_synth(args: argparse.Namespace) -> None:
     from vis2ir.data import write_thermalscenes
 
-    write_thermalscenes(args.out, count=args.count, size=args.size, seed=args.seed, fmt=args.format)
+    from vis2ir.data.synth import parse_shapes
+
+    if (args.width is None) != (args.height is None):
+        raise Vis2IRError("data synth: give --width and --height together (or --shapes WxH,...)")
+    if args.shapes and args.width is not None:
+        raise Vis2IRError("data synth: give either --width/--height or --shapes, not both")
+    shapes = parse_shapes(args.shapes) if args.shapes else \
+        parse_shapes(f"{args.width}x{args.height}", "--width/--height") if args.width is not None else None
+    write_thermalscenes(args.out, count=args.count, size=args.size, seed=args.seed, fmt=args.format, shapes=shapes)
 
 
 def _cmd_data_inspect(args: argparse.Namespace) -> None:
@@ -233,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="output folder")
     q.add_argument("--count", type=int, default=1000, help="number of scenes (default: 1000)")
     q.add_argument("--size", type=int, default=256, help="panel size in pixels (default: 256)")
+    q.add_argument("--width", type=int, help="scene width in pixels, with --height (instead of a --size square)")
+    q.add_argument("--height", type=int, help="scene height in pixels, with --width")
+    q.add_argument("--shapes", help="a mix of scene shapes, WIDTHxHEIGHT,... taken in turn (e.g. 640x512,512x640)")
     q.add_argument("--seed", type=int, default=0, help="scene set seed (default: 0)")
     q.add_argument("--format", choices=("folder", "parquet"), default="folder",
                    help="visible/ infrared/ semantic/ PNGs, or one parquet file (default: folder)")

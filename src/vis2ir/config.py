@@ -237,9 +237,12 @@ class DataConfig:
     source: str = "thermalscenes"
     # the folder or table layout; auto: detected from the folder's shape (docs/data.md)
     layout: Literal["auto", "table", "triptych", "paired", "llvip", "flir", "m3fd", "msrs", "kaist"] = "auto"
-    size: int = 512  # panel size in pixels (the longer side when resizing; a multiple of 16)
-    # how a panel is made square: resize, center_crop, or random_crop (training only)
-    resize_policy: Literal["resize", "center_crop", "random_crop"] = "center_crop"
+    # panel size in pixels, a multiple of 16: the side of a square panel; with bucket, panels of about size² pixels
+    size: int = 512
+    # bucket: the nearest of shapes of about size² pixels at the image's aspect ratio (one shape per batch);
+    # or a square panel: resize (aspect not kept), center_crop, or random_crop (training only)
+    resize_policy: Literal["bucket", "resize", "center_crop", "random_crop"] = "center_crop"
+    max_aspect: float = 2.0  # bucket: the longest side of a bucket is at most this times its shortest
     hflip: bool = True  # mirror half of the training samples at random (all panels alike)
     visible_column: str = "visible"  # table sources: the visible image's column
     infrared_column: str = "infrared"  # table sources: the infrared image's column
@@ -267,6 +270,7 @@ class DataConfig:
 
     def validate(self) -> None:
         _check(self.size >= 16 and self.size % 16 == 0, "data.size", "a multiple of 16", self.size)
+        _check(1.0 <= self.max_aspect <= 8.0, "data.max_aspect", "a number from 1 to 8", self.max_aspect)
         _check(self.num_workers >= 0, "data.num_workers", "an integer >= 0", self.num_workers)
         lo, hi = self.ir_percentiles
         _check(0.0 <= lo < hi <= 100.0, "data.ir_percentiles", "two numbers 0 <= low < high <= 100",
@@ -375,8 +379,9 @@ class SampleConfig:
     guidance: float = 50.0  # guidance value given to the transformer (FLUX.1 Fill: 30-50; the demo model: 1)
     seed: int = 0  # seed of each image's noise
     adapter_scale: float = 1.0  # the cross-attention adapter's residual: 1 as trained, 0 off (what it adds)
-    # Longer side images are generated at: `auto` = a checkpoint's data.size (a config-built model: the
-    # input's own size), `native` or 0 = the input's own size, or a number of pixels.
+    # Longer side images are generated at: `auto` = a checkpoint's data.size (trained with resize_policy bucket:
+    # the input's aspect-ratio bucket; a config-built model: the input's own size), `native` or 0 = the input's
+    # own size, or a number of pixels.
     size: int | Literal["auto", "native"] = "auto"
     # diffusers' tiled VAE encode/decode: less memory for large images (a VAE codec only; docs/performance.md)
     vae_tiling: bool = False

@@ -37,10 +37,10 @@ from vis2ir.semantic.modes import NEEDS_SEMANTIC, num_panels
 log = logging.getLogger(__name__)
 
 META_FILE = "meta.json"
-FORMAT = 2  # 1: x_cond with its mask channels and both semantic halves, per sample
+FORMAT = 3  # 1: x_cond with its mask channels and both semantic halves, per sample; 2: one panel shape
 KEYS = ("x_0", "x_cond", "semantic_tokens")
 MASK_KEY = "x_cond_mask"  # the mask channels of x_cond `[N, 4s²]`, the same for every sample
-SHARD_SIZE = 256
+SHARD_SIZE = 256  # samples per shard at most; a shard holds one panel shape (aspect-ratio bucket)
 
 
 # The settings that decide a sample's latents (dotted-key prefixes), less those that do not.
@@ -60,9 +60,10 @@ def build_latent_cache(cfg: Config, out: str | Path, split: str = "train", batch
     """Encode every sample of `split` (both orientations with `data.hflip`) into `out`."""
     from vis2ir.backbone import load_codec
     from vis2ir.data import build_dataset, collate
+    from vis2ir.data.buckets import group
 
     if cfg.data.resize_policy == "random_crop":
-        raise Vis2IRError("data.resize_policy=random_crop: a random crop cannot be cached; use resize or center_crop")
+        raise Vis2IRError("data.resize_policy=random_crop: a random crop cannot be cached; use bucket, resize or center_crop")
     out = Path(out)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     codec = load_codec(cfg.model, device)
@@ -70,12 +71,18 @@ def build_latent_cache(cfg: Config, out: str | Path, split: str = "train", batch
     data_cfg = dataclasses.replace(cfg.data, hflip=False)
     dataset = build_dataset(data_cfg, split, require_semantic=cfg.model.semantic.mode in NEEDS_SEMANTIC)
     out.mkdir(parents=True, exist_ok=True)
-    shards, names, mask, rows = [], [], None, None
-    for start in tqdm(range(0, len(dataset), SHARD_SIZE), desc=f"caching {split} latents", unit="shard"):
+    shapes = dataset.shapes
+    names: list[str] = [""] * len(dataset)
+    shards, shard_shapes, shard_rows, locations = [], [], [], [[0, 0] for _ in range(len(dataset))]
+    chunks = [(shape, idx[k:k + SHARD_SIZE]) for shape, idx in group(shapes).items()
+              for k in range(0, len(idx), SHARD_SIZE)]  # one panel shape per shard
+    for shape, chunk in tqdm(chunks, desc=f"caching {split} latents", unit="shard"):
         tensors: dict[str, list[torch.Tensor]] = {}
-        for b in range(start, min(start + SHARD_SIZE, len(dataset)), batch_size):
-            batch = collate([dataset[i] for i in range(b, min(b + batch_size, start + SHARD_SIZE, len(dataset)))])
-            names += batch["name"]
+        mask = rows = None
+        for b in range(0, len(chunk), batch_size):
+            batch = collate([dataset[i] for i in chunk[b:b + batch_size]])
+            for j, (i, name) in enumerate(zip(chunk[b:b + batch_size], batch["name"])):
+                names[i], locations[i] = name, [len(shards), b + j]
             on_device = {k: batch[k].to(device) for k in ("visible", "infrared", "semantic") if k in batch}
             for flipped in (False, True) if flips else (False,):
                 images = {k: v.flip(-1) for k, v in on_device.items()} if flipped else on_device
@@ -89,10 +96,14 @@ def build_latent_cache(cfg: Config, out: str | Path, split: str = "train", batch
         shard = {k: torch.cat(v).contiguous() for k, v in tensors.items()} | {MASK_KEY: mask.cpu().contiguous()}
         atomic_write(out / name, lambda tmp, shard=shard: save_file(shard, str(tmp)))
         shards.append(name)
+        shard_shapes.append(list(shape))
+        shard_rows.append(rows)
     meta = {"format": FORMAT, "fingerprint": fingerprint(cfg), "split": split, "count": len(names),
-            "names": names, "shards": shards, "shard_size": SHARD_SIZE, "flips": flips, "token_rows": rows}
+            "names": names, "shards": shards, "shard_shapes": shard_shapes, "token_rows": shard_rows,
+            "locations": locations, "flips": flips}
     write_text(out / META_FILE, json.dumps(meta))
-    log.info("Cached %d %s samples%s in %s", len(names), split, " (both orientations)" if flips else "", out)
+    log.info("Cached %d %s samples%s in %s (%d panel shapes)", len(names), split,
+             " (both orientations)" if flips else "", out, len(set(map(tuple, shard_shapes))))
     return out
 
 
@@ -135,19 +146,25 @@ class LatentCache(Dataset):
     def __len__(self) -> int:
         return self.meta["count"]
 
+    @property
+    def shapes(self) -> list[tuple[int, int]]:
+        """Each sample's panel (width, height), as the image dataset gave it."""
+        return [tuple(self.meta["shard_shapes"][shard]) for shard, _ in self.meta["locations"]]
+
     def __getitem__(self, i: int) -> dict:
         # Drawn first, as the image datasets draw their flip, so positions map to the same choice.
         flipped = self.flips and bool(torch.rand(()) < 0.5)
-        shard, row = divmod(i, self.meta["shard_size"])
+        shard, row = self.meta["locations"][i]
         f = self._open(self.meta["shards"][shard])
-        sample = {"name": self.meta["names"][i]}
+        w, h = self.meta["shard_shapes"][shard]
+        sample = {"name": self.meta["names"][i], "panel_size": (h, w)}
         for key in KEYS:
             stored = key + ("_flip" if flipped else "")
             if stored in f.keys():
                 sample[key] = f.get_slice(stored)[row]
         sample["x_cond"] = torch.cat([sample["x_cond"], self._masks[self.meta["shards"][shard]]], dim=-1)
         if "semantic_tokens" in sample:  # the map describes both halves: [semantic | semantic]
-            rows = self.meta["token_rows"]
+            rows = self.meta["token_rows"][shard]
             sample["semantic_tokens"] = repeat(sample["semantic_tokens"], "(r c) d -> (r n c) d", r=rows, n=2)
         return sample
 
@@ -160,7 +177,7 @@ class LatentCache(Dataset):
 
 def to_encoded(batch: dict, codec, cfg: Config) -> Encoded:
     """A collated batch of cached samples as the model's `Encoded` inputs."""
-    h = cfg.data.size
-    w = h * num_panels(cfg.model.semantic.mode)
+    h, w = batch["panel_size"][0]  # one shape per batch
+    w = w * num_panels(cfg.model.semantic.mode)
     ids = image_ids(*token_grid(codec, h, w), device=batch["x_0"].device)
     return Encoded(batch["x_0"], batch["x_cond"], ids, batch.get("semantic_tokens"), h, w)

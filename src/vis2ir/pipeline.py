@@ -6,7 +6,8 @@
 
 Images of any size go in: each is resized for the model (bicubic; semantic maps nearest, so their
 colours stay exact) and the infrared comes back at the input's size. The model's size (`size`, else
-`sample.size`): `auto` is the panel size a checkpoint was trained at (`data.size`, as the longer side)
+`sample.size`): `auto` is the panel size a checkpoint was trained at (`data.size` as the longer side; with
+`data.resize_policy: bucket`, the input's aspect-ratio bucket, as training resized it)
 and the input's own size for a model built from a config; `native` (or 0) the input's own size; a
 number, the longer side. Either way each side is rounded to a multiple of the codec's patch size.
 16-bit and float inputs are normalised as in training (`data.ir_normalize`). An image whose output is
@@ -32,6 +33,7 @@ from tqdm.auto import tqdm
 from vis2ir.backbone import resolve_dtype
 from vis2ir.checkpoint import check_compatible, find_checkpoint, load_checkpoint_config, load_model
 from vis2ir.config import Config, load_config
+from vis2ir.data.buckets import bucket_shapes, nearest_bucket
 from vis2ir.errors import Vis2IRError
 from vis2ir.io.images import Normaliser, is_finite, read_image, rgb_image, same_aspect, to_tensor, write_png, wxh
 from vis2ir.files import safe_join
@@ -116,6 +118,7 @@ class Vis2IRPipeline:
         self.device = torch.device(device) if device is not None else model.prompt_embeds.device
         self.normaliser = Normaliser.of(cfg.data)  # 16-bit / float inputs, as the data loader reads them
         self.trained_size: int | None = None  # a checkpoint's panel size (data.size): sample.size=auto
+        self.trained_buckets: list | None = None  # a checkpoint's aspect-ratio buckets: sample.size=auto uses them
         self._hooks: list = []
         if cfg.sample.vae_tiling and isinstance(model.codec, VAECodec):
             model.codec.vae.enable_tiling()  # diffusers' tiled encode/decode: less memory on large images
@@ -164,6 +167,8 @@ class Vis2IRPipeline:
         model, _ = load_model(directory, build_device(cfg, offload, device), dtype, overrides)
         pipe = cls(model, cfg, device)
         pipe.trained_size = trained.data.size
+        if trained.data.resize_policy == "bucket":
+            pipe.trained_buckets = bucket_shapes(trained.data.size, trained.data.max_aspect)
         return pipe.offload(offload)
 
     def offload(self, how: str = "model") -> Vis2IRPipeline:
@@ -246,7 +251,10 @@ class Vis2IRPipeline:
         sem = None if semantics is None else [to_tensor(m, f"semantic map {i}") for i, m in enumerate(semantics)]
         patch = patch_size(self.model.codec)
         longer = self.generation_size(size)
-        sizes = [model_size(v.shape[1], v.shape[2], patch, longer) for v in vis]
+        if self.trained_buckets is not None and (self.cfg.sample.size if size is None else size) == "auto":
+            sizes = [nearest_bucket(v.shape[2], v.shape[1], self.trained_buckets)[::-1] for v in vis]  # (h, w)
+        else:
+            sizes = [model_size(v.shape[1], v.shape[2], patch, longer) for v in vis]
         bad: list[int] = []
         images, attention = [None] * len(vis), [None] * len(vis)
         try:

@@ -23,6 +23,7 @@ import signal
 import threading
 import time
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import lightning as L
@@ -114,20 +115,32 @@ class Positioned(Dataset):
     """Reads sample position k as: epoch k // n, a seeded shuffle of that epoch, and a seeded RNG.
 
     Everything random about position k (which sample, its flip or crop) is a pure function of
-    (seed, k), so a resumed run sees exactly what an uninterrupted one would have.
+    (seed, k), so a resumed run sees exactly what an uninterrupted one would have. A dataset whose
+    samples have several `shapes` (aspect-ratio buckets) is read in runs of `chunk` positions (one
+    global batch: batch size × ranks) of one shape (`data.buckets.epoch_order`), so every batch of
+    every rank at a step has the same shape.
     """
 
-    def __init__(self, dataset: Dataset, seed: int):
-        self.dataset, self.seed, self._perm = dataset, seed, (None, None)
+    def __init__(self, dataset: Dataset, seed: int, chunk: int = 1):
+        self.dataset, self.seed, self.chunk, self._perm = dataset, seed, chunk, (None, None)
+        shapes = getattr(dataset, "shapes", None)
+        self.shapes = shapes if shapes is not None and len(set(shapes)) > 1 else None
+        self.epoch_length = len(dataset) if self.shapes is None else \
+            sum(-(-n // chunk) * chunk for n in Counter(self.shapes).values())
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, k: int):
-        epoch, i = divmod(k, len(self.dataset))
+        epoch, i = divmod(k, self.epoch_length)
         if self._perm[0] != epoch:
-            g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
-            self._perm = (epoch, torch.randperm(len(self.dataset), generator=g))
+            if self.shapes is None:
+                g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+                self._perm = (epoch, torch.randperm(len(self.dataset), generator=g))
+            else:
+                from vis2ir.data.buckets import epoch_order
+
+                self._perm = (epoch, epoch_order(self.shapes, self.chunk, self.seed * 100003 + epoch))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed * 1000003 + k)
             return self.dataset[int(self._perm[1][i])]
@@ -779,7 +792,8 @@ def split_loader(cfg: Config, trainer: L.Trainer, split: str, start_step: int = 
                           f"train.batch_size to at most {len(train_set) // trainer.world_size}, or add samples")
     per_step = cfg.train.batch_size * cfg.train.accumulate_grad_batches
     sampler = StepSampler(start=start_step * per_step, rank=trainer.global_rank, world=trainer.world_size)
-    return make_loader(Positioned(train_set, cfg.train.seed), sampler=sampler, drop_last=True, **kw)
+    return make_loader(Positioned(train_set, cfg.train.seed, chunk=cfg.train.batch_size * trainer.world_size),
+                       sampler=sampler, drop_last=True, **kw)
 
 
 # A resumed run may change only these settings (how long, how often it logs and saves, where); the

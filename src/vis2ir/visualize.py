@@ -234,7 +234,8 @@ def _count(n: int, what: str) -> str:
 def labelled_grid(columns: dict[str, torch.Tensor], rows: int = 8, cell: int = 96, transpose: bool = False,
                   title: str = "", captions: dict[str, str] | None = None, scene_names: list[str] | None = None
                   ) -> Figure:
-    """A labelled picture of named sets of images `[B, 3, H, W]` in [0, 1]: one set per column with its
+    """A labelled picture of named sets of images `[B, 3, H, W]` (or lists of `[3, H, W]` of several sizes:
+    aspect-ratio buckets; tiles take the first image's shape) in [0, 1]: one set per column with its
     name (and `captions[name]`, e.g. its scores) on top and one scene per row (named by `scene_names`),
     or with `transpose` one set per row, its name on the left. A `semantic` set adds the palette's legend
     of the classes shown.
@@ -242,13 +243,13 @@ def labelled_grid(columns: dict[str, torch.Tensor], rows: int = 8, cell: int = 9
     Sets other than `visible` and `semantic` are infrared: shown grey (the channel mean).
     """
     first = next(iter(columns.values()))
-    n = min(rows, first.shape[0])
+    n = min(rows, len(first))
     tiles = {}
     for name, images in columns.items():
-        images = images[:n].float().cpu().clamp(0, 1)
+        images = [image.float().cpu().clamp(0, 1) for image in images[:n]]
         if name not in ("visible", "semantic"):
-            images = images.mean(1, keepdim=True).expand(-1, 3, -1, -1)
-        tiles[name] = [(images[r].permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8) for r in range(n)]
+            images = [image.mean(0, keepdim=True).expand(3, -1, -1) for image in images]
+        tiles[name] = [(image.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8) for image in images]
     labels = [name + (f"\n{captions[name]}" if captions and captions.get(name) else "") for name in columns]
     names = (scene_names or [])[:n] or None
     legend = semantic_ids(tiles["semantic"]) if "semantic" in tiles else ()

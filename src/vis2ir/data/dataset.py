@@ -1,7 +1,8 @@
 """The one dataset: samples of a split from any source, shaped for the model, and its loader.
 
 A sample is a dict: `visible`, `infrared` (grey replicated to 3 channels) and, when used, `semantic`,
-each float `[3, size, size]` in [0, 1]; `name` (str); `classes` (long `[size, size]`, palette class
+each float `[3, H, W]` in [0, 1] (`[3, size, size]`, or the sample's aspect-ratio bucket with
+`data.resize_policy: bucket`: `shapes`); `name` (str); `classes` (long `[size, size]`, palette class
 ids) for ThermalScenes or when asked for. A sample that stands in for unreadable ones (with
 `data.on_bad_sample: skip`) also has `skipped`, the list of what it replaced; `collate` gathers those
 and `make_loader`'s loader logs their count at the end of each epoch.
@@ -16,10 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_worker_info
 from tqdm.auto import tqdm
 
 from vis2ir.config import DataConfig
+from vis2ir.data import buckets
 from vis2ir.data.errors import DataError
 from vis2ir.data.folders import FileReader, Found, Record, detect_layout, find_folder
 from vis2ir.data.images import Normaliser, check_panels, close_panels, crop_box, decode_panel
@@ -103,25 +105,29 @@ def build_dataset(cfg: DataConfig, split: str, require_semantic: bool | None = N
                     len(records), split, where, maps_help(cfg, found))
         problems += [f"{r.visible}: no semantic map in {where}" for r in lacking]
         records = [r for r in records if r.semantic is not None]
-    if isinstance(reader, FileReader):
-        records = scan(records, reader, semantic, problems, desc=f"checking {split} files")
+    sizes: list | None = [] if cfg.resize_policy == "bucket" else None
+    if isinstance(reader, FileReader) or sizes is not None:
+        records = scan(records, reader, semantic, problems, desc=f"checking {split} files", sizes=sizes)
     _report(cfg, problems)
     if not records:
         raise DataError(f"{cfg.source}: every sample of split {split!r} is bad (see the warnings above)")
-    return PanelDataset(records, reader, cfg, split, semantic=semantic, classes=with_classes)
+    return PanelDataset(records, reader, cfg, split, semantic=semantic, classes=with_classes, sizes=sizes)
 
 
 def scan(records: list[Record], reader, semantic: bool, problems: list[str], desc: str,
-         sizes: Counter | None = None) -> list[Record]:
+         sizes: Counter | list | None = None) -> list[Record]:
     """Open every record's files (headers only) and check them (`check_panels`); bad ones go to `problems`,
-    visible panel sizes are counted in `sizes`."""
+    visible panel sizes (upright width, height) are counted in `sizes` (a Counter) or listed, one per good
+    record (a list)."""
     good = []
     for record in tqdm(records, desc=desc, unit="sample", leave=False, disable=len(records) < 500):
         try:
             panels = reader.open(record, semantic)
             try:
                 check_panels(panels)
-                if sizes is not None:
+                if isinstance(sizes, list):
+                    sizes.append(panels["visible"].size)
+                elif sizes is not None:
                     sizes[panels["visible"].size] += 1
             finally:
                 close_panels(panels)
@@ -133,12 +139,21 @@ def scan(records: list[Record], reader, semantic: bool, problems: list[str], des
 
 
 class PanelDataset(Dataset):
-    """Samples of one split: panels decoded, cropped and resized alike, flipped alike in training."""
+    """Samples of one split: panels decoded, cropped and resized alike, flipped alike in training.
+
+    `shapes[i]`: sample i's panel (width, height): `(size, size)`, or with `resize_policy: bucket` its
+    aspect-ratio bucket (`data.buckets`), from `sizes`, the records' upright image sizes (read from the
+    file headers when not given)."""
 
     def __init__(self, records: list[Record], reader, cfg: DataConfig, split: str, semantic: bool | None,
-                 classes: bool = False):
+                 classes: bool = False, sizes: list[tuple[int, int]] | None = None):
         self.records, self.reader, self.split = records, reader, split
         self.size, self.policy = cfg.size, cfg.resize_policy
+        if self.policy == "bucket":
+            self.shapes = buckets.assign(sizes if sizes is not None else [self._size(r) for r in records],
+                                         cfg.size, cfg.max_aspect)
+        else:
+            self.shapes = [(cfg.size, cfg.size)] * len(records)
         self.flip = cfg.hflip and split == "train"
         self.skip = cfg.on_bad_sample == "skip"
         self.normaliser = Normaliser.of(cfg)
@@ -148,10 +163,19 @@ class PanelDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def _size(self, record: Record) -> tuple[int, int]:
+        panels = self.reader.open(record, False)
+        try:
+            return panels["visible"].size
+        finally:
+            close_panels(panels)
+
     def __getitem__(self, index: int) -> dict:
         skipped: list[str] = []
         for step in range(len(self.records)):
             i = (index + step) % len(self.records)
+            if self.shapes[i] != self.shapes[index]:  # a stand-in keeps the batch's shape
+                continue
             if i not in self._bad:
                 try:
                     sample = self.load(i)
@@ -173,9 +197,11 @@ class PanelDataset(Dataset):
         panels = self.reader.open(record, self.semantic)
         try:
             check_panels(panels)
-            box = crop_box(panels["visible"].size, self.policy, random=self.split == "train")
+            shape = self.shapes[i]
+            box = crop_box(panels["visible"].size, self.policy, random=self.split == "train",
+                           aspect=shape[0] / shape[1])
             flip = self.flip and bool(torch.rand(()) < 0.5)
-            sample: dict = {kind: decode_panel(p, kind, box, self.size, self.normaliser, flip)
+            sample: dict = {kind: decode_panel(p, kind, box, shape, self.normaliser, flip)
                             for kind, p in panels.items()}
         finally:
             close_panels(panels)
@@ -227,10 +253,42 @@ class SkipReportingLoader(DataLoader):
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = False, num_workers: int = 0,
                 **kwargs) -> DataLoader:
-    """A DataLoader with `collate`, reporting skipped samples per epoch (kwargs go to DataLoader)."""
+    """A DataLoader with `collate`, reporting skipped samples per epoch (kwargs go to DataLoader).
+
+    A dataset whose samples come in several `shapes` (aspect-ratio buckets) is batched one shape per
+    batch (`ShapeBatches`), unless a `sampler` is given (training's resumable order does it itself)."""
     kwargs.setdefault("persistent_workers", num_workers > 0)
+    shapes = getattr(dataset, "shapes", None)
+    if "sampler" not in kwargs and shapes is not None and len(set(shapes)) > 1:
+        batches = ShapeBatches(shapes, batch_size, shuffle, kwargs.pop("drop_last", False))
+        return SkipReportingLoader(dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=collate,
+                                   **kwargs)
     return SkipReportingLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
                                collate_fn=collate, **kwargs)
+
+
+class ShapeBatches(Sampler[list[int]]):
+    """Batches of sample indices of one shape each: grouped by shape in index order (`shuffle`: both
+    the indices within each shape and the batches shuffled anew each epoch, from torch's RNG)."""
+
+    def __init__(self, shapes: list[tuple[int, int]], batch_size: int, shuffle: bool = False, drop_last: bool = False):
+        self.shapes, self.batch_size, self.shuffle, self.drop_last = shapes, batch_size, shuffle, drop_last
+
+    def _batches(self) -> list[list[int]]:
+        out = []
+        for idx in buckets.group(self.shapes).values():
+            if self.shuffle:
+                idx = [idx[int(j)] for j in torch.randperm(len(idx))]
+            out += [idx[k:k + self.batch_size] for k in range(0, len(idx), self.batch_size)
+                    if not self.drop_last or k + self.batch_size <= len(idx)]
+        return [out[int(j)] for j in torch.randperm(len(out))] if self.shuffle else out
+
+    def __iter__(self):
+        return iter(self._batches())
+
+    def __len__(self) -> int:
+        b = self.batch_size
+        return sum(len(i) // b if self.drop_last else -(-len(i) // b) for i in buckets.group(self.shapes).values())
 
 
 def _use_semantic(cfg: DataConfig, found: Found, reader, records: list[Record],

@@ -98,30 +98,32 @@ def check_panels(panels: dict[str, Panel]) -> None:
         raise DataError(f"{sem.label}: {semantic_problem(None, sem.image.mode)}")
 
 
-def crop_box(size: tuple[int, int], policy: str, random: bool) -> Box:
-    """The part of a panel to keep, as fractions: all of it (`resize`), or the largest square,
-    centred (`center_crop`) or at a random place (`random_crop` with `random`)."""
+def crop_box(size: tuple[int, int], policy: str, random: bool, aspect: float = 1.0) -> Box:
+    """The part of a panel of `size` (width, height) to keep, as fractions: all of it (`resize`), or the
+    largest part of `aspect` (width/height; a square for the square policies), centred (`center_crop`,
+    `bucket`) or at a random place (`random_crop` with `random`)."""
     if policy == "resize":
         return FULL
     w, h = size
-    side = min(w, h)
-    fw, fh = side / w, side / h
+    fw, fh = min(1.0, h * aspect / w), min(1.0, w / aspect / h)
     ox, oy = torch.rand(2).tolist() if policy == "random_crop" and random else (0.5, 0.5)
     return ox * (1 - fw), oy * (1 - fh), ox * (1 - fw) + fw, oy * (1 - fh) + fh
 
 
-def decode_panel(panel: Panel, kind: str, box: Box, size: int, normaliser: Normaliser,
+def decode_panel(panel: Panel, kind: str, box: Box, size: int | tuple[int, int], normaliser: Normaliser,
                  flip: bool = False) -> torch.Tensor:
-    """Decode `box` of a panel to a float tensor `[3, size, size]` in [0, 1], mirrored if `flip`.
+    """Decode `box` of a panel to a float tensor `[3, height, width]` in [0, 1] (`size`: a square's side, or
+    (width, height)), mirrored if `flip`.
 
     Raises `DataError` naming the panel for undecodable data, colour-mapped infrared and semantic
     maps that are not palette colours."""
+    size = (size, size) if isinstance(size, int) else tuple(size)
     image = panel.image
     vx0, vy0, vx1, vy1 = panel.view
     x0, x1 = vx0 + box[0] * (vx1 - vx0), vx0 + box[2] * (vx1 - vx0)
     y0, y1 = vy0 + box[1] * (vy1 - vy0), vy0 + box[3] * (vy1 - vy0)
     if image.format == "JPEG" and kind != "semantic":
-        wanted = io.draft_size(image, math.ceil(size / (x1 - x0)), math.ceil(size / (y1 - y0)))
+        wanted = io.draft_size(image, math.ceil(size[0] / (x1 - x0)), math.ceil(size[1] / (y1 - y0)))
         image.draft("L" if kind == "infrared" else "RGB", wanted)
     load_upright(panel)
     w, h = image.size
@@ -129,19 +131,19 @@ def decode_panel(panel: Panel, kind: str, box: Box, size: int, normaliser: Norma
     if kind == "semantic":
         if image.mode in io.ONE_CHANNEL_MODES:
             raise DataError(f"{panel.label}: {semantic_problem(None, image.mode)}")
-        out = io.rgb_image(image).resize((size, size), Image.Resampling.NEAREST, box=pixels)
+        out = io.rgb_image(image).resize(size, Image.Resampling.NEAREST, box=pixels)
         problem = semantic_problem(np.asarray(out)[::2, ::2])
         if problem:
             raise DataError(f"{panel.label}: {problem}")
     elif image.mode in HIGH_BIT_MODES:
         grey = Image.fromarray(normaliser(np.asarray(image)))  # float32 -> mode F
-        out = grey.resize((size, size), Image.Resampling.BICUBIC, box=pixels, reducing_gap=2.0)
+        out = grey.resize(size, Image.Resampling.BICUBIC, box=pixels, reducing_gap=2.0)
     else:
         if kind == "infrared" and image.mode != "L":
             _check_not_colour_mapped(image, pixels, panel.label)
             image = image.convert("L")
         image = io.rgb_image(image) if kind == "visible" else image
-        out = image.resize((size, size), Image.Resampling.BICUBIC, box=pixels, reducing_gap=2.0)
+        out = image.resize(size, Image.Resampling.BICUBIC, box=pixels, reducing_gap=2.0)
     out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else out
     if out.mode == "F":
         return torch.from_numpy(np.repeat(np.clip(np.asarray(out), 0, 1)[None], 3, axis=0))
@@ -170,7 +172,11 @@ def loader_description(cfg, split: str) -> str:
     size = f"{cfg.size}×{cfg.size}"
     if cfg.source == "thermalscenes":
         return f"ThermalScenes rendered at {size} (synthetic, seed {cfg.synth_seed}): no crop or resize"
-    if cfg.resize_policy == "resize":
+    if cfg.resize_policy == "bucket":
+        geometry = (f"each panel resized to the nearest of the aspect-ratio buckets of about {size} pixels (sides "
+                    f"multiples of 16, long/short ≤ {cfg.max_aspect:g}; the small excess of the other aspect cropped "
+                    "at the centre)")
+    elif cfg.resize_policy == "resize":
         geometry = f"each panel resized to {size} (aspect ratio not kept)"
     elif cfg.resize_policy == "random_crop" and split == "train":
         geometry = f"a square of the panel's shorter side at a random place, resized to {size}"

@@ -61,6 +61,12 @@ class ThermalScenes(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
+    @property
+    def shapes(self) -> list[tuple[int, int]]:
+        """Each scene's panel (width, height): all alike."""
+        h, w = (self.size, self.size) if isinstance(self.size, int) else self.size
+        return [(w, h)] * len(self.indices)
+
     def __getitem__(self, i: int) -> dict:
         index = self.indices[i]
         scene = self._cache.get(index) if self._cache is not None else None
@@ -104,16 +110,31 @@ def split_indices(count: int, split: str, val_fraction: float, test_fraction: fl
     return [i for i in range(count) if hash_split(scene_name(i), val_fraction, test_fraction) == split]
 
 
+def parse_shapes(text: str, what: str = "--shapes") -> list[tuple[int, int]]:
+    """`"640x512,512x640"` → `[(640, 512), (512, 640)]` (width × height); bad text is a one-line `DataError`."""
+    shapes = []
+    for part in text.split(","):
+        w, x, h = part.strip().lower().partition("x")
+        if not (x and w.isdigit() and h.isdigit() and int(w) >= 16 and int(h) >= 16):
+            raise DataError(f"{what} {text!r}: expected WIDTHxHEIGHT[,WIDTHxHEIGHT...] with sides >= 16, "
+                            f"e.g. 640x512,512x640 (got {part.strip()!r})")
+        shapes.append((int(w), int(h)))
+    return shapes
+
+
 def write_thermalscenes(out: str | Path, count: int, size: int = 256, seed: int = 0,
-                        fmt: str = "folder") -> Path:
+                        fmt: str = "folder", shapes: list[tuple[int, int]] | None = None) -> Path:
     """Render `count` scenes into `out`: `visible/ infrared/ semantic/` PNGs (`folder`) or one
-    `thermalscenes.parquet` (`parquet`, columns name, visible, infrared, panoptic_img). Returns
-    what `data.source` should name to read them back."""
-    if count < 1 or size < 16:
-        raise DataError(f"synth: expected --count >= 1 and --size >= 16, got {count} and {size}")
+    `thermalscenes.parquet` (`parquet`, columns name, visible, infrared, panoptic_img). Scenes are
+    `size` × `size`, or with `shapes` (width, height) scene i takes `shapes[i % len(shapes)]` (a mix of
+    aspect ratios). Returns what `data.source` should name to read them back."""
+    shapes = shapes or [(size, size)]
+    if count < 1 or min(min(s) for s in shapes) < 16:
+        raise DataError(f"synth: expected --count >= 1 and sides >= 16, got {count} and "
+                        + ",".join(f"{w}x{h}" for w, h in shapes))
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    scenes = (render_scene(i, seed, size) for i in range(count))
+    scenes = (render_scene(i, seed, shapes[i % len(shapes)][::-1]) for i in range(count))
     bar = tqdm(scenes, total=count, desc=f"ThermalScenes -> {out}", unit="scene")
     if fmt == "folder":
         for i, scene in enumerate(bar):
@@ -126,7 +147,8 @@ def write_thermalscenes(out: str | Path, count: int, size: int = 256, seed: int 
                                for i, scene in enumerate(bar)))
     else:
         raise DataError(f"synth: unknown format {fmt!r} (expected folder or parquet)")
-    log.info("wrote %d ThermalScenes at %dx%d (seed %d) to %s", count, size, size, seed, target)
+    log.info("wrote %d ThermalScenes at %s (seed %d) to %s", count, ", ".join(f"{w}x{h}" for w, h in shapes),
+             seed, target)
     return target
 
 

@@ -366,13 +366,13 @@ def sample_sheet(cfg: Config, out: Path, variants: list[Variant], scenes: int = 
     if not folders:
         return None
     samples = load_split(cfg, "test", min(scenes, cfg.eval.limit or scenes), needs_semantic=True)  # those evaluated
-    sheet = {"visible": torch.stack([s["visible"] for s in samples]),
-             "semantic": torch.stack([s["semantic"] for s in samples]),
-             "truth": torch.stack([s["infrared"] for s in samples])}
+    # lists, not stacks: with aspect-ratio buckets (data.resize_policy: bucket) the scenes differ in shape
+    sheet = {"visible": [s["visible"] for s in samples], "semantic": [s["semantic"] for s in samples],
+             "truth": [s["infrared"] for s in samples]}
     for group, folder in folders.items():
         paths = [safe_join(folder, s["name"], ".png") for s in samples]
         if all(p.exists() for p in paths):
-            sheet[group] = torch.stack([to_tensor(read_image(p), str(p)) for p in paths])
+            sheet[group] = [to_tensor(read_image(p), str(p)) for p in paths]
     title = (f"Ablation samples: the first {len(samples)} test scenes, then each row's first finished seed's "
              "predictions")
     fig = labelled_grid(sheet, rows=scenes, cell=128, transpose=True, title=title,

@@ -31,6 +31,8 @@ from vis2ir.io.inputs import list_images
 
 log = logging.getLogger(__name__)
 STRIP_IMAGES = 4  # images in strip.png
+THERMALGEN = ("ThermalGen: both resized to 256×256 (bilinear), the protocol of the field's published figures; "
+              "a non-square image is squashed to the square (its aspect ratio is not kept)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -103,7 +105,7 @@ def evaluate_folders(pred: str | Path, truth: str | Path, semantic: str | Path |
     scored = {"prediction": f"the files in --pred ({values}); one resized (bilinear) to its truth's size where "
                             "they differ; grey: the mean of the channels",
               "truth": f"the files in --truth at their own size ({values})",
-              "resolution": "native: each truth's own size; ThermalGen: both resized to 256×256 (bilinear)"}
+              "resolution": f"native: each truth's own size; {THERMALGEN}"}
     return _finish_with_failures(scorer.result() | {"source": source, "scored": scored}, out, scorer, failed,
                                  len(pairs), "pairs")
 
@@ -148,10 +150,14 @@ def evaluate_checkpoint(checkpoint: str | Path, config: str | Path | None = None
                         continue
                     scorer.add(sample["name"], pred, sample["infrared"], sample_classes(sample), draw=k)
                 bar.update(len(batch))
-    size = f"{cfg.data.size}×{cfg.data.size}"
+    if cfg.data.resize_policy == "bucket" and cfg.data.source != "thermalscenes":
+        shapes = sorted({f"{w}×{h}" for w, h in dataset.shapes[:count]})
+        size = f"each sample's aspect-ratio bucket ({', '.join(shapes[:8])}{', …' if len(shapes) > 8 else ''})"
+    else:
+        size = f"{cfg.data.size}×{cfg.data.size}"
     scored = {"prediction": f"generated at {size}, rounded to 8 bits exactly as saved in pred/ (grey)",
               "truth": f"the data loader's {split!r} samples of {cfg.data.source}: {loader_description(cfg.data, split)}",
-              "resolution": f"native: {size}; ThermalGen: both resized to 256×256 (bilinear)",
+              "resolution": f"native: {size}; {THERMALGEN}",
               "same figures": f"`vis2ir evaluate --pred {Path(out) / 'pred'} --truth T` scores the same when T holds "
                               f"these truths at {size} (e.g. a folder source already at that size)"}
     if len(failed) == count * len(seeds):

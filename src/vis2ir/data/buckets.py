@@ -1,0 +1,73 @@
+"""Aspect-ratio buckets: panels at (about) their own aspect ratio, one shape per batch.
+
+With `data.resize_policy: bucket` a sample is not cropped to a square: its panels are resized to the
+nearest (in log aspect ratio) of a fixed list of shapes of about `data.size`² pixels, each side a
+multiple of `MULTIPLE` (the codec's patch: FLUX's VAE 8 × the 2×2 token packing), long/short at most
+`data.max_aspect`. Training batches hold one bucket each, and every DDP rank is in the same bucket at
+each step: `epoch_order` makes the order of an epoch a pure function of (seed, epoch), in runs of one
+global batch (batch × ranks) per bucket, so `train.Positioned` keeps a resumed run exact.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import torch
+
+MULTIPLE = 16  # every side of a bucket is a multiple of this (the patch of the VAE codec and of pixel_factor ≤ 8)
+MIN_AREA = 0.9  # a bucket holds between this share of size² and size² pixels
+
+Shape = tuple[int, int]  # (width, height) of a panel, in pixels
+
+
+def bucket_shapes(size: int, max_aspect: float, multiple: int = MULTIPLE) -> list[Shape]:
+    """Every (width, height), both multiples of `multiple`, with `MIN_AREA`·size² ≤ width·height ≤ size²
+    and long/short ≤ `max_aspect`; sorted by aspect (width/height), the square `(size, size)` included."""
+    area = size * size
+    shapes = []
+    for w in range(multiple, size * math.ceil(math.sqrt(max_aspect)) + multiple, multiple):
+        for h in range(multiple * max(1, math.ceil(MIN_AREA * area / w / multiple)), area // w + 1, multiple):
+            if MIN_AREA * area <= w * h <= area and max(w, h) <= max_aspect * min(w, h):
+                shapes.append((w, h))
+    return sorted(shapes, key=lambda s: (s[0] / s[1], s[0] * s[1]))
+
+
+def nearest_bucket(width: int, height: int, shapes: list[Shape]) -> Shape:
+    """The bucket for an image of `width × height` (upright): the nearest aspect ratio (in log), and of
+    equally near ones the largest."""
+    aspect = math.log(width / height)
+    return min(shapes, key=lambda s: (round(abs(math.log(s[0] / s[1]) - aspect), 9), -s[0] * s[1]))
+
+
+def assign(sizes: list[Shape], size: int, max_aspect: float) -> list[Shape]:
+    """The bucket of each image size (width, height; upright) in `sizes`."""
+    shapes = bucket_shapes(size, max_aspect)
+    memo: dict[Shape, Shape] = {}
+    return [memo.setdefault(s, nearest_bucket(*s, shapes)) if s not in memo else memo[s] for s in sizes]
+
+
+def group(shapes: list[Shape]) -> dict[Shape, list[int]]:
+    """Sample indices by shape, in index order; shapes in order of first appearance."""
+    groups: dict[Shape, list[int]] = defaultdict(list)
+    for i, s in enumerate(shapes):
+        groups[s].append(i)
+    return dict(groups)
+
+
+def epoch_order(shapes: list[Shape], chunk: int, seed: int) -> torch.Tensor:
+    """One epoch's sample indices, in runs of `chunk` (a global batch: batch size × ranks) of one shape.
+
+    Each shape's indices are shuffled (generator seeded with `seed`) and cut into runs; a shape's last
+    run is filled up with the first indices of its own shuffled list (padding: every sample is seen
+    every epoch, a few twice), and the runs are shuffled. Length: the sum over shapes of their counts
+    rounded up to a multiple of `chunk`."""
+    g = torch.Generator().manual_seed(seed)
+    runs, groups = [], group(shapes)
+    for shape in sorted(groups):  # sorted: the order must not depend on which sample came first
+        idx = torch.tensor(groups[shape])
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        padded = idx.repeat(math.ceil(chunk / len(idx)) + 1)[:math.ceil(len(idx) / chunk) * chunk]
+        runs += list(padded.view(-1, chunk))
+    order = torch.randperm(len(runs), generator=g)
+    return torch.cat([runs[int(r)] for r in order])
