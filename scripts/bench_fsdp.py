@@ -87,7 +87,8 @@ def launch(args, strategy: str, run_dir: Path, part: Path, deadline: float, resu
            *(["--resume", resume] if resume else []), *args.overrides]
     log.info("launch: %s", " ".join(cmd))
     subprocess.run(cmd, check=True, timeout=max(1.0, deadline - time.monotonic()),
-                   env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")})
+                   env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                       [str(Path(__file__).resolve().parents[1] / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])})
     return [json.loads(Path(f"{part}.rank{r}.json").read_text()) for r in range(args.devices)]
 
 
