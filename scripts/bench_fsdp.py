@@ -113,6 +113,10 @@ def main() -> None:
     parser.add_argument("--run-dir", help=argparse.SUPPRESS)
     parser.add_argument("--part", help=argparse.SUPPRESS)
     parser.add_argument("--resume", help=argparse.SUPPRESS)
+    parser.add_argument("--skip-ddp", action="store_true", help="FSDP only (the resume check without the comparison)")
+    parser.add_argument("--repeat", action="store_true",
+                        help="launch the uninterrupted FSDP run twice: does the GPU repeat its own losses? (bounds "
+                             "what the resume check can show)")
     parser.add_argument("overrides", nargs="*", help="key=value settings")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -128,10 +132,12 @@ def main() -> None:
     result = {"config": args.config, "overrides": args.overrides, "devices": args.devices, "steps": args.steps,
               "warmup": args.warmup, "torch": torch.__version__, "diffusers": diffusers.__version__,
               "lightning": lightning.__version__}
-    ddp = launch(args, "ddp", work / "ddp", work / "ddp", deadline)
+    ddp = None if args.skip_ddp else launch(args, "ddp", work / "ddp", work / "ddp", deadline)
     fsdp = launch(args, "fsdp", work / "fsdp", work / "fsdp", deadline)
-    result["device"] = ddp[0]["device"]
-    result["ddp"], result["fsdp"] = summary(ddp, args.devices), summary(fsdp, args.devices)
+    result["device"] = fsdp[0]["device"]
+    result["fsdp"] = summary(fsdp, args.devices)
+    if ddp:
+        result["ddp"] = summary(ddp, args.devices)
     end = args.warmup + args.steps + 3
     checkpoint = work / "fsdp" / "checkpoints" / f"step-{end - 2}"
     resumed = launch(args, "fsdp", work / "fsdp", work / "fsdp-resumed", deadline, resume=str(checkpoint))
@@ -142,16 +148,21 @@ def main() -> None:
     }
     result["fsdp_resume"]["exact"] = (result["fsdp_resume"]["straight_losses_per_rank"]
                                       == result["fsdp_resume"]["resumed_losses_per_rank"])
+    if args.repeat:
+        again = launch(args, "fsdp", work / "fsdp-repeat", work / "fsdp-repeat", deadline)
+        losses = [[p["losses"][str(s)] for s in (end - 1, end)] for p in again]
+        result["fsdp_repeat"] = {"straight_again_losses_per_rank": losses,
+                                 "repeats_itself": losses == result["fsdp_resume"]["straight_losses_per_rank"]}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
 
     def gib(values):
         return " / ".join("-" if v is None else f"{v:.1f}" for v in values)
 
-    log.info("%s, %d devices, batch %d per device", result["device"], args.devices, ddp[0]["batch_size"])
+    log.info("%s, %d devices, batch %d per device", result["device"], args.devices, fsdp[0]["batch_size"])
     log.info("%-6s %14s %12s %26s %26s", "", "step (median)", "samples/s", "peak GiB per rank (steps)",
              "peak GiB per rank (+build)")
-    for name in ("ddp", "fsdp"):
+    for name in ("ddp", "fsdp")[1 if ddp is None else 0:]:
         r = result[name]
         log.info("%-6s %13.3fs %12.2f %26s %26s", name, r["median_step_s"] or float("nan"),
                  r["samples_per_s"] or float("nan"), gib(r["peak_gib_per_rank"]),
@@ -159,6 +170,10 @@ def main() -> None:
     log.info("fsdp resume from step %d: %s (straight %s, resumed %s)", end - 2,
              "exact" if result["fsdp_resume"]["exact"] else "NOT EXACT",
              result["fsdp_resume"]["straight_losses_per_rank"], result["fsdp_resume"]["resumed_losses_per_rank"])
+    if "fsdp_repeat" in result:
+        log.info("fsdp uninterrupted run launched again: %s (%s)",
+                 "the same losses" if result["fsdp_repeat"]["repeats_itself"] else "OTHER LOSSES",
+                 result["fsdp_repeat"]["straight_again_losses_per_rank"])
     log.info("written %s", args.out)
 
 

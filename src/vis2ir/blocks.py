@@ -16,7 +16,7 @@ Blocks with the most bytes to save go first (every FLUX block, double or single,
 12·d² FLOPs per token, so fewest blocks recomputed = least time lost). Figures are allocator bytes
 (`torch.cuda.max_memory_allocated`); the CUDA context and allocator cache come on top.
 
-`train.compile` compiles each repeated block (diffusers' regional compilation) so that start-up stays short.
+`train.compile` compiles each repeated block (`speedup.compile_blocks`, shared with `sample.compile`).
 """
 
 from __future__ import annotations
@@ -27,13 +27,12 @@ from collections.abc import Sequence
 import torch
 
 from vis2ir.errors import Vis2IRError
+from vis2ir.quantize import blocks
 
 log = logging.getLogger(__name__)
 
 GiB = 2**30
 
-# torch.compile backend of `train.compile`. Tests may set another ("aot_eager") where no C++ compiler exists.
-_COMPILE_BACKEND = "inductor"
 
 
 def checkpoint_plan(full: Sequence[int], kept: Sequence[int], fixed: int, budget: int) -> list[bool]:
@@ -107,11 +106,6 @@ def measure_blocks(transformer, batch: int, image_tokens: int, text_tokens: int)
     return full, [kept] * len(full)
 
 
-def blocks(transformer) -> list[torch.nn.Module]:
-    """The repeated blocks, in the order the forward runs them (double-stream, then single-stream)."""
-    return [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
-
-
 def fixed_bytes(model: torch.nn.Module, optimizer_states: int, batch: int, tokens: int, width: int,
                 full: Sequence[int]) -> int:
     """`fixed` of `checkpoint_plan`: parameters, gradients + optimizer state of the trainable ones (fp32 master
@@ -175,10 +169,3 @@ def plan_checkpointing(transformer, model: torch.nn.Module, budget_gib: float | 
              fixed / GiB, max(full) / GiB, kept[0] / GiB if kept else 0, describe_plan(plan, transformer))
     set_checkpointing(transformer, plan)
     return plan
-
-
-def compile_blocks(transformer) -> None:
-    """Compile each repeated block (regional compilation: one compile per block kind, reused by every block)."""
-    transformer.compile_repeated_blocks(backend=_COMPILE_BACKEND)
-    log.info("Compiling the transformer's blocks (torch.compile, backend %s): the first step takes longer",
-             _COMPILE_BACKEND)

@@ -33,22 +33,23 @@ log = logging.getLogger(__name__)
 CACHES = ("none", "first_block", "taylorseer")
 
 
-def compile_blocks(transformer: nn.Module, mode: str = "default") -> int:
+def compile_blocks(transformer: nn.Module, mode: str = "default", setting: str = "sample.compile") -> int:
     """`torch.compile` each block of `transformer` (in place, once); returns the number of blocks compiled.
 
-    Raises `Vis2IRError` when the transformer has no block lists (`transformer_blocks`, `single_transformer_blocks`).
+    One path for `sample.compile` and `train.compile` (`setting` names which, in messages). Raises
+    `Vis2IRError` when the transformer has no block lists (`transformer_blocks`, `single_transformer_blocks`).
     """
     found = blocks(transformer)
     if not found:
-        raise Vis2IRError(f"sample.compile: the transformer ({type(transformer).__name__}) has none of the block lists "
-                          f"{', '.join(BLOCK_LISTS)}; set sample.compile=false")
+        raise Vis2IRError(f"{setting}: the transformer ({type(transformer).__name__}) has none of the block lists "
+                          f"{', '.join(BLOCK_LISTS)}; set {setting}=false")
     if getattr(transformer, "_vis2ir_compiled", None) is not None:
         return 0
     for block in found:
         block.forward = torch.compile(block.forward, mode=None if mode == "default" else mode)
     transformer._vis2ir_compiled = mode
-    log.info("sample.compile: %d transformer blocks compiled with torch.compile (mode %s); the first image "
-             "compiles them (slow), later ones run compiled", len(found), mode)
+    log.info("%s: %d transformer blocks compiled with torch.compile (mode %s); the first call compiles them "
+             "(slow), later ones run compiled", setting, len(found), mode)
     return len(found)
 
 

@@ -501,6 +501,7 @@ def prepare_for_training(model: Vis2IRModel, cfg: Config) -> Vis2IRModel:
     """LoRA (fp32 adapters on a frozen base; bf16 with `train.precision: bf16-true`) or full training;
     gradient checkpointing of every block, none, or as a memory budget needs (`auto`); compiled blocks."""
     from vis2ir import blocks
+    from vis2ir.speedup import compile_blocks
 
     true_bf16 = cfg.train.precision == "bf16-true"
     transformer = model.transformer
@@ -528,7 +529,7 @@ def prepare_for_training(model: Vis2IRModel, cfg: Config) -> Vis2IRModel:
     else:
         transformer.disable_gradient_checkpointing()
     if cfg.train.compile:
-        blocks.compile_blocks(transformer)
+        compile_blocks(transformer, setting="train.compile")
     return model
 
 
