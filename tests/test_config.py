@@ -195,6 +195,12 @@ def test_nan_in_a_yaml_file_is_refused(tmp_path):
                                                     r"\(a quantized base cannot be sharded: .*\), got 'nf4'$"),
     (["model.quantize=fp8", "train.strategy=fsdp"], r"^model.quantize: expected none with train.strategy=fsdp"),
     (["train.strategy=fsdp", "train.precision=16-mixed"], r"^train.precision: expected .* with train.strategy=fsdp"),
+    (["train.strategy=fsdp", "train.precision=bf16-true"],
+     r"^train.precision: expected 'auto' or 'bf16-mixed' with train.strategy=fsdp .*, got 'bf16-true'$"),
+    (["train.strategy=fsdp", "train.compile=true"], r"^train.compile: expected false with train.strategy=fsdp"),
+    (["train.memory_budget_gib=20"], r"^train.memory_budget_gib: expected null unless train.gradient_checkpointing is auto"),
+    (["train.gradient_checkpointing=sometimes"],
+     r"^train.gradient_checkpointing: expected true or false or one of 'auto', got 'sometimes'$"),
 ])
 def test_strategies_that_cannot_work_are_refused_in_one_line(overrides, message):
     """FSDP trains (tests/test_train.py); DeepSpeed, FSDP over a quantized base and FSDP with fp16 loss scaling

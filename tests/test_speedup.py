@@ -249,6 +249,25 @@ def test_compile_setting_compiles_the_pipeline(cache_dir, caplog):
     assert "first batch, compilation included" in caplog.text
 
 
+def test_compile_without_a_compiler_is_one_line(cache_dir, monkeypatch, tmp_path):
+    """sample.compile on a machine where inductor cannot build (here: no C++ compiler) → one line, not a traceback."""
+    cfg, model = model_for(cache_dir, "model.semantic.mode=none", "sample.compile=true")
+    import torch._inductor.config as inductor
+
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setattr(inductor.cpp, "cxx", (str(tmp_path / "no-such-compiler"),))
+    monkeypatch.setattr(inductor, "force_disable_caches", True)  # else kernels built by earlier tests are reused
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    torch._dynamo.reset()
+    pipe = Vis2IRPipeline(model, cfg)
+    with pytest.raises(Vis2IRError) as err:
+        pipe(inputs()[0][0], steps=2, output_type="pt")
+    torch._dynamo.reset()
+    message = str(err.value)
+    assert message.startswith("sample.compile: torch.compile could not compile") and "\n" not in message
+    assert message.endswith("set sample.compile=false")
+
+
 def test_compile_needs_block_lists():
     with pytest.raises(Vis2IRError, match=r"^sample.compile: the transformer \(Linear\) has none"):
         compile_blocks(nn.Linear(2, 2))

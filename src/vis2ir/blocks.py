@@ -34,7 +34,6 @@ log = logging.getLogger(__name__)
 GiB = 2**30
 
 
-
 def checkpoint_plan(full: Sequence[int], kept: Sequence[int], fixed: int, budget: int) -> list[bool]:
     """Which blocks to checkpoint so that `fixed + Σ (kept[i] if checkpointed else full[i]) ≤ budget`.
 
@@ -91,17 +90,22 @@ def block_inputs(transformer, batch: int, image_tokens: int, text_tokens: int):
     return hidden, text, temb, rope
 
 
-def measure_blocks(transformer, batch: int, image_tokens: int, text_tokens: int) -> tuple[list[int], list[int]]:
-    """`(full, kept)` bytes of every block (see the module's docstring), from one forward of one block per kind."""
-    frozen = [p for p in transformer.parameters()]
+def measure_blocks(transformer, batch: int, image_tokens: int, text_tokens: int,
+                   autocast: torch.dtype | None = None) -> tuple[list[int], list[int]]:
+    """`(full, kept)` bytes of every block (see the module's docstring), from one eager forward of one block per
+    kind, under the run's autocast dtype (`autocast`: bf16 for bf16-mixed, fp16 for 16-mixed, None: none)."""
+    weights = list(transformer.parameters())  # never counted: they are not activations
     hidden, text, temb, rope = block_inputs(transformer, batch, image_tokens, text_tokens)
     kept = hidden.nbytes + text.nbytes
+    device = hidden.device.type
     full, per_kind = [], {}
     for block in blocks(transformer):
         kind = type(block).__name__
         if kind not in per_kind:
-            # forward, not __call__: a compiled block's graph would hide what autograd saves from the hooks
-            per_kind[kind] = saved_bytes(lambda: block.forward(hidden, text, temb, rope), exclude=frozen)
+            # The eager forward (before `train.compile` replaces it), so that every hook sees what autograd saves.
+            forward = getattr(block, "_vis2ir_eager_forward", block.forward)
+            with torch.autocast(device, dtype=autocast, enabled=autocast is not None):
+                per_kind[kind] = saved_bytes(lambda: forward(hidden, text, temb, rope), exclude=weights)
         full.append(per_kind[kind])
     return full, [kept] * len(full)
 
@@ -149,7 +153,8 @@ def describe_plan(plan: Sequence[bool], transformer) -> str:
 
 
 def plan_checkpointing(transformer, model: torch.nn.Module, budget_gib: float | None, batch: int,
-                       image_tokens: int, text_tokens: int, optimizer_states: int = 2) -> list[bool]:
+                       image_tokens: int, text_tokens: int, optimizer_states: int = 2,
+                       autocast: torch.dtype | None = None) -> list[bool]:
     """Measure the blocks, plan for the budget (null: the card's memory less 5 %, none on the CPU), apply, log."""
     device = next(transformer.parameters()).device
     if budget_gib is None:
@@ -159,7 +164,7 @@ def plan_checkpointing(transformer, model: torch.nn.Module, budget_gib: float | 
             set_checkpointing(transformer, [False] * len(blocks(transformer)))
             return [False] * len(blocks(transformer))
         budget_gib = 0.95 * torch.cuda.get_device_properties(device).total_memory / GiB
-    full, kept = measure_blocks(transformer, batch, image_tokens, text_tokens)
+    full, kept = measure_blocks(transformer, batch, image_tokens, text_tokens, autocast)
     width = transformer.config.num_attention_heads * transformer.config.attention_head_dim
     fixed = fixed_bytes(model, optimizer_states, batch, image_tokens + text_tokens, width, full)
     plan = checkpoint_plan(full, kept, fixed, int(budget_gib * GiB))

@@ -358,6 +358,9 @@ class TrainConfig:
                "train.devices", "a number of devices >= 1, 'auto', or a list like '0,1'", self.devices)
         _check(self.memory_budget_gib is None or self.memory_budget_gib > 0, "train.memory_budget_gib",
                "a number of GiB > 0 (or null: the GPU's memory less 5 %)", self.memory_budget_gib)
+        _check(self.memory_budget_gib is None or self.gradient_checkpointing == "auto", "train.memory_budget_gib",
+               "null unless train.gradient_checkpointing is auto (the budget only plans which blocks to checkpoint)",
+               self.memory_budget_gib)
         _check(self.strategy != "deepspeed", "train.strategy",
                "'auto', 'ddp' or 'fsdp' (DeepSpeed is not supported: train.strategy=fsdp shards the frozen base "
                "across the GPUs, ddp keeps a whole model on each)", self.strategy)
@@ -366,8 +369,11 @@ class TrainConfig:
         _check(self.strategy != "fsdp" or self.gradient_checkpointing != "auto", "train.gradient_checkpointing",
                "true or false with train.strategy=fsdp (the `auto` plan measures unsharded blocks)",
                self.gradient_checkpointing)
+        _check(self.strategy != "fsdp" or self.precision != "bf16-true", "train.precision",
+               "'auto' or 'bf16-mixed' with train.strategy=fsdp (bf16-true's fp32 master weights are not sharded "
+               "with the model yet)", self.precision)
         _check(self.strategy != "fsdp" or self.precision != "16-mixed", "train.precision",
-               "'auto', 'bf16-mixed', 'bf16-true' or '32-true' with train.strategy=fsdp (Lightning's FSDP2 "
+               "'auto', 'bf16-mixed' or '32-true' with train.strategy=fsdp (Lightning's FSDP2 "
                "strategy has no fp16 loss scaling)", self.precision)
 
 
@@ -620,6 +626,13 @@ def from_dict(cls: type, raw: Any, where: str = "") -> Any:
     return cls(**kwargs)
 
 
+def _describe(tp: Any) -> str | None:
+    """What a value of a simple type looks like, for messages; None for other types."""
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(map(repr, typing.get_args(tp)))
+    return {bool: "true or false", int: "an integer", float: "a number"}.get(tp)
+
+
 def _coerce(tp: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -633,12 +646,15 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        for option in inner[:-1]:
+        for option in inner:
             try:
                 return _coerce(option, value, where)
-            except ConfigError:
-                continue
-        return _coerce(inner[-1], value, where)
+            except ConfigError as err:
+                last = err
+        described = [_describe(option) for option in inner]
+        if len(inner) > 1 and all(described):  # e.g. bool | Literal["auto"]: "true, false or 'auto'"
+            raise ConfigError(f"{where}: expected {' or '.join(described)}, got {value!r}")
+        raise last
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")

@@ -45,7 +45,7 @@ from vis2ir.palette import semantic_problem
 from vis2ir.quantize import OutOfMemory, out_of_memory
 from vis2ir.sample import generate
 from vis2ir.semantic.modes import NEEDS_SEMANTIC, num_panels
-from vis2ir.speedup import StepCache, compile_blocks
+from vis2ir.speedup import StepCache, compile_blocks, compile_failure
 from vis2ir.figures import save_figure
 from vis2ir.visualize import AttentionMaps, check_output_format, compare_figure, infrared_image, save_attention_maps
 
@@ -272,6 +272,10 @@ class Vis2IRPipeline:
                         bad.append(i)
         except torch.OutOfMemoryError:
             raise out_of_memory("generation", self.cfg, self.device) from None
+        except Exception as err:
+            if self._compile_pending and (failure := compile_failure(err, "sample.compile")) is not None:
+                raise failure from None
+            raise
         finally:
             for hook in self._hooks:
                 hook.offload()

@@ -46,11 +46,21 @@ def compile_blocks(transformer: nn.Module, mode: str = "default", setting: str =
     if getattr(transformer, "_vis2ir_compiled", None) is not None:
         return 0
     for block in found:
+        block._vis2ir_eager_forward = block.forward  # kept: `blocks.measure_blocks` measures the eager forward
         block.forward = torch.compile(block.forward, mode=None if mode == "default" else mode)
     transformer._vis2ir_compiled = mode
     log.info("%s: %d transformer blocks compiled with torch.compile (mode %s); the first call compiles them "
              "(slow), later ones run compiled", setting, len(found), mode)
     return len(found)
+
+
+def compile_failure(err: BaseException, setting: str) -> Vis2IRError | None:
+    """One line for an error `torch.compile` raised while compiling the blocks (no C++ compiler on the CPU, no
+    triton on a GPU, an unsupported operation), naming `setting` and how to turn it off; None for other errors."""
+    if not (type(err).__module__ or "").startswith(("torch._dynamo", "torch._inductor")):
+        return None
+    return Vis2IRError(f"{setting}: torch.compile could not compile the transformer's blocks ({describe(err)}); "
+                       f"set {setting}=false")
 
 
 class StepCache:

@@ -7,7 +7,7 @@ is refused); this file says what one step does (docs/design.md §1, §3):
     v̂ = model(x_t = (1 − t)·x_0 + t·x_1);  loss = mse(v̂, x_1 − x_0) over all or target tokens
 
 A step is one (accumulated) batch. A step whose loss or gradients are NaN/inf still counts but
-changes no weight (its gradients are dropped), so step N's checkpoint has read N batches, the logs
+changes no weight (the fused AdamW skips it on the device; other optimizers get no gradients), so step N's checkpoint has read N batches, the logs
 say N, and a resume from it reads batch N next. Checkpoints (`checkpoint.py` layout) are written
 every `train.checkpoint_every` steps, at the end and on Ctrl-C, only when every trainable tensor is
 finite; `--resume` continues a run exactly (same data order, and every rank's noise and RNG are a
@@ -453,7 +453,7 @@ class Vis2IRModule(L.LightningModule):
         if self._bad_steps >= cfg.max_bad_steps:
             kept = list_checkpoints(cfg.output_dir)  # only finite weights are ever written
             raise Vis2IRError(
-                f"training stopped at step {self.global_step}: the {what} was NaN/inf for {self._bad_steps} steps "
+                f"training stopped at step {step}: the {what} was NaN/inf for {self._bad_steps} steps "
                 f"in a row (train.max_bad_steps); "
                 + (f"the last good checkpoint is kept: {kept[-1]}" if kept else
                    f"no checkpoint with finite weights was written under {Path(cfg.output_dir) / 'checkpoints'}")
@@ -522,8 +522,13 @@ def prepare_for_training(model: Vis2IRModel, cfg: Config) -> Vis2IRModel:
     checkpointing = cfg.train.gradient_checkpointing
     if checkpointing == "auto":
         image_tokens, text_tokens = training_tokens(model, cfg)
+        precision = cfg.train.precision
+        if precision == "auto":
+            precision = "bf16-mixed" if next(transformer.parameters()).device.type == "cuda" else "32-true"
+        autocast = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
         blocks.plan_checkpointing(transformer, model, cfg.train.memory_budget_gib, cfg.train.batch_size,
-                                  image_tokens, text_tokens, optimizer_states=4 if cfg.train.optimizer == "prodigy" else 2)
+                                  image_tokens, text_tokens, optimizer_states=4 if cfg.train.optimizer == "prodigy" else 2,
+                                  autocast=autocast)
     elif checkpointing:
         transformer.enable_gradient_checkpointing()
     else:
@@ -872,6 +877,11 @@ def train(cfg: Config, resume: str | None = None, model: Vis2IRModel | None = No
             raise KeyboardInterrupt from None
         if isinstance(err, torch.OutOfMemoryError):
             raise out_of_memory("training", cfg, trainer.strategy.root_device) from None
+        if cfg.train.compile:
+            from vis2ir.speedup import compile_failure
+
+            if (failure := compile_failure(err, "train.compile")) is not None:
+                raise failure from None
         raise
     finally:
         if handler is not None and threading.current_thread() is threading.main_thread():
