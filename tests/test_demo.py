@@ -10,12 +10,11 @@ from PIL import Image
 
 from vis2ir.checkpoint import SHIPPED
 from vis2ir.cli import main
-from vis2ir.demo import DEMO_CHECKPOINTS
 
 
-@pytest.mark.parametrize("name", sorted(DEMO_CHECKPOINTS))
+@pytest.mark.parametrize("name", sorted(SHIPPED))
 def test_shipped_checkpoint_is_small(name):
-    files = list(DEMO_CHECKPOINTS[name].glob("*.safetensors"))
+    files = list(SHIPPED[name].glob("*.safetensors"))
     assert files and sum(f.stat().st_size for f in files) <= 25 * 2**20
 
 
