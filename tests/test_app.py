@@ -184,3 +184,134 @@ def test_the_page_in_a_browser(served, phone_photo, tmp_path):
         browser.quit()
     for name in ("app_result.png", "app_attention.png"):
         assert Image.open(shots / name).size[0] >= 1000
+
+
+# -- startup, settings and errors: one line, before the models load -----------------------------------------
+
+
+@pytest.fixture
+def no_models(monkeypatch):
+    """Loading the models is a test failure: the checks come first."""
+    import vis2ir.app
+
+    monkeypatch.setattr(vis2ir.app, "load_models", lambda *a, **k: pytest.fail("the models were loaded"))
+
+
+def _one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("vis2ir: error: "), err
+    return err
+
+
+def test_a_port_in_use_is_one_line_before_the_models_load(no_models, capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["app", "--port", str(port)]) == 2
+    assert _one_line(capsys) == (f"vis2ir: error: --port {port}: already in use on 127.0.0.1; pick another with "
+                                 "--port N")
+
+
+@pytest.mark.parametrize("port", ["99999", "0", "-5"])
+def test_a_port_out_of_range_is_one_line(port, no_models, capsys):
+    assert main(["app", "--port", port]) == 2
+    assert _one_line(capsys) == f"vis2ir: error: --port {port}: expected a port number from 1 to 65535"
+
+
+def test_a_host_that_is_not_here_is_one_line(no_models, capsys):
+    assert main(["app", "--host", "no-such-host.invalid", "--port", str(free_port())]) == 2
+    assert "--host no-such-host.invalid: not an address of this machine" in _one_line(capsys)
+
+
+def test_a_port_taken_while_the_models_load_is_one_line_and_nothing_says_serving(monkeypatch, capsys, caplog):
+    """The bind check passes, then the port is taken before Gradio binds it: launch's OSError is the same line,
+    and "Serving" is logged only once the page is up."""
+    import logging
+
+    import vis2ir.app
+
+    caplog.set_level(logging.INFO, logger="vis2ir")
+    monkeypatch.setattr(vis2ir.app, "check_port", lambda host, port: None)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["app", "--port", str(port)]) == 2
+    assert _one_line(capsys).endswith(f"--port {port}: already in use on 127.0.0.1; pick another with --port N")
+    assert not [r for r in caplog.records if "Serving" in r.getMessage()]
+
+
+def test_the_page_says_where_it_serves_once_it_is_up(caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="vis2ir")
+    port = free_port()
+    page = serve(host="127.0.0.1", port=port, block=False)
+    try:
+        served = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Serving")]
+        assert served and served[0].endswith(f"on http://127.0.0.1:{port}/")
+    finally:
+        page.close()
+
+
+def test_app_takes_the_segment_model(monkeypatch):
+    """`vis2ir app --segment-model` (named by the page's error) exists and reaches the page."""
+    import vis2ir.app
+
+    seen = {}
+    monkeypatch.setattr(vis2ir.app, "serve", lambda *a, **k: seen.update(k))
+    assert main(["app", "--segment-model", "my/segmenter"]) == 0
+    assert seen["segment_model"] == "my/segmenter"
+
+
+def test_the_segmenter_loads_on_the_models_device(monkeypatch, tmp_path):
+    import types
+
+    import torch
+
+    import vis2ir.segment
+
+    loaded = {}
+
+    class Recorder:
+        def __init__(self, model, device, setting):
+            loaded.update(model=model, device=device, setting=setting)
+
+    monkeypatch.setattr(vis2ir.segment, "Segmenter", Recorder)
+    pipe = types.SimpleNamespace(device=torch.device("cuda", 1), model=types.SimpleNamespace(mode="channel_concat"))
+    app = App({"m": pipe}, tmp_path, segment_model=str(tmp_path))  # a local folder: no Hub look-up
+    assert isinstance(app.segmenter(pipe), Recorder)
+    assert loaded == {"model": str(tmp_path), "device": torch.device("cuda", 1),
+                      "setting": "vis2ir app --segment-model"}
+
+
+@pytest.mark.parametrize("seed", [2**70, -1, 2**32])
+def test_page_seeds_are_checked_by_the_settings_validator(seed, models, phone_photo, tmp_path):
+    """The page's steps and seed go through the one validator (SampleConfig): a huge seed was torch's
+    'Overflow when unpacking long long', a negative one was taken."""
+    from vis2ir.errors import Vis2IRError
+
+    photo, semantic = (str(p) for p in phone_photo)
+    with pytest.raises(Vis2IRError, match=r"^sample.seed: expected an integer from 0 to 4294967295"):
+        App(models, tmp_path).generate("demo (channel_concat)", photo, semantic, "white-hot", 8, 2, seed)
+    with pytest.raises(Vis2IRError, match=r"^sample.steps: expected an integer >= 1, got 0$"):
+        App(models, tmp_path).generate("demo (channel_concat)", photo, semantic, "white-hot", 8, 0, 0)
+
+
+def test_a_bad_upload_is_one_line_in_the_server_log_without_a_traceback(served, phone_photo, tmp_path, capfd,
+                                                                         caplog):
+    import logging
+
+    from gradio_client import Client, handle_file
+
+    caplog.set_level(logging.WARNING, logger="vis2ir")
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image")
+    client = Client(served, verbose=False)
+    with pytest.raises(Exception, match=r"photo notes\.png: cannot read image"):
+        client.predict("demo (channel_concat)", handle_file(str(bad)), handle_file(str(phone_photo[1])), "white-hot",
+                       8, 2, 0, api_name="/generate")
+    captured = capfd.readouterr()
+    assert "Traceback" not in captured.err + captured.out
+    assert [r.getMessage() for r in caplog.records if "notes.png: cannot read image" in r.getMessage()]

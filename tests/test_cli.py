@@ -105,3 +105,129 @@ def test_a_typo_is_answered_before_torch_is_imported(argv, tmp_path):
     assert proc.stderr.strip().splitlines() == [
         "vis2ir: error: unknown setting 'train.max_step'; did you mean 'train.max_steps'? (valid here: "
         + proc.stderr.split("(valid here: ")[1].strip()]
+
+
+# -- settings every command shares: --device, seeds; data synth's shapes -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def photo_dir(tmp_path_factory):
+    """A folder with one small photo and its semantic map (a ThermalScene), for `generate`."""
+    from PIL import Image
+
+    from vis2ir.data.thermalscenes import render_scene
+
+    root = tmp_path_factory.mktemp("photos")
+    scene = render_scene(3, size=32)
+    Image.fromarray(scene.visible).save(root / "a.png")
+    (root / "maps").mkdir()
+    Image.fromarray(scene.semantic).save(root / "maps" / "a.png")
+    return root
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("vis2ir: error: "), err
+    return err
+
+
+@pytest.mark.parametrize("device, expected", [
+    ("bogus", "--device 'bogus': expected cpu, cuda or cuda:N"),
+    ("cuda:x", "--device 'cuda:x': expected cpu, cuda or cuda:N"),
+    ("mps", "--device 'mps': expected cpu, cuda or cuda:N"),
+    ("cuda", "--device 'cuda': CUDA is not available on this machine"),
+    ("cuda:7", "--device 'cuda:7': CUDA is not available on this machine"),
+])
+@pytest.mark.parametrize("command", ["app", "generate", "evaluate-checkpoint", "evaluate-folders", "ablate"])
+def test_a_bad_device_is_one_line_in_every_command(command, device, expected, photo_dir, tmp_path, capsys,
+                                                   monkeypatch):
+    """`--device` is checked once (io.runtime.default_device) before any model loads, in every command."""
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    if command == "app":
+        pytest.importorskip("gradio")
+        import vis2ir.app
+
+        monkeypatch.setattr(vis2ir.app, "load_models", lambda *a, **k: pytest.fail("models loaded"))
+    port = _free_port()
+    argv = {
+        "app": ["app", "--port", str(port)],
+        "generate": ["generate", "--checkpoint", "demo", "--input", str(photo_dir / "a.png"), "--semantic",
+                     str(photo_dir / "maps" / "a.png"), "--out", str(tmp_path / "out")],
+        "evaluate-checkpoint": ["evaluate", "--checkpoint", "demo", "--limit", "1", "--out", str(tmp_path / "ev")],
+        "evaluate-folders": ["evaluate", "--pred", str(photo_dir), "--truth", str(photo_dir), "--out",
+                             str(tmp_path / "ev")],
+        "ablate": ["ablate", "--config", "configs/demo.yaml", "--grid", "train.max_steps=1", "--out",
+                   str(tmp_path / "ab")],
+    }[command]
+    assert main([*argv, "--device", device]) == 2
+    assert expected in _one_line_error(capsys)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "ab" / "variants").exists()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("argv", [
+    ["sample.seed=1180591620717411303424"],  # 2**70: torch's generator overflowed with a traceback
+    ["--seed", "1180591620717411303424"],
+    ["--seed", "-1"],
+    ["--steps", "0"],  # was taken as "the default" (steps or sample.steps)
+])
+def test_generate_refuses_a_seed_or_steps_out_of_range_in_one_line(argv, photo_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["generate", "--checkpoint", "demo", "--input", str(photo_dir / "a.png"), "--semantic",
+                 str(photo_dir / "maps" / "a.png"), "--out", str(out), *argv]) == 2
+    err = _one_line_error(capsys)
+    assert ("sample.seed: expected an integer from 0 to 4294967295" in err if "seed" in " ".join(argv)
+            else "sample.steps: expected an integer >= 1, got 0" in err)
+    assert not list(out.rglob("*.png"))
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["data", "synth", "--seed", "-1"], "--seed: expected an integer from 0 to 4294967295"),
+    (["ablate", "--config", "configs/demo.yaml", "--grid", "train.max_steps=1", "--seeds", "0,4294967296"],
+     "--seeds '0,4294967296': each seed must be an integer from 0 to 4294967295"),
+    (["config", "show", "train.seed=4294967296"], "train.seed: expected an integer from 0 to 4294967295"),
+])
+def test_every_command_line_seed_is_bounded(argv, expected, tmp_path, capsys):
+    if argv[:2] == ["data", "synth"]:
+        argv = [*argv, "--out", str(tmp_path / "s"), "--count", "1"]
+    elif argv[0] == "ablate":
+        argv = [*argv, "--out", str(tmp_path / "ab")]
+    assert main(argv) == 2
+    assert expected in _one_line_error(capsys)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--shapes", "100000x100000"], "with sides from 16 to 16384 pixels"),  # was a numpy MemoryError
+    (["--shapes", "10000x10000"], "at most 89478485 pixels (the image reader's limit"),
+    (["--shapes", "\uff16\uff14x64"], "expected WIDTHxHEIGHT"),  # fullwidth digits: str.isdigit() took them
+    (["--shapes", "\u0664\u0660x64"], "expected WIDTHxHEIGHT"),  # Arabic-Indic digits
+    (["--width", "64", "--height", "100000"], "with sides from 16 to 16384 pixels"),
+    (["--size", "100000"], "synth: expected scenes with sides from 16 to 16384 pixels, got 100000x100000"),
+    (["--size", "64", "--shapes", "64x32"], "--size makes square scenes"),  # --size was silently ignored
+    (["--size", "64", "--width", "64", "--height", "32"], "--size makes square scenes"),
+])
+def test_data_synth_refuses_shapes_it_cannot_make_in_one_line(argv, expected, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("VIS2IR_MAX_IMAGE_PIXELS", raising=False)
+    assert main(["data", "synth", "--out", str(tmp_path / "s"), "--count", "1", *argv]) == 2
+    assert expected in _one_line_error(capsys)
+    assert not list(tmp_path.rglob("*.png"))
+
+
+def test_data_synth_sizes(tmp_path):
+    """Without --size, --shapes and --width/--height: 256 squares; --shapes takes x or X."""
+    from PIL import Image
+
+    assert main(["data", "synth", "--out", str(tmp_path / "a"), "--count", "1"]) == 0
+    assert Image.open(tmp_path / "a" / "visible" / "scene_000000.png").size == (256, 256)
+    assert main(["data", "synth", "--out", str(tmp_path / "b"), "--count", "1", "--shapes", "64X32"]) == 0
+    assert Image.open(tmp_path / "b" / "visible" / "scene_000000.png").size == (64, 32)

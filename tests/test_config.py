@@ -169,6 +169,12 @@ def test_cli_reports_config_errors_in_one_line(capsys):
     ("eval.limit=0", "eval.limit"),
     ("eval.fit_limit=0", "eval.fit_limit"),
     ("eval.noise_draws=0", "eval.noise_draws"),
+    # every seed below 2**32 (Lightning's and numpy's seeding; torch's overflow at 2**63 was a traceback)
+    ("train.seed=4294967296", "train.seed"),
+    ("model.seed=1180591620717411303424", "model.seed"),
+    ("model.text.seed=4294967296", "model.text.seed"),
+    ("data.synth_seed=4294967296", "data.synth_seed"),
+    ("sample.seed=1180591620717411303424", "sample.seed"),
 ])
 def test_settings_that_cannot_work_are_refused(override, key):
     """Every numeric setting has its range; NaN and inf (YAML `.nan`, override `nan`) are never taken."""
@@ -211,3 +217,10 @@ def test_strategies_that_cannot_work_are_refused_in_one_line(overrides, message)
     assert load_config(None, ["train.strategy=fsdp"]).train.strategy == "fsdp"
 
 
+
+
+def test_the_seed_bound_is_the_last_seed_and_noise_draws_stay_under_it():
+    """2**32 - 1 is a seed; the noise draws' seeds (sample.seed, +1, ...) must stay under the bound too."""
+    assert load_config(None, ["train.seed=4294967295", "sample.seed=4294967295"]).train.seed == 2**32 - 1
+    with pytest.raises(ConfigError, match=r"^eval.noise_draws: expected at most 4294967296 - sample.seed"):
+        load_config(None, ["sample.seed=4294967295", "eval.noise_draws=2"])

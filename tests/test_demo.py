@@ -10,12 +10,11 @@ from PIL import Image
 
 from vis2ir.checkpoint import SHIPPED
 from vis2ir.cli import main
-from vis2ir.demo import DEMO_CHECKPOINTS
 
 
-@pytest.mark.parametrize("name", sorted(DEMO_CHECKPOINTS))
+@pytest.mark.parametrize("name", sorted(SHIPPED))
 def test_shipped_checkpoint_is_small(name):
-    files = list(DEMO_CHECKPOINTS[name].glob("*.safetensors"))
+    files = list(SHIPPED[name].glob("*.safetensors"))
     assert files and sum(f.stat().st_size for f in files) <= 25 * 2**20
 
 
@@ -61,3 +60,37 @@ def test_demo_end_to_end(tmp_path, capsys, caplog):
             assert Image.open(folder / name).width >= 256
         assert "person" in json.loads((folder / "classes.json").read_text())
     assert "seconds" in report  # its time is reported; no limit is asserted (CI is a shared machine)
+
+
+@pytest.mark.parametrize("how", ["config", "override"])
+def test_the_demo_config_sample_section_reaches_every_model(how, tmp_path, monkeypatch, caplog):
+    """`vis2ir demo --config FILE` (or sample.steps=N) samples every model, shipped and untrained, with the
+    demo's one `sample` section, as its log line says."""
+    import yaml
+
+    import vis2ir.demo
+    from vis2ir.demo import run_demo
+    from vis2ir.pipeline import Vis2IRPipeline
+
+    caplog.set_level(logging.INFO, logger="vis2ir")
+    if how == "config":
+        cfg = yaml.safe_load((SHIPPED["demo"] / "config.yaml").read_text())
+        cfg["sample"]["steps"] = 2
+        (tmp_path / "demo.yaml").write_text(yaml.safe_dump(cfg))
+        kwargs = {"config_path": str(tmp_path / "demo.yaml")}
+    else:
+        kwargs = {"overrides": ["sample.steps=2"]}
+    steps: dict[str, set] = {}
+    call = Vis2IRPipeline.__call__
+
+    def counted(self, *args, **kw):
+        kw["callback"] = lambda done, total: steps.setdefault(self.model.mode, set()).add(total)
+        return call(self, *args, **kw)
+
+    monkeypatch.setattr(Vis2IRPipeline, "__call__", counted)
+    monkeypatch.setattr(vis2ir.demo, "_short_training", lambda *a: {"steps": 0, "seconds": 0.0, "first_loss": 0.0,
+                                                                    "last_loss": 0.0})  # not what this checks
+    run_demo(tmp_path / "out", scenes=2, fit_scenes=2, **kwargs)
+    assert steps == {"channel_concat": {2}, "cross_attention": {2}}  # the shipped pair (the untrained: concat)
+    assert any(r.getMessage().startswith("Demo 1/3: generating their infrared (2 denoising steps)")
+               for r in caplog.records)

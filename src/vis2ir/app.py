@@ -1,6 +1,6 @@
 """`vis2ir app`: a web page (Gradio) that turns a photo into infrared with a trained model.
 
-    vis2ir app [--checkpoint DIR] [--host 127.0.0.1] [--port 7860] [--share] [--device cpu]
+    vis2ir app [--checkpoint DIR] [--host 127.0.0.1] [--port 7860] [--share] [--device cpu] [--segment-model ID|PATH]
 
 By default it serves the two shipped demo models (`channel_concat` and the cross-attention adapter)
 on the CPU, with nothing downloaded; `--checkpoint` serves a trained one instead. The page: example
@@ -18,8 +18,10 @@ so `gradio`, the optional `app` extra, is needed only here).
 from __future__ import annotations
 
 import atexit
+import errno
 import logging
 import shutil
+import socket
 import tempfile
 import uuid
 from dataclasses import dataclass
@@ -30,10 +32,11 @@ import numpy as np
 from PIL import Image
 
 from vis2ir.checkpoint import SHIPPED
-from vis2ir.config import DEFAULT_SEGMENTER
-from vis2ir.errors import Vis2IRError
+from vis2ir.config import DEFAULT_SEGMENTER, SEED_LIMIT
+from vis2ir.errors import Vis2IRError, first_line
 from vis2ir.figures import figure_array
 from vis2ir.io.images import read_image, rgb_image, to_tensor, write_png
+from vis2ir.io.runtime import default_device
 from vis2ir.pipeline import Vis2IRPipeline, check_map
 from vis2ir.visualize import (MIN_PICTURE_SIDE, PALETTES, as_rgb8, check_output_format, compare_figure,
                               infrared_image, save_attention_maps)
@@ -41,14 +44,12 @@ from vis2ir.visualize import (MIN_PICTURE_SIDE, PALETTES, as_rgb8, check_output_
 log = logging.getLogger(__name__)
 
 EXAMPLES = 4  # held-out ThermalScenes offered as examples
-SHIPPED_MODELS = ("demo", "demo_cross_attention")
-INSTALL_HINT = 'pip install "vis2ir[app]"'
 
 
 def load_models(checkpoint: str | Path | None = None, device=None) -> dict[str, Vis2IRPipeline]:
     """The models the page serves, by their label ('demo (channel_concat)'): the shipped demo models on the
     CPU, or the checkpoint (or run folder) `checkpoint` on `device` (default: CUDA when there is one)."""
-    sources = [SHIPPED[name] for name in SHIPPED_MODELS] if checkpoint is None else [checkpoint]
+    sources = list(SHIPPED.values()) if checkpoint is None else [checkpoint]
     device = device or ("cpu" if checkpoint is None else None)
     models = {}
     for source in sources:
@@ -92,8 +93,9 @@ def shown(image: np.ndarray) -> np.ndarray:
 class App:
     """The page's functions, independent of Gradio's event wiring (so they can be called directly)."""
 
-    def __init__(self, models: dict[str, Vis2IRPipeline], workdir: Path, segment_model: str = DEFAULT_SEGMENTER):
-        self.models, self.workdir, self.segment_model = models, Path(workdir), segment_model
+    def __init__(self, models: dict[str, Vis2IRPipeline], workdir: Path, segment_model: str | None = None):
+        self.models, self.workdir = models, Path(workdir)
+        self.segment_model = segment_model or DEFAULT_SEGMENTER
         self._segmenter = None
 
     def _semantic(self, pipe: Vis2IRPipeline, visible: Image.Image, photo_label: str, map_file: str | None):
@@ -106,10 +108,11 @@ class App:
             semantic = read_image(map_file, label)
             check_map(semantic, visible, label, photo_label)
             return semantic
-        return Image.fromarray(self.segmenter(pipe.model.mode)([visible])[0].colours())
+        return Image.fromarray(self.segmenter(pipe)([visible])[0].colours())
 
-    def segmenter(self, mode: str):
-        """The panoptic segmenter, loaded once, only from weights already on this machine (no download)."""
+    def segmenter(self, pipe: Vis2IRPipeline):
+        """The panoptic segmenter (`--segment-model`), loaded once on `pipe`'s device, only from weights already
+        on this machine (no download)."""
         if self._segmenter is None:
             from vis2ir.hub import cached_snapshot, is_local
             from vis2ir.segment import NEEDED_FILES, Segmenter
@@ -117,10 +120,10 @@ class App:
             local = is_local(self.segment_model) and Path(self.segment_model).expanduser().is_dir()
             if not local and cached_snapshot(self.segment_model, NEEDED_FILES, weights=(".",)) is None:
                 raise Vis2IRError(
-                    f"this model (mode {mode}) needs a semantic map: upload one beside the photo (the project's "
+                    f"this model (mode {pipe.model.mode}) needs a semantic map: upload one beside the photo (the project's "
                     f"palette; `vis2ir segment` makes them), or put the panoptic segmenter's weights on this machine "
                     f"(`hf download {self.segment_model}`) and the page makes it")
-            self._segmenter = Segmenter(self.segment_model, "cpu", setting="vis2ir app --segment-model")
+            self._segmenter = Segmenter(self.segment_model, pipe.device, setting="vis2ir app --segment-model")
         return self._segmenter
 
     def generate(self, model: str, photo: str | None, semantic: str | None, palette: str, bit_depth: int,
@@ -130,19 +133,19 @@ class App:
         if photo is None:
             raise Vis2IRError("no photo: upload or drop a visible photo (or click an example below)")
         pipe = self.models[model]
-        bit_depth, steps, seed = int(bit_depth), int(steps), int(seed)
+        bit_depth = int(bit_depth)
         check_output_format(bit_depth, palette)
-        if steps < 1:
-            raise Vis2IRError(f"steps: expected an integer >= 1, got {steps}")
+        settings = pipe.cfg.sample.replaced(steps=int(steps), seed=int(seed))  # the settings' one validator
         label = f"photo {Path(photo).name}"
         visible = read_image(photo, label)
         semantic = self._semantic(pipe, visible, label, semantic)
         callback = None if progress is None else lambda done, total: progress((done, total), desc="denoising")
         attend = pipe.model.adapter is not None
-        result = pipe(visible, semantic, steps=steps, seed=seed, output_type="pt", return_attention=attend,
-                      callback=callback)
+        photo_t = to_tensor(visible, label, pipe.normaliser)  # [3, H, W] in [0, 1], once: shown and generated
+        result = pipe(photo_t, semantic, steps=settings.steps, seed=settings.seed, output_type="pt",
+                      return_attention=attend, callback=callback)
         grey = result.images[0].mean(0).numpy()
-        seen = as_rgb8(to_tensor(visible, label, pipe.normaliser).permute(1, 2, 0).numpy())
+        seen = as_rgb8(photo_t.permute(1, 2, 0).numpy())
         stem = Path(photo).stem
         png = write_png(self.workdir / uuid.uuid4().hex / f"{stem}_infrared_{bit_depth}bit.png",
                         infrared_image(grey, bit_depth, palette))
@@ -170,22 +173,29 @@ class App:
         return str(mean), str(heads)
 
 
-def build_app(models: dict[str, Vis2IRPipeline], workdir: str | Path) -> gr.Blocks:
-    """The page for `models` (label → pipeline); uploads' and results' files go under `workdir`."""
-    app = App(models, Path(workdir))
+def page_error(err: Vis2IRError) -> gr.Error:
+    """A bad upload or setting: its one line in the page and in the server's log, no traceback in either."""
+    log.warning("%s", err)
+    return gr.Error(str(err), print_exception=False)
+
+
+def build_app(models: dict[str, Vis2IRPipeline], workdir: str | Path, segment_model: str | None = None) -> gr.Blocks:
+    """The page for `models` (label → pipeline); uploads' and results' files go under `workdir`; photos without
+    a map are segmented by `segment_model` (default: `DEFAULT_SEGMENTER`) when its weights are here."""
+    app = App(models, Path(workdir), segment_model)
     examples = example_scenes(Path(workdir) / "examples", next(iter(models.values())))
 
     def generate(model, photo, semantic, palette, bit_depth, steps, seed, progress=gr.Progress()):
         try:
             return app.generate(model, photo, semantic, palette, bit_depth, steps, seed, progress)
         except Vis2IRError as err:
-            raise gr.Error(str(err)) from None
+            raise page_error(err) from None
 
     def attend(state, evt: gr.SelectData):
         try:
             return app.attention(state, *evt.index[:2])
         except Vis2IRError as err:
-            raise gr.Error(str(err)) from None
+            raise page_error(err) from None
 
     first = next(iter(models.values()))
     with gr.Blocks(title="vis2ir: visible → infrared") as page:
@@ -204,7 +214,8 @@ def build_app(models: dict[str, Vis2IRPipeline], workdir: str | Path) -> gr.Bloc
                     bit_depth = gr.Radio([8, 16], value=8, label="PNG bit depth (16: grey palettes)")
                 with gr.Row():
                     steps = gr.Slider(1, 50, value=first.cfg.sample.steps, step=1, label="denoising steps")
-                    seed = gr.Number(value=first.cfg.sample.seed, precision=0, label="seed")
+                    seed = gr.Number(value=first.cfg.sample.seed, precision=0, minimum=0, maximum=SEED_LIMIT - 1,
+                                     label="seed")
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
                 gr.Examples(examples, inputs=[photo, semantic], label="ThermalScenes (held out): photo, map")
             with gr.Column(scale=1):
@@ -231,16 +242,48 @@ def build_app(models: dict[str, Vis2IRPipeline], workdir: str | Path) -> gr.Bloc
     return page
 
 
+def check_port(host: str, port: int) -> None:
+    """Refuse, in one line, a port out of range or one that cannot be listened on at `host` (in use, say):
+    checked by binding it, before the models load."""
+    if not 1 <= port <= 65535:
+        raise Vis2IRError(f"--port {port}: expected a port number from 1 to 65535")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except (OSError, UnicodeError) as err:
+        raise Vis2IRError(f"--host {host}: not an address of this machine ({first_line(err)})") from None
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Gradio's server does
+        try:
+            s.bind(address)
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                raise Vis2IRError(f"--port {port}: already in use on {host}; pick another with --port N") from None
+            raise Vis2IRError(f"--port {port}: cannot listen on {host} ({first_line(err)}); pick another --port N "
+                              "or --host") from None
+
+
 def serve(checkpoint: str | Path | None = None, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
-          device=None, block: bool = True) -> gr.Blocks:
+          device=None, block: bool = True, segment_model: str | None = None) -> gr.Blocks:
     """Serve the page (one request at a time, the others queued) until interrupted, or, without `block`,
-    in the background (`page.close()` stops it). Returns the page."""
+    in the background (`page.close()` stops it). Returns the page. A bad port, host or device is a one-line
+    `Vis2IRError` before the models load."""
+    check_port(host, port)
+    if device is not None:
+        default_device(device)
     models = load_models(checkpoint, device)
     workdir = Path(tempfile.mkdtemp(prefix="vis2ir-app-"))
     atexit.register(shutil.rmtree, workdir, ignore_errors=True)
-    page = build_app(models, workdir)
+    page = build_app(models, workdir, segment_model)
     page.queue(default_concurrency_limit=1)
-    log.info("Serving %s on http://%s:%d%s", ", ".join(models), host, port, " (and a public share link)" * share)
-    page.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block, quiet=True,
-                allowed_paths=[str(workdir)])
+    try:
+        page.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=True, quiet=True,
+                    allowed_paths=[str(workdir)])
+    except OSError as err:  # taken since check_port, or Gradio's own check refused it
+        log.debug("launch failed: %s", err)
+        raise Vis2IRError(f"--port {port}: already in use on {host}; pick another with --port N") from None
+    log.info("Serving %s on %s%s", ", ".join(models), page.local_url,
+             f" and {page.share_url}" if share and page.share_url else "")
+    if block:
+        page.block_thread()
     return page

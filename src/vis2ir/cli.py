@@ -13,6 +13,8 @@ from vis2ir.errors import Vis2IRError
 log = logging.getLogger("vis2ir")
 
 # A `key.path=value` override; it may stand anywhere among a command's arguments (`main` collects them).
+SYNTH_SIZE = 256  # `data synth`'s default scene side
+
 OVERRIDE = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*=")
 
 
@@ -37,7 +39,8 @@ def _cmd_app(args: argparse.Namespace) -> None:
         raise Vis2IRError('vis2ir app needs gradio, which is not installed: pip install "vis2ir[app]"') from None
     from vis2ir.app import serve
 
-    serve(args.checkpoint, host=args.host, port=args.port, share=args.share, device=args.device)
+    serve(args.checkpoint, host=args.host, port=args.port, share=args.share, device=args.device,
+          segment_model=args.segment_model)
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
@@ -65,9 +68,13 @@ def _cmd_data_synth(args: argparse.Namespace) -> None:
         raise Vis2IRError("data synth: give --width and --height together (or --shapes WxH,...)")
     if args.shapes and args.width is not None:
         raise Vis2IRError("data synth: give either --width/--height or --shapes, not both")
+    if args.size is not None and (args.shapes or args.width is not None):
+        raise Vis2IRError("data synth: --size makes square scenes; give it or --width/--height or --shapes, "
+                          "not both")
     shapes = parse_shapes(args.shapes) if args.shapes else \
         parse_shapes(f"{args.width}x{args.height}", "--width/--height") if args.width is not None else None
-    write_thermalscenes(args.out, count=args.count, size=args.size, seed=args.seed, fmt=args.format, shapes=shapes)
+    write_thermalscenes(args.out, count=args.count, size=args.size or SYNTH_SIZE, seed=args.seed, fmt=args.format,
+                        shapes=shapes)
 
 
 def _cmd_data_inspect(args: argparse.Namespace) -> None:
@@ -221,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "servers (default: off)")
     p.add_argument("--device", help="e.g. cuda:0 or cpu (default: the CPU for the shipped models, else cuda if "
                    "available)")
+    p.add_argument("--segment-model", metavar="ID|PATH",
+                   help="panoptic segmenter (Hub id or local folder, weights already on this machine) that makes "
+                   "the map of a photo uploaded without one (default: that of vis2ir segment)")
     p.set_defaults(func=_cmd_app)
 
     p = sub.add_parser("train", help="train LoRA / the adapter (or a small model from scratch)")
@@ -240,7 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     q = data.add_parser("synth", help="write ThermalScenes (visible/infrared/semantic) to a folder or parquet")
     q.add_argument("--out", required=True, help="output folder")
     q.add_argument("--count", type=int, default=1000, help="number of scenes (default: 1000)")
-    q.add_argument("--size", type=int, default=256, help="panel size in pixels (default: 256)")
+    q.add_argument("--size", type=int, help=f"square scenes of this side in pixels (default: {SYNTH_SIZE}, "
+                   "unless --width/--height or --shapes)")
     q.add_argument("--width", type=int, help="scene width in pixels, with --height (instead of a --size square)")
     q.add_argument("--height", type=int, help="scene height in pixels, with --width")
     q.add_argument("--shapes", help="a mix of scene shapes, WIDTHxHEIGHT,... taken in turn (e.g. 640x512,512x640)")

@@ -39,6 +39,21 @@ class ConfigError(Vis2IRError):
     """A setting is unknown or has a value that is not allowed."""
 
 
+# Every seed (model.seed, model.text.seed, data.synth_seed, train.seed, sample.seed, and the command-line seeds)
+# is in [0, SEED_LIMIT): Lightning's seed_everything (train.seed) and numpy's legacy seeding take 32-bit seeds
+# only, torch's generators 64-bit ones; one bound for all of them keeps derived seeds in range too
+# (train.seed * 1000003 + position, sample.seed + noise draw: far below 2**63).
+SEED_LIMIT = 2**32
+SEED_EXPECTED = f"an integer from 0 to {SEED_LIMIT - 1} (2**32 - 1)"
+
+
+def check_seed(seed: Any, key: str) -> int:
+    """`seed` when it is an integer in [0, SEED_LIMIT), else a one-line `ConfigError` naming `key`."""
+    _check(isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < SEED_LIMIT, key, SEED_EXPECTED,
+           seed)
+    return seed
+
+
 @dataclass
 class SemanticConfig:
     """How the semantic map conditions the model (docs/design.md §5)."""
@@ -157,7 +172,7 @@ class TextConfig:
 
     def validate(self) -> None:
         _check(self.num_layers >= 1, "model.text.num_layers", "an integer >= 1", self.num_layers)
-        _check(self.seed >= 0, "model.text.seed", "an integer >= 0", self.seed)
+        check_seed(self.seed, "model.text.seed")
 
 
 @dataclass
@@ -211,7 +226,7 @@ class ModelConfig:
         _check(self.max_sequence_length >= 1, "model.max_sequence_length", "an integer >= 1",
                self.max_sequence_length)
         _check(self.pixel_factor >= 1, "model.pixel_factor", "an integer >= 1", self.pixel_factor)
-        _check(self.seed >= 0, "model.seed", "an integer >= 0", self.seed)
+        check_seed(self.seed, "model.seed")
         _check(not (self.backbone == "pretrained" and self.codec == "pixel"), "model.codec",
                "'vae' with a pretrained backbone (the pixel codec needs `model.backbone: random`)",
                self.codec)
@@ -280,7 +295,7 @@ class DataConfig:
         _check(0.0 <= self.test_fraction < 1.0 - self.val_fraction, "data.test_fraction",
                "a number in [0, 1 - val_fraction)", self.test_fraction)
         _check(self.synth_count >= 1, "data.synth_count", "an integer >= 1", self.synth_count)
-        _check(self.synth_seed >= 0, "data.synth_seed", "an integer >= 0", self.synth_seed)
+        check_seed(self.synth_seed, "data.synth_seed")
         _check(bool(self.segment_model.strip()), "data.segment_model", "a Hub id or a local folder",
                self.segment_model)
 
@@ -338,11 +353,12 @@ class TrainConfig:
     max_bad_steps: int = 5  # stop after this many NaN/inf steps in a row (each one's update is skipped)
 
     def validate(self) -> None:
-        at_least = {"batch_size": 1, "max_steps": 0, "warmup_steps": 0, "accumulate_grad_batches": 1, "seed": 0,
+        at_least = {"batch_size": 1, "max_steps": 0, "warmup_steps": 0, "accumulate_grad_batches": 1,
                     "num_nodes": 1, "checkpoint_every": 1, "keep_last": 1, "val_every": 1, "val_batches": 0,
                     "log_every": 1, "max_bad_steps": 1}
         for key, low in at_least.items():
             _check(getattr(self, key) >= low, f"train.{key}", f"an integer >= {low}", getattr(self, key))
+        check_seed(self.seed, "train.seed")
         _check(self.max_minutes is None or self.max_minutes > 0, "train.max_minutes",
                "a number of minutes > 0 (or null: no time limit)", self.max_minutes)
         _check(self.learning_rate > 0, "train.learning_rate", "a number > 0", self.learning_rate)
@@ -404,10 +420,17 @@ class SampleConfig:
     cache_warmup: int = 3  # taylorseer: the first steps always computed
     cache_order: int = 1  # taylorseer: order of the Taylor extrapolation
 
+    def replaced(self, **changes) -> SampleConfig:
+        """A validated copy with the settings in `changes` that are not None (one call's steps, seed, ...);
+        a bad one is a one-line `ConfigError` naming it (`sample.seed: expected ...`)."""
+        copy = dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+        copy.validate()
+        return copy
+
     def validate(self) -> None:
         _check(self.steps >= 1, "sample.steps", "an integer >= 1", self.steps)
         _check(self.guidance >= 0, "sample.guidance", "a number >= 0", self.guidance)
-        _check(self.seed >= 0, "sample.seed", "an integer >= 0", self.seed)
+        check_seed(self.seed, "sample.seed")
         _check(not isinstance(self.size, int) or self.size >= 0, "sample.size", "auto, native or pixels >= 0",
                self.size)
         _check(math.isfinite(self.adapter_scale), "sample.adapter_scale", "a finite number", self.adapter_scale)
@@ -464,6 +487,9 @@ class Config:
                 _check(not isinstance(v, float) or math.isfinite(v), key, "a finite number", value)
         for part in (self.model, self.data, self.train, self.sample, self.eval):
             part.validate()
+        _check(self.sample.seed + self.eval.noise_draws <= SEED_LIMIT, "eval.noise_draws",
+               f"at most {SEED_LIMIT} - sample.seed (the draws use seeds sample.seed, sample.seed + 1, ...)",
+               self.eval.noise_draws)
         _check(self.train.strategy != "fsdp" or self.model.quantize == "none", "model.quantize",
                "none with train.strategy=fsdp (a quantized base cannot be sharded: train.strategy=ddp trains on "
                "it, or fsdp shards a bf16 base with model.quantize=none)", self.model.quantize)

@@ -27,8 +27,12 @@ from vis2ir.errors import Vis2IRError
 log = logging.getLogger(__name__)
 
 DEMO_CHECKPOINT = SHIPPED["demo"]
-# The shipped models the demo shows side by side, by their column in the report and metrics.json.
-DEMO_CHECKPOINTS = {"shipped": DEMO_CHECKPOINT, "shipped_cross_attention": SHIPPED["demo_cross_attention"]}
+
+
+def column(name: str) -> str:
+    """A shipped model's column in the report and metrics.json: 'demo' → 'shipped', 'demo_cross_attention' →
+    'shipped_cross_attention'."""
+    return "shipped" + name.removeprefix("demo")
 
 
 def run_demo(out_dir: str | Path = "outputs/demo", config_path: str | None = None, overrides=(),
@@ -40,7 +44,8 @@ def run_demo(out_dir: str | Path = "outputs/demo", config_path: str | None = Non
 
     started = time.perf_counter()
     out = Path(out_dir)
-    checkpoints = dict(DEMO_CHECKPOINTS) if checkpoint is None else {"shipped": checkpoint_path(checkpoint)}
+    checkpoints = ({column(name): path for name, path in SHIPPED.items()} if checkpoint is None
+                   else {"shipped": checkpoint_path(checkpoint)})
     first = next(iter(checkpoints.values()))
     if config_path is None and not overrides and not (first / "config.yaml").exists():
         raise Vis2IRError(f"{first}: the shipped demo checkpoint is missing (reinstall vis2ir, or train one "
@@ -58,8 +63,11 @@ def run_demo(out_dir: str | Path = "outputs/demo", config_path: str | None = Non
     truth = batch["infrared"]
     log.info("Demo: %d held-out ThermalScenes at %d×%d", len(test), cfg.data.size, cfg.data.size)
 
+    # Every model samples with the demo's one `sample` section (the config file's, with the overrides).
     pipes = {name: Vis2IRPipeline.from_checkpoint(path, "cpu", overrides=overrides)
              for name, path in checkpoints.items() if (path / "config.yaml").exists()}
+    for pipe in pipes.values():
+        pipe.cfg.sample = cfg.sample
     pipes["untrained"] = Vis2IRPipeline(build_model(cfg), cfg, "cpu")
     modes = {name: pipe.model.mode for name, pipe in pipes.items()}
     report["modes"] = modes

@@ -32,6 +32,7 @@ from vis2ir.errors import Vis2IRError
 from vis2ir.latents import image_ids, token_grid
 from vis2ir.model import Encoded, encode_batch
 from vis2ir.files import atomic_write, write_text
+from vis2ir.io.runtime import default_device
 from vis2ir.semantic.modes import NEEDS_SEMANTIC, num_panels
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ def build_latent_cache(cfg: Config, out: str | Path, split: str = "train", batch
     if cfg.data.resize_policy == "random_crop":
         raise Vis2IRError("data.resize_policy=random_crop: a random crop cannot be cached; use bucket, resize or center_crop")
     out = Path(out)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(device)
     codec = load_codec(cfg.model, device)
     flips = cfg.data.hflip and split == "train"
     data_cfg = dataclasses.replace(cfg.data, hflip=False)

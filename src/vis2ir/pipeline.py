@@ -115,7 +115,7 @@ class Vis2IRPipeline:
     def __init__(self, model: Vis2IRModel, cfg: Config, device: str | torch.device | None = None):
         self.model = model.eval()
         self.cfg = cfg
-        self.device = torch.device(device) if device is not None else model.prompt_embeds.device
+        self.device = default_device(device) if device is not None else model.prompt_embeds.device
         self.normaliser = Normaliser.of(cfg.data)  # 16-bit / float inputs, as the data loader reads them
         self.trained_size: int | None = None  # a checkpoint's panel size (data.size): sample.size=auto
         self.trained_buckets: list | None = None  # a checkpoint's aspect-ratio buckets: sample.size=auto uses them
@@ -241,9 +241,8 @@ class Vis2IRPipeline:
         s = self.cfg.sample
         if self.step_cache is None or self.step_cache.settings != s:  # counts accumulate while settings stay
             self.step_cache = StepCache.of(s)
-        opts = dict(steps=steps or s.steps, guidance=s.guidance if guidance is None else guidance,
-                    seed=s.seed if seed is None else seed,
-                    adapter_scale=s.adapter_scale if adapter_scale is None else adapter_scale,
+        call = s.replaced(steps=steps, guidance=guidance, seed=seed, adapter_scale=adapter_scale)
+        opts = dict(steps=call.steps, guidance=call.guidance, seed=call.seed, adapter_scale=call.adapter_scale,
                     return_attention=return_attention, progress=progress, callback=callback,
                     cache=self.step_cache)
 
@@ -361,6 +360,9 @@ def run_generate(input: str | Path, out: str | Path, *, config=None, checkpoint=
     rank, world = dist_env()
     mine = shard(items, rank, world)
     cfg = _run_config(config, checkpoint, overrides)
+    cfg.sample.replaced(steps=steps, guidance=guidance, seed=seed, adapter_scale=adapter_scale)  # before any work
+    if device is not None:
+        default_device(device)
     mode = cfg.model.semantic.mode
     maps_help = missing_maps_help(input, f"{Path(input).with_suffix('')}_semantic", auto="--semantic auto",
                                   trained_mode=mode if checkpoint else None, recursive=recursive)

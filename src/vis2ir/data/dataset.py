@@ -2,10 +2,11 @@
 
 A sample is a dict: `visible`, `infrared` (grey replicated to 3 channels) and, when used, `semantic`,
 each float `[3, H, W]` in [0, 1] (`[3, size, size]`, or the sample's aspect-ratio bucket with
-`data.resize_policy: bucket`: `shapes`); `name` (str); `classes` (long `[size, size]`, palette class
-ids) for ThermalScenes or when asked for. A sample that stands in for unreadable ones (with
-`data.on_bad_sample: skip`) also has `skipped`, the list of what it replaced; `collate` gathers those
-and `make_loader`'s loader logs their count at the end of each epoch.
+`data.resize_policy: bucket`: `shapes`); `name` (str); `classes` (long `[H, W]`, the shape of
+`visible`: `[size, size]` or the bucket's; palette class ids) for ThermalScenes or when asked for. A
+sample that stands in for unreadable ones (with `data.on_bad_sample: skip`) also has `skipped`, the
+list of what it replaced; `collate` gathers those and `make_loader`'s loader logs their count at the
+end of each epoch.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -17,13 +18,14 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from vis2ir.config import DataConfig
+from vis2ir.config import DataConfig, check_seed
 from vis2ir.data.errors import DataError
 from vis2ir.data.images import PANEL_KINDS, rgb_tensor
 from vis2ir.data.splits import hash_split
 from vis2ir.data.tables import write_parquet
 from vis2ir.data.thermalscenes import Scene, render_scene
 from vis2ir.files import write_bytes
+from vis2ir.io.images import PIXEL_LIMIT_ENV, pixel_limit
 
 log = logging.getLogger(__name__)
 
@@ -110,15 +112,32 @@ def split_indices(count: int, split: str, val_fraction: float, test_fraction: fl
     return [i for i in range(count) if hash_split(scene_name(i), val_fraction, test_fraction) == split]
 
 
+SHAPE = re.compile(r"(\d+)x(\d+)", re.ASCII | re.IGNORECASE)
+MIN_SIDE, MAX_SIDE = 16, 16384  # a scene's sides in pixels (and at most the image reader's pixel limit)
+SIDES = f"sides from {MIN_SIDE} to {MAX_SIDE} pixels"
+
+
+def shape_problem(width: int, height: int) -> str | None:
+    """Why a `width` × `height` scene cannot be written (and read back by the package's image reader), or None."""
+    limit = pixel_limit()
+    if min(width, height) < MIN_SIDE or max(width, height) > MAX_SIDE:
+        return SIDES
+    if limit and width * height > limit:
+        return f"at most {limit} pixels (the image reader's limit, ${PIXEL_LIMIT_ENV})"
+    return None
+
+
 def parse_shapes(text: str, what: str = "--shapes") -> list[tuple[int, int]]:
-    """`"640x512,512x640"` → `[(640, 512), (512, 640)]` (width × height); bad text is a one-line `DataError`."""
+    """`"640x512,512x640"` → `[(640, 512), (512, 640)]` (width × height, ASCII digits, sides as `shape_problem`
+    allows); bad text is a one-line `DataError`."""
     shapes = []
     for part in text.split(","):
-        w, x, h = part.strip().lower().partition("x")
-        if not (x and w.isdigit() and h.isdigit() and int(w) >= 16 and int(h) >= 16):
-            raise DataError(f"{what} {text!r}: expected WIDTHxHEIGHT[,WIDTHxHEIGHT...] with sides >= 16, "
-                            f"e.g. 640x512,512x640 (got {part.strip()!r})")
-        shapes.append((int(w), int(h)))
+        m = SHAPE.fullmatch(part.strip())
+        problem = SIDES if m is None else shape_problem(int(m[1]), int(m[2]))
+        if problem is not None:
+            raise DataError(f"{what} {text!r}: expected WIDTHxHEIGHT[,WIDTHxHEIGHT...] with "
+                            f"{problem}, e.g. 640x512,512x640 (got {part.strip()!r})")
+        shapes.append((int(m[1]), int(m[2])))
     return shapes
 
 
@@ -129,9 +148,13 @@ def write_thermalscenes(out: str | Path, count: int, size: int = 256, seed: int 
     `size` × `size`, or with `shapes` (width, height) scene i takes `shapes[i % len(shapes)]` (a mix of
     aspect ratios). Returns what `data.source` should name to read them back."""
     shapes = shapes or [(size, size)]
-    if count < 1 or min(min(s) for s in shapes) < 16:
-        raise DataError(f"synth: expected --count >= 1 and sides >= 16, got {count} and "
-                        + ",".join(f"{w}x{h}" for w, h in shapes))
+    if count < 1:
+        raise DataError(f"synth: expected --count >= 1, got {count}")
+    for w, h in shapes:
+        problem = shape_problem(w, h)
+        if problem is not None:
+            raise DataError(f"synth: expected scenes with {problem}, got {w}x{h}")
+    check_seed(seed, "--seed")
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     scenes = (render_scene(i, seed, shapes[i % len(shapes)][::-1]) for i in range(count))

@@ -88,10 +88,17 @@ def parse_grid(items) -> list[tuple[str, list[str]]]:
 
 
 def parse_seeds(text: str) -> list[int]:
+    """`--seeds 0,1`: the seeds (each becomes train.seed and model.seed, so bounded as they are)."""
+    from vis2ir.config import SEED_EXPECTED, SEED_LIMIT
+
     try:
-        return [int(s) for s in text.split(",") if s.strip()]
+        seeds = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
         raise Vis2IRError(f"--seeds {text!r}: expected integers separated by commas, e.g. 0,1") from None
+    bad = [s for s in seeds if not 0 <= s < SEED_LIMIT]
+    if bad:
+        raise Vis2IRError(f"--seeds {text!r}: each seed must be {SEED_EXPECTED}, got {bad[0]}")
+    return seeds
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -169,6 +176,10 @@ def run_ablation(config: str | Path, grid_items, seeds: str = "0", out: str | Pa
     out = Path(out)
     grids = ([parse_grid(grid_items)] if grid_items or not plan else []) + (load_plan(plan) if plan else [])
     seed_list = parse_seeds(seeds)
+    if device is not None:
+        from vis2ir.io.runtime import default_device
+
+        default_device(device)  # a bad --device is answered before the first variant trains
     variants = plan_variants(grids, seed_list)
     base = load_config(config, overrides)
     for v in variants:  # every variant's settings are checked before the first one trains

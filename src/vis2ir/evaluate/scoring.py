@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from vis2ir.config import EvalConfig
 from vis2ir.palette import CLASS_NAMES
 from vis2ir.errors import Vis2IRError
+from vis2ir.io.runtime import default_device
 from vis2ir.evaluate.metrics import ClassAccumulator, prepare, psnr_ssim, to_grey
 from vis2ir.evaluate.networks import (ALEXNET_FILE, FID_ENV, FID_FILE, LPIPS_ENV, AlexLPIPS, FIDInception,
                                       MissingWeights, feature_stats, find_weights, frechet_distance)
@@ -50,7 +51,7 @@ class Scorer:
         """`networks`: what `load_networks(cfg, device)` returned, to share between several scorers;
         `examples`: how many of the first pairs (of draw 0) to keep in `self.examples` as scored — name,
         prediction and truth, grey float `[H, W]` at the truth's size — for a picture."""
-        self.cfg, self.device = cfg, torch.device(device)
+        self.cfg, self.device = cfg, default_device(device)
         self.nets, self.skipped = networks or load_networks(cfg, self.device)
         self.classes = ClassAccumulator(CLASS_NAMES, cfg.hot_percentile)
         self.rows: list[dict] = []

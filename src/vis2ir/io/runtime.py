@@ -10,12 +10,29 @@ from vis2ir.errors import Vis2IRError
 
 
 def default_device(device: str | torch.device | None = None) -> torch.device:
-    """`device`, else `cuda:$LOCAL_RANK` when CUDA is available, else the CPU."""
-    if device is not None:
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
+    """`device` (`--device`: cpu, cuda or cuda:N), else `cuda:$LOCAL_RANK` when CUDA is available, else the CPU.
+
+    Raises `Vis2IRError` (one line) for a name that is not a device, another kind of device, or a CUDA device
+    this machine does not have, before any model loads."""
+    if device is None:
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        chosen = None
+    if chosen is None or chosen.type not in ("cpu", "cuda"):
+        raise Vis2IRError(f"--device {str(device)!r}: expected cpu, cuda or cuda:N")
+    if chosen.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise Vis2IRError(f"--device {str(device)!r}: CUDA is not available on this machine (torch "
+                              f"{torch.__version__}); use --device cpu")
+        if chosen.index is not None and chosen.index >= count:
+            raise Vis2IRError(f"--device {str(device)!r}: this machine has {count} CUDA device(s), cuda:0 to "
+                              f"cuda:{count - 1}")
+    return chosen
 
 
 def dist_env() -> tuple[int, int]:
