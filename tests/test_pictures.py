@@ -127,3 +127,28 @@ def test_error_strip_and_palette_legend(tmp_path):
     assert not any(t.endswith(" car") for t in legend)  # only the map's classes (and void)
     path = save_figure(tmp_path / "legend.png", palette_legend())
     assert Image.open(path).size[1] > 40 * 16 and not list(tmp_path.glob(".*"))  # every class; no temporary files
+
+
+def test_images_of_other_shapes_keep_their_aspect_in_a_grid():
+    """Aspect-ratio buckets: a portrait image in a grid of landscape tiles is fitted inside its tile, not
+    stretched to the first image's shape (measured on the figure: the image's drawn width / height)."""
+    wide, tall = torch.rand(3, 48, 80), torch.rand(3, 80, 48)
+    fig = labelled_grid({"visible": [wide, tall], "prediction": [wide, tall]}, rows=2)
+    figure_array(fig)  # lays the figure out
+
+    def drawn_aspect(ax):
+        left, right, bottom, top = ax.images[0].get_extent()
+        (x0, y0), (x1, y1) = ax.transData.transform([(left, top), (right, bottom)])
+        return abs(x1 - x0) / abs(y1 - y0)
+
+    shown = sorted(drawn_aspect(ax) for ax in fig.axes if ax.images)
+    assert len(shown) == 4
+    assert np.allclose(shown, [48 / 80] * 2 + [80 / 48] * 2, rtol=0.02), shown
+    marked = image_grid([[np.zeros((48, 80), np.float32), np.zeros((80, 48), np.float32)]], title="t",
+                        markers=[[None, (23.5, 39.5)]])  # the centre of the portrait image, in its pixels
+    figure_array(marked)
+    ax = marked.axes[1]
+    left, right, bottom, top = ax.images[0].get_extent()
+    centre = ax.transData.transform([((left + right) / 2, (top + bottom) / 2)])[0]
+    mark = ax.transData.transform([(ax.lines[0].get_xdata()[0], ax.lines[0].get_ydata()[0])])[0]
+    assert np.allclose(mark, centre, atol=0.5), (mark, centre)

@@ -76,7 +76,8 @@ def image_grid(cells: list[list[np.ndarray | None]], *, title: str, column_label
     tile saying `missing`). `column_labels` go over the top row (may have several lines: captions),
     `row_labels` left of the first column. `colour_bar` adds a bar saying what heat colours mean;
     `legend_ids`, palette class ids, add the semantic palette's legend of those classes on the right;
-    `markers[r][c]`: an `(x, y)` in image pixels drawn as a cross.
+    `markers[r][c]`: an `(x, y)` in image pixels drawn as a cross. Tiles take the first image's shape; an
+    image of another shape is fitted inside its tile at its own aspect (on a dark ground), never stretched.
     """
     rows, cols = len(cells), max(len(r) for r in cells)
     shown = [c for r in cells for c in r if c is not None]
@@ -102,10 +103,21 @@ def image_grid(cells: list[list[np.ndarray | None]], *, title: str, column_label
                 ax.set_ylim(h, 0)
                 continue
             grey = image.ndim == 2
+            ih, iw = image.shape[:2]
+            # An image of another shape than the tile's (aspect-ratio buckets) is fitted inside it, not stretched.
+            s = min(w / iw, h / ih) if (ih, iw) != (h, w) else 1.0
+            x0, y0 = (w - iw * s) / 2 - 0.5, (h - ih * s) / 2 - 0.5
+            extent = None if (ih, iw) == (h, w) else (x0, x0 + iw * s, y0 + ih * s, y0)
             ax.imshow(image, cmap="gray" if grey else None, vmin=0, vmax=1 if image.dtype.kind == "f" else 255,
-                      interpolation="nearest", aspect="auto")
+                      interpolation="nearest", aspect="auto", extent=extent)
+            if extent is not None:
+                ax.set_facecolor((0.15, 0.15, 0.15))
+                ax.set_xlim(-0.5, w - 0.5)
+                ax.set_ylim(h - 0.5, -0.5)
             if markers and markers[r][c] is not None:
                 x, y = markers[r][c]
+                if extent is not None:
+                    x, y = x0 + (x + 0.5) * s, y0 + (y + 0.5) * s
                 for colour, size, width in (("black", 12, 3.0), ("white", 10, 1.2)):
                     ax.plot([x], [y], marker="+", color=colour, markersize=size, markeredgewidth=width)
     for c, label in enumerate(column_labels or []):

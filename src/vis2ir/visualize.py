@@ -235,7 +235,7 @@ def labelled_grid(columns: dict[str, torch.Tensor], rows: int = 8, cell: int = 9
                   title: str = "", captions: dict[str, str] | None = None, scene_names: list[str] | None = None
                   ) -> Figure:
     """A labelled picture of named sets of images `[B, 3, H, W]` (or lists of `[3, H, W]` of several sizes:
-    aspect-ratio buckets; tiles take the first image's shape) in [0, 1]: one set per column with its
+    aspect-ratio buckets; tiles take the first image's shape, others fit inside at their own aspect) in [0, 1]: one set per column with its
     name (and `captions[name]`, e.g. its scores) on top and one scene per row (named by `scene_names`),
     or with `transpose` one set per row, its name on the left. A `semantic` set adds the palette's legend
     of the classes shown.
