@@ -176,6 +176,11 @@ def _size(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected a number of pixels, 'auto' or 'native', got {text!r}") from None
 
 
+def _add_segment_model_arg(p: argparse.ArgumentParser, use: str) -> None:
+    p.add_argument("--segment-model", metavar="ID|PATH",
+                   help=f"panoptic segmenter (Hub id or local folder) {use} (default: that of vis2ir segment)")
+
+
 def _add_generate_args(p: argparse.ArgumentParser) -> None:
     _add_config_args(p)
     p.add_argument("--checkpoint", help="checkpoint folder, or a run folder (its newest checkpoint)")
@@ -184,9 +189,7 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
                    "(e.g. split folders); outputs and --semantic maps mirror the sub-folders")
     p.add_argument("--semantic", help="semantic map(s): a file, a folder of maps named like the inputs, or "
                    "'auto' (made by a panoptic segmenter, cached in semantic_auto/ beside the inputs)")
-    p.add_argument("--segment-model", metavar="ID|PATH",
-                   help="panoptic segmenter (Hub id or local folder) for --semantic auto (default: that of "
-                   "vis2ir segment)")
+    _add_segment_model_arg(p, "for --semantic auto")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--seed", type=int, help="seed of every image's noise (default: sample.seed)")
     p.add_argument("--steps", type=int, help="denoising steps (default: sample.steps)")
@@ -228,9 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "servers (default: off)")
     p.add_argument("--device", help="e.g. cuda:0 or cpu (default: the CPU for the shipped models, else cuda if "
                    "available)")
-    p.add_argument("--segment-model", metavar="ID|PATH",
-                   help="panoptic segmenter (Hub id or local folder, weights already on this machine) that makes "
-                   "the map of a photo uploaded without one (default: that of vis2ir segment)")
+    _add_segment_model_arg(p, "(weights already on this machine) that makes the map of a photo uploaded without one")
     p.set_defaults(func=_cmd_app)
 
     p = sub.add_parser("train", help="train LoRA / the adapter (or a small model from scratch)")

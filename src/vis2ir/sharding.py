@@ -166,7 +166,8 @@ class ShardedStrategy(ModelParallelStrategy):
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                              set_optimizer_state_dict)
 
-        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=weights_only)
+        # Always weights_only: a resume state holds tensors and plain values only (never run pickled code).
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
         full = StateDictOptions(full_state_dict=True, strict=False)
         set_model_state_dict(self.model, checkpoint["state_dict"], options=full)
         for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"]):

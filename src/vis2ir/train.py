@@ -23,7 +23,6 @@ import signal
 import threading
 import time
 import warnings
-from collections import Counter
 from pathlib import Path
 
 import lightning as L
@@ -125,8 +124,12 @@ class Positioned(Dataset):
         self.dataset, self.seed, self.chunk, self._perm = dataset, seed, chunk, (None, None)
         shapes = getattr(dataset, "shapes", None)
         self.shapes = shapes if shapes is not None and len(set(shapes)) > 1 else None
-        self.epoch_length = len(dataset) if self.shapes is None else \
-            sum(-(-n // chunk) * chunk for n in Counter(self.shapes).values())
+        if self.shapes is None:
+            self.epoch_length = len(dataset)
+        else:
+            from vis2ir.data.buckets import epoch_length
+
+            self.epoch_length = epoch_length(self.shapes, chunk)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -522,9 +525,7 @@ def prepare_for_training(model: Vis2IRModel, cfg: Config) -> Vis2IRModel:
     checkpointing = cfg.train.gradient_checkpointing
     if checkpointing == "auto":
         image_tokens, text_tokens = training_tokens(model, cfg)
-        precision = cfg.train.precision
-        if precision == "auto":
-            precision = "bf16-mixed" if next(transformer.parameters()).device.type == "cuda" else "32-true"
+        precision = resolved_precision(cfg, next(transformer.parameters()).device.type == "cuda")
         autocast = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
         blocks.plan_checkpointing(transformer, model, cfg.train.memory_budget_gib, cfg.train.batch_size,
                                   image_tokens, text_tokens, optimizer_states=4 if cfg.train.optimizer == "prodigy" else 2,
@@ -536,6 +537,11 @@ def prepare_for_training(model: Vis2IRModel, cfg: Config) -> Vis2IRModel:
     if cfg.train.compile:
         compile_blocks(transformer, setting="train.compile")
     return model
+
+
+def resolved_precision(cfg: Config, cuda: bool) -> str:
+    """`train.precision` with `auto` made concrete: bf16-mixed on a GPU, 32-true on the CPU."""
+    return cfg.train.precision if cfg.train.precision != "auto" else ("bf16-mixed" if cuda else "32-true")
 
 
 def training_tokens(model: Vis2IRModel, cfg: Config) -> tuple[int, int]:
@@ -737,7 +743,7 @@ def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
 def build_trainer(cfg: Config, run_dir: Path, callbacks=(), loggers=True, progress: bool = True) -> L.Trainer:
     t = cfg.train
     cuda = torch.cuda.is_available() and t.accelerator != "cpu"
-    precision = t.precision if t.precision != "auto" else ("bf16-mixed" if cuda else "32-true")
+    precision = resolved_precision(cfg, cuda)
     # bf16-true is ours (`prepare_for_training`, `_master_groups`): bf16 transformer, fp32 adapter and masters;
     # Lightning's own would cast the adapter and the inputs too. So Lightning adds nothing.
     precision = "32-true" if precision == "bf16-true" else precision

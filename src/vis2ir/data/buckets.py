@@ -55,13 +55,17 @@ def group(shapes: list[Shape]) -> dict[Shape, list[int]]:
     return dict(groups)
 
 
+def epoch_length(shapes: list[Shape], chunk: int) -> int:
+    """Length of `epoch_order`'s epoch: each shape's count rounded up to a multiple of `chunk`, summed."""
+    return sum(math.ceil(len(idx) / chunk) * chunk for idx in group(shapes).values())
+
+
 def epoch_order(shapes: list[Shape], chunk: int, seed: int) -> torch.Tensor:
     """One epoch's sample indices, in runs of `chunk` (a global batch: batch size × ranks) of one shape.
 
     Each shape's indices are shuffled (generator seeded with `seed`) and cut into runs; a shape's last
     run is filled up with the first indices of its own shuffled list (padding: every sample is seen
-    every epoch, a few twice), and the runs are shuffled. Length: the sum over shapes of their counts
-    rounded up to a multiple of `chunk`."""
+    every epoch, a few twice), and the runs are shuffled. Length: `epoch_length(shapes, chunk)`."""
     g = torch.Generator().manual_seed(seed)
     runs, groups = [], group(shapes)
     for shape in sorted(groups):  # sorted: the order must not depend on which sample came first
