@@ -1,10 +1,13 @@
 """Time `vis2ir generate`'s code path: exact eager, compiled blocks, and the step caches, against the bare floor.
 
 Real size (the default, on CUDA in bf16): the FLUX.1-Fill transformer of `configs/bench_realsize.yaml`
-(random weights, `model.transformer.init=normal`), the FLUX VAE architecture with random weights,
-mode `none`, 512×512 panels (a 512×1024 diptych, 2048 tokens), 28 steps, batch 1. In one process:
+(random weights, `model.transformer.init=normal`) with a LoRA of the config's rank on the ICEdit targets (random,
+as a trained checkpoint carries one), the FLUX VAE architecture with random weights, mode `none`, 512×512 panels
+(a 512×1024 diptych, 2048 tokens), 28 steps, batch 1. In one process:
 
-1. `exact`: `Vis2IRPipeline` as it ships (eager), and its floor: 28 bare transformer forwards + one decode;
+0. `exact, LoRA not fused`: the pipeline with `sample.fuse=false` (the LoRA's layers run beside the base's);
+1. `exact`: `Vis2IRPipeline` as it ships (eager; `sample.fuse`: LoRA merged, q/k/v fused), and its floor:
+   28 bare transformer forwards + one decode;
 2. `taylorseer`: `sample.cache=taylorseer` (its schedule is fixed: the same steps are computed at any weights);
 3. `first_block`: `sample.cache=first_block` replaying the schedule measured on the trained demo models
    (`--schedule`, written by scripts/cache_fidelity.py: a step is computed when most images computed it),
@@ -21,9 +24,11 @@ Each time is the fastest of `--repeats` runs after one warm-up. Everything goes 
 from __future__ import annotations
 
 import argparse
+import gzip
 import itertools
 import json
 import logging
+import shutil
 import sys
 import tempfile
 import time
@@ -36,10 +41,11 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from vis2ir.checkpoint import add_lora  # noqa: E402
 from vis2ir.config import load_config  # noqa: E402
 from vis2ir.files import write_json  # noqa: E402
 from vis2ir.latents import image_ids, mask_width, token_width  # noqa: E402
-from vis2ir.pipeline import Vis2IRPipeline  # noqa: E402
+from vis2ir.pipeline import Vis2IRPipeline, fuse  # noqa: E402
 
 log = logging.getLogger("bench_generate")
 
@@ -96,6 +102,24 @@ def bare_forwards(pipe: Vis2IRPipeline, panel: int, steps: int, guidance: float)
     return forwards
 
 
+def write_profile(fn, path: Path) -> None:
+    """A torch.profiler trace of one call of `fn` (CPU ops and GPU kernels), gzipped to `path`."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    raw = path.with_suffix("")
+    prof.export_chrome_trace(str(raw))
+    with raw.open("rb") as src, gzip.open(path, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    raw.unlink()
+    log.info("profile of one image written to %s", path)
+
+
 def measured_schedule(path: Path, steps: int, variant: str | None) -> tuple[str, list[bool]] | None:
     """The first_block schedule to replay: of the variants measured at `steps` steps whose samples stayed
     ≥ MIN_PSNR dB from the exact ones on every demo model, the one that skipped most (or `variant`); a step
@@ -149,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-compile", action="store_true", help="eager variants only")
     parser.add_argument("--device", help="default: cuda if available, else cpu")
     parser.add_argument("--out", "--json", dest="out", type=Path, help="write the figures to this JSON file")
+    parser.add_argument("--profile", type=Path, help="write a torch.profiler trace (Chrome / Perfetto, gzipped) of "
+                        "one exact image, compiled unless --no-compile, to this file")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="more config overrides")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -158,12 +184,20 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as cache:
         base = None if args.tiny else (args.config or REAL_CONFIG)
         cfg = load_config(base, [*(TINY if args.tiny else REAL), f"model.prompt_cache_dir={cache}", "sample.cache=none",
-                                 "sample.compile=false", *args.overrides])
+                                 "sample.compile=false", "sample.fuse=false", *args.overrides])
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         start = time.perf_counter()
         pipe = Vis2IRPipeline.from_config(cfg, device=device, dtype=dtype)
         built = time.perf_counter() - start
-    n_params = sum(p.numel() for p in pipe.model.transformer.parameters())
+    transformer = pipe.model.transformer
+    n_params = sum(p.numel() for p in transformer.parameters())
+    add_lora(transformer, cfg.model.lora)  # as a trained checkpoint brings one; B random so that it is not zero
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in transformer.named_parameters():
+            if "lora_" in name:
+                p.copy_((0.01 * torch.randn(p.shape, generator=generator)).to(p.dtype))
+    transformer.to(dtype)
     image = Image.fromarray((np.random.default_rng(0).random((panel, panel, 3)) * 255).astype(np.uint8))
     s = pipe.cfg.sample
     rows: dict[str, dict] = {}
@@ -195,7 +229,13 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             restore()
 
-    variant("exact", "none")
+    variant("exact, LoRA not fused", "none", "sample.fuse=false")
+    started = time.perf_counter()
+    cfg.sample.fuse = True
+    fuse(pipe.model, cfg)
+    sync(device)
+    fuse_s = time.perf_counter() - started
+    variant("exact", "none", "sample.fuse: LoRA merged, q/k/v fused")
     forwards = bare_forwards(pipe, panel, args.steps, args.guidance)
     forwards_s = timed(forwards, device, args.repeats)
     latents = torch.randn(1, pipe.model.codec.latent_channels, panel // pipe.model.codec.scale_factor,
@@ -210,6 +250,10 @@ def main(argv: list[str] | None = None) -> int:
         log.info("%-28s %.1f s (first call, compilation included)", "compile", compile_s)
         variant("compiled", "none", f"mode {args.compile_mode}")
         compiled_forwards_s = timed(forwards, device, args.repeats)
+    if args.profile:
+        s.cache = "none"
+        write_profile(generate, args.profile)
+    if not args.no_compile:
         cached_variants("compiled + ")
     figures = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -217,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": str(dtype).removeprefix("torch."), "transformer_parameters": n_params, "panel": panel,
         "canvas": f"{panel}x{2 * panel}", "batch_size": 1, "steps": args.steps, "guidance": args.guidance,
         "settings": [*(TINY if args.tiny else REAL), *args.overrides], "compile_mode": args.compile_mode,
-        "build_s": round(built, 3), "forwards_s": round(forwards_s, 4), "decode_s": round(decode_s, 4),
+        "build_s": round(built, 3), "lora_rank": cfg.model.lora.rank, "fuse_s": round(fuse_s, 2), "forwards_s": round(forwards_s, 4), "decode_s": round(decode_s, 4),
         "ratio_exact_to_floor": round(rows["exact"]["seconds"] / (forwards_s + decode_s), 4),
         "compile_first_call_s": None if compile_s is None else round(compile_s, 2),
         "compiled_forwards_s": None if compiled_forwards_s is None else round(compiled_forwards_s, 4),

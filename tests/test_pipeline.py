@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vis2ir.checkpoint import ADAPTER_FILE, add_lora, save_weights
+from vis2ir.checkpoint import ADAPTER_FILE, add_lora, load_checkpoint_config, save_weights
 from vis2ir.cli import main
 from vis2ir.config import load_config
 from vis2ir.palette import colourise
@@ -178,6 +178,43 @@ def test_checkpoint_settings_must_match(checkpoint, cache, tmp_path):
     config(cache, "model.codec=vae", "model.semantic.mode=cross_attention").save(other)
     with pytest.raises(Vis2IRError, match=f"config {other}: model.codec='vae' differs"):
         Vis2IRPipeline.from_checkpoint(checkpoint, config=other)
+
+
+@pytest.fixture(scope="module")
+def trained_lora(cache, tmp_path_factory):
+    """A checkpoint whose LoRA changes the output (peft initialises B to zero)."""
+    cfg = config(cache, "model.semantic.mode=none", "model.lora.rank=4")
+    model = build_model(cfg)
+    add_lora(model.transformer, cfg.model.lora)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.transformer.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    path = tmp_path_factory.mktemp("lora") / "step-1"
+    save_weights(path, model, cfg)
+    return path
+
+
+def test_loaded_models_are_fused_for_sampling_and_give_the_same_images(trained_lora):
+    """`sample.fuse` (on by default): the LoRA is merged and each attention's q/k/v is one matmul; same images."""
+    image = noise_image(32, 32)
+    fused = Vis2IRPipeline.from_checkpoint(trained_lora, device="cpu")
+    plain = Vis2IRPipeline.from_checkpoint(trained_lora, device="cpu", overrides=["sample.fuse=false"])
+    t_fused, t_plain = fused.model.transformer, plain.model.transformer
+    assert not any("lora" in name for name, _ in t_fused.named_parameters())
+    assert any("lora_B" in name for name, _ in t_plain.named_parameters())
+    attention = t_fused.transformer_blocks[0].attn
+    assert attention.fused_projections and hasattr(attention, "to_qkv") and hasattr(attention, "to_added_qkv")
+    assert not any(hasattr(attention, name) for name in ("to_q", "to_k", "to_v", "add_q_proj"))
+    assert t_fused.single_transformer_blocks[0].attn.fused_projections
+    assert sum(p.numel() for p in t_fused.parameters()) < sum(p.numel() for p in t_plain.parameters())
+    a = fused(image, output_type="pt").images[0]
+    b = plain(image, output_type="pt").images[0]
+    assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+    # the LoRA matters here, so the comparison means something
+    no_lora = Vis2IRPipeline.from_config(load_checkpoint_config(trained_lora), device="cpu")
+    assert (no_lora(image, output_type="pt").images[0] - a).abs().max() > 1e-3
 
 
 def test_missing_adapter_file(checkpoint, tmp_path):

@@ -214,7 +214,10 @@ def test_step_cache_with_an_old_diffusers_is_one_line(cache_dir, monkeypatch):
                                            ("sample.cache_interval=0", "sample.cache_interval"),
                                            ("sample.cache_warmup=0", "sample.cache_warmup"),
                                            ("sample.cache_threshold=-1", "sample.cache_threshold"),
-                                           ("sample.compile_mode=fast", "sample.compile_mode")])
+                                           ("sample.compile_mode=fast", "sample.compile_mode"),
+                                           # CUDA graphs: one graph per block kind overwrites its last output
+                                           ("sample.compile_mode=reduce-overhead", "sample.compile_mode"),
+                                           ("sample.compile_mode=max-autotune", "sample.compile_mode")])
 def test_bad_speed_settings_are_refused(override, key):
     with pytest.raises(ConfigError, match=key):
         load_config(None, [override])

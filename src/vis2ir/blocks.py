@@ -27,6 +27,7 @@ from collections.abc import Sequence
 import torch
 
 from vis2ir.errors import Vis2IRError
+from vis2ir.latents import parameter_dtype
 from vis2ir.quantize import blocks
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ def block_inputs(transformer, batch: int, image_tokens: int, text_tokens: int):
     """Random inputs of one transformer block at the training shapes: (hidden, encoder hidden, temb, RoPE)."""
     p = next(transformer.parameters())
     width = transformer.config.num_attention_heads * transformer.config.attention_head_dim
-    kw = dict(device=p.device, dtype=transformer.dtype)
+    kw = dict(device=p.device, dtype=parameter_dtype(transformer))
     hidden = torch.randn(batch, image_tokens, width, **kw, requires_grad=True)
     text = torch.randn(batch, text_tokens, width, **kw, requires_grad=True)
     temb = torch.randn(batch, width, **kw)

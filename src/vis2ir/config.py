@@ -409,8 +409,14 @@ class SampleConfig:
     vae_tiling: bool = False
     # torch.compile the transformer's repeated blocks (regional compilation): the first image compiles (slow)
     compile: bool = False
-    # torch.compile mode: default, max-autotune-no-cudagraphs (longer compile), reduce-overhead (CUDA graphs)
-    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    # torch.compile mode: default, or max-autotune-no-cudagraphs (a longer compile; measured no faster on an H200).
+    # The modes with CUDA graphs (reduce-overhead, max-autotune) are refused: one graph serves every block in turn,
+    # so each block's call would overwrite the previous block's output.
+    compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = "default"
+    # Merge a checkpoint's LoRA into the base weights and fuse each attention's q/k/v projections into one (diffusers'
+    # fuse_lora and fuse_qkv_projections) when a pipeline loads a model: the same images within rounding, fewer and
+    # larger matmuls (docs/performance.md). Not for a quantized base (model.quantize), whose weights stay as they are.
+    fuse: bool = True
     # reuse the transformer's work across steps (approximate): none; first_block (diffusers' First-Block-Cache:
     # skip the other blocks while the first block's residual changes less than cache_threshold); taylorseer
     # (diffusers' TaylorSeer, lite: compute every cache_interval-th step, extrapolate the output in between)

@@ -16,6 +16,16 @@ from einops import rearrange
 from vis2ir.errors import Vis2IRError
 
 
+def parameter_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The dtype of `module`'s first floating-point parameter (float32 when it has none).
+
+    What diffusers' `ModelMixin.dtype` answers for the models here, without its walk over every submodule in
+    search of layer-wise casting hooks first: on FLUX with LoRA (~4 700 modules) that walk took 12 ms on a CPU
+    core, three times in every training step and once in every sampling step, before the step's first kernel.
+    """
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
+
+
 # ----------------------------------------------------------------------------------------------
 # Codecs
 
@@ -68,15 +78,15 @@ class VAECodec:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.vae.dtype
+        return parameter_dtype(self.vae)
 
     def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        dist = self.vae.encode(images.to(self.vae.dtype)).latent_dist
+        dist = self.vae.encode(images.to(self.dtype)).latent_dist
         z = dist.sample(generator) if generator is not None else dist.mode()
         return (z - self.shift) * self.scale
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        z = latents.to(self.vae.dtype) / self.scale + self.shift
+        z = latents.to(self.dtype) / self.scale + self.shift
         return self.vae.decode(z).sample
 
 

@@ -20,7 +20,8 @@ from einops import repeat
 from vis2ir.backbone import Backbone, base_in_channels, load_backbone
 from vis2ir.config import Config, SemanticConfig
 from vis2ir.errors import Vis2IRError
-from vis2ir.latents import encode_fill_condition, encode_images, encode_images_fill, token_grid, token_width
+from vis2ir.latents import (encode_fill_condition, encode_images, encode_images_fill, parameter_dtype, token_grid,
+                            token_width)
 from vis2ir.semantic.adapter import SemanticConditioningAdapter
 from vis2ir.semantic.modes import SEMANTIC_TOKEN_MODES, build_canvas, target_tokens, widen_x_embedder
 
@@ -141,7 +142,7 @@ class Vis2IRModel(torch.nn.Module):
                      adapter_scale: float | None = None) -> Conditioning:
         """What the transformer reads besides x_t and t, computed once per batch: sampling reuses it at
         every step. Runs the adapter when it acts on the clean condition (`inject_into: condition`)."""
-        dtype = self.transformer.dtype
+        dtype = parameter_dtype(self.transformer)
         b = enc.x_cond.shape[0]
         cond, attention = enc.x_cond, None
         if self.adapter is not None and self.semantic.inject_into == "condition":
@@ -176,7 +177,7 @@ class Vis2IRModel(torch.nn.Module):
                 return_attention: bool = False, adapter_scale: float | None = None):
         """v̂ `[B, N, 4C]` for noisy tokens `x_t` at flow time `t` (`[B]`, in [0, 1]) with the batch's
         `conditioning`; with `return_attention`, also the adapter's attention per layer (or None)."""
-        dtype = self.transformer.dtype
+        dtype = parameter_dtype(self.transformer)
         b = x_t.shape[0]
         x_in, attention = x_t, cond.attention
         if self.adapter is not None and self.semantic.inject_into == "noisy":
@@ -208,7 +209,7 @@ class Vis2IRModel(torch.nn.Module):
                 encoded: Encoded | None = None) -> Prediction:
         """Flow matching: x_t = (1 − t)·x_0 + t·x_1; returns v̂ and the target x_1 − x_0."""
         enc = encoded or self.encode(visible, infrared, semantic)
-        x_0 = enc.x_0.to(self.transformer.dtype)
+        x_0 = enc.x_0.to(parameter_dtype(self.transformer))
         noise = torch.randn_like(x_0) if noise is None else noise.to(x_0.dtype)
         tt = t.to(x_0.dtype).view(-1, 1, 1)
         x_t = (1 - tt) * x_0 + tt * noise

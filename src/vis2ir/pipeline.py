@@ -45,7 +45,7 @@ from vis2ir.palette import semantic_problem
 from vis2ir.quantize import OutOfMemory, out_of_memory
 from vis2ir.sample import generate
 from vis2ir.semantic.modes import NEEDS_SEMANTIC, num_panels
-from vis2ir.speedup import StepCache, compile_blocks, compile_failure
+from vis2ir.speedup import StepCache, compile_blocks, compile_failure, fuse_for_sampling
 from vis2ir.figures import save_figure
 from vis2ir.visualize import AttentionMaps, check_output_format, compare_figure, infrared_image, save_attention_maps
 
@@ -143,6 +143,7 @@ class Vis2IRPipeline:
         device = default_device(device)
         dtype = dtype or resolve_dtype(cfg.model.dtype, device)
         model = build_model(cfg, build_device(cfg, offload, device), dtype)
+        fuse(model, cfg)
         return cls(model, cfg, device).offload(offload)
 
     @classmethod
@@ -165,6 +166,7 @@ class Vis2IRPipeline:
         device = default_device(device)
         dtype = dtype or resolve_dtype(cfg.model.dtype, device)
         model, _ = load_model(directory, build_device(cfg, offload, device), dtype, overrides)
+        fuse(model, cfg)
         pipe = cls(model, cfg, device)
         pipe.trained_size = trained.data.size
         if trained.data.resize_policy == "bucket":
@@ -299,6 +301,16 @@ class Vis2IRPipeline:
         stacked = torch.stack([a.float().cpu() for a in maps], dim=1)  # [B, layers, heads, N, M]
         return ir, [AttentionMaps(stacked[i], rows, cols, tuple(v.shape[-2:]), panels)
                     for i, v in enumerate(vis)]
+
+
+def fuse(model: Vis2IRModel, cfg: Config) -> None:
+    """`sample.fuse`: the LoRA merged and the q/k/v projections fused (`speedup.fuse_for_sampling`), unless the
+    base is quantized. For the models a pipeline builds itself, before it compiles or offloads them."""
+    if not cfg.sample.fuse or cfg.model.quantize != "none":
+        return
+    done = fuse_for_sampling(model.transformer)
+    if done:
+        log.info("sample.fuse: %s", "; ".join(done))
 
 
 def build_device(cfg: Config, offload: str, device: torch.device) -> torch.device:

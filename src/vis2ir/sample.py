@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from vis2ir.latents import VAECodec, as_codec, decode_tokens, pack
+from vis2ir.latents import VAECodec, as_codec, decode_tokens, pack, parameter_dtype
 from vis2ir.model import Encoded, Vis2IRModel
 from vis2ir.semantic.modes import crop_target, num_panels
 from vis2ir.speedup import StepCache
@@ -51,7 +51,7 @@ def get_noise(model: Vis2IRModel, generators: list[torch.Generator], height: int
     shape = (codec.latent_channels, height // s, width // s)
     if isinstance(codec, VAECodec):
         draw(generators, shape, codec.dtype)  # stock's posterior sample of the canvas, multiplied by σ₀ − 1 = 0
-    return pack(draw(generators, shape, model.transformer.dtype, device))
+    return pack(draw(generators, shape, parameter_dtype(model.transformer), device))
 
 
 def time_shift(mu: float, sigma: np.ndarray) -> np.ndarray:

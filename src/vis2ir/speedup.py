@@ -1,5 +1,9 @@
-"""Faster sampling: compiled transformer blocks (`sample.compile`) and step caches (`sample.cache`).
+"""Faster sampling: fused weights (`sample.fuse`), compiled transformer blocks (`sample.compile`) and step
+caches (`sample.cache`).
 
+- `fuse_for_sampling`: a trained LoRA merged into the base weights (its two extra matmuls per layer cost 33 %
+  of an eager step on an H200) and each attention's q/k/v projections fused into one matmul. Exact within
+  rounding; for a pipeline, which only samples.
 - `compile_blocks`: regional compilation — each of the transformer's double and single blocks gets
   `torch.compile`d on its own (the 57 blocks of FLUX share two compiled graphs), so compiling takes
   tens of seconds instead of minutes. The block's `forward` is replaced by its compiled version, so the
@@ -31,6 +35,35 @@ from vis2ir.quantize import BLOCK_LISTS, blocks
 log = logging.getLogger(__name__)
 
 CACHES = ("none", "first_block", "taylorseer")
+
+
+FUSED_AWAY = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")  # replaced by to_qkv / to_added_qkv
+
+
+def fuse_for_sampling(transformer: nn.Module) -> list[str]:
+    """Merge the transformer's LoRA into its base weights and drop the LoRA layers (diffusers' `fuse_lora` +
+    `unload_lora`), then fuse each attention's q/k/v projections into one linear layer (diffusers'
+    `fuse_qkv_projections`) and drop the separate ones, which the fused attention no longer reads (FLUX.1 Fill:
+    4.3 GiB in bf16). In place, for sampling only: the LoRA can no longer be saved or trained. Returns what was
+    done, for the log (empty when there was nothing to do). Not for a quantized base (its weights are not plain
+    tensors): the caller skips it.
+    """
+    done = []
+    if getattr(transformer, "peft_config", None):
+        transformer.fuse_lora()
+        transformer.unload_lora()
+        done.append("LoRA merged into the base weights")
+    if hasattr(transformer, "fuse_qkv_projections"):
+        transformer.fuse_qkv_projections()
+        fused = [m for m in transformer.modules() if getattr(m, "fused_projections", False)]
+        for attention in fused:
+            for name in FUSED_AWAY:
+                if name in attention._modules and (hasattr(attention, "to_qkv") if name.startswith("to_")
+                                                   else hasattr(attention, "to_added_qkv")):
+                    delattr(attention, name)
+        if fused:
+            done.append(f"q/k/v projections fused in {len(fused)} attention layers")
+    return done
 
 
 def compile_blocks(transformer: nn.Module, mode: str = "default", setting: str = "sample.compile") -> int:

@@ -171,6 +171,7 @@ class Vis2IRModule(L.LightningModule):
         self._step_started = None
         self._first_step = True
         self._noise_gen: torch.Generator | None = None  # t and x_1 come from here
+        self.sharded = False  # the transformer is FSDP-sharded (set once: asking walks ~2 000 parameters)
 
     def seed_step(self, batch_idx: int) -> torch.Generator:
         """Seed this rank's noise generator and torch's RNG (dropout) for this micro-batch.
@@ -195,6 +196,7 @@ class Vis2IRModule(L.LightningModule):
         strategy = self._trainer.strategy if self._trainer is not None else None
         if isinstance(strategy, ShardedStrategy) and not is_sharded(self.model):
             shard_model(self.model, strategy.device_mesh["data_parallel"])
+        self.sharded = is_sharded(self.model)
 
     def _build(self) -> Vis2IRModel:
         cfg = self.cfg
@@ -268,7 +270,7 @@ class Vis2IRModule(L.LightningModule):
         loss = torch.stack(losses).mean()
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=vis.shape[0])
         # A sharded model's forward is a collective: every rank samples, rank 0 writes.
-        if batch_idx == 0 and (self.trainer.is_global_zero or is_sharded(model)):
+        if batch_idx == 0 and (self.trainer.is_global_zero or self.sharded):
             self._sample_grid(vis[:4], ir[:4], None if sem is None else sem[:4], write=self.trainer.is_global_zero)
         return loss
 
@@ -344,7 +346,7 @@ class Vis2IRModule(L.LightningModule):
             # fp16 loss scaling, where Lightning unscales the gradients itself before clipping, nor on FSDP's
             # sharded parameters (a device flag beside DTensors; a bad step there drops its gradients instead)
             optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                                          fused=cfg.precision != "16-mixed" and not is_sharded(model))
+                                          fused=cfg.precision != "16-mixed" and not self.sharded)
         warmup = cfg.warmup_steps
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
@@ -387,7 +389,7 @@ class Vis2IRModule(L.LightningModule):
             master.grad = p.grad.float() if p.grad is not None else None
             p.grad = None
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if is_sharded(self.model):  # FSDP reduced the shards' gradients; the whole adapter's are averaged here
+        if self.sharded:  # FSDP reduced the shards' gradients; the whole adapter's are averaged here
             average_replicated_grads(params, self.trainer.strategy)
         norm = total_norm([p.grad for p in params]) if params else None  # sharded and whole gradients together
         # Under fp16 loss scaling inf gradients are the scaler's business (it skips the step and lowers the
