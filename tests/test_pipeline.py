@@ -15,7 +15,7 @@ from vis2ir.errors import Vis2IRError
 from vis2ir.model import build_model
 from vis2ir.io.images import to_tensor
 from vis2ir.io.inputs import list_inputs
-from vis2ir.io.runtime import dist_env, shard
+from vis2ir.io.runtime import default_device, dist_env, shard
 from vis2ir.pipeline import Vis2IRPipeline, batches, model_size, run_generate
 
 from tests.conftest import TINY_MODEL
@@ -92,6 +92,18 @@ def test_shards_cover_every_item_once(count):
         flat = [x for s in shares for x in s]
         assert sorted(flat) == sorted(items) and len(flat) == len(set(flat))
         assert max(map(len, shares)) - min(map(len, shares)) <= 1
+
+
+@pytest.mark.parametrize("local", ["x", "-1", "2"])
+def test_a_local_rank_naming_no_device_is_one_line(monkeypatch, local):
+    """LOCAL_RANK picks the default CUDA device; one that is not an integer or names no device is refused."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_RANK", local)
+    with pytest.raises(Vis2IRError, match=rf"^LOCAL_RANK='{local}': expected an integer from 0 to 1 "):
+        default_device()
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert default_device() == torch.device("cuda", 1)
 
 
 def test_dist_env(monkeypatch):

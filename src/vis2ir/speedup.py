@@ -43,26 +43,30 @@ FUSED_AWAY = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj") 
 def fuse_for_sampling(transformer: nn.Module) -> list[str]:
     """Merge the transformer's LoRA into its base weights and drop the LoRA layers (diffusers' `fuse_lora` +
     `unload_lora`), then fuse each attention's q/k/v projections into one linear layer (diffusers'
-    `fuse_qkv_projections`) and drop the separate ones, which the fused attention no longer reads (FLUX.1 Fill:
-    4.3 GiB in bf16). In place, for sampling only: the LoRA can no longer be saved or trained. Returns what was
-    done, for the log (empty when there was nothing to do). Not for a quantized base (its weights are not plain
-    tensors): the caller skips it.
+    `fuse_projections`, as `fuse_qkv_projections` does) and drop the separate ones, which the fused attention no
+    longer reads (FLUX.1 Fill: 4.3 GiB in bf16), layer by layer so that the copies never sit twice in memory.
+    In place, for sampling only: the LoRA can no longer be saved or trained. Returns what was done, for the log
+    (empty when there was nothing to do). Not for a quantized base (its weights are not plain tensors): the
+    caller skips it.
     """
     done = []
     if getattr(transformer, "peft_config", None):
         transformer.fuse_lora()
         transformer.unload_lora()
         done.append("LoRA merged into the base weights")
-    if hasattr(transformer, "fuse_qkv_projections"):
-        transformer.fuse_qkv_projections()
-        fused = [m for m in transformer.modules() if getattr(m, "fused_projections", False)]
-        for attention in fused:
-            for name in FUSED_AWAY:
-                if name in attention._modules and (hasattr(attention, "to_qkv") if name.startswith("to_")
-                                                   else hasattr(attention, "to_added_qkv")):
-                    delattr(attention, name)
-        if fused:
-            done.append(f"q/k/v projections fused in {len(fused)} attention layers")
+    fused = 0
+    for attention in list(transformer.modules()):  # one layer at a time: the unfused copies go before the next
+        if not callable(getattr(attention, "fuse_projections", None)) or not hasattr(attention, "to_q"):
+            continue
+        attention.fuse_projections()
+        if not getattr(attention, "fused_projections", False):
+            continue
+        fused += 1
+        for name in FUSED_AWAY:
+            if name in attention._modules and hasattr(attention, "to_qkv" if name.startswith("to_") else "to_added_qkv"):
+                delattr(attention, name)
+    if fused:
+        done.append(f"q/k/v projections fused in {fused} attention layers")
     return done
 
 

@@ -12,12 +12,16 @@ from vis2ir.errors import Vis2IRError
 def default_device(device: str | torch.device | None = None) -> torch.device:
     """`device` (`--device`: cpu, cuda or cuda:N), else `cuda:$LOCAL_RANK` when CUDA is available, else the CPU.
 
-    Raises `Vis2IRError` (one line) for a name that is not a device, another kind of device, or a CUDA device
-    this machine does not have, before any model loads."""
+    Raises `Vis2IRError` (one line) for a name that is not a device, another kind of device, a CUDA device
+    this machine does not have, or a LOCAL_RANK that names none, before any model loads."""
     if device is None:
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        local, count = os.environ.get("LOCAL_RANK", "0"), torch.cuda.device_count()
+        if not local.strip().isdigit() or int(local) >= count:
+            raise Vis2IRError(f"LOCAL_RANK={local!r}: expected an integer from 0 to {count - 1} (this machine's CUDA "
+                              "devices; torchrun sets it), or pass --device")
+        return torch.device("cuda", int(local))
     try:
         chosen = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
