@@ -25,8 +25,8 @@ from __future__ import annotations
 import atexit
 import errno
 import logging
-import shutil
 import math
+import shutil
 import socket
 import tempfile
 import threading
@@ -225,7 +225,8 @@ def keep_seconds(minutes: float) -> int:
     number of minutes from more than 0 to `KEEP_MINUTES_LIMIT`."""
     number = isinstance(minutes, (int, float)) and not isinstance(minutes, bool)
     if not (number and math.isfinite(minutes) and 0 < minutes <= KEEP_MINUTES_LIMIT):
-        raise Vis2IRError(f"--keep-minutes {format(minutes, 'g') if number else repr(minutes)}: expected a number of minutes above 0 and at most "
+        given = format(minutes, "g") if number else repr(minutes)
+        raise Vis2IRError(f"--keep-minutes {given}: expected a number of minutes above 0 and at most "
                           f"{KEEP_MINUTES_LIMIT} (how long results and uploads are kept)")
     return max(1, round(minutes * 60))
 
