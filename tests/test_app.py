@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vis2ir.app import App, load_models, serve
+from vis2ir.app import App, build_app, load_models, serve
 from vis2ir.cli import main
 from vis2ir.data.thermalscenes import render_scene
 
@@ -315,3 +315,126 @@ def test_a_bad_upload_is_one_line_in_the_server_log_without_a_traceback(served, 
     captured = capfd.readouterr()
     assert "Traceback" not in captured.err + captured.out
     assert [r.getMessage() for r in caplog.records if "notes.png: cannot read image" in r.getMessage()]
+
+
+# -- a long-running page: the disk stays bounded, the opening example is generated once ----------------------
+
+
+def _age(folder: Path, seconds: float) -> None:
+    """Make `folder` look last modified `seconds` ago (how the sweep decides), without waiting."""
+    past = time.time() - seconds
+    os.utime(folder, (past, past))
+
+
+def test_results_are_deleted_after_the_keep_time(models, phone_photo, tmp_path):
+    """Every request first deletes the result folders (PNGs, attention pictures) older than the keep time: however
+    many requests come, the folder holds only those of the last keep time; the opening example's files stay."""
+    app = App(models, tmp_path, keep_s=60)
+    photo, semantic = (str(p) for p in phone_photo)
+    results = tmp_path / "results"
+    model = "demo_cross_attention (cross_attention)"
+    for _ in range(3):
+        out = app.generate(model, photo, semantic, "white-hot", 16, 1, 0)
+        new = Path(out[2]).parent
+        assert new.parent == results and list(results.iterdir()) == [new]  # the older ones were deleted
+        mean, heads = app.attention(out[4], 1, 1)
+        assert {Path(mean).parent, Path(heads).parent} == {Path(mean).parent} != {new}
+        assert set(results.iterdir()) == {new, Path(mean).parent}  # `new` is younger than the keep time: kept
+        for folder in results.iterdir():
+            _age(folder, 61)
+
+    example = app.example((model, photo, semantic, "white-hot", 8, 1, 0))
+    _age(Path(example[2]).parent, 10**6)
+    fresh = Path(app.generate(model, photo, semantic, "white-hot", 8, 1, 0)[2]).parent
+    assert list(results.iterdir()) == [fresh] and Path(example[2]).is_file()  # the example is not a result
+
+
+def test_gradio_deletes_its_uploads_and_copies_after_the_keep_time(models, tmp_path):
+    """Gradio's own files (uploads, its copies of results) are deleted by its `delete_cache` schedule: at the
+    keep time, checked every 10 minutes at most."""
+    assert build_app(models, tmp_path / "short", keep_s=90).delete_cache == (90, 90)
+    assert build_app(models, tmp_path / "long", keep_s=7200).delete_cache == (600, 7200)
+    page = serve(host="127.0.0.1", port=free_port(), block=False, keep_minutes=2.5)
+    try:
+        assert page.delete_cache == (150, 150)
+    finally:
+        page.close()
+
+
+@pytest.mark.parametrize("minutes", ["0", "-5", "nan", "inf", "1e9"])
+def test_a_bad_keep_time_is_one_line_before_the_models_load(minutes, no_models, capsys):
+    assert main(["app", "--keep-minutes", minutes, "--port", str(free_port())]) == 2
+    shown = format(float(minutes), "g")
+    assert _one_line(capsys) == (f"vis2ir: error: --keep-minutes {shown}: expected a number of minutes above 0 and "
+                                 "at most 525600 (how long results and uploads are kept)")
+
+
+def test_app_takes_the_keep_time(monkeypatch):
+    import vis2ir.app
+
+    seen = {}
+    monkeypatch.setattr(vis2ir.app, "serve", lambda *a, **k: seen.update(k))
+    assert main(["app"]) == 0 and seen["keep_minutes"] == 60
+    assert main(["app", "--keep-minutes", "0.5"]) == 0 and seen["keep_minutes"] == 0.5
+
+
+class Counted:
+    """A pipeline that counts its calls (everything else is the pipeline's own)."""
+
+    def __init__(self, pipe):
+        self.pipe, self.calls = pipe, 0
+
+    def __getattr__(self, name):
+        return getattr(self.pipe, name)
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.pipe(*args, **kwargs)
+
+
+@pytest.fixture
+def counted(models, monkeypatch):
+    """The page served with pipelines that count their calls: (url, {label: Counted})."""
+    import vis2ir.app
+
+    wrapped = {label: Counted(pipe) for label, pipe in models.items()}
+    monkeypatch.setattr(vis2ir.app, "load_models", lambda *a, **k: wrapped)
+    port = free_port()
+    page = serve(host="127.0.0.1", port=port, block=False)
+    yield f"http://127.0.0.1:{port}/", wrapped
+    page.close()
+
+
+def test_the_opening_example_is_generated_once(counted):
+    """Nothing is generated at start-up; the first page load generates the example, every later one gets the
+    same result without running the pipeline again."""
+    from gradio_client import Client
+
+    url, pipes = counted
+    calls = lambda: sum(p.calls for p in pipes.values())  # noqa: E731
+    assert calls() == 0
+    client = Client(url, verbose=False)
+    first = client.predict(api_name="/example")  # what a page load runs
+    assert calls() == 1
+    again = Client(url, verbose=False).predict(api_name="/example")  # another visitor
+    assert calls() == 1
+    assert np.array_equal(np.asarray(Image.open(first[2])), np.asarray(Image.open(again[2])))
+    assert "attention adapter" in again[-1]  # the note: the first model is channel_concat
+
+
+def test_the_opening_example_is_generated_once_in_a_browser(counted):
+    """Two page loads in headless Chromium both show the example's result; the pipeline ran once."""
+    from selenium.webdriver.common.by import By
+
+    url, pipes = counted
+    browser = _browser()
+    try:
+        shown = []
+        for _ in range(2):
+            browser.get(url)
+            _wait(lambda: len(browser.find_elements(By.CSS_SELECTOR, "#result img")) >= 2)
+            shown.append(browser.find_elements(By.CSS_SELECTOR, "#result img")[1].get_attribute("naturalWidth"))
+    finally:
+        browser.quit()
+    assert shown[0] == shown[1] != "0"
+    assert sum(p.calls for p in pipes.values()) == 1

@@ -1,6 +1,7 @@
 """`vis2ir app`: a web page (Gradio) that turns a photo into infrared with a trained model.
 
     vis2ir app [--checkpoint DIR] [--host 127.0.0.1] [--port 7860] [--share] [--device cpu] [--segment-model ID|PATH]
+               [--keep-minutes 60]
 
 By default it serves the two shipped demo models (`channel_concat` and the cross-attention adapter)
 on the CPU, with nothing downloaded; `--checkpoint` serves a trained one instead. The page: example
@@ -11,6 +12,10 @@ the compare picture, a PNG to download (8 or 16 bit, written by the package's on
 cross-attention models, where the adapter attends from a clicked point (mean and per head). A bad
 upload gets the command line's one-line error in the page. Requests are queued one at a time.
 
+The disk stays bounded: results and uploads are deleted `--keep-minutes` after they are made (the app's
+own files by `App.results`, Gradio's copies and uploads by its `delete_cache`), and the example the page
+opens with is generated once and shown to every later visitor.
+
 The top layer of the package: it imports the lower ones, nothing imports it (the CLI imports it lazily,
 so `gradio`, the optional `app` extra, is needed only here).
 """
@@ -20,9 +25,12 @@ from __future__ import annotations
 import atexit
 import errno
 import logging
+import math
 import shutil
 import socket
 import tempfile
+import threading
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +40,7 @@ import numpy as np
 from PIL import Image
 
 from vis2ir.checkpoint import SHIPPED
-from vis2ir.config import DEFAULT_SEGMENTER, SEED_LIMIT
+from vis2ir.config import APP_KEEP_MINUTES, DEFAULT_SEGMENTER, SEED_LIMIT
 from vis2ir.errors import Vis2IRError, first_line
 from vis2ir.figures import figure_array
 from vis2ir.io.images import read_image, rgb_image, to_tensor, write_png
@@ -44,6 +52,8 @@ from vis2ir.visualize import (MIN_PICTURE_SIDE, PALETTES, as_rgb8, check_output_
 log = logging.getLogger(__name__)
 
 EXAMPLES = 4  # held-out ThermalScenes offered as examples
+KEEP_MINUTES_LIMIT = 525_600  # a year: longer is a typo, and Gradio's schedule wants seconds it can sleep
+CLEAN_EVERY_S = 600  # Gradio's cache is swept this often (or every keep time, if shorter)
 
 
 def load_models(checkpoint: str | Path | None = None, device=None) -> dict[str, Vis2IRPipeline]:
@@ -93,10 +103,40 @@ def shown(image: np.ndarray) -> np.ndarray:
 class App:
     """The page's functions, independent of Gradio's event wiring (so they can be called directly)."""
 
-    def __init__(self, models: dict[str, Vis2IRPipeline], workdir: Path, segment_model: str | None = None):
-        self.models, self.workdir = models, Path(workdir)
+    def __init__(self, models: dict[str, Vis2IRPipeline], workdir: Path, segment_model: str | None = None,
+                 keep_s: float = APP_KEEP_MINUTES * 60):
+        self.models, self.workdir, self.keep_s = models, Path(workdir), keep_s
         self.segment_model = segment_model or DEFAULT_SEGMENTER
         self._segmenter = None
+        self._examples: dict[tuple, tuple] = {}
+        self._examples_lock = threading.Lock()
+
+    def results(self) -> Path:
+        """A new folder (not made yet) for one request's files under `workdir/results`, after deleting the
+        folders there last modified more than `keep_s` seconds ago: what a long-running page writes stays
+        bounded by what it made in the keep time. (Gradio has copied a result into its own cache by the time
+        its folder is that old.)"""
+        root = self.workdir / "results"
+        cutoff = time.time() - self.keep_s
+        for old in root.iterdir() if root.is_dir() else ():
+            try:
+                expired = old.stat().st_mtime < cutoff
+            except FileNotFoundError:  # swept by a request running beside this one
+                continue
+            if expired:
+                shutil.rmtree(old, ignore_errors=True)
+                log.debug("deleted %s (older than %g s)", old, self.keep_s)
+        return root / uuid.uuid4().hex
+
+    def example(self, inputs: tuple, progress=None):
+        """`generate(*inputs)`, computed the first time and the same result every later time: the example the
+        page opens with, generated once for all visitors. Its files are kept for the app's lifetime, under
+        `workdir/examples` (not swept with the results)."""
+        with self._examples_lock:  # two first visitors at once: one generation
+            if inputs not in self._examples:
+                folder = self.workdir / "examples" / "results" / str(len(self._examples))
+                self._examples[inputs] = self.generate(*inputs, progress=progress, folder=folder)
+            return self._examples[inputs]
 
     def _semantic(self, pipe: Vis2IRPipeline, visible: Image.Image, photo_label: str, map_file: str | None):
         """The semantic map for the photo: the upload (checked as `generate` checks it), else one made by
@@ -127,9 +167,10 @@ class App:
         return self._segmenter
 
     def generate(self, model: str, photo: str | None, semantic: str | None, palette: str, bit_depth: int,
-                 steps: int, seed: int, progress=None):
+                 steps: int, seed: int, progress=None, folder: Path | None = None):
         """Infrared for the uploaded photo: `(slider pair, compare picture, PNG path, photo to click, state,
-        attention note)`. Raises `Vis2IRError` for a bad upload or setting (one line)."""
+        attention note)`; the PNG goes into `folder` (default: a new `results()` folder). Raises `Vis2IRError`
+        for a bad upload or setting (one line)."""
         if photo is None:
             raise Vis2IRError("no photo: upload or drop a visible photo (or click an example below)")
         pipe = self.models[model]
@@ -147,7 +188,7 @@ class App:
         grey = result.images[0].mean(0).numpy()
         seen = as_rgb8(photo_t.permute(1, 2, 0).numpy())
         stem = Path(photo).stem
-        png = write_png(self.workdir / uuid.uuid4().hex / f"{stem}_infrared_{bit_depth}bit.png",
+        png = write_png((folder or self.results()) / f"{stem}_infrared_{bit_depth}bit.png",
                         infrared_image(grey, bit_depth, palette))
         ir8 = infrared_image(grey, 8, palette)
         panels = {"visible": seen} | ({} if semantic is None else {"semantic": np.asarray(rgb_image(semantic))})
@@ -167,7 +208,7 @@ class App:
             raise Vis2IRError("no attention maps: generate with a cross-attention model first")
         h, w = state.visible.shape[:2]
         scale = shown(state.visible).shape[0] / h  # the photo is shown enlarged
-        folder = self.workdir / uuid.uuid4().hex
+        folder = self.results()
         point = (min(x / scale, w - 0.5), min(y / scale, h - 0.5))
         mean, heads = save_attention_maps(folder, state.visible, state.attention, [point])
         return str(mean), str(heads)
@@ -179,15 +220,37 @@ def page_error(err: Vis2IRError) -> gr.Error:
     return gr.Error(str(err), print_exception=False)
 
 
-def build_app(models: dict[str, Vis2IRPipeline], workdir: str | Path, segment_model: str | None = None) -> gr.Blocks:
-    """The page for `models` (label → pipeline); uploads' and results' files go under `workdir`; photos without
-    a map are segmented by `segment_model` (default: `DEFAULT_SEGMENTER`) when its weights are here."""
-    app = App(models, Path(workdir), segment_model)
+def keep_seconds(minutes: float) -> int:
+    """`--keep-minutes` in whole seconds (at least 1), or a one-line `Vis2IRError` for a value that is not a
+    number of minutes from more than 0 to `KEEP_MINUTES_LIMIT`."""
+    number = isinstance(minutes, (int, float)) and not isinstance(minutes, bool)
+    if not (number and math.isfinite(minutes) and 0 < minutes <= KEEP_MINUTES_LIMIT):
+        given = format(minutes, "g") if number else repr(minutes)
+        raise Vis2IRError(f"--keep-minutes {given}: expected a number of minutes above 0 and at most "
+                          f"{KEEP_MINUTES_LIMIT} (how long results and uploads are kept)")
+    return max(1, round(minutes * 60))
+
+
+def build_app(models: dict[str, Vis2IRPipeline], workdir: str | Path, segment_model: str | None = None,
+              keep_s: int = APP_KEEP_MINUTES * 60) -> gr.Blocks:
+    """The page for `models` (label → pipeline); results' files go under `workdir`; photos without a map are
+    segmented by `segment_model` (default: `DEFAULT_SEGMENTER`) when its weights are here. Results, uploads and
+    Gradio's copies are deleted about `keep_s` seconds after they are made (within `CLEAN_EVERY_S` more)."""
+    app = App(models, Path(workdir), segment_model, keep_s)
     examples = example_scenes(Path(workdir) / "examples", next(iter(models.values())))
+    first = next(iter(models.values()))
+    # what the page opens with, and the example generated for it: one set of values for both
+    opening = (next(iter(models)), *examples[0], "white-hot", 8, first.cfg.sample.steps, first.cfg.sample.seed)
 
     def generate(model, photo, semantic, palette, bit_depth, steps, seed, progress=gr.Progress()):
         try:
             return app.generate(model, photo, semantic, palette, bit_depth, steps, seed, progress)
+        except Vis2IRError as err:
+            raise page_error(err) from None
+
+    def example(progress=gr.Progress()):
+        try:
+            return app.example(opening, progress)
         except Vis2IRError as err:
             raise page_error(err) from None
 
@@ -197,25 +260,23 @@ def build_app(models: dict[str, Vis2IRPipeline], workdir: str | Path, segment_mo
         except Vis2IRError as err:
             raise page_error(err) from None
 
-    first = next(iter(models.values()))
-    with gr.Blocks(title="vis2ir: visible → infrared") as page:
+    with gr.Blocks(title="vis2ir: visible → infrared", delete_cache=(min(keep_s, CLEAN_EVERY_S), keep_s)) as page:
         gr.Markdown("## vis2ir: visible → infrared\nUpload or drop a photo and its semantic map (or click an "
                     "example scene), then **Generate**. The result is on the right: drag the slider to compare.")
         state = gr.State()
         with gr.Row():
             with gr.Column(scale=1):
-                model = gr.Dropdown(list(models), value=next(iter(models)), label="model", elem_id="model")
+                model = gr.Dropdown(list(models), value=opening[0], label="model", elem_id="model")
                 photo = gr.File(label="visible photo (any size; EXIF-upright)", file_types=["image"],
-                                value=examples[0][0], elem_id="photo")
+                                value=opening[1], elem_id="photo")
                 semantic = gr.File(label="semantic map (palette colours; not needed for mode none)",
-                                   file_types=["image"], value=examples[0][1], elem_id="semantic")
+                                   file_types=["image"], value=opening[2], elem_id="semantic")
                 with gr.Row():
-                    palette = gr.Radio(list(PALETTES), value="white-hot", label="palette")
-                    bit_depth = gr.Radio([8, 16], value=8, label="PNG bit depth (16: grey palettes)")
+                    palette = gr.Radio(list(PALETTES), value=opening[3], label="palette")
+                    bit_depth = gr.Radio([8, 16], value=opening[4], label="PNG bit depth (16: grey palettes)")
                 with gr.Row():
-                    steps = gr.Slider(1, 50, value=first.cfg.sample.steps, step=1, label="denoising steps")
-                    seed = gr.Number(value=first.cfg.sample.seed, precision=0, minimum=0, maximum=SEED_LIMIT - 1,
-                                     label="seed")
+                    steps = gr.Slider(1, 50, value=opening[5], step=1, label="denoising steps")
+                    seed = gr.Number(value=opening[6], precision=0, minimum=0, maximum=SEED_LIMIT - 1, label="seed")
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
                 gr.Examples(examples, inputs=[photo, semantic], label="ThermalScenes (held out): photo, map")
             with gr.Column(scale=1):
@@ -237,7 +298,7 @@ def build_app(models: dict[str, Vis2IRPipeline], workdir: str | Path, segment_mo
         inputs = [model, photo, semantic, palette, bit_depth, steps, seed]
         outputs = [slider, compare, download, clickable, state, note]
         button.click(generate, inputs, outputs, api_name="generate")
-        page.load(generate, inputs, outputs)  # a result at once, from the first example
+        page.load(example, None, outputs, api_name="example")  # a result at once: the first example, made once
         clickable.select(attend, [state], [mean, heads])
     return page
 
@@ -264,17 +325,19 @@ def check_port(host: str, port: int) -> None:
 
 
 def serve(checkpoint: str | Path | None = None, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
-          device=None, block: bool = True, segment_model: str | None = None) -> gr.Blocks:
+          device=None, block: bool = True, segment_model: str | None = None,
+          keep_minutes: float = APP_KEEP_MINUTES) -> gr.Blocks:
     """Serve the page (one request at a time, the others queued) until interrupted, or, without `block`,
-    in the background (`page.close()` stops it). Returns the page. A bad port, host or device is a one-line
-    `Vis2IRError` before the models load."""
+    in the background (`page.close()` stops it); results and uploads are kept `keep_minutes`. Returns the page.
+    A bad port, host, device or keep time is a one-line `Vis2IRError` before the models load."""
+    keep_s = keep_seconds(keep_minutes)
     check_port(host, port)
     if device is not None:
         default_device(device)
     models = load_models(checkpoint, device)
     workdir = Path(tempfile.mkdtemp(prefix="vis2ir-app-"))
     atexit.register(shutil.rmtree, workdir, ignore_errors=True)
-    page = build_app(models, workdir, segment_model)
+    page = build_app(models, workdir, segment_model, keep_s)
     page.queue(default_concurrency_limit=1)
     try:
         page.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=True, quiet=True,

@@ -40,7 +40,7 @@ def _cmd_app(args: argparse.Namespace) -> None:
     from vis2ir.app import serve
 
     serve(args.checkpoint, host=args.host, port=args.port, share=args.share, device=args.device,
-          segment_model=args.segment_model)
+          segment_model=args.segment_model, keep_minutes=args.keep_minutes)
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
@@ -209,7 +209,7 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from vis2ir.config import DEFAULT_SEGMENTER
+    from vis2ir.config import APP_KEEP_MINUTES, DEFAULT_SEGMENTER
 
     parser = argparse.ArgumentParser(prog="vis2ir", description="Visible-to-infrared generation on FLUX.1 Fill.")
     parser.add_argument("--debug", action="store_true", help="DEBUG logging and full tracebacks")
@@ -232,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="e.g. cuda:0 or cpu (default: the CPU for the shipped models, else cuda if "
                    "available)")
     _add_segment_model_arg(p, "(weights already on this machine) that makes the map of a photo uploaded without one")
+    p.add_argument("--keep-minutes", type=float, default=APP_KEEP_MINUTES, metavar="M", help="delete results and "
+                   "uploads this many minutes after they are made, so a long-running page does not fill the disk "
+                   f"(default: {APP_KEEP_MINUTES})")
     p.set_defaults(func=_cmd_app)
 
     p = sub.add_parser("train", help="train LoRA / the adapter (or a small model from scratch)")

@@ -32,6 +32,9 @@ DEFAULT_INSTRUCTION = "seen by a thermal infrared camera, as a grayscale infrare
 # The panoptic segmenter of `vis2ir segment`, `--semantic auto` and `data.semantic_source: auto`.
 DEFAULT_SEGMENTER = "facebook/mask2former-swin-large-coco-panoptic"
 
+# How long `vis2ir app` keeps results and uploads (minutes), so a long-running page does not fill the disk.
+APP_KEEP_MINUTES = 60
+
 SemanticMode = Literal["none", "pixel_fusion", "cross_attention", "in_context", "channel_concat"]
 
 
