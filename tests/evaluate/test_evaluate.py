@@ -117,6 +117,7 @@ def test_evaluate_recursive_pairs_each_truth_with_its_own_prediction(tmp_path, c
         evaluate_folders(tmp_path / "flatpred", tmp_path / "truth", out=tmp_path / "o2", recursive=True)
     (tmp_path / "truth" / "train" / "a.png").rename(tmp_path / "truth" / "train" / "b.png")
     save(tmp_path / "flatpred" / "b.png", np.zeros((32, 32), np.uint8))
+    save(tmp_path / "flatpred" / "compare" / "b.png", np.zeros((32, 32), np.uint8))  # not a split: still flat
     result = evaluate_folders(tmp_path / "flatpred", tmp_path / "truth", out=tmp_path / "o3", recursive=True)
     assert sorted(r["name"] for r in result["per_image"]) == ["test/a", "train/b"]  # by bare name
 

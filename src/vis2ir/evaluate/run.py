@@ -188,11 +188,12 @@ def evaluate_checkpoint(checkpoint: str | Path, config: str | Path | None = None
         size = f"each sample's aspect-ratio bucket ({', '.join(shapes[:8])}{', …' if len(shapes) > 8 else ''})"
     else:
         size = f"{cfg.data.size}×{cfg.data.size}"
+    recursive = " --recursive" if any("/" in row["name"] for row in scorer.rows) else ""  # names like test/x
     scored = {"prediction": f"generated at {size}, rounded to 8 bits exactly as saved in pred/ (grey)",
               "truth": f"the data loader's {split!r} samples of {cfg.data.source}: {loader_description(cfg.data, split)}",
               "resolution": f"native: {size}; {THERMALGEN}",
-              "same figures": f"`vis2ir evaluate --pred {Path(out) / 'pred'} --truth T` scores the same when T holds "
-                              f"these truths at {size} (e.g. a folder source already at that size)"}
+              "same figures": f"`vis2ir evaluate --pred {Path(out) / 'pred'} --truth T{recursive}` scores the same "
+                              f"when T holds these truths at {size} (e.g. a folder source already at that size)"}
     if len(failed) == count * len(seeds):
         raise Vis2IRError(f"--checkpoint {directory}: no prediction could be scored ({NOT_FINITE})")
     result = scorer.result() | {"source": {"checkpoint": str(directory), "data": cfg.data.source, "split": split},

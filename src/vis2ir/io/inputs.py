@@ -108,26 +108,26 @@ def match_partners(names: dict[str, Path | None], folder: Path, what: str, recur
     """The image in `folder` that goes with each name of a run (`names`: name → its own file or None; a
     name is a relative path without suffix, as `image_name` makes it): the image at the same relative
     path with any suffix of `IMAGE_SUFFIXES` (`sub/x` ↔ `folder/sub/x.png`; of several, the one with the
-    name's own suffix). When `folder` holds its images flat, a name in a sub-folder falls back to its
-    bare name (`sub/x` ↔ `folder/x.*`) unless another name of the run shares that bare name. `recursive`:
-    `folder`'s sub-folders are searched too (the names come from a recursive listing). `what` names the
-    partners in the problems ("semantic map"). Every matcher of the package (generate's `--semantic` and
-    `--truth`, evaluate's `--pred` and `--semantic`) goes through here."""
+    name's own suffix). When `folder` has no such sub-folder (a flat folder), a name in a sub-folder
+    falls back to its bare name (`sub/x` ↔ `folder/x.*`) unless another name of the run shares that bare
+    name (ambiguous). `recursive`: `folder`'s sub-folders are searched too (the names come from a
+    recursive listing). `what` names the partners in the problems ("semantic map"). Every matcher of
+    the package (generate's `--semantic` and `--truth`, evaluate's `--pred` and `--semantic`) goes
+    through here."""
     index: dict[str, list[Path]] = {}
     for p in list_images(folder, recursive=recursive):
         index.setdefault(image_name(p, folder), []).append(p)
-    flat = not any("/" in key for key in index)
     bare = Counter(n.rsplit("/", 1)[-1] for n in names)
     out = Partners(folder, what)
     for name, own in names.items():
         key = name
-        if key not in index and "/" in name and flat:
+        if key not in index and "/" in name and not (folder / name).parent.is_dir():  # flat, for this name
             key = name.rsplit("/", 1)[-1]
             if key in index and bare[key] > 1:
                 sharing = sorted(n for n in names if n.rsplit("/", 1)[-1] == key)
+                listed = ", ".join(sharing[:3]) + (", ..." if len(sharing) > 3 else "")
                 out.ambiguous[name] = (f"no {what} named {name}.* in {folder}, and {key}.* there would go with "
-                                       f"{len(sharing)} inputs ({', '.join(sharing[:3])}{', ...' * (len(sharing) > 3)})"
-                                       f": give {folder} the sub-folders of the inputs")
+                                       f"{len(sharing)} inputs ({listed}): give {folder} the sub-folders of the inputs")
                 continue
         candidates = index.get(key, [])
         same = [p for p in candidates if own is not None and p.suffix.lower() == own.suffix.lower()]
