@@ -423,3 +423,23 @@ def test_match_partners_prefers_the_same_suffix_and_reports_ambiguity(tmp_path):
     assert found.found == {"x": tmp_path / "maps" / "x.jpg"}
     assert found.problem("y") == f"several semantic maps named y.* in {tmp_path / 'maps'} (y.jpg, y.png): keep one"
     assert found.missing == ["z"] and found.problem("z") == f"no semantic map named z.* in {tmp_path / 'maps'}"
+
+
+def test_a_truth_file_goes_with_a_single_input(config_file, tmp_path, monkeypatch, capsys):
+    """`--truth FILE` goes with a single `--input FILE` whatever its name (as `--semantic FILE` does); with a
+    folder of inputs it is one line saying to pass a folder."""
+    import vis2ir.pipeline as pipeline
+
+    shown = {}
+    original = pipeline.compare_figure
+    monkeypatch.setattr(pipeline, "compare_figure",
+                        lambda panels, title: shown.setdefault(title.split(":")[0], panels) and original(panels, title))
+    photo = save(tmp_path / "in" / "scene.png", noise_image(16, 16))
+    truth = save(tmp_path / "scene_ir.png", np.full((16, 16), 77, np.uint8))
+    assert run("--config", config_file, "--input", photo, "--out", tmp_path / "out", "--compare", "--truth", truth) == 0
+    assert (shown["scene"]["truth (white-hot)"] == 77).all()
+    assert run("--config", config_file, "--input", tmp_path / "in", "--out", tmp_path / "o2", "--compare",
+               "--truth", truth) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"vis2ir: error: --truth {truth}: a single file goes with a single --input file; pass a "
+                       "folder of true infrared images named like the inputs")
