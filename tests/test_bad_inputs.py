@@ -388,3 +388,53 @@ def test_validation_grid_of_non_finite_samples_is_not_written(tiny_config, tmp_p
     monkeypatch.setattr(vis2ir.sample, "generate", lambda *a, **k: vis)  # finite: written as before
     module._sample_grid(vis, vis, None)
     assert len(list((tmp_path / "run" / "samples").glob("*.png"))) == 1
+
+
+def test_16bit_outputs_of_generate_score_as_the_8bit_ones(tmp_path, model_config, capsys):
+    """`generate --bit-depth 16` writes full-range values (0..65535 = [0, 1]) and says so in a PNG text chunk,
+    so `evaluate --pred` on them gives the 8-bit outputs' figures (within 8-bit rounding) instead of
+    normalising them by `data.ir_normalize` as if they were raw counts like the truths (a camera's fixed
+    range here); `--pred-values` overrides the mark."""
+    import json
+
+    from vis2ir.io.images import is_full_range
+
+    sixteen_bit(tmp_path)  # raw-count truths, 1000..9000
+    camera = ["data.ir_normalize=fixed", "data.ir_range=[1000, 9000]"]
+    for depth in (8, 16):
+        run_generate(tmp_path / "visible", tmp_path / f"out{depth}", config=model_config,
+                     semantic=tmp_path / "semantic", bit_depth=depth)
+    deep = read_image(tmp_path / "out16" / "a.png")
+    assert deep.mode in ("I;16", "I") and np.asarray(deep).max() > 255 and is_full_range(deep)
+    assert not is_full_range(read_image(tmp_path / "infrared" / "a.png"))
+
+    def scores(pred, overrides=camera, **kw):
+        result = evaluate_folders(tmp_path / pred, tmp_path / "infrared", out=tmp_path / f"eval-{pred}",
+                                  overrides=overrides, **kw)
+        return per_image(result["per_image"])
+
+    def per_image(rows):
+        return {(r["name"], key): r[key] for r in rows for key in ("psnr_native", "ssim_native")}
+
+    eight, sixteen = scores("out8"), scores("out16")
+    assert len(eight) == 4
+    for (name, key), value in eight.items():
+        assert sixteen[name, key] == pytest.approx(value, abs=0.02 if key == "psnr_native" else 2e-3), (name, key)
+    # with the default data.ir_normalize (percentile) too: before the mark, 16-bit scored 0.14 dB lower here
+    assert scores("out16", []) == pytest.approx(scores("out8", []), abs=0.01)
+    # Read as raw counts (what evaluate did before the mark): other figures
+    as_counts = scores("out16", pred_values="ir-normalize")
+    assert all(abs(as_counts[n, "psnr_native"] - eight[n, "psnr_native"]) > 1 for n in ("a", "b")), (as_counts, eight)
+
+    # The same values re-saved without the mark (another tool): raw counts by default, full range on request
+    for name in ("a", "b"):
+        save(tmp_path / "plain" / f"{name}.png", np.asarray(read_image(tmp_path / "out16" / f"{name}.png")))
+    assert not is_full_range(read_image(tmp_path / "plain" / "a.png"))
+    assert scores("plain") == pytest.approx(as_counts)
+    assert main(["evaluate", "--pred", str(tmp_path / "plain"), "--truth", str(tmp_path / "infrared"),
+                 "--pred-values", "full-range", "--out", str(tmp_path / "cli"), *camera]) == 0
+    report = json.loads((tmp_path / "cli" / "metrics.json").read_text())
+    assert per_image(report["per_image"]) == pytest.approx(sixteen)
+    assert "--pred-values full-range" in report["scored"]["prediction"]
+    with pytest.raises(Vis2IRError, match="--pred-values: 'fixed' is not one of auto, full-range, ir-normalize"):
+        evaluate_folders(tmp_path / "plain", tmp_path / "infrared", out=tmp_path / "x", pred_values="fixed")

@@ -367,3 +367,79 @@ def test_generate_recursive_mirrors_the_sub_folders(config_file, tmp_path, capsy
     by_name = {it.name: it for it in list_inputs(src, tmp_path / "maps", recursive=True, exclude=(out,))}
     assert by_name["train/a"].semantic == tmp_path / "maps" / "train" / "a.png"
     assert by_name["test/a"].semantic is None and "no semantic map named test/a.*" in by_name["test/a"].problem
+
+
+def test_recursive_inputs_pair_with_their_own_truth_and_map(config_file, tmp_path, monkeypatch, caplog):
+    """`generate --recursive --compare --truth DIR --semantic DIR`: an input in a sub-folder goes with the
+    truth and the map at the same relative path (any image suffix), so same-named inputs of two splits each
+    get their own; a flat folder is matched by bare name when that is unambiguous, and reported when not."""
+    import vis2ir.pipeline as pipeline
+
+    shown = {}
+    original = pipeline.compare_figure
+    monkeypatch.setattr(pipeline, "compare_figure",
+                        lambda panels, title: shown.setdefault(title.split(":")[0], panels) and original(panels, title))
+    src = tmp_path / "in"
+    for k, name in enumerate(("train/a", "test/a", "top")):
+        save(src / f"{name}.png", noise_image(16, 16, k))
+    levels = {"train/a": 50, "test/a": 200, "top": 120}
+    for name, level in levels.items():
+        save(tmp_path / "truth" / f"{name}.{'jpg' if name == 'test/a' else 'png'}", np.full((16, 16), level, np.uint8))
+        save(tmp_path / "maps" / f"{name}.png", np.full((16, 16, 3), level, np.uint8))
+    assert run("--config", config_file, "--input", src, "--out", tmp_path / "out", "--recursive", "--compare",
+               "--truth", tmp_path / "truth") == 0
+    for name, level in levels.items():
+        truth = shown[name]["truth (white-hot)"]
+        assert abs(int(np.median(truth)) - level) <= 2, name  # its own truth (the JPEG within its rounding)
+    by_name = {it.name: it for it in list_inputs(src, tmp_path / "maps", recursive=True)}
+    assert {n: it.semantic.relative_to(tmp_path / "maps").as_posix() for n, it in by_name.items()} == {
+        "train/a": "train/a.png", "test/a": "test/a.png", "top": "top.png"}
+
+    # A flat folder of truths and maps: the bare name, when one input has it ...
+    save(src / "sub" / "b.png", noise_image(16, 16, 5))
+    save(tmp_path / "flat" / "b.png", np.full((16, 16), 90, np.uint8))
+    save(tmp_path / "flat" / "a.png", np.full((16, 16), 30, np.uint8))
+    shown.clear()
+    assert run("--config", config_file, "--input", src, "--out", tmp_path / "out2", "--recursive", "--compare",
+               "--truth", tmp_path / "flat") == 0
+    assert (shown["sub/b"]["truth (white-hot)"] == 90).all()
+    # ... but a.png would go with train/a and test/a: neither gets it, and the log says why
+    assert list(shown["train/a"]) == list(shown["test/a"]) == ["visible", "generated infrared (white-hot)"]
+    assert "a.* there would go with 2 inputs (test/a, train/a)" in caplog.text
+    by_name = {it.name: it for it in list_inputs(src, tmp_path / "flat", recursive=True)}
+    assert by_name["sub/b"].semantic == tmp_path / "flat" / "b.png" and by_name["sub/b"].problem is None
+    assert by_name["train/a"].semantic is None and "would go with 2 inputs" in by_name["train/a"].problem
+    assert by_name["top"].semantic is None and by_name["top"].problem.startswith("no semantic map named top.*")
+
+
+def test_match_partners_prefers_the_same_suffix_and_reports_ambiguity(tmp_path):
+    """Several files of one name: the input's own suffix wins; without it, the name is ambiguous."""
+    from vis2ir.io.inputs import match_partners
+
+    for name in ("x.png", "x.jpg", "y.png", "y.jpg"):
+        save(tmp_path / "maps" / name, noise_image(8, 8))
+    found = match_partners({"x": tmp_path / "in" / "x.jpg", "y": tmp_path / "in" / "y.tif", "z": None},
+                           tmp_path / "maps", "semantic map")
+    assert found.found == {"x": tmp_path / "maps" / "x.jpg"}
+    assert found.problem("y") == f"several semantic maps named y.* in {tmp_path / 'maps'} (y.jpg, y.png): keep one"
+    assert found.missing == ["z"] and found.problem("z") == f"no semantic map named z.* in {tmp_path / 'maps'}"
+
+
+def test_a_truth_file_goes_with_a_single_input(config_file, tmp_path, monkeypatch, capsys):
+    """`--truth FILE` goes with a single `--input FILE` whatever its name (as `--semantic FILE` does); with a
+    folder of inputs it is one line saying to pass a folder."""
+    import vis2ir.pipeline as pipeline
+
+    shown = {}
+    original = pipeline.compare_figure
+    monkeypatch.setattr(pipeline, "compare_figure",
+                        lambda panels, title: shown.setdefault(title.split(":")[0], panels) and original(panels, title))
+    photo = save(tmp_path / "in" / "scene.png", noise_image(16, 16))
+    truth = save(tmp_path / "scene_ir.png", np.full((16, 16), 77, np.uint8))
+    assert run("--config", config_file, "--input", photo, "--out", tmp_path / "out", "--compare", "--truth", truth) == 0
+    assert (shown["scene"]["truth (white-hot)"] == 77).all()
+    assert run("--config", config_file, "--input", tmp_path / "in", "--out", tmp_path / "o2", "--compare",
+               "--truth", truth) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"vis2ir: error: --truth {truth}: a single file goes with a single --input file; pass a "
+                       "folder of true infrared images named like the inputs")

@@ -189,7 +189,7 @@ class App:
         seen = as_rgb8(photo_t.permute(1, 2, 0).numpy())
         stem = Path(photo).stem
         png = write_png((folder or self.results()) / f"{stem}_infrared_{bit_depth}bit.png",
-                        infrared_image(grey, bit_depth, palette))
+                        infrared_image(grey, bit_depth, palette), full_range=True)
         ir8 = infrared_image(grey, 8, palette)
         panels = {"visible": seen} | ({} if semantic is None else {"semantic": np.asarray(rgb_image(semantic))})
         panels[f"generated infrared ({palette})"] = ir8

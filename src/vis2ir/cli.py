@@ -147,7 +147,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
                             limit=args.limit, out=args.out, device=args.device)
     elif args.pred and args.truth:
         evaluate_folders(args.pred, args.truth, args.semantic, out=args.out, config=args.config,
-                         overrides=args.overrides, device=args.device)
+                         overrides=args.overrides, device=args.device, recursive=args.recursive,
+                         pred_values=args.pred_values)
     else:
         raise Vis2IRError("vis2ir evaluate: pass --pred DIR and --truth DIR, or --checkpoint DIR")
 
@@ -209,7 +210,7 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from vis2ir.config import APP_KEEP_MINUTES, DEFAULT_SEGMENTER
+    from vis2ir.config import APP_KEEP_MINUTES, DEFAULT_SEGMENTER, PRED_VALUES
 
     parser = argparse.ArgumentParser(prog="vis2ir", description="Visible-to-infrared generation on FLUX.1 Fill.")
     parser.add_argument("--debug", action="store_true", help="DEBUG logging and full tracebacks")
@@ -318,6 +319,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pred", help="folder of predicted infrared images (paired with --truth by file name)")
     p.add_argument("--truth", help="folder of ground-truth infrared images")
     p.add_argument("--semantic", help="folder of semantic maps named like the truths (per-class metrics)")
+    p.add_argument("--recursive", action="store_true", help="also the truths in the sub-folders of --truth, paired "
+                   "with --pred/--semantic files at the same relative path (or of the same name in a flat folder)")
+    p.add_argument("--pred-values", choices=PRED_VALUES, default="auto",
+                   help="16-bit/float predictions: auto (vis2ir's own 16-bit outputs at full range, others by "
+                   "data.ir_normalize like the truths), full-range (value/65535) or ir-normalize (default: auto)")
     p.add_argument("--checkpoint", help="checkpoint or run folder: generate on --split of the data source, then score")
     p.add_argument("--split", default="test", choices=("train", "val", "test"), help="split to score (default: test)")
     p.add_argument("--limit", type=int, help="score the first N samples of the split (default: eval.limit, else all)")

@@ -37,7 +37,7 @@ from vis2ir.data.buckets import bucket_shapes, nearest_bucket
 from vis2ir.errors import Vis2IRError
 from vis2ir.io.images import Normaliser, read_image, rgb_image, same_aspect, to_tensor, write_png, wxh
 from vis2ir.files import safe_join
-from vis2ir.io.inputs import Item, Summary, auto_cache, list_images, list_inputs, missing_maps_help
+from vis2ir.io.inputs import Item, Summary, auto_cache, item_partners, list_inputs, missing_maps_help
 from vis2ir.io.runtime import default_device, dist_env, shard
 from vis2ir.latents import VAECodec, patch_size, token_grid
 from vis2ir.model import Vis2IRModel, build_model
@@ -362,7 +362,8 @@ def run_generate(input: str | Path, out: str | Path, *, config=None, checkpoint=
     see `Vis2IRPipeline` (default `sample.size`). With `semantic="auto"` the missing maps are made
     with the panoptic `segment_model` (default: `DEFAULT_SEGMENTER`). With `recursive` the images of
     sub-folders are generated too, their outputs in the same sub-folders of `out`. `truth`: a folder
-    (or file) of true infrared images named like the inputs, shown beside the prediction in `compare/`."""
+    of true infrared images named like the inputs (with `recursive`, at the same relative paths, or by bare
+    name in a flat folder), or a file for a single input, shown beside the prediction in `compare/`."""
     check_output_format(bit_depth, palette)
     if isinstance(size, str) and size not in ("auto", "native"):
         raise Vis2IRError(f"--size: expected a number of pixels, 'auto' or 'native' (0), got {size!r}")
@@ -370,8 +371,8 @@ def run_generate(input: str | Path, out: str | Path, *, config=None, checkpoint=
         raise Vis2IRError(f"--offload: {offload!r} is not one of {', '.join(OFFLOAD)}")
     points = [parse_point(p) if isinstance(p, str) else p for p in points]
     out = Path(out)
-    truths = _truths(truth) if compare else {}
     items = list_inputs(input, semantic, recursive=recursive, exclude=(out,))
+    truths = _truths(truth, items, Path(input), recursive) if compare else {}
     rank, world = dist_env()
     mine = shard(items, rank, world)
     cfg = _run_config(config, checkpoint, overrides)
@@ -418,16 +419,19 @@ def run_generate(input: str | Path, out: str | Path, *, config=None, checkpoint=
     return summary
 
 
-def _truths(truth: str | Path | None) -> dict[str, Path] | bool:
-    """`--truth`: the true infrared images by file stem (a file: itself); True (compare without truths) when None."""
+def _truths(truth: str | Path | None, items: list[Item], src: Path, recursive: bool) -> dict[str, Path] | bool:
+    """`--truth`: the true infrared image of each item that has one (`item_partners`: a file goes with a single
+    input, a folder's files are named like the inputs); True (compare without truths) when None or none match.
+    An input without a truth, or with several, is drawn without one (logged)."""
     if truth is None:
         return True
-    truth = Path(truth)
-    if truth.is_file():
-        return {truth.stem: truth}
-    if not truth.is_dir():
-        raise Vis2IRError(f"--truth {truth}: no such file or folder")
-    return {p.stem: p for p in list_images(truth)} or True
+    partners = item_partners(items, src, truth, "--truth", "true infrared image", recursive)
+    for why in partners.ambiguous.values():
+        log.warning("--truth: %s; shown without a truth", why)
+    if partners.missing:
+        log.info("--truth: %d of %d inputs have no true infrared image in %s (e.g. %s.*); shown without one",
+                 len(partners.missing), len(items), partners.folder, partners.missing[0])
+    return partners.found or True
 
 
 def _auto_semantic(items: list[Item], cache: Path, needed: bool, model: str | None, device, batch_size: int) -> None:
@@ -545,7 +549,7 @@ def _write_outputs(g: _Loaded, ir: torch.Tensor, att: AttentionMaps | None, out:
     semantic = None if g.semantic is None else np.asarray(rgb_image(g.semantic))
     grey = ir.mean(0).numpy()
     if write_images:
-        write_png(safe_join(out, g.item.name, ".png"), infrared_image(grey, bit_depth, palette))
+        write_png(safe_join(out, g.item.name, ".png"), infrared_image(grey, bit_depth, palette), full_range=True)
     if compare:
         panels = {"visible": visible} | ({"semantic": semantic} if semantic is not None else {})
         panels[f"generated infrared ({palette})"] = infrared_image(grey, 8, palette)

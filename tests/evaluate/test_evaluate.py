@@ -89,6 +89,39 @@ def test_evaluate_folder_errors(tmp_path):
     assert main(["evaluate", "--pred", str(pred)]) == 2
 
 
+def test_evaluate_recursive_pairs_each_truth_with_its_own_prediction(tmp_path, capsys):
+    """`evaluate --recursive`: truths in split sub-folders with the same file names; each is paired with
+    the prediction (and map) at its own relative path, so perfect predictions score as perfect. A flat
+    folder of predictions pairs by bare name when that is unambiguous; otherwise one error says why."""
+    classes = np.full((32, 32), class_id("road"))
+    for split, level in (("train", 40), ("test", 200)):
+        truth = np.full((32, 32), level, np.uint8)
+        truth[:16] += 10
+        save(tmp_path / "truth" / split / "a.png", truth)
+        save(tmp_path / "pred" / split / "a.png", truth)
+        save(tmp_path / "sem" / split / "a.png", colourise(classes))
+    save(tmp_path / "pred" / "compare" / "a.png", np.zeros((32, 32), np.uint8))  # e.g. generate --compare's
+    result = evaluate_folders(tmp_path / "pred", tmp_path / "truth", tmp_path / "sem", out=tmp_path / "out",
+                              recursive=True)
+    assert sorted(r["name"] for r in result["per_image"]) == ["test/a", "train/a"]
+    assert result["metrics"]["psnr_native"] > 90 and result["classes"]["road"]["abs_err"] == 0
+    assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--truth", str(tmp_path / "truth"), "--recursive",
+                 "--out", str(tmp_path / "cli")]) == 0
+    assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--truth", str(tmp_path / "truth"),
+                 "--out", str(tmp_path / "flat")]) == 2  # the truths are in sub-folders: say so
+    assert "no images in this folder (it has sub-folders: --recursive" in capsys.readouterr().err
+
+    save(tmp_path / "flatpred" / "a.png", np.zeros((32, 32), np.uint8))  # one a.png for train/a and test/a
+    with pytest.raises(Vis2IRError, match=r"--pred .*flatpred: 2 of the 2 truth images have no single image to go "
+                                          r"with: .*a\.\* there would go with 2 inputs \(test/a, train/a\)"):
+        evaluate_folders(tmp_path / "flatpred", tmp_path / "truth", out=tmp_path / "o2", recursive=True)
+    (tmp_path / "truth" / "train" / "a.png").rename(tmp_path / "truth" / "train" / "b.png")
+    save(tmp_path / "flatpred" / "b.png", np.zeros((32, 32), np.uint8))
+    save(tmp_path / "flatpred" / "compare" / "b.png", np.zeros((32, 32), np.uint8))  # not a split: still flat
+    result = evaluate_folders(tmp_path / "flatpred", tmp_path / "truth", out=tmp_path / "o3", recursive=True)
+    assert sorted(r["name"] for r in result["per_image"]) == ["test/a", "train/b"]  # by bare name
+
+
 def train_tiny(tiny_config, tmp_path, name="run"):
     cfg = tiny_config(*TINY_RUN, f"train.output_dir={tmp_path / name}")
     return train(cfg, progress=False)

@@ -1,10 +1,12 @@
 """`vis2ir evaluate`: score a folder of predictions against a folder of truths, or a checkpoint on a
 data source's split (generate, then score), and write the reports (`report.py`).
 
-Folders are paired by file stem (`a.png` ↔ `a.jpg`; hidden files ignored); semantic maps, when given,
-are decoded with the palette into classes for the per-class metrics. Images are read as everywhere
-(`vis2ir.io.images`): upright, 16-bit and float truths and predictions normalised by the config's
-`data.ir_normalize` exactly as the data loader does. A file that cannot be read, or a prediction that
+Folders are paired by name (`a.png` ↔ `a.jpg`; with `--recursive`, by path under the folder:
+`io.inputs.match_partners`; hidden files ignored); semantic maps, when given, are decoded with the
+palette into classes for the per-class metrics. Images are read as everywhere (`vis2ir.io.images`):
+upright, 16-bit and float truths normalised by the config's `data.ir_normalize` exactly as the data
+loader does, and predictions too, except vis2ir's own 16-bit outputs, which say they are full-range
+(`--pred-values` overrides). A file that cannot be read, or a prediction that
 is not finite, is a failed item: reported, left out of the scores, and listed in one error at the end.
 """
 
@@ -19,15 +21,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from vis2ir.config import Config, load_config
+from vis2ir.config import PRED_VALUES, Config, load_config
 from vis2ir.palette import decode_classes
 from vis2ir.errors import Vis2IRError
 from vis2ir.evaluate.baselines import sample_classes
 from vis2ir.evaluate.report import write_report
 from vis2ir.evaluate.scoring import Scorer
 from vis2ir.files import safe_join
-from vis2ir.io.images import Normaliser, is_finite, read_image, to_tensor
-from vis2ir.io.inputs import list_images
+from vis2ir.io.images import Normaliser, is_finite, is_full_range, read_image, to_tensor
+from vis2ir.io.inputs import image_name, list_images, match_partners
 
 log = logging.getLogger(__name__)
 STRIP_IMAGES = 4  # images in strip.png
@@ -44,36 +46,54 @@ def is_grey(image: torch.Tensor, tolerance: float = 2 / 255) -> bool:
     return bool((image.amax(0) - image.amin(0)).max() <= tolerance)
 
 
-def pair_folders(pred: str | Path, truth: str | Path, semantic: str | Path | None = None) -> list[tuple]:
-    """`(name, pred path, truth path, semantic path or None)` for every truth image, by file stem."""
+def pair_folders(pred: str | Path, truth: str | Path, semantic: str | Path | None = None,
+                 recursive: bool = False) -> list[tuple]:
+    """`(name, pred path, truth path, semantic path or None)` for every truth image (with `recursive`, of
+    the sub-folders of `truth` too, named by relative path): the prediction and map of the same name
+    (`io.inputs.match_partners`: same relative path, or bare name in a flat folder; any image suffix). A
+    truth without a prediction (or map), or with several, is a `Vis2IRError` naming the first."""
     folders = {"--pred": Path(pred), "--truth": Path(truth)} | ({"--semantic": Path(semantic)} if semantic else {})
-    found = {}
     for option, folder in folders.items():
         if not folder.is_dir():
             raise Vis2IRError(f"{option} {folder}: no such folder")
-        found[option] = {p.stem: p for p in list_images(folder)}
-    truths = found["--truth"]
+    truths: dict[str, Path] = {}
+    for path in list_images(folders["--truth"], recursive=recursive):
+        name = image_name(path, folders["--truth"])
+        if name in truths:
+            raise Vis2IRError(f"--truth {truth}: {truths[name]} and {path} are both the truth of {name}; keep one")
+        truths[name] = path
     if not truths:
-        raise Vis2IRError(f"--truth {truth}: no images in this folder")
-    for option in [o for o in found if o != "--truth"]:
-        missing = sorted(set(truths) - set(found[option]))
-        if missing:
-            raise Vis2IRError(f"{option} {folders[option]}: no image named like {len(missing)} of the "
-                              f"{len(truths)} truth images, e.g. {missing[0]}.*")
-    extra = set(found["--pred"]) - set(truths)
-    if extra:
-        log.warning("--pred: %d predictions have no truth image and are not scored, e.g. %s", len(extra), min(extra))
-    sem = found.get("--semantic", {})
-    return [(name, found["--pred"][name], path, sem.get(name)) for name, path in sorted(truths.items())]
+        nested = not recursive and any(p.is_dir() for p in folders["--truth"].iterdir())
+        raise Vis2IRError(f"--truth {truth}: no images in this folder"
+                          + (" (it has sub-folders: --recursive takes their images too)" if nested else ""))
+    found = {}
+    for option in [o for o in folders if o != "--truth"]:
+        partners = match_partners(truths, folders[option], "image", recursive)
+        if partners.missing:
+            raise Vis2IRError(f"{option} {folders[option]}: no image named like {len(partners.missing)} of the "
+                              f"{len(truths)} truth images, e.g. {partners.missing[0]}.*")
+        if partners.ambiguous:
+            raise Vis2IRError(f"{option} {folders[option]}: {len(partners.ambiguous)} of the {len(truths)} truth "
+                              f"images have no single image to go with: {next(iter(partners.ambiguous.values()))}")
+        found[option] = partners
+    if found["--pred"].unmatched:
+        extra = found["--pred"].unmatched
+        log.warning("--pred: %d predictions have no truth image and are not scored, e.g. %s", len(extra), extra[0])
+    sem = found["--semantic"].found if "--semantic" in found else {}
+    return [(name, found["--pred"].found[name], path, sem.get(name)) for name, path in sorted(truths.items())]
 
 
 def evaluate_folders(pred: str | Path, truth: str | Path, semantic: str | Path | None = None,
                      out: str | Path = "outputs/evaluate", config: str | Path | None = None,
-                     overrides=(), device=None) -> dict:
+                     overrides=(), device=None, recursive: bool = False, pred_values: str = "auto") -> dict:
     """Score the predictions in `pred` against `truth` (and per class with `semantic`); write the reports.
-    Failed items (unreadable, or a prediction that is not finite) are left out, then raised as one error."""
+    `recursive`: the truths of `truth`'s sub-folders too (`pair_folders`). `pred_values` (`PRED_VALUES`):
+    how 16-bit and float predictions become [0, 1] (`prediction_normaliser`). Failed items (unreadable,
+    or a prediction that is not finite) are left out, then raised as one error."""
+    if pred_values not in PRED_VALUES:
+        raise Vis2IRError(f"--pred-values: {pred_values!r} is not one of {', '.join(PRED_VALUES)}")
     cfg = load_config(config, overrides)
-    pairs = pair_folders(pred, truth, semantic)
+    pairs = pair_folders(pred, truth, semantic, recursive)
     scorer = Scorer(cfg.eval, device or "cpu", examples=STRIP_IMAGES)
     normaliser = Normaliser.of(cfg.data)
     coloured, failed = [], {}
@@ -83,7 +103,7 @@ def evaluate_folders(pred: str | Path, truth: str | Path, semantic: str | Path |
             raw = read_image(p)
             if not is_finite(np.asarray(raw)):  # a float TIFF from a broken model
                 raise Vis2IRError(f"{p}: the prediction is not finite (NaN/inf)")
-            prediction = to_tensor(raw, str(p), normaliser)
+            prediction = to_tensor(raw, str(p), prediction_normaliser(raw, normaliser, pred_values))
             target = to_tensor(read_image(t), str(t), normaliser)
         except Vis2IRError as err:
             log.error("%s", err)
@@ -102,12 +122,25 @@ def evaluate_folders(pred: str | Path, truth: str | Path, semantic: str | Path |
 
     source = {"pred": str(pred), "truth": str(truth), "semantic": str(semantic) if semantic else None}
     values = normalisation_description(cfg.data)
-    scored = {"prediction": f"the files in --pred ({values}); one resized (bilinear) to its truth's size where "
+    read = {"auto": f"16-bit ones vis2ir wrote (marked full-range) as value/65535, others {values}",
+            "full-range": "16-bit as value/65535, float as it is (--pred-values full-range)",
+            "ir-normalize": f"{values} (--pred-values ir-normalize)"}[pred_values]
+    scored = {"prediction": f"the files in --pred ({read}); one resized (bilinear) to its truth's size where "
                             "they differ; grey: the mean of the channels",
               "truth": f"the files in --truth at their own size ({values})",
               "resolution": f"native: each truth's own size; {THERMALGEN}"}
     return _finish_with_failures(scorer.result() | {"source": source, "scored": scored}, out, scorer, failed,
                                  len(pairs), "pairs")
+
+
+def prediction_normaliser(image, normaliser: Normaliser, values: str = "auto") -> Normaliser | None:
+    """How a prediction's 16-bit / float values become [0, 1] (`to_tensor`'s normaliser): at full range
+    (None: 16-bit / 65535, float as it is) with `values="full-range"`, or with `"auto"` when the file is
+    vis2ir's own 16-bit output (`io.images.is_full_range`: `generate --bit-depth 16`); else `normaliser`
+    (`data.ir_normalize`, as the truths: raw sensor counts, e.g. another method's outputs)."""
+    if values == "full-range" or values == "auto" and is_full_range(image):
+        return None
+    return normaliser
 
 
 # ----------------------------------------------------------------------------------------------
@@ -155,11 +188,12 @@ def evaluate_checkpoint(checkpoint: str | Path, config: str | Path | None = None
         size = f"each sample's aspect-ratio bucket ({', '.join(shapes[:8])}{', …' if len(shapes) > 8 else ''})"
     else:
         size = f"{cfg.data.size}×{cfg.data.size}"
+    recursive = " --recursive" if any("/" in row["name"] for row in scorer.rows) else ""  # names like test/x
     scored = {"prediction": f"generated at {size}, rounded to 8 bits exactly as saved in pred/ (grey)",
               "truth": f"the data loader's {split!r} samples of {cfg.data.source}: {loader_description(cfg.data, split)}",
               "resolution": f"native: {size}; {THERMALGEN}",
-              "same figures": f"`vis2ir evaluate --pred {Path(out) / 'pred'} --truth T` scores the same when T holds "
-                              f"these truths at {size} (e.g. a folder source already at that size)"}
+              "same figures": f"`vis2ir evaluate --pred {Path(out) / 'pred'} --truth T{recursive}` scores the same "
+                              f"when T holds these truths at {size} (e.g. a folder source already at that size)"}
     if len(failed) == count * len(seeds):
         raise Vis2IRError(f"--checkpoint {directory}: no prediction could be scored ({NOT_FINITE})")
     result = scorer.result() | {"source": {"checkpoint": str(directory), "data": cfg.data.source, "split": split},
@@ -228,7 +262,7 @@ def predict(pipe, batch: list[dict], out: Path | None = None, seed: int | None =
             continue
         grey = infrared_image(image.mean(0).numpy())  # uint8 [H, W]
         if out is not None:
-            write_png(safe_join(out, sample["name"], ".png"), grey)
+            write_png(safe_join(out, sample["name"], ".png"), grey, full_range=True)
         saved.append(torch.from_numpy(grey.astype(np.float32) / 255.0)[None].expand(3, -1, -1))
     return saved
 

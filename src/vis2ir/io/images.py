@@ -7,7 +7,8 @@
   as the EXIF `Orientation` tag of phone photos says (`ImageOps.exif_transpose`).
 - **Values**: 8-bit images are divided by 255; 16-bit, 32-bit and float images go through a
   `Normaliser` (the `data.ir_normalize` settings), the same one in training, generation and scoring.
-- **Writing**: `write_png`, atomically.
+- **Writing**: `write_png`, atomically; vis2ir's 16-bit infrared carries a text chunk saying its values
+  are full-range [0, 1] (`is_full_range`), so that `evaluate --pred` does not take them for raw counts.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+from PIL.PngImagePlugin import PngInfo
 
 from vis2ir.errors import Vis2IRError, describe
 from vis2ir.files import atomic_write
@@ -237,7 +239,24 @@ def is_finite(image: torch.Tensor | np.ndarray) -> bool:
 # Writing
 
 
-def write_png(path: str | Path, image: np.ndarray, **options) -> Path:
+# The text chunk of the 16-bit infrared PNGs vis2ir writes: their values are [0, 1] over the whole
+# range (0..65535), not raw sensor counts; `evaluate --pred` reads a file with it at full range.
+VALUES_KEY = "vis2ir:values"
+FULL_RANGE_TEXT = "full-range: 0..65535 is 0..1"
+
+
+def write_png(path: str | Path, image: np.ndarray, full_range: bool = False, **options) -> Path:
     """Save a uint8 / uint16 array (`[H, W]` grey or `[H, W, 3]` RGB) as PNG, atomically; `options`
-    go to Pillow (`compress_level=...`)."""
-    return atomic_write(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG", **options))
+    go to Pillow (`compress_level=...`). `full_range`: the values are [0, 1] scaled to the dtype's
+    range (vis2ir's infrared, not raw counts or ids); a 16-bit image then carries the `VALUES_KEY`
+    text chunk saying so (`is_full_range`)."""
+    info = None
+    if full_range and image.dtype == np.uint16:
+        info = PngInfo()
+        info.add_text(VALUES_KEY, FULL_RANGE_TEXT)
+    return atomic_write(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG", pnginfo=info, **options))
+
+
+def is_full_range(image: Image.Image) -> bool:
+    """Whether an image says it is vis2ir's full-range 16-bit infrared (the text chunk `write_png` writes)."""
+    return image.info.get(VALUES_KEY) == FULL_RANGE_TEXT

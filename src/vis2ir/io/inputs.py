@@ -9,6 +9,7 @@ Hidden files are skipped by every listing of the package (data layouts, list fil
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,6 +80,69 @@ def _log_skipped(src: Path, skipped: list[Path]) -> None:
         log.warning("--input %s: %s", src, note)
 
 
+def image_name(path: Path, root: Path) -> str:
+    """A listed image's name: its path under `root` without suffix, '/'-separated (`train/010001`)."""
+    return path.relative_to(root).with_suffix("").as_posix()
+
+
+@dataclass
+class Partners:
+    """What `match_partners` found in a folder: the file that goes with each name, the names with none
+    (`missing`), and those with more than one candidate (`ambiguous`: name → why)."""
+
+    folder: Path
+    what: str
+    found: dict[str, Path] = field(default_factory=dict)
+    missing: list[str] = field(default_factory=list)
+    ambiguous: dict[str, str] = field(default_factory=dict)
+    unmatched: list[Path] = field(default_factory=list)  # the folder's images that go with no name
+
+    def problem(self, name: str) -> str | None:
+        """Why `name` has no partner (one line naming the folder), or None when it has one."""
+        if name in self.missing:
+            return f"no {self.what} named {name}.* in {self.folder}"
+        return self.ambiguous.get(name)
+
+
+def match_partners(names: dict[str, Path | None], folder: Path, what: str, recursive: bool = False) -> Partners:
+    """The image in `folder` that goes with each name of a run (`names`: name → its own file or None; a
+    name is a relative path without suffix, as `image_name` makes it): the image at the same relative
+    path with any suffix of `IMAGE_SUFFIXES` (`sub/x` ↔ `folder/sub/x.png`; of several, the one with the
+    name's own suffix). When `folder` has no such sub-folder (a flat folder), a name in a sub-folder
+    falls back to its bare name (`sub/x` ↔ `folder/x.*`) unless another name of the run shares that bare
+    name (ambiguous). `recursive`: `folder`'s sub-folders are searched too (the names come from a
+    recursive listing). `what` names the partners in the problems ("semantic map"). Every matcher of
+    the package (generate's `--semantic` and `--truth`, evaluate's `--pred` and `--semantic`) goes
+    through here."""
+    index: dict[str, list[Path]] = {}
+    for p in list_images(folder, recursive=recursive):
+        index.setdefault(image_name(p, folder), []).append(p)
+    bare = Counter(n.rsplit("/", 1)[-1] for n in names)
+    out = Partners(folder, what)
+    for name, own in names.items():
+        key = name
+        if key not in index and "/" in name and not (folder / name).parent.is_dir():  # flat, for this name
+            key = name.rsplit("/", 1)[-1]
+            if key in index and bare[key] > 1:
+                sharing = sorted(n for n in names if n.rsplit("/", 1)[-1] == key)
+                listed = ", ".join(sharing[:3]) + (", ..." if len(sharing) > 3 else "")
+                out.ambiguous[name] = (f"no {what} named {name}.* in {folder}, and {key}.* there would go with "
+                                       f"{len(sharing)} inputs ({listed}): give {folder} the sub-folders of the inputs")
+                continue
+        candidates = index.get(key, [])
+        same = [p for p in candidates if own is not None and p.suffix.lower() == own.suffix.lower()]
+        if len(candidates) == 1 or len(same) == 1:
+            out.found[name] = (same or candidates)[0]
+        elif candidates:
+            out.ambiguous[name] = (f"several {what}s named {key}.* in {folder} "
+                                   f"({', '.join(p.name for p in candidates)}): keep one")
+        else:
+            out.missing.append(name)
+    used = set(out.found.values())
+    out.unmatched = [p for paths in index.values() for p in paths if p not in used]
+    return out
+
+
 def map_path(root: Path, name: str) -> Path:
     """Where the colour map of sample `name` goes under `root` (a name may hold '/': sub-folders; it
     must stay inside `root`: `files.safe_join`)."""
@@ -126,12 +190,13 @@ def auto_cache(input_path: str | Path) -> Path:
 def list_inputs(input_path: str | Path, semantic: str | Path | None = None, recursive: bool = False,
                 exclude: tuple[str | Path, ...] = ()) -> list[Item]:
     """The items of a run: one file or a folder's images, each matched to a semantic map by name
-    (`semantic="auto"`: the map cached in `semantic_auto/` beside the inputs, made when missing).
+    (`match_partners`; a missing or ambiguous map is the item's `problem`); `semantic="auto"`: the map
+    cached in `semantic_auto/` beside the inputs, made when missing.
 
     With `recursive` the images of sub-folders are items too, named by their relative path without
     suffix (`train/010001`: outputs mirror the sub-folders), and maps are looked up under the same
-    relative names; the `semantic_auto/` cache and the folders in `exclude` (a run's output folder
-    inside its input) are left out."""
+    relative names (or by bare name in a flat folder of maps); the `semantic_auto/` cache and the
+    folders in `exclude` (a run's output folder inside its input) are left out."""
     src = Path(input_path)
     if not src.exists():
         raise Vis2IRError(f"--input {src}: no such file or folder")
@@ -144,35 +209,37 @@ def list_inputs(input_path: str | Path, semantic: str | Path | None = None, recu
                              " (it has sub-folders: --recursive takes their images too)"))
     names: dict[str, Path] = {}
     for p in paths:
-        name = p.relative_to(src).with_suffix("").as_posix() if recursive and src.is_dir() else p.stem
+        name = image_name(p, src) if recursive and src.is_dir() else p.stem
         if name in names:
             raise Vis2IRError(f"--input: {names[name]} and {p} would both write {name}.png")
         names[name] = p
     items = [Item(name, p) for name, p in names.items()]
     if semantic is None:
         return items
-    sem = Path(semantic)
     if str(semantic) == "auto":  # maps cached beside the inputs; the runner makes the missing ones
         for it in items:
             it.semantic = map_path(auto_cache(src), it.name)
         return items
-    if not sem.exists():
-        raise Vis2IRError(f"--semantic {sem}: no such file or folder")
-    if sem.is_file():
-        if src.is_dir():
-            raise Vis2IRError(f"--semantic {sem}: a single file goes with a single --input file; pass a folder "
-                              "of maps named like the inputs")
-        items[0].semantic = sem
-        return items
-    maps: dict[str, Path] = {}
-    for p in list_images(sem, recursive=recursive):
-        maps.setdefault(p.relative_to(sem).with_suffix("").as_posix(), p)
+    partners = item_partners(items, src, semantic, "--semantic", "semantic map", recursive)
     for it in items:
-        same_file = sem / it.visible.relative_to(src) if src.is_dir() else sem / it.visible.name
-        it.semantic = same_file if same_file.is_file() else maps.get(it.name)
-        if it.semantic is None:
-            it.problem = f"no semantic map named {it.name}.* in {sem}"
+        it.semantic, it.problem = partners.found.get(it.name), partners.problem(it.name)
     return items
+
+
+def item_partners(items: list[Item], src: Path, other: str | Path, option: str, what: str,
+                  recursive: bool = False) -> Partners:
+    """The files of option `other` (a file, or a folder of files named like the inputs: `match_partners`)
+    that go with the `items` of `--input src`. A single file goes with a single input file; `other`
+    missing, or one file for a folder of inputs, is a `Vis2IRError` naming `option`."""
+    other = Path(other)
+    if not other.exists():
+        raise Vis2IRError(f"{option} {other}: no such file or folder")
+    if other.is_file():
+        if src.is_dir():
+            raise Vis2IRError(f"{option} {other}: a single file goes with a single --input file; pass a folder "
+                              f"of {what}s named like the inputs")
+        return Partners(other.parent, what, found={items[0].name: other})
+    return match_partners({it.name: it.visible for it in items}, other, what, recursive)
 
 
 def _input_images(src: Path, recursive: bool, exclude, skipped: list[Path]) -> list[Path]:
