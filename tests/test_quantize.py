@@ -182,3 +182,21 @@ def test_vae_tiling_setting_reaches_the_vae(tiny_config):
 
     assert not Vis2IRPipeline.from_config(tiny_config()).model.codec.vae.use_tiling
     assert Vis2IRPipeline.from_config(tiny_config("sample.vae_tiling=true")).model.codec.vae.use_tiling
+
+
+@pytest.mark.parametrize("how", ["fp8", "nf4"])
+def test_a_pipeline_leaves_a_quantized_base_and_its_lora_unfused(tiny_config, tmp_path, how):
+    """`sample.fuse` (on by default) skips a quantized base: merging the LoRA into, or concatenating, quantized
+    weights breaks sampling. The pipeline keeps the LoRA beside the quantized to_q/to_k/to_v and samples."""
+    from vis2ir.pipeline import Vis2IRPipeline
+
+    cfg, model = quantized(tiny_config, how)
+    add_lora(model.transformer, cfg.model.lora)
+    save_weights(tmp_path / "ckpt", model, cfg)
+    pipe = Vis2IRPipeline.from_checkpoint(tmp_path / "ckpt", device="cpu", overrides=["sample.steps=2"])
+    assert pipe.cfg.sample.fuse
+    attention = blocks(pipe.model.transformer)[0].attn
+    assert not getattr(attention, "fused_projections", False) and not hasattr(attention, "to_qkv")
+    assert type(attention.to_q.base_layer.weight).__name__ == WEIGHT_TYPES[how]  # LoRA still beside the base
+    image = pipe(Image.new("RGB", (32, 32), (90, 120, 60)), output_type="pt").images[0]
+    assert torch.isfinite(image).all()

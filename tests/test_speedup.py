@@ -1,5 +1,7 @@
 """Faster sampling: per-image work done once, no host tensors in the loop, step caches, compiled blocks."""
 
+import weakref
+
 import pytest
 import torch
 from torch import nn
@@ -10,7 +12,7 @@ from vis2ir.latents import token_width
 from vis2ir.model import build_model
 from vis2ir.pipeline import Vis2IRPipeline
 from vis2ir.sample import decode_target, generate, get_noise, get_schedule, make_generators
-from vis2ir.speedup import StepCache, compile_blocks
+from vis2ir.speedup import FUSED_AWAY, StepCache, compile_blocks, fuse_for_sampling
 
 from tests.conftest import TINY_MODEL
 
@@ -55,6 +57,26 @@ def recomputing(model, visible, semantic, steps=STEPS, guidance=1.0, seed=0):
         v = model.velocity(x, enc, t, guidance)
         x = (x.float() + (sigma_next - sigma) * v).to(v.dtype)
     return decode_target(model, x, enc)
+
+
+def test_fusing_frees_each_layers_projections_before_the_next_layer_fuses(cache_dir, monkeypatch):
+    """`fuse_for_sampling` layer by layer: when a layer fuses, the q/k/v weights the earlier layers dropped are
+    freed (a list of every module kept them all alive until the end: +4 GiB at the peak on FLUX.1 Fill)."""
+    _, model = model_for(cache_dir, "model.semantic.mode=none", "model.transformer.num_layers=2")
+    attention_type = type(model.transformer.transformer_blocks[0].attn)
+    dropped, alive = [], []
+    fuse = attention_type.fuse_projections
+
+    def watched(self):
+        alive.append(sum(ref() is not None for ref in dropped))
+        dropped.extend(weakref.ref(self._modules[name].weight) for name in FUSED_AWAY if name in self._modules)
+        fuse(self)
+
+    monkeypatch.setattr(attention_type, "fuse_projections", watched)
+    assert fuse_for_sampling(model.transformer) == ["q/k/v projections fused in 3 attention layers"]
+    assert len(alive) == 3 and len(dropped) == 2 * 6 + 3  # two double blocks, one single block
+    assert alive == [0, 0, 0]
+    assert all(ref() is None for ref in dropped)
 
 
 @pytest.mark.parametrize("inject_into, calls", [("condition", 1), ("noisy", STEPS)])

@@ -55,9 +55,11 @@ def fuse_for_sampling(transformer: nn.Module) -> list[str]:
         transformer.unload_lora()
         done.append("LoRA merged into the base weights")
     fused = 0
-    for attention in list(transformer.modules()):  # one layer at a time: the unfused copies go before the next
-        if not callable(getattr(attention, "fuse_projections", None)) or not hasattr(attention, "to_q"):
-            continue
+    # One layer at a time: the unfused copies go before the next layer fuses. The list holds the attention modules
+    # only; a list of every module would keep each dropped to_q/to_k/to_v alive until the loop ends (+4 GiB on FLUX).
+    attentions = [m for m in transformer.modules()
+                  if callable(getattr(m, "fuse_projections", None)) and hasattr(m, "to_q")]
+    for attention in attentions:
         attention.fuse_projections()
         if not getattr(attention, "fused_projections", False):
             continue
