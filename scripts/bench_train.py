@@ -21,9 +21,9 @@ plan) is logged as a table and written as JSON to `--out`.
     python scripts/bench_train.py --out docs/performance/train/h200.json                  # on an H200
     python scripts/bench_train.py --config configs/demo.yaml --tiny --out /tmp/bench.json  # a check on the CPU
 
-`--profile DIR` also records two more steps of each variant, after the timed ones, with `torch.profiler` (CPU ops with their Python
-stacks, GPU kernels) and writes DIR/<variant>.json.gz (a Chrome / Perfetto trace) and DIR/<variant>.txt (the ops
-by self CPU time and by GPU time), to see where a variant's extra time goes.
+`--profile DIR` also records two more steps of each variant, after the timed ones, with `torch.profiler`
+(CPU ops with their Python stacks, GPU kernels) and writes DIR/<variant>.json.gz (a Chrome / Perfetto trace)
+and DIR/<variant>.txt (the ops by self CPU time and by GPU time), to see where a variant's extra time goes.
 """
 
 from __future__ import annotations

@@ -229,6 +229,27 @@ def test_loaded_models_are_fused_for_sampling_and_give_the_same_images(trained_l
     assert (no_lora(image, output_type="pt").images[0] - a).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune"])
+def test_a_checkpoint_saved_with_a_retired_compile_mode_still_loads(checkpoint, tmp_path, caplog, mode):
+    """Older vis2ir saved sample.compile_mode values it now refuses (CUDA graphs); such a checkpoint (and its run,
+    for --resume) loads with `default` and a warning, while typing the value is still refused."""
+    import shutil
+
+    import yaml
+
+    old = tmp_path / "old"
+    shutil.copytree(checkpoint, old)
+    settings = yaml.safe_load((old / "config.yaml").read_text())
+    settings.setdefault("sample", {})["compile_mode"] = mode
+    (old / "config.yaml").write_text(yaml.safe_dump(settings))
+    with caplog.at_level("WARNING", logger="vis2ir.config"):
+        pipe = Vis2IRPipeline.from_checkpoint(old, device="cpu")
+    assert pipe.cfg.sample.compile_mode == "default"
+    assert f"sample.compile_mode={mode} is no longer offered" in caplog.text and str(old) in caplog.text
+    with pytest.raises(Vis2IRError, match="sample.compile_mode"):
+        Vis2IRPipeline.from_checkpoint(old, device="cpu", overrides=[f"sample.compile_mode={mode}"])
+
+
 def test_missing_adapter_file(checkpoint, tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()

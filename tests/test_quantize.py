@@ -62,6 +62,7 @@ def test_lora_trains_on_a_quantized_base_and_loads_into_the_stock_pipeline(tiny_
     """QLoRA: gradients reach LoRA only; the exported LoRA (diffusers layout) loads into an
     unquantized stock FluxFillPipeline and changes it as it changes our quantized model."""
     cfg, model = quantized(tiny_config, how)
+    torch.manual_seed(0)  # peft draws the LoRA's A from the global RNG: the same LoRA in every run
     add_lora(model.transformer, cfg.model.lora)
     lora = [p for n, p in model.transformer.named_parameters() if "lora_" in n]
     for p in lora:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import math
 import os
 import types
@@ -22,6 +23,8 @@ import yaml
 
 from vis2ir.errors import Vis2IRError, first_line
 from vis2ir.files import write_text
+
+log = logging.getLogger(__name__)
 
 ICEDIT_PROMPT = (
     "A diptych with two side-by-side images of the same scene. On the right, the scene is exactly "
@@ -617,6 +620,7 @@ def _raw_settings(path: str | Path | None, overrides, base: Config | None = None
         raw = read_yaml(path) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of sections (model, data, train, sample, eval)")
+        _replace_retired(raw, path)
     if base is not None:
         raw = _merge(base.to_dict(), raw)
     for item in overrides:
@@ -625,6 +629,26 @@ def _raw_settings(path: str | Path | None, overrides, base: Config | None = None
             raise ConfigError(f"override {item!r}: expected key.path=value, e.g. model.semantic.num_heads=16")
         _set_dotted(raw, key.strip(), _parse_value(value))
     return raw
+
+
+# Values an older vis2ir accepted, and saved in run and checkpoint configs, that this one refuses:
+# (section, key, old values, replacement, why). In a file they are replaced with a warning, so old runs and
+# checkpoints still load; typed as an override they are refused like any other bad value.
+RETIRED = [("sample", "compile_mode", ("reduce-overhead", "max-autotune"), "default",
+            "its CUDA graphs overwrote one block's output with the next block's under regional compilation")]
+_warned: set[tuple[str, str]] = set()
+
+
+def _replace_retired(raw: dict, path: Path) -> None:
+    """Replace, in the settings read from `path`, the values listed in `RETIRED` (a warning once per file)."""
+    for section, key, old, new, why in RETIRED:
+        settings = raw.get(section)
+        if isinstance(settings, dict) and settings.get(key) in old:
+            if (str(path), key) not in _warned:
+                _warned.add((str(path), key))
+                log.warning("%s: %s.%s=%s is no longer offered (%s); using %s", path, section, key, settings[key],
+                            why, new)
+            settings[key] = new
 
 
 def read_yaml(path: str | Path) -> Any:

@@ -65,7 +65,8 @@ def fuse_for_sampling(transformer: nn.Module) -> list[str]:
             continue
         fused += 1
         for name in FUSED_AWAY:
-            if name in attention._modules and hasattr(attention, "to_qkv" if name.startswith("to_") else "to_added_qkv"):
+            fused_name = "to_qkv" if name.startswith("to_") else "to_added_qkv"
+            if name in attention._modules and hasattr(attention, fused_name):
                 delattr(attention, name)
     if fused:
         done.append(f"q/k/v projections fused in {fused} attention layers")
