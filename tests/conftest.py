@@ -71,3 +71,19 @@ def hub_calls(monkeypatch):
     for name in calls:
         monkeypatch.setattr(huggingface_hub, name, counted(name))
     return calls
+
+
+@pytest.fixture
+def no_compiler(monkeypatch, tmp_path):
+    """Inductor cannot build here: no C++ compiler, no cached kernels (torch.compile fails on first use).
+    Through `config.patch`, which restores the settings exactly (monkeypatching the sub-config's attribute did
+    not survive its undo in a full run)."""
+    import torch._inductor.config as inductor
+
+    missing = str(tmp_path / "no-such-compiler")
+    monkeypatch.setenv("CXX", missing)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    torch._dynamo.reset()
+    with inductor.patch({"cpp.cxx": (missing,), "force_disable_caches": True}):  # else earlier kernels are reused
+        yield
+    torch._dynamo.reset()

@@ -274,20 +274,12 @@ def test_compile_setting_compiles_the_pipeline(cache_dir, caplog):
     assert "first batch, compilation included" in caplog.text
 
 
-def test_compile_without_a_compiler_is_one_line(cache_dir, monkeypatch, tmp_path):
+def test_compile_without_a_compiler_is_one_line(cache_dir, no_compiler):
     """sample.compile on a machine where inductor cannot build (here: no C++ compiler) → one line, not a traceback."""
     cfg, model = model_for(cache_dir, "model.semantic.mode=none", "sample.compile=true")
-    import torch._inductor.config as inductor
-
-    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-    monkeypatch.setattr(inductor.cpp, "cxx", (str(tmp_path / "no-such-compiler"),))
-    monkeypatch.setattr(inductor, "force_disable_caches", True)  # else kernels built by earlier tests are reused
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
-    torch._dynamo.reset()
     pipe = Vis2IRPipeline(model, cfg)
     with pytest.raises(Vis2IRError) as err:
         pipe(inputs()[0][0], steps=2, output_type="pt")
-    torch._dynamo.reset()
     message = str(err.value)
     assert message.startswith("sample.compile: torch.compile could not compile") and "\n" not in message
     assert message.endswith("set sample.compile=false")
