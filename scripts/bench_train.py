@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from vis2ir import blocks  # noqa: E402
 from vis2ir.config import load_config  # noqa: E402
 from vis2ir.latent_cache import build_latent_cache  # noqa: E402
+from vis2ir.latents import parameter_dtype  # noqa: E402
 from vis2ir.model import build_model  # noqa: E402
 from vis2ir.train import prepare_for_training, train, training_tokens  # noqa: E402
 
@@ -164,7 +165,7 @@ def plain_steps(model, cfg, total: int, device: torch.device, clock: Clock) -> N
     transformer = model.transformer
     b = cfg.train.batch_size
     image, text = training_tokens(model, cfg)
-    dtype = next(transformer.parameters()).dtype
+    dtype = parameter_dtype(transformer)
     hidden = torch.randn(b, image, transformer.config.in_channels, device=device, dtype=dtype)
     kwargs = dict(timestep=torch.full((b,), 0.5, device=device), guidance=torch.full((b,), 1.0, device=device),
                   pooled_projections=model.pooled_prompt_embeds.to(dtype).expand(b, -1),
