@@ -14,7 +14,8 @@ as a trained checkpoint carries one), the FLUX VAE architecture with random weig
    since random weights say nothing about how often an adaptive cache skips; the first block's
    decision (with its one read-back per step) still runs, its answer is replaced;
 4. the same three with `sample.compile=true` (`--compile-mode`): the first call's time (compilation
-   included) and the compiled forwards' floor.
+   included) and the compiled forwards' floor; and `compiled, modulation per step`: the compiled exact path
+   without `speedup.modulation_table` (each adaLN layer's modulation at every step, as diffusers runs it).
 Each time is the fastest of `--repeats` runs after one warm-up. Everything goes to `--out` as JSON.
 
     python scripts/bench_generate.py --out bench_generate.json                  # an H100 / H200: ~3-4 min
@@ -24,6 +25,7 @@ Each time is the fastest of `--repeats` runs after one warm-up. Everything goes 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import itertools
 import json
@@ -45,7 +47,9 @@ from vis2ir.checkpoint import add_lora  # noqa: E402
 from vis2ir.config import load_config  # noqa: E402
 from vis2ir.files import write_json  # noqa: E402
 from vis2ir.latents import image_ids, mask_width, token_width  # noqa: E402
+import vis2ir.sample  # noqa: E402
 from vis2ir.pipeline import Vis2IRPipeline, fuse  # noqa: E402
+from vis2ir.speedup import modulation_table  # noqa: E402
 
 log = logging.getLogger("bench_generate")
 
@@ -81,7 +85,7 @@ def timed(fn, device: torch.device, repeats: int) -> float:
 
 
 def bare_forwards(pipe: Vis2IRPipeline, panel: int, steps: int, guidance: float):
-    """`steps` bare transformer forwards on same-shaped inputs, as a function."""
+    """`steps` bare transformer forwards on same-shaped inputs, as a function (with the loop's modulation table)."""
     m, device = pipe.model, pipe.device
     codec, dtype = m.codec, m.transformer.dtype
     p = 2 * codec.scale_factor
@@ -95,19 +99,25 @@ def bare_forwards(pipe: Vis2IRPipeline, panel: int, steps: int, guidance: float)
         txt_ids=m.prompt_embeds.new_zeros(m.prompt_embeds.shape[1], 3), img_ids=image_ids(rows, cols, device=device),
         return_dict=False)
 
-    def forwards():
-        with torch.no_grad():
-            for _ in range(steps):
+    timesteps = torch.full((steps,), 0.5, device=device, dtype=dtype)
+
+    def forwards():  # as the denoising loop runs the transformer: with the adaLN modulation computed for all steps
+        with torch.no_grad(), modulation_table(m.transformer, timesteps, kwargs["guidance"],
+                                               kwargs["pooled_projections"]) as at_step:
+            for i in range(steps):
+                if at_step is not None:
+                    at_step(i)
                 m.transformer(**kwargs)
     return forwards
 
 
 def write_profile(fn, path: Path) -> None:
-    """A torch.profiler trace of one call of `fn` (CPU ops and GPU kernels), gzipped to `path`."""
+    """A torch.profiler trace of one call of `fn` (CPU ops and GPU kernels), gzipped to `path`, and a table of its ops'
+    times by input shape beside it (`NAME.shapes.txt`)."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if torch.cuda.is_available():
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as prof:
+    with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
         fn()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
@@ -117,7 +127,11 @@ def write_profile(fn, path: Path) -> None:
     with raw.open("rb") as src, gzip.open(path, "wb") as dst:
         shutil.copyfileobj(src, dst)
     raw.unlink()
-    log.info("profile of one image written to %s", path)
+    table = path.parent / (path.name.split(".")[0] + ".shapes.txt")  # the device time of each op, by input shape
+    sort = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    table.write_text(prof.key_averages(group_by_input_shape=True).table(sort_by=sort, row_limit=60, max_name_column_width=60,
+                                                                        max_shapes_column_width=90))
+    log.info("profile of one image written to %s (ops by input shape: %s)", path, table)
 
 
 def measured_schedule(path: Path, steps: int, variant: str | None) -> tuple[str, list[bool]] | None:
@@ -157,6 +171,20 @@ def replay(schedule: list[bool]):
     return lambda: setattr(FBCHeadBlockHook, "_should_compute_remaining_blocks", original)
 
 
+@contextlib.contextmanager
+def modulation_per_step():
+    """The sampler without `speedup.modulation_table` (for the comparison): the layers run at every step."""
+    @contextlib.contextmanager
+    def stand_aside(*args, **kwargs):
+        yield None
+
+    vis2ir.sample.modulation_table = stand_aside
+    try:
+        yield
+    finally:
+        vis2ir.sample.modulation_table = modulation_table
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path,
@@ -174,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", help="default: cuda if available, else cpu")
     parser.add_argument("--out", "--json", dest="out", type=Path, help="write the figures to this JSON file")
     parser.add_argument("--profile", type=Path, help="write a torch.profiler trace (Chrome / Perfetto, gzipped) of "
-                        "one exact image, compiled unless --no-compile, to this file")
+                        "one exact image, compiled unless --no-compile, to this file, and its ops' times by input "
+                        "shape beside it (NAME.shapes.txt)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="more config overrides")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -213,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         rows[name] = {"seconds": round(seconds, 4), "images_per_s": round(1 / seconds, 3),
                       "steps_computed": computed, "note": note}
         pipe.step_cache = None
-        log.info("%-28s %.3f s  (%s of %d steps computed)%s", name, seconds, computed, args.steps,
+        log.info("%-30s %.3f s  (%s of %d steps computed)%s", name, seconds, computed, args.steps,
                  f"  {note}" if note else "")
 
     schedule = measured_schedule(args.schedule, args.steps, args.first_block_variant)
@@ -247,8 +276,11 @@ def main(argv: list[str] | None = None) -> int:
         s.cache = "none"
         pipe.compile(args.compile_mode)
         compile_s = once(generate, device)  # the first call compiles
-        log.info("%-28s %.1f s (first call, compilation included)", "compile", compile_s)
+        log.info("%-30s %.1f s (first call, compilation included)", "compile", compile_s)
         variant("compiled", "none", f"mode {args.compile_mode}")
+        with modulation_per_step():
+            variant("compiled, modulation per step", "none", "speedup.modulation_table off: each adaLN layer's "
+                    "modulation at every step, as diffusers computes it")
         compiled_forwards_s = timed(forwards, device, args.repeats)
     if args.profile:
         s.cache = "none"
@@ -276,9 +308,9 @@ def main(argv: list[str] | None = None) -> int:
              figures["device"], figures["dtype"], n_params / 1e9, panel, 2 * panel, args.steps, built)
     log.info("floor: %d bare forwards + decode = %.3f s + %.3f s (compiled forwards: %s s)", args.steps, forwards_s,
              decode_s, figures["compiled_forwards_s"])
-    log.info("%-28s %9s %12s", "variant", "seconds", "steps run")
+    log.info("%-30s %9s %12s", "variant", "seconds", "steps run")
     for name, row in rows.items():
-        log.info("%-28s %9.3f %12s", name, row["seconds"], row["steps_computed"])
+        log.info("%-30s %9.3f %12s", name, row["seconds"], row["steps_computed"])
     if args.out:
         write_json(args.out, figures)
     return 0

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from vis2ir.latents import VAECodec, as_codec, decode_tokens, pack, parameter_dtype
 from vis2ir.model import Encoded, Vis2IRModel
 from vis2ir.semantic.modes import crop_target, num_panels
-from vis2ir.speedup import StepCache
+from vis2ir.speedup import StepCache, modulation_table
 
 NUM_TRAIN_TIMESTEPS = 1000  # FlowMatchEulerDiscreteScheduler's; the transformer divides it back out
 
@@ -106,7 +106,9 @@ def denoise(model: Vis2IRModel, enc: Encoded, x: torch.Tensor, sigmas: torch.Ten
     """Euler steps x ← x + (σ_next − σ)·v̂ from noise `x` along `sigmas`, as the scheduler steps.
 
     What does not change across steps is computed once: the conditioning (the adapter, when it acts on
-    the clean condition; the guidance and prompt tensors), the timesteps and step sizes, the RoPE table.
+    the clean condition; the guidance and prompt tensors), the timesteps and step sizes, the RoPE table;
+    what changes with the step only, the blocks' adaLN modulation, is computed for all steps at once
+    (`speedup.modulation_table`).
     The loop itself builds no tensor on the host and reads nothing back (no host–device synchronisation;
     the `first_block` cache reads one number per step). `cache`: a step cache (`sample.cache`), or None.
     With `return_attention`, also the adapter's attention per layer `[B, heads, N, M]`, averaged over the
@@ -123,8 +125,11 @@ def denoise(model: Vis2IRModel, enc: Encoded, x: torch.Tensor, sigmas: torch.Ten
     total = None
     transformer = model.transformer
     with computed_once(transformer.pos_embed) if hasattr(transformer, "pos_embed") else nullcontext(), \
+            modulation_table(transformer, timesteps, cond.guidance, cond.pooled) as at_step, \
             cache.active(transformer) if cache is not None else nullcontext():
         for i in tqdm(range(steps), disable=not progress, desc="denoise", leave=False):
+            if at_step is not None:
+                at_step(i)
             out = model.predict(x, enc, cond, timesteps[i].expand(b), return_attention, adapter_scale)
             v, attention = out if return_attention else (out, None)
             x = (x.float() + deltas[i] * v).to(v.dtype)
