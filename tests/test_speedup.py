@@ -122,11 +122,13 @@ def test_rope_table_is_computed_once_per_image(cache_dir, monkeypatch):
     assert len(calls) == 2
 
 
-def test_modulation_runs_once_per_loop_for_every_step(cache_dir, monkeypatch):
+@pytest.mark.parametrize("guidance_embeds", [True, False])
+def test_modulation_runs_once_per_loop_for_every_step(cache_dir, guidance_embeds):
     """`speedup.modulation_table`: each adaLN modulation layer computes all steps' rows in one call per loop,
     the loop reads its step's row, the layers are given back afterwards, and the images stay those of the
-    per-step computation (within rounding)."""
-    _, model = model_for(cache_dir, "model.semantic.mode=channel_concat", "model.transformer.num_layers=2")
+    per-step computation (within rounding); with and without a guidance embedding."""
+    _, model = model_for(cache_dir, "model.semantic.mode=channel_concat", "model.transformer.num_layers=2",
+                         f"model.transformer.guidance_embeds={str(guidance_embeds).lower()}")
     layers = modulation_layers(model.transformer)
     assert len(layers) == 2 * 2 + 1 + 1  # norm1 and norm1_context of two double blocks, one single block, norm_out
     rows = []

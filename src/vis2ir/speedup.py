@@ -98,8 +98,10 @@ def modulation_layers(transformer: nn.Module) -> list[nn.Module]:
 
 
 def _plain_on(module: nn.Module, device: torch.device) -> bool:
-    """Every weight of `module` is an ordinary tensor on `device` (not offloaded to the CPU, not a sharded DTensor)."""
-    return all(p.device == device and type(p).__name__ != "DTensor" for p in module.parameters())
+    """Every weight of `module` is an ordinary tensor on `device` (not offloaded to the CPU, not an FSDP2 shard)."""
+    from torch.distributed.tensor import DTensor
+
+    return all(p.device == device and not isinstance(p, DTensor) for p in module.parameters())
 
 
 @contextmanager
