@@ -129,8 +129,8 @@ def write_profile(fn, path: Path) -> None:
     raw.unlink()
     table = path.parent / (path.name.split(".")[0] + ".shapes.txt")  # the device time of each op, by input shape
     sort = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-    table.write_text(prof.key_averages(group_by_input_shape=True).table(sort_by=sort, row_limit=60, max_name_column_width=60,
-                                                                        max_shapes_column_width=90))
+    by_shape = prof.key_averages(group_by_input_shape=True)
+    table.write_text(by_shape.table(sort_by=sort, row_limit=60, max_name_column_width=60, max_shapes_column_width=90))
     log.info("profile of one image written to %s (ops by input shape: %s)", path, table)
 
 
