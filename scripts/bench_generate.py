@@ -49,7 +49,7 @@ from vis2ir.files import write_json  # noqa: E402
 from vis2ir.latents import image_ids, mask_width, token_width  # noqa: E402
 import vis2ir.sample  # noqa: E402
 from vis2ir.pipeline import Vis2IRPipeline, fuse  # noqa: E402
-from vis2ir.speedup import modulation_table  # noqa: E402
+from vis2ir.speedup import modulation_table, per_step_modulation  # noqa: E402
 
 log = logging.getLogger("bench_generate")
 
@@ -105,8 +105,7 @@ def bare_forwards(pipe: Vis2IRPipeline, panel: int, steps: int, guidance: float)
         with torch.no_grad(), modulation_table(m.transformer, timesteps, kwargs["guidance"],
                                                kwargs["pooled_projections"]) as at_step:
             for i in range(steps):
-                if at_step is not None:
-                    at_step(i)
+                at_step(i)
                 m.transformer(**kwargs)
     return forwards
 
@@ -174,11 +173,7 @@ def replay(schedule: list[bool]):
 @contextlib.contextmanager
 def modulation_per_step():
     """The sampler without `speedup.modulation_table` (for the comparison): the layers run at every step."""
-    @contextlib.contextmanager
-    def stand_aside(*args, **kwargs):
-        yield None
-
-    vis2ir.sample.modulation_table = stand_aside
+    vis2ir.sample.modulation_table = per_step_modulation
     try:
         yield
     finally:

@@ -63,3 +63,19 @@ def test_optimizer_state_by_position_round_trips():
     named = _named(plain, order)
     assert list(named["state"]) == order and named["param_groups"][1]["params"] == ["c"]
     assert _positional(named, order) == plain
+
+
+def test_sampling_a_sharded_model_leaves_the_modulation_layers_alone(tiny_config, group_of_one):
+    """The sampler's modulation table (`speedup.modulation_table`) calls the layers outside FSDP's forward, where
+    their weights are shards: for a sharded model it stands aside and the layers run per step, as FSDP needs."""
+    from vis2ir.speedup import modulation_layers, modulation_table
+
+    cfg = tiny_config("model.codec=pixel", "model.semantic.mode=none")
+    model = build_model(cfg)
+    shard_model(model, group_of_one)
+    layers = modulation_layers(model.transformer)
+    before = [m.linear for m in layers]
+    pooled = model.pooled_prompt_embeds
+    with modulation_table(model.transformer, torch.ones(3), torch.ones(1), pooled) as at_step:
+        at_step(0)
+        assert [m.linear for m in layers] == before

@@ -128,8 +128,7 @@ def denoise(model: Vis2IRModel, enc: Encoded, x: torch.Tensor, sigmas: torch.Ten
             modulation_table(transformer, timesteps, cond.guidance, cond.pooled) as at_step, \
             cache.active(transformer) if cache is not None else nullcontext():
         for i in tqdm(range(steps), disable=not progress, desc="denoise", leave=False):
-            if at_step is not None:
-                at_step(i)
+            at_step(i)
             out = model.predict(x, enc, cond, timesteps[i].expand(b), return_attention, adapter_scale)
             v, attention = out if return_attention else (out, None)
             x = (x.float() + deltas[i] * v).to(v.dtype)

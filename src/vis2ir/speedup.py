@@ -1,9 +1,11 @@
-"""Faster sampling: fused weights (`sample.fuse`), compiled transformer blocks (`sample.compile`) and step
-caches (`sample.cache`).
+"""Faster sampling: fused weights (`sample.fuse`), the modulation computed once per loop (always on), compiled
+transformer blocks (`sample.compile`) and step caches (`sample.cache`).
 
 - `fuse_for_sampling`: a trained LoRA merged into the base weights (its two extra matmuls per layer cost 33 %
   of an eager step on an H200) and each attention's q/k/v projections fused into one matmul. Exact within
   rounding; for a pipeline, which only samples.
+- `modulation_table`: each block's adaLN modulation, which depends on the step and not on the image, computed for
+  every step of a denoising loop at once, before it. Exact within float rounding.
 - `compile_blocks`: regional compilation — each of the transformer's double and single blocks gets
   `torch.compile`d on its own (the 57 blocks of FLUX share two compiled graphs), so compiling takes
   tens of seconds instead of minutes. The block's `forward` is replaced by its compiled version, so the
@@ -73,24 +75,26 @@ def fuse_for_sampling(transformer: nn.Module) -> list[str]:
     return done
 
 
-class StepLookup(nn.Module):
-    """Stands in for one adaLN modulation layer during a denoising loop: returns the current step's row of its
-    outputs, computed beforehand for every step (`table` `[steps, B, out]`; `step`: `[1]` long, on the device,
-    shared by every layer), whatever its input (the step's silu(temb), from which the table was computed)."""
+class StepRow(nn.Module):
+    """Stands in for one adaLN modulation layer during a denoising loop: returns `row` (`[B, out]`), which the loop
+    fills with the current step's output of the layer, whatever its input (the step's silu(temb)). `row` is a
+    plain attribute, not a buffer, so that compiled blocks see an ordinary input: neither the number of steps
+    nor a new batch size multiplies their graphs."""
 
-    def __init__(self, table: torch.Tensor, step: torch.Tensor):
+    def __init__(self, row: torch.Tensor, original: nn.Module):
         super().__init__()
-        self.register_buffer("table", table, persistent=False)
-        self.register_buffer("step", step, persistent=False)
+        self.row = row
+        object.__setattr__(self, "original", original)  # the layer it stands in for (not a submodule)
 
     def forward(self, emb: torch.Tensor) -> torch.Tensor:
-        return self.table.index_select(0, self.step).squeeze(0)
+        return self.row
 
 
 def modulation_layers(transformer: nn.Module) -> list[nn.Module]:
     """The adaLN layers whose modulation is `linear(silu(temb))` of the transformer's temb: FLUX's `norm1`,
     `norm1_context` (double blocks), `norm` (single blocks) and `norm_out` (diffusers' `AdaLayerNormZero`,
-    `AdaLayerNormZeroSingle`, `AdaLayerNormContinuous`)."""
+    `AdaLayerNormZeroSingle`, `AdaLayerNormContinuous`). An `AdaLayerNormZero` with its own embedding (`emb`,
+    e.g. class labels) computes what it modulates with from other inputs, so it is left out."""
     from diffusers.models.normalization import AdaLayerNormContinuous, AdaLayerNormZero, AdaLayerNormZeroSingle
 
     kinds = (AdaLayerNormZero, AdaLayerNormZeroSingle, AdaLayerNormContinuous)
@@ -99,9 +103,24 @@ def modulation_layers(transformer: nn.Module) -> list[nn.Module]:
 
 def _plain_on(module: nn.Module, device: torch.device) -> bool:
     """Every weight of `module` is an ordinary tensor on `device` (not offloaded to the CPU, not an FSDP2 shard)."""
+    if any(p.device != device for p in module.parameters()):
+        return False
+    if not torch.distributed.is_available():
+        return True
     from torch.distributed.tensor import DTensor
 
-    return all(p.device == device and not isinstance(p, DTensor) for p in module.parameters())
+    return not any(isinstance(p, DTensor) for p in module.parameters())
+
+
+def _no_op(step: int) -> None:
+    """The step selector when there is no table: the layers compute their modulation themselves."""
+
+
+@contextmanager
+def per_step_modulation(*args, **kwargs):
+    """`modulation_table` turned off (same arguments): the layers run at every step, as diffusers runs them.
+    For comparisons (`scripts/bench_generate.py`, tests)."""
+    yield _no_op
 
 
 @contextmanager
@@ -109,14 +128,18 @@ def modulation_table(transformer: nn.Module, timesteps: torch.Tensor, guidance: 
                      pooled: torch.Tensor):
     """Within the block, each adaLN modulation layer of `transformer` (`modulation_layers`) returns its output
     for the current step from a table computed on entry for every step at once; yields `at(i)`, which selects
-    step i (no host–device synchronisation), or None when it does not apply (weights offloaded or sharded, or a
-    transformer without FLUX's `time_text_embed`), and the layers then run as usual.
+    step i (device copies, no host–device synchronisation). Stands aside (`at` does nothing, the layers run as
+    usual) when the weights are offloaded or FSDP2-sharded, or for a transformer without FLUX's
+    `time_text_embed`. Nested (a loop run inside another's, e.g. by a callback): the inner loop has its own
+    table, and the outer one's is back in place after it.
 
     Why: temb — `time_text_embed(t·1000, guidance·1000, pooled)`, as `FluxTransformer2DModel.forward` computes
-    it — depends on the step, not on the image, and each of FLUX.1's 77 modulation layers turns it into
-    `linear(silu(temb))`: a one-row product that reads its weights (6.5 GB for all 77 in bf16) again at every step,
-    3 % of a compiled 512×1024 step on an H200. Here each layer runs once per loop, on all steps' rows.
+    it, with t and guidance in the dtype of the hidden states (autocast's, under autocast) — depends on the
+    step, not on the image, and each of FLUX.1's 77 modulation layers (3.2 B parameters) turns it into
+    `linear(silu(temb))`: a one-row product that read its weights (6.5 GB for all 77 in bf16) again at every
+    step, 3 % of a compiled 512×1024 step on an H200. Here each layer runs once per loop, on all steps' rows.
     Exact within float rounding (one product of `steps·B` rows instead of `steps` products of B rows).
+    Memory: the table, `steps · B` rows of every layer's output (FLUX.1 in bf16: 2.1 MB per step and image).
 
     `timesteps`: `[steps]` flow times in [0, 1], as the loop passes them; `guidance`: `[B]` float32 or None;
     `pooled`: `[B, P]` pooled prompt embeddings.
@@ -124,26 +147,33 @@ def modulation_table(transformer: nn.Module, timesteps: torch.Tensor, guidance: 
     layers = modulation_layers(transformer)
     embed = getattr(transformer, "time_text_embed", None)
     device = pooled.device
-    if not layers or embed is None or not all(_plain_on(m, device) for m in [embed, *layers]):
-        yield None
+    previous = [m.linear for m in layers]  # the layers, or an outer loop's stand-ins for them
+    originals = [p.original if isinstance(p, StepRow) else p for p in previous]
+    if not layers or embed is None or not all(_plain_on(m, device) for m in [embed, *originals]):
+        yield _no_op
         return
     steps, b = timesteps.shape[0], pooled.shape[0]
-    dtype = pooled.dtype
+    autocast = torch.is_autocast_enabled(device.type)
+    dtype = torch.get_autocast_dtype(device.type) if autocast else pooled.dtype  # the hidden states' dtype
     t = timesteps.to(device, dtype).repeat_interleave(b) * 1000  # step-major rows: step s, image j → s·b + j
     with torch.no_grad():
         if guidance is None:
             temb = embed(t, pooled.repeat(steps, 1))
         else:
             temb = embed(t, guidance.to(dtype).repeat(steps) * 1000, pooled.repeat(steps, 1))
-        step = torch.zeros(1, dtype=torch.long, device=device)
-        originals = [m.linear for m in layers]
+        # `.to(dtype)`: AdaLayerNormContinuous casts silu(temb) to the hidden states' dtype (a no-op for the others)
         tables = [linear(m.silu(temb).to(dtype)).view(steps, b, -1) for m, linear in zip(layers, originals)]
-    for m, table in zip(layers, tables):
-        m.linear = StepLookup(table, step)
+        rows = [table[0].clone() for table in tables]
+
+    def at(step: int) -> None:
+        torch._foreach_copy_(rows, [table[step] for table in tables])
+
     try:
-        yield step.fill_
+        for m, row, linear in zip(layers, rows, originals):
+            m.linear = StepRow(row, linear)
+        yield at
     finally:
-        for m, linear in zip(layers, originals):
+        for m, linear in zip(layers, previous):
             m.linear = linear
 
 

@@ -57,6 +57,33 @@ def test_16bit_infrared_is_normalised_by_the_setting(tmp_path, suffix, method):
         assert abs(ir[0, -1, -1].item() - 0.9) < 0.01 and abs(ir[0, 0, 1].item() - 0.1) < 0.01
 
 
+def test_16bit_infrared_vis2ir_wrote_is_read_at_full_range_by_every_reader(tmp_path):
+    """A 16-bit PNG `generate` wrote says its values are [0, 1] at full range (`write_png(full_range=True)`): the
+    data loader, `data convert` (folder and parquet) and `to_tensor` (evaluate's and generate's truths) read it as
+    value/65535 instead of stretching it like raw counts; the same pixels without the mark are stretched."""
+    from vis2ir.data.convert import convert_source
+    from vis2ir.io.images import is_full_range, read_image, to_tensor, write_png
+
+    values = np.linspace(0.3, 0.6, 32 * 32).reshape(32, 32)
+    pixels = (values * 65535).round().astype(np.uint16)
+    for name, marked in (("marked", True), ("plain", False)):
+        save(tmp_path / name / "visible/a.png", np.zeros((32, 32, 3), np.uint8))
+        write_png(tmp_path / name / "infrared/a.png", pixels, full_range=marked)
+    want = torch.from_numpy(pixels.astype(np.float32) / 65535)
+    cfg = DataConfig(source=str(tmp_path / "marked"), size=32)  # ir_normalize: percentile (the default)
+    assert torch.allclose(load_all(cfg)[0]["infrared"][0], want, atol=1e-6)
+    stretched = load_all(DataConfig(source=str(tmp_path / "plain"), size=32))[0]["infrared"][0]
+    assert stretched.max() > 0.99 and stretched.min() < 0.01  # raw counts: percentiles 1-99 span 0..1
+    for fmt in ("folder", "parquet"):
+        out = convert_source(cfg, tmp_path / fmt, fmt)
+        assert torch.allclose(load_all(DataConfig(source=str(out), size=32))[0]["infrared"][0], want, atol=1e-6)
+    assert is_full_range(read_image(tmp_path / "folder" / "infrared" / "a.png"))
+    normaliser = Normaliser.of(cfg)
+    image = read_image(tmp_path / "marked" / "infrared" / "a.png")
+    assert torch.allclose(to_tensor(image, "truth", normaliser)[0], want, atol=1e-6)
+    assert torch.allclose(to_tensor(image, "prediction", normaliser, honour_mark=False)[0], stretched, atol=1e-6)
+
+
 def test_normaliser_maths():
     a = np.array([[0, 100], [200, 1000]], np.uint16)
     assert np.allclose(Normaliser("minmax")(a), [[0, 0.1], [0.2, 1]])

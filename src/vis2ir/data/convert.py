@@ -21,6 +21,7 @@ from vis2ir.data.images import Panel, close_panels, load_upright
 from vis2ir.data.splits import SPLITS
 from vis2ir.data.tables import write_parquet
 from vis2ir.files import safe_join, write_bytes, write_text
+from vis2ir.io.images import full_range_info, is_full_range
 
 log = logging.getLogger(__name__)
 FORMATS = ("folder", "parquet")
@@ -59,17 +60,19 @@ def convert_source(cfg: DataConfig, out: str | Path, fmt: str = "folder") -> Pat
 
 
 def _pngs(panels: dict[str, Panel]) -> dict[str, bytes]:
-    """Each panel's pixels (its view of the stored image, upright, at full size) as PNG bytes."""
+    """Each panel's pixels (its view of the stored image, upright, at full size) as PNG bytes; a 16-bit infrared
+    vis2ir wrote keeps its full-range mark (`io.images.is_full_range`), so it is still read as value/65535."""
     try:
         out = {}
         for kind, panel in panels.items():
             upright = load_upright(panel)  # EXIF orientation applied: the PNG carries no tag
             (w, h), (x0, y0, x1, y1) = upright.size, panel.view
+            marked = is_full_range(upright)
             image = upright.crop((round(x0 * w), round(y0 * h), round(x1 * w), round(y1 * h)))
             if image.mode not in ("L", "RGB", "I;16", "I", "RGBA", "LA"):
                 image = image.convert("RGB")
             buf = io.BytesIO()
-            image.save(buf, format="PNG", compress_level=3)
+            image.save(buf, format="PNG", compress_level=3, pnginfo=full_range_info() if marked else None)
             out[kind] = buf.getvalue()
         return out
     finally:

@@ -136,7 +136,7 @@ def decode_panel(panel: Panel, kind: str, box: Box, size: int | tuple[int, int],
         if problem:
             raise DataError(f"{panel.label}: {problem}")
     elif image.mode in HIGH_BIT_MODES:
-        grey = Image.fromarray(normaliser(np.asarray(image)))  # float32 -> mode F
+        grey = Image.fromarray(normaliser.for_image(image)(np.asarray(image)))  # float32 -> mode F
         out = grey.resize(size, Image.Resampling.BICUBIC, box=pixels, reducing_gap=2.0)
     else:
         if kind == "infrared" and image.mode != "L":
@@ -184,7 +184,8 @@ def loader_description(cfg, split: str) -> str:
         geometry = f"the centred square of the panel's shorter side, resized to {size}"
     if cfg.hflip and split == "train":
         geometry += ", mirrored at random"
-    return f"{geometry} (bicubic; semantic maps nearest); infrared {normalisation_description(cfg)}"
+    return (f"{geometry} (bicubic; semantic maps nearest); infrared {normalisation_description(cfg)}; 16-bit PNGs "
+            "vis2ir wrote (marked full-range) ÷ 65535")
 
 
 def normalisation_description(cfg) -> str:

@@ -103,7 +103,8 @@ def evaluate_folders(pred: str | Path, truth: str | Path, semantic: str | Path |
             raw = read_image(p)
             if not is_finite(np.asarray(raw)):  # a float TIFF from a broken model
                 raise Vis2IRError(f"{p}: the prediction is not finite (NaN/inf)")
-            prediction = to_tensor(raw, str(p), prediction_normaliser(raw, normaliser, pred_values))
+            prediction = to_tensor(raw, str(p), prediction_normaliser(raw, normaliser, pred_values),
+                                   honour_mark=pred_values != "ir-normalize")
             target = to_tensor(read_image(t), str(t), normaliser)
         except Vis2IRError as err:
             log.error("%s", err)
@@ -127,7 +128,8 @@ def evaluate_folders(pred: str | Path, truth: str | Path, semantic: str | Path |
             "ir-normalize": f"{values} (--pred-values ir-normalize)"}[pred_values]
     scored = {"prediction": f"the files in --pred ({read}); one resized (bilinear) to its truth's size where "
                             "they differ; grey: the mean of the channels",
-              "truth": f"the files in --truth at their own size ({values})",
+              "truth": f"the files in --truth at their own size ({values}; 16-bit ones vis2ir wrote, marked "
+                       "full-range, as value/65535)",
               "resolution": f"native: each truth's own size; {THERMALGEN}"}
     return _finish_with_failures(scorer.result() | {"source": source, "scored": scored}, out, scorer, failed,
                                  len(pairs), "pairs")

@@ -169,6 +169,12 @@ class Normaliser:
         """The normaliser a `DataConfig` describes."""
         return cls(data_cfg.ir_normalize, tuple(data_cfg.ir_percentiles), tuple(data_cfg.ir_range))
 
+    def for_image(self, image: Any) -> Normaliser:
+        """The normaliser for `image`: `FULL_RANGE` when it is a 16-bit PNG that says it is vis2ir's full-range
+        output (`is_full_range`: `generate --bit-depth 16` writes it so), else this one — so that an output
+        read back as data or as a truth keeps its values instead of being stretched as raw sensor counts."""
+        return FULL_RANGE if isinstance(image, Image.Image) and is_full_range(image) else self
+
     def __call__(self, a: np.ndarray) -> np.ndarray:
         """Raw values `[H, W]` -> float32 in [0, 1]."""
         a = a.astype(np.float32)
@@ -193,15 +199,20 @@ def rgb_tensor(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.divide(out, np.float32(255), out=out))
 
 
-def to_tensor(image: Any, what: str = "image", normaliser: Normaliser | None = None) -> torch.Tensor:
+def to_tensor(image: Any, what: str = "image", normaliser: Normaliser | None = None,
+              honour_mark: bool = True) -> torch.Tensor:
     """A PIL image, array (`[H, W]`, `[H, W, 3|4]`; uint8, uint16 or float in [0, 1]) or tensor
     (`[3, H, W]`, `[H, W]`) → float `[3, H, W]` in [0, 1].
 
     16-bit and 32-bit images (and float PIL images) go through `normaliser` as the data loader's
     panels do; without one, 16-bit values are divided by 65535 and float ones are taken as [0, 1].
+    A 16-bit PNG that vis2ir wrote (`is_full_range`) is read at full range whatever `normaliser` says,
+    unless `honour_mark` is false (`evaluate --pred-values ir-normalize`).
     Raises `Vis2IRError` naming `what` for other types and shapes.
     """
     if isinstance(image, Image.Image):
+        if honour_mark and normaliser is not None:
+            normaliser = normaliser.for_image(image)
         if image.mode in HIGH_BIT_MODES:
             raw = np.asarray(image)
             image = raw.astype(np.float32) if image.mode == "F" and normaliser is None else (
@@ -252,9 +263,15 @@ def write_png(path: str | Path, image: np.ndarray, full_range: bool = False, **o
     text chunk saying so (`is_full_range`)."""
     info = None
     if full_range and image.dtype == np.uint16:
-        info = PngInfo()
-        info.add_text(VALUES_KEY, FULL_RANGE_TEXT)
+        info = full_range_info()
     return atomic_write(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG", pnginfo=info, **options))
+
+
+def full_range_info() -> PngInfo:
+    """The PNG text chunk that marks 16-bit values as full-range [0, 1] (`is_full_range`)."""
+    info = PngInfo()
+    info.add_text(VALUES_KEY, FULL_RANGE_TEXT)
+    return info
 
 
 def is_full_range(image: Image.Image) -> bool:
