@@ -206,7 +206,7 @@ def test_modulation_under_autocast_is_what_the_layers_compute(cache_dir):
         with pytest.MonkeyPatch.context() as m:
             m.setattr(vis2ir.sample, "modulation_table", per_step_modulation)
             reference = generate(model, visible, None, steps=STEPS, guidance=3.5)
-    assert torch.allclose(fast, reference, atol=1e-2), (fast - reference).abs().max()
+    assert torch.allclose(fast, reference, atol=2e-5), (fast - reference).abs().max()  # before: 0.09 apart
 
 
 def test_compiled_blocks_are_not_recompiled_for_another_number_of_steps(cache_dir, monkeypatch):
