@@ -34,7 +34,7 @@ DEFAULT_INSTRUCTION = "seen by a thermal infrared camera, as a grayscale infrare
 
 # The panoptic segmenter of `vis2ir segment`, `--semantic auto` and `data.semantic_source: auto`.
 DEFAULT_SEGMENTER = "facebook/mask2former-swin-large-coco-panoptic"
-# `evaluate --pred-values`: how 16-bit predictions become [0, 1] (`vis2ir.evaluate.run.prediction_normaliser`)
+# `evaluate --pred-values`: how 16-bit predictions become [0, 1] (`vis2ir.evaluate.run.prediction_reading`)
 PRED_VALUES = ("auto", "full-range", "ir-normalize")
 
 # How long `vis2ir app` keeps results and uploads (minutes), so a long-running page does not fill the disk.

@@ -28,7 +28,7 @@ from vis2ir.evaluate.baselines import sample_classes
 from vis2ir.evaluate.report import write_report
 from vis2ir.evaluate.scoring import Scorer
 from vis2ir.files import safe_join
-from vis2ir.io.images import Normaliser, is_finite, is_full_range, read_image, to_tensor
+from vis2ir.io.images import Normaliser, is_finite, read_image, to_tensor
 from vis2ir.io.inputs import image_name, list_images, match_partners
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ def evaluate_folders(pred: str | Path, truth: str | Path, semantic: str | Path |
                      overrides=(), device=None, recursive: bool = False, pred_values: str = "auto") -> dict:
     """Score the predictions in `pred` against `truth` (and per class with `semantic`); write the reports.
     `recursive`: the truths of `truth`'s sub-folders too (`pair_folders`). `pred_values` (`PRED_VALUES`):
-    how 16-bit and float predictions become [0, 1] (`prediction_normaliser`). Failed items (unreadable,
+    how 16-bit and float predictions become [0, 1] (`prediction_reading`). Failed items (unreadable,
     or a prediction that is not finite) are left out, then raised as one error."""
     if pred_values not in PRED_VALUES:
         raise Vis2IRError(f"--pred-values: {pred_values!r} is not one of {', '.join(PRED_VALUES)}")
@@ -103,8 +103,7 @@ def evaluate_folders(pred: str | Path, truth: str | Path, semantic: str | Path |
             raw = read_image(p)
             if not is_finite(np.asarray(raw)):  # a float TIFF from a broken model
                 raise Vis2IRError(f"{p}: the prediction is not finite (NaN/inf)")
-            prediction = to_tensor(raw, str(p), prediction_normaliser(raw, normaliser, pred_values),
-                                   honour_mark=pred_values != "ir-normalize")
+            prediction = to_tensor(raw, str(p), *prediction_reading(normaliser, pred_values))
             target = to_tensor(read_image(t), str(t), normaliser)
         except Vis2IRError as err:
             log.error("%s", err)
@@ -135,14 +134,15 @@ def evaluate_folders(pred: str | Path, truth: str | Path, semantic: str | Path |
                                  len(pairs), "pairs")
 
 
-def prediction_normaliser(image, normaliser: Normaliser, values: str = "auto") -> Normaliser | None:
-    """How a prediction's 16-bit / float values become [0, 1] (`to_tensor`'s normaliser): at full range
-    (None: 16-bit / 65535, float as it is) with `values="full-range"`, or with `"auto"` when the file is
-    vis2ir's own 16-bit output (`io.images.is_full_range`: `generate --bit-depth 16`); else `normaliser`
-    (`data.ir_normalize`, as the truths: raw sensor counts, e.g. another method's outputs)."""
-    if values == "full-range" or values == "auto" and is_full_range(image):
-        return None
-    return normaliser
+def prediction_reading(normaliser: Normaliser, values: str = "auto") -> tuple[Normaliser | None, bool]:
+    """`to_tensor`'s (normaliser, honour_mark) for predictions under `--pred-values`: `auto` reads them as the
+    truths (`normaliser`: `data.ir_normalize`, raw sensor counts, e.g. another method's outputs) except vis2ir's
+    own marked 16-bit outputs, at full range (`io.images.is_full_range`); `full-range` reads every 16-bit one as
+    value / 65535 and float ones as they are (normaliser None); `ir-normalize` reads all by `normaliser`, the
+    mark ignored."""
+    if values == "full-range":
+        return None, True
+    return normaliser, values != "ir-normalize"
 
 
 # ----------------------------------------------------------------------------------------------
