@@ -5,8 +5,8 @@ from diffusers.pipelines.flux.pipeline_flux_fill import retrieve_latents
 
 from vis2ir.backbone import build_tiny_vae
 from vis2ir.errors import Vis2IRError
-from vis2ir.latents import (PixelCodec, VAECodec, decode_tokens, encode_images, encode_images_fill, fold_mask,
-                            image_ids, mask_width, pack, token_width, unpack)
+from vis2ir.latents import (PixelCodec, VAECodec, VAEGroupNorm, decode_tokens, encode_images, encode_images_fill,
+                            fold_mask, group_norm, image_ids, mask_width, pack, token_width, unpack)
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +99,39 @@ def test_accepts_a_diffusers_autoencoder_directly(vae):
     a, _ = encode_images(vae, torch.rand(1, 3, 32, 32))
     b, _ = encode_images(VAECodec(vae), torch.rand(1, 3, 32, 32).fill_(0.5))
     assert a.shape == b.shape == (1, 4, 64)
+
+
+@pytest.mark.parametrize("shape, affine", [((2, 64, 16, 24), True), ((1, 32, 100), False), ((3, 8, 4, 4, 4), True)])
+def test_group_norm_is_pytorchs(shape, affine):
+    """`group_norm` (the VAE's wide groups on CUDA) computes F.group_norm: in float32 within rounding, in bf16
+    within two bf16 roundings of the float32 result, on activations whose mean is not small against their spread."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g) * 3 + 1.5
+    channels = shape[1]
+    weight, bias = (torch.randn(channels, generator=g), torch.randn(channels, generator=g)) if affine else (None, None)
+    reference = torch.nn.functional.group_norm(x, 8, weight, bias, 1e-6)
+    assert torch.allclose(group_norm(x, 8, weight, bias, 1e-6), reference, atol=1e-5)
+    half = group_norm(x.bfloat16(), 8, *(t if t is None else t.bfloat16() for t in (weight, bias)), 1e-6)
+    assert half.dtype == torch.bfloat16
+    assert (half.float() - reference).abs().max() <= 2**-7 * reference.abs().max()
+
+
+def test_the_vae_codec_keeps_its_group_norms_weights():
+    """`VAECodec` swaps the VAE's GroupNorms for `VAEGroupNorm`s that share their weights: the same state dict,
+    and on the CPU (PyTorch's kernel) the same decode."""
+    from vis2ir.config import ModelConfig
+
+    torch.manual_seed(0)
+    vae = build_tiny_vae(ModelConfig()).eval()
+    latents = torch.randn(1, vae.config.latent_channels, 4, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before, keys = vae.decode(latents).sample, list(vae.state_dict())
+        norms = [m for m in vae.modules() if isinstance(m, torch.nn.GroupNorm)]
+        codec = VAECodec(vae)
+        swapped = [m for m in codec.vae.modules() if isinstance(m, torch.nn.GroupNorm)]
+        assert len(swapped) == len(norms) > 0 and all(type(m) is VAEGroupNorm for m in swapped)
+        assert all(a.weight is b.weight and a.bias is b.bias for a, b in zip(swapped, norms)) and list(vae.state_dict()) == keys
+        assert torch.equal(codec.vae.decode(latents).sample, before)
 
 
 def test_bad_size_is_a_clear_error():

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from vis2ir.checkpoint import add_lora
 from vis2ir.config import ConfigError, SampleConfig, load_config
 from vis2ir.errors import Vis2IRError
 from vis2ir.latents import token_width
@@ -14,8 +15,8 @@ from vis2ir.model import build_model
 from vis2ir.pipeline import Vis2IRPipeline
 from vis2ir.sample import decode_target, generate, get_noise, get_schedule, make_generators
 import vis2ir.sample
-from vis2ir.speedup import (FUSED_AWAY, StepCache, compile_blocks, fuse_for_sampling, modulation_layers,
-                             modulation_table, per_step_modulation)
+from vis2ir.speedup import (FUSED_AWAY, LinearGELU, StepCache, compile_blocks, fuse_for_sampling, fuse_gelu,
+                             modulation_layers, modulation_table, per_step_modulation)
 
 from tests.conftest import TINY_MODEL
 
@@ -76,10 +77,43 @@ def test_fusing_frees_each_layers_projections_before_the_next_layer_fuses(cache_
         fuse(self)
 
     monkeypatch.setattr(attention_type, "fuse_projections", watched)
-    assert fuse_for_sampling(model.transformer) == ["q/k/v projections fused in 3 attention layers"]
+    assert fuse_for_sampling(model.transformer) == ["q/k/v projections fused in 3 attention layers",
+                                                    "GELU applied inside 5 MLP input products"]
     assert len(alive) == 3 and len(dropped) == 2 * 6 + 3  # two double blocks, one single block
     assert alive == [0, 0, 0]
     assert all(ref() is None for ref in dropped)
+
+
+def test_gelu_goes_inside_each_plain_mlp_input_product(cache_dir):
+    """`fuse_gelu`: the double blocks' `ff.net[0]`/`ff_context.net[0]` and the single blocks' `proj_mlp` + `act_mlp`
+    become one `LinearGELU` (sharing the weights) with the tanh GELU FLUX uses; the transformer's output is the
+    same. A layer with a LoRA is left alone."""
+    _, model = model_for(cache_dir, "model.semantic.mode=none")
+    transformer = model.transformer
+    double, single = transformer.transformer_blocks[0], transformer.single_transformer_blocks[0]
+    weight = double.ff.net[0].proj.weight
+    torch.manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(1, 16, transformer.config.in_channels),
+                  encoder_hidden_states=torch.randn(1, 4, transformer.config.joint_attention_dim),
+                  pooled_projections=torch.randn(1, transformer.config.pooled_projection_dim),
+                  timestep=torch.tensor([0.5]), img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(4, 3),
+                  guidance=torch.tensor([30.0]) if transformer.config.guidance_embeds else None)
+    with torch.no_grad():
+        before = transformer(**inputs).sample
+        assert fuse_gelu(transformer) == 2 * len(transformer.transformer_blocks) + len(
+            transformer.single_transformer_blocks)
+        after = transformer(**inputs).sample
+    assert isinstance(double.ff.net[0], LinearGELU) and double.ff.net[0].weight is weight
+    assert isinstance(single.proj_mlp, LinearGELU) and isinstance(single.act_mlp, torch.nn.Identity)
+    assert torch.allclose(before, after, atol=1e-6), (before - after).abs().max()
+    x = torch.randn(3, 5, double.ff.net[0].in_features)
+    exact = torch.nn.functional.gelu(x @ weight.T + double.ff.net[0].bias)  # the erf GELU, not FLUX's
+    assert (double.ff.net[0](x) - exact).abs().max() > 1e-5  # the tanh approximation is what runs
+
+    cfg, with_lora = model_for(cache_dir, "model.semantic.mode=none")
+    add_lora(with_lora.transformer, cfg.model.lora)  # the single blocks' proj_mlp is one of its targets
+    assert fuse_gelu(with_lora.transformer) == 2 * len(transformer.transformer_blocks)
+    assert not isinstance(with_lora.transformer.single_transformer_blocks[0].proj_mlp, LinearGELU)
 
 
 @pytest.mark.parametrize("inject_into, calls", [("condition", 1), ("noisy", STEPS)])
