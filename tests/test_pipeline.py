@@ -17,6 +17,7 @@ from vis2ir.io.images import to_tensor
 from vis2ir.io.inputs import list_inputs
 from vis2ir.io.runtime import default_device, dist_env, shard
 from vis2ir.pipeline import Vis2IRPipeline, batches, model_size, run_generate
+from vis2ir.speedup import LinearGELU
 
 from tests.conftest import TINY_MODEL
 
@@ -220,6 +221,8 @@ def test_loaded_models_are_fused_for_sampling_and_give_the_same_images(trained_l
     assert attention.fused_projections and hasattr(attention, "to_qkv") and hasattr(attention, "to_added_qkv")
     assert not any(hasattr(attention, name) for name in ("to_q", "to_k", "to_v", "add_q_proj"))
     assert t_fused.single_transformer_blocks[0].attn.fused_projections
+    assert isinstance(t_fused.transformer_blocks[0].ff.net[0], LinearGELU)  # the GELU inside its product
+    assert isinstance(t_fused.single_transformer_blocks[0].proj_mlp, LinearGELU)
     assert sum(p.numel() for p in t_fused.parameters()) < sum(p.numel() for p in t_plain.parameters())
     a = fused(image, output_type="pt").images[0]
     b = plain(image, output_type="pt").images[0]

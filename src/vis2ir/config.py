@@ -421,10 +421,11 @@ class SampleConfig:
     # The modes with CUDA graphs (reduce-overhead, max-autotune) are refused: one graph serves every block in turn,
     # so each block's call would overwrite the previous block's output.
     compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = "default"
-    # Merge a checkpoint's LoRA into the base weights and fuse each attention's q/k/v projections into one
-    # (diffusers' fuse_lora and fuse_projections, layer by layer) when a pipeline loads a model: the same images
-    # within rounding, fewer and larger matmuls (docs/performance.md). Not for a quantized base (model.quantize),
-    # whose weights stay as they are.
+    # Merge a checkpoint's LoRA into the base weights, fuse each attention's q/k/v projections into one
+    # (diffusers' fuse_lora and fuse_projections, layer by layer) and put each MLP's tanh GELU inside its input
+    # product (cuBLASLt's GELU epilogue on CUDA) when a pipeline loads a model: the same images within rounding,
+    # fewer and larger kernels (docs/performance.md). Not for a quantized base (model.quantize), whose weights
+    # stay as they are.
     fuse: bool = True
     # reuse the transformer's work across steps (approximate): none; first_block (diffusers' First-Block-Cache:
     # skip the other blocks while the first block's residual changes less than cache_threshold); taylorseer
