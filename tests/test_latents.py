@@ -134,6 +134,47 @@ def test_the_vae_codec_keeps_its_group_norms_weights():
         assert torch.equal(codec.vae.decode(latents).sample, before)
 
 
+def test_group_norm_keeps_float16s_spread_and_gradients():
+    """`group_norm` in float16 on activations whose spread passes 256 (their variance overflows float16: the output
+    was the bias alone), and with gradients (its `out=` refused autograd): as F.group_norm."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 16, 8, 8, generator=g) * 300
+    weight, bias = torch.randn(16, generator=g), torch.randn(16, generator=g)
+    reference = torch.nn.functional.group_norm(x, 4, weight, bias, 1e-6)
+    half = group_norm(x.half(), 4, weight.half(), bias.half(), 1e-6)
+    assert half.dtype == torch.float16 and (half.float() - reference).abs().max() < 0.05
+    x.requires_grad_(True)
+    weight.requires_grad_(True)
+    out = group_norm(x, 4, weight, bias, 1e-6)
+    assert out.dtype == x.dtype and torch.allclose(out, reference, atol=1e-5)
+    grads = torch.autograd.grad((out * reference.detach()).sum(), [x, weight])
+    expected = torch.autograd.grad((torch.nn.functional.group_norm(x, 4, weight, bias, 1e-6) * reference).sum(),
+                                   [x, weight])
+    assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(grads, expected))
+
+
+def test_a_vae_under_accelerate_cpu_offload_still_encodes():
+    """A user's VAE already under accelerate's sequential CPU offload (e.g. a diffusers pipeline's, after
+    `enable_sequential_cpu_offload`), given to `encode_images`: its group norms keep their offload hooks, which
+    bring their weights (new modules in their place had the weights on the meta device: an error)."""
+    import copy
+
+    from accelerate import cpu_offload
+
+    from vis2ir.config import ModelConfig
+
+    torch.manual_seed(0)
+    vae = build_tiny_vae(ModelConfig()).eval()  # its own: the module's fixture has been through VAECodec already
+    images = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, _ = encode_images(copy.deepcopy(vae), images)
+        offloaded = copy.deepcopy(vae)
+        cpu_offload(offloaded, execution_device="cpu")
+        tokens, _ = encode_images(offloaded, images)
+    assert torch.allclose(tokens, expected, atol=1e-6)
+    assert all(type(m) is VAEGroupNorm for m in offloaded.modules() if isinstance(m, torch.nn.GroupNorm))
+
+
 def test_bad_size_is_a_clear_error():
     with pytest.raises(Vis2IRError, match="size 30×64 must be a multiple of 8"):
         encode_images(PixelCodec(4), torch.rand(1, 3, 30, 64))

@@ -16,6 +16,7 @@ from vis2ir.config import ConfigError
 from vis2ir.errors import Vis2IRError
 from vis2ir.model import build_model
 from vis2ir.quantize import OutOfMemory, blocks, out_of_memory, require, weight_bytes
+from vis2ir.speedup import fuse_gelu
 from vis2ir.train import train
 
 from tests.conftest import stock_pipeline_outputs
@@ -199,5 +200,7 @@ def test_a_pipeline_leaves_a_quantized_base_and_its_lora_unfused(tiny_config, tm
     attention = blocks(pipe.model.transformer)[0].attn
     assert not getattr(attention, "fused_projections", False) and not hasattr(attention, "to_qkv")
     assert type(attention.to_q.base_layer.weight).__name__ == WEIGHT_TYPES[how]  # LoRA still beside the base
+    _, bare = quantized(tiny_config, how)  # called directly, fuse_gelu too leaves quantized layers alone
+    assert fuse_gelu(bare.transformer) == 0  # torchao's fp8 layers are nn.Linear with a tensor-subclass weight
     image = pipe(Image.new("RGB", (32, 32), (90, 120, 60)), output_type="pt").images[0]
     assert torch.isfinite(image).all()

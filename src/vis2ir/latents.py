@@ -69,15 +69,19 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bi
     """`F.group_norm` (Wu & He 2018) from `torch.var_mean`, a float32 mean and one `addcmul`.
 
     x `[N, C, *]`, any float dtype; the statistics and the per-channel scale and shift are float32 and the
-    result is x's dtype. PyTorch's CUDA kernel reduces each (sample, group) in one thread block, so a batch-1
-    image with 32 groups keeps 32 of the GPU's SMs busy; `var_mean` and `mean` split long reductions over many.
-    Measured on one H200 in bf16 (docs/performance.md): 0.53 against 1.89 ms for `[1, 128, 512, 1024]`, 0.28
-    against 0.96 ms for `[1, 256, 256, 512]`, but 0.16 against 0.07 ms for `[1, 512, 64, 128]` (hence
-    `WIDE_GROUP`); its largest difference from a float32 reference was below the native kernel's there.
+    result is x's dtype. The variance is taken on a float32 copy of x when x's dtype has a narrower range
+    (float16: its variance overflows once the spread passes 256). Differentiable. PyTorch's CUDA kernel reduces
+    each (sample, group) in one thread block, so a batch-1 image with 32 groups keeps 32 of the GPU's SMs busy;
+    `var_mean` and `mean` split long reductions over many. Measured on one H200 in bf16 (docs/performance.md):
+    0.53 against 1.89 ms for `[1, 128, 512, 1024]`, 0.28 against 0.96 ms for `[1, 256, 256, 512]`, but 0.16
+    against 0.07 ms for `[1, 512, 64, 128]` (hence `WIDE_GROUP`); its largest difference from a float32
+    reference was below the native kernel's there.
     """
     n, c = x.shape[:2]
     grouped = x.reshape(n, num_groups, -1)
-    var = torch.var_mean(grouped, dim=-1, correction=0)[0].float()  # Welford in float32, rounded to x's dtype
+    narrow = torch.finfo(x.dtype).max < torch.finfo(torch.float32).max  # float16
+    # Welford in float32, rounded to the dtype it ran on (bfloat16 has float32's range)
+    var = torch.var_mean(grouped.float() if narrow else grouped, dim=-1, correction=0)[0].float()
     mean = grouped.mean(-1, dtype=torch.float32)  # exact to float32: the mean carries the cancellation
     per_group = c // num_groups
     scale = torch.rsqrt(var + eps).repeat_interleave(per_group, 1)  # [N, C]
@@ -87,37 +91,32 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bi
     if bias is not None:
         shift = shift + bias.float()
     shape = (n, c) + (1,) * (x.dim() - 2)
-    return torch.addcmul(shift.view(shape), x, scale.view(shape), out=torch.empty_like(x))
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    out = None if grad else torch.empty_like(x)  # out= rounds once to x's dtype; autograd refuses it
+    return torch.addcmul(shift.view(shape), x, scale.view(shape), out=out).to(x.dtype)
 
 
 class VAEGroupNorm(torch.nn.GroupNorm):
     """The VAE's `GroupNorm`, computed by `group_norm` on CUDA when each group is at least `WIDE_GROUP` elements
-    (the full-resolution layers of a batch-1 image: 2.3 ms each with PyTorch's kernel on an H200, 3 % of a
-    compiled 28-step image in all) and not under autocast; by PyTorch's kernel otherwise (the CPU's is fast)."""
-
-    @classmethod
-    def replacing(cls, norm: torch.nn.GroupNorm) -> VAEGroupNorm:
-        """A `VAEGroupNorm` with `norm`'s settings, sharing its weight and bias (same state-dict keys)."""
-        new = cls(norm.num_groups, norm.num_channels, eps=norm.eps, affine=norm.affine, device="meta")
-        new.weight, new.bias = norm.weight, norm.bias
-        return new
+    (the full-resolution layers of a batch-1 image: 2.3 ms each with PyTorch's kernel on an H200; the FLUX VAE's
+    encode + decode of a 512×1024 image 65 → 49 ms), in bfloat16 or float32 and not under autocast; by PyTorch's
+    kernel otherwise (the CPU's is fast; float16 is measured only with PyTorch's)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.is_cuda and x[0].numel() // self.num_groups >= WIDE_GROUP
+        if (x.is_cuda and x.dtype != torch.float16 and x[0].numel() // self.num_groups >= WIDE_GROUP
                 and not torch.is_autocast_enabled(x.device.type)):
             return group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         return super().forward(x)
 
 
 def use_vae_group_norm(vae: torch.nn.Module) -> int:
-    """Replace each `torch.nn.GroupNorm` in `vae` with a `VAEGroupNorm` (same weights), in place; returns how many."""
-    count = 0
-    for module in list(vae.modules()):
-        for name, child in list(module.named_children()):
-            if type(child) is torch.nn.GroupNorm:
-                setattr(module, name, VAEGroupNorm.replacing(child))
-                count += 1
-    return count
+    """Make each `torch.nn.GroupNorm` in `vae` a `VAEGroupNorm`, in place; returns how many. The modules stay the
+    same objects (their class is changed): their weights, state-dict keys and hooks stay, e.g. those of accelerate's
+    CPU offload on a user's VAE, which hold the weights elsewhere (a hooked module keeps PyTorch's kernel)."""
+    norms = [m for m in vae.modules() if type(m) is torch.nn.GroupNorm]
+    for norm in norms:
+        norm.__class__ = VAEGroupNorm
+    return len(norms)
 
 
 class VAECodec:

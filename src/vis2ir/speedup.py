@@ -108,7 +108,9 @@ class LinearGELU(nn.Module):
 
 
 def _plain_linear_with_bias(module) -> bool:
-    return type(module) is nn.Linear and module.bias is not None  # not a LoRA or quantized layer
+    """Not a LoRA layer, nor a quantized one: bitsandbytes' have their own class, torchao's an `nn.Linear` whose
+    weight is a tensor subclass (`_addmm_activation` is not among its operations)."""
+    return type(module) is nn.Linear and module.bias is not None and type(module.weight) is nn.Parameter
 
 
 def fuse_gelu(transformer: nn.Module) -> int:
