@@ -130,7 +130,32 @@ def write_profile(fn, path: Path) -> None:
     sort = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
     by_shape = prof.key_averages(group_by_input_shape=True)
     table.write_text(by_shape.table(sort_by=sort, row_limit=60, max_name_column_width=60, max_shapes_column_width=90))
-    log.info("profile of one image written to %s (ops by input shape: %s)", path, table)
+    timeline = path.parent / (path.name.split(".")[0] + ".timeline.txt")
+    timeline.write_text(timeline_summary(path))
+    log.info("profile of one image written to %s (ops by input shape: %s; idle GPU time: %s)", path, table, timeline)
+
+
+def timeline_summary(trace: Path, gap_ms: float = 0.3, early_ms: float = 50.0) -> str:
+    """Where a gzipped Chrome trace's GPU waits: the span from its first kernel or copy to its last, the time busy,
+    each gap over `gap_ms`, and the CPU ops over 1 ms in the first `early_ms` (what the GPU waits for at the start)."""
+    events = [e for e in json.load(gzip.open(trace))["traceEvents"] if e.get("ph") == "X"]
+    gpu = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"])
+    if not gpu:
+        return "no GPU events in the trace\n"
+    cpu = [e for e in events if e.get("cat") == "cpu_op"]
+    start, end = gpu[0]["ts"], max(e["ts"] + e["dur"] for e in gpu)
+    lines = [f"GPU span {(end - start) / 1e3:.1f} ms, busy {sum(e['dur'] for e in gpu) / 1e3:.1f} ms, "
+             f"{len(gpu)} kernels and copies, the first {(start - min(e['ts'] for e in cpu)) / 1e3:.1f} ms after the "
+             "first CPU op", f"gaps over {gap_ms} ms (at ms from the first GPU event, length ms, the event after):"]
+    reached = gpu[0]["ts"] + gpu[0]["dur"]
+    for e in gpu[1:]:
+        if e["ts"] - reached > gap_ms * 1e3:
+            lines.append(f"  {(e['ts'] - start) / 1e3:8.2f} {(e['ts'] - reached) / 1e3:7.2f}  {e['name'][:70]}")
+        reached = max(reached, e["ts"] + e["dur"])
+    lines.append(f"CPU ops over 1 ms in the first {early_ms:g} ms (at ms, length ms):")
+    lines += [f"  {(e['ts'] - start) / 1e3:8.2f} {e['dur'] / 1e3:7.2f}  {e['name'][:70]}"
+              for e in sorted(cpu, key=lambda e: e["ts"]) if e["dur"] > 1e3 and e["ts"] - start < early_ms * 1e3]
+    return "\n".join(lines) + "\n"
 
 
 def measured_schedule(path: Path, steps: int, variant: str | None) -> tuple[str, list[bool]] | None:
@@ -197,8 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", help="default: cuda if available, else cpu")
     parser.add_argument("--out", "--json", dest="out", type=Path, help="write the figures to this JSON file")
     parser.add_argument("--profile", type=Path, help="write a torch.profiler trace (Chrome / Perfetto, gzipped) of "
-                        "one exact image, compiled unless --no-compile, to this file, and its ops' times by input "
-                        "shape beside it (NAME.shapes.txt)")
+                        "one exact image, compiled unless --no-compile, to this file, its ops' times by input "
+                        "shape beside it (NAME.shapes.txt) and where the GPU waits (NAME.timeline.txt)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="more config overrides")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

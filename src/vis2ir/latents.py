@@ -103,7 +103,7 @@ class VAEGroupNorm(torch.nn.GroupNorm):
     kernel otherwise (the CPU's is fast; float16 is measured only with PyTorch's)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.is_cuda and x.dtype != torch.float16 and x[0].numel() // self.num_groups >= WIDE_GROUP
+        if (x.is_cuda and x.dtype != torch.float16 and x[:1].numel() // self.num_groups >= WIDE_GROUP
                 and not torch.is_autocast_enabled(x.device.type)):
             return group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         return super().forward(x)
