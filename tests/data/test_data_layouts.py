@@ -95,6 +95,33 @@ def test_msrs_layout_with_day_and_night_names(tmp_path):
     assert_sample(got["test"]["test/00006D"], 6)
 
 
+def test_a_flat_semantic_folder_serves_split_sub_folders_unless_a_bare_name_is_shared(tmp_path):
+    """Maps named by bare name in a semantic folder without the split sub-folders (`semantic/00003.png` for
+    `visible/train/00003.png`) are found, as generate and evaluate find them (`io.inputs.match_partners`). A bare
+    name two samples share (`train/00001`, `test/00001`) is refused for both, saying why, and not silently given
+    to one of them."""
+    for k in range(6):
+        split = "test" if k >= 4 else "train"
+        write_pair(tmp_path / f"visible/{split}/{k:05d}.png", tmp_path / f"infrared/{split}/{k:05d}.png", k,
+                   tmp_path / f"semantic/{k:05d}.png")
+    cfg = DataConfig(source=str(tmp_path), size=64, val_fraction=0.0, test_fraction=0.0, hflip=False)
+    got = splits_of(cfg, require_semantic=True, with_classes=True)
+    assert sorted(got["train"]) == [f"train/{k:05d}" for k in range(4)]
+    for split in got.values():
+        for name, sample in split.items():
+            assert_sample(sample, int(name[-5:]))
+
+    write_pair(tmp_path / "visible/test/00001.png", tmp_path / "infrared/test/00001.png", 1)  # shares 00001
+    with pytest.raises(DataError) as shared:
+        build_dataset(cfg, "train", require_semantic=True)
+    message = str(shared.value)
+    assert str(tmp_path / "visible/train/00001.png") in message and "would go with 2 inputs" in message
+    assert "\n" not in message
+    skip = DataConfig(source=str(tmp_path), size=64, val_fraction=0.0, test_fraction=0.0, on_bad_sample="skip")
+    assert [r.name for r in build_dataset(skip, "test", require_semantic=True).records] == ["test/00004", "test/00005"]
+    assert len(build_dataset(skip, "train", require_semantic=True).records) == 3
+
+
 @pytest.mark.parametrize("lists", [True, False])
 def test_kaist_layout_with_and_without_list_files(tmp_path, lists):
     frames = {("set00", "V000"): [0, 1, 2], ("set01", "V001"): [3], ("set06", "V000"): [4, 5]}

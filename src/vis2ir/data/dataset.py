@@ -99,12 +99,12 @@ def build_dataset(cfg: DataConfig, split: str, require_semantic: bool | None = N
     if lacking:
         where = found.root / cfg.semantic_dir
         if cfg.on_bad_sample == "error":
-            raise DataError(f"{lacking[0].visible}: no semantic map in {where} ({len(lacking)} of {len(records)} "
+            raise DataError(f"{found.no_map(lacking[0], where)} ({len(lacking)} of {len(records)} "
                             f"samples of split {split!r} lack one); {maps_help(cfg, found)}; or "
                             "data.on_bad_sample=skip leaves those samples out")
         log.warning("%d of %d samples of split %r have no semantic map in %s and are left out; %s", len(lacking),
                     len(records), split, where, maps_help(cfg, found))
-        problems += [f"{r.visible}: no semantic map in {where}" for r in lacking]
+        problems += [found.no_map(r, where) for r in lacking]
         records = [r for r in records if r.semantic is not None]
     sizes: list | None = [] if cfg.resize_policy == "bucket" else None
     if isinstance(reader, FileReader) or sizes is not None:

@@ -12,7 +12,9 @@
 
 A sample's name is its path without suffix relative to the layout's image folder (`train/010001`,
 `set00/V000/I01216`, `FLIR_00002`); its semantic map, when there is one, is `<root>/semantic/<name>.png`
-(any image suffix; the folder name is `data.semantic_dir`). List files `train.txt`, `val.txt`,
+(any image suffix; the folder name is `data.semantic_dir`), or `<root>/semantic/<bare name>.png` in a semantic
+folder without the sample's sub-folders, unless another sample shares that bare name (`io.inputs.match_partners`,
+the matcher of generate and evaluate too). List files `train.txt`, `val.txt`,
 `test.txt` at the root (one name per line) give official splits to any layout; where list files
 exist, samples they do not list are left out. Samples with no official split are split by a hash of
 their name; a val part is carved from an official train split when the set has no val.
@@ -28,7 +30,7 @@ from vis2ir.data.errors import DataError
 from vis2ir.data.images import Panel, close_panels, open_image, triptych_panels
 from vis2ir.data.splits import assign_splits, split_alias
 from vis2ir.io.images import IMAGE_SUFFIXES
-from vis2ir.io.inputs import AUTO_DIR, list_files, list_images, missing_maps_help, skipped_note
+from vis2ir.io.inputs import AUTO_DIR, list_files, list_images, match_partners, missing_maps_help, skipped_note
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,11 @@ class Found:
     records: list[Record]
     problems: list[str] = field(default_factory=list)
     skipped: str | None = None  # image files of formats the listings do not take (`io.inputs.skipped_note`)
+    map_problems: dict[str, str] = field(default_factory=dict)  # name -> why its semantic map was not taken
+
+    def no_map(self, record: Record, semantic_dir: Path) -> str:
+        """One line: why `record` has no semantic map (naming its visible file and the semantic folder)."""
+        return f"{record.visible}: {self.map_problems.get(record.name) or f'no semantic map in {semantic_dir}'}"
 
 
 LAYOUT_NAMES = {"flir": "FLIR", "llvip": "LLVIP", "paired": "paired visible/infrared", "m3fd": "M3FD",
@@ -132,19 +139,21 @@ def find_folder(root: Path, layout: str, semantic_dir: str, val_fraction: float,
         pairs = {name: (*pair[:-1], lists[name]) for name, pair in pairs.items() if name in lists}
     names = sorted(pairs)
     splits = assign_splits(names, [pairs[n][-1] for n in names], val_fraction, test_fraction)
-    maps = _index(root / semantic_dir) if layout != "triptych" else {}
+    maps = None
+    if layout != "triptych" and (root / semantic_dir).is_dir():
+        maps = match_partners({name: None for name in names}, root / semantic_dir, "semantic map", recursive=True)
     records = []
     for name, split in zip(names, splits):
         files = pairs[name]
         if layout == "triptych":
             records.append(Record(name, split, triptych=str(files[0])))
         else:
-            sem = maps.get(name)
+            sem = maps.found.get(name) if maps else None
             records.append(Record(name, split, visible=str(files[0]), infrared=str(files[1]),
                                   semantic=str(sem) if sem else None))
     other_formats: list[Path] = []
     list_images(root, recursive=True, skipped=other_formats)
-    return Found(layout, root, records, problems, skipped_note(other_formats))
+    return Found(layout, root, records, problems, skipped_note(other_formats), dict(maps.ambiguous) if maps else {})
 
 
 class FileReader:

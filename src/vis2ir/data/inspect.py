@@ -83,6 +83,7 @@ def _inspect_files(cfg: DataConfig, count: int, mode: str | None) -> tuple[dict,
     records = found.records
     checked = records if isinstance(reader, FileReader) else records[:: max(1, len(records) // TABLE_CHECKS)]
     problems, sizes = list(found.problems), Counter()
+    problems += [found.no_map(r, found.root / cfg.semantic_dir) for r in records if r.name in found.map_problems]
     good = scan(checked, reader, None, problems, desc="checking files", sizes=sizes)
     if isinstance(reader, FileReader):
         semantic = sum(r.semantic is not None or r.triptych is not None for r in records)
