@@ -1,10 +1,13 @@
 """Every layout of docs/design.md §8 (and the specification's tables) is read from small generated files."""
 
+import logging
+
 import numpy as np
 import pytest
 import torch
 from datafiles import assert_sample, expected, save, scene, write_pair
 
+from vis2ir.cli import main
 from vis2ir.config import DataConfig
 from vis2ir.data import SPLITS, DataError, build_dataset, collate, open_source
 from vis2ir.data.folders import detect_layout
@@ -95,7 +98,7 @@ def test_msrs_layout_with_day_and_night_names(tmp_path):
     assert_sample(got["test"]["test/00006D"], 6)
 
 
-def test_a_flat_semantic_folder_serves_split_sub_folders_unless_a_bare_name_is_shared(tmp_path):
+def test_a_flat_semantic_folder_serves_split_sub_folders_unless_a_bare_name_is_shared(tmp_path, caplog):
     """Maps named by bare name in a semantic folder without the split sub-folders (`semantic/00003.png` for
     `visible/train/00003.png`) are found, as generate and evaluate find them (`io.inputs.match_partners`). A bare
     name two samples share (`train/00001`, `test/00001`) is refused for both, saying why, and not silently given
@@ -120,6 +123,9 @@ def test_a_flat_semantic_folder_serves_split_sub_folders_unless_a_bare_name_is_s
     skip = DataConfig(source=str(tmp_path), size=64, val_fraction=0.0, test_fraction=0.0, on_bad_sample="skip")
     assert [r.name for r in build_dataset(skip, "test", require_semantic=True).records] == ["test/00004", "test/00005"]
     assert len(build_dataset(skip, "train", require_semantic=True).records) == 3
+    caplog.set_level(logging.INFO)
+    assert main(["data", "inspect", str(tmp_path), "--out", str(tmp_path / "sheet.png")]) == 2
+    assert f"{tmp_path / 'visible/test/00001.png'}: no semantic map named test/00001.* in" in caplog.text
 
 
 @pytest.mark.parametrize("lists", [True, False])

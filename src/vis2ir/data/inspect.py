@@ -83,14 +83,14 @@ def _inspect_files(cfg: DataConfig, count: int, mode: str | None) -> tuple[dict,
     records = found.records
     checked = records if isinstance(reader, FileReader) else records[:: max(1, len(records) // TABLE_CHECKS)]
     problems, sizes = list(found.problems), Counter()
-    problems += [found.no_map(r, found.root / cfg.semantic_dir) for r in records if r.name in found.map_problems]
     good = scan(checked, reader, None, problems, desc="checking files", sizes=sizes)
     if isinstance(reader, FileReader):
         semantic = sum(r.semantic is not None or r.triptych is not None for r in records)
     else:
         semantic = len(records) if reader.has_semantic else 0
     if mode not in (None, "none") and cfg.semantic_source != "auto" and semantic < len(records):
-        problems.insert(0, _missing_maps_problem(cfg, found, reader, mode))
+        problems[:0] = [_missing_maps_problem(cfg, found, reader, mode),  # and why a map was not taken, if known
+                        *(found.no_map(r, found.root / cfg.semantic_dir) for r in records if r.name in found.map_problems)]
     report = {"layout": found.layout, "counts": {s: sum(r.split == s for r in records) for s in SPLITS},
               "sizes": {f"{w}x{h}": n for (w, h), n in sizes.most_common(5)}, "semantic": semantic,
               "problems": problems, "skipped": found.skipped}
