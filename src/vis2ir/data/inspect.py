@@ -89,8 +89,8 @@ def _inspect_files(cfg: DataConfig, count: int, mode: str | None) -> tuple[dict,
     else:
         semantic = len(records) if reader.has_semantic else 0
     if mode not in (None, "none") and cfg.semantic_source != "auto" and semantic < len(records):
-        problems[:0] = [_missing_maps_problem(cfg, found, reader, mode),  # and why a map was not taken, if known
-                        *(found.no_map(r, found.root / cfg.semantic_dir) for r in records if r.name in found.map_problems)]
+        why = [found.no_map(r, found.root / cfg.semantic_dir) for r in records if r.name in found.map_problems]
+        problems[:0] = [_missing_maps_problem(cfg, found, reader, mode), *why]  # and why a map was not taken
     report = {"layout": found.layout, "counts": {s: sum(r.split == s for r in records) for s in SPLITS},
               "sizes": {f"{w}x{h}": n for (w, h), n in sizes.most_common(5)}, "semantic": semantic,
               "problems": problems, "skipped": found.skipped}
