@@ -454,6 +454,35 @@ def test_match_partners_prefers_the_same_suffix_and_reports_ambiguity(tmp_path):
     assert found.missing == ["z"] and found.problem("z") == f"no semantic map named z.* in {tmp_path / 'maps'}"
 
 
+
+def test_match_partners_reads_each_name_once_on_large_runs(tmp_path):
+    """No search over every name per name (50k KAIST frames in a flat map folder, where each bare name is shared,
+    took minutes): the names are iterated once, and `problem` looks a name up in a set, not the `missing` list."""
+    from vis2ir.io.inputs import match_partners
+
+    class Names(dict):
+        iterations = 0
+
+        def __iter__(self):
+            Names.iterations += 1
+            return super().__iter__()
+
+    class Missing(list):
+        searched = 0
+
+        def __contains__(self, item):
+            Missing.searched += 1
+            return super().__contains__(item)
+
+    for k in range(20):
+        save(tmp_path / "maps" / f"{k:03d}.png", noise_image(4, 4))
+    names = Names({f"set{s}/V000/{k:03d}": None for s in range(2) for k in range(40)})
+    found = match_partners(names, tmp_path / "maps", "semantic map", recursive=True)
+    assert len(found.ambiguous) == 40 and len(found.missing) == 40 and Names.iterations <= 1
+    assert "would go with 2 inputs (set0/V000/007, set1/V000/007)" in found.problem("set1/V000/007")
+    found.missing = Missing(found.missing)
+    assert all(found.problem(n) for n in names) and Missing.searched == 0
+
 def test_a_truth_file_goes_with_a_single_input(config_file, tmp_path, monkeypatch, capsys):
     """`--truth FILE` goes with a single `--input FILE` whatever its name (as `--semantic FILE` does); with a
     folder of inputs it is one line saying to pass a folder."""

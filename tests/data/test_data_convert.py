@@ -50,3 +50,23 @@ def test_without_semantic_maps(tmp_path):
     assert columns == {"name", "visible", "infrared"}
     with pytest.raises(DataError, match="vis2ir data synth"):
         convert_source(load_config(None, []).data, tmp_path / "x")
+
+
+@pytest.mark.parametrize("fmt", ["folder", "parquet"])
+def test_some_maps_missing_or_refused_is_an_error_not_every_map_dropped(tmp_path, fmt):
+    """A source where some samples have a semantic map and others not (none there, or two suffixes for one name) is
+    refused in one line naming the first such sample and why; before, the converted set silently had no maps at
+    all. With every map in place the maps are converted; with none, the set converts without them."""
+    src = write_thermalscenes(tmp_path / "synth", count=4, size=32)
+    maps = sorted((src / "semantic").iterdir())
+    cfg = load_config(None, [f"data.source={src}"]).data
+    (maps[0].with_suffix(".jpg")).write_bytes(maps[0].read_bytes())  # one name, two suffixes
+    with pytest.raises(DataError) as refused:
+        convert_source(cfg, tmp_path / "a", fmt)
+    assert f"several semantic maps named {maps[0].stem}.*" in str(refused.value)
+    assert "1 of 4 samples lack one" in str(refused.value) and "\n" not in str(refused.value)
+    maps[0].with_suffix(".jpg").unlink()
+    maps[1].unlink()  # one map missing
+    with pytest.raises(DataError, match=f"{maps[1].stem}.png: no semantic map in {src / 'semantic'}"):
+        convert_source(cfg, tmp_path / "b", fmt)
+    assert not (tmp_path / "b" / "semantic").exists() and not list((tmp_path / "b").glob("*.parquet"))

@@ -359,3 +359,18 @@ def test_a_table_without_semantic_maps_says_how_to_get_them(tmp_path, hf_cache):
         build_dataset(cfg, "train", require_semantic=True)
     message = str(err.value)
     assert "vis2ir data convert" in message and all(way in message for way in WAYS_OUT), message
+
+
+def test_when_every_map_is_refused_the_message_says_why(tmp_path):
+    """Maps there but none taken (each bare name in a flat semantic folder shared by a train and a test sample):
+    the message says why for the first sample, not that there are no maps."""
+    for k in range(2):
+        for split in ("train", "test"):
+            write_pair(tmp_path / f"visible/{split}/{k:05d}.png", tmp_path / f"infrared/{split}/{k:05d}.png", k,
+                       tmp_path / f"semantic/{k:05d}.png")
+    cfg = DataConfig(source=str(tmp_path), size=64, val_fraction=0.0, test_fraction=0.0)
+    with pytest.raises(DataError) as refused:
+        build_dataset(cfg, "train", require_semantic=True)
+    message = str(refused.value)
+    assert message.startswith(f"{tmp_path / 'visible/train/00000.png'}: no semantic map named train/00000.*")
+    assert "would go with 2 inputs (test/00000, train/00000)" in message and "\n" not in message

@@ -15,7 +15,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from vis2ir.config import DataConfig
-from vis2ir.data.dataset import _use_semantic, open_source
+from vis2ir.data.dataset import _use_semantic, maps_help, open_source
 from vis2ir.data.errors import DataError
 from vis2ir.data.images import Panel, close_panels, load_upright
 from vis2ir.data.splits import SPLITS
@@ -37,6 +37,12 @@ def convert_source(cfg: DataConfig, out: str | Path, fmt: str = "folder") -> Pat
     if found.problems:
         raise DataError(f"{found.problems[0]} ({len(found.problems)} problems; fix them before converting)")
     semantic, _ = _use_semantic(cfg, found, reader, found.records, None)
+    lacking = [r for r in found.records if r.semantic is None and r.triptych is None]
+    if not semantic and len(lacking) < len(found.records):  # some maps, not all: converting would drop them all
+        where = found.root / cfg.semantic_dir
+        raise DataError(f"{found.no_map(lacking[0], where)} ({len(lacking)} of {len(found.records)} samples lack "
+                        f"one, the others have one, and a converted set carries maps for all samples or none): "
+                        f"{maps_help(cfg, found)}; or move {where} away to convert without maps")
     kinds = ("visible", "infrared", "semantic") if semantic else ("visible", "infrared")
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)

@@ -306,6 +306,10 @@ def _use_semantic(cfg: DataConfig, found: Found, reader, records: list[Record],
     if require is None:
         return not missing, []
     if len(missing) == len(records):
+        refused = next((r for r in missing if r.name in found.map_problems), None)  # maps there, but not taken
+        if refused is not None:
+            raise DataError(f"{found.no_map(refused, found.root / cfg.semantic_dir)} (no sample here has a semantic "
+                            f"map); the semantic mode needs them: {maps_help(cfg, found)}")
         raise DataError(f"{found.root / cfg.semantic_dir}: no semantic maps for this data (expected "
                         f"<name>.png there, named like the visible images); the semantic mode needs them: "
                         f"{maps_help(cfg, found)}")

@@ -9,8 +9,8 @@ Hidden files are skipped by every listing of the package (data layouts, list fil
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from vis2ir.errors import Vis2IRError
@@ -97,9 +97,14 @@ class Partners:
     ambiguous: dict[str, str] = field(default_factory=dict)
     unmatched: list[Path] = field(default_factory=list)  # the folder's images that go with no name
 
+    @cached_property
+    def _missing(self) -> frozenset[str]:
+        """`missing` as a set, for `problem` (one look-up per name of a run of any size, not a list search)."""
+        return frozenset(self.missing)
+
     def problem(self, name: str) -> str | None:
         """Why `name` has no partner (one line naming the folder), or None when it has one."""
-        if name in self.missing:
+        if name in self._missing:
             return f"no {self.what} named {name}.* in {self.folder}"
         return self.ambiguous.get(name)
 
@@ -117,14 +122,18 @@ def match_partners(names: dict[str, Path | None], folder: Path, what: str, recur
     index: dict[str, list[Path]] = {}
     for p in list_images(folder, recursive=recursive):
         index.setdefault(image_name(p, folder), []).append(p)
-    bare = Counter(n.rsplit("/", 1)[-1] for n in names)
+    bare: dict[str, list[str]] = {}  # bare name -> the names that share it (one pass: no search per name)
+    for n in names:
+        bare.setdefault(n.rsplit("/", 1)[-1], []).append(n)
+    for sharing in bare.values():
+        sharing.sort()
     out = Partners(folder, what)
     for name, own in names.items():
         key = name
         if key not in index and "/" in name and not (folder / name).parent.is_dir():  # flat, for this name
             key = name.rsplit("/", 1)[-1]
-            if key in index and bare[key] > 1:
-                sharing = sorted(n for n in names if n.rsplit("/", 1)[-1] == key)
+            if key in index and len(bare[key]) > 1:
+                sharing = bare[key]
                 listed = ", ".join(sharing[:3]) + (", ..." if len(sharing) > 3 else "")
                 out.ambiguous[name] = (f"no {what} named {name}.* in {folder}, and {key}.* there would go with "
                                        f"{len(sharing)} inputs ({listed}): give {folder} the sub-folders of the inputs")
