@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import diffusers
 import numpy as np
 import torch
 from PIL import Image
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.reset_peak_memory_stats(device)
     image = Image.fromarray((np.random.default_rng(0).random((panel, panel, 3)) * 255).astype(np.uint8))
     figures = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-               "torch": torch.__version__, "offload": args.offload, "steps": args.steps,
+               "torch": torch.__version__, "diffusers": diffusers.__version__, "offload": args.offload, "steps": args.steps,
                "canvas": f"{panel}x{2 * panel}", "build_and_offload_s": round(built, 1), "times": []}
     for _ in range(args.images):
         sync(device)

@@ -179,7 +179,7 @@ class Vis2IRPipeline:
         `sequential` (diffusers' leaf-level group offloading: pinned CPU copies, each layer's weights copied in
         on a side stream while the layer before it computes, and dropped after) keeps about one layer on the
         device. On an H200 with the real-size model in bf16, 28 steps at 512×1024: `model` 19.4 s at a 23.6 GiB
-        peak, `sequential` 13.7 s at 1.2 GiB (accelerate's layer-by-layer `cpu_offload`: 82 s); not offloaded
+        peak, `sequential` 14.4 s at 1.2 GiB (accelerate's layer-by-layer `cpu_offload`: 82 s); not offloaded
         2.6 s (docs/performance.md). A quantized base (`model.quantize`) is offloaded layer by layer with
         accelerate's `cpu_offload` (group offloading is not measured on its weights). The small adapter and
         prompt embeddings stay on the device."""
