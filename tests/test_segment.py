@@ -2,6 +2,7 @@
 built in code and saved with `save_pretrained`, so loading goes through the real local-path code."""
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -240,6 +241,25 @@ def test_dataset_semantic_auto(tiny_model, tmp_path, count_calls):
     assert ds[0]["semantic"].shape == (3, 32, 32)
     build_dataset(cfg, "train", require_semantic=True)
     assert sum(count_calls) == 3  # cached maps reused
+
+
+def test_semantic_auto_says_why_a_samples_own_map_was_passed_over(tiny_model, tmp_path, count_calls, caplog):
+    """A map the loader cannot take (here two suffixes of one name in a flat semantic folder) is replaced by a made
+    one under data.semantic_source=auto, and the log says so and why, instead of passing it over silently."""
+    root = tmp_path / "pairs"
+    for kind in ("visible", "infrared"):
+        (root / kind / "train").mkdir(parents=True)
+    (root / "semantic").mkdir()
+    for i in range(2):
+        smooth(64, 64, shift=10 * i).save(root / "visible" / "train" / f"{i}.png")
+        Image.fromarray(np.full((64, 64), 40 * i, np.uint8)).save(root / "infrared" / "train" / f"{i}.png")
+    for suffix in ("png", "jpg"):  # the map of train/0, twice
+        Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(root / "semantic" / f"0.{suffix}")
+    cfg = load_config(None, [f"data.source={root}", "data.size=32", "data.val_fraction=0", "data.test_fraction=0",
+                             "data.semantic_source=auto", f"data.segment_model={tiny_model}"]).data
+    with caplog.at_level(logging.WARNING):
+        assert len(build_dataset(cfg, "train", require_semantic=True)) == 2
+    assert "1 samples get a made map although" in caplog.text and "several semantic maps named 0.*" in caplog.text
 
 
 def test_bad_settings():

@@ -348,6 +348,11 @@ def _auto_semantic(cfg: DataConfig, found: Found, reader, records: list[Record],
     lacking = [r for r in records if r.semantic is None and r.triptych is None]
     if not lacking:
         return records
+    refused = [r for r in lacking if r.name in found.map_problems]  # a map is there but was not taken: say why
+    if refused:
+        where = found.root / cfg.semantic_dir
+        log.warning("data.semantic_source=auto: %d samples get a made map although %s has one for them, e.g. %s",
+                    len(refused), where, found.no_map(refused[0], where))
     failed = ensure_maps([(r.name, Path(r.visible), cache) for r in lacking], cfg.segment_model,
                          setting="data.segment_model")
     problems += [f"{r.visible}: the segmenter failed ({failed[r.name]})" for r in lacking if r.name in failed]
