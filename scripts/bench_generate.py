@@ -47,7 +47,7 @@ from vis2ir.checkpoint import add_lora  # noqa: E402
 from vis2ir.config import load_config  # noqa: E402
 from vis2ir.files import write_json  # noqa: E402
 from vis2ir.latents import image_ids, mask_width, token_width  # noqa: E402
-import vis2ir.sample  # noqa: E402
+import vis2ir.speedup  # noqa: E402
 from vis2ir.pipeline import Vis2IRPipeline, fuse  # noqa: E402
 from vis2ir.speedup import modulation_table, per_step_modulation  # noqa: E402
 
@@ -198,11 +198,11 @@ def replay(schedule: list[bool]):
 @contextlib.contextmanager
 def modulation_per_step():
     """The sampler without `speedup.modulation_table` (for the comparison): the layers run at every step."""
-    vis2ir.sample.modulation_table = per_step_modulation
+    vis2ir.speedup.modulation_table = per_step_modulation
     try:
         yield
     finally:
-        vis2ir.sample.modulation_table = modulation_table
+        vis2ir.speedup.modulation_table = modulation_table
 
 
 def main(argv: list[str] | None = None) -> int:

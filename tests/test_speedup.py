@@ -14,7 +14,7 @@ from vis2ir.latents import token_width
 from vis2ir.model import build_model
 from vis2ir.pipeline import Vis2IRPipeline
 from vis2ir.sample import decode_target, generate, get_noise, get_schedule, make_generators
-import vis2ir.sample
+import vis2ir.speedup
 from vis2ir.speedup import (FUSED_AWAY, LinearGELU, StepCache, compile_blocks, fuse_for_sampling, fuse_gelu,
                              modulation_layers, modulation_table, per_step_modulation)
 
@@ -119,7 +119,7 @@ def test_gelu_goes_inside_each_plain_mlp_input_product(cache_dir):
 @pytest.mark.parametrize("inject_into, calls", [("condition", 1), ("noisy", STEPS)])
 def test_adapter_runs_once_per_image_on_the_condition(cache_dir, inject_into, calls, monkeypatch):
     # The modulation table's own rounding is its test's business (below): here the layers run per step.
-    monkeypatch.setattr(vis2ir.sample, "modulation_table", per_step_modulation)
+    monkeypatch.setattr(vis2ir.speedup, "modulation_table", per_step_modulation)
     _, model = model_for(cache_dir, "model.semantic.mode=cross_attention", f"model.semantic.inject_into={inject_into}")
     visible, semantic = inputs(2)
     count = []
@@ -238,7 +238,7 @@ def test_modulation_under_autocast_is_what_the_layers_compute(cache_dir):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         fast = generate(model, visible, None, steps=STEPS, guidance=3.5)
         with pytest.MonkeyPatch.context() as m:
-            m.setattr(vis2ir.sample, "modulation_table", per_step_modulation)
+            m.setattr(vis2ir.speedup, "modulation_table", per_step_modulation)
             reference = generate(model, visible, None, steps=STEPS, guidance=3.5)
     assert torch.allclose(fast, reference, atol=2e-5), (fast - reference).abs().max()  # before: 0.09 apart
 

@@ -1,7 +1,7 @@
 """Every piece of the FLUX forward that `speedup.py` and `sample.py` re-implement, against diffusers' own forward.
 
 The sampler runs a patched transformer: the LoRA merged, q/k/v fused and the MLPs' GELU inside their input
-product (`fuse_for_sampling`), the RoPE table computed once (`sample.computed_once`) and the adaLN modulation
+product (`fuse_for_sampling`), the RoPE table computed once (`speedup.computed_once`) and the adaLN modulation
 read from a table computed once per loop (`modulation_table`). Each patch copies what
 `FluxTransformer2DModel.forward` does; if a diffusers release changes that forward, the patched output must
 stop matching and these tests fail, rather than sampling silently drifting from what training ran.
@@ -16,8 +16,7 @@ import torch
 from vis2ir.checkpoint import add_lora
 from vis2ir.config import load_config
 from vis2ir.model import build_model
-from vis2ir.sample import computed_once
-from vis2ir.speedup import LinearGELU, fuse_for_sampling, modulation_table
+from vis2ir.speedup import LinearGELU, computed_once, fuse_for_sampling, modulation_table
 
 from tests.conftest import TINY_MODEL
 

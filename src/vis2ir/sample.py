@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -27,7 +26,7 @@ from tqdm.auto import tqdm
 from vis2ir.latents import VAECodec, as_codec, decode_tokens, pack, parameter_dtype
 from vis2ir.model import Encoded, Vis2IRModel
 from vis2ir.semantic.modes import crop_target, num_panels
-from vis2ir.speedup import StepCache, modulation_table
+from vis2ir.speedup import StepCache, loop_patches
 
 NUM_TRAIN_TIMESTEPS = 1000  # FlowMatchEulerDiscreteScheduler's; the transformer divides it back out
 
@@ -76,29 +75,6 @@ def get_schedule(steps: int, seq_len: int, shift: bool = True) -> torch.Tensor:
     return torch.from_numpy(np.concatenate([sigmas, np.zeros(1, np.float32)]))
 
 
-@contextmanager
-def computed_once(module: torch.nn.Module):
-    """Within the block, `module` computes its output on the first call and returns that output on every
-    later call. For the transformer's RoPE table (`pos_embed`): its ids are the same at every sampling step."""
-    had_own = "forward" in vars(module)  # e.g. an offload hook's forward
-    original = module.forward
-    saved = []
-
-    def forward(*args, **kwargs):
-        if not saved:
-            saved.append(original(*args, **kwargs))
-        return saved[0]
-
-    module.forward = forward
-    try:
-        yield
-    finally:
-        if had_own:
-            module.forward = original
-        else:
-            del module.forward
-
-
 @torch.no_grad()
 def denoise(model: Vis2IRModel, enc: Encoded, x: torch.Tensor, sigmas: torch.Tensor, guidance: float,
             adapter_scale: float | None = None, return_attention: bool = False, progress: bool = False,
@@ -108,7 +84,7 @@ def denoise(model: Vis2IRModel, enc: Encoded, x: torch.Tensor, sigmas: torch.Ten
     What does not change across steps is computed once: the conditioning (the adapter, when it acts on
     the clean condition; the guidance and prompt tensors), the timesteps and step sizes, the RoPE table;
     what changes with the step only, the blocks' adaLN modulation, is computed for all steps at once
-    (`speedup.modulation_table`).
+    (`speedup.loop_patches`, the one place where the loop patches the transformer's forward).
     The loop itself builds no tensor on the host and reads nothing back (no host–device synchronisation;
     the `first_block` cache reads one number per step). `cache`: a step cache (`sample.cache`), or None.
     With `return_attention`, also the adapter's attention per layer `[B, heads, N, M]`, averaged over the
@@ -124,9 +100,7 @@ def denoise(model: Vis2IRModel, enc: Encoded, x: torch.Tensor, sigmas: torch.Ten
     cond = model.conditioning(enc, guidance, return_attention, adapter_scale)
     total = None
     transformer = model.transformer
-    with computed_once(transformer.pos_embed) if hasattr(transformer, "pos_embed") else nullcontext(), \
-            modulation_table(transformer, timesteps, cond.guidance, cond.pooled) as at_step, \
-            cache.active(transformer) if cache is not None else nullcontext():
+    with loop_patches(transformer, timesteps, cond.guidance, cond.pooled, cache) as at_step:
         for i in tqdm(range(steps), disable=not progress, desc="denoise", leave=False):
             at_step(i)
             out = model.predict(x, enc, cond, timesteps[i].expand(b), return_attention, adapter_scale)

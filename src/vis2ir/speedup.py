@@ -20,13 +20,20 @@ transformer blocks (`sample.compile`) and step caches (`sample.cache`).
   other steps its output is extrapolated by a Taylor series of order `cache_order` and the blocks skipped).
   The hooks are registered for one denoising loop and removed after it, so nothing carries over from one
   image to the next. It counts the steps computed in full (`computed`, `total`).
+
+Where they are applied, so that a reader sees every change to diffusers' forward: once per model by the
+pipeline (`fuse_for_sampling`, `compile_blocks`; training compiles with `compile_blocks` too), and once per
+denoising loop by `loop_patches` (the RoPE table, the modulation table, the step cache), which `sample.denoise`
+enters. The exact ones are tested against diffusers' own `FluxTransformer2DModel.forward`
+(tests/test_speedup_against_diffusers.py), so a diffusers release that changes that forward fails a test
+instead of moving sampling away from training.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -371,3 +378,42 @@ class StepCache:
     def summary(self) -> str:
         return (f"sample.cache={self.kind}: {self.computed} of {self.total} steps computed in full "
                 f"({100 * (self.skip_rate or 0):.0f} % skipped)")
+
+
+@contextmanager
+def computed_once(module: torch.nn.Module):
+    """Within the block, `module` computes its output on the first call and returns that output on every
+    later call. For the transformer's RoPE table (`pos_embed`): its ids are the same at every sampling step."""
+    had_own = "forward" in vars(module)  # e.g. an offload hook's forward
+    original = module.forward
+    saved = []
+
+    def forward(*args, **kwargs):
+        if not saved:
+            saved.append(original(*args, **kwargs))
+        return saved[0]
+
+    module.forward = forward
+    try:
+        yield
+    finally:
+        if had_own:
+            module.forward = original
+        else:
+            del module.forward
+
+
+@contextmanager
+def loop_patches(transformer: nn.Module, timesteps: torch.Tensor, guidance: torch.Tensor | None,
+                 pooled: torch.Tensor, cache: StepCache | None = None):
+    """Every patch of the transformer's forward that lasts one denoising loop, in one place: the RoPE table
+    computed once (`computed_once`; its ids are the same at every step), the adaLN modulation read from a table
+    (`modulation_table`, whose arguments these are), and the step cache's hooks when `cache` is given. Yields
+    `at(i)`, to call before step i. The patches made once per model (`fuse_for_sampling`, `compile_blocks`)
+    are the pipeline's. Each exact patch is checked against diffusers' own forward by
+    tests/test_speedup_against_diffusers.py."""
+    rope = getattr(transformer, "pos_embed", None)
+    with computed_once(rope) if rope is not None else nullcontext(), \
+            modulation_table(transformer, timesteps, guidance, pooled) as at_step, \
+            cache.active(transformer) if cache is not None else nullcontext():
+        yield at_step
