@@ -88,12 +88,12 @@ def test_page_functions(models, phone_photo, tmp_path):
     assert steps == [(1, 3), (2, 3), (3, 3)]
     (before, after), compare, png, clickable, state, note = out
     assert Image.open(png).size == (80, 48) and before.shape == after.shape == clickable.shape
-    assert state.attention is not None and "Click a point" in note
+    assert app.kept.get(state).attention is not None and "Click a point" in note
     x, y = clickable.shape[1] / 2, clickable.shape[0] / 2  # in the shown (enlarged) photo's pixels
     mean, heads = app.attention(state, x, y)
     assert Image.open(mean).width >= 256 and Image.open(heads).width > Image.open(mean).width
     out = app.generate("demo (channel_concat)", photo, semantic, "white-hot", 8, 2, 0)
-    assert out[4].attention is None and "no attention adapter" in out[5]
+    assert app.kept.get(out[4]).attention is None and "no attention adapter" in out[5]
     with pytest.raises(Vis2IRError, match="generate with a cross-attention model first"):
         app.attention(out[4], 1, 1)
 
@@ -374,8 +374,86 @@ def test_app_takes_the_keep_time(monkeypatch):
 
     seen = {}
     monkeypatch.setattr(vis2ir.app, "serve", lambda *a, **k: seen.update(k))
-    assert main(["app"]) == 0 and seen["keep_minutes"] == 60
+    assert main(["app"]) == 0 and seen["keep_minutes"] == 60 and seen["max_upload_mib"] == 25
     assert main(["app", "--keep-minutes", "0.5"]) == 0 and seen["keep_minutes"] == 0.5
+    assert main(["app", "--max-upload-mib", "2.5"]) == 0 and seen["max_upload_mib"] == 2.5
+
+
+# -- however many visitors come: uploads limited, results bounded in memory and on disk ----------------------
+
+
+def test_an_upload_over_the_limit_is_refused_in_one_line_before_it_is_decoded(models, phone_photo, tmp_path,
+                                                                                monkeypatch):
+    """A photo or a map larger than the upload limit is refused naming it, the limit and the option; the
+    image reader never sees it."""
+    import vis2ir.app
+    from vis2ir.errors import Vis2IRError
+
+    app = App(models, tmp_path, max_upload_bytes=2**20)
+    big = tmp_path / "photo.png"
+    big.write_bytes(os.urandom(2**20 + 1))  # random bytes named like a photo
+    read, real = [], vis2ir.app.read_image
+    monkeypatch.setattr(vis2ir.app, "read_image", lambda path, *a, **k: read.append(Path(path)) or real(path, *a, **k))
+    for photo, semantic, label in [(big, phone_photo[1], "photo photo.png"),
+                                   (phone_photo[0], big, "semantic map photo.png")]:
+        with pytest.raises(Vis2IRError, match=rf"^{label}: 1.0 MiB, over the upload limit of 1 MiB "
+                                              r"\(vis2ir app --max-upload-mib\); send a smaller file$"):
+            app.generate("demo (channel_concat)", str(photo), str(semantic), "white-hot", 8, 1, 0)
+    assert read == [phone_photo[0]]  # only the photo of the second call, which is within the limit
+
+
+@pytest.mark.parametrize("mib", ["0", "-1", "nan", "1e6"])
+def test_a_bad_upload_limit_is_one_line_before_the_models_load(mib, no_models, capsys):
+    assert main(["app", "--max-upload-mib", mib, "--port", str(free_port())]) == 2
+    assert _one_line(capsys) == (f"vis2ir: error: --max-upload-mib {format(float(mib), 'g')}: expected a number of "
+                                 "MiB above 0 and at most 4096 (the largest photo or map a visitor may upload)")
+
+
+def test_the_server_refuses_an_upload_over_the_limit_before_storing_it(models, monkeypatch, tmp_path):
+    """Gradio's upload route answers 413 for a file over `--max-upload-mib`: nothing of it reaches the page."""
+    import httpx
+
+    import vis2ir.app
+
+    monkeypatch.setattr(vis2ir.app, "load_models", lambda *a, **k: models)
+    port = free_port()
+    page = serve(host="127.0.0.1", port=port, block=False, max_upload_mib=0.5)
+    try:
+        url = f"http://127.0.0.1:{port}/gradio_api/upload"
+        small = httpx.post(url, files={"files": ("photo.png", os.urandom(1000))})
+        big = httpx.post(url, files={"files": ("photo.png", os.urandom(2**19 + 1))})
+    finally:
+        page.close()
+    assert small.status_code == 200
+    assert big.status_code == 413 and "maximum allowed size of 524288 bytes" in big.text
+
+
+def test_results_in_memory_are_bounded_however_many_visitors_come(models, phone_photo, tmp_path):
+    """A visitor's state is a key: its previous result is dropped when it generates again, and all visitors'
+    results together are the newest `count` within the byte bound; a dropped one says so in one line. The
+    result folders on disk are bounded by the same count."""
+    from vis2ir.app import Kept
+    from vis2ir.errors import Vis2IRError
+
+    app = App(models, tmp_path, kept=Kept(count=3))
+    photo, semantic = (str(p) for p in phone_photo)
+    model = "demo_cross_attention (cross_attention)"
+    example = app.example((model, photo, semantic, "white-hot", 8, 1, 0))[4]
+    mine = None
+    for _ in range(3):  # one visitor, three results: only the last is kept
+        mine = app.generate(model, photo, semantic, "white-hot", 8, 1, 0, previous=mine)[4]
+    assert len(app.kept) == 1 and isinstance(mine, str)
+    others = [app.generate(model, photo, semantic, "white-hot", 8, 1, 0)[4] for _ in range(5)]  # new visitors
+    assert len(app.kept) == 3 and app.kept.get(others[-1]) is not None and app.kept.get(mine) is None
+    with pytest.raises(Vis2IRError, match="this result is no longer kept .* generate again"):
+        app.attention(mine, 1, 1)
+    assert app.attention(example, 1, 1)  # the opening example is kept for every visitor
+    assert len(list((tmp_path / "results").iterdir())) <= 3
+    one = app.kept.get(others[-1]).nbytes
+    assert one > app.kept.get(others[-1]).visible.nbytes  # the attention maps are counted
+    small = Kept(count=10, max_bytes=2 * one)
+    keys = [small.put(app.kept.get(others[-1])) for _ in range(4)]
+    assert [small.get(k) is not None for k in keys] == [False, False, True, True] and small.nbytes <= 2 * one
 
 
 class Counted:

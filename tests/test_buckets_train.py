@@ -62,7 +62,7 @@ def test_bucketed_training_batches_one_shape_and_resumes_exactly(tiny_config, tm
 
 
 def _ddp_rank(rank: int, tmp: str, port: int, source: str) -> None:
-    """One of two DDP processes (gloo, CPU): 4 steps, then a resume from step 2; writes each launch's
+    """One of two DDP processes (gloo, CPU): 7 steps, then a resume from step 4; writes each launch's
     batches (shape, names) per step."""
     import os
 
@@ -72,9 +72,10 @@ def _ddp_rank(rank: int, tmp: str, port: int, source: str) -> None:
     cfg = load_config(None, [*TINY_MODEL, f"model.prompt_cache_dir={tmp}/prompt_cache", *TINY_RUN,
                              f"data.source={source}", *BUCKETED, f"train.output_dir={tmp}/run",
                              "train.strategy=ddp", "train.devices=2", "train.accelerator=cpu",
-                             "train.checkpoint_every=2", "train.val_every=100", "train.max_steps=4"])
+                             "train.batch_size=1", "train.checkpoint_every=2", "train.val_every=100",
+                             "train.max_steps=7"])
     launches = []
-    for resume in (None, f"{tmp}/run/checkpoints/step-2"):
+    for resume in (None, f"{tmp}/run/checkpoints/step-4"):
         record = RecordBatches()
         train(cfg, resume=resume, progress=False, callbacks=[record])
         launches.append(record.steps)
@@ -89,14 +90,13 @@ def test_ddp_ranks_share_each_steps_bucket(tmp_path, mixed):
     torch.multiprocessing.spawn(_ddp_rank, args=(str(tmp_path), port, str(mixed)), nprocs=2)
     (straight0, resumed0), (straight1, resumed1) = (json.loads((tmp_path / f"batches-{r}.json").read_text())
                                                     for r in (0, 1))
-    assert len(straight0) == len(straight1) == 4
-    counts = {(48, 80): 3, (64, 64): 6, (80, 48): 3}  # samples per bucket, (height, width)
+    assert len(straight0) == len(straight1) == 7
     for (shape0, names0), (shape1, names1) in zip(straight0, straight1):
-        # the same bucket; different samples, but for padding in a bucket of fewer than 4
-        assert shape0 == shape1 and len(set(names0) | set(names1)) == min(4, counts[tuple(shape0[2:])])
-    # 4 steps × 4 samples = one epoch: 3 + 1 padding of 80×48, 6 + 2 of 64×64, 3 + 1 of 48×80.
-    assert sorted(tuple(s[2:]) for s, _ in straight0) == [(48, 80), (64, 64), (64, 64), (80, 48)]
-    assert resumed0 == straight0[2:] and resumed1 == straight1[2:]
+        assert shape0 == shape1 and names0 != names1  # the same bucket, different samples
+    # 7 steps × 2 samples = one epoch: 3 + 1 repeat of 80×48, 6 of 64×64, 3 + 1 repeat of 48×80 (every
+    # bucket holds a global batch of 2, and 2 repeats are at most one global batch: nothing is merged).
+    assert sorted(tuple(s[2:]) for s, _ in straight0) == [(48, 80)] * 2 + [(64, 64)] * 3 + [(80, 48)] * 2
+    assert resumed0 == straight0[4:] and resumed1 == straight1[4:]
 
 
 def test_the_cache_of_mixed_buckets_equals_encoding_on_the_fly(tiny_config, tmp_path, mixed):

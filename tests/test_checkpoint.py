@@ -1,10 +1,13 @@
 import re
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from vis2ir.checkpoint import (ADAPTER_FILE, LORA_FILE, PROMPT_FILE, TRANSFORMER_FILE, add_lora, find_checkpoint,
-                               load_model, save_weights)
+                               load_model, save_weights, write_manifest)
 from vis2ir.errors import Vis2IRError
 from vis2ir.model import build_model
 
@@ -70,7 +73,7 @@ def test_missing_adapter_file_is_a_clear_error(tiny_config, tmp_path):
     add_lora(model.transformer, cfg.model.lora)
     save_weights(tmp_path / "c", model, cfg)
     (tmp_path / "c" / ADAPTER_FILE).unlink()
-    with pytest.raises(Vis2IRError, match="adapter.safetensors: missing"):
+    with pytest.raises(Vis2IRError, match="adapter.safetensors: is missing, so .* is not a whole checkpoint"):
         load_model(tmp_path / "c")
     with pytest.raises(Vis2IRError, match="no checkpoint here"):
         load_model(tmp_path / "nothing")
@@ -95,6 +98,7 @@ def _edit(path, change):
         metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     change(tensors)
     save_file(tensors, str(path), metadata=metadata)
+    write_manifest(path.parent)  # a whole file that does not fit, not one copied incompletely
 
 
 def _drop_half(t):
@@ -131,3 +135,119 @@ def test_a_file_that_does_not_fit_is_refused(tiny_config, tmp_path, finetune, fi
     message = str(err.value)
     assert message.startswith(f"{tmp_path / 'c' / file}: does not fit the model built from its config (")
     assert re.search(problem, message) and "\n" not in message
+
+
+# ----------------------------------------------------------------------------------------------
+# train.init_from across train.finetune kinds (the shipped demo model is a full checkpoint)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _finetune(tmp, name, *overrides):
+    """A 2-step run of configs/finetune_demo.yaml (a small copy of the README's recipe) → (model as trained,
+    run folder)."""
+    import lightning as L
+
+    from vis2ir.config import load_config
+    from vis2ir.train import train
+
+    kept = {}
+
+    class Keep(L.Callback):
+        def on_train_end(self, trainer, module):
+            kept["model"] = module.model
+
+    cfg = load_config(ROOT / "configs" / "finetune_demo.yaml", [
+        f"train.output_dir={tmp / name}", f"model.prompt_cache_dir={tmp / 'prompts'}", "data.size=32",
+        "data.synth_count=12", "data.val_fraction=0", "train.batch_size=2", "train.max_steps=2",
+        "train.checkpoint_every=2", "train.val_batches=0", "train.learning_rate=1e-3", "model.lora.rank=4",
+        *overrides])
+    run = train(cfg, progress=False, callbacks=[Keep()])
+    return kept["model"].eval(), run
+
+
+def _predict(model):
+    g = torch.Generator().manual_seed(3)
+    vis, ir, sem = (torch.rand(1, 3, 32, 32, generator=g) for _ in range(3))
+    with torch.no_grad():
+        noise = torch.randn(model.encode(vis, ir, sem).x_0.shape, generator=g)
+        return model(vis, ir, sem, torch.tensor([0.6]), noise).pred
+
+
+@pytest.fixture(scope="module")
+def lora_on_demo(tmp_path_factory):
+    """LoRA fine-tuned from a copy of the shipped demo model (a full checkpoint), as trained."""
+    from vis2ir.checkpoint import SHIPPED
+
+    tmp = tmp_path_factory.mktemp("lora_on_demo")
+    shutil.copytree(SHIPPED["demo"], tmp / "base")
+    model, run = _finetune(tmp, "lora", "train.finetune=lora", f"train.init_from={tmp / 'base'}")
+    return tmp, model, run
+
+
+def test_lora_from_a_full_checkpoint_loads_back_on_it(lora_on_demo):
+    """The LoRA records its base (the concrete folder, in config.yaml and base.json) and loads back on it:
+    once it loaded on a random base (prediction error 0.0075 as trained, 0.238 as loaded)."""
+    tmp, trained, run = lora_on_demo
+    step = run / "checkpoints" / "step-2"
+    assert (step / LORA_FILE).exists() and not (step / TRANSFORMER_FILE).exists()
+    for config in (run / "config.yaml", step / "config.yaml"):
+        assert yaml.safe_load(config.read_text())["train"]["init_from"] == str((tmp / "base").resolve())
+    loaded, _ = load_model(run)
+    torch.testing.assert_close(_predict(loaded), _predict(trained))
+
+
+def test_shipped_demo_as_base_is_kept_by_name(tmp_path):
+    """`train.init_from: demo` stays the shipped name; a LoRA on it loads back on the demo model."""
+    trained, run = _finetune(tmp_path, "lora", "train.finetune=lora", "train.max_steps=1", "train.checkpoint_every=1")
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["init_from"] == "demo"
+    loaded, _ = load_model(run)
+    torch.testing.assert_close(_predict(loaded), _predict(trained))
+
+
+def test_full_training_from_a_lora_checkpoint_merges_it(lora_on_demo, tmp_path):
+    """train.finetune=full from a LoRA checkpoint starts from base + LoRA merged and writes whole weights that
+    load_model loads (once it wrote peft's layer names, which load_model refused)."""
+    from vis2ir.train import Vis2IRModule
+
+    tmp, lora_model, lora_run = lora_on_demo
+    cfg_overrides = ("train.finetune=full", f"train.init_from={lora_run}")
+    trained, run = _finetune(tmp_path, "full", *cfg_overrides)
+    step = run / "checkpoints" / "step-2"
+    assert (step / TRANSFORMER_FILE).exists() and not (step / LORA_FILE).exists()
+    assert yaml.safe_load((step / "config.yaml").read_text())["train"]["init_from"] == \
+        str((lora_run / "checkpoints" / "step-2").resolve())
+    loaded, _ = load_model(run)
+    torch.testing.assert_close(_predict(loaded), _predict(trained))
+    start = Vis2IRModule(load_model(run)[1])._build().eval()  # what the full run started from
+    torch.testing.assert_close(_predict(start), _predict(lora_model))
+
+
+def test_a_changed_or_gone_base_is_one_line(lora_on_demo, tmp_path):
+    tmp, _, run = lora_on_demo
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    base = tmp / "base"
+    saved = (base / PROMPT_FILE).read_bytes()
+    try:
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(str(base / PROMPT_FILE))
+        save_file({k: v + 1 for k, v in tensors.items()}, str(base / PROMPT_FILE))
+        step = re.escape(str(copy / "checkpoints" / "step-2"))
+        with pytest.raises(Vis2IRError, match=rf"^{step}: trained on the checkpoint {re.escape(str(base.resolve()))} "
+                                              r".*which has changed since"):
+            load_model(copy)
+        from vis2ir.train import resume_config, train
+
+        with pytest.raises(Vis2IRError, match=r"^--resume .*which has changed since"):
+            train(resume_config(str(copy), None, ["train.max_steps=4"]), resume=str(copy), progress=False)
+        (base / PROMPT_FILE).write_bytes(saved)
+        base.rename(tmp_path / "moved")
+        with pytest.raises(Vis2IRError, match=r"trained on the checkpoint .*, which is gone; put it back"):
+            load_model(copy)
+    finally:
+        if not base.exists():
+            (tmp_path / "moved").rename(base)
+        (base / PROMPT_FILE).write_bytes(saved)
+    load_model(copy)  # the original back: it loads

@@ -8,7 +8,7 @@ from vis2ir.checkpoint import ADAPTER_FILE, LORA_FILE
 from vis2ir.cli import main
 from vis2ir.data import build_dataset
 from vis2ir.errors import Vis2IRError
-from vis2ir.latent_cache import MASK_KEY, LatentCache, build_latent_cache
+from vis2ir.latent_cache import FORMAT, MASK_KEY, LatentCache, build_latent_cache
 from vis2ir.model import build_model
 from vis2ir.train import train
 
@@ -86,5 +86,5 @@ def test_the_cache_stores_what_all_samples_share_once(tiny_config, tmp_path):
     meta = json.loads(meta_path.read_text())
     del meta["format"]
     meta_path.write_text(json.dumps(meta))
-    with pytest.raises(Vis2IRError, match=r"made in cache format 1, but this vis2ir reads format 3; make it again"):
+    with pytest.raises(Vis2IRError, match=rf"made in cache format 1, but this vis2ir reads format {FORMAT}; make it again"):
         LatentCache(tmp_path / "cache", cfg)

@@ -264,7 +264,7 @@ def test_missing_adapter_file(checkpoint, tmp_path):
     for f in checkpoint.iterdir():
         if f.name != ADAPTER_FILE:
             (broken / f.name).write_bytes(f.read_bytes())
-    with pytest.raises(Vis2IRError, match=f"{ADAPTER_FILE}: missing"):
+    with pytest.raises(Vis2IRError, match=f"{ADAPTER_FILE}: is missing, so {broken} is not a whole checkpoint"):
         Vis2IRPipeline.from_checkpoint(broken)
 
 

@@ -65,7 +65,8 @@ def test_training_writes_checkpoints_logs_and_learns(tiny_config, tmp_path):
     steps = [p.name for p in list_checkpoints(run_dir)]
     assert steps == ["step-9", "step-12"]  # every 3 steps, the last 2 kept
     ckpt = run_dir / "checkpoints" / "step-12"
-    assert {p.name for p in ckpt.iterdir()} == {"config.yaml", LORA_FILE, ADAPTER_FILE, PROMPT_FILE, "resume.ckpt"}
+    assert {p.name for p in ckpt.iterdir()} == {"config.yaml", LORA_FILE, ADAPTER_FILE, PROMPT_FILE, "resume.ckpt",
+                                                "run.json", "files.json"}
     metrics = (run_dir / "logs" / "version_0" / "metrics.csv").read_text()
     for column in ("train/loss", "train/scale_0", "train/grad_norm", "train/lr_adapter", "train/lr_backbone",
                    "train/step_time", "train/samples_per_s", "val/loss"):
@@ -208,6 +209,9 @@ def test_max_minutes_counts_this_launch_only(tiny_config, tmp_path, caplog):
     ckpt.setdefault("callbacks", {})["Timer"] = {"time_elapsed": {"train": 1e9, "validate": 0.0, "test": 0.0,
                                                                    "predict": 0.0}}
     torch.save(ckpt, state)
+    from vis2ir.checkpoint_files import write_manifest
+
+    write_manifest(state.parent)  # the edited state is the checkpoint's own, not a damaged copy
     run(tiny_config, tmp_path, "train.max_steps=5", "train.max_minutes=1000", resume="latest")
     assert list_checkpoints(run_dir)[-1].name == "step-5"
     # A budget that runs out says which setting stopped the run, and how to continue.

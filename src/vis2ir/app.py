@@ -1,7 +1,7 @@
 """`vis2ir app`: a web page (Gradio) that turns a photo into infrared with a trained model.
 
     vis2ir app [--checkpoint DIR] [--host 127.0.0.1] [--port 7860] [--share] [--device cpu] [--segment-model ID|PATH]
-               [--keep-minutes 60]
+               [--keep-minutes 60] [--max-upload-mib 25]
 
 By default it serves the two shipped demo models (`channel_concat` and the cross-attention adapter)
 on the CPU, with nothing downloaded; `--checkpoint` serves a trained one instead. The page: example
@@ -13,8 +13,12 @@ cross-attention models, where the adapter attends from a clicked point (mean and
 upload gets the command line's one-line error in the page. Requests are queued one at a time.
 
 The disk stays bounded: results and uploads are deleted `--keep-minutes` after they are made (the app's
-own files by `App.results`, Gradio's copies and uploads by its `delete_cache`), and the example the page
-opens with is generated once and shown to every later visitor.
+own files by `App.results`, Gradio's copies and uploads by its `delete_cache`), the app's own result folders
+are at most `KEEP_RESULTS` however many visitors come, and the example the page opens with is generated once
+and shown to every later visitor. Memory stays bounded too: a visitor's page state holds only the key of its
+last result; the results themselves (the photo and the attention maps) are kept by `Kept`, the newest
+`KEEP_RESULTS` of all visitors within `KEEP_RESULT_MIB`, the oldest dropped. An upload over
+`--max-upload-mib` is refused by the server before it is stored, and by `App.generate` before it is decoded.
 
 The top layer of the package: it imports the lower ones, nothing imports it (the CLI imports it lazily,
 so `gradio`, the optional `app` extra, is needed only here).
@@ -26,12 +30,14 @@ import atexit
 import errno
 import logging
 import math
+import os
 import shutil
 import socket
 import tempfile
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,9 +46,10 @@ import numpy as np
 from PIL import Image
 
 from vis2ir.checkpoint import SHIPPED
-from vis2ir.config import APP_KEEP_MINUTES, DEFAULT_SEGMENTER, SEED_LIMIT
+from vis2ir.config import APP_KEEP_MINUTES, APP_MAX_UPLOAD_MIB, DEFAULT_SEGMENTER, SEED_LIMIT
 from vis2ir.errors import Vis2IRError, first_line
 from vis2ir.figures import figure_array
+from vis2ir.files import write_error
 from vis2ir.io.images import read_image, rgb_image, to_tensor, write_png
 from vis2ir.io.runtime import default_device
 from vis2ir.pipeline import Vis2IRPipeline, check_map
@@ -54,6 +61,9 @@ log = logging.getLogger(__name__)
 EXAMPLES = 4  # held-out ThermalScenes offered as examples
 KEEP_MINUTES_LIMIT = 525_600  # a year: longer is a typo, and Gradio's schedule wants seconds it can sleep
 CLEAN_EVERY_S = 600  # Gradio's cache is swept this often (or every keep time, if shorter)
+KEEP_RESULTS = 32  # results kept in memory (all visitors together) and result folders kept on disk, at most
+KEEP_RESULT_MIB = 1024  # MiB of results (photos and attention maps) kept in memory, at most
+UPLOAD_MIB_LIMIT = 4096  # the largest --max-upload-mib: larger is a typo
 
 
 def load_models(checkpoint: str | Path | None = None, device=None) -> dict[str, Vis2IRPipeline]:
@@ -92,6 +102,55 @@ class Result:
     visible: np.ndarray        # the photo as the model saw it: uint8 RGB [H, W, 3], upright
     attention: object = None   # AttentionMaps (cross-attention models), else None
 
+    @property
+    def nbytes(self) -> int:
+        """The memory it holds, in bytes (the photo and the attention weights)."""
+        weights = getattr(self.attention, "weights", None)
+        return self.visible.nbytes + (0 if weights is None else weights.numel() * weights.element_size())
+
+
+class Kept:
+    """The results of all visitors, by key: the newest `count` within `max_bytes`, the oldest dropped first.
+    A visitor's page state holds only a key, so memory does not grow with the number of visitors."""
+
+    def __init__(self, count: int = KEEP_RESULTS, max_bytes: int = KEEP_RESULT_MIB * 2**20):
+        self.count, self.max_bytes = count, max_bytes
+        self._results: OrderedDict[str, Result] = OrderedDict()
+        self._pinned: dict[str, Result] = {}  # the opening examples': shown to every visitor, never dropped
+        self._lock = threading.Lock()
+
+    def put(self, result: Result, replaces: str | None = None) -> str:
+        """Keep `result` (dropping `replaces`, the visitor's previous one, and the oldest beyond the bounds);
+        returns its key. A result larger than `max_bytes` on its own is not kept."""
+        key = uuid.uuid4().hex
+        with self._lock:
+            self._results.pop(replaces, None)
+            self._results[key] = result
+            while self._results and (len(self._results) > self.count or self.nbytes > self.max_bytes):
+                dropped, _ = self._results.popitem(last=False)
+                log.debug("dropped result %s (keeping %d results within %d bytes)", dropped, self.count,
+                          self.max_bytes)
+        return key
+
+    def pin(self, key: str) -> None:
+        """Keep the result under `key` for the app's lifetime, outside the bounds (an opening example's)."""
+        with self._lock:
+            if key in self._results:
+                self._pinned[key] = self._results.pop(key)
+
+    def get(self, key: str | None) -> Result | None:
+        """The result kept under `key`, or None (no key, or dropped since)."""
+        with self._lock:
+            return (self._pinned.get(key) or self._results.get(key)) if key else None
+
+    def __len__(self) -> int:
+        return len(self._results)
+
+    @property
+    def nbytes(self) -> int:
+        """The memory the kept results hold, in bytes."""
+        return sum(r.nbytes for r in self._results.values())
+
 
 def shown(image: np.ndarray) -> np.ndarray:
     """A small image drawn at least `MIN_PICTURE_SIDE` pixels on its longer side (pixels not smoothed)."""
@@ -104,8 +163,11 @@ class App:
     """The page's functions, independent of Gradio's event wiring (so they can be called directly)."""
 
     def __init__(self, models: dict[str, Vis2IRPipeline], workdir: Path, segment_model: str | None = None,
-                 keep_s: float = APP_KEEP_MINUTES * 60):
+                 keep_s: float = APP_KEEP_MINUTES * 60, max_upload_bytes: int = APP_MAX_UPLOAD_MIB * 2**20,
+                 kept: Kept | None = None):
         self.models, self.workdir, self.keep_s = models, Path(workdir), keep_s
+        self.max_upload_bytes = max_upload_bytes
+        self.kept = kept if kept is not None else Kept()
         self.segment_model = segment_model or DEFAULT_SEGMENTER
         self._segmenter = None
         self._examples: dict[tuple, tuple] = {}
@@ -113,20 +175,36 @@ class App:
 
     def results(self) -> Path:
         """A new folder (not made yet) for one request's files under `workdir/results`, after deleting the
-        folders there last modified more than `keep_s` seconds ago: what a long-running page writes stays
-        bounded by what it made in the keep time. (Gradio has copied a result into its own cache by the time
-        its folder is that old.)"""
+        folders there last modified more than `keep_s` seconds ago, and the oldest beyond the newest
+        `kept.count - 1`: what a long-running page writes stays bounded by what it made in the keep time, and
+        by `kept.count` folders however many visitors come. (Gradio has copied a result into its own cache
+        by the time the next request runs: requests are queued one at a time.)"""
         root = self.workdir / "results"
         cutoff = time.time() - self.keep_s
+        ages = []
         for old in root.iterdir() if root.is_dir() else ():
             try:
-                expired = old.stat().st_mtime < cutoff
+                ages.append((old.stat().st_mtime, old))
             except FileNotFoundError:  # swept by a request running beside this one
                 continue
-            if expired:
+        ages.sort(reverse=True)
+        for rank, (mtime, old) in enumerate(ages):
+            if mtime < cutoff or rank >= self.kept.count - 1:
                 shutil.rmtree(old, ignore_errors=True)
-                log.debug("deleted %s (older than %g s)", old, self.keep_s)
+                log.debug("deleted %s (older than %g s, or beyond the newest %d)", old, self.keep_s, self.kept.count)
         return root / uuid.uuid4().hex
+
+    def check_upload(self, path: str | Path, label: str) -> None:
+        """Refuse, in one line, the upload `path` (shown as `label`) when it is larger than `max_upload_bytes`:
+        checked before it is decoded."""
+        try:
+            size = os.path.getsize(path)
+        except OSError:
+            return  # the image reader names a file it cannot read
+        if size > self.max_upload_bytes:
+            raise Vis2IRError(f"{label}: {size / 2**20:.1f} MiB, over the upload limit of "
+                              f"{self.max_upload_bytes / 2**20:g} MiB (vis2ir app --max-upload-mib); send a smaller "
+                              "file")
 
     def example(self, inputs: tuple, progress=None):
         """`generate(*inputs)`, computed the first time and the same result every later time: the example the
@@ -136,6 +214,7 @@ class App:
             if inputs not in self._examples:
                 folder = self.workdir / "examples" / "results" / str(len(self._examples))
                 self._examples[inputs] = self.generate(*inputs, progress=progress, folder=folder)
+                self.kept.pin(self._examples[inputs][4])
             return self._examples[inputs]
 
     def _semantic(self, pipe: Vis2IRPipeline, visible: Image.Image, photo_label: str, map_file: str | None):
@@ -145,6 +224,7 @@ class App:
             return None
         if map_file:
             label = f"semantic map {Path(map_file).name}"
+            self.check_upload(map_file, label)
             semantic = read_image(map_file, label)
             check_map(semantic, visible, label, photo_label)
             return semantic
@@ -167,10 +247,11 @@ class App:
         return self._segmenter
 
     def generate(self, model: str, photo: str | None, semantic: str | None, palette: str, bit_depth: int,
-                 steps: int, seed: int, progress=None, folder: Path | None = None):
+                 steps: int, seed: int, progress=None, folder: Path | None = None, previous: str | None = None):
         """Infrared for the uploaded photo: `(slider pair, compare picture, PNG path, photo to click, state,
-        attention note)`; the PNG goes into `folder` (default: a new `results()` folder). Raises `Vis2IRError`
-        for a bad upload or setting (one line)."""
+        attention note)`; the PNG goes into `folder` (default: a new `results()` folder). The state is the key
+        of the result in `kept` (which drops `previous`, the visitor's last one). Raises `Vis2IRError` for a
+        bad upload (too large: `check_upload`) or setting (one line)."""
         if photo is None:
             raise Vis2IRError("no photo: upload or drop a visible photo (or click an example below)")
         pipe = self.models[model]
@@ -178,6 +259,7 @@ class App:
         check_output_format(bit_depth, palette)
         settings = pipe.cfg.sample.replaced(steps=int(steps), seed=int(seed))  # the settings' one validator
         label = f"photo {Path(photo).name}"
+        self.check_upload(photo, label)
         visible = read_image(photo, label)
         semantic = self._semantic(pipe, visible, label, semantic)
         callback = None if progress is None else lambda done, total: progress((done, total), desc="denoising")
@@ -198,12 +280,16 @@ class App:
             note = "Click a point on the photo to see where the adapter attends from there."
         else:
             note = f"This model (mode {pipe.model.mode}) has no attention adapter: no attention maps."
-        return ((shown(seen), shown(as_rgb8(ir8))), compare, str(png), shown(seen),
-                Result(seen, result.attention[0] if attend else None), note)
+        key = self.kept.put(Result(seen, result.attention[0] if attend else None), replaces=previous)
+        return (shown(seen), shown(as_rgb8(ir8))), compare, str(png), shown(seen), key, note
 
-    def attention(self, state: Result | None, x: float, y: float) -> tuple[str, str]:
-        """Where the adapter attends from the point `(x, y)` of the shown photo: the pictures of
-        `save_attention_maps` (mean over heads, per head) as PNG paths."""
+    def attention(self, key: str | None, x: float, y: float) -> tuple[str, str]:
+        """Where the adapter attends from the point `(x, y)` of the shown photo of the result kept under `key`:
+        the pictures of `save_attention_maps` (mean over heads, per head) as PNG paths."""
+        state = self.kept.get(key)
+        if state is None and key:
+            raise Vis2IRError(f"this result is no longer kept (the page keeps the last {self.kept.count} results "
+                              "of all visitors): generate again, then click")
         if state is None or state.attention is None:
             raise Vis2IRError("no attention maps: generate with a cross-attention model first")
         h, w = state.visible.shape[:2]
@@ -232,19 +318,20 @@ def keep_seconds(minutes: float) -> int:
 
 
 def build_app(models: dict[str, Vis2IRPipeline], workdir: str | Path, segment_model: str | None = None,
-              keep_s: int = APP_KEEP_MINUTES * 60) -> gr.Blocks:
+              keep_s: int = APP_KEEP_MINUTES * 60, max_upload_bytes: int = APP_MAX_UPLOAD_MIB * 2**20) -> gr.Blocks:
     """The page for `models` (label → pipeline); results' files go under `workdir`; photos without a map are
     segmented by `segment_model` (default: `DEFAULT_SEGMENTER`) when its weights are here. Results, uploads and
-    Gradio's copies are deleted about `keep_s` seconds after they are made (within `CLEAN_EVERY_S` more)."""
-    app = App(models, Path(workdir), segment_model, keep_s)
+    Gradio's copies are deleted about `keep_s` seconds after they are made (within `CLEAN_EVERY_S` more); an
+    upload over `max_upload_bytes` is refused (`App.check_upload`; `serve` has Gradio refuse it at upload)."""
+    app = App(models, Path(workdir), segment_model, keep_s, max_upload_bytes)
     examples = example_scenes(Path(workdir) / "examples", next(iter(models.values())))
     first = next(iter(models.values()))
     # what the page opens with, and the example generated for it: one set of values for both
     opening = (next(iter(models)), *examples[0], "white-hot", 8, first.cfg.sample.steps, first.cfg.sample.seed)
 
-    def generate(model, photo, semantic, palette, bit_depth, steps, seed, progress=gr.Progress()):
+    def generate(model, photo, semantic, palette, bit_depth, steps, seed, previous, progress=gr.Progress()):
         try:
-            return app.generate(model, photo, semantic, palette, bit_depth, steps, seed, progress)
+            return app.generate(model, photo, semantic, palette, bit_depth, steps, seed, progress, previous=previous)
         except Vis2IRError as err:
             raise page_error(err) from None
 
@@ -295,7 +382,7 @@ def build_app(models: dict[str, Vis2IRPipeline], workdir: str | Path, segment_mo
                                 interactive=False, elem_id="mean")
                 heads = gr.Image(label="per head", show_label=False, type="filepath", interactive=False,
                                  elem_id="heads")
-        inputs = [model, photo, semantic, palette, bit_depth, steps, seed]
+        inputs = [model, photo, semantic, palette, bit_depth, steps, seed, state]
         outputs = [slider, compare, download, clickable, state, note]
         button.click(generate, inputs, outputs, api_name="generate")
         page.load(example, None, outputs, api_name="example")  # a result at once: the first example, made once
@@ -324,24 +411,40 @@ def check_port(host: str, port: int) -> None:
                               "or --host") from None
 
 
+def upload_bytes(mib: float) -> int:
+    """`--max-upload-mib` in bytes, or a one-line `Vis2IRError` for a value that is not a number of MiB from
+    more than 0 to `UPLOAD_MIB_LIMIT`."""
+    number = isinstance(mib, (int, float)) and not isinstance(mib, bool)
+    if not (number and math.isfinite(mib) and 0 < mib <= UPLOAD_MIB_LIMIT):
+        given = format(mib, "g") if number else repr(mib)
+        raise Vis2IRError(f"--max-upload-mib {given}: expected a number of MiB above 0 and at most "
+                          f"{UPLOAD_MIB_LIMIT} (the largest photo or map a visitor may upload)")
+    return max(1, round(mib * 2**20))
+
+
 def serve(checkpoint: str | Path | None = None, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
           device=None, block: bool = True, segment_model: str | None = None,
-          keep_minutes: float = APP_KEEP_MINUTES) -> gr.Blocks:
+          keep_minutes: float = APP_KEEP_MINUTES, max_upload_mib: float = APP_MAX_UPLOAD_MIB) -> gr.Blocks:
     """Serve the page (one request at a time, the others queued) until interrupted, or, without `block`,
-    in the background (`page.close()` stops it); results and uploads are kept `keep_minutes`. Returns the page.
-    A bad port, host, device or keep time is a one-line `Vis2IRError` before the models load."""
+    in the background (`page.close()` stops it); results and uploads are kept `keep_minutes`; an upload over
+    `max_upload_mib` MiB is refused by the server before it is stored. Returns the page. A bad port, host,
+    device, keep time or upload limit is a one-line `Vis2IRError` before the models load."""
     keep_s = keep_seconds(keep_minutes)
+    max_bytes = upload_bytes(max_upload_mib)
     check_port(host, port)
     if device is not None:
         default_device(device)
-    models = load_models(checkpoint, device)
-    workdir = Path(tempfile.mkdtemp(prefix="vis2ir-app-"))
+    try:  # uploads and results: before the models load, a system temp folder that cannot be written is one line
+        workdir = Path(tempfile.mkdtemp(prefix="vis2ir-app-"))
+    except OSError as err:
+        raise write_error(tempfile.gettempdir(), err, "the app's working folder; set TMPDIR to another") from None
     atexit.register(shutil.rmtree, workdir, ignore_errors=True)
-    page = build_app(models, workdir, segment_model, keep_s)
+    models = load_models(checkpoint, device)
+    page = build_app(models, workdir, segment_model, keep_s, max_bytes)
     page.queue(default_concurrency_limit=1)
     try:
         page.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=True, quiet=True,
-                    allowed_paths=[str(workdir)])
+                    allowed_paths=[str(workdir)], max_file_size=max_bytes)
     except OSError as err:  # taken since check_port, or Gradio's own check refused it
         log.debug("launch failed: %s", err)
         raise Vis2IRError(f"--port {port}: already in use on {host}; pick another with --port N") from None

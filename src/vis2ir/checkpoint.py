@@ -9,6 +9,9 @@
       prompt_embeds.safetensors          the constant prompt embeddings the model was trained with
                                          (random text encoders differ between library versions)
       resume.ckpt                        optimizer, step and RNG state for `--resume` (training only)
+      base.json                          the checkpoint `train.init_from` named, and its identity
+      files.json                         every file's size, written last: a reader tells a checkpoint
+                                         copied incompletely from a whole one (`check_intact`)
 
 Folders are written under a temporary name of the writing process (`temp_dir`), fsynced and renamed
 into place, so a crash never leaves a half-written checkpoint where a reader would take it for a whole
@@ -17,6 +20,7 @@ one, and two runs sharing a folder never delete each other's unfinished checkpoi
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -26,18 +30,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from vis2ir.config import Config, LoraConfig, first_difference, load_config
+from vis2ir.config import Config, LoraConfig, first_difference, load_config, role_prefixes
 from vis2ir.errors import Vis2IRError
-from vis2ir.files import fsync, temp_path
+from vis2ir.checkpoint_files import (ADAPTER_FILE, BASE_FILE, CONFIG_FILE, LORA_FILE, PROMPT_FILE, TRANSFORMER_FILE,
+                                     check_intact, checkpoint_identity, list_checkpoints, newest_intact, write_manifest)
+from vis2ir.checkpoint_files import MANIFEST_FILE, RESUME_FILE, checkpoint_problem  # noqa: F401 (their home until now)
+from vis2ir.files import fsync, ordinary_mode, temp_path, write_error
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = "config.yaml"
-LORA_FILE = "pytorch_lora_weights.safetensors"
-TRANSFORMER_FILE = "transformer.safetensors"
-ADAPTER_FILE = "adapter.safetensors"
-PROMPT_FILE = "prompt_embeds.safetensors"
-RESUME_FILE = "resume.ckpt"
 
 # Checkpoints shipped inside the package, by the name that stands for them wherever a checkpoint folder
 # is asked for (`train.init_from: demo`, `--checkpoint demo`, `Vis2IRPipeline.from_checkpoint("demo")`).
@@ -73,6 +74,10 @@ def write_weights(directory: str | Path, model, cfg: Config, state: dict[str, to
     """
     directory = Path(directory)
     cfg.save(directory / CONFIG_FILE)
+    if cfg.train.init_from:  # the base the weights sit on (LoRA) or started from (full), as `resolve_init_from` left it
+        base = find_checkpoint(cfg.train.init_from)
+        (directory / BASE_FILE).write_text(json.dumps({"init_from": cfg.train.init_from,
+                                                       "identity": checkpoint_identity(base)}, indent=2) + "\n")
     dtype = getattr(torch, cfg.train.save_dtype)
     state = model.state_dict() if state is None else state
     transformer = _part(state, "transformer.")
@@ -92,10 +97,49 @@ def _part(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor
 
 
 def save_weights(directory: str | Path, model, cfg: Config) -> Path:
-    """`write_weights` into `directory`, atomically."""
+    """`write_weights` into `directory`, atomically (a full disk: one-line `Vis2IRError`, nothing left)."""
     with atomic_dir(directory) as tmp:
         write_weights(tmp, model, cfg)
     return Path(directory)
+
+
+def checkpoint_size(model, cfg: Config) -> int:
+    """About how many bytes a training checkpoint of `model` takes: the trainable weights in
+    `train.save_dtype`, and in the resume state fp32 copies with two optimizer moments."""
+    width = torch.finfo(getattr(torch, cfg.train.save_dtype)).bits // 8
+    return sum(p.numel() * (width + 12) for p in model.parameters() if p.requires_grad)
+
+
+def failed_save(tmp: Path, final: Path, err: OSError | None, needed: int | None = None) -> Vis2IRError:
+    """The one-line error for a checkpoint that could not be written to `final` (`err`: what rank 0 met;
+    None on the other ranks), after deleting its temporary folder `tmp`, so nothing partial stays."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    if err is None:
+        return Vis2IRError(f"{final}: the first process could not write this checkpoint (its message says why)")
+    return write_error(final.parent, err, final.name, needed)
+
+
+_IN_PLACE_IO = None
+
+
+def save_resume_state(trainer, path: Path) -> None:
+    """`trainer.save_checkpoint(path)` (optimizer, step, RNG) written straight into `path`, which lies in
+    the checkpoint's own temporary folder (what makes the save atomic). Lightning's own writer stages the
+    file in the system temp folder (fsspec's transaction, `tempfile.mkstemp`): a small /tmp broke saving
+    and the file came out 0600."""
+    global _IN_PLACE_IO
+    from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+    if _IN_PLACE_IO is None:
+        class InPlaceCheckpointIO(TorchCheckpointIO):
+            def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+                with open(path, "wb") as f:
+                    torch.save(checkpoint, f)
+
+        _IN_PLACE_IO = InPlaceCheckpointIO
+    if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+        trainer.strategy.checkpoint_io = _IN_PLACE_IO()
+    trainer.save_checkpoint(path, weights_only=False)
 
 
 def _save_lora(directory: Path, transformer, state: dict[str, torch.Tensor], cfg: LoraConfig,
@@ -148,8 +192,10 @@ def fsync_tree(folder: Path) -> None:
 
 
 def replace_dir(tmp: Path, final: Path) -> None:
-    """Put the finished folder `tmp` at `final` durably (its files fsynced first, then the parent
-    folder after the rename), replacing what was there."""
+    """Put the finished folder `tmp` at `final` durably (its files given an ordinary file's permissions,
+    `ordinary_mode`, and fsynced first, then the parent folder after the rename), replacing what was there."""
+    for path in tmp.rglob("*"):
+        os.chmod(path, ordinary_mode(path.is_dir()))
     fsync_tree(tmp)
     old = temp_path(final, "old")
     if final.exists():
@@ -168,24 +214,31 @@ class atomic_dir:
         self.tmp = temp_dir(self.path)
 
     def __enter__(self) -> Path:
-        self.tmp.mkdir(parents=True)
+        try:
+            self.tmp.mkdir(parents=True)
+        except OSError as err:
+            raise write_error(self.path.parent, err, self.path.name) from None
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        replace_dir(self.tmp, self.path)
+        try:
+            if exc_type is None:
+                write_manifest(self.tmp)
+                replace_dir(self.tmp, self.path)
+                return
+        except OSError as err:
+            exc_type, exc = type(err), err
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise write_error(self.path.parent, exc, self.path.name) from None
 
 
 # ----------------------------------------------------------------------------------------------
 # Loading
 
 # Settings that shape the model: a checkpoint only runs (or is fine-tuned) with the values it was trained with.
-STRUCTURAL = ("model.backbone", "model.codec", "model.pixel_factor", "model.seed", "model.transformer.",
-              "model.vae.", "model.text.", "model.lora.rank", "model.lora.target_modules", "model.semantic.mode",
-              "model.semantic.num_layers", "model.semantic.num_heads", "model.semantic.position",
-              "model.semantic.rope_", "model.semantic.inject_into", "model.semantic.fusion_alpha", "train.finetune")
+# Dotted prefixes, derived from the roles declared in the schema (role "model", `vis2ir.roles`).
+STRUCTURAL = role_prefixes("model")
 
 
 def check_compatible(trained: Config, cfg: Config, directory: Path, where: str, keys=STRUCTURAL) -> None:
@@ -203,8 +256,8 @@ def check_init_from(cfg: Config) -> Path:
     then with any `model.lora` settings). Raises `Vis2IRError` naming the first setting that differs."""
     source = find_checkpoint(cfg.train.init_from)
     trained = load_checkpoint_config(source)
-    keys = tuple(k for k in STRUCTURAL if k != "train.finetune"
-                 and not (trained.train.finetune == "full" and k.startswith("model.lora.")))
+    keys = tuple(k for k in STRUCTURAL if k != "train.finetune"  # a LoRA source is merged for full training
+                 and not ("full" in (trained.train.finetune, cfg.train.finetune) and k.startswith("model.lora.")))
     check_compatible(trained, cfg, source, f"train.init_from={cfg.train.init_from}", keys)
     return source
 
@@ -225,29 +278,75 @@ def find_checkpoint(path: str | Path) -> Path:
                           "folder or its checkpoints/)")
     if (path / CONFIG_FILE).exists() and not (path / "checkpoints").is_dir():
         return path
+    if path.parent.name == "checkpoints" and path.name[5:].isdigit() and path.name.startswith("step-"):
+        return path  # a run's checkpoint that lost its config: `load_checkpoint_config` says so
     steps = list_checkpoints(path)
     if not steps:
         raise Vis2IRError(f"{path}: no checkpoint here (expected {CONFIG_FILE} or checkpoints/step-N/)")
     return steps[-1]
 
 
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """The `step-N` checkpoint folders of a run folder (`run_dir/checkpoints/`), or of its `checkpoints/`
-    folder itself, oldest first."""
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        root = Path(run_dir)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[5:]))
-
-
 def load_checkpoint_config(directory: str | Path, overrides=()) -> Config:
+    """The Config a checkpoint folder was trained with (`overrides` put over it), after `check_intact`."""
     directory = Path(directory)
-    if not (directory / CONFIG_FILE).exists():
+    if not (directory / CONFIG_FILE).exists() and not (directory / MANIFEST_FILE).exists() \
+            and directory.parent.name != "checkpoints":
         raise Vis2IRError(f"{directory}: not a vis2ir checkpoint (no {CONFIG_FILE})")
+    check_intact(directory)
     return load_config(directory / CONFIG_FILE, overrides)
+
+
+def check_base(directory: Path, where: str | None = None) -> Path | None:
+    """The checkpoint that the checkpoint `directory` was trained from (`train.init_from`, as recorded in
+    its `base.json`), after checking it is still there and unchanged; None when it records none.
+    A gone or changed base is a one-line `Vis2IRError` naming it."""
+    record = directory / BASE_FILE
+    if not record.exists():
+        return None
+    try:
+        base = json.loads(record.read_text())
+        name, identity = base["init_from"], base["identity"]
+    except (ValueError, KeyError, TypeError):
+        raise Vis2IRError(f"{record}: is damaged; {newest_intact(directory)}") from None
+    where = where or str(directory)
+    source = checkpoint_path(name)
+    if not (source / CONFIG_FILE).exists():
+        raise Vis2IRError(f"{where}: trained on the checkpoint {name} (train.init_from, {record}), which is gone; "
+                          "put it back where it was to use this checkpoint")
+    if checkpoint_identity(source) != identity:
+        raise Vis2IRError(f"{where}: trained on the checkpoint {name} (train.init_from, {record}), which has "
+                          "changed since; put the original back (its weights are what this one builds on)")
+    return source
+
+
+def resolve_init_from(cfg: Config, resume: Path | None = None) -> Config:
+    """`cfg` with `train.init_from` made concrete, for a run's config.yaml: the checkpoint folder it names
+    (a run folder's newest `step-N`), as an absolute path, or the shipped name ('demo'). A resume (`resume`:
+    its resume state) never looks the base up again: it keeps the run's own value (also when the config
+    file names the same folder relatively) and checks that base is unchanged (`check_base`)."""
+    import dataclasses
+
+    value = cfg.train.init_from
+    if not value:
+        return cfg
+    if resume is not None:
+        saved = load_checkpoint_config(resume.parent).train.init_from
+        if saved and value != saved and checkpoint_path(value).exists() \
+                and find_checkpoint(value).resolve() == checkpoint_path(saved).resolve():
+            value = saved  # the same base, written another way
+        if value == saved:
+            check_base(resume.parent, f"--resume {resume.parent}")
+    elif value not in SHIPPED:
+        value = str(find_checkpoint(value).resolve())
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_from=value))
+
+
+def merge_lora(transformer: torch.nn.Module) -> None:
+    """Fold a LoRA adapter into the transformer's own weights and remove it (full training from a LoRA
+    checkpoint: the checkpoints written are then whole transformers, as `load_model` expects)."""
+    if getattr(transformer, "peft_config", None):
+        transformer.fuse_lora(lora_scale=1.0)
+        transformer.unload_lora()
 
 
 def load_weights(directory: str | Path, model, cfg: Config) -> None:
@@ -348,14 +447,41 @@ def build_with_weights(directory: str | Path, cfg: Config, device: torch.device 
     from vis2ir.model import build_model
     from vis2ir.quantize import quantize_transformer
 
+    directory = Path(directory)
     trained = load_checkpoint_config(directory)
+    base = lora_base(directory, trained)
     dtype = dtype or resolve_dtype(cfg.model.dtype, device)
-    if trained.train.finetune == "full" and cfg.model.quantize != "none":
+    full = trained.train.finetune == "full"
+    if (full or base is not None) and cfg.model.quantize != "none":
         plain = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, quantize="none"))
         model = build_model(plain, "cpu", dtype)
-        load_weights(directory, model, trained)
+        if base is not None:
+            load_weights(base, model, load_checkpoint_config(base))
+        if full:
+            load_weights(directory, model, trained)
         quantize_transformer(model.transformer, cfg.model.quantize, device)
-        return model.to(device)
+        model = model.to(device)
+        if not full:
+            load_weights(directory, model, trained)
+        return model
     model = build_model(cfg, device, dtype)
+    if base is not None:
+        load_weights(base, model, load_checkpoint_config(base))
     load_weights(directory, model, trained)
     return model
+
+
+def lora_base(directory: Path, trained: Config) -> Path | None:
+    """The full checkpoint whose transformer the LoRA checkpoint `directory` sits on, or None (a full
+    checkpoint, or LoRA on the backbone). A LoRA trained from a full checkpoint sits on it; one trained from
+    another LoRA checkpoint sits on that one's base. A gone or changed base: one line naming it (`check_base`)."""
+    if trained.train.finetune != "lora" or not trained.train.init_from:
+        return None
+    source = check_base(directory)
+    if source is None:  # written before checkpoints recorded their base: look it up as named
+        source = find_checkpoint(trained.train.init_from)
+        log.warning("%s: records no identity of its base %s; assuming it is unchanged", directory, source)
+    else:
+        source = find_checkpoint(source)
+    source_cfg = load_checkpoint_config(source)
+    return source if source_cfg.train.finetune == "full" else lora_base(source, source_cfg)

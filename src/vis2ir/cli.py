@@ -9,6 +9,7 @@ import sys
 import warnings
 
 from vis2ir.errors import Vis2IRError
+from vis2ir.signals import Stopped
 
 log = logging.getLogger("vis2ir")
 
@@ -40,7 +41,7 @@ def _cmd_app(args: argparse.Namespace) -> None:
     from vis2ir.app import serve
 
     serve(args.checkpoint, host=args.host, port=args.port, share=args.share, device=args.device,
-          segment_model=args.segment_model, keep_minutes=args.keep_minutes)
+          segment_model=args.segment_model, keep_minutes=args.keep_minutes, max_upload_mib=args.max_upload_mib)
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
@@ -106,7 +107,11 @@ def _cmd_data_cache(args: argparse.Namespace) -> None:
     from vis2ir.latent_cache import build_latent_cache
 
     out = build_latent_cache(cfg, args.out, args.split, args.batch_size)
-    sys.stdout.write(f"{out}\n  train with: data.latent_cache={out}\n")
+    if args.split == "train":
+        sys.stdout.write(f"{out}\n  train with: data.latent_cache={out}\n")
+    else:  # training reads the train split only: say so rather than "train with"
+        sys.stdout.write(f"{out}\n  a cache of the {args.split} split, not the training split: training refuses it; "
+                         f"for training, `vis2ir data cache --split train --out DIR`\n")
 
 
 def _cmd_data_convert(args: argparse.Namespace) -> None:
@@ -210,7 +215,7 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from vis2ir.config import APP_KEEP_MINUTES, DEFAULT_SEGMENTER, PRED_VALUES
+    from vis2ir.config import APP_KEEP_MINUTES, APP_MAX_UPLOAD_MIB, DEFAULT_SEGMENTER, PRED_VALUES
 
     parser = argparse.ArgumentParser(prog="vis2ir", description="Visible-to-infrared generation on FLUX.1 Fill.")
     parser.add_argument("--debug", action="store_true", help="DEBUG logging and full tracebacks")
@@ -236,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-minutes", type=float, default=APP_KEEP_MINUTES, metavar="M", help="delete results and "
                    "uploads this many minutes after they are made, so a long-running page does not fill the disk "
                    f"(default: {APP_KEEP_MINUTES})")
+    p.add_argument("--max-upload-mib", type=float, default=APP_MAX_UPLOAD_MIB, metavar="M", help="refuse a "
+                   f"photo or map larger than this many MiB, before it is stored (default: {APP_MAX_UPLOAD_MIB})")
     p.set_defaults(func=_cmd_app)
 
     p = sub.add_parser("train", help="train LoRA / the adapter (or a small model from scratch)")
@@ -280,7 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=_cmd_data_convert)
     q = data.add_parser("cache", help="encode a split's latents once, for training with data.latent_cache=DIR")
     q.add_argument("--out", required=True, help="cache folder")
-    q.add_argument("--split", default="train", choices=("train", "val", "test"), help="split (default: train)")
+    q.add_argument("--split", default="train", choices=("train", "val", "test"),
+                   help="split (default: train; training reads a train cache only)")
     q.add_argument("--batch-size", type=int, default=16, help="images per codec call (default: 16)")
     _add_config_args(q)
     q.set_defaults(func=_cmd_data_cache)
@@ -391,6 +399,20 @@ def quiet() -> None:
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
 
 
+def check_output(args: argparse.Namespace) -> None:
+    """Refuse an output that cannot be written (a read-only folder, a file where a folder goes) in one line,
+    before anything loads: every command's --out (`data inspect`'s is its contact sheet, a file).
+    `train.output_dir` is checked by `train`, the app's working folder by `serve`."""
+    from vis2ir.files import check_writable
+
+    out = getattr(args, "out", None)
+    command = " ".join(filter(None, (args.command, getattr(args, "data_command", None))))
+    if command == "data inspect":
+        check_writable(args.out or inspect_sheet_path(args.source), f"{command} --out", file=True)
+    elif out:
+        check_writable(out, f"{command} --out")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parse_args(parser, argv)
@@ -402,6 +424,7 @@ def main(argv: list[str] | None = None) -> int:
             from vis2ir.config import check_config
 
             check_config(args.config, args.overrides)  # a typo is answered before torch is imported
+        check_output(args)
         args.func(args)
     except Vis2IRError as err:
         if args.debug:
@@ -411,6 +434,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("vis2ir: interrupted\n")
         return 130
+    except Stopped as stop:  # SIGTERM / SIGUSR1 during training: the last finished step is saved
+        sys.stderr.write(f"vis2ir: {stop}\n")
+        return stop.exit_status  # 128 + signal, as a shell reports a process ended by it
     return 0
 
 

@@ -17,11 +17,14 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 
 from vis2ir.errors import Vis2IRError, first_line
+from vis2ir import yamltext
+from vis2ir.roles import (DATA, LATENT, MODEL, NO_ROLE, RESUMABLE, declared_roles, prefixes, role_name,
+                          section_roles)
 from vis2ir.files import write_text
 
 log = logging.getLogger(__name__)
@@ -39,6 +42,8 @@ PRED_VALUES = ("auto", "full-range", "ir-normalize")
 
 # How long `vis2ir app` keeps results and uploads (minutes), so a long-running page does not fill the disk.
 APP_KEEP_MINUTES = 60
+# The largest photo or semantic map `vis2ir app` accepts from a visitor (MiB): larger uploads are refused.
+APP_MAX_UPLOAD_MIB = 25
 
 SemanticMode = Literal["none", "pixel_fusion", "cross_attention", "in_context", "channel_concat"]
 
@@ -67,19 +72,20 @@ class SemanticConfig:
     """How the semantic map conditions the model (docs/design.md §5)."""
 
     # how the semantic map conditions the model: none, pixel_fusion, cross_attention, in_context, channel_concat
-    mode: SemanticMode = "cross_attention"
-    num_layers: int = 1  # cross-attention adapter layers
-    num_heads: int = 8  # attention heads of the adapter (must divide the token width)
-    dropout: float = 0.0  # dropout inside the adapter's attention
+    mode: Annotated[SemanticMode, MODEL, LATENT] = "cross_attention"
+    num_layers: Annotated[int, MODEL] = 1  # cross-attention adapter layers
+    num_heads: Annotated[int, MODEL] = 8  # attention heads of the adapter (must divide the token width)
+    dropout: Annotated[float, NO_ROLE] = 0.0  # dropout inside the adapter's attention
     # rope: the adapter's queries and keys carry 2-D positions; none: they do not
-    position: Literal["rope", "none"] = "rope"
-    rope_min_wavelength: float = 5.0  # shortest RoPE wavelength of the adapter, in tokens
-    rope_max_wavelength: float = 80.0  # longest RoPE wavelength of the adapter, in tokens
+    position: Annotated[Literal["rope", "none"], MODEL] = "rope"
+    rope_min_wavelength: Annotated[float, MODEL] = 5.0  # shortest RoPE wavelength of the adapter, in tokens
+    rope_max_wavelength: Annotated[float, MODEL] = 80.0  # longest RoPE wavelength of the adapter, in tokens
     # starting value of each adapter layer's residual scale (0: the adapter starts switched off)
-    scale_init: float = 0.0
+    scale_init: Annotated[float, NO_ROLE] = 0.0
     # condition: the adapter acts on the clean visible tokens, measured far better (docs/results.md); noisy: on x_t
-    inject_into: Literal["noisy", "condition"] = "condition"
-    fusion_alpha: float = 0.5  # pixel_fusion: weight of the semantic map blended into the visible image
+    inject_into: Annotated[Literal["noisy", "condition"], MODEL] = "condition"
+    # pixel_fusion: weight of the semantic map blended into the visible image
+    fusion_alpha: Annotated[float, MODEL, LATENT] = 0.5
 
     def validate(self) -> None:
         _check(self.num_layers >= 1, "model.semantic.num_layers", "an integer >= 1", self.num_layers)
@@ -116,13 +122,13 @@ ICEDIT_LORA_TARGETS = (
 class LoraConfig:
     """LoRA on the transformer (used when `train.finetune: lora`)."""
 
-    rank: int = 32  # LoRA rank: the inner width of each low-rank update
-    alpha: float = 32.0  # LoRA alpha (the update is scaled by alpha / rank)
-    dropout: float = 0.0  # dropout on the LoRA branch
+    rank: Annotated[int, MODEL] = 32  # LoRA rank: the inner width of each low-rank update
+    alpha: Annotated[float, NO_ROLE] = 32.0  # LoRA alpha (the update is scaled by alpha / rank)
+    dropout: Annotated[float, NO_ROLE] = 0.0  # dropout on the LoRA branch
     # initialisation of the LoRA weights: gaussian (as ICEdit) or peft's default
-    init: Literal["gaussian", "default"] = "gaussian"
+    init: Annotated[Literal["gaussian", "default"], NO_ROLE] = "gaussian"
     # regular expression of the transformer modules that get LoRA (ICEdit's image-stream set)
-    target_modules: str = ICEDIT_LORA_TARGETS
+    target_modules: Annotated[str, MODEL] = ICEDIT_LORA_TARGETS
 
     def validate(self) -> None:
         _check(self.rank >= 1, "model.lora.rank", "an integer >= 1", self.rank)
@@ -130,6 +136,7 @@ class LoraConfig:
         _check(0.0 <= self.dropout < 1.0, "model.lora.dropout", "a number in [0, 1)", self.dropout)
 
 
+@section_roles(MODEL)  # the transformer's shape: every setting shapes the model
 @dataclass
 class TransformerConfig:
     """Shape of a transformer built from configuration (`model.backbone: random`).
@@ -171,6 +178,7 @@ class TransformerConfig:
                list(self.axes_dims_rope))
 
 
+@section_roles(MODEL)  # the random text encoders' weights: every setting shapes the model
 @dataclass
 class TextConfig:
     """Tiny random text encoders for a random backbone; their widths follow `model.transformer`."""
@@ -183,6 +191,7 @@ class TextConfig:
         check_seed(self.seed, "model.text.seed")
 
 
+@section_roles(MODEL, LATENT)  # the codec: every setting shapes the model and the latents
 @dataclass
 class VAEConfig:
     """A tiny `AutoencoderKL` built from configuration (`codec: vae` with `backbone: random`)."""
@@ -208,22 +217,23 @@ class ModelConfig:
     """The backbone (FLUX.1 Fill or a model built from configuration) and the semantic mode."""
 
     # FLUX.1 Fill: Hub id or local folder (diffusers FluxFillPipeline layout)
-    flux_path: str = "black-forest-labs/FLUX.1-Fill-dev"
+    flux_path: Annotated[str, LATENT] = "black-forest-labs/FLUX.1-Fill-dev"
     # pretrained: FLUX.1 Fill from flux_path; random: a model built from model.transformer (from scratch)
-    backbone: Literal["pretrained", "random"] = "pretrained"
+    backbone: Annotated[Literal["pretrained", "random"], MODEL, LATENT] = "pretrained"
     # vae: FLUX's VAE latents; pixel: an exact pixel codec (random backbone only)
-    codec: Literal["vae", "pixel"] = "vae"
-    pixel_factor: int = 4  # pixel codec: pixels per token side (a factor × factor × 3 patch per token)
+    codec: Annotated[Literal["vae", "pixel"], MODEL, LATENT] = "vae"
+    # pixel codec: pixels per token side (a factor × factor × 3 patch per token)
+    pixel_factor: Annotated[int, MODEL, LATENT] = 4
     # the fixed instruction the model is conditioned on (its embeddings are computed once and cached)
-    prompt: str = ICEDIT_PROMPT + DEFAULT_INSTRUCTION
-    max_sequence_length: int = 512  # T5 tokens of the prompt
+    prompt: Annotated[str, NO_ROLE] = ICEDIT_PROMPT + DEFAULT_INSTRUCTION
+    max_sequence_length: Annotated[int, NO_ROLE] = 512  # T5 tokens of the prompt
     # weights' dtype: auto = bfloat16 on a GPU, float32 on the CPU
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    dtype: Annotated[Literal["auto", "bfloat16", "float16", "float32"], NO_ROLE] = "auto"
     # storage of the frozen transformer blocks, none, fp8 or nf4 (LoRA trains on top; docs/performance.md)
-    quantize: Literal["none", "fp8", "nf4"] = "none"
+    quantize: Annotated[Literal["none", "fp8", "nf4"], NO_ROLE] = "none"
     # where prompt embeddings are cached, so the text encoders load only once
-    prompt_cache_dir: str = "~/.cache/vis2ir/prompt_embeds"
-    seed: int = 0  # seed of a random backbone's weights
+    prompt_cache_dir: Annotated[str, RESUMABLE] = "~/.cache/vis2ir/prompt_embeds"
+    seed: Annotated[int, MODEL, LATENT] = 0  # seed of a random backbone's weights
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     text: TextConfig = field(default_factory=TextConfig)
@@ -257,39 +267,47 @@ class DataConfig:
     """
 
     # thermalscenes, a folder in a known layout, parquet file(s) or a glob, a datasets folder or Hub id
-    source: str = "thermalscenes"
+    source: Annotated[str, DATA] = "thermalscenes"
     # the folder or table layout; auto: detected from the folder's shape (docs/data.md)
-    layout: Literal["auto", "table", "triptych", "paired", "llvip", "flir", "m3fd", "msrs", "kaist"] = "auto"
+    layout: Annotated[Literal["auto", "table", "triptych", "paired", "llvip", "flir", "m3fd", "msrs", "kaist"],
+                      LATENT, DATA] = "auto"
     # panel size in pixels, a multiple of 16: the side of a square panel; with bucket, panels of about size² pixels
-    size: int = 512
+    size: Annotated[int, LATENT] = 512
     # bucket: the nearest of shapes of about size² pixels at the image's aspect ratio (one shape per batch);
     # or a square panel: resize (aspect not kept), center_crop, or random_crop (training only)
-    resize_policy: Literal["bucket", "resize", "center_crop", "random_crop"] = "center_crop"
-    max_aspect: float = 2.0  # bucket: the longest side of a bucket is at most this times its shortest
-    hflip: bool = True  # mirror half of the training samples at random (all panels alike)
-    visible_column: str = "visible"  # table sources: the visible image's column
-    infrared_column: str = "infrared"  # table sources: the infrared image's column
-    semantic_column: str = "panoptic_img"  # table sources: the semantic map's column
-    triptych_column: str = "triptych"  # table sources: the column of [visible | infrared | semantic] images
-    name_column: str = "name"  # table sources: the column of sample names (else row numbers)
-    semantic_dir: str = "semantic"  # folder sources: the folder of semantic maps, <semantic_dir>/<name>.png
+    resize_policy: Annotated[Literal["bucket", "resize", "center_crop", "random_crop"], LATENT] = "center_crop"
+    # bucket: the longest side of a bucket is at most this times its shortest
+    max_aspect: Annotated[float, LATENT] = 2.0
+    hflip: Annotated[bool, LATENT] = True  # mirror half of the training samples at random (all panels alike)
+    visible_column: Annotated[str, LATENT, DATA] = "visible"  # table sources: the visible image's column
+    infrared_column: Annotated[str, LATENT, DATA] = "infrared"  # table sources: the infrared image's column
+    semantic_column: Annotated[str, LATENT, DATA] = "panoptic_img"  # table sources: the semantic map's column
+    # table sources: the column of [visible | infrared | semantic] images
+    triptych_column: Annotated[str, LATENT, DATA] = "triptych"
+    name_column: Annotated[str, DATA] = "name"  # table sources: the column of sample names (else row numbers)
+    # folder sources: the folder of semantic maps, <semantic_dir>/<name>.png
+    semantic_dir: Annotated[str, LATENT, DATA] = "semantic"
     # files: maps from semantic_dir; auto: missing ones made by segment_model, cached in semantic_auto/
-    semantic_source: Literal["files", "auto"] = "files"
-    segment_model: str = DEFAULT_SEGMENTER  # panoptic segmenter for semantic_source: auto (Hub id or local folder)
+    semantic_source: Annotated[Literal["files", "auto"], LATENT, DATA] = "files"
+    # panoptic segmenter for semantic_source: auto (Hub id or local folder)
+    segment_model: Annotated[str, LATENT, DATA] = DEFAULT_SEGMENTER
     # 16-bit / float infrared to [0, 1]: percentile (per image), minmax (per image), fixed (ir_range)
-    ir_normalize: Literal["percentile", "minmax", "fixed"] = "percentile"
-    ir_percentiles: tuple[float, float] = (1.0, 99.0)  # percentile: the low and high percentiles mapped to 0 and 1
-    ir_range: tuple[float, float] = (0.0, 65535.0)  # fixed: the raw values mapped to 0 and 1
+    ir_normalize: Annotated[Literal["percentile", "minmax", "fixed"], LATENT] = "percentile"
+    # percentile: the low and high percentiles mapped to 0 and 1
+    ir_percentiles: Annotated[tuple[float, float], LATENT] = (1.0, 99.0)
+    ir_range: Annotated[tuple[float, float], LATENT] = (0.0, 65535.0)  # fixed: the raw values mapped to 0 and 1
     # share of samples without an official split that go to val (carved from train when none)
-    val_fraction: float = 0.05
-    test_fraction: float = 0.05  # share of samples without an official split that go to test
+    val_fraction: Annotated[float, DATA] = 0.05
+    test_fraction: Annotated[float, DATA] = 0.05  # share of samples without an official split that go to test
     # error: stop at the first bad sample; skip: warn and leave it out
-    on_bad_sample: Literal["error", "skip"] = "error"
-    synth_count: int = 1000  # thermalscenes: number of scenes (split by name hash)
-    synth_seed: int = 0  # thermalscenes: seed of the scene set
-    synth_prerender: bool = False  # thermalscenes: render the training scenes once before the loader workers start
-    latent_cache: str | None = None  # a folder made by `vis2ir data cache`: train from its latents, skipping the codec
-    num_workers: int = 2  # DataLoader worker processes (0: load in the main process)
+    on_bad_sample: Annotated[Literal["error", "skip"], NO_ROLE] = "error"
+    synth_count: Annotated[int, DATA] = 1000  # thermalscenes: number of scenes (split by name hash)
+    synth_seed: Annotated[int, LATENT, DATA] = 0  # thermalscenes: seed of the scene set
+    # thermalscenes: render the training scenes once before the loader workers start
+    synth_prerender: Annotated[bool, RESUMABLE] = False
+    # a folder made by `vis2ir data cache`: train from its latents, skipping the codec
+    latent_cache: Annotated[str | None, NO_ROLE] = None
+    num_workers: Annotated[int, RESUMABLE] = 2  # DataLoader worker processes (0: load in the main process)
 
     def validate(self) -> None:
         _check(self.size >= 16 and self.size % 16 == 0, "data.size", "a multiple of 16", self.size)
@@ -312,53 +330,56 @@ class DataConfig:
 class TrainConfig:
     """Optimisation, checkpoints, logging and hardware for `vis2ir train` (docs/design.md §3)."""
 
-    batch_size: int = 4  # samples per device and micro-batch (at most the training split's size)
-    max_steps: int = 1000  # the run's total optimizer steps; a resumed run continues to it
+    batch_size: Annotated[int, NO_ROLE] = 4  # samples per device and micro-batch (at most the training split's size)
+    max_steps: Annotated[int, RESUMABLE] = 1000  # the run's total optimizer steps; a resumed run continues to it
     # time budget of each launch in minutes (null: none); when spent, a checkpoint and the resume command
-    max_minutes: float | None = None
-    output_dir: str = "runs/vis2ir"  # the run folder: checkpoints/, logs/, tensorboard/, samples/, config.yaml
+    max_minutes: Annotated[float | None, RESUMABLE] = None
+    # the run folder: checkpoints/, logs/, tensorboard/, samples/, config.yaml
+    output_dir: Annotated[str, RESUMABLE] = "runs/vis2ir"
     # lora: LoRA on a frozen transformer; full: every transformer weight trains
-    finetune: Literal["lora", "full"] = "lora"
+    finetune: Annotated[Literal["lora", "full"], MODEL] = "lora"
     # start from a checkpoint's weights: a checkpoint or run folder, or demo (the shipped model)
-    init_from: str | None = None
-    optimizer: Literal["adamw", "prodigy"] = "adamw"  # adamw or prodigy
-    learning_rate: float = 1e-4  # learning rate of the transformer (LoRA or full)
-    weight_decay: float = 0.01  # weight decay of the transformer's trainable weights
-    adapter_learning_rate: float | None = None  # learning rate of the cross-attention adapter (null: learning_rate)
-    adapter_weight_decay: float = 0.0  # weight decay of the adapter
-    warmup_steps: int = 0  # linear learning-rate warm-up steps
-    grad_clip: float = 0.5  # gradient norm clipping (0: none)
-    accumulate_grad_batches: int = 1  # micro-batches per optimizer step
+    init_from: Annotated[str | None, NO_ROLE] = None
+    optimizer: Annotated[Literal["adamw", "prodigy"], NO_ROLE] = "adamw"  # adamw or prodigy
+    learning_rate: Annotated[float, NO_ROLE] = 1e-4  # learning rate of the transformer (LoRA or full)
+    weight_decay: Annotated[float, NO_ROLE] = 0.01  # weight decay of the transformer's trainable weights
+    # learning rate of the cross-attention adapter (null: learning_rate)
+    adapter_learning_rate: Annotated[float | None, NO_ROLE] = None
+    adapter_weight_decay: Annotated[float, NO_ROLE] = 0.0  # weight decay of the adapter
+    warmup_steps: Annotated[int, NO_ROLE] = 0  # linear learning-rate warm-up steps
+    grad_clip: Annotated[float, NO_ROLE] = 0.5  # gradient norm clipping (0: none)
+    accumulate_grad_batches: Annotated[int, NO_ROLE] = 1  # micro-batches per optimizer step
     # recompute activations in the backward pass (less memory, slower): true (every transformer block), false,
     # or auto (only as many blocks as train.memory_budget_gib needs, planned from measured block memory)
-    gradient_checkpointing: bool | Literal["auto"] = False
+    gradient_checkpointing: Annotated[bool | Literal["auto"], RESUMABLE] = False
     # GiB the training step may use with gradient_checkpointing auto (null: the GPU's memory less 5 %)
-    memory_budget_gib: float | None = None
+    memory_budget_gib: Annotated[float | None, RESUMABLE] = None
     # compile the transformer's repeated blocks with torch.compile (faster steps; the first step compiles)
-    compile: bool = False
+    compile: Annotated[bool, RESUMABLE] = False
     # auto: bf16-mixed on a GPU, 32-true on the CPU; bf16-mixed: fp32 trainable weights under bf16 autocast;
     # bf16-true: bf16 weights, no autocast, AdamW on fp32 master copies; 16-mixed, 32-true: Lightning's
-    precision: Literal["auto", "bf16-mixed", "bf16-true", "16-mixed", "32-true"] = "auto"
-    guidance: float = 1.0  # guidance value given to the transformer in training
+    precision: Annotated[Literal["auto", "bf16-mixed", "bf16-true", "16-mixed", "32-true"], NO_ROLE] = "auto"
+    guidance: Annotated[float, NO_ROLE] = 1.0  # guidance value given to the transformer in training
     # all: loss over every token; target: over the infrared panel's tokens only
-    loss_region: Literal["all", "target"] = "all"
-    timestep_mean: float = 0.0  # mean of the logit-normal flow-time distribution
-    timestep_std: float = 1.0  # standard deviation of the logit-normal flow-time distribution
-    timestep_shift: float = 1.0  # shift of the flow times towards noise (> 1) or data (< 1)
-    offset_noise: float = 0.0  # per-sample, per-channel offset added to the noise
-    seed: int = 0  # seed of the data order, noise and flow times
-    accelerator: Literal["auto", "cpu", "gpu"] = "auto"  # auto: a GPU when there is one; cpu; gpu
-    devices: int | str = "auto"  # devices per node: a number, auto, or a list like '0,1'
-    num_nodes: int = 1  # machines (multi-node DDP)
+    loss_region: Annotated[Literal["all", "target"], NO_ROLE] = "all"
+    timestep_mean: Annotated[float, NO_ROLE] = 0.0  # mean of the logit-normal flow-time distribution
+    timestep_std: Annotated[float, NO_ROLE] = 1.0  # standard deviation of the logit-normal flow-time distribution
+    timestep_shift: Annotated[float, NO_ROLE] = 1.0  # shift of the flow times towards noise (> 1) or data (< 1)
+    offset_noise: Annotated[float, NO_ROLE] = 0.0  # per-sample, per-channel offset added to the noise
+    seed: Annotated[int, NO_ROLE] = 0  # seed of the data order, noise and flow times
+    accelerator: Annotated[Literal["auto", "cpu", "gpu"], NO_ROLE] = "auto"  # auto: a GPU when there is one; cpu; gpu
+    devices: Annotated[int | str, NO_ROLE] = "auto"  # devices per node: a number, auto, or a list like '0,1'
+    num_nodes: Annotated[int, NO_ROLE] = 1  # machines (multi-node DDP)
     # auto, ddp (a whole model per device) or fsdp (the frozen base sharded across the devices); deepspeed is refused
-    strategy: Literal["auto", "ddp", "fsdp", "deepspeed"] = "auto"
-    checkpoint_every: int = 500  # write checkpoints/step-N every this many steps (and at the end)
-    keep_last: int = 3  # checkpoints kept (the newest ones)
-    save_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # dtype of the saved weights
-    val_every: int = 500  # validate every this many steps
-    val_batches: int = 2  # validation batches per validation (0: no validation)
-    log_every: int = 10  # log the training scalars every this many steps
-    max_bad_steps: int = 5  # stop after this many NaN/inf steps in a row (each one's update is skipped)
+    strategy: Annotated[Literal["auto", "ddp", "fsdp", "deepspeed"], NO_ROLE] = "auto"
+    checkpoint_every: Annotated[int, RESUMABLE] = 500  # write checkpoints/step-N every this many steps (and at the end)
+    keep_last: Annotated[int, RESUMABLE] = 3  # checkpoints kept (the newest ones)
+    save_dtype: Annotated[Literal["float32", "bfloat16", "float16"], NO_ROLE] = "float32"  # dtype of the saved weights
+    val_every: Annotated[int, RESUMABLE] = 500  # validate every this many steps
+    val_batches: Annotated[int, RESUMABLE] = 2  # validation batches per validation (0: no validation)
+    log_every: Annotated[int, RESUMABLE] = 10  # log the training scalars every this many steps
+    # stop after this many NaN/inf steps in a row (each one's update is skipped)
+    max_bad_steps: Annotated[int, RESUMABLE] = 5
 
     def validate(self) -> None:
         at_least = {"batch_size": 1, "max_steps": 0, "warmup_steps": 0, "accumulate_grad_batches": 1,
@@ -401,6 +422,7 @@ class TrainConfig:
                "strategy has no fp16 loss scaling)", self.precision)
 
 
+@section_roles(RESUMABLE)  # sampling (the validation grids of a run): may change on resume
 @dataclass
 class SampleConfig:
     """Sampling settings (docs/design.md §1)."""
@@ -457,6 +479,7 @@ class SampleConfig:
         _check(self.cache_order >= 1, "sample.cache_order", "an integer >= 1", self.cache_order)
 
 
+@section_roles(RESUMABLE)  # evaluation: no part of a training run, may change on resume
 @dataclass
 class EvalConfig:
     """`vis2ir evaluate` and `vis2ir ablate` (docs/evaluation.md).
@@ -521,6 +544,28 @@ class Config:
     def save(self, path: str | Path) -> None:
         """Write the config as YAML, atomically."""
         write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+# ----------------------------------------------------------------------------------------------
+# Roles (`vis2ir.roles`): declared beside each setting's type above
+
+
+def setting_roles() -> dict[str, frozenset[str]]:
+    """Every setting's roles ('model', 'latent', 'resumable', 'data') by dotted key, as declared in the schema."""
+    return declared_roles(Config)
+
+
+def keys_with_role(role: str) -> tuple[str, ...]:
+    """The dotted keys of the settings with `role` ('model', 'latent', 'resumable' or 'data'), in schema order;
+    `ValueError` for another role."""
+    name = role_name(role)
+    return tuple(k for k, r in setting_roles().items() if name in r)
+
+
+def role_prefixes(role: str) -> tuple[str, ...]:
+    """`keys_with_role(role)` for `str.startswith`, a section whose settings all have the role as one prefix
+    (`sample.`): short enough to list in a message."""
+    return prefixes(setting_roles(), role)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -619,18 +664,41 @@ def _raw_settings(path: str | Path | None, overrides, base: Config | None = None
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
-        raw = read_yaml(path) or {}
+        texts = yamltext.Texts()
+        raw = read_yaml(path, texts) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of sections (model, data, train, sample, eval)")
         _replace_retired(raw, path)
+        _settle_texts(lambda: yamltext.with_texts(Config, raw, texts, _accepts), path)
     if base is not None:
         raw = _merge(base.to_dict(), raw)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected key.path=value, e.g. model.semantic.num_heads=16")
-        _set_dotted(raw, key.strip(), _parse_value(value))
+        value, text = yamltext.scalar(value)
+        tp = yamltext.type_at(Config, key.strip())
+        if text is not None and tp is not None:
+            value = _settle_texts(lambda: yamltext.as_setting(tp, value, text, _accepts, key.strip()), None)
+        _set_dotted(raw, key.strip(), value)
     return raw
+
+
+def _accepts(tp: Any, value: Any) -> bool:
+    """Whether a setting of type `tp` takes `value` as it is."""
+    try:
+        _coerce(tp, value, "")
+    except ConfigError:
+        return False
+    return True
+
+
+def _settle_texts(settle, path: Path | None) -> Any:
+    """`settle()` (`vis2ir.yamltext`'s choice of a plain scalar's number or text), its refusal a `ConfigError`."""
+    try:
+        return settle()
+    except yamltext.AmbiguousNumber as err:
+        raise ConfigError(f"{path}: {err}" if path else f"override {err}") from None
 
 
 # Values an older vis2ir accepted, and saved in run and checkpoint configs, that this one refuses:
@@ -653,16 +721,20 @@ def _replace_retired(raw: dict, path: Path) -> None:
             settings[key] = new
 
 
-def read_yaml(path: str | Path) -> Any:
+def read_yaml(path: str | Path, texts: yamltext.Texts | None = None) -> Any:
     """The YAML document in file `path`. A syntax error is a one-line `ConfigError` that starts
-    `FILE:LINE:COLUMN:` (1-based, as editors count) and says what the parser expected."""
+    `FILE:LINE:COLUMN:` (1-based, as editors count) and says what the parser expected; a key given twice in
+    one mapping is one too (`FILE:LINE: key 'x' given twice (first at line N)`). With `texts`, the source
+    text of the plain scalars YAML read as non-strings is put in it (`vis2ir.yamltext.Texts`)."""
     path = Path(path)
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: cannot read it ({first_line(err)})") from None
     try:
-        return yaml.safe_load(text)
+        data, found = yamltext.load(text)
+    except yamltext.DuplicateKey as err:
+        raise ConfigError(f"{path}:{err.line}: {err}; keep one of them") from None
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
@@ -670,6 +742,9 @@ def read_yaml(path: str | Path) -> Any:
         raise ConfigError(f"{where}: not valid YAML: {err.problem or first_line(err)}{context}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({first_line(err)})") from None
+    if texts is not None:
+        texts.update(found)
+    return data
 
 
 def from_dict(cls: type, raw: Any, where: str = "") -> Any:
@@ -767,13 +842,6 @@ def _merge(old: dict, new: dict) -> dict:
     for k, v in new.items():
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
-
-
-def _parse_value(text: str) -> Any:
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
 
 
 def _check(ok: bool, key: str, expected: str, got: Any) -> None:

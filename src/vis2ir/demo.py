@@ -183,6 +183,10 @@ def _short_training(cfg: Config, checkpoint: Path, out: Path, steps: int) -> dic
     log.info("Demo 3/3: a short real training run from the checkpoint, %d steps of batch 4 on the CPU, into %s",
              steps, out)
     started = time.perf_counter()
+    if out.exists():  # an earlier demo's training run: replaced, as the rest of its report is (never mixed)
+        import shutil
+
+        shutil.rmtree(out)
     run = train(tcfg, progress=False)
     logs = metrics_logs(run)[-1:]  # this launch's log only: an earlier demo may have left its own
     losses = [float(r["train/loss"]) for path in logs for r in csv.DictReader(path.open()) if r.get("train/loss")]

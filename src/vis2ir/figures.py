@@ -21,6 +21,7 @@ from matplotlib.patches import Patch, Rectangle
 from PIL import Image
 
 from vis2ir.files import atomic_write
+from vis2ir.io.inputs import printable
 
 DPI = 100
 FONT_SIZE = 9
@@ -78,7 +79,11 @@ def image_grid(cells: list[list[np.ndarray | None]], *, title: str, column_label
     `legend_ids`, palette class ids, add the semantic palette's legend of those classes on the right;
     `markers[r][c]`: an `(x, y)` in image pixels drawn as a cross. Tiles take the first image's shape; an
     image of another shape is fitted inside its tile at its own aspect (on a dark ground), never stretched.
+    Names from file names that are not UTF-8 are shown with their odd bytes escaped (`io.inputs.printable`).
     """
+    title = printable(title)
+    column_labels = [printable(t) for t in column_labels] if column_labels is not None else None
+    row_labels = [printable(t) for t in row_labels] if row_labels is not None else None
     rows, cols = len(cells), max(len(r) for r in cells)
     shown = [c for r in cells for c in r if c is not None]
     h, w = shown[0].shape[:2] if shown else (cell, cell)

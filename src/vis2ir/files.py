@@ -5,9 +5,11 @@ Torch-free on purpose: the config module uses it before torch is imported.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
+import shutil
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
@@ -33,20 +35,94 @@ def fsync(path: str | Path) -> None:
         os.close(fd)
 
 
+def umask() -> int:
+    """This process's umask (Linux: read from /proc, which leaves it alone for other threads)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
+
+
+def ordinary_mode(folder: bool = False) -> int:
+    """The permissions an ordinary new file (0o666) or folder (0o777) gets under this process's umask:
+    0o644 / 0o755 with umask 022. Writers that stage in temporary files (safetensors writes them 0o600)
+    give their files this mode, so a teammate or a service account can read what was written."""
+    return (0o777 if folder else 0o666) & ~umask()
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
     """Create `path` atomically and durably: `write(tmp)` fills a temporary file beside it (named by
-    `temp_path`), which is fsynced, renamed over `path` (`os.replace`), and the folder fsynced; a failed
-    write leaves the old file (if any) and no temporary file."""
+    `temp_path`), which gets an ordinary file's permissions (`ordinary_mode`), is fsynced, renamed over
+    `path` (`os.replace`), and the folder fsynced; a failed write leaves the old file (if any) and no
+    temporary file. A full disk or an unwritable folder is a one-line `Vis2IRError` (`write_error`)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
+        os.chmod(tmp, ordinary_mode())
         fsync(tmp)
         os.replace(tmp, path)
+        fsync(path.parent)
+    except OSError as err:
+        raise write_error(path.parent, err, what=path.name) from None
     finally:
         tmp.unlink(missing_ok=True)
-    fsync(path.parent)
+    return path
+
+
+def mib(n: float) -> str:
+    """`n` bytes in MiB, for messages."""
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def write_error(folder: str | Path, err: OSError, what: str = "", needed: int | None = None) -> Vis2IRError:
+    """A one-line `Vis2IRError` for an `OSError` met writing into `folder`: a full disk (how much was
+    `needed` in bytes, when known, and how much is free), a folder that is not writable, or the OS's reason."""
+    folder = Path(folder)
+    into = f" ({what})" if what else ""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        try:
+            free = mib(shutil.disk_usage(_existing(folder)).free)
+        except OSError:
+            free = "unknown"
+        need = f"needs about {mib(needed)}, " if needed else ""
+        return Vis2IRError(f"{folder}: the disk is full, nothing written{into} ({need}{free} free); free some space "
+                           "or write to another folder")
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return Vis2IRError(f"{folder}: not writable ({err.strerror}), nothing written{into}; choose a folder "
+                           "you can write to, or change its permissions")
+    return Vis2IRError(f"{folder}: could not write{into}: {err.strerror or err}")
+
+
+def _existing(path: Path) -> Path:
+    """`path`, or its nearest ancestor that exists."""
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
+def check_writable(path: str | Path, what: str, file: bool = False) -> Path:
+    """Refuse, in one line naming `what` (the setting or option), an output that cannot be written:
+    `path` is a folder to write into, or a file to write (with `file`, or one that exists). The nearest existing
+    folder on the way must be a writable folder. Call it before anything slow (a model) loads.
+    Returns `path`. Creates nothing."""
+    path = Path(path).expanduser()
+    existing = _existing(path.parent if file or path.is_file() else path)  # a file to replace: its folder
+    if file and path.is_dir():
+        raise Vis2IRError(f"{what} {path}: is a folder, expected a file name to write")
+    if not existing.is_dir():
+        raise Vis2IRError(f"{what} {path}: {existing} is a file, not a folder; choose another output")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise Vis2IRError(f"{what} {path}: {existing} is not writable (read-only folder or disk), nothing "
+                          "written; choose a folder you can write to, or change its permissions")
     return path
 
 

@@ -9,8 +9,12 @@ What every sample shares is stored once: the Fill mask's channels of `x_cond` (t
 always the masked one), and of the semantic tokens `[semantic | semantic]` only the first half. With
 FLUX's VAE that is 160 values per token instead of 448 (x_0 64, x_cond 64 + 256 mask, semantic 64).
 
-The folder records the settings its latents depend on; a training run whose settings differ is
-refused with the first differing key.
+The folder records the settings its latents depend on, its split, and each sample's source files (size and
+modification time, and a hash of their bytes): a training run whose settings differ is refused with the
+first differing key, a cache of another split is refused, and so is a cache whose source changed since
+(samples changed, added or removed), each in one line with the command that makes it again. The check at
+every launch is a listing and a `stat` per file; only files whose size or time changed are read (a copy
+with new times but the same bytes is still the same data).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from safetensors.torch import save_file
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from vis2ir.config import Config, first_difference
+from vis2ir.config import Config, first_difference, role_prefixes
 from vis2ir.errors import Vis2IRError
 from vis2ir.latents import image_ids, token_grid
 from vis2ir.model import Encoded, encode_batch
@@ -38,16 +42,17 @@ from vis2ir.semantic.modes import NEEDS_SEMANTIC, num_panels
 log = logging.getLogger(__name__)
 
 META_FILE = "meta.json"
-FORMAT = 3  # 1: x_cond with its mask channels and both semantic halves, per sample; 2: one panel shape
+FORMAT = 4  # 1: x_cond with its mask channels and both semantic halves, per sample; 2: one panel shape;
+# 3: without the source's identity
 KEYS = ("x_0", "x_cond", "semantic_tokens")
 MASK_KEY = "x_cond_mask"  # the mask channels of x_cond `[N, 4s²]`, the same for every sample
 SHARD_SIZE = 256  # samples per shard at most; a shard holds one panel shape (aspect-ratio bucket)
 
 
-# The settings that decide a sample's latents (dotted-key prefixes), less those that do not.
-LATENT_SETTINGS = ("model.backbone", "model.flux_path", "model.codec", "model.pixel_factor", "model.seed",
-                   "model.vae.", "model.semantic.mode", "model.semantic.fusion_alpha", "data.")
-NOT_LATENT = ("data.num_workers", "data.latent_cache", "data.on_bad_sample", "data.synth_prerender")
+# The settings that decide a sample's latents (dotted-key prefixes), derived from the roles declared in the
+# schema (role "latent", `vis2ir.roles`); NOT_LATENT, the exceptions, is folded into those roles.
+LATENT_SETTINGS = role_prefixes("latent")
+NOT_LATENT: tuple[str, ...] = ()
 
 
 def fingerprint(cfg: Config) -> dict:
@@ -60,6 +65,9 @@ def build_latent_cache(cfg: Config, out: str | Path, split: str = "train", batch
                        device: str | torch.device | None = None) -> Path:
     """Encode every sample of `split` (both orientations with `data.hflip`) into `out`."""
     from vis2ir.backbone import load_codec
+    from vis2ir.files import check_writable
+
+    check_writable(out, "data cache --out")  # before the codec loads
     from vis2ir.data import build_dataset, collate
     from vis2ir.data.buckets import group
 
@@ -99,13 +107,69 @@ def build_latent_cache(cfg: Config, out: str | Path, split: str = "train", batch
         shards.append(name)
         shard_shapes.append(list(shape))
         shard_rows.append(rows)
-    meta = {"format": FORMAT, "fingerprint": fingerprint(cfg), "split": split, "count": len(names),
+    source = _source_keys(cfg, split, set(names))
+    meta = {"format": FORMAT, "fingerprint": fingerprint(cfg), "split": split, "count": len(names), **source,
             "names": names, "shards": shards, "shard_shapes": shard_shapes, "token_rows": shard_rows,
             "locations": locations, "flips": flips}
     write_text(out / META_FILE, json.dumps(meta))
     log.info("Cached %d %s samples%s in %s (%d panel shapes)", len(names), split,
              " (both orientations)" if flips else "", out, len(set(map(tuple, shard_shapes))))
     return out
+
+
+def _source_keys(cfg: Config, split: str, cached: set[str]) -> dict:
+    """What the cache records of its source: `source` (the split's `data_fingerprint`), `identities` (each
+    listed sample's `short_key`) and `contents` (each cached sample's `sample_contents`)."""
+    from vis2ir.data.fingerprint import digest_of, sample_contents, sample_identities, short_key
+
+    identities = sample_identities(cfg.data, split)
+    digest, names = digest_of(identities)
+    return {"source": {"split": split, "count": len(identities), "digest": digest, "names": names},
+            "identities": {n: short_key(v) for n, v in identities.items()},
+            "contents": sample_contents(cfg.data, split, cached)}
+
+
+def cache_command(path: str | Path, split: str = "train") -> str:
+    """The command that makes the cache at `path` again, for `split`."""
+    return f"vis2ir data cache --split {split} --out {path} (with this run's settings)"
+
+
+def check_source(path: str | Path, meta: dict, cfg: Config, split: str = "train") -> None:
+    """Refuse (`Vis2IRError`, one line) a cache of another split than `split`, or whose source samples
+    changed, were added or removed since it was made. Cheap: a listing and a `stat` per file; only files
+    whose size or time changed are read, to tell a copy (same bytes) from a change."""
+    from vis2ir.data.errors import DataError
+    from vis2ir.data.fingerprint import digest_of, sample_contents, sample_identities, short_key
+    from vis2ir.io.inputs import printable
+
+    made = meta.get("split")
+    if made != split:
+        raise Vis2IRError(f"data.latent_cache={path}: a cache of the {made!r} split, but training reads the "
+                          f"{split!r} split; make a cache of it: `{cache_command(path, split)}`")
+    try:
+        now = sample_identities(cfg.data, split)
+    except DataError as err:  # the images are gone or moved: the cache is all there is
+        log.warning("data.latent_cache=%s: its source cannot be checked (%s); training from the cached latents "
+                    "as they are", path, err)
+        return
+    if digest_of(now)[0] == meta["source"]["digest"]:
+        return
+    then: dict[str, str] = meta["identities"]
+    keys = {n: short_key(v) for n, v in now.items()}
+    added = [n for n in keys if n not in then]
+    removed = [n for n in then if n not in keys]
+    touched = {n for n in keys if n in then and keys[n] != then[n]}
+    contents = meta["contents"]
+    same = sample_contents(cfg.data, split, touched & contents.keys()) if touched else {}
+    changed = sorted(n for n in touched if n not in contents or same.get(n) != contents[n])
+    if not (added or removed or changed):
+        log.info("data.latent_cache=%s: %d source samples have new file times but the same bytes", path, len(touched))
+        return
+    said = [f"{len(x)} {what} (e.g. {printable(sorted(x)[0])})" for x, what in
+            ((changed, "changed"), (added, "added"), (removed, "removed")) if x]
+    raise Vis2IRError(f"data.latent_cache={path}: its source {cfg.data.source} changed since the cache was made: "
+                      f"{', '.join(said)} samples of the {split!r} split; make it again: "
+                      f"`{cache_command(path, split)}`")
 
 
 def compact(enc: Encoded, mask: torch.Tensor, rows: int) -> dict[str, torch.Tensor]:
@@ -125,9 +189,10 @@ def compact(enc: Encoded, mask: torch.Tensor, rows: int) -> dict[str, torch.Tens
 
 
 class LatentCache(Dataset):
-    """Samples `{x_0, x_cond, semantic_tokens?, name}` from a cache folder, checked against `cfg`."""
+    """Samples `{x_0, x_cond, semantic_tokens?, name}` from a cache folder, checked against `cfg` (its latent
+    settings) and against the source's `split` as it is now (`check_source`); `Vis2IRError` when they differ."""
 
-    def __init__(self, path: str | Path, cfg: Config):
+    def __init__(self, path: str | Path, cfg: Config, split: str = "train"):
         self.path = Path(path)
         meta_path = self.path / META_FILE
         if not meta_path.exists():
@@ -140,6 +205,7 @@ class LatentCache(Dataset):
         if diff:
             key, mine, made = diff
             raise Vis2IRError(f"data.latent_cache={path}: made with {key}={made!r}, but this run has {mine!r}")
+        check_source(path, self.meta, cfg, split)
         self.flips = self.meta["flips"]
         self._files: dict[str, object] = {}
         self._masks: dict[str, torch.Tensor] = {}  # each shard's x_cond mask channels

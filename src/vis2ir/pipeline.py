@@ -36,7 +36,7 @@ from vis2ir.config import Config, load_config
 from vis2ir.data.buckets import bucket_shapes, nearest_bucket
 from vis2ir.errors import Vis2IRError
 from vis2ir.io.images import Normaliser, read_image, rgb_image, same_aspect, to_tensor, write_png, wxh
-from vis2ir.files import safe_join
+from vis2ir.files import check_writable, safe_join
 from vis2ir.io.inputs import Item, Summary, auto_cache, item_partners, list_inputs, missing_maps_help
 from vis2ir.io.runtime import default_device, dist_env, shard
 from vis2ir.latents import VAECodec, patch_size, token_grid
@@ -375,6 +375,7 @@ def run_generate(input: str | Path, out: str | Path, *, config=None, checkpoint=
     of true infrared images named like the inputs (with `recursive`, at the same relative paths, or by bare
     name in a flat folder), or a file for a single input, shown beside the prediction in `compare/`."""
     check_output_format(bit_depth, palette)
+    check_writable(out, "--out")  # before the model loads
     if isinstance(size, str) and size not in ("auto", "native"):
         raise Vis2IRError(f"--size: expected a number of pixels, 'auto' or 'native' (0), got {size!r}")
     if offload not in OFFLOAD:
@@ -514,6 +515,9 @@ def check_map(sem: Image.Image, vis: Image.Image, sem_label, vis_label) -> None:
     problem = semantic_problem(None, sem.mode) or semantic_problem(np.asarray(rgb_image(sem))[::2, ::2])
     if problem:
         raise Vis2IRError(f"{sem_label}: {problem}")
+    from vis2ir.data.coverage import warn_mostly_void
+
+    warn_mostly_void(str(sem_label), np.asarray(rgb_image(sem))[::2, ::2])
 
 
 def _run_batch(pipe: Vis2IRPipeline, group: list[_Loaded], out: Path, summary: Summary, opts: dict,

@@ -30,7 +30,7 @@ from vis2ir.config import DEFAULT_SEGMENTER
 from vis2ir.palette import CLASS_NAMES, THING_IDS, VOID, class_for_label, colourise, legend_entries
 from vis2ir.errors import Vis2IRError, first_line
 from vis2ir.figures import palette_legend, save_figure
-from vis2ir.files import safe_join, write_text
+from vis2ir.files import check_writable, safe_join, write_text
 from vis2ir.hub import cached_snapshot, check_hub, is_local, local_folder
 from vis2ir.io.images import ImageError, read_image, write_png
 from vis2ir.io.inputs import AUTO_DIR, Summary, list_inputs, map_path  # noqa: F401 (AUTO_DIR: the cache's name)
@@ -262,7 +262,7 @@ def run_segment(input: str | Path, out: str | Path, model: str = DEFAULT_SEGMENT
 
     Under torchrun / accelerate each process takes its share. Returns the run's `Summary`.
     """
-    out = Path(out)
+    out = check_writable(out, "--out")  # before the model loads
     items = list_inputs(input, recursive=recursive, exclude=(out,))
     if any(it.name == "legend" for it in items):
         raise Vis2IRError(f"--input {input}: an image named legend.* would collide with {out / 'legend.png'}; "

@@ -9,9 +9,11 @@ is refused); this file says what one step does (docs/design.md §1, §3):
 A step is one (accumulated) batch. A step whose loss or gradients are NaN/inf still counts but
 changes no weight (the fused AdamW skips it on the device; other optimizers get no gradients), so step N's checkpoint has read N batches, the logs
 say N, and a resume from it reads batch N next. Checkpoints (`checkpoint.py` layout) are written
-every `train.checkpoint_every` steps, at the end and on Ctrl-C, only when every trainable tensor is
-finite; `--resume` continues a run exactly (same data order, and every rank's noise and RNG are a
-function of the seed, the rank and the step) with the run's own settings (`check_resumable`).
+every `train.checkpoint_every` steps, at the end and on a stop (Ctrl-C, SIGTERM, SIGUSR1,
+`train.max_minutes`: at an optimizer-step boundary, `run_control`), only when every trainable tensor is
+finite, each with its run identity (`run_identity`); `--resume` continues a run exactly (same data order,
+and every rank's noise and RNG are a function of the seed, the rank and the step) with the run's own
+settings (`check_resumable`) and data.
 """
 
 from __future__ import annotations
@@ -28,20 +30,27 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader
 
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from vis2ir.checkpoint import (RESUME_FILE, add_lora, build_with_weights, check_init_from, find_checkpoint,
-                               list_checkpoints, load_checkpoint_config, replace_dir, temp_dir, write_weights)
-from vis2ir.config import Config, load_config
+from vis2ir.checkpoint import (RESUME_FILE, add_lora, build_with_weights, check_init_from, check_intact,
+                               checkpoint_size, failed_save, find_checkpoint, list_checkpoints, load_checkpoint_config,
+                               merge_lora, replace_dir, resolve_init_from, save_resume_state, temp_dir, write_manifest,
+                               write_weights)
+from vis2ir.config import Config, load_config, role_prefixes
+from vis2ir.data.order import Positioned, StepSampler  # noqa: F401 (the data order; `vis2ir.train` names them too)
 from vis2ir.errors import Vis2IRError
+from vis2ir.files import check_writable
 from vis2ir.model import Encoded, Vis2IRModel, build_model
 from vis2ir.quantize import out_of_memory
+from vis2ir.run_control import StepBoundaryStop, check_new_run, check_unfinished, stop_message
+from vis2ir.run_identity import KeepOptimizerFlags, check_resume_identity, run_identity, write_run_identity
 from vis2ir.semantic.modes import NEEDS_SEMANTIC
 from vis2ir.sharding import (ShardedStrategy, average_replicated_grads, clip_grads, is_sharded, local, shard_model,
                              total_norm, trainable_state)
+from vis2ir.signals import StopRequests, Stopped
 
 log = logging.getLogger(__name__)
 
@@ -72,13 +81,28 @@ def sample_timesteps(n: int, mean: float = 0.0, std: float = 1.0, shift: float =
     return shift * t / (1 + (shift - 1) * t) if shift != 1.0 else t
 
 
-def sample_noise(x_0: torch.Tensor, offset: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
-    """x_1 ~ N(0, I), plus per-sample, per-channel offset noise when `offset > 0`."""
+def sample_noise(x_0: torch.Tensor, offset: float = 0.0, generator: torch.Generator | None = None,
+                 group: int = 4) -> torch.Tensor:
+    """x_1 ~ N(0, I) shaped as the packed tokens `x_0` `[B, N, D]`, plus offset noise when `offset > 0`: one
+    N(0, offset²) value per sample and channel, the same at every position of the image.
+
+    A packed token holds its channels one after the other (`latents.pack`: channel-major, index c·4 + 2i + j
+    for the 2×2 patch), so a channel is `group` consecutive entries (`offset_group`: 4 for a VAE's latents,
+    4·s² for the pixel codec, whose s×s sub-pixels of one colour are one channel)."""
     kw = dict(generator=generator, device=x_0.device, dtype=x_0.dtype)
     noise = torch.randn(x_0.shape, **kw)
     if offset > 0:
-        noise = noise + offset * torch.randn(x_0.shape[0], 1, x_0.shape[2], **kw)
+        channels = torch.randn(x_0.shape[0], 1, x_0.shape[2] // group, **kw)
+        noise = noise + offset * channels.repeat_interleave(group, dim=2)
     return noise
+
+
+def offset_group(codec) -> int:
+    """Entries of a packed token that belong to one image channel (`sample_noise`'s `group`)."""
+    from vis2ir.latents import PixelCodec, as_codec
+
+    codec = as_codec(codec)
+    return 4 * codec.scale_factor ** 2 if isinstance(codec, PixelCodec) else 4
 
 
 def flow_loss(pred: torch.Tensor, target: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
@@ -88,65 +112,6 @@ def flow_loss(pred: torch.Tensor, target: torch.Tensor, tokens: torch.Tensor | N
         return err.mean()
     # A weighted mean, not err[:, tokens]: boolean indexing would wait for the GPU to count the tokens.
     return (err * tokens.view(1, -1, 1)).sum() / (tokens.sum() * err.shape[0] * err.shape[2])
-
-
-# ----------------------------------------------------------------------------------------------
-# Data order that survives a resume
-
-
-class StepSampler(Sampler[int]):
-    """Endless sample positions k = start, start+1, … (every `world`-th one for DDP rank `rank`)."""
-
-    def __init__(self, start: int = 0, rank: int = 0, world: int = 1):
-        self.start, self.rank, self.world = start, rank, world
-
-    def __iter__(self):
-        k = self.start * self.world + self.rank
-        while True:
-            yield k
-            k += self.world
-
-    def __len__(self) -> int:
-        return 2**62
-
-
-class Positioned(Dataset):
-    """Reads sample position k as: epoch k // n, a seeded shuffle of that epoch, and a seeded RNG.
-
-    Everything random about position k (which sample, its flip or crop) is a pure function of
-    (seed, k), so a resumed run sees exactly what an uninterrupted one would have. A dataset whose
-    samples have several `shapes` (aspect-ratio buckets) is read in runs of `chunk` positions (one
-    global batch: batch size × ranks) of one shape (`data.buckets.epoch_order`), so every batch of
-    every rank at a step has the same shape.
-    """
-
-    def __init__(self, dataset: Dataset, seed: int, chunk: int = 1):
-        self.dataset, self.seed, self.chunk, self._perm = dataset, seed, chunk, (None, None)
-        shapes = getattr(dataset, "shapes", None)
-        self.shapes = shapes if shapes is not None and len(set(shapes)) > 1 else None
-        if self.shapes is None:
-            self.epoch_length = len(dataset)
-        else:
-            from vis2ir.data.buckets import epoch_length
-
-            self.epoch_length = epoch_length(self.shapes, chunk)
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, k: int):
-        epoch, i = divmod(k, self.epoch_length)
-        if self._perm[0] != epoch:
-            if self.shapes is None:
-                g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
-                self._perm = (epoch, torch.randperm(len(self.dataset), generator=g))
-            else:
-                from vis2ir.data.buckets import epoch_order
-
-                self._perm = (epoch, epoch_order(self.shapes, self.chunk, self.seed * 100003 + epoch))
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed * 1000003 + k)
-            return self.dataset[int(self._perm[1][i])]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -208,6 +173,8 @@ class Vis2IRModule(L.LightningModule):
         if cfg.train.init_from:
             source = find_checkpoint(cfg.train.init_from)  # checked against cfg by `train` (check_init_from)
             model = build_with_weights(source, cfg, device, dtype)
+            if cfg.train.finetune == "full":
+                merge_lora(model.transformer)  # from a LoRA checkpoint: train, and save, whole weights
             log.info("Initialised from %s", source)
         else:
             model = build_model(cfg, device, dtype)
@@ -236,7 +203,7 @@ class Vis2IRModule(L.LightningModule):
         n = enc.x_0.shape[0]
         g = self.seed_step(batch_idx)
         t = sample_timesteps(n, cfg.timestep_mean, cfg.timestep_std, cfg.timestep_shift, g)
-        noise = sample_noise(enc.x_0.float(), cfg.offset_noise, g)
+        noise = sample_noise(enc.x_0.float(), cfg.offset_noise, g, offset_group(model.codec))
         if self.global_step < 2 and log.isEnabledFor(logging.DEBUG):
             self._debug_shapes(batch, enc)
         pred, target = model(vis, ir, sem, t, noise, guidance=cfg.guidance, encoded=enc)
@@ -565,10 +532,12 @@ class CheckpointExport(L.Callback):
     Never writes weights that are not all finite, and prunes only checkpoints older than the one it
     has just written: the newest good checkpoint always survives, and a resumed run deletes nothing
     of the old one before it has written a newer checkpoint. Ctrl-C writes the last finished step.
+    Every checkpoint holds its run identity, `run.json` (`vis2ir.run_identity`; `data`: the training
+    data's fingerprint), written before the folder is published.
     """
 
-    def __init__(self, cfg: Config, run_dir: Path):
-        self.cfg, self.run_dir, self.last = cfg, run_dir, -1
+    def __init__(self, cfg: Config, run_dir: Path, data: dict | None = None):
+        self.cfg, self.run_dir, self.last, self.data = cfg, run_dir, -1, data
 
     def on_train_start(self, trainer, module) -> None:
         self.last = trainer.global_step  # a resumed run's first step is on disk already
@@ -585,7 +554,9 @@ class CheckpointExport(L.Callback):
     def on_exception(self, trainer, module, exception: BaseException) -> None:
         if not isinstance(exception, KeyboardInterrupt):
             return
-        step = trainer.global_step  # optimizer steps finished; the interrupted one is redone on resume
+        # Optimizer steps finished; the interrupted one is redone on resume (from its first micro-batch:
+        # `StepBoundaryStop.on_save_checkpoint` puts the loop counters back to the step's boundary).
+        step = trainer.global_step
         if step > 0:
             self.save(trainer, module, step)
         kept = list_checkpoints(self.run_dir)
@@ -606,35 +577,30 @@ class CheckpointExport(L.Callback):
             return
         tmp = trainer.strategy.broadcast(temp_dir(final))  # rank 0's name: every rank writes there
         state = trainable_state(module.model)  # every rank: under FSDP it gathers the shards to rank 0
+        error = None
         if trainer.is_global_zero:
-            tmp.mkdir(parents=True)
-            write_weights(tmp, module.model, self.cfg, state)
+            try:
+                tmp.mkdir(parents=True)
+                write_weights(tmp, module.model, self.cfg, state)
+            except OSError as err:  # a full disk: one line, and no partial folder
+                error = err
+        if trainer.strategy.broadcast(error is not None):
+            raise failed_save(tmp, final, error, checkpoint_size(module.model, self.cfg))
         trainer.strategy.barrier()
-        trainer.save_checkpoint(tmp / RESUME_FILE, weights_only=False)
+        try:
+            save_resume_state(trainer, tmp / RESUME_FILE)  # staged in tmp, never the system temp folder
+            if trainer.is_global_zero:
+                write_run_identity(tmp, run_identity(step, self.data, self.cfg.train.init_from))
+                write_manifest(tmp)
+                replace_dir(tmp, final)
+        except OSError as err:
+            raise failed_save(tmp, final, err, checkpoint_size(module.model, self.cfg)) from None
         if trainer.is_global_zero:
-            replace_dir(tmp, final)
             older = [p for p in list_checkpoints(self.run_dir) if int(p.name[5:]) < step]
             for old in older[:max(0, len(older) - (self.cfg.train.keep_last - 1))]:
                 shutil.rmtree(old, ignore_errors=True)
             log.info("Saved checkpoint %s", final)
         trainer.strategy.barrier()
-
-
-class LaunchTimer(L.Callback):
-    """Stops training when this launch has run `train.max_minutes` (a resume starts a new budget)."""
-
-    def __init__(self, minutes: float, run_dir: Path):
-        self.seconds, self.run_dir, self.started = minutes * 60, run_dir, None
-
-    def on_train_start(self, trainer, module) -> None:
-        self.started = time.monotonic()
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        elapsed = time.monotonic() - self.started
-        if trainer.strategy.broadcast(elapsed >= self.seconds) and not trainer.should_stop:
-            trainer.should_stop = True
-            log.warning("Stopping at step %d of %d: this launch has run train.max_minutes=%g; continue with: %s",
-                        trainer.global_step, trainer.max_steps, self.seconds / 60, resume_command(self.run_dir))
 
 
 class LogLastStep(L.Callback):
@@ -737,12 +703,16 @@ def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
         found = [] if (folder / RESUME_FILE).exists() else list_checkpoints(folder)
         folder = found[-1] if found else folder
     state = folder / RESUME_FILE
-    if not state.exists():
+    if not state.exists() and not (folder / "config.yaml").exists() and folder.parent.name != "checkpoints":
         raise Vis2IRError(f"--resume {resume}: {state} not found (expected a checkpoint folder or a run folder)")
+    check_intact(folder, resume=True)  # a checkpoint copied incompletely: the damaged file, the newest intact one
     return state
 
 
-def build_trainer(cfg: Config, run_dir: Path, callbacks=(), loggers=True, progress: bool = True) -> L.Trainer:
+def build_trainer(cfg: Config, run_dir: Path, callbacks=(), loggers=True, progress: bool = True,
+                  data: dict | None = None, stop: StopRequests | None = None) -> L.Trainer:
+    """The Trainer of a launch: our checkpoints (`data`: the fingerprint their run.json records), stops between
+    optimizer steps only (`stop`: the signal flags; `train.max_minutes` per launch, not Lightning's Timer)."""
     t = cfg.train
     cuda = torch.cuda.is_available() and t.accelerator != "cpu"
     precision = resolved_precision(cfg, cuda)
@@ -756,7 +726,9 @@ def build_trainer(cfg: Config, run_dir: Path, callbacks=(), loggers=True, progre
         strategy = DDPStrategy(find_unused_parameters=False)
     elif strategy == "fsdp":
         strategy = ShardedStrategy()
-    timer = [] if t.max_minutes is None else [LaunchTimer(t.max_minutes, run_dir)]  # not Lightning's: per launch
+    export = CheckpointExport(cfg, run_dir, data)
+    stops = StepBoundaryStop(stop or StopRequests(), export.save, None if t.max_minutes is None else t.max_minutes * 60,
+                             resume_command(run_dir))
     if loggers is True:
         # One version folder per launch, so a resumed run adds its logs beside the first ones.
         loggers = [StepCSVLogger(run_dir, name="logs"), StepTensorBoardLogger(run_dir, name="tensorboard")]
@@ -768,7 +740,7 @@ def build_trainer(cfg: Config, run_dir: Path, callbacks=(), loggers=True, progre
         log_every_n_steps=t.log_every, val_check_interval=t.val_every * t.accumulate_grad_batches,
         check_val_every_n_epoch=None, limit_val_batches=t.val_batches, num_sanity_val_steps=0,
         default_root_dir=run_dir, logger=loggers,
-        callbacks=[CheckpointExport(cfg, run_dir), LogLastStep(), *timer, *bar, *callbacks],
+        callbacks=[export, stops, KeepOptimizerFlags(), LogLastStep(), *bar, *callbacks],
         enable_checkpointing=False, use_distributed_sampler=False,  # our StepSampler splits the ranks
         enable_progress_bar=progress, enable_model_summary=False,
     )
@@ -811,11 +783,9 @@ def split_loader(cfg: Config, trainer: L.Trainer, split: str, start_step: int = 
 
 
 # A resumed run may change only these settings (how long, how often it logs and saves, where); the
-# rest say what the run is. Dotted prefixes: `sample.` are the validation grids' settings.
-RESUMABLE = ("train.max_steps", "train.max_minutes", "train.output_dir", "train.checkpoint_every", "train.keep_last",
-             "train.log_every", "train.val_every", "train.val_batches", "train.max_bad_steps",
-             "train.gradient_checkpointing", "train.memory_budget_gib", "train.compile", "data.num_workers", "data.synth_prerender", "model.prompt_cache_dir",
-             "sample.", "eval.")
+# rest say what the run is. Dotted prefixes (`sample.`: the validation grids' settings), derived from the
+# roles declared in the schema (role "resumable", `vis2ir.roles`); the `train.` ones first, as messages list them.
+RESUMABLE = tuple(sorted(role_prefixes("resumable"), key=lambda key: not key.startswith("train.")))
 
 
 def check_resumable(cfg: Config, checkpoint: Path) -> None:
@@ -849,17 +819,32 @@ def train(cfg: Config, resume: str | None = None, model: Vis2IRModel | None = No
 
     With `resume` ('latest', a run folder or a checkpoint folder) it continues that checkpoint; `cfg`
     must then agree with the run's saved settings outside `RESUMABLE` (else `Vis2IRError`, and
-    nothing on disk changes). Ctrl-C writes a checkpoint and raises `KeyboardInterrupt`.
+    nothing on disk changes); a finished run (at `train.max_steps`) is refused. Without `resume` the
+    output folder must hold no checkpoint (no run to mix with). Ctrl-C, SIGTERM and SIGUSR1 stop at the next
+    optimizer-step boundary, write that step's checkpoint and raise `KeyboardInterrupt` (Ctrl-C) or
+    `signals.Stopped` (exit status 128 + signal). Raises `Vis2IRError` before any model loads for a bad run
+    folder, a resume state written by a newer version, or training data changed since the checkpoint.
     """
     if cfg.model.quantize != "none" and cfg.train.finetune == "full":
         raise Vis2IRError(f"model.quantize={cfg.model.quantize} stores the frozen base quantized, so it trains "
                           "with train.finetune=lora only (LoRA on the quantized base); or set model.quantize=none")
     run_dir = Path(cfg.train.output_dir)
     state = resolve_resume(resume, run_dir)
+    if state is None:
+        check_new_run(run_dir)
+    else:
+        check_unfinished(state, _resume_step(state), cfg.train.max_steps, resume)
+    cfg = resolve_init_from(cfg, state)  # the concrete base checkpoint, kept in the run's config.yaml
+    check_writable(run_dir, "train.output_dir")  # a read-only folder: one line, before the model loads
     if state is not None:
         check_resumable(cfg, state.parent)
     if cfg.train.init_from:
         check_init_from(cfg)
+    from vis2ir.data.fingerprint import data_fingerprint
+
+    data = data_fingerprint(cfg.data, "train")  # recorded in every checkpoint's run.json
+    if state is not None:
+        check_resume_identity(state.parent, data, resume)
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     # Our data order is resumable by construction (StepSampler + Positioned), which Lightning cannot see.
     warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
@@ -870,7 +855,8 @@ def train(cfg: Config, resume: str | None = None, model: Vis2IRModel | None = No
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(run_dir / "config.yaml")
     versions = log_versions(run_dir)
-    trainer = build_trainer(cfg, run_dir, callbacks=callbacks, progress=progress)
+    requests = StopRequests()  # installed when training starts
+    trainer = build_trainer(cfg, run_dir, callbacks=callbacks, progress=progress, data=data, stop=requests)
     module = Vis2IRModule(cfg, model, start_step=_resume_step(state) if state else 0)
     log.info("Training %s for %d steps (batch %d × %d accumulation × %d devices) into %s", cfg.model.semantic.mode,
              cfg.train.max_steps, cfg.train.batch_size, cfg.train.accumulate_grad_batches, trainer.world_size, run_dir)
@@ -883,6 +869,11 @@ def train(cfg: Config, resume: str | None = None, model: Vis2IRModel | None = No
                 shutil.rmtree(folder, ignore_errors=True)
         if isinstance(err, SystemExit) and trainer.interrupted:  # Lightning's sys.exit(1) after Ctrl-C
             raise KeyboardInterrupt from None
+        if isinstance(err, Stopped):  # a stop signal, after saving the step it finished
+            if trainer.is_global_zero:
+                log.warning(stop_message(err, trainer.global_step, run_dir, resume_command(run_dir)))
+            if err.signum == signal.SIGINT:
+                raise KeyboardInterrupt from None
         if isinstance(err, torch.OutOfMemoryError):
             raise out_of_memory("training", cfg, trainer.strategy.root_device) from None
         if cfg.train.compile:
@@ -892,6 +883,7 @@ def train(cfg: Config, resume: str | None = None, model: Vis2IRModel | None = No
                 raise failure from None
         raise
     finally:
+        requests.restore()
         if handler is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, handler)
     return run_dir
@@ -901,5 +893,5 @@ def _resume_step(state: Path) -> int:
     name = state.parent.name
     if name.startswith("step-") and name[5:].isdigit():
         return int(name[5:])
-    ckpt = torch.load(state, map_location="cpu", weights_only=True)
+    ckpt = torch.load(state, map_location="cpu", weights_only=True, mmap=True)  # the step, not the tensors
     return int(ckpt["global_step"])

@@ -1,6 +1,7 @@
 """Aspect-ratio buckets: the bucket list, which sample goes where, and batches of one shape."""
 
 import math
+import random
 from collections import Counter
 
 import pytest
@@ -8,7 +9,8 @@ import torch
 
 from vis2ir.config import load_config
 from vis2ir.data import build_dataset, make_loader, write_thermalscenes
-from vis2ir.data.buckets import MIN_AREA, assign, bucket_shapes, epoch_order, group, nearest_bucket
+from vis2ir.data.buckets import (MIN_AREA, REPEAT_SHARE, assign, bucket_shapes, epoch_order, group, merge_small,
+                                 nearest_bucket)
 from vis2ir.data.errors import DataError
 from vis2ir.data.synth import parse_shapes
 
@@ -112,3 +114,64 @@ def test_synth_shapes_are_parsed_with_one_line_errors(tmp_path):
     for bad in ("640", "640x", "ax512", "8x512", "640x512,"):
         with pytest.raises(DataError, match=r"--shapes .*expected WIDTHxHEIGHT"):
             parse_shapes(bad)
+
+
+def _repeats(order) -> tuple[int, int]:
+    """(positions of an epoch that read a sample again, the most reads of one sample)."""
+    counts = Counter(order.tolist())
+    return len(order) - len(counts), max(counts.values())
+
+
+def issue_photos(odd: int = 200, seed: int = 0) -> list[tuple[int, int]]:
+    """The issue's 2000 photos: 1800 of 640×480 and `odd` of random sizes, at size 512 (61 buckets)."""
+    rng = random.Random(seed)
+    sizes = [(640, 480)] * (2000 - odd) + [(rng.randint(300, 1200), rng.randint(300, 1200)) for _ in range(odd)]
+    return assign(sizes, 512, 2.0)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_buckets_reweight_nothing_2000_mixed_photos_on_8_gpus_at_batch_4(seed):
+    shapes, chunk = issue_photos(seed=seed), 32
+    merged = merge_small(shapes, chunk)
+    for epoch in range(3):
+        order = epoch_order(merged, chunk, seed=100003 + epoch)
+        runs = order.view(-1, chunk).tolist()
+        assert all(len({merged[i] for i in run}) == 1 for run in runs)  # one shape per global batch
+        repeats, most = _repeats(order)
+        assert most <= 2 and repeats <= REPEAT_SHARE * len(order)
+        assert set(order.tolist()) == set(range(len(shapes)))  # every photo, every epoch
+    # the 10 % odd photos take at most their share and the repeats of an epoch, not 50 % of the updates
+    order = epoch_order(merged, chunk, 7)
+    assert sum(1 for i in order.tolist() if i >= 1800) <= 200 + REPEAT_SHARE * len(order)
+    moved = [i for i, (a, b) in enumerate(zip(shapes, merged)) if a != b]
+    assert moved and all(i >= 1800 for i in moved)  # only odd photos change shape, to one of the kept ones
+    assert set(merged) <= set(shapes)
+
+
+@pytest.mark.parametrize("counts,chunk", [((3, 6, 3), 2), ((3, 6, 3), 4), ((1, 40, 1, 2), 8), ((33,) * 20, 32),
+                                          ((700, 5, 60, 31), 32), ((100,), 16)])
+def test_merged_buckets_hold_a_global_batch_and_repeat_little(counts, chunk):
+    shapes = [s for n, s in zip(counts, [(80, 48), (64, 64), (48, 80), (96, 32)]) for _ in range(n)] \
+        if len(counts) <= 4 else [(16 * (k + 2), 16 * (k + 1)) for k, n in enumerate(counts) for _ in range(n)]
+    merged = merge_small(shapes, chunk)
+    assert merged == merge_small(shapes, chunk)  # a pure function: every rank and resume alike
+    sizes = Counter(merged)
+    assert len(sizes) == 1 or min(sizes.values()) >= chunk
+    order = epoch_order(merged, chunk, seed=5) if len(sizes) > 1 else torch.arange(len(merged))
+    repeats, most = _repeats(order)
+    assert most <= 2
+    assert repeats <= max(REPEAT_SHARE * len(order), chunk)
+    if len(shapes) >= 20 * chunk:
+        assert repeats <= REPEAT_SHARE * len(order)
+
+
+def test_positioned_reads_merged_buckets_of_an_image_folder_one_shape_per_global_batch(tmp_path):
+    from vis2ir.data.order import Positioned
+
+    cfg = folder_config(mixed_folder(tmp_path / "ts"))  # buckets of 3 (80×48), 6 (64×64), 3 (48×80)
+    data = build_dataset(cfg.data, "train")
+    pos = Positioned(data, seed=1, chunk=4)  # a global batch of 4: the buckets of 3 cannot fill one
+    assert len(set(data.shapes)) == 1 and pos.shapes is None and pos.epoch_length == 12
+    seen = Counter(pos[k]["name"] for k in range(12))
+    assert len(seen) == 12  # one epoch reads every sample once, no repeats
+    assert all(pos[k]["visible"].shape[1:] == (64, 64) for k in range(12))

@@ -20,7 +20,8 @@ from vis2ir.data.errors import DataError
 from vis2ir.data.images import Panel, close_panels, load_upright
 from vis2ir.data.splits import SPLITS
 from vis2ir.data.tables import write_parquet
-from vis2ir.files import safe_join, write_bytes, write_text
+from vis2ir.files import safe_join, write_bytes
+from vis2ir.io.inputs import printable
 from vis2ir.io.images import full_range_info, is_full_range
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ def convert_source(cfg: DataConfig, out: str | Path, fmt: str = "folder") -> Pat
             if records:
                 bar = tqdm(records, desc=f"{split} -> {out}", unit="sample")
                 write_parquet(out / f"{split}.parquet",
-                              ({"name": r.name, **_pngs(reader.open(r, semantic))} for r in bar), kinds)
+                              ({"name": printable(r.name), **_pngs(reader.open(r, semantic))} for r in bar), kinds)
     else:
         lists: dict[str, list[str]] = {s: [] for s in SPLITS}
         for r in tqdm(found.records, desc=f"convert -> {out}", unit="sample"):
@@ -60,7 +61,8 @@ def convert_source(cfg: DataConfig, out: str | Path, fmt: str = "folder") -> Pat
                 write_bytes(safe_join(out / kind, r.name, ".png"), data)
             lists[r.split].append(r.name)
         for split, names in lists.items():
-            write_text(out / f"{split}.txt", "".join(f"{n}\n" for n in names))
+            # names from file names that are not UTF-8 keep their bytes, as the files written above do
+            write_bytes(out / f"{split}.txt", "".join(f"{n}\n" for n in names).encode("utf-8", "surrogateescape"))
     log.info("converted %d samples of %s (%s) to %s in %s", len(found.records), cfg.source, found.layout, fmt, out)
     return out
 

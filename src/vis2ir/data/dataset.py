@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_
 from tqdm.auto import tqdm
 
 from vis2ir.config import DataConfig
-from vis2ir.data import buckets
+from vis2ir.data import buckets, coverage
 from vis2ir.data.errors import DataError
 from vis2ir.data.folders import FileReader, Found, Record, detect_layout, find_folder
 from vis2ir.data.images import Normaliser, check_panels, close_panels, crop_box, decode_panel
@@ -112,6 +112,10 @@ def build_dataset(cfg: DataConfig, split: str, require_semantic: bool | None = N
     _report(cfg, problems)
     if not records:
         raise DataError(f"{cfg.source}: every sample of split {split!r} is bad (see the warnings above)")
+    if semantic:  # maps that are mostly VOID (drawn from boxes): not an error, but the model learns little
+        void = coverage.check_records(cfg, records, reader, f"{cfg.source} (split {split})")
+        if void:
+            log.warning("%s", void)
     return PanelDataset(records, reader, cfg, split, semantic=semantic, classes=with_classes, sizes=sizes)
 
 
@@ -163,6 +167,13 @@ class PanelDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def use_shapes(self, shapes: list[tuple[int, int]]) -> None:
+        """Read sample i at `shapes[i]` (width, height) from now on: a small aspect-ratio bucket merged into
+        the nearest shape (`data.buckets.merge_small`), its panels cropped to that shape's aspect."""
+        if len(shapes) != len(self.records):
+            raise ValueError(f"{len(shapes)} shapes for {len(self.records)} samples")
+        self.shapes = list(shapes)
 
     def _size(self, record: Record) -> tuple[int, int]:
         panels = self.reader.open(record, False)

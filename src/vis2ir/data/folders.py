@@ -135,7 +135,9 @@ def find_folder(root: Path, layout: str, semantic_dir: str, val_fraction: float,
     if not pairs and not problems:
         raise DataError(f"{root}: no images found for layout {layout!r}")
     lists = _list_files(root, layout)
+    notes = []
     if lists:
+        notes.append(unmatched_note(root, lists, pairs))
         pairs = {name: (*pair[:-1], lists[name]) for name, pair in pairs.items() if name in lists}
     names = sorted(pairs)
     splits = assign_splits(names, [pairs[n][-1] for n in names], val_fraction, test_fraction)
@@ -153,7 +155,8 @@ def find_folder(root: Path, layout: str, semantic_dir: str, val_fraction: float,
                                   semantic=str(sem) if sem else None))
     other_formats: list[Path] = []
     list_images(root, recursive=True, skipped=other_formats)
-    return Found(layout, root, records, problems, skipped_note(other_formats), dict(maps.ambiguous) if maps else {})
+    notes = "; ".join(n for n in [skipped_note(other_formats), *notes] if n) or None
+    return Found(layout, root, records, problems, notes, dict(maps.ambiguous) if maps else {})
 
 
 class FileReader:
@@ -271,9 +274,29 @@ def _list_files(root: Path, layout: str) -> dict[str, str]:
     out: dict[str, str] = {}
     for txt, split in files:
         if txt.is_file():
-            for line in txt.read_text().split():
-                out.setdefault(_list_name(line, layout), split)
+            out.update({name: split for name in _read_list(txt, layout) if name not in out})
     return out
+
+
+def _read_list(txt: Path, layout: str) -> list[str]:
+    """The sample names of a list file: one a line, the whole line (names may hold spaces), surrounding
+    blanks and empty lines left out; bytes that are not UTF-8 read as `os.listdir` reads such file names.
+    FLIR's and KAIST's own lists (names without spaces) are read word by word, as they were published."""
+    try:
+        text = txt.read_text(encoding="utf-8", errors="surrogateescape")
+    except OSError as err:
+        raise DataError(f"{txt}: cannot read the list file ({err.strerror or err})") from None
+    lines = text.split() if layout in ("flir", "kaist") else text.splitlines()
+    return [_list_name(line, layout) for line in lines if line.strip()]
+
+
+def unmatched_note(root: Path, lists: dict[str, str], names) -> str | None:
+    """One line naming list-file names that match no sample found (a typo, a file not there), or None."""
+    missing = sorted(set(lists) - set(names))
+    if not missing:
+        return None
+    return (f"{len(missing)} names in the list files of {root} match no sample (e.g. {missing[0]!r}: no such pair of "
+            "images); they are left out")
 
 
 def _list_name(line: str, layout: str) -> str:

@@ -13,6 +13,7 @@ from matplotlib.backend_bases import FigureCanvasBase
 from matplotlib.figure import Figure
 
 from vis2ir.config import DataConfig
+from vis2ir.data.coverage import mostly_void_problem, void_share
 from vis2ir.data.dataset import PanelDataset, maps_help, open_source, scan
 from vis2ir.data.errors import DataError
 from vis2ir.data.folders import FileReader
@@ -106,6 +107,10 @@ def _inspect_files(cfg: DataConfig, count: int, mode: str | None) -> tuple[dict,
             problems.append(str(err))
             continue
         samples.append({**sample, "split": record.split})
+    shares = {str(s["name"]): void_share(s["semantic"]) for s in samples if "semantic" in s}
+    void = mostly_void_problem(shares, len(shares), str(cfg.source))
+    if void:
+        problems.append(void)
     if len(samples) > count:  # the sheet: `count` of them, spread over the source
         samples = [samples[k * len(samples) // count] for k in range(count)]
     return report, samples

@@ -15,8 +15,9 @@ def split_alias(text: str) -> str | None:
 
 
 def name_fraction(name: str) -> float:
-    """A number in [0, 1) fixed by `name` (SHA-1, the same on every machine and Python)."""
-    return int.from_bytes(hashlib.sha1(name.encode()).digest()[:8], "big") / 2.0**64
+    """A number in [0, 1) fixed by `name` (SHA-1, the same on every machine and Python). A name read from a
+    file name that is not UTF-8 (surrogate escapes, as `os.listdir` gives them) is hashed as its bytes."""
+    return int.from_bytes(hashlib.sha1(name.encode("utf-8", "surrogateescape")).digest()[:8], "big") / 2.0**64
 
 
 def hash_split(name: str, val_fraction: float, test_fraction: float) -> str:

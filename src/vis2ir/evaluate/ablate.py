@@ -111,15 +111,23 @@ def parse_shard(text: str) -> tuple[int, int]:
 def load_plan(path: str | Path) -> list[list[tuple[str, list[str]]]]:
     """A plan file: a YAML list of grids, each a mapping `key: [values]` (a single value is a list of one)."""
     from vis2ir.config import read_yaml
+    from vis2ir.yamltext import Texts
 
     if not Path(path).is_file():
         raise Vis2IRError(f"--plan {path}: cannot read it (no such file)")
-    plan = read_yaml(path)
+    texts = Texts()  # plain scalars as written (`0755`, `yes`): the override reads them for the setting's type
+    plan = read_yaml(path, texts)
     if not isinstance(plan, list) or not plan or not all(isinstance(g, dict) and g for g in plan):
         raise Vis2IRError(f"--plan {path}: expected a YAML list of mappings KEY: [V1, V2, ...], "
                           "e.g. '- {model.semantic.mode: [none, in_context]}'")
-    return [[(str(k), [_plan_value(v) for v in (vs if isinstance(vs, list) else [vs])]) for k, vs in g.items()]
-            for g in plan]
+
+    def values(grid: dict, key) -> list[str]:
+        given = grid[key]
+        if isinstance(given, list):
+            return [texts.of(given, i) or _plan_value(v) for i, v in enumerate(given)]
+        return [texts.of(grid, key) or _plan_value(given)]
+
+    return [[(str(k), values(g, k)) for k in g] for g in plan]
 
 
 def _plan_value(value) -> str:
@@ -216,7 +224,8 @@ def run_variant(config, overrides, v: Variant, out: Path, tag: str, device=None,
         cfg = load_config(config, [*overrides, *v.overrides, f"train.output_dir={folder / 'run'}"])
         started = time.perf_counter()
         partial = list_checkpoints(folder / "run") if (folder / "run").exists() else []
-        train(cfg, resume="latest" if partial else None, progress=progress)
+        if not partial or int(partial[-1].name[5:]) < cfg.train.max_steps:  # else trained; its record was not
+            train(cfg, resume="latest" if partial else None, progress=progress)
         train_seconds = round(time.perf_counter() - started, 1)
         write_json(folder / TRAINED_FILE, {"train_seconds": train_seconds})
     started = time.perf_counter()

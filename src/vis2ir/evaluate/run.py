@@ -28,8 +28,9 @@ from vis2ir.evaluate.baselines import sample_classes
 from vis2ir.evaluate.report import write_report
 from vis2ir.evaluate.scoring import Scorer
 from vis2ir.files import safe_join
+from vis2ir.data.coverage import warn_mostly_void
 from vis2ir.io.images import Normaliser, is_finite, read_image, to_tensor
-from vis2ir.io.inputs import image_name, list_images, match_partners
+from vis2ir.io.inputs import image_name, list_images, match_partners, printable, skipped_note
 
 log = logging.getLogger(__name__)
 STRIP_IMAGES = 4  # images in strip.png
@@ -57,11 +58,14 @@ def pair_folders(pred: str | Path, truth: str | Path, semantic: str | Path | Non
         if not folder.is_dir():
             raise Vis2IRError(f"{option} {folder}: no such folder")
     truths: dict[str, Path] = {}
-    for path in list_images(folders["--truth"], recursive=recursive):
+    others: list[Path] = []
+    for path in list_images(folders["--truth"], recursive=recursive, skipped=others):
         name = image_name(path, folders["--truth"])
         if name in truths:
             raise Vis2IRError(f"--truth {truth}: {truths[name]} and {path} are both the truth of {name}; keep one")
         truths[name] = path
+    if others:  # truths of formats not read (HEIC, ...) are named, not left out in silence
+        log.warning("--truth %s: %s", truth, printable(skipped_note(others)))
     if not truths:
         nested = not recursive and any(p.is_dir() for p in folders["--truth"].iterdir())
         raise Vis2IRError(f"--truth {truth}: no images in this folder"
@@ -70,8 +74,10 @@ def pair_folders(pred: str | Path, truth: str | Path, semantic: str | Path | Non
     for option in [o for o in folders if o != "--truth"]:
         partners = match_partners(truths, folders[option], "image", recursive)
         if partners.missing:
+            first = partners.missing[0]
+            why = f" ({partners.problem(first)})" if first in partners.unreadable else ""
             raise Vis2IRError(f"{option} {folders[option]}: no image named like {len(partners.missing)} of the "
-                              f"{len(truths)} truth images, e.g. {partners.missing[0]}.*")
+                              f"{len(truths)} truth images, e.g. {printable(first)}.*{printable(why)}")
         if partners.ambiguous:
             raise Vis2IRError(f"{option} {folders[option]}: {len(partners.ambiguous)} of the {len(truths)} truth "
                               f"images have no single image to go with: {next(iter(partners.ambiguous.values()))}")
@@ -99,7 +105,10 @@ def evaluate_folders(pred: str | Path, truth: str | Path, semantic: str | Path |
     coloured, failed = [], {}
     for name, p, t, s in tqdm(pairs, desc="evaluate", unit="img"):
         try:
-            classes = decode_classes(to_tensor(read_image(s), str(s))) if s else None
+            sem_map = to_tensor(read_image(s), str(s)) if s else None
+            classes = decode_classes(sem_map) if s else None
+            if s:  # per-class figures from maps drawn from boxes cover little: said once
+                warn_mostly_void(printable(str(s)), sem_map)
             raw = read_image(p)
             if not is_finite(np.asarray(raw)):  # a float TIFF from a broken model
                 raise Vis2IRError(f"{p}: the prediction is not finite (NaN/inf)")
@@ -107,11 +116,11 @@ def evaluate_folders(pred: str | Path, truth: str | Path, semantic: str | Path |
             target = to_tensor(read_image(t), str(t), normaliser)
         except Vis2IRError as err:
             log.error("%s", err)
-            failed[name] = str(err)
+            failed[printable(name)] = printable(str(err))
             continue
         if not is_grey(prediction):
-            coloured.append(p.name)
-        scorer.add(name, prediction, target, classes)
+            coloured.append(printable(p.name))
+        scorer.add(printable(name), prediction, target, classes)  # a name that is not UTF-8: escaped in reports
     if coloured:  # e.g. `generate --palette ironbow`: the channel mean is not the intensity
         log.warning("%d predictions are in colour (first: %s); infrared is scored as the mean of the "
                     "channels, so palette images (ironbow, ...) give wrong figures: score grey outputs",
@@ -159,6 +168,9 @@ def evaluate_checkpoint(checkpoint: str | Path, config: str | Path | None = None
     Streams: each batch of `eval.batch_size` samples is read, generated, saved and scored, then
     dropped, so memory does not grow with the split (the scorer keeps per-image rows and features)."""
     from vis2ir.checkpoint import find_checkpoint
+    from vis2ir.files import check_writable
+
+    check_writable(out, "--out")  # before the model loads
     from vis2ir.data.images import loader_description
     from vis2ir.io.runtime import default_device
     from vis2ir.pipeline import Vis2IRPipeline
@@ -181,9 +193,10 @@ def evaluate_checkpoint(checkpoint: str | Path, config: str | Path | None = None
                 predictions = predict(pipe, batch, Path(out) / "pred" if k == 0 else None, seed)
                 for sample, pred in zip(batch, predictions):
                     if pred is None:  # not finite: reported by predict, not scored, listed at the end
-                        failed[sample["name"] if k == 0 else f"{sample['name']} (draw {k})"] = NOT_FINITE
+                        name = sample["name"] if k == 0 else f"{sample['name']} (draw {k})"
+                        failed[printable(name)] = NOT_FINITE
                         continue
-                    scorer.add(sample["name"], pred, sample["infrared"], sample_classes(sample), draw=k)
+                    scorer.add(printable(sample["name"]), pred, sample["infrared"], sample_classes(sample), draw=k)
                 bar.update(len(batch))
     if cfg.data.resize_policy == "bucket" and cfg.data.source != "thermalscenes":
         shapes = sorted({f"{w}×{h}" for w, h in dataset.shapes[:count]})

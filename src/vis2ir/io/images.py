@@ -38,10 +38,17 @@ ORIENTATION_TAG = 0x0112
 _QUARTER_TURNS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
 
+# Photo and raster formats Pillow cannot open without plug-ins (HEIC/HEIF of phones, camera raw, JPEG XL,
+# OpenEXR, SVG): files of these are images the user meant, named as skipped, never left out in silence.
+UNREADABLE_IMAGE_SUFFIXES = (".heic", ".heif", ".hif", ".jxl", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".orf",
+                             ".rw2", ".raf", ".raw", ".exr", ".svg")
+
+
 def other_image_suffixes() -> frozenset[str]:
-    """Suffixes of image formats Pillow can open that the listings do not take (named as skipped)."""
-    return frozenset(ext for ext, fmt in Image.registered_extensions().items()
-                     if fmt in Image.OPEN and ext not in IMAGE_SUFFIXES)
+    """Suffixes of image files the listings do not take (named as skipped): formats Pillow can open that are
+    not `IMAGE_SUFFIXES`, and photo formats it cannot open here (`UNREADABLE_IMAGE_SUFFIXES`)."""
+    opened = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+    return frozenset((opened | set(UNREADABLE_IMAGE_SUFFIXES)) - set(IMAGE_SUFFIXES))
 
 
 class ImageError(Vis2IRError):

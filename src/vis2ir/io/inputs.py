@@ -42,6 +42,15 @@ def missing_maps_help(images: str | Path | None = None, maps: str | Path | None 
             f"or {none}")
 
 
+def printable(text: str) -> str:
+    """`text` with the surrogate escapes of a file name that is not UTF-8 (as `os.listdir` gives them: the
+    byte 0xE9 of a Latin-1 `café` is '\\udce9') shown as `\\xe9`: for messages, reports and figures, which
+    cannot write surrogates. File paths keep the name itself: it opens and writes the file of those bytes."""
+    if not any("\udc80" <= ch <= "\udcff" for ch in text):
+        return text
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def is_hidden(path: Path, root: Path | None = None) -> bool:
     """Whether `path` (or a folder between `root` and it) is a hidden or system file."""
     parts = path.relative_to(root).parts if root is not None else (path.name,)
@@ -96,6 +105,7 @@ class Partners:
     missing: list[str] = field(default_factory=list)
     ambiguous: dict[str, str] = field(default_factory=dict)
     unmatched: list[Path] = field(default_factory=list)  # the folder's images that go with no name
+    unreadable: dict[str, Path] = field(default_factory=dict)  # name -> a file of a format not read (x.heic)
 
     @cached_property
     def _missing(self) -> frozenset[str]:
@@ -105,6 +115,9 @@ class Partners:
     def problem(self, name: str) -> str | None:
         """Why `name` has no partner (one line naming the folder), or None when it has one."""
         if name in self._missing:
+            if name in self.unreadable:
+                return (f"its {self.what} {self.unreadable[name]} is of a format vis2ir does not read; convert it "
+                        f"to PNG (read: {' '.join(IMAGE_SUFFIXES)})")
             return f"no {self.what} named {name}.* in {self.folder}"
         return self.ambiguous.get(name)
 
@@ -120,7 +133,8 @@ def match_partners(names: dict[str, Path | None], folder: Path, what: str, recur
     the package (generate's `--semantic` and `--truth`, evaluate's `--pred` and `--semantic`) goes
     through here."""
     index: dict[str, list[Path]] = {}
-    for p in list_images(folder, recursive=recursive):
+    others: list[Path] = []
+    for p in list_images(folder, recursive=recursive, skipped=others):
         index.setdefault(image_name(p, folder), []).append(p)
     bare: dict[str, list[str]] = {}  # bare name -> the names that share it (one pass: no search per name)
     for n in names:
@@ -149,6 +163,8 @@ def match_partners(names: dict[str, Path | None], folder: Path, what: str, recur
             out.missing.append(name)
     used = set(out.found.values())
     out.unmatched = [p for paths in index.values() for p in paths if p not in used]
+    other_names = {image_name(p, folder): p for p in others}
+    out.unreadable = {n: other_names[n] for n in out.missing if n in other_names}
     return out
 
 
