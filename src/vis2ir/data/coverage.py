@@ -14,6 +14,7 @@ import logging
 import numpy as np
 import torch
 
+from vis2ir.data.errors import DataError
 from vis2ir.palette import VOID, decode, decode_classes
 
 log = logging.getLogger(__name__)
@@ -51,25 +52,14 @@ def mostly_void_problem(shares: dict[str, float], checked: int, where: str) -> s
             f"template; {WAYS_OUT}")
 
 
-def check_records(cfg, records: list, reader, where: str, checks: int = CHECKS) -> str | None:
-    """The `mostly_void_problem` of the semantic maps of up to `checks` of `records` (spread over them),
-    decoded small (`THUMB` pixels, JPEG draft) with `reader`, or None. A sample that cannot be read is
-    left to the dataset's own checks."""
-    import dataclasses
-
-    from vis2ir.data.dataset import PanelDataset
-    from vis2ir.data.errors import DataError
-
-    m = min(checks, len(records))
-    if m == 0:
-        return None
-    picked = [records[k * len(records) // m] for k in range(m)]
-    small = dataclasses.replace(cfg, size=THUMB, hflip=False, resize_policy="resize")
-    data = PanelDataset(picked, reader, small, "val", semantic=True)
+def shares_of(load, count: int, where: str) -> str | None:
+    """The `mostly_void_problem` of the samples `load(0) … load(count - 1)` (each a dict with "name" and
+    "semantic", as `PanelDataset.load` gives them), or None. A sample that cannot be read (`DataError`) is left
+    to the dataset's own checks."""
     shares: dict[str, float] = {}
-    for i in range(len(picked)):
+    for i in range(count):
         try:
-            sample = data.load(i)
+            sample = load(i)
         except DataError:
             continue
         shares[str(sample["name"])] = void_share(sample["semantic"])

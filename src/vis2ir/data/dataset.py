@@ -113,10 +113,22 @@ def build_dataset(cfg: DataConfig, split: str, require_semantic: bool | None = N
     if not records:
         raise DataError(f"{cfg.source}: every sample of split {split!r} is bad (see the warnings above)")
     if semantic:  # maps that are mostly VOID (drawn from boxes): not an error, but the model learns little
-        void = coverage.check_records(cfg, records, reader, f"{cfg.source} (split {split})")
+        void = _mostly_void(cfg, records, reader, f"{cfg.source} (split {split})")
         if void:
             log.warning("%s", void)
     return PanelDataset(records, reader, cfg, split, semantic=semantic, classes=with_classes, sizes=sizes)
+
+
+def _mostly_void(cfg: DataConfig, records: list[Record], reader, where: str) -> str | None:
+    """`coverage.shares_of` up to `coverage.CHECKS` of `records` (spread over them), their maps decoded small
+    (`coverage.THUMB` pixels): one line when they are mostly unlabelled, else None."""
+    m = min(coverage.CHECKS, len(records))
+    if m == 0:
+        return None
+    picked = [records[k * len(records) // m] for k in range(m)]
+    small = replace(cfg, size=coverage.THUMB, hflip=False, resize_policy="resize")
+    data = PanelDataset(picked, reader, small, "val", semantic=True)
+    return coverage.shares_of(data.load, len(picked), where)
 
 
 def scan(records: list[Record], reader, semantic: bool, problems: list[str], desc: str,
