@@ -97,8 +97,9 @@ def test_training_writes_its_checkpoint_under_a_name_of_its_own(tiny_config, tmp
     from vis2ir import train as train_module
 
     folders = []
-    real = train_module.write_weights
-    monkeypatch.setattr(train_module, "write_weights", lambda tmp, *a: folders.append(Path(tmp)) or real(tmp, *a))
+    export = train_module.export  # where `CheckpointExport` finds `write_weights`
+    real = export.write_weights
+    monkeypatch.setattr(export, "write_weights", lambda tmp, *a: folders.append(Path(tmp)) or real(tmp, *a))
     cfg = tiny_config("model.codec=pixel", "model.semantic.mode=none", "data.size=32", "data.synth_count=12",
                       "data.val_fraction=0.2",
                       "data.num_workers=0", "train.batch_size=2", "train.max_steps=1", "train.checkpoint_every=1",

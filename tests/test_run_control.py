@@ -20,7 +20,7 @@ from vis2ir import __version__
 from vis2ir.checkpoint import list_checkpoints
 from vis2ir.errors import Vis2IRError
 from vis2ir.latents import PixelCodec, pack, unpack
-from vis2ir.run_identity import RUN_FILE, STATE_FORMAT
+from vis2ir.train.identity import RUN_FILE, STATE_FORMAT
 from vis2ir.train import offset_group, sample_noise
 
 ACC = ["train.accumulate_grad_batches=2", "train.checkpoint_every=100", "train.val_every=100"]
@@ -160,7 +160,7 @@ def test_a_second_launch_into_a_run_folder_is_refused_before_the_model_loads(tin
     def no_model(*args, **kwargs):
         raise AssertionError("a model was built")
 
-    monkeypatch.setattr(training, "build_model", no_model)
+    monkeypatch.setattr(training.module, "build_model", no_model)
     monkeypatch.setattr(training.Vis2IRModule, "configure_model", no_model)
     newest = run_dir / "checkpoints" / "step-6"
     with pytest.raises(Vis2IRError, match=rf"^train.output_dir={run_dir} already holds a run \(newest checkpoint "

@@ -9,7 +9,7 @@ import pytest
 from vis2ir.checkpoint import STRUCTURAL
 from vis2ir.config import Config, keys_with_role, setting_roles
 from vis2ir.latent_cache import LATENT_SETTINGS, NOT_LATENT
-from vis2ir.roles import MODEL, NO_ROLE, UndeclaredRoles, declared_roles, section_roles
+from vis2ir.config.roles import MODEL, NO_ROLE, UndeclaredRoles, declared_roles, section_roles
 from vis2ir.train import RESUMABLE
 
 # The role sets, written out: a setting that changes role, or a new setting, is decided here on purpose.

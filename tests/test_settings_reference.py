@@ -1,4 +1,4 @@
-"""`vis2ir config show`: every setting with its value and its meaning, from config.py's own comments."""
+"""`vis2ir config show`: every setting with its value and its meaning, from the schema's own comments."""
 
 from pathlib import Path
 
@@ -14,7 +14,7 @@ def test_every_setting_has_a_meaning():
     meanings = setting_meanings()
     keys = set(Config().flat())
     assert keys <= meanings.keys()
-    assert not [k for k in keys if not meanings[k].strip()], "a setting without a meaning in config.py"
+    assert not [k for k in keys if not meanings[k].strip()], "a setting without a meaning in the schema"
     # Meanings are read from the comments: these are the comment above a field and the one beside it.
     assert meanings["model.semantic.inject_into"].startswith("condition: the adapter acts on the clean")
     assert meanings["train.init_from"].endswith("or demo (the shipped model)")

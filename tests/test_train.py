@@ -261,7 +261,7 @@ def _distributed_rank(rank: int, tmp: str, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank), NODE_RANK="0",
                       WORLD_SIZE="2", RANK=str(rank))
     torch.set_num_threads(1)
-    draws, losses, sample = [], [], training.sample_timesteps
+    draws, losses, sample = [], [], training.module.sample_timesteps
 
     def recording(n, *args, **kwargs):
         t = sample(n, *args, **kwargs)
@@ -272,7 +272,7 @@ def _distributed_rank(rank: int, tmp: str, port: int) -> None:
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
             losses[-1].append(float(outputs["loss"]))
 
-    training.sample_timesteps = recording
+    training.module.sample_timesteps = recording
     errors = {}
     for strategy in ("ddp", "fsdp"):
         try:  # a failure of one strategy fails its own test only

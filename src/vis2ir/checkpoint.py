@@ -237,7 +237,7 @@ class atomic_dir:
 # Loading
 
 # Settings that shape the model: a checkpoint only runs (or is fine-tuned) with the values it was trained with.
-# Dotted prefixes, derived from the roles declared in the schema (role "model", `vis2ir.roles`).
+# Dotted prefixes, derived from the roles declared in the schema (role "model", `vis2ir.config.roles`).
 STRUCTURAL = role_prefixes("model")
 
 

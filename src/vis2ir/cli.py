@@ -214,18 +214,16 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="e.g. cuda:0 or cpu (default: cuda:$LOCAL_RANK if available)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from vis2ir.config import APP_KEEP_MINUTES, APP_MAX_UPLOAD_MIB, DEFAULT_SEGMENTER, PRED_VALUES
-
-    parser = argparse.ArgumentParser(prog="vis2ir", description="Visible-to-infrared generation on FLUX.1 Fill.")
-    parser.add_argument("--debug", action="store_true", help="DEBUG logging and full tracebacks")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run the embedded demo on synthetic ThermalScenes (CPU, no download)")
     p.add_argument("--out", default="outputs/demo", help="report folder (default: outputs/demo)")
     p.add_argument("--checkpoint", help="a checkpoint to demonstrate instead of the shipped one")
     _add_config_args(p)
     p.set_defaults(func=_cmd_demo)
+
+
+def _add_app(sub: argparse._SubParsersAction) -> None:
+    from vis2ir.config import APP_KEEP_MINUTES, APP_MAX_UPLOAD_MIB
 
     p = sub.add_parser("app", help="a web page (Gradio) that generates infrared from uploaded photos; needs "
                        'pip install "vis2ir[app]"')
@@ -245,20 +243,31 @@ def build_parser() -> argparse.ArgumentParser:
                    f"photo or map larger than this many MiB, before it is stored (default: {APP_MAX_UPLOAD_MIB})")
     p.set_defaults(func=_cmd_app)
 
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train LoRA / the adapter (or a small model from scratch)")
     p.add_argument("--resume", metavar="DIR|latest", help="continue from a checkpoint folder, a run folder, or "
                    "'latest' (the newest checkpoint under train.output_dir)")
     _add_config_args(p)
     p.set_defaults(func=_cmd_train)
 
+
+def _add_config(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("config", help="settings: every one with its value and meaning")
     q = p.add_subparsers(dest="config_command", required=True).add_parser(
         "show", help="print every setting (a config file's, with overrides) with its meaning, as commented YAML")
     _add_config_args(q)
     q.set_defaults(func=_cmd_config_show)
 
+
+def _add_data(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="data tools: synthetic ThermalScenes, inspecting a source, latent cache")
     data = p.add_subparsers(dest="data_command", required=True)
+    for add in (_add_data_synth, _add_data_inspect, _add_data_convert, _add_data_cache):
+        add(data)
+
+
+def _add_data_synth(data: argparse._SubParsersAction) -> None:
     q = data.add_parser("synth", help="write ThermalScenes (visible/infrared/semantic) to a folder or parquet")
     q.add_argument("--out", required=True, help="output folder")
     q.add_argument("--count", type=int, default=1000, help="number of scenes (default: 1000)")
@@ -271,12 +280,18 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--format", choices=("folder", "parquet"), default="folder",
                    help="visible/ infrared/ semantic/ PNGs, or one parquet file (default: folder)")
     q.set_defaults(func=_cmd_data_synth)
+
+
+def _add_data_inspect(data: argparse._SubParsersAction) -> None:
     q = data.add_parser("inspect", help="counts per split, sizes, problems, and a contact sheet PNG")
     q.add_argument("source", help="a data folder, parquet file(s), a datasets folder or Hub id, or 'thermalscenes'")
     q.add_argument("--out", help="the contact sheet of triptychs, a PNG (default: outputs/inspect/<source name>.png)")
     q.add_argument("--count", type=int, default=8, help="triptychs on the contact sheet (default: 8)")
     _add_config_args(q)
     q.set_defaults(func=_cmd_data_inspect)
+
+
+def _add_data_convert(data: argparse._SubParsersAction) -> None:
     q = data.add_parser("convert", help="a source (folder layout or table) -> paired folders or parquet, same "
                         "samples and splits")
     q.add_argument("source", help="a data folder, parquet file(s), or a datasets folder or Hub id")
@@ -285,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="visible/ infrared/ semantic/ PNGs + split lists, or <split>.parquet (default: folder)")
     _add_config_args(q)
     q.set_defaults(func=_cmd_data_convert)
+
+
+def _add_data_cache(data: argparse._SubParsersAction) -> None:
     q = data.add_parser("cache", help="encode a split's latents once, for training with data.latent_cache=DIR")
     q.add_argument("--out", required=True, help="cache folder")
     q.add_argument("--split", default="train", choices=("train", "val", "test"),
@@ -292,6 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--batch-size", type=int, default=16, help="images per codec call (default: 16)")
     _add_config_args(q)
     q.set_defaults(func=_cmd_data_cache)
+
+
+def _add_segment(sub: argparse._SubParsersAction) -> None:
+    from vis2ir.config import DEFAULT_SEGMENTER
 
     p = sub.add_parser("segment", help="visible images (file or folder) -> panoptic semantic maps and a legend")
     p.add_argument("--input", required=True, help="a visible image, or a folder of them")
@@ -307,6 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="redo maps that already exist")
     p.set_defaults(func=_cmd_segment)
 
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="visible images (file or folder) -> infrared PNGs")
     _add_generate_args(p)
     p.add_argument("--bit-depth", type=int, choices=(8, 16), default=8, help="grey PNG bit depth (default: 8)")
@@ -318,9 +342,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write attention/<name>/: adapter heat-maps (mode cross_attention)")
     p.set_defaults(func=_cmd_generate)
 
+
+def _add_visualize(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("visualize", help="adapter attention heat-maps over the visible image(s)")
     _add_generate_args(p)
     p.set_defaults(func=_cmd_visualize)
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    from vis2ir.config import PRED_VALUES
 
     p = sub.add_parser("evaluate", help="score predictions against truths, or a checkpoint on a data split")
     _add_config_args(p)
@@ -339,6 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="e.g. cuda:0 or cpu (default: cuda:$LOCAL_RANK if available)")
     p.set_defaults(func=_cmd_evaluate)
 
+
+def _add_ablate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ablate", help="train and evaluate every variant of a grid of settings; tabulate")
     _add_config_args(p)
     p.add_argument("--grid", action="append", metavar="KEY=V1,V2,...",
@@ -352,6 +384,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="device for generation during evaluation (default: cuda:$LOCAL_RANK if available)")
     p.set_defaults(func=_cmd_ablate)
 
+
+# The subcommands in the order `vis2ir --help` lists them: each builder adds its parser and arguments.
+COMMANDS = (_add_demo, _add_app, _add_train, _add_config, _add_data, _add_segment, _add_generate, _add_visualize,
+            _add_evaluate, _add_ablate)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `vis2ir` parser: `--debug` and one subcommand of `COMMANDS`, each with its `func` to run."""
+    parser = argparse.ArgumentParser(prog="vis2ir", description="Visible-to-infrared generation on FLUX.1 Fill.")
+    parser.add_argument("--debug", action="store_true", help="DEBUG logging and full tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in COMMANDS:
+        add(sub)
     _mark_overrides(parser)
     return parser
 

@@ -50,7 +50,7 @@ SHARD_SIZE = 256  # samples per shard at most; a shard holds one panel shape (as
 
 
 # The settings that decide a sample's latents (dotted-key prefixes), derived from the roles declared in the
-# schema (role "latent", `vis2ir.roles`); NOT_LATENT, the exceptions, is folded into those roles.
+# schema (role "latent", `vis2ir.config.roles`); NOT_LATENT, the exceptions, is folded into those roles.
 LATENT_SETTINGS = role_prefixes("latent")
 NOT_LATENT: tuple[str, ...] = ()
 

@@ -22,6 +22,7 @@ from vis2ir.config import Config, SemanticConfig
 from vis2ir.errors import Vis2IRError
 from vis2ir.latents import (encode_fill_condition, encode_images, encode_images_fill, parameter_dtype, token_grid,
                             token_width)
+from vis2ir.objective import interpolate, velocity_target
 from vis2ir.semantic.adapter import SemanticConditioningAdapter
 from vis2ir.semantic.modes import SEMANTIC_TOKEN_MODES, build_canvas, target_tokens, widen_x_embedder
 
@@ -207,13 +208,12 @@ class Vis2IRModel(torch.nn.Module):
     def forward(self, visible: torch.Tensor, infrared: torch.Tensor, semantic: torch.Tensor | None,
                 t: torch.Tensor, noise: torch.Tensor | None = None, guidance: float = 1.0,
                 encoded: Encoded | None = None) -> Prediction:
-        """Flow matching: x_t = (1 − t)·x_0 + t·x_1; returns v̂ and the target x_1 − x_0."""
+        """Flow matching (`vis2ir.objective`): x_t = (1 − t)·x_0 + t·x_1; returns v̂ and the target x_1 − x_0."""
         enc = encoded or self.encode(visible, infrared, semantic)
         x_0 = enc.x_0.to(parameter_dtype(self.transformer))
         noise = torch.randn_like(x_0) if noise is None else noise.to(x_0.dtype)
-        tt = t.to(x_0.dtype).view(-1, 1, 1)
-        x_t = (1 - tt) * x_0 + tt * noise
-        return Prediction(self.velocity(x_t, enc, t, guidance), noise - x_0)
+        x_t = interpolate(x_0, noise, t)
+        return Prediction(self.velocity(x_t, enc, t, guidance), velocity_target(x_0, noise))
 
     def target_tokens(self, enc: Encoded) -> torch.Tensor:
         """Boolean `[N]` mask of the tokens that belong to the infrared panel."""

@@ -111,7 +111,7 @@ def parse_shard(text: str) -> tuple[int, int]:
 def load_plan(path: str | Path) -> list[list[tuple[str, list[str]]]]:
     """A plan file: a YAML list of grids, each a mapping `key: [values]` (a single value is a list of one)."""
     from vis2ir.config import read_yaml
-    from vis2ir.yamltext import Texts
+    from vis2ir.config.yamltext import Texts
 
     if not Path(path).is_file():
         raise Vis2IRError(f"--plan {path}: cannot read it (no such file)")

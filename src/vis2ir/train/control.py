@@ -15,6 +15,7 @@ out of phase. A stop signal (`vis2ir.signals`) saves the step just finished and 
 from __future__ import annotations
 
 import logging
+import shlex
 import signal
 import time
 from functools import partial
@@ -51,6 +52,11 @@ def check_unfinished(state: Path, step: int, max_steps: int, resume: str) -> Non
     raise Vis2IRError(f"--resume {resume}: the run is finished at step {step} ({folder}; train.max_steps={max_steps}); "
                       f"to train on, raise train.max_steps, e.g. vis2ir train --resume {run_dir} "
                       f"train.max_steps={max(2 * step, step + 1)}")
+
+
+def resume_command(run_dir: Path) -> str:
+    """The command line that continues the run in `run_dir` with its own settings."""
+    return f"vis2ir train --resume {shlex.quote(str(run_dir))}"
 
 
 class StepBoundaryStop(L.Callback):

@@ -1,4 +1,4 @@
-"""The roles of settings, declared once beside each setting's type in the schema (`vis2ir.config`).
+"""The roles of settings, declared once beside each setting's type in the schema (`vis2ir.config.schema_*`).
 
 A setting's roles say which checks it takes part in:
 
@@ -68,7 +68,7 @@ def declared_roles(root: type, prefix: str = "") -> dict[str, frozenset[str]]:
             out[key] = vars(root)[_SECTION]
         else:
             raise UndeclaredRoles(f"setting {key!r} declares no roles: annotate it Annotated[type, MODEL, ...] "
-                                  f"(roles {', '.join(ROLES)}) or Annotated[type, NO_ROLE] (vis2ir.roles)")
+                                  f"(roles {', '.join(ROLES)}) or Annotated[type, NO_ROLE] (vis2ir.config.roles)")
     return out
 
 

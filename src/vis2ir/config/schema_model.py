@@ -1,0 +1,207 @@
+"""The `model:` section of the settings: the backbone, its shape when built from configuration, the semantic
+adapter and LoRA. Each field's comment is its meaning (`vis2ir config show`), its annotation its roles."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Annotated, Literal
+
+from vis2ir.config.checks import check, check_seed
+from vis2ir.config.roles import LATENT, MODEL, NO_ROLE, RESUMABLE, section_roles
+
+ICEDIT_PROMPT = (
+    "A diptych with two side-by-side images of the same scene. On the right, the scene is exactly "
+    "the same as on the left but "
+)
+DEFAULT_INSTRUCTION = "seen by a thermal infrared camera, as a grayscale infrared image."
+
+SemanticMode = Literal["none", "pixel_fusion", "cross_attention", "in_context", "channel_concat"]
+
+
+@dataclass
+class SemanticConfig:
+    """How the semantic map conditions the model (docs/design.md §5)."""
+
+    # how the semantic map conditions the model: none, pixel_fusion, cross_attention, in_context, channel_concat
+    mode: Annotated[SemanticMode, MODEL, LATENT] = "cross_attention"
+    num_layers: Annotated[int, MODEL] = 1  # cross-attention adapter layers
+    num_heads: Annotated[int, MODEL] = 8  # attention heads of the adapter (must divide the token width)
+    dropout: Annotated[float, NO_ROLE] = 0.0  # dropout inside the adapter's attention
+    # rope: the adapter's queries and keys carry 2-D positions; none: they do not
+    position: Annotated[Literal["rope", "none"], MODEL] = "rope"
+    rope_min_wavelength: Annotated[float, MODEL] = 5.0  # shortest RoPE wavelength of the adapter, in tokens
+    rope_max_wavelength: Annotated[float, MODEL] = 80.0  # longest RoPE wavelength of the adapter, in tokens
+    # starting value of each adapter layer's residual scale (0: the adapter starts switched off)
+    scale_init: Annotated[float, NO_ROLE] = 0.0
+    # condition: the adapter acts on the clean visible tokens, measured far better (docs/results.md); noisy: on x_t
+    inject_into: Annotated[Literal["noisy", "condition"], MODEL] = "condition"
+    # pixel_fusion: weight of the semantic map blended into the visible image
+    fusion_alpha: Annotated[float, MODEL, LATENT] = 0.5
+
+    def validate(self) -> None:
+        check(self.num_layers >= 1, "model.semantic.num_layers", "an integer >= 1", self.num_layers)
+        check(self.num_heads >= 1, "model.semantic.num_heads", "an integer >= 1", self.num_heads)
+        check(0.0 <= self.dropout < 1.0, "model.semantic.dropout", "a number in [0, 1)", self.dropout)
+        check(0.0 <= self.fusion_alpha <= 1.0, "model.semantic.fusion_alpha", "a number in [0, 1]",
+              self.fusion_alpha)
+        check(0 < self.rope_min_wavelength <= self.rope_max_wavelength,
+              "model.semantic.rope_min_wavelength", "0 < rope_min_wavelength <= rope_max_wavelength",
+              self.rope_min_wavelength)
+
+    def validate_width(self, width: int) -> None:
+        """The adapter splits the transformer's token width `width` into `num_heads` heads (RoPE: of 4k)."""
+        if self.mode != "cross_attention":
+            return
+        check(width % self.num_heads == 0, "model.semantic.num_heads",
+              f"a divisor of the token width {width} (model.transformer.attention_head_dim × num_attention_heads)",
+              self.num_heads)
+        check(self.position != "rope" or (width // self.num_heads) % 4 == 0, "model.semantic.num_heads",
+              f"a number of heads that leaves a head dimension divisible by 4 for position 'rope' (token width "
+              f"{width}), or model.semantic.position=none", self.num_heads)
+
+
+# ICEdit's LoRA targets (docs/design.md §3): image-stream modules only, no text-stream ones. A regex that
+# peft matches against the full module name.
+ICEDIT_LORA_TARGETS = (
+    r"(x_embedder"
+    r"|transformer_blocks\.\d+\.(norm1\.linear|attn\.to_q|attn\.to_k|attn\.to_v|attn\.to_out\.0|ff\.net\.2)"
+    r"|single_transformer_blocks\.\d+\.(norm\.linear|proj_mlp|proj_out|attn\.to_q|attn\.to_k|attn\.to_v))"
+)
+
+
+@dataclass
+class LoraConfig:
+    """LoRA on the transformer (used when `train.finetune: lora`)."""
+
+    rank: Annotated[int, MODEL] = 32  # LoRA rank: the inner width of each low-rank update
+    alpha: Annotated[float, NO_ROLE] = 32.0  # LoRA alpha (the update is scaled by alpha / rank)
+    dropout: Annotated[float, NO_ROLE] = 0.0  # dropout on the LoRA branch
+    # initialisation of the LoRA weights: gaussian (as ICEdit) or peft's default
+    init: Annotated[Literal["gaussian", "default"], NO_ROLE] = "gaussian"
+    # regular expression of the transformer modules that get LoRA (ICEdit's image-stream set)
+    target_modules: Annotated[str, MODEL] = ICEDIT_LORA_TARGETS
+
+    def validate(self) -> None:
+        check(self.rank >= 1, "model.lora.rank", "an integer >= 1", self.rank)
+        check(self.alpha > 0, "model.lora.alpha", "a number > 0", self.alpha)
+        check(0.0 <= self.dropout < 1.0, "model.lora.dropout", "a number in [0, 1)", self.dropout)
+
+
+@section_roles(MODEL)  # the transformer's shape: every setting shapes the model
+@dataclass
+class TransformerConfig:
+    """Shape of a transformer built from configuration (`model.backbone: random`).
+
+    The defaults are FLUX.1 Fill's real size; configs for tests and the demo shrink them.
+    `in_channels` and `out_channels` are not settings: they follow from the codec and the mode.
+    `init: normal` builds the weights empty on the target device and fills them with N(0, 0.02):
+    a real-size model in under a second, for speed and memory measurements (docs/design.md §9).
+    """
+
+    num_layers: int = 19  # double-stream (MM-DiT) blocks
+    num_single_layers: int = 38  # single-stream blocks
+    attention_head_dim: int = 128  # width of one attention head
+    num_attention_heads: int = 24  # attention heads (token width = attention_head_dim × num_attention_heads)
+    joint_attention_dim: int = 4096  # width of the text (T5) embeddings
+    pooled_projection_dim: int = 768  # width of the pooled text (CLIP) embedding
+    # RoPE dimensions of the (index, row, column) axes; they sum to attention_head_dim
+    axes_dims_rope: tuple[int, int, int] = (16, 56, 56)
+    guidance_embeds: bool = True  # whether the transformer takes a guidance value (FLUX.1 Fill does)
+    # default: the layers' own initialisation; normal: N(0, 0.02), fast, for speed and memory measurements
+    init: Literal["default", "normal"] = "default"
+
+    @property
+    def width(self) -> int:
+        """The token width: attention_head_dim × num_attention_heads (3072 for FLUX.1)."""
+        return self.attention_head_dim * self.num_attention_heads
+
+    def validate(self) -> None:
+        for key in ("num_layers", "num_single_layers"):
+            check(getattr(self, key) >= 0, f"model.transformer.{key}", "an integer >= 0", getattr(self, key))
+        check(self.num_layers + self.num_single_layers >= 1, "model.transformer.num_layers",
+              "at least one block (num_layers + num_single_layers >= 1)", self.num_layers)
+        for key in ("attention_head_dim", "num_attention_heads", "joint_attention_dim", "pooled_projection_dim"):
+            check(getattr(self, key) >= 1, f"model.transformer.{key}", "an integer >= 1", getattr(self, key))
+        check(all(d >= 2 and d % 2 == 0 for d in self.axes_dims_rope), "model.transformer.axes_dims_rope",
+              "three even numbers >= 2", list(self.axes_dims_rope))
+        check(sum(self.axes_dims_rope) == self.attention_head_dim, "model.transformer.axes_dims_rope",
+              f"three numbers summing to attention_head_dim={self.attention_head_dim}",
+              list(self.axes_dims_rope))
+
+
+@section_roles(MODEL)  # the random text encoders' weights: every setting shapes the model
+@dataclass
+class TextConfig:
+    """Tiny random text encoders for a random backbone; their widths follow `model.transformer`."""
+
+    num_layers: int = 1  # layers of each tiny random text encoder
+    seed: int = 0  # seed of the random text encoders' weights
+
+    def validate(self) -> None:
+        check(self.num_layers >= 1, "model.text.num_layers", "an integer >= 1", self.num_layers)
+        check_seed(self.seed, "model.text.seed")
+
+
+@section_roles(MODEL, LATENT)  # the codec: every setting shapes the model and the latents
+@dataclass
+class VAEConfig:
+    """A tiny `AutoencoderKL` built from configuration (`codec: vae` with `backbone: random`)."""
+
+    block_out_channels: tuple[int, ...] = (16, 16, 16, 16)  # channels of the four encoder/decoder stages
+    latent_channels: int = 16  # latent channels
+    layers_per_block: int = 1  # ResNet layers per stage
+    norm_num_groups: int = 8  # groups of the group norms
+
+    def validate(self) -> None:
+        check(len(self.block_out_channels) == 4, "model.vae.block_out_channels",
+              "four numbers (so that the scale factor stays 8)", list(self.block_out_channels))
+        check(self.norm_num_groups >= 1, "model.vae.norm_num_groups", "an integer >= 1", self.norm_num_groups)
+        check(all(c >= 1 and c % self.norm_num_groups == 0 for c in self.block_out_channels),
+              "model.vae.block_out_channels", f"numbers >= 1 divisible by norm_num_groups={self.norm_num_groups}",
+              list(self.block_out_channels))
+        check(self.latent_channels >= 1, "model.vae.latent_channels", "an integer >= 1", self.latent_channels)
+        check(self.layers_per_block >= 1, "model.vae.layers_per_block", "an integer >= 1", self.layers_per_block)
+
+
+@dataclass
+class ModelConfig:
+    """The backbone (FLUX.1 Fill or a model built from configuration) and the semantic mode."""
+
+    # FLUX.1 Fill: Hub id or local folder (diffusers FluxFillPipeline layout)
+    flux_path: Annotated[str, LATENT] = "black-forest-labs/FLUX.1-Fill-dev"
+    # pretrained: FLUX.1 Fill from flux_path; random: a model built from model.transformer (from scratch)
+    backbone: Annotated[Literal["pretrained", "random"], MODEL, LATENT] = "pretrained"
+    # vae: FLUX's VAE latents; pixel: an exact pixel codec (random backbone only)
+    codec: Annotated[Literal["vae", "pixel"], MODEL, LATENT] = "vae"
+    # pixel codec: pixels per token side (a factor × factor × 3 patch per token)
+    pixel_factor: Annotated[int, MODEL, LATENT] = 4
+    # the fixed instruction the model is conditioned on (its embeddings are computed once and cached)
+    prompt: Annotated[str, NO_ROLE] = ICEDIT_PROMPT + DEFAULT_INSTRUCTION
+    max_sequence_length: Annotated[int, NO_ROLE] = 512  # T5 tokens of the prompt
+    # weights' dtype: auto = bfloat16 on a GPU, float32 on the CPU
+    dtype: Annotated[Literal["auto", "bfloat16", "float16", "float32"], NO_ROLE] = "auto"
+    # storage of the frozen transformer blocks, none, fp8 or nf4 (LoRA trains on top; docs/performance.md)
+    quantize: Annotated[Literal["none", "fp8", "nf4"], NO_ROLE] = "none"
+    # where prompt embeddings are cached, so the text encoders load only once
+    prompt_cache_dir: Annotated[str, RESUMABLE] = "~/.cache/vis2ir/prompt_embeds"
+    seed: Annotated[int, MODEL, LATENT] = 0  # seed of a random backbone's weights
+    transformer: TransformerConfig = field(default_factory=TransformerConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    semantic: SemanticConfig = field(default_factory=SemanticConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+    def validate(self) -> None:
+        check(self.max_sequence_length >= 1, "model.max_sequence_length", "an integer >= 1",
+              self.max_sequence_length)
+        check(self.pixel_factor >= 1, "model.pixel_factor", "an integer >= 1", self.pixel_factor)
+        check_seed(self.seed, "model.seed")
+        check(not (self.backbone == "pretrained" and self.codec == "pixel"), "model.codec",
+              "'vae' with a pretrained backbone (the pixel codec needs `model.backbone: random`)",
+              self.codec)
+        self.transformer.validate()
+        self.vae.validate()
+        self.text.validate()
+        self.semantic.validate()
+        self.semantic.validate_width(self.transformer.width)
+        self.lora.validate()
