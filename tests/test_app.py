@@ -361,6 +361,42 @@ def test_gradio_deletes_its_uploads_and_copies_after_the_keep_time(models, tmp_p
         page.close()
 
 
+def test_gradio_files_are_bounded_in_total_oldest_deleted_first(models, monkeypatch, tmp_path):
+    """Uploads under the limit were kept for the whole keep time however many came (six 24 MiB uploads: 165 MiB):
+    each upload (Gradio's route adds it to the page's `upload_file_set`) now deletes the oldest of Gradio's files
+    for the page beyond `KEEP_FILES` files or `KEEP_FILES_MIB` in all; the new upload and the examples stay."""
+    import vis2ir.app
+
+    monkeypatch.setattr(vis2ir.app, "KEEP_FILES_MIB", 2500 / 2**20)  # 2500 bytes
+    monkeypatch.setattr(vis2ir.app, "KEEP_FILES", 3)
+    page = build_app(models, tmp_path / "work")
+    cache = tmp_path / "gradio"
+    cache.mkdir()
+    paths = []
+    for k in range(6):  # what Gradio's upload route does with each upload, in the order they came
+        path = cache / f"upload{k}.png"
+        path.write_bytes(os.urandom(1000))
+        os.utime(path, (1000 + k, 1000 + k))
+        page.upload_file_set.update([str(path)])
+        paths.append(path)
+        assert path.is_file()  # the new upload is kept
+    assert [p.is_file() for p in paths] == [False] * 4 + [True] * 2  # 2000 bytes of the newest: 3000 is over
+    assert set(page.upload_file_set) == {str(p) for p in paths[4:]}
+    examples = [p for group in page.temp_file_sets for p in group if str(cache) not in str(p)]
+    assert examples and all(Path(p).is_file() for p in examples)  # the page's examples stay
+    big = cache / "big.png"  # an upload larger than the bound alone: kept (it was just made), the others go
+    big.write_bytes(os.urandom(4000))
+    page.upload_file_set.update([str(big)])
+    assert big.is_file() and not any(p.is_file() for p in paths)
+    small = []
+    for k in range(5):  # at most KEEP_FILES files, however small
+        small.append(cache / f"small{k}.png")
+        small[-1].write_bytes(b"x")
+        os.utime(small[-1], (2000 + k, 2000 + k))
+        page.upload_file_set.update([str(small[-1])])
+    assert [p.is_file() for p in small] == [False, False, True, True, True] and not big.is_file()
+
+
 @pytest.mark.parametrize("minutes", ["0", "-5", "nan", "inf", "1e9"])
 def test_a_bad_keep_time_is_one_line_before_the_models_load(minutes, no_models, capsys):
     assert main(["app", "--keep-minutes", minutes, "--port", str(free_port())]) == 2

@@ -251,3 +251,77 @@ def test_a_changed_or_gone_base_is_one_line(lora_on_demo, tmp_path):
             (tmp_path / "moved").rename(base)
         (base / PROMPT_FILE).write_bytes(saved)
     load_model(copy)  # the original back: it loads
+
+
+def test_a_file_larger_than_recorded_is_called_edited_not_incomplete(tiny_config, tmp_path):
+    """A file of a checkpoint that grew since files.json recorded it: "is N bytes, the checkpoint recorded M
+    (edited or copied incompletely)"; once "is incomplete (304 of 303 bytes)". A shorter one is incomplete."""
+    from vis2ir.checkpoint import check_intact
+
+    cfg = tiny_config("model.semantic.mode=none", "train.finetune=full")
+    save_weights(tmp_path / "c", build_model(cfg), cfg)
+    prompt = tmp_path / "c" / PROMPT_FILE
+    size = prompt.stat().st_size
+    prompt.write_bytes(prompt.read_bytes() + b"\n")
+    with pytest.raises(Vis2IRError, match=rf"^{re.escape(str(prompt))}: is {size + 1:,} bytes, the checkpoint "
+                                          rf"recorded {size:,} \(edited or copied incompletely\), so "):
+        check_intact(tmp_path / "c")
+    prompt.write_bytes(prompt.read_bytes()[:-2])
+    with pytest.raises(Vis2IRError, match=rf": is incomplete \({size - 1:,} of {size:,} bytes\), so "):
+        check_intact(tmp_path / "c")
+
+
+def test_a_lora_finds_its_base_after_its_runs_folder_moved_or_named_anew(lora_on_demo, tmp_path):
+    """A runs folder moved or copied whole keeps its LoRAs working (base.json records the base relative to the
+    checkpoint too); a base moved elsewhere is named with train.init_from=NEW_PLACE (generate, evaluate, app:
+    `load_model(overrides=...)`), accepted only when it is the same checkpoint. Once: "which is gone; put it
+    back", the override ignored."""
+    from vis2ir.pipeline import Vis2IRPipeline
+    from vis2ir.train import resume_config, train
+
+    tmp, trained, run = lora_on_demo
+    moved = tmp_path / "runs_moved"
+    shutil.copytree(tmp / "base", moved / "base")
+    shutil.copytree(run, moved / "lora")
+    alone = tmp_path / "alone"
+    shutil.copytree(run, alone)
+    base = tmp / "base"
+    base.rename(tmp_path / "away")
+    try:
+        torch.testing.assert_close(_predict(load_model(moved / "lora")[0]), _predict(trained))
+        train(resume_config(str(moved / "lora"), None, ["train.max_steps=3"]), resume=str(moved / "lora"),
+              progress=False)  # a resume finds it too, and so does its new checkpoint
+        load_model(moved / "lora" / "checkpoints" / "step-3")
+        with pytest.raises(Vis2IRError, match=r"which is gone; put it back where it was, or name its new place with "
+                                              r"train.init_from=NEW_PLACE$"):
+            load_model(alone)
+        new_place = [f"train.init_from={moved / 'base'}"]
+        torch.testing.assert_close(_predict(load_model(alone, overrides=new_place)[0]), _predict(trained))
+        Vis2IRPipeline.from_checkpoint(alone, overrides=new_place)
+        with pytest.raises(Vis2IRError, match=rf"which has changed since \({re.escape(str(alone))}/checkpoints/step-2 "
+                                              r"is not it\); put the original back"):
+            load_model(alone, overrides=[f"train.init_from={alone}"])  # another checkpoint: refused
+    finally:
+        (tmp_path / "away").rename(base)
+
+
+def test_a_full_run_resumes_without_its_base(lora_on_demo, tmp_path):
+    """A full checkpoint holds the whole transformer (and the prompt embeddings): resuming a full run trained
+    from a LoRA run does not need that run, which its own keep_last pruning may delete; the resumed run continues
+    exactly. Once: "trained on the checkpoint …/step-6 …, which is gone; put it back"."""
+    from vis2ir.train import resume_config, train
+    from safetensors.torch import load_file
+
+    tmp, _, lora_run = lora_on_demo
+    lora = tmp_path / "lora"
+    shutil.copytree(lora_run, lora)
+    full = ("train.finetune=full", f"train.init_from={lora}", "train.checkpoint_every=1")
+    _, straight = _finetune(tmp_path, "straight", *full, "train.max_steps=3")
+    _, run = _finetune(tmp_path, "full", *full)
+    shutil.rmtree(lora)
+    train(resume_config(str(run), None, ["train.max_steps=3"]), resume=str(run), progress=False)
+    step = run / "checkpoints" / "step-3"
+    torch.testing.assert_close(load_file(str(step / TRANSFORMER_FILE)),
+                               load_file(str(straight / "checkpoints" / "step-3" / TRANSFORMER_FILE)))
+    assert (step / "base.json").read_text() == (run / "checkpoints" / "step-2" / "base.json").read_text()
+    load_model(run)

@@ -86,5 +86,5 @@ def test_the_cache_stores_what_all_samples_share_once(tiny_config, tmp_path):
     meta = json.loads(meta_path.read_text())
     del meta["format"]
     meta_path.write_text(json.dumps(meta))
-    with pytest.raises(Vis2IRError, match=rf"made in cache format 1, but this vis2ir reads format {FORMAT}; make it again"):
+    with pytest.raises(Vis2IRError, match=rf"made in cache format 1, but this vis2ir reads format {FORMAT}; make a cache that fits"):
         LatentCache(tmp_path / "cache", cfg)

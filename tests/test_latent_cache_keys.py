@@ -33,8 +33,46 @@ def test_a_cache_of_the_test_split_is_refused_for_training_and_the_command_says_
     said = capsys.readouterr().out
     assert "train with" not in said and "not the training split" in said and "--split train" in said
     with pytest.raises(Vis2IRError, match=r"a cache of the 'test' split, but training reads the 'train' split; "
-                                          r"make a cache of it: `vis2ir data cache --split train --out "):
+                                          r"make a cache that fits this run with: vis2ir data cache --split train "
+                                          rf"--out {tmp_path / 'cache_train'} .* ; then train with "
+                                          rf"data.latent_cache={tmp_path / 'cache_train'}$") as err:
         LatentCache(out, tiny_config(*TINY_RUN))
+    assert "`" not in str(err.value) and "(with this run's settings)" not in str(err.value)
+
+
+def test_the_suggested_cache_command_can_be_pasted_and_makes_a_cache_that_fits(tiny_config, tmp_path, folder):
+    """The refusal's command, pasted (here: split into arguments as a shell does), makes a cache in a new folder
+    that the run takes; before, it was a backticked sentence reusing the refused cache's folder name."""
+    import shlex
+
+    from vis2ir.latent_cache import cache_command
+
+    cfg = folder_cfg(tiny_config, folder)
+    command = shlex.split(cache_command(tmp_path / "cache_test", cfg, "train"))
+    assert command[:7] == ["vis2ir", "data", "cache", "--split", "train", "--out", str(tmp_path / "cache_train")]
+    assert main(command[1:]) == 0
+    LatentCache(tmp_path / "cache_train", cfg)
+
+
+def test_a_changed_split_setting_is_named_not_called_a_changed_source(tiny_config, tmp_path, folder):
+    """data.val_fraction (or test_fraction) changes which samples the train split holds: the refusal names the
+    setting and its cached value, and the ways out; before: "its source ... changed since the cache was made"."""
+    build_latent_cache(folder_cfg(tiny_config, folder), tmp_path / "cache")
+    cfg = folder_cfg(tiny_config, folder, "data.val_fraction=0.4")
+    with pytest.raises(Vis2IRError, match=r"made with data.val_fraction=0.25, but this run has 0.4, which changes the "
+                                          r"samples of the 'train' split; set data.val_fraction=0.25 back to train "
+                                          r"from this cache, or make a cache that fits this run with: vis2ir data "
+                                          r"cache --split train --out \S+cache_train .*data.val_fraction=0.4") as err:
+        LatentCache(tmp_path / "cache", cfg)
+    assert "source" not in str(err.value).split("; ")[0]
+
+
+def test_a_cache_settings_mismatch_gives_the_ways_out(tiny_config, tmp_path, folder):
+    build_latent_cache(folder_cfg(tiny_config, folder, "data.hflip=true"), tmp_path / "cache")
+    with pytest.raises(Vis2IRError, match=r"made with data.hflip=True, but this run has False; set data.hflip=True "
+                                          r"back to train from this cache, or make a cache that fits this run with: "
+                                          r"vis2ir data cache --split train --out \S+cache_train .*data.hflip=false"):
+        LatentCache(tmp_path / "cache", folder_cfg(tiny_config, folder, "data.hflip=false"))
 
 
 def test_a_cache_whose_source_changed_is_refused_naming_what_changed(tiny_config, tmp_path, folder):
@@ -46,7 +84,8 @@ def test_a_cache_whose_source_changed_is_refused_naming_what_changed(tiny_config
     saved = vis.read_bytes(), ir.read_bytes()
     write_pair(vis, ir, 40, size=32)  # other pixels, same name
     with pytest.raises(Vis2IRError, match=rf"changed since the cache was made: 1 changed \(e.g. {name}\) samples "
-                                          r"of the 'train' split; make it again: `vis2ir data cache --split train"):
+                                          r"of the 'train' split; make a cache that fits this run with: vis2ir data "
+                                          r"cache --split train"):
         LatentCache(tmp_path / "cache", cfg)
     vis.write_bytes(saved[0])  # the same bytes back, new times: the same data
     ir.write_bytes(saved[1])
@@ -89,3 +128,25 @@ def test_the_fingerprint_tells_split_count_names_and_files(tiny_config, folder):
     assert describe_difference(a, changed) == "files of the same samples changed (size or modification time)"
     synth = data_fingerprint(tiny_config(*TINY_RUN).data, "train")
     assert synth != data_fingerprint(tiny_config(*TINY_RUN, "data.synth_seed=9").data, "train")
+
+
+def test_a_refused_train_launch_leaves_nothing_in_the_output_folder(tiny_config, tmp_path, folder):
+    """A launch refused for its cache (another split here) or for its data (a name in two split lists, found as
+    the loaders start) left config.yaml, logs/ and tensorboard/ in its output folder; now nothing new."""
+    from vis2ir.train import train
+
+    build_latent_cache(folder_cfg(tiny_config, folder), tmp_path / "cache_test", split="test")
+    out = tmp_path / "runs" / "refused"
+    cfg = folder_cfg(tiny_config, folder, f"data.latent_cache={tmp_path / 'cache_test'}", "train.max_steps=2",
+                     f"train.output_dir={out}")
+    with pytest.raises(Vis2IRError, match="a cache of the 'test' split"):
+        train(cfg, progress=False)
+    assert not out.exists()
+    names = sorted(p.stem for p in (folder / "visible").iterdir())
+    (folder / "train.txt").write_text("".join(f"{n}\n" for n in names))
+    (folder / "test.txt").write_text(f"{names[0]}\n")
+    out.mkdir(parents=True)
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(Vis2IRError, match=r"is listed in both .*train\.txt and .*test\.txt"):
+        train(folder_cfg(tiny_config, folder, "train.max_steps=2", f"train.output_dir={out}"), progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]

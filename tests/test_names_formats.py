@@ -15,6 +15,7 @@ from vis2ir.cli import main
 from vis2ir.config import DataConfig
 from vis2ir.data import build_dataset, inspect_source, write_thermalscenes
 from vis2ir.data.convert import convert_source
+from vis2ir.data.dataset import open_source
 from vis2ir.errors import Vis2IRError
 from vis2ir.evaluate.run import evaluate_folders
 from vis2ir.figures import image_grid
@@ -58,6 +59,20 @@ def test_training_data_inspect_and_convert_take_names_that_are_not_utf8(latin1_f
     copy = build_dataset(DataConfig(source=str(tmp_path / "copy"), size=32, val_fraction=0.0), "train")
     assert LATIN1 in [r.name for r in copy.records] and len(copy) == 8
     convert_source(cfg, tmp_path / "table", "parquet")
+
+
+def test_a_name_that_is_not_utf8_survives_parquet_and_back(latin1_folder, tmp_path):
+    """`data convert` to parquet then back to folders: the table keeps the name's bytes (before: the name was
+    stored escaped, and converting the table back refused it for its backslash)."""
+    def names(source: Path) -> list[str]:
+        found, _ = open_source(DataConfig(source=str(source), size=32))
+        return sorted(r.name for r in found.records)
+
+    assert main(["data", "convert", str(latin1_folder), "--out", str(tmp_path / "pq"), "--format", "parquet"]) == 0
+    assert LATIN1 in names(tmp_path / "pq") and names(tmp_path / "pq") == names(latin1_folder)
+    assert main(["data", "convert", str(tmp_path / "pq"), "--out", str(tmp_path / "back")]) == 0
+    assert (tmp_path / "back" / "visible" / f"{LATIN1}.png").is_file()
+    assert names(tmp_path / "back") == names(latin1_folder)
 
 
 def test_evaluate_and_figures_take_names_that_are_not_utf8(latin1_folder, tmp_path):
@@ -112,3 +127,19 @@ def test_a_heic_prediction_or_truth_is_named_by_evaluate(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="vis2ir"):
         evaluate_folders(tmp_path / "pred", tmp_path / "truth", out=tmp_path / "eval")
     assert "--truth" in caplog.text and "c.heif" in caplog.text
+
+
+def test_a_heic_given_as_a_file_gets_the_same_format_line_as_in_a_folder(tmp_path):
+    """`generate --input phone.HEIC`, a map or an upload of one: every reader (`io.images.open_image`) names the
+    format and the way out, as a folder's listing does; before: "cannot read image (UnidentifiedImageError: …)"."""
+    from vis2ir.io.images import ImageError, read_image
+
+    heic = tmp_path / "phone.HEIC"
+    heic.write_bytes(b"\x00\x00\x00\x18ftypheic")
+    with pytest.raises(ImageError, match=r"phone\.HEIC: a \.heic file, a format vis2ir does not read; convert it to "
+                                         r"PNG \(read: \.jpg") as err:
+        read_image(heic)
+    assert "Unidentified" not in str(err.value)
+    (tmp_path / "bad.png").write_bytes(b"not a png")  # a damaged file of a format vis2ir reads: still "cannot read"
+    with pytest.raises(ImageError, match=r"bad\.png: cannot read image"):
+        read_image(tmp_path / "bad.png")

@@ -5,6 +5,7 @@ line, every checkpoint carries its run identity (run.json), and offset noise is 
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -184,6 +185,51 @@ def test_a_second_launch_into_a_run_folder_is_refused_before_the_model_loads(tin
     assert [p.name for p in list_checkpoints(failed)] == ["step-1"]
 
 
+def test_a_run_inside_another_run_or_checkpoint_is_refused_and_pruning_keeps_what_is_not_a_checkpoint(
+        tiny_config, tmp_path, monkeypatch, caplog):
+    """train.output_dir inside a run (its checkpoints/ folder, a checkpoint of it, or below one) or inside a
+    checkpoint folder: one line naming it and the way out, before any model loads, nothing written. Once such
+    a nested run trained and mixed its files into the outer run's checkpoint, which the outer run's keep_last
+    pruning then deleted with the nested run, without a word. Pruning deletes only checkpoint folders."""
+    from vis2ir import train as training
+    from vis2ir.checkpoint import save_weights
+    from vis2ir.model import build_model
+
+    run_dir = run(tiny_config, tmp_path, "train.max_steps=2", "train.checkpoint_every=1", "train.val_every=100")
+    step = run_dir / "checkpoints" / "step-2"
+    alone = tmp_path / "alone"
+    full = tiny_config(*TINY_RUN, "train.finetune=full")
+    save_weights(alone, build_model(full), full)
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was built")
+
+    monkeypatch.setattr(training.module, "build_model", no_model)
+    monkeypatch.setattr(training.Vis2IRModule, "configure_model", no_model)
+    for inside, outer in ((run_dir / "checkpoints", f"the run {run_dir}"),
+                          (step, f"the run {run_dir}"),
+                          (step / "new" / "deeper", f"the run {run_dir}"),
+                          (run_dir / "logs" / "new", f"the run {run_dir}"),
+                          (alone / "new", f"the checkpoint {alone}")):
+        folder = alone if inside.parent == alone else run_dir
+        with pytest.raises(Vis2IRError, match=rf"^train.output_dir={re.escape(str(inside))} lies inside "
+                                              rf"{re.escape(outer)}; .*choose another train.output_dir, outside "
+                                              rf"{re.escape(str(folder))}$"):
+            run(tiny_config, tmp_path, "train.max_steps=2", name=str(inside.relative_to(tmp_path)))
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
+    monkeypatch.undo()
+    # A run nested in step-1 by a version without this check: the outer run's pruning leaves it be.
+    nested = run_dir / "checkpoints" / "step-1" / "checkpoints" / "step-1"
+    nested.mkdir(parents=True)
+    (nested / "config.yaml").write_text("nested run\n")
+    with caplog.at_level(logging.WARNING, logger="vis2ir"):
+        run(tiny_config, tmp_path, "train.max_steps=4", "train.checkpoint_every=1", "train.val_every=100",
+            "train.keep_last=1", resume=str(run_dir))
+    assert [p.name for p in list_checkpoints(run_dir)] == ["step-1", "step-4"] and (nested / "config.yaml").exists()
+    assert f"{run_dir / 'checkpoints' / 'step-1'}: not pruned (train.keep_last)" in caplog.text
+
+
 def test_every_checkpoint_records_its_run_and_a_resume_checks_the_data(tiny_config, tmp_path):
     """run.json in every checkpoint (version, state format, step, data fingerprint, base); a resume after a
     training image changed is refused in one line naming the change and the ways out."""
@@ -225,12 +271,14 @@ def test_a_run_folder_of_the_previous_release_resumes_exactly(tiny_config, tmp_p
     assert_same_weights(straight / "checkpoints" / "step-4", run_dir / "checkpoints" / "step-4")
     newest = run_dir / "checkpoints" / "step-4"
     identity = json.loads((newest / RUN_FILE).read_text())
-    (newest / RUN_FILE).write_text(json.dumps({**identity, "vis2ir_version": "9.0", "state_format": 99}))
-    refresh_manifest(newest)
-    with pytest.raises(Vis2IRError, match=rf"written by vis2ir 9.0 \(state format 99\), newer than this vis2ir "
-                                          rf"{__version__} \(state format {STATE_FORMAT}\); resume it with vis2ir 9.0 "
-                                          r"or later"):
-        run(tiny_config, tmp_path, "train.max_steps=5", "train.val_every=100", resume="latest")
+    for version, said in (("9.0", " (9.0)"), (__version__, "")):  # the same version number: no "use it" advice
+        (newest / RUN_FILE).write_text(json.dumps({**identity, "vis2ir_version": version, "state_format": 99}))
+        refresh_manifest(newest)
+        with pytest.raises(Vis2IRError, match=rf"was written with state format 99 by a newer vis2ir{re.escape(said)} "
+                                              rf"than this one \({__version__}, state format {STATE_FORMAT}\): upgrade "
+                                              r"vis2ir to resume it, or start a new run from its weights: vis2ir train "
+                                              rf"train.init_from={newest} train.output_dir=NEW_FOLDER$"):
+            run(tiny_config, tmp_path, "train.max_steps=5", "train.val_every=100", resume="latest")
 
 
 @pytest.mark.parametrize("codec, channels", [("vae", 16), ("pixel", 3)])

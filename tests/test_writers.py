@@ -282,3 +282,120 @@ def test_a_checkpoint_copied_incompletely_is_one_line_from_every_reader(two_chec
                             r"whole checkpoint \(written or copied incompletely\); the newest intact checkpoint of "
                             rf"this run is {re.escape(str(run_dir / 'checkpoints' / 'step-2'))}", str(err.value)), \
             (reader, str(err.value))
+
+
+def _limited(limit: int):
+    """For `subprocess`: the child may write files of at most `limit` bytes (RLIMIT_FSIZE). A longer write fails
+    in the OS (EFBIG; Python ignores SIGXFSZ), inside whatever library writes: a real write failure, as a full
+    disk gives, without needing a small disk."""
+    import resource
+
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
+def test_the_libraries_write_failures_are_one_line_and_leave_nothing(tmp_path):
+    """safetensors reports a failed write as `SafetensorError` ('… (os error 27)'), torch.save as a RuntimeError
+    of its zip writer; neither is an `OSError`. `atomic_write` turns both into one line naming the file, and
+    leaves no temporary file (before: the library's traceback)."""
+    import json
+    import subprocess
+    import sys
+
+    script = f"""
+import json, torch
+from pathlib import Path
+from safetensors.torch import save_file
+from vis2ir.errors import Vis2IRError
+from vis2ir.files import atomic_write
+folder, lines = Path({str(tmp_path / 'out')!r}), []
+for name, write in [("w.safetensors", lambda t: save_file({{"x": torch.zeros(20000)}}, str(t))),
+                    ("w.pt", lambda t: torch.save({{"x": torch.zeros(20000)}}, t))]:
+    try:
+        atomic_write(folder / name, write)
+    except Vis2IRError as err:
+        lines.append(str(err))
+print(json.dumps(lines))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          preexec_fn=_limited(16384), env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(lines) == 2, lines
+    for line, name in zip(lines, ("w.safetensors", "w.pt")):
+        assert f"{tmp_path / 'out'}: could not write ({name})" in line and "\n" not in line, line
+    assert list((tmp_path / "out").iterdir()) == []  # no temporary file left
+
+
+def test_a_real_write_failure_while_training_is_one_line_and_leaves_no_partial_checkpoint(tmp_path):
+    """`vis2ir train` whose checkpoint cannot be written (the transformer's 0.4 MB file, over the child's 200 kB
+    file-size limit): exit status 2, one line naming the checkpoint, no traceback, no `.step-N.tmp` folder
+    (before: safetensors' traceback, exit 1, the temporary folder left behind)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import TINY_MODEL
+
+    run_dir = tmp_path / "run"
+    args = [*TINY_MODEL, f"model.prompt_cache_dir={tmp_path / 'prompt_cache'}", *TINY_RUN, "train.finetune=full",
+            f"train.output_dir={run_dir}", "train.max_steps=2", "train.checkpoint_every=2", "train.val_every=100"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    done = subprocess.run([sys.executable, "-m", "vis2ir.cli", "train", *args], capture_output=True, text=True,
+                          timeout=600, env=env, preexec_fn=_limited(200_000))
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    assert f"{run_dir / 'checkpoints'}: could not write (step-2)" in done.stderr, done.stderr[-3000:]
+    assert not (run_dir / "checkpoints").exists() or list((run_dir / "checkpoints").iterdir()) == []
+
+
+def test_generate_stops_at_a_full_disk_and_marks_no_item_done_that_is_not_whole(tmp_path, monkeypatch):
+    """A full disk while `generate --compare` writes a folder's outputs: the run stops at once with one line (it
+    went on through every input, each failing alike), and no `<name>.png` (the mark a re-run skips an item by)
+    exists without its compare figure: that PNG is written last."""
+    from tests.test_bad_inputs import good
+    from vis2ir import files as files_module
+    from vis2ir.config import load_config
+    from vis2ir.pipeline import run_generate
+
+    from tests.conftest import TINY_MODEL
+
+    good(tmp_path, names=("a", "b", "c"))
+    config = tmp_path / "concat.yaml"
+    load_config(None, [*TINY_MODEL, f"model.prompt_cache_dir={tmp_path / 'cache'}", "model.codec=pixel",
+                       "sample.steps=1", "sample.guidance=1.0", "model.semantic.mode=channel_concat"]).save(config)
+    real, writes = files_module.fsync, []
+
+    def full_after_two(path):
+        if Path(path).is_file():
+            writes.append(path)
+            if len(writes) > 2:  # the first item's two files go through; then the disk is full
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path)
+
+    monkeypatch.setattr(files_module, "fsync", full_after_two)
+    out = tmp_path / "out"
+    with pytest.raises(files_module.DiskFull, match=r"the disk is full, nothing written"):
+        run_generate(tmp_path / "visible", out, config=config, semantic=tmp_path / "semantic", compare=True)
+    assert len(writes) == 3  # stopped at the first failure, not after every input
+    for png in out.glob("*.png"):  # every item marked done is whole
+        assert (out / "compare" / png.name).exists(), png
+
+
+def test_a_write_failure_while_caching_latents_leaves_no_cache_folder(tmp_path):
+    """`vis2ir data cache` whose first shard cannot be written (the child's file-size limit): one line, exit
+    status 2, and no folder left that looks like a cache (before: safetensors' traceback and an empty folder)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import TINY_MODEL
+    from vis2ir.config import load_config
+
+    config = tmp_path / "tiny.yaml"
+    load_config(None, [*TINY_MODEL, f"model.prompt_cache_dir={tmp_path / 'prompt_cache'}", *TINY_RUN]).save(config)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    done = subprocess.run([sys.executable, "-m", "vis2ir.cli", "data", "cache", "--config", str(config), "--out",
+                           str(tmp_path / "cache")], capture_output=True, text=True, timeout=600, env=env,
+                          preexec_fn=_limited(4096))
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and f"{tmp_path / 'cache'}: could not write (shard-00000" in done.stderr, \
+        done.stderr[-3000:]
+    assert not (tmp_path / "cache").exists()

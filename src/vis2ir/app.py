@@ -14,8 +14,9 @@ upload gets the command line's one-line error in the page. Requests are queued o
 
 The disk stays bounded: results and uploads are deleted `--keep-minutes` after they are made (the app's
 own files by `App.results`, Gradio's copies and uploads by its `delete_cache`), the app's own result folders
-are at most `KEEP_RESULTS` however many visitors come, and the example the page opens with is generated once
-and shown to every later visitor. Memory stays bounded too: a visitor's page state holds only the key of its
+are at most `KEEP_RESULTS` however many visitors come, Gradio's files for the page (uploads under the limit, its
+copies of results) are at most `KEEP_FILES` in `KEEP_FILES_MIB`, the oldest deleted first (`BoundedFiles`), and
+the example the page opens with is generated once and shown to every later visitor. Memory stays bounded too: a visitor's page state holds only the key of its
 last result; the results themselves (the photo and the attention maps) are kept by `Kept`, the newest
 `KEEP_RESULTS` of all visitors within `KEEP_RESULT_MIB`, the oldest dropped. An upload over
 `--max-upload-mib` is refused by the server before it is stored, and by `App.generate` before it is decoded.
@@ -64,6 +65,8 @@ CLEAN_EVERY_S = 600  # Gradio's cache is swept this often (or every keep time, i
 KEEP_RESULTS = 32  # results kept in memory (all visitors together) and result folders kept on disk, at most
 KEEP_RESULT_MIB = 1024  # MiB of results (photos and attention maps) kept in memory, at most
 UPLOAD_MIB_LIMIT = 4096  # the largest --max-upload-mib: larger is a typo
+KEEP_FILES_MIB = 1024  # MiB of Gradio's files for the page (uploads, its copies of results) kept, at most
+KEEP_FILES = 64  # and how many of them, at most: the oldest are deleted first (`BoundedFiles`)
 
 
 def load_models(checkpoint: str | Path | None = None, device=None) -> dict[str, Vis2IRPipeline]:
@@ -387,7 +390,71 @@ def build_app(models: dict[str, Vis2IRPipeline], workdir: str | Path, segment_mo
         button.click(generate, inputs, outputs, api_name="generate")
         page.load(example, None, outputs, api_name="example")  # a result at once: the first example, made once
         clickable.select(attend, [state], [mean, heads])
+    bound_files(page, KEEP_FILES_MIB * 2**20, KEEP_FILES)
     return page
+
+
+class BoundedFiles(set):
+    """Gradio's set of the files uploaded to a page (`Blocks.upload_file_set`, updated by its upload route), which
+    each time files are added deletes the oldest of all the files Gradio keeps for the page (`temp_file_sets`:
+    uploads and its copies of results; not those the page was built with, like the examples) beyond `max_files` files
+    or `max_bytes` bytes in all, the files just added aside. So the disk holds at most about `max_bytes` plus the
+    latest upload whatever the keep time, however many visitors upload. `bound` deletes; it returns their paths."""
+
+    def __init__(self, page: gr.Blocks, max_bytes: int = KEEP_FILES_MIB * 2**20, max_files: int = KEEP_FILES):
+        super().__init__()
+        self.page, self.max_bytes, self.max_files = page, max_bytes, max_files
+        self.lasting = {str(p) for group in page.temp_file_sets for p in group}  # the examples, the opening values
+
+    def update(self, *others) -> None:
+        added = set().union(*others)
+        super().update(added)
+        self.bound(keep=added)
+
+    def add(self, item) -> None:
+        super().add(item)
+        self.bound(keep={item})
+
+    def bound(self, keep=frozenset()) -> list[str]:
+        """Delete the oldest files beyond the bounds (by modification time; `keep` and missing files aside)."""
+        lasting = self.lasting.union(*(getattr(c, "keep_in_cache", set()) for c in self.page.blocks.values()))
+        files = []
+        for group in self.page.temp_file_sets:
+            for path in list(group):
+                try:
+                    info = os.lstat(path)
+                except OSError:  # not moved into the cache yet, or deleted already
+                    continue
+                if str(path) not in lasting:
+                    files.append((path in keep, info.st_mtime_ns, str(path), info.st_size, group))
+        files.sort(reverse=True)  # those just added first, then the newest
+        total, count, deleted = 0, 0, []
+        for fresh, _, path, size, group in files:
+            if fresh or (total + size <= self.max_bytes and count < self.max_files):
+                total, count = total + size, count + 1
+                continue
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass
+            except OSError as err:
+                log.warning("cannot delete %s (%s)", path, err.strerror or err)
+                continue
+            group.discard(path)
+            deleted.append(path)
+        if deleted:
+            log.debug("deleted %d of Gradio's files (beyond %d files or %d bytes)", len(deleted), self.max_files,
+                      self.max_bytes)
+        return deleted
+
+
+def bound_files(page: gr.Blocks, max_bytes: int = KEEP_FILES_MIB * 2**20, max_files: int = KEEP_FILES) -> None:
+    """Make `page`'s set of uploaded files a `BoundedFiles`: every upload deletes the oldest of Gradio's files
+    for the page beyond `max_bytes` or `max_files`; call it once the page is built (its files stay)."""
+    old = page.upload_file_set
+    page.upload_file_set = BoundedFiles(page, max_bytes, max_files)
+    page.upload_file_set.update(old)
+    page.temp_file_sets = [page.upload_file_set if group is old else group for group in page.temp_file_sets]
 
 
 def check_port(host: str, port: int) -> None:

@@ -35,7 +35,7 @@ from vis2ir.errors import Vis2IRError
 from vis2ir.checkpoint_files import (ADAPTER_FILE, BASE_FILE, CONFIG_FILE, LORA_FILE, PROMPT_FILE, TRANSFORMER_FILE,
                                      check_intact, checkpoint_identity, list_checkpoints, newest_intact, write_manifest)
 from vis2ir.checkpoint_files import MANIFEST_FILE, RESUME_FILE, checkpoint_problem  # noqa: F401 (their home until now)
-from vis2ir.files import fsync, ordinary_mode, temp_path, write_error
+from vis2ir.files import fsync, io_error, ordinary_mode, temp_path, write_error
 
 log = logging.getLogger(__name__)
 
@@ -66,18 +66,25 @@ def add_lora(transformer: torch.nn.Module, cfg: LoraConfig) -> None:
 # Saving
 
 
-def write_weights(directory: str | Path, model, cfg: Config, state: dict[str, torch.Tensor] | None = None) -> None:
+def write_weights(directory: str | Path, model, cfg: Config, state: dict[str, torch.Tensor] | None = None,
+                  base: Path | dict | None = None) -> None:
     """Write config and weights of `model` (a `Vis2IRModel`) into the existing folder `directory`.
 
     `state`: the model's trained tensors by name, whole (`sharding.trainable_state`, which gathers them
-    from FSDP shards); by default the model's own `state_dict()`.
+    from FSDP shards); by default the model's own `state_dict()`. `base`: the checkpoint folder that
+    `cfg.train.init_from` names, where it is now (by default looked up by that name), or the base.json record
+    to keep (a resumed full run's: its base is not needed, and may be gone).
     """
     directory = Path(directory)
     cfg.save(directory / CONFIG_FILE)
     if cfg.train.init_from:  # the base the weights sit on (LoRA) or started from (full), as `resolve_init_from` left it
-        base = find_checkpoint(cfg.train.init_from)
-        (directory / BASE_FILE).write_text(json.dumps({"init_from": cfg.train.init_from,
-                                                       "identity": checkpoint_identity(base)}, indent=2) + "\n")
+        record = base if isinstance(base, dict) else None
+        if record is None:
+            base = Path(base) if base is not None else find_checkpoint(cfg.train.init_from)
+            record = {"init_from": cfg.train.init_from, "identity": checkpoint_identity(base)}
+            if cfg.train.init_from not in SHIPPED:  # found again where a runs folder moved whole (`check_base`)
+                record["relative"] = os.path.relpath(base.absolute(), directory.absolute())
+        (directory / BASE_FILE).write_text(json.dumps(record, indent=2) + "\n")
     dtype = getattr(torch, cfg.train.save_dtype)
     state = model.state_dict() if state is None else state
     transformer = _part(state, "transformer.")
@@ -110,13 +117,15 @@ def checkpoint_size(model, cfg: Config) -> int:
     return sum(p.numel() * (width + 12) for p in model.parameters() if p.requires_grad)
 
 
-def failed_save(tmp: Path, final: Path, err: OSError | None, needed: int | None = None) -> Vis2IRError:
-    """The one-line error for a checkpoint that could not be written to `final` (`err`: what rank 0 met;
-    None on the other ranks), after deleting its temporary folder `tmp`, so nothing partial stays."""
+def failed_save(tmp: Path, final: Path, err: BaseException | None, needed: int | None = None) -> BaseException:
+    """What to raise for a checkpoint that could not be written to `final` (`err`: what rank 0 met; None on the
+    other ranks), after deleting its temporary folder `tmp`, so nothing partial stays: a one-line `Vis2IRError`
+    for a failed write (`files.io_error`: a full disk, an unwritable folder), else `err` itself (a bug)."""
     shutil.rmtree(tmp, ignore_errors=True)
     if err is None:
         return Vis2IRError(f"{final}: the first process could not write this checkpoint (its message says why)")
-    return write_error(final.parent, err, final.name, needed)
+    failed = io_error(err)
+    return err if failed is None else write_error(final.parent, failed, final.name, needed)
 
 
 _IN_PLACE_IO = None
@@ -221,16 +230,19 @@ class atomic_dir:
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        try:
-            if exc_type is None:
+        if exc is None:
+            try:
                 write_manifest(self.tmp)
                 replace_dir(self.tmp, self.path)
                 return
-        except OSError as err:
-            exc_type, exc = type(err), err
+            except Exception as err:
+                exc = err
         shutil.rmtree(self.tmp, ignore_errors=True)
-        if isinstance(exc, OSError):
-            raise write_error(self.path.parent, exc, self.path.name) from None
+        if (failed := io_error(exc)) is not None:  # a full disk, an unwritable folder: one line
+            raise write_error(self.path.parent, failed, self.path.name) from None
+        if exc_type is None:
+            raise exc  # a failure of the manifest or the rename that is not a write error
+        # anything else raised in the block goes on as it is
 
 
 # ----------------------------------------------------------------------------------------------
@@ -296,27 +308,37 @@ def load_checkpoint_config(directory: str | Path, overrides=()) -> Config:
     return load_config(directory / CONFIG_FILE, overrides)
 
 
-def check_base(directory: Path, where: str | None = None) -> Path | None:
+def check_base(directory: Path, where: str | None = None, moved_to: str | None = None) -> Path | None:
     """The checkpoint that the checkpoint `directory` was trained from (`train.init_from`, as recorded in
     its `base.json`), after checking it is still there and unchanged; None when it records none.
-    A gone or changed base is a one-line `Vis2IRError` naming it."""
+
+    It is looked for at the recorded path, then at the recorded path relative to `directory` (a runs folder
+    moved or copied whole), then at `moved_to` (a `train.init_from=NEW_PLACE` override: a checkpoint, run or
+    checkpoints/ folder); the first with the recorded identity is it. A gone or changed base is a one-line
+    `Vis2IRError` naming it and the ways out."""
     record = directory / BASE_FILE
     if not record.exists():
         return None
     try:
         base = json.loads(record.read_text())
-        name, identity = base["init_from"], base["identity"]
-    except (ValueError, KeyError, TypeError):
+        name, identity, relative = base["init_from"], base["identity"], base.get("relative")
+    except (ValueError, KeyError, TypeError, AttributeError):
         raise Vis2IRError(f"{record}: is damaged; {newest_intact(directory)}") from None
     where = where or str(directory)
-    source = checkpoint_path(name)
-    if not (source / CONFIG_FILE).exists():
-        raise Vis2IRError(f"{where}: trained on the checkpoint {name} (train.init_from, {record}), which is gone; "
-                          "put it back where it was to use this checkpoint")
-    if checkpoint_identity(source) != identity:
+    places = [checkpoint_path(name)] + ([directory / relative] if isinstance(relative, str) else [])
+    if moved_to and checkpoint_path(moved_to).exists():
+        places.append(find_checkpoint(moved_to))
+    found = [p for p in places if (p / CONFIG_FILE).exists()]
+    for source in found:
+        if checkpoint_identity(source) == identity:
+            return source
+    if found:
         raise Vis2IRError(f"{where}: trained on the checkpoint {name} (train.init_from, {record}), which has "
-                          "changed since; put the original back (its weights are what this one builds on)")
-    return source
+                          f"changed since ({found[-1]} is not it); put the original back (its weights are what this "
+                          "one builds on)")
+    raise Vis2IRError(f"{where}: trained on the checkpoint {name} (train.init_from, {record}), which is gone; "
+                      "put it back where it was, or name its new place with train.init_from=NEW_PLACE"
+                      + (f" ({moved_to} is not there)" if moved_to else ""))
 
 
 def resolve_init_from(cfg: Config, resume: Path | None = None) -> Config:
@@ -330,11 +352,12 @@ def resolve_init_from(cfg: Config, resume: Path | None = None) -> Config:
     if not value:
         return cfg
     if resume is not None:
-        saved = load_checkpoint_config(resume.parent).train.init_from
+        trained = load_checkpoint_config(resume.parent).train
+        saved = trained.init_from
         if saved and value != saved and checkpoint_path(value).exists() \
                 and find_checkpoint(value).resolve() == checkpoint_path(saved).resolve():
             value = saved  # the same base, written another way
-        if value == saved:
+        if value == saved and trained.finetune != "full":  # a full checkpoint holds all it needs: no base
             check_base(resume.parent, f"--resume {resume.parent}")
     elif value not in SHIPPED:
         value = str(find_checkpoint(value).resolve())
@@ -431,15 +454,18 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: torc
     """`(model, config)` from a checkpoint folder or a run folder (its newest checkpoint)."""
     directory = find_checkpoint(path)
     cfg = load_checkpoint_config(directory, overrides)
-    model = build_with_weights(directory, cfg, device, dtype)
+    saved = load_checkpoint_config(directory).train.init_from
+    moved_to = cfg.train.init_from if cfg.train.init_from != saved else None  # the base's new place, if overridden
+    model = build_with_weights(directory, cfg, device, dtype, moved_to)
     log.info("Loaded checkpoint %s", directory)
     return model.eval(), cfg
 
 
 def build_with_weights(directory: str | Path, cfg: Config, device: torch.device | str = "cpu",
-                       dtype: torch.dtype | None = None):
+                       dtype: torch.dtype | None = None, moved_to: str | None = None):
     """The model `cfg` describes, with the weights of the checkpoint `directory` (whose own config
-    gives the structure). A full-weights checkpoint under `model.quantize` is loaded in full precision
+    gives the structure; `moved_to`: where its base is now, `check_base`). A full-weights checkpoint under
+    `model.quantize` is loaded in full precision
     on the CPU first and quantized on its way to `device` (weights cannot be loaded into a quantized layer)."""
     import dataclasses
 
@@ -449,7 +475,7 @@ def build_with_weights(directory: str | Path, cfg: Config, device: torch.device 
 
     directory = Path(directory)
     trained = load_checkpoint_config(directory)
-    base = lora_base(directory, trained)
+    base = lora_base(directory, trained, moved_to)
     dtype = dtype or resolve_dtype(cfg.model.dtype, device)
     full = trained.train.finetune == "full"
     if (full or base is not None) and cfg.model.quantize != "none":
@@ -471,13 +497,13 @@ def build_with_weights(directory: str | Path, cfg: Config, device: torch.device 
     return model
 
 
-def lora_base(directory: Path, trained: Config) -> Path | None:
+def lora_base(directory: Path, trained: Config, moved_to: str | None = None) -> Path | None:
     """The full checkpoint whose transformer the LoRA checkpoint `directory` sits on, or None (a full
     checkpoint, or LoRA on the backbone). A LoRA trained from a full checkpoint sits on it; one trained from
     another LoRA checkpoint sits on that one's base. A gone or changed base: one line naming it (`check_base`)."""
     if trained.train.finetune != "lora" or not trained.train.init_from:
         return None
-    source = check_base(directory)
+    source = check_base(directory, moved_to=moved_to)
     if source is None:  # written before checkpoints recorded their base: look it up as named
         source = find_checkpoint(trained.train.init_from)
         log.warning("%s: records no identity of its base %s; assuming it is unchanged", directory, source)

@@ -94,6 +94,13 @@ def _safetensors_problem(path: Path) -> str | None:
     return None if size == 8 + length + end else f"is incomplete ({size:,} of {8 + length + end:,} bytes)"
 
 
+def size_problem(size: int, recorded: int) -> str:
+    """What a file of `size` bytes whose checkpoint recorded `recorded` bytes is, in words: cut short, or changed."""
+    if size < recorded:
+        return f"is incomplete ({size:,} of {recorded:,} bytes)"
+    return f"is {size:,} bytes, the checkpoint recorded {recorded:,} (edited or copied incompletely)"
+
+
 def checkpoint_problem(directory: Path, resume: bool = False) -> tuple[Path, str] | None:
     """`(file, what is wrong)` when the checkpoint folder `directory` is not whole, else None.
 
@@ -119,7 +126,7 @@ def checkpoint_problem(directory: Path, resume: bool = False) -> tuple[Path, str
             if path.stat().st_size == size:
                 continue
             if name != CONFIG_FILE:
-                return path, f"is incomplete ({path.stat().st_size:,} of {size:,} bytes)"
+                return path, size_problem(path.stat().st_size, size)
             if (problem := _config_problem(path, settings)) is not None:  # else edited by hand: fine
                 return path, problem
         if resume and RESUME_FILE not in sizes:

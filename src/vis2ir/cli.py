@@ -90,7 +90,8 @@ def _cmd_data_inspect(args: argparse.Namespace) -> None:
     report = inspect_source(data, out=args.out or inspect_sheet_path(args.source), count=args.count,
                             mode=cfg.model.semantic.mode)
     if report["problems"]:  # after the report and the contact sheet are written
-        raise Vis2IRError(f"{args.source}: {len(report['problems'])} problems found (listed above; contact sheet: "
+        n = len(report["problems"])
+        raise Vis2IRError(f"{args.source}: {n} problem{'s' if n != 1 else ''} found (listed above; contact sheet: "
                           f"{report['sheet']})")
 
 

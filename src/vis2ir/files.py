@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Callable
@@ -70,8 +71,10 @@ def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
         fsync(tmp)
         os.replace(tmp, path)
         fsync(path.parent)
-    except OSError as err:
-        raise write_error(path.parent, err, what=path.name) from None
+    except Exception as err:
+        if (failed := io_error(err)) is None:
+            raise
+        raise write_error(path.parent, failed, what=path.name) from None
     finally:
         tmp.unlink(missing_ok=True)
     return path
@@ -82,19 +85,50 @@ def mib(n: float) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
 
+class DiskFull(Vis2IRError):
+    """A write failed because the disk (or the user's quota) is full: a folder run stops at the first one,
+    since every later write would fail alike."""
+
+
+# How the libraries that write our files report an OS-level write failure without raising `OSError`:
+# safetensors' Rust writer ("I/O error: No space left on device (os error 28)") and torch.save's zip writer
+# ("[enforce fail at inline_container.cc] . unexpected pos …", "PytorchStreamWriter failed writing file …").
+_OS_ERROR_CODE = re.compile(r"\(os error (\d+)\)")
+_TORCH_WRITE_FAILED = ("unexpected pos", "PytorchStreamWriter failed writing", "file write failed")
+
+
+def io_error(err: BaseException) -> OSError | None:
+    """`err` as the `OSError` it stands for when it is a failed write: an `OSError` itself, a safetensors error
+    carrying an OS error code, or torch.save's zip-writer failure (`errno.EIO`, the OS's code being lost);
+    None for anything else (a bug, which must stay a traceback)."""
+    if isinstance(err, OSError):
+        return err
+    text = str(err)
+    code = _OS_ERROR_CODE.search(text)
+    if code and type(err).__name__ == "SafetensorError":
+        return OSError(int(code.group(1)), os.strerror(int(code.group(1))))
+    if isinstance(err, RuntimeError) and any(part in text for part in _TORCH_WRITE_FAILED):
+        return OSError(errno.EIO, "the write failed (torch.save could not write the whole file)")
+    return None
+
+
 def write_error(folder: str | Path, err: OSError, what: str = "", needed: int | None = None) -> Vis2IRError:
-    """A one-line `Vis2IRError` for an `OSError` met writing into `folder`: a full disk (how much was
-    `needed` in bytes, when known, and how much is free), a folder that is not writable, or the OS's reason."""
+    """A one-line `Vis2IRError` for an `OSError` met writing into `folder`: a full disk (`DiskFull`: how much
+    was `needed` in bytes, when known, and how much is free; also when the OS's code was lost, `io_error`, and
+    the disk has less than `needed`, or nothing, free), a folder that is not writable, or the OS's reason."""
     folder = Path(folder)
     into = f" ({what})" if what else ""
-    if err.errno in (errno.ENOSPC, errno.EDQUOT):
-        try:
-            free = mib(shutil.disk_usage(_existing(folder)).free)
-        except OSError:
-            free = "unknown"
+    try:
+        free = shutil.disk_usage(_existing(folder)).free
+    except OSError:
+        free = None
+    full = err.errno in (errno.ENOSPC, errno.EDQUOT) or (
+        err.errno == errno.EIO and free is not None and (free == 0 or (needed is not None and free < needed)))
+    if full:
         need = f"needs about {mib(needed)}, " if needed else ""
-        return Vis2IRError(f"{folder}: the disk is full, nothing written{into} ({need}{free} free); free some space "
-                           "or write to another folder")
+        return DiskFull(f"{folder}: the disk is full, nothing written{into} ({need}"
+                        f"{'unknown' if free is None else mib(free)} free); free some space or write to another "
+                        "folder")
     if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return Vis2IRError(f"{folder}: not writable ({err.strerror}), nothing written{into}; choose a folder "
                            "you can write to, or change its permissions")

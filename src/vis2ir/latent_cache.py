@@ -53,11 +53,17 @@ SHARD_SIZE = 256  # samples per shard at most; a shard holds one panel shape (as
 # schema (role "latent", `vis2ir.config.roles`); NOT_LATENT, the exceptions, is folded into those roles.
 LATENT_SETTINGS = role_prefixes("latent")
 NOT_LATENT: tuple[str, ...] = ()
+DATA_SETTINGS = role_prefixes("data")  # the settings that decide which samples a split holds (recorded too)
 
 
 def fingerprint(cfg: Config) -> dict:
     """The settings that decide a sample's latents, by dotted key."""
     return {k: v for k, v in cfg.flat().items() if k.startswith(LATENT_SETTINGS) and k not in NOT_LATENT}
+
+
+def data_settings(cfg: Config) -> dict:
+    """The settings that decide which samples a split holds (`DATA_SETTINGS`), by dotted key."""
+    return {k: v for k, v in cfg.flat().items() if k.startswith(DATA_SETTINGS)}
 
 
 @torch.no_grad()
@@ -68,8 +74,7 @@ def build_latent_cache(cfg: Config, out: str | Path, split: str = "train", batch
     from vis2ir.files import check_writable
 
     check_writable(out, "data cache --out")  # before the codec loads
-    from vis2ir.data import build_dataset, collate
-    from vis2ir.data.buckets import group
+    from vis2ir.data import build_dataset
 
     if cfg.data.resize_policy == "random_crop":
         raise Vis2IRError("data.resize_policy=random_crop: a random crop cannot be cached; use bucket, resize or center_crop")
@@ -79,7 +84,28 @@ def build_latent_cache(cfg: Config, out: str | Path, split: str = "train", batch
     flips = cfg.data.hflip and split == "train"
     data_cfg = dataclasses.replace(cfg.data, hflip=False)
     dataset = build_dataset(data_cfg, split, require_semantic=cfg.model.semantic.mode in NEEDS_SEMANTIC)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    (out / META_FILE).unlink(missing_ok=True)  # an older cache here is never read half rewritten
+    written: list[Path] = []
+    try:
+        _write_shards(cfg, out, split, dataset, codec, device, batch_size, flips, written)
+    except BaseException:  # a full disk (one line from `atomic_write`), Ctrl-C, …: leave nothing partial
+        for path in written:
+            path.unlink(missing_ok=True)
+        if created and not any(out.iterdir()):
+            out.rmdir()
+        raise
+    return out
+
+
+def _write_shards(cfg: Config, out: Path, split: str, dataset, codec, device, batch_size: int, flips: bool,
+                  written: list[Path]) -> None:
+    """The shards of `dataset`, then `meta.json` (last: it makes the folder a cache), into `out`; each path
+    is appended to `written` once it exists."""
+    from vis2ir.data import collate
+    from vis2ir.data.buckets import group
+
     shapes = dataset.shapes
     names: list[str] = [""] * len(dataset)
     shards, shard_shapes, shard_rows, locations = [], [], [], [[0, 0] for _ in range(len(dataset))]
@@ -104,17 +130,19 @@ def build_latent_cache(cfg: Config, out: str | Path, split: str = "train", batch
         name = f"shard-{len(shards):05d}.safetensors"
         shard = {k: torch.cat(v).contiguous() for k, v in tensors.items()} | {MASK_KEY: mask.cpu().contiguous()}
         atomic_write(out / name, lambda tmp, shard=shard: save_file(shard, str(tmp)))
+        written.append(out / name)
         shards.append(name)
         shard_shapes.append(list(shape))
         shard_rows.append(rows)
     source = _source_keys(cfg, split, set(names))
     meta = {"format": FORMAT, "fingerprint": fingerprint(cfg), "split": split, "count": len(names), **source,
+            "data_settings": data_settings(cfg),  # what decides the split's samples: a change is named
             "names": names, "shards": shards, "shard_shapes": shard_shapes, "token_rows": shard_rows,
             "locations": locations, "flips": flips}
     write_text(out / META_FILE, json.dumps(meta))
+    written.append(out / META_FILE)
     log.info("Cached %d %s samples%s in %s (%d panel shapes)", len(names), split,
              " (both orientations)" if flips else "", out, len(set(map(tuple, shard_shapes))))
-    return out
 
 
 def _source_keys(cfg: Config, split: str, cached: set[str]) -> dict:
@@ -129,9 +157,39 @@ def _source_keys(cfg: Config, split: str, cached: set[str]) -> dict:
             "contents": sample_contents(cfg.data, split, cached)}
 
 
-def cache_command(path: str | Path, split: str = "train") -> str:
-    """The command that makes the cache at `path` again, for `split`."""
-    return f"vis2ir data cache --split {split} --out {path} (with this run's settings)"
+def cache_command(path: str | Path, cfg: Config, split: str = "train") -> str:
+    """A command to paste that makes a cache of `split` with `cfg`'s settings into a new folder beside `path`
+    (its name with `_<split>` in place of a split suffix, e.g. `cache_test` -> `cache_train`, or `_new`): the
+    settings the latents and the split depend on are given as overrides where they are not the defaults."""
+    import shlex
+
+    import yaml
+
+    from vis2ir.config import load_config
+
+    defaults = load_config(None, []).flat()
+    mine = {k: v for k, v in cfg.flat().items() if k.startswith(LATENT_SETTINGS + DATA_SETTINGS)}
+    overrides = [f"{k}={yaml.safe_dump(v, default_flow_style=True, width=10**6).strip().removesuffix('...').strip()}"
+                 for k, v in mine.items() if v != defaults.get(k)]
+    return shlex.join(["vis2ir", "data", "cache", "--split", split, "--out", str(new_folder(path, split)), *overrides])
+
+
+def new_folder(path: str | Path, split: str) -> Path:
+    """A folder beside cache `path` for a new cache of `split` (`cache_test` -> `cache_train`, `c` -> `c_train`,
+    `c_train` -> `c_train_new`)."""
+    path = Path(path)
+    base = path.name
+    for old in ("train", "val", "test"):
+        base = base.removesuffix(f"_{old}").removesuffix(f"-{old}")
+    return path.with_name(f"{base}_{split}" if f"{base}_{split}" != path.name else f"{path.name}_new")
+
+
+def rebuild_help(path: str | Path, cfg: Config, split: str = "train") -> str:
+    """The way out of a cache that does not fit this run: make one that does, and train from it."""
+    import shlex
+
+    return (f"make a cache that fits this run with: {cache_command(path, cfg, split)} ; then train with "
+            f"data.latent_cache={shlex.quote(str(new_folder(path, split)))}")
 
 
 def check_source(path: str | Path, meta: dict, cfg: Config, split: str = "train") -> None:
@@ -145,7 +203,7 @@ def check_source(path: str | Path, meta: dict, cfg: Config, split: str = "train"
     made = meta.get("split")
     if made != split:
         raise Vis2IRError(f"data.latent_cache={path}: a cache of the {made!r} split, but training reads the "
-                          f"{split!r} split; make a cache of it: `{cache_command(path, split)}`")
+                          f"{split!r} split; {rebuild_help(path, cfg, split)}")
     try:
         now = sample_identities(cfg.data, split)
     except DataError as err:  # the images are gone or moved: the cache is all there is
@@ -154,6 +212,13 @@ def check_source(path: str | Path, meta: dict, cfg: Config, split: str = "train"
         return
     if digest_of(now)[0] == meta["source"]["digest"]:
         return
+    recorded = meta.get("data_settings") or {}  # caches made before the settings were recorded have none
+    for key, made in sorted(recorded.items()):
+        mine = data_settings(cfg).get(key, made)
+        if key != "data.source" and mine != made:  # the source's path may differ for a copy: its samples tell
+            raise Vis2IRError(f"data.latent_cache={path}: made with {key}={made!r}, but this run has {mine!r}, which "
+                              f"changes the samples of the {split!r} split; set {key}={made!r} back to train from "
+                              f"this cache, or {rebuild_help(path, cfg, split)}")
     then: dict[str, str] = meta["identities"]
     keys = {n: short_key(v) for n, v in now.items()}
     added = [n for n in keys if n not in then]
@@ -168,8 +233,7 @@ def check_source(path: str | Path, meta: dict, cfg: Config, split: str = "train"
     said = [f"{len(x)} {what} (e.g. {printable(sorted(x)[0])})" for x, what in
             ((changed, "changed"), (added, "added"), (removed, "removed")) if x]
     raise Vis2IRError(f"data.latent_cache={path}: its source {cfg.data.source} changed since the cache was made: "
-                      f"{', '.join(said)} samples of the {split!r} split; make it again: "
-                      f"`{cache_command(path, split)}`")
+                      f"{', '.join(said)} samples of the {split!r} split; {rebuild_help(path, cfg, split)}")
 
 
 def compact(enc: Encoded, mask: torch.Tensor, rows: int) -> dict[str, torch.Tensor]:
@@ -200,11 +264,12 @@ class LatentCache(Dataset):
         self.meta = json.loads(meta_path.read_text())
         if self.meta.get("format") != FORMAT:
             raise Vis2IRError(f"data.latent_cache={path}: made in cache format {self.meta.get('format', 1)}, "
-                              f"but this vis2ir reads format {FORMAT}; make it again with `vis2ir data cache`")
+                              f"but this vis2ir reads format {FORMAT}; {rebuild_help(path, cfg, split)}")
         diff = first_difference(fingerprint(cfg), self.meta["fingerprint"], LATENT_SETTINGS)
         if diff:
             key, mine, made = diff
-            raise Vis2IRError(f"data.latent_cache={path}: made with {key}={made!r}, but this run has {mine!r}")
+            raise Vis2IRError(f"data.latent_cache={path}: made with {key}={made!r}, but this run has {mine!r}; set "
+                              f"{key}={made!r} back to train from this cache, or {rebuild_help(path, cfg)}")
         check_source(path, self.meta, cfg, split)
         self.flips = self.meta["flips"]
         self._files: dict[str, object] = {}

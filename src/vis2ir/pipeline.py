@@ -36,7 +36,7 @@ from vis2ir.config import Config, load_config
 from vis2ir.data.buckets import bucket_shapes, nearest_bucket
 from vis2ir.errors import Vis2IRError
 from vis2ir.io.images import Normaliser, read_image, rgb_image, same_aspect, to_tensor, write_png, wxh
-from vis2ir.files import check_writable, safe_join
+from vis2ir.files import DiskFull, check_writable, safe_join
 from vis2ir.io.inputs import Item, Summary, auto_cache, item_partners, list_inputs, missing_maps_help
 from vis2ir.io.runtime import default_device, dist_env, shard
 from vis2ir.latents import VAECodec, patch_size, token_grid
@@ -547,6 +547,8 @@ def _run_batch(pipe: Vis2IRPipeline, group: list[_Loaded], out: Path, summary: S
         try:
             _write_outputs(g, result.images[k], None if result.attention is None else result.attention[k], out,
                            write_images, bit_depth, palette, compare, points, pipe.normaliser)
+        except DiskFull:
+            raise  # every later write would fail alike: stop, one line
         except Vis2IRError as err:
             log.error("%s: %s", g.item.visible, err)
             summary.failed[g.item.name] = str(err)
@@ -556,14 +558,13 @@ def _run_batch(pipe: Vis2IRPipeline, group: list[_Loaded], out: Path, summary: S
 
 def _write_outputs(g: _Loaded, ir: torch.Tensor, att: AttentionMaps | None, out: Path, write_images: bool,
                    bit_depth: int, palette: str, compare: dict | bool, points, normaliser: Normaliser) -> None:
-    """The files of one item: `<name>.png`, `compare/<name>.png` (`compare`: true, or the truths by name,
-    `_truths`), attention heat-maps."""
+    """The files of one item: `compare/<name>.png` (`compare`: true, or the truths by name, `_truths`), attention
+    heat-maps, and last `<name>.png`, whose presence marks the item done (a re-run skips it): an item whose
+    writing failed part-way is done again."""
     shown = to_tensor(g.visible, str(g.item.visible), normaliser)  # 16-bit photos as the model saw them
     visible = (shown * 255).round().byte().permute(1, 2, 0).numpy()
     semantic = None if g.semantic is None else np.asarray(rgb_image(g.semantic))
     grey = ir.mean(0).numpy()
-    if write_images:
-        write_png(safe_join(out, g.item.name, ".png"), infrared_image(grey, bit_depth, palette), full_range=True)
     if compare:
         panels = {"visible": visible} | ({"semantic": semantic} if semantic is not None else {})
         panels[f"generated infrared ({palette})"] = infrared_image(grey, 8, palette)
@@ -579,3 +580,5 @@ def _write_outputs(g: _Loaded, ir: torch.Tensor, att: AttentionMaps | None, out:
         h, w = visible.shape[:2]
         save_attention_maps(safe_join(out / "attention" if write_images else out, g.item.name), visible, att,
                             list(points) or [(w / 2, h / 2)], semantic)
+    if write_images:
+        write_png(safe_join(out, g.item.name, ".png"), infrared_image(grey, bit_depth, palette), full_range=True)

@@ -40,7 +40,7 @@ def test_missing_partner(tmp_path, caplog):
     save(tmp_path / "visible/lonely.png", scene(0).visible)
     save(tmp_path / "infrared/orphan.png", scene(1).infrared)
     assert_error_then_skip(tmp_path, r"visible/lonely\.png: missing partner: no infrared image for it in "
-                                     r".*infrared; 1 more problems \(data\.on_bad_sample=skip", caplog, skipped=2)
+                                     r".*infrared; 1 more problem \(data\.on_bad_sample=skip", caplog, skipped=2)
 
 
 def test_size_mismatch(tmp_path, caplog):
@@ -138,3 +138,23 @@ def test_bad_table_cell(tmp_path, monkeypatch, caplog):
         ds[0]
     ds = build_dataset(config(tmp_path / "t.parquet", on_bad_sample="skip"), "train")
     assert ds[0]["name"] == "r1" and ds[0]["skipped"][0].startswith(f"{tmp_path / 't.parquet'} [data] row 0")
+
+
+def test_a_name_in_two_split_lists_is_a_problem_not_a_silent_leak(tmp_path, caplog, capsys):
+    """A sample listed in train.txt and test.txt stayed in train without a word (a train/test leak) and
+    `data inspect` reported 0 problems: it is now refused in one line naming it and both list files, or with
+    `on_bad_sample: skip` left out of both splits, and `data inspect` exits 2."""
+    from vis2ir.cli import main
+
+    good_pairs(tmp_path, semantic=True)
+    write_pair(tmp_path / "visible/both.png", tmp_path / "infrared/both.png", 9, tmp_path / "semantic/both.png")
+    (tmp_path / "train.txt").write_text("".join(f"g{k}\n" for k in range(N)) + "both\n")
+    (tmp_path / "test.txt").write_text("both\n")
+    assert_error_then_skip(tmp_path, r"'both' is listed in both .*train\.txt and .*test\.txt: .*remove it from one "
+                                     r"of these list files \(data.on_bad_sample=skip", caplog)
+    with pytest.raises(DataError, match="no samples in split 'test'"):
+        build_dataset(config(tmp_path, on_bad_sample="skip"), "test")
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert main(["data", "inspect", str(tmp_path), "--out", str(tmp_path / "sheet.png")]) == 2
+    assert "'both' is listed in both" in caplog.text and ": 1 problem found (" in capsys.readouterr().err

@@ -32,7 +32,7 @@ def test_inspect_reports_pairing_problems(tmp_path, caplog, capsys, monkeypatch)
     assert main(["data", "inspect", str(data)]) == 2
     assert "problems: 1" in caplog.text and "scene_000001.png: missing partner" in caplog.text
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("vis2ir: error:")]
-    assert len(errors) == 1 and "1 problems found" in errors[0] and "outputs/inspect/pairs.png" in errors[0]
+    assert len(errors) == 1 and "1 problem found" in errors[0] and "outputs/inspect/pairs.png" in errors[0]
     assert "contact sheet: outputs/inspect/pairs.png" in caplog.text
     assert Image.open(tmp_path / "outputs/inspect/pairs.png").size[0] >= 3 * 160  # the default place: 3 labelled columns
 

@@ -436,3 +436,12 @@ def test_checkpoint_and_folder_evaluations_give_one_number(tiny_config, tmp_path
     for out in ("ev", "files"):
         assert "What was scored" in (tmp_path / out / "metrics.md").read_text()
         assert Image.open(tmp_path / out / "strip.png").size[0] > 3 * 128  # prediction | truth | error
+
+
+def test_a_bad_value_in_a_plan_file_names_the_plan_file(tmp_path):
+    """A plan's value that the setting refuses: the line names the plan file (before: only the override)."""
+    plan = tmp_path / "plan2.yaml"
+    plan.write_text("- {train.max_steps: [010]}\n")
+    with pytest.raises(Vis2IRError, match=r"^--plan \S*plan2\.yaml: .*train\.max_steps"):
+        run_ablation(None, [], plan=plan, out=tmp_path / "ablate")
+    assert not (tmp_path / "ablate").exists()

@@ -36,7 +36,8 @@ def convert_source(cfg: DataConfig, out: str | Path, fmt: str = "folder") -> Pat
         raise DataError("convert: for ThermalScenes use `vis2ir data synth --format folder|parquet`")
     found, reader = open_source(cfg)
     if found.problems:
-        raise DataError(f"{found.problems[0]} ({len(found.problems)} problems; fix them before converting)")
+        n = len(found.problems)
+        raise DataError(f"{found.problems[0]} ({n} problem{'s' if n != 1 else ''}; fix them before converting)")
     semantic, _ = _use_semantic(cfg, found, reader, found.records, None)
     lacking = [r for r in found.records if r.semantic is None and r.triptych is None]
     if not semantic and len(lacking) < len(found.records):  # some maps, not all: converting would drop them all
@@ -48,12 +49,14 @@ def convert_source(cfg: DataConfig, out: str | Path, fmt: str = "folder") -> Pat
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     if fmt == "parquet":
+        # a name from a file name that is not UTF-8 is shown escaped in `name` and kept exactly in `name_bytes`
+        raw = any(printable(r.name) != r.name for r in found.records)
         for split in SPLITS:
             records = [r for r in found.records if r.split == split]
             if records:
                 bar = tqdm(records, desc=f"{split} -> {out}", unit="sample")
                 write_parquet(out / f"{split}.parquet",
-                              ({"name": printable(r.name), **_pngs(reader.open(r, semantic))} for r in bar), kinds)
+                              ({"name": r.name, **_pngs(reader.open(r, semantic))} for r in bar), kinds, raw)
     else:
         lists: dict[str, list[str]] = {s: [] for s in SPLITS}
         for r in tqdm(found.records, desc=f"convert -> {out}", unit="sample"):

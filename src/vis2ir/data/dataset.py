@@ -388,7 +388,7 @@ def _report(cfg: DataConfig, problems: list[str]) -> None:
     if not problems:
         return
     if cfg.on_bad_sample == "error":
-        more = f"; {len(problems) - 1} more problems" if len(problems) > 1 else ""
+        more = {1: "", 2: "; 1 more problem"}.get(len(problems), f"; {len(problems) - 1} more problems")
         raise DataError(f"{problems[0]}{more} (data.on_bad_sample=skip leaves bad samples out)")
     for text in problems[:20]:
         log.warning("skipping: %s", text)

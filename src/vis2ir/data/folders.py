@@ -134,7 +134,7 @@ def find_folder(root: Path, layout: str, semantic_dir: str, val_fraction: float,
     pairs = _PAIRERS[layout](root, problems)  # name -> (visible, infrared, official split) or triptych path
     if not pairs and not problems:
         raise DataError(f"{root}: no images found for layout {layout!r}")
-    lists = _list_files(root, layout)
+    lists = _list_files(root, layout, problems)
     notes = []
     if lists:
         notes.append(unmatched_note(root, lists, pairs))
@@ -261,9 +261,10 @@ def _match(vis: dict[str, Path], ir: dict[str, Path], vis_dir: Path, ir_dir: Pat
     return {name: (vis[name], ir[name]) for name in sorted(vis.keys() & ir.keys())}
 
 
-def _list_files(root: Path, layout: str) -> dict[str, str]:
+def _list_files(root: Path, layout: str, problems: list[str]) -> dict[str, str]:
     """Official split per sample name from list files, or {} when the set has none. KAIST keeps its
-    lists at the root or in `imageSets/` (e.g. `train-all-02.txt`); all lists of one split are joined."""
+    lists at the root or in `imageSets/` (e.g. `train-all-02.txt`); all lists of one split are joined.
+    A name listed for two splits (a train/test leak) is a problem, named with both list files, and is left out."""
     if layout == "flir":
         files = [(root / "align_train.txt", "train"), (root / "align_validation.txt", "test")]
     elif layout == "kaist":
@@ -272,9 +273,20 @@ def _list_files(root: Path, layout: str) -> dict[str, str]:
     else:
         files = [(root / f"{split}.txt", split) for split in ("train", "val", "test")]
     out: dict[str, str] = {}
+    where: dict[str, Path] = {}  # the list file that gave each name its split
+    twice: dict[str, Path] = {}  # names listed for another split too, and that other list file
     for txt, split in files:
         if txt.is_file():
-            out.update({name: split for name in _read_list(txt, layout) if name not in out})
+            for name in _read_list(txt, layout):
+                if name not in out:
+                    out[name], where[name] = split, txt
+                elif out[name] != split and name not in twice:
+                    twice[name] = txt
+    for name, txt in twice.items():
+        del out[name]
+        problems.append(f"sample name {name!r} is listed in both {where[name]} and {txt}: a sample belongs to one "
+                        "split (in two, the test scores would measure training samples); remove it from one of "
+                        "these list files")
     return out
 
 

@@ -23,7 +23,9 @@ from vis2ir.data.folders import Found, Record
 from vis2ir.data.images import PANEL_KINDS, Panel, open_image, triptych_panels
 from vis2ir.data.splits import assign_splits, split_alias
 from vis2ir.files import atomic_write
-from vis2ir.io.inputs import is_hidden, list_files
+from vis2ir.io.inputs import is_hidden, list_files, printable
+
+NAME_BYTES = "name_bytes"  # a name's exact bytes, where it is not UTF-8 (the name column holds it escaped)
 
 
 def is_table(source: str) -> bool:
@@ -45,6 +47,9 @@ def find_table(cfg: DataConfig) -> tuple[Found, TableReader]:
     for key, ds in tables.items():
         if cfg.name_column in ds.column_names:
             keyed = [str(n) for n in ds[cfg.name_column]]
+            if NAME_BYTES in ds.column_names:  # names vis2ir wrote from file names that are not UTF-8
+                keyed = [n if b is None else bytes(b).decode("utf-8", "surrogateescape")
+                         for n, b in zip(keyed, ds[NAME_BYTES])]
         else:
             keyed = [f"{key}/{i:06d}" for i in range(len(ds))]
         names += keyed
@@ -152,9 +157,13 @@ def _columns(cfg: DataConfig, tables: dict) -> dict[str, str]:
     return columns
 
 
-def write_parquet(path: Path, rows, kinds: tuple[str, ...] = PANEL_KINDS) -> None:
+def write_parquet(path: Path, rows, kinds: tuple[str, ...] = PANEL_KINDS, raw_names: bool = False) -> None:
     """Stream rows (`name`, and PNG bytes per panel kind in `kinds`) into a parquet file, atomically,
-    with the default column names, whose image columns `datasets` reads as Image features."""
+    with the default column names, whose image columns `datasets` reads as Image features.
+
+    A name that is not UTF-8 (from a file name, surrogate-escaped) is written escaped (`io.inputs.printable`)
+    in the name column; with `raw_names` its exact bytes also go to a `name_bytes` column (null for the
+    other names), which `find_table` reads back, so a converted set keeps such names."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -163,15 +172,22 @@ def write_parquet(path: Path, rows, kinds: tuple[str, ...] = PANEL_KINDS) -> Non
     columns = {kind: names[kind] for kind in kinds}
     image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
     features = {cfg.name_column: {"dtype": "string", "_type": "Value"}}
+    fields = [(cfg.name_column, pa.string())]
+    if raw_names:
+        features[NAME_BYTES] = {"dtype": "binary", "_type": "Value"}
+        fields.append((NAME_BYTES, pa.binary()))
     features.update({c: {"_type": "Image"} for c in columns.values()})
-    schema = pa.schema([(cfg.name_column, pa.string())] + [(c, image) for c in columns.values()],
+    schema = pa.schema(fields + [(c, image) for c in columns.values()],
                        metadata={"huggingface": json.dumps({"info": {"features": features}})})
 
     def write(tmp: Path) -> None:
         batch: list[dict] = []
         with pq.ParquetWriter(tmp, schema) as writer:
             for row in rows:
-                out = {cfg.name_column: row["name"]}
+                name = row["name"]
+                out = {cfg.name_column: printable(name)}
+                if raw_names:
+                    out[NAME_BYTES] = None if printable(name) == name else name.encode("utf-8", "surrogateescape")
                 out.update({c: {"bytes": row[kind], "path": None} for kind, c in columns.items()})
                 batch.append(out)
                 if len(batch) == 64:

@@ -182,7 +182,8 @@ def run_ablation(config: str | Path, grid_items, seeds: str = "0", out: str | Pa
                  plan: str | Path | None = None) -> Path:
     """Run this process's share of the variants (skipping finished ones), then tabulate; returns results.md."""
     out = Path(out)
-    grids = ([parse_grid(grid_items)] if grid_items or not plan else []) + (load_plan(plan) if plan else [])
+    planned = load_plan(plan) if plan else []
+    grids = ([parse_grid(grid_items)] if grid_items or not plan else []) + planned
     seed_list = parse_seeds(seeds)
     if device is not None:
         from vis2ir.io.runtime import default_device
@@ -190,6 +191,11 @@ def run_ablation(config: str | Path, grid_items, seeds: str = "0", out: str | Pa
         default_device(device)  # a bad --device is answered before the first variant trains
     variants = plan_variants(grids, seed_list)
     base = load_config(config, overrides)
+    for v in plan_variants(planned, seed_list) if planned else []:  # a bad value of the plan names the plan file
+        try:
+            load_config(config, [*overrides, *v.overrides])
+        except Vis2IRError as err:
+            raise Vis2IRError(f"--plan {plan}: {err}") from None
     for v in variants:  # every variant's settings are checked before the first one trains
         load_config(config, [*overrides, *v.overrides])
     rank, world = parse_shard(shard)

@@ -92,6 +92,10 @@ def open_image(src: str | Path | BinaryIO, label: str | None = None) -> Image.Im
         found = str(err).split("(", 1)[-1].split(" ", 1)[0]
         raise _too_large(label, found, limit) from None
     except Exception as err:  # PIL raises many types for bad files; all mean "cannot read"
+        suffix = Path(src).suffix.lower() if isinstance(src, (str, Path)) else ""
+        if suffix in other_image_suffixes():  # a phone's HEIC given as a file: the line a folder's listing gives
+            raise ImageError(f"{label}: a {suffix} file, a format vis2ir does not read; convert it to PNG (read: "
+                             f"{' '.join(IMAGE_SUFFIXES)})") from None
         raise ImageError(f"{label}: cannot read image ({describe(err)})") from None
     w, h = image.size
     if limit and w * h > limit:

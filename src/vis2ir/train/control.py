@@ -1,7 +1,8 @@
 """When a launch may start and where it stops.
 
 A launch starts a new run only in a folder that holds no checkpoint (a folder left by a launch that
-failed before its first checkpoint holds none: it is no run yet), and continues one only below its
+failed before its first checkpoint holds none: it is no run yet) and lies inside no run or checkpoint
+(`enclosing_run`; pruning deletes only checkpoint folders, `is_checkpoint`), and continues one only below its
 `train.max_steps`: both are answered in one line before any model loads (`check_new_run`,
 `check_unfinished`).
 
@@ -34,12 +35,40 @@ log = logging.getLogger(__name__)
 
 def check_new_run(run_dir: str | Path) -> None:
     """Refuse to start a new run in `run_dir` when it already holds a run (a checkpoint): training from the
-    initial weights there would overwrite some of its checkpoints and leave others, mixing two runs."""
+    initial weights there would overwrite some of its checkpoints and leave others, mixing two runs; or when
+    it lies inside a run or a checkpoint (`enclosing_run`), whose files and pruning it would mix with its own."""
     found = list_checkpoints(Path(run_dir) / "checkpoints")
     if found:
         raise Vis2IRError(f"train.output_dir={run_dir} already holds a run (newest checkpoint {found[-1]}); continue "
                           f"it with: vis2ir train --resume {run_dir}, or train into a new train.output_dir, or delete "
                           f"{run_dir} to start it again")
+    if (outer := enclosing_run(run_dir)) is not None:
+        what, folder = outer
+        raise Vis2IRError(f"train.output_dir={run_dir} lies inside {what}; a run there would mix its files with "
+                          f"that one's (and its pruning could delete them): choose another train.output_dir, outside "
+                          f"{folder}")
+
+
+def is_checkpoint(folder: Path) -> bool:
+    """Whether `folder` is a checkpoint folder: a config.yaml beside weights, and no sub-folder (a run has some)."""
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return False
+    return (folder / "config.yaml").is_file() and any(p.suffix == ".safetensors" for p in entries) \
+        and not any(p.is_dir() for p in entries)
+
+
+def enclosing_run(folder: str | Path) -> tuple[str, Path] | None:
+    """(the outermost run or checkpoint that `folder` lies inside, in words; its folder), or None: a folder
+    above `folder` holds `checkpoints/step-N/` (a run: also when `folder` is in its checkpoints/ folder or in
+    one of its checkpoints), or is a checkpoint folder."""
+    for above in reversed(Path(folder).expanduser().absolute().parents):
+        if list_checkpoints(above / "checkpoints"):
+            return f"the run {above}", above
+        if is_checkpoint(above):
+            return f"the checkpoint {above}", above
+    return None
 
 
 def check_unfinished(state: Path, step: int, max_steps: int, resume: str) -> None:

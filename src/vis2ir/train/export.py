@@ -13,7 +13,7 @@ from vis2ir.checkpoint import (RESUME_FILE, checkpoint_size, failed_save, list_c
                                save_resume_state, temp_dir, write_manifest, write_weights)
 from vis2ir.config import Config
 from vis2ir.sharding import trainable_state
-from vis2ir.train.control import resume_command
+from vis2ir.train.control import is_checkpoint, resume_command
 from vis2ir.train.identity import run_identity, write_run_identity
 
 log = logging.getLogger(__name__)
@@ -29,8 +29,8 @@ class CheckpointExport(L.Callback):
     data's fingerprint), written before the folder is published.
     """
 
-    def __init__(self, cfg: Config, run_dir: Path, data: dict | None = None):
-        self.cfg, self.run_dir, self.last, self.data = cfg, run_dir, -1, data
+    def __init__(self, cfg: Config, run_dir: Path, data: dict | None = None, base: Path | dict | None = None):
+        self.cfg, self.run_dir, self.last, self.data, self.base = cfg, run_dir, -1, data, base
 
     def on_train_start(self, trainer, module) -> None:
         self.last = trainer.global_step  # a resumed run's first step is on disk already
@@ -76,8 +76,8 @@ class CheckpointExport(L.Callback):
         if trainer.is_global_zero:
             try:
                 tmp.mkdir(parents=True)
-                write_weights(tmp, module.model, self.cfg, state)
-            except OSError as err:  # a full disk: one line, and no partial folder
+                write_weights(tmp, module.model, self.cfg, state, self.base)
+            except Exception as err:  # a full disk: one line; anything else as it is; no partial folder either way
                 error = err
         if trainer.strategy.broadcast(error is not None):
             raise failed_save(tmp, final, error, checkpoint_size(module.model, self.cfg))
@@ -88,11 +88,15 @@ class CheckpointExport(L.Callback):
                 write_run_identity(tmp, run_identity(step, self.data, self.cfg.train.init_from))
                 write_manifest(tmp)
                 replace_dir(tmp, final)
-        except OSError as err:
+        except Exception as err:
             raise failed_save(tmp, final, err, checkpoint_size(module.model, self.cfg)) from None
         if trainer.is_global_zero:
             older = [p for p in list_checkpoints(self.run_dir) if int(p.name[5:]) < step]
             for old in older[:max(0, len(older) - (self.cfg.train.keep_last - 1))]:
-                shutil.rmtree(old, ignore_errors=True)
+                if is_checkpoint(old):
+                    shutil.rmtree(old, ignore_errors=True)
+                else:  # e.g. another run trained into it: never deleted with this run's old checkpoints
+                    log.warning("%s: not pruned (train.keep_last): it is not a checkpoint of this run alone "
+                                "(it holds sub-folders or no weights); move what it holds elsewhere", old)
             log.info("Saved checkpoint %s", final)
         trainer.strategy.barrier()

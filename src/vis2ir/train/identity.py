@@ -95,10 +95,11 @@ def check_resume_identity(checkpoint: str | Path, data_now: dict | None, resume:
         return None
     fmt, version = identity["state_format"], identity.get("vis2ir_version", "?")
     if fmt > STATE_FORMAT:
-        raise Vis2IRError(f"--resume {resume}: {checkpoint / RUN_FILE} was written by vis2ir {version} (state format "
-                          f"{fmt}), newer than this vis2ir {__version__} (state format {STATE_FORMAT}); resume it with "
-                          f"vis2ir {version} or later, or start a new run from its weights: "
-                          f"vis2ir train train.init_from={checkpoint} train.output_dir=NEW_FOLDER")
+        raise Vis2IRError(f"--resume {resume}: {checkpoint / RUN_FILE} was written with state format {fmt} by a "
+                          f"newer vis2ir{'' if version == __version__ else f' ({version})'} than this one "
+                          f"({__version__}, state format {STATE_FORMAT}): upgrade vis2ir to resume it, or start a new "
+                          f"run from its weights: vis2ir train train.init_from={checkpoint} "
+                          f"train.output_dir=NEW_FOLDER")
     old = identity.get("data")
     if data_now is not None and old and (said := describe_difference(old, data_now)):
         raise Vis2IRError(f"--resume {resume}: the training data changed since {checkpoint} ({said}; fingerprint in "

@@ -36,10 +36,11 @@ log = logging.getLogger(__name__)
 class Vis2IRModule(L.LightningModule):
     """Owns a `Vis2IRModel`, its trainable parameters and their optimizer."""
 
-    def __init__(self, cfg: Config, model: Vis2IRModel | None = None, start_step: int = 0):
+    def __init__(self, cfg: Config, model: Vis2IRModel | None = None, start_step: int = 0, source=None):
         super().__init__()
         self.cfg = cfg
         self.model = model
+        self.source = source  # the checkpoint to build from (a resume's), instead of looking up train.init_from
         self.start_step = start_step
         self.strict_loading = False  # resume states hold only the trainable weights
         self.guard = BadStepGuard(cfg.train.max_bad_steps, cfg.train.output_dir)
@@ -82,7 +83,9 @@ class Vis2IRModule(L.LightningModule):
         true_bf16 = cfg.train.precision == "bf16-true"
         dtype = torch.bfloat16 if true_bf16 else torch.float32 if cfg.train.finetune == "full" else None
         if cfg.train.init_from:
-            source = find_checkpoint(cfg.train.init_from)  # checked against cfg by `train` (check_init_from)
+            # checked against cfg by `train` (check_init_from); a resume: its base where it is now, or its own
+            # checkpoint (full: the whole transformer, so the base is not needed)
+            source = self.source or find_checkpoint(cfg.train.init_from)
             model = build_with_weights(source, cfg, device, dtype)
             if cfg.train.finetune == "full":
                 merge_lora(model.transformer)  # from a LoRA checkpoint: train, and save, whole weights

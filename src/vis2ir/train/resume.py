@@ -3,11 +3,13 @@ change (`RESUMABLE`), and the step it continues from."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
-from vis2ir.checkpoint import RESUME_FILE, check_intact, list_checkpoints, load_checkpoint_config
+from vis2ir.checkpoint import (BASE_FILE, RESUME_FILE, check_base, check_intact, checkpoint_path, find_checkpoint,
+                               list_checkpoints, load_checkpoint_config)
 from vis2ir.config import Config, load_config, role_prefixes
 from vis2ir.errors import Vis2IRError
 
@@ -64,6 +66,26 @@ def resume_config(resume: str, path: str | None = None, overrides=()) -> Config:
     if state.parent.parent.name == "checkpoints":  # the run it is in, wherever it was launched from
         base.train.output_dir = str(state.parent.parent.parent)
     return load_config(path, overrides, base=base)
+
+
+def resume_base(cfg: Config, checkpoint: Path) -> Path | dict | None:
+    """What a resume of `checkpoint` builds on and records as its base (`train.init_from`): a LoRA run's base
+    checkpoint, where it is now (`check_base`: also after its runs folder moved); a full run's base.json record
+    as it is (a full checkpoint holds the whole model: its base is not needed, and may be gone); None: no base."""
+    if not cfg.train.init_from:
+        return None
+    if cfg.train.finetune == "full":
+        record = checkpoint / BASE_FILE
+        if not record.exists():  # written before checkpoints recorded their base
+            if checkpoint_path(cfg.train.init_from).exists():
+                return find_checkpoint(cfg.train.init_from)
+            return {"init_from": cfg.train.init_from, "identity": None}
+        try:
+            return json.loads(record.read_text())
+        except ValueError:
+            raise Vis2IRError(f"{record}: is damaged (not JSON); resume from an older checkpoint of the run, "
+                              "or copy it again") from None
+    return check_base(checkpoint, f"--resume {checkpoint}") or find_checkpoint(cfg.train.init_from)
 
 
 def resume_step(state: Path) -> int:

@@ -34,15 +34,17 @@ from vis2ir.train.identity import KeepOptimizerFlags, check_resume_identity
 from vis2ir.train.module import Vis2IRModule
 from vis2ir.train.prepare import resolved_precision
 from vis2ir.train.progress import LogLastStep, StepCSVLogger, StepProgressBar, StepTensorBoardLogger, log_versions
-from vis2ir.train.resume import check_resumable, resolve_resume, resume_step
+from vis2ir.train.resume import check_resumable, resolve_resume, resume_base, resume_step
 
 log = logging.getLogger(__name__)
 
 
 def build_trainer(cfg: Config, run_dir: Path, callbacks=(), loggers=True, progress: bool = True,
-                  data: dict | None = None, stop: StopRequests | None = None) -> L.Trainer:
-    """The Trainer of a launch: our checkpoints (`data`: the fingerprint their run.json records), stops between
-    optimizer steps only (`stop`: the signal flags; `train.max_minutes` per launch, not Lightning's Timer)."""
+                  data: dict | None = None, stop: StopRequests | None = None, base: Path | dict | None = None
+                  ) -> L.Trainer:
+    """The Trainer of a launch: our checkpoints (`data`: the fingerprint their run.json records; `base`: what
+    their base.json records, `write_weights`), stops between optimizer steps only (`stop`: the signal flags;
+    `train.max_minutes` per launch, not Lightning's Timer)."""
     t = cfg.train
     cuda = torch.cuda.is_available() and t.accelerator != "cpu"
     precision = resolved_precision(cfg, cuda)
@@ -56,7 +58,7 @@ def build_trainer(cfg: Config, run_dir: Path, callbacks=(), loggers=True, progre
         strategy = DDPStrategy(find_unused_parameters=False)
     elif strategy == "fsdp":
         strategy = ShardedStrategy()
-    export = CheckpointExport(cfg, run_dir, data)
+    export = CheckpointExport(cfg, run_dir, data, base)
     stops = StepBoundaryStop(stop or StopRequests(), export.save, None if t.max_minutes is None else t.max_minutes * 60,
                              resume_command(run_dir))
     if loggers is True:
@@ -101,13 +103,20 @@ def train(cfg: Config, resume: str | None = None, model: Vis2IRModel | None = No
     check_writable(run_dir, "train.output_dir")  # a read-only folder: one line, before the model loads
     if state is not None:
         check_resumable(cfg, state.parent)
-    if cfg.train.init_from:
-        check_init_from(cfg)
+    # the base checkpoint (or a resumed full run's base.json record); a resume checked its own at its first launch
+    if state is not None:
+        base = resume_base(cfg, state.parent)
+    else:
+        base = check_init_from(cfg) if cfg.train.init_from else None
     from vis2ir.data.fingerprint import data_fingerprint
 
     data = data_fingerprint(cfg.data, "train")  # recorded in every checkpoint's run.json
     if state is not None:
         check_resume_identity(state.parent, data, resume)
+    if cfg.data.latent_cache:  # a cache that does not fit this run is refused before anything is written
+        from vis2ir.latent_cache import LatentCache
+
+        LatentCache(cfg.data.latent_cache, cfg)
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     # Our data order is resumable by construction (StepSampler + Positioned), which Lightning cannot see.
     warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
@@ -115,12 +124,16 @@ def train(cfg: Config, resume: str | None = None, model: Vis2IRModel | None = No
     warnings.filterwarnings("ignore", message=".*Total length of `list` across ranks is zero.*")
     if torch.cuda.is_available():
         torch.backends.cuda.enable_cudnn_sdp(False)  # cuDNN attention backward crashed on Hopper (docs/design.md §9)
+    made = not run_dir.exists()  # a launch refused before its first step leaves the folder as it found it
+    config_before = (run_dir / "config.yaml").read_bytes() if (run_dir / "config.yaml").is_file() else None
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(run_dir / "config.yaml")
     versions = log_versions(run_dir)
     requests = StopRequests()  # installed when training starts
-    trainer = build_trainer(cfg, run_dir, callbacks=callbacks, progress=progress, data=data, stop=requests)
-    module = Vis2IRModule(cfg, model, start_step=resume_step(state) if state else 0)
+    trainer = build_trainer(cfg, run_dir, callbacks=callbacks, progress=progress, data=data, stop=requests, base=base)
+    # a resumed full run builds on its own checkpoint (the whole transformer), a LoRA run on its base where it is now
+    source = state.parent if state and cfg.train.finetune == "full" else base if isinstance(base, Path) else None
+    module = Vis2IRModule(cfg, model, start_step=resume_step(state) if state else 0, source=source)
     log.info("Training %s for %d steps (batch %d × %d accumulation × %d devices) into %s", cfg.model.semantic.mode,
              cfg.train.max_steps, cfg.train.batch_size, cfg.train.accumulate_grad_batches, trainer.world_size, run_dir)
     handler = signal.getsignal(signal.SIGINT)  # Lightning ignores Ctrl-C from its first one on
@@ -130,6 +143,7 @@ def train(cfg: Config, resume: str | None = None, model: Vis2IRModel | None = No
         if trainer.global_step <= module.start_step:  # failed before its first step: leave no empty version_K
             for folder in log_versions(run_dir) - versions:
                 shutil.rmtree(folder, ignore_errors=True)
+            undo_launch(run_dir, made, config_before)
         if isinstance(err, SystemExit) and trainer.interrupted:  # Lightning's sys.exit(1) after Ctrl-C
             raise KeyboardInterrupt from None
         if isinstance(err, Stopped):  # a stop signal, after saving the step it finished
@@ -150,3 +164,22 @@ def train(cfg: Config, resume: str | None = None, model: Vis2IRModel | None = No
         if handler is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, handler)
     return run_dir
+
+
+def undo_launch(run_dir: Path, made: bool, config_before: bytes | None) -> None:
+    """After a launch that failed before its first step (its log versions removed): put `run_dir/config.yaml`
+    back as it was (`config_before`; None: there was none), and remove the log folders and `run_dir` itself
+    (when this launch `made` it) if nothing else is in them, so a refused launch leaves nothing new."""
+    from vis2ir.files import write_bytes
+    from vis2ir.train.progress import LOG_DIRS
+
+    config = run_dir / "config.yaml"
+    if config_before is None:
+        config.unlink(missing_ok=True)
+    else:
+        write_bytes(config, config_before)
+    for folder in [*(run_dir / name for name in LOG_DIRS), *([run_dir] if made else [])]:
+        try:
+            folder.rmdir()  # only when empty
+        except OSError:
+            pass
