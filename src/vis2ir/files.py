@@ -161,8 +161,9 @@ def check_writable(path: str | Path, what: str, file: bool = False) -> Path:
 
 
 def write_text(path: str | Path, text: str) -> Path:
-    """Write `text` atomically."""
-    return atomic_write(path, lambda tmp: tmp.write_text(text))
+    """Write `text` atomically, in UTF-8 whatever the locale; names read from a folder that are not UTF-8 (held
+    as surrogate escapes, as `os.listdir` gives them) are written back as the bytes they were."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8", errors="surrogateescape"))
 
 
 def write_bytes(path: str | Path, data: bytes) -> Path:

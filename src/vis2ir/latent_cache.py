@@ -50,15 +50,14 @@ SHARD_SIZE = 256  # samples per shard at most; a shard holds one panel shape (as
 
 
 # The settings that decide a sample's latents (dotted-key prefixes), derived from the roles declared in the
-# schema (role "latent", `vis2ir.config.roles`); NOT_LATENT, the exceptions, is folded into those roles.
+# schema (role "latent", `vis2ir.config.roles`).
 LATENT_SETTINGS = role_prefixes("latent")
-NOT_LATENT: tuple[str, ...] = ()
 DATA_SETTINGS = role_prefixes("data")  # the settings that decide which samples a split holds (recorded too)
 
 
 def fingerprint(cfg: Config) -> dict:
     """The settings that decide a sample's latents, by dotted key."""
-    return {k: v for k, v in cfg.flat().items() if k.startswith(LATENT_SETTINGS) and k not in NOT_LATENT}
+    return {k: v for k, v in cfg.flat().items() if k.startswith(LATENT_SETTINGS)}
 
 
 def data_settings(cfg: Config) -> dict:
@@ -192,10 +191,12 @@ def rebuild_help(path: str | Path, cfg: Config, split: str = "train") -> str:
             f"data.latent_cache={shlex.quote(str(new_folder(path, split)))}")
 
 
-def check_source(path: str | Path, meta: dict, cfg: Config, split: str = "train") -> None:
+def check_source(path: str | Path, meta: dict, cfg: Config, split: str = "train", source: dict | None = None
+                 ) -> None:
     """Refuse (`Vis2IRError`, one line) a cache of another split than `split`, or whose source samples
     changed, were added or removed since it was made. Cheap: a listing and a `stat` per file; only files
-    whose size or time changed are read, to tell a copy (same bytes) from a change."""
+    whose size or time changed are read, to tell a copy (same bytes) from a change. `source`: the split's
+    `data_fingerprint` as the caller computed it this launch; when its digest is the cache's, nothing is listed."""
     from vis2ir.data.errors import DataError
     from vis2ir.data.fingerprint import digest_of, sample_contents, sample_identities, short_key
     from vis2ir.io.inputs import printable
@@ -204,6 +205,8 @@ def check_source(path: str | Path, meta: dict, cfg: Config, split: str = "train"
     if made != split:
         raise Vis2IRError(f"data.latent_cache={path}: a cache of the {made!r} split, but training reads the "
                           f"{split!r} split; {rebuild_help(path, cfg, split)}")
+    if source is not None and source.get("digest") == meta["source"]["digest"]:
+        return
     try:
         now = sample_identities(cfg.data, split)
     except DataError as err:  # the images are gone or moved: the cache is all there is
@@ -213,8 +216,9 @@ def check_source(path: str | Path, meta: dict, cfg: Config, split: str = "train"
     if digest_of(now)[0] == meta["source"]["digest"]:
         return
     recorded = meta.get("data_settings") or {}  # caches made before the settings were recorded have none
+    settings = data_settings(cfg)
     for key, made in sorted(recorded.items()):
-        mine = data_settings(cfg).get(key, made)
+        mine = settings.get(key, made)
         if key != "data.source" and mine != made:  # the source's path may differ for a copy: its samples tell
             raise Vis2IRError(f"data.latent_cache={path}: made with {key}={made!r}, but this run has {mine!r}, which "
                               f"changes the samples of the {split!r} split; set {key}={made!r} back to train from "
@@ -254,9 +258,11 @@ def compact(enc: Encoded, mask: torch.Tensor, rows: int) -> dict[str, torch.Tens
 
 class LatentCache(Dataset):
     """Samples `{x_0, x_cond, semantic_tokens?, name}` from a cache folder, checked against `cfg` (its latent
-    settings) and against the source's `split` as it is now (`check_source`); `Vis2IRError` when they differ."""
+    settings) and against the source's `split` as it is now (`check_source`; `source`: that split's
+    `data_fingerprint`, when the caller has it already, spares a second listing of the source when nothing
+    changed); `Vis2IRError` when they differ."""
 
-    def __init__(self, path: str | Path, cfg: Config, split: str = "train"):
+    def __init__(self, path: str | Path, cfg: Config, split: str = "train", source: dict | None = None):
         self.path = Path(path)
         meta_path = self.path / META_FILE
         if not meta_path.exists():
@@ -269,8 +275,8 @@ class LatentCache(Dataset):
         if diff:
             key, mine, made = diff
             raise Vis2IRError(f"data.latent_cache={path}: made with {key}={made!r}, but this run has {mine!r}; set "
-                              f"{key}={made!r} back to train from this cache, or {rebuild_help(path, cfg)}")
-        check_source(path, self.meta, cfg, split)
+                              f"{key}={made!r} back to train from this cache, or {rebuild_help(path, cfg, split)}")
+        check_source(path, self.meta, cfg, split, source)
         self.flips = self.meta["flips"]
         self._files: dict[str, object] = {}
         self._masks: dict[str, torch.Tensor] = {}  # each shard's x_cond mask channels

@@ -512,12 +512,14 @@ def check_map(sem: Image.Image, vis: Image.Image, sem_label, vis_label) -> None:
     if not same_aspect(sem.size, vis.size):
         raise Vis2IRError(f"{sem_label}: size mismatch: semantic map is {wxh(sem.size)}, not the aspect ratio "
                           f"of visible {vis_label} ({wxh(vis.size)})")
-    problem = semantic_problem(None, sem.mode) or semantic_problem(np.asarray(rgb_image(sem))[::2, ::2])
+    problem = semantic_problem(None, sem.mode)
+    rgb = None if problem else np.asarray(rgb_image(sem))[::2, ::2]
+    problem = problem or semantic_problem(rgb)
     if problem:
         raise Vis2IRError(f"{sem_label}: {problem}")
     from vis2ir.data.coverage import warn_mostly_void
 
-    warn_mostly_void(str(sem_label), np.asarray(rgb_image(sem))[::2, ::2])
+    warn_mostly_void(str(sem_label), rgb)
 
 
 def _run_batch(pipe: Vis2IRPipeline, group: list[_Loaded], out: Path, summary: Summary, opts: dict,

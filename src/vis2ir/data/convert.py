@@ -20,7 +20,7 @@ from vis2ir.data.errors import DataError
 from vis2ir.data.images import Panel, close_panels, load_upright
 from vis2ir.data.splits import SPLITS
 from vis2ir.data.tables import write_parquet
-from vis2ir.files import safe_join, write_bytes
+from vis2ir.files import safe_join, write_bytes, write_text
 from vis2ir.io.inputs import printable
 from vis2ir.io.images import full_range_info, is_full_range
 
@@ -65,7 +65,7 @@ def convert_source(cfg: DataConfig, out: str | Path, fmt: str = "folder") -> Pat
             lists[r.split].append(r.name)
         for split, names in lists.items():
             # names from file names that are not UTF-8 keep their bytes, as the files written above do
-            write_bytes(out / f"{split}.txt", "".join(f"{n}\n" for n in names).encode("utf-8", "surrogateescape"))
+            write_text(out / f"{split}.txt", "".join(f"{n}\n" for n in names))
     log.info("converted %d samples of %s (%s) to %s in %s", len(found.records), cfg.source, found.layout, fmt, out)
     return out
 

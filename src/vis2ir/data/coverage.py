@@ -68,8 +68,10 @@ def shares_of(load, count: int, where: str) -> str | None:
 
 def warn_mostly_void(label: str, semantic) -> None:
     """Warn once per process when the map `label` (as `void_share` takes it) is mostly unlabelled."""
+    if "given" in _warned:
+        return  # warned once already: no map is decoded for it again (generate and evaluate call this per image)
     share = void_share(semantic)
-    if share > VOID_LIMIT and "given" not in _warned:
+    if share > VOID_LIMIT:
         _warned.add("given")
         log.warning("%s: %.0f%% of this semantic map is unlabelled (VOID: black or unassigned colours; more than "
                     "%.0f%%, as maps drawn from boxes are): the model sees nearly an empty map and paints a template "

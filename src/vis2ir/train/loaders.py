@@ -17,9 +17,11 @@ from vis2ir.semantic.modes import NEEDS_SEMANTIC
 log = logging.getLogger(__name__)
 
 
-def split_loader(cfg: Config, trainer: L.Trainer, split: str, start_step: int = 0) -> DataLoader | list:
+def split_loader(cfg: Config, trainer: L.Trainer, split: str, start_step: int = 0, data: dict | None = None
+                 ) -> DataLoader | list:
     """The train loader (endless, resumable order), or the validation loader ([] when empty); both are
-    the data package's `make_loader`."""
+    the data package's `make_loader`. `data`: the training split's `data_fingerprint` as this launch computed it
+    (a latent cache is then checked against its source without listing the source again)."""
     from vis2ir.data import build_dataset, make_loader
 
     need = cfg.model.semantic.mode in NEEDS_SEMANTIC
@@ -35,7 +37,7 @@ def split_loader(cfg: Config, trainer: L.Trainer, split: str, start_step: int = 
     if cfg.data.latent_cache:
         from vis2ir.latent_cache import LatentCache
 
-        train_set = LatentCache(cfg.data.latent_cache, cfg)
+        train_set = LatentCache(cfg.data.latent_cache, cfg, source=data)
     else:
         train_set = build_dataset(cfg.data, "train", require_semantic=need)
         if cfg.data.source == "thermalscenes" and cfg.data.synth_prerender:

@@ -36,11 +36,13 @@ log = logging.getLogger(__name__)
 class Vis2IRModule(L.LightningModule):
     """Owns a `Vis2IRModel`, its trainable parameters and their optimizer."""
 
-    def __init__(self, cfg: Config, model: Vis2IRModel | None = None, start_step: int = 0, source=None):
+    def __init__(self, cfg: Config, model: Vis2IRModel | None = None, start_step: int = 0, source=None,
+                 data: dict | None = None):
         super().__init__()
         self.cfg = cfg
         self.model = model
         self.source = source  # the checkpoint to build from (a resume's), instead of looking up train.init_from
+        self.data = data  # the training split's fingerprint, computed by `train` at launch (`split_loader`)
         self.start_step = start_step
         self.strict_loading = False  # resume states hold only the trainable weights
         self.guard = BadStepGuard(cfg.train.max_bad_steps, cfg.train.output_dir)
@@ -97,7 +99,7 @@ class Vis2IRModule(L.LightningModule):
     # -- data (here, where each process knows its rank) -----------------------------------------
 
     def train_dataloader(self) -> DataLoader:
-        return split_loader(self.cfg, self.trainer, "train", self.start_step)
+        return split_loader(self.cfg, self.trainer, "train", self.start_step, self.data)
 
     def val_dataloader(self) -> DataLoader | list:
         return split_loader(self.cfg, self.trainer, "val")

@@ -116,7 +116,7 @@ def train(cfg: Config, resume: str | None = None, model: Vis2IRModel | None = No
     if cfg.data.latent_cache:  # a cache that does not fit this run is refused before anything is written
         from vis2ir.latent_cache import LatentCache
 
-        LatentCache(cfg.data.latent_cache, cfg)
+        LatentCache(cfg.data.latent_cache, cfg, source=data)
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     # Our data order is resumable by construction (StepSampler + Positioned), which Lightning cannot see.
     warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
@@ -133,7 +133,7 @@ def train(cfg: Config, resume: str | None = None, model: Vis2IRModel | None = No
     trainer = build_trainer(cfg, run_dir, callbacks=callbacks, progress=progress, data=data, stop=requests, base=base)
     # a resumed full run builds on its own checkpoint (the whole transformer), a LoRA run on its base where it is now
     source = state.parent if state and cfg.train.finetune == "full" else base if isinstance(base, Path) else None
-    module = Vis2IRModule(cfg, model, start_step=resume_step(state) if state else 0, source=source)
+    module = Vis2IRModule(cfg, model, start_step=resume_step(state) if state else 0, source=source, data=data)
     log.info("Training %s for %d steps (batch %d × %d accumulation × %d devices) into %s", cfg.model.semantic.mode,
              cfg.train.max_steps, cfg.train.batch_size, cfg.train.accumulate_grad_batches, trainer.world_size, run_dir)
     handler = signal.getsignal(signal.SIGINT)  # Lightning ignores Ctrl-C from its first one on
