@@ -33,6 +33,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from repo_paths import repo_relative  # noqa: E402 - scripts/repo_paths.py
+
 log = logging.getLogger("bench_fsdp")
 GiB = 2**30
 
@@ -129,7 +131,7 @@ def main() -> None:
 
     deadline = time.monotonic() + args.time_limit
     work = Path(args.work_dir)
-    result = {"config": args.config, "overrides": args.overrides, "devices": args.devices, "steps": args.steps,
+    result = {"config": repo_relative(args.config), "overrides": args.overrides, "devices": args.devices, "steps": args.steps,
               "warmup": args.warmup, "torch": torch.__version__, "diffusers": diffusers.__version__,
               "lightning": lightning.__version__}
     ddp = None if args.skip_ddp else launch(args, "ddp", work / "ddp", work / "ddp", deadline)

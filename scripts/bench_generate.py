@@ -50,6 +50,7 @@ from vis2ir.latents import image_ids, mask_width, token_width  # noqa: E402
 import vis2ir.speedup  # noqa: E402
 from vis2ir.pipeline import Vis2IRPipeline, fuse  # noqa: E402
 from vis2ir.speedup import modulation_table, per_step_modulation  # noqa: E402
+from repo_paths import repo_relative  # noqa: E402 - scripts/repo_paths.py
 
 log = logging.getLogger("bench_generate")
 
@@ -319,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         "compile_first_call_s": None if compile_s is None else round(compile_s, 2),
         "compiled_forwards_s": None if compiled_forwards_s is None else round(compiled_forwards_s, 4),
         "first_block_schedule": None if not schedule else {"variant": schedule[0], "computed": schedule[1],
-                                                           "source": str(args.schedule)},
+                                                           "source": repo_relative(args.schedule)},
         "variants": rows,
         "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
         "targets": {"exact_s": 2.0, "cached_s": 1.0, "cached_min_psnr_vs_exact_db": MIN_PSNR},

@@ -38,6 +38,7 @@ from vis2ir.model import build_model  # noqa: E402
 from vis2ir.pipeline import Vis2IRPipeline  # noqa: E402
 from vis2ir.semantic.modes import num_panels  # noqa: E402
 from vis2ir.train import flow_loss, prepare_for_training, sample_noise, sample_timesteps  # noqa: E402
+from repo_paths import repo_relative  # noqa: E402 - scripts/repo_paths.py
 
 log = logging.getLogger("bench_resolution")
 REAL_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "bench_realsize.yaml"
@@ -154,7 +155,7 @@ def main() -> None:
     import diffusers
 
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
-              "torch": torch.__version__, "diffusers": diffusers.__version__, "config": args.config,
+              "torch": torch.__version__, "diffusers": diffusers.__version__, "config": repo_relative(args.config),
               "overrides": args.overrides,
               "settings": {"mode": cfg.model.semantic.mode, "codec": cfg.model.codec, "quantize": cfg.model.quantize,
                            "lora_rank": cfg.model.lora.rank, "gradient_checkpointing": True,

@@ -49,6 +49,7 @@ from vis2ir.latent_cache import build_latent_cache  # noqa: E402
 from vis2ir.latents import parameter_dtype  # noqa: E402
 from vis2ir.model import build_model  # noqa: E402
 from vis2ir.train import prepare_for_training, train, training_tokens  # noqa: E402
+from repo_paths import repo_relative  # noqa: E402 - scripts/repo_paths.py
 
 ROOT = Path(__file__).resolve().parents[1]
 GiB = 2**30
@@ -266,7 +267,7 @@ def main() -> int:
     ratios = {key: round(by_name[a]["step_s"] / by_name[b]["step_s"], 3)
               for key, (a, b) in RATIOS.items() if a in by_name and b in by_name}
     meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "torch": torch.__version__, "config": args.config, "overrides": args.overrides,
+            "torch": torch.__version__, "config": repo_relative(args.config), "overrides": args.overrides,
             "batch_size": cfg.train.batch_size, "panel": cfg.data.size, "tokens": training_tokens(model, cfg),
             "steps": args.steps, "warmup": args.warmup, "cache_samples": args.cache_samples,
             "cache_build_s": round(cache_s, 1), "model_build_s": round(build_s, 2), "from_latent_cache": True,

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vis2ir.app import App, build_app, load_models, serve
+from vis2ir.app import App, _events, build_app, load_models, serve
 from vis2ir.cli import main
 from vis2ir.data.thermalscenes import render_scene
 
@@ -76,24 +76,32 @@ def test_a_photo_through_the_served_page(served, phone_photo, tmp_path):
 
 
 def test_page_functions(models, phone_photo, tmp_path):
-    """Progress follows the denoising steps; a cross-attention model's attention is shown from a clicked point;
+    """Progress follows the denoising steps; a cross-attention model's attention is shown from a clicked point,
+    in a panel the page shows only for a model with an attention adapter (a new result clears the last maps);
     bad maps and settings are one-line errors naming what is wrong."""
     from vis2ir.errors import Vis2IRError
 
     app = App(models, tmp_path)
+    generate = _events(app, ())[0]  # the page's event: App.generate, then the panel, the maps, the status line
     photo, semantic = (str(p) for p in phone_photo)
     steps = []
-    out = app.generate("demo_cross_attention (cross_attention)", photo, semantic, "ironbow", 8, 3, 0,
-                       lambda done, desc=None: steps.append(done))
+    out = generate("demo_cross_attention (cross_attention)", photo, semantic, "ironbow", 8, 3, 0, None,
+                   lambda done, desc=None: steps.append(done))
     assert steps == [(1, 3), (2, 3), (3, 3)]
-    (before, after), compare, png, clickable, state, note = out
+    (before, after), compare, png, clickable, state, note, panel, old_mean, old_heads, status = out
     assert Image.open(png).size == (80, 48) and before.shape == after.shape == clickable.shape
     assert app.kept.get(state).attention is not None and "Click a point" in note
+    assert panel["visible"] is True and old_mean is None and old_heads is None
+    assert status == "phone.jpg (3 steps, seed 0) → infrared by demo_cross_attention (cross_attention)"
     x, y = clickable.shape[1] / 2, clickable.shape[0] / 2  # in the shown (enlarged) photo's pixels
     mean, heads = app.attention(state, x, y)
     assert Image.open(mean).width >= 256 and Image.open(heads).width > Image.open(mean).width
-    out = app.generate("demo (channel_concat)", photo, semantic, "white-hot", 8, 2, 0)
+    w, h = Image.open(heads).size
+    assert w < 3 * h  # 8 heads wrapped onto rows of 4: a picture that stays readable when shrunk, not a strip
+    out = generate("demo (channel_concat)", photo, semantic, "white-hot", 8, 2, 0, state)
     assert app.kept.get(out[4]).attention is None and "no attention adapter" in out[5]
+    assert "demo_cross_attention" in out[5]  # the model that has them
+    assert out[6]["visible"] is False  # no panel to click for a model without an adapter
     with pytest.raises(Vis2IRError, match="generate with a cross-attention model first"):
         app.attention(out[4], 1, 1)
 
@@ -142,9 +150,17 @@ def _wait(condition, timeout: float = 120):
     raise AssertionError("the page did not show it in time")
 
 
+def _displayed(browser, selector: str) -> list:
+    from selenium.webdriver.common.by import By
+
+    return [e for e in browser.find_elements(By.CSS_SELECTOR, selector) if e.is_displayed()]
+
+
 def test_the_page_in_a_browser(served, phone_photo, tmp_path):
-    """Headless Chromium: upload a photo and its map, press Generate, see the infrared; click the photo and
-    see the attention. Screenshots go to $VIS2IR_APP_SCREENSHOTS (docs/pictures) when set."""
+    """Headless Chromium: the examples are thumbnails (a click fills the photo and its map); upload a photo and
+    its map, press Generate, see the infrared; no attention panel for a model without an adapter; with the
+    cross-attention model, click the photo and see the attention, the per-head picture near its own size.
+    Screenshots go to $VIS2IR_APP_SCREENSHOTS (docs/pictures) when set."""
     from selenium.webdriver.common.by import By
 
     shots = Path(os.environ.get("VIS2IR_APP_SCREENSHOTS", tmp_path))
@@ -154,6 +170,18 @@ def test_the_page_in_a_browser(served, phone_photo, tmp_path):
         images = lambda: browser.find_elements(By.CSS_SELECTOR, "#result img")  # noqa: E731
         _wait(lambda: len(images()) >= 2)  # the first example's result, on load
         first = images()[1].get_attribute("src")
+        assert "no attention adapter" in browser.find_element(By.ID, "note").text
+        assert not _displayed(browser, "#clickable")  # the opening model (channel_concat) has no adapter
+
+        thumbs = _wait(lambda: _displayed(browser, "#examples img"))
+        assert len(thumbs) == 8 and all(int(t.get_attribute("naturalWidth")) >= 256 for t in thumbs)
+        captions = browser.find_elements(By.CSS_SELECTOR, "#examples .caption-label")
+        assert [c.text for c in captions][2:4] == ["2: photo", "2: map"]  # whole: short enough not to be cut
+        assert not [c.text for c in captions if browser.execute_script(
+            "return arguments[0].scrollWidth > arguments[0].clientWidth", c)]  # no caption cut by an ellipsis
+        thumbs[3].click()  # the second scene's map: its photo and map fill the inputs
+        for elem in ("photo", "semantic"):
+            _wait(lambda: "scene_000019" in browser.find_element(By.ID, elem).text)
         photo, semantic = phone_photo
         for elem, path in (("photo", photo), ("semantic", semantic)):
             for clear in browser.find_elements(By.CSS_SELECTOR, f"#{elem} button[aria-label='Clear']"):
@@ -173,17 +201,52 @@ def test_the_page_in_a_browser(served, phone_photo, tmp_path):
         [o for o in browser.find_elements(By.CSS_SELECTOR, "ul[role=listbox] li") if "cross" in o.text][0].click()
         browser.find_element(By.ID, "generate").click()
         _wait(lambda: "Click a point" in browser.find_element(By.ID, "note").text)
-        target = _wait(lambda: browser.find_elements(By.CSS_SELECTOR, "#clickable img"))[0]
+        target = _wait(lambda: _displayed(browser, "#clickable img"))[0]
         time.sleep(1)
         target.click()
-        _wait(lambda: browser.find_elements(By.CSS_SELECTOR, "#heads img"))
+        heads = _wait(lambda: _displayed(browser, "#heads img"))[0]
         browser.execute_script("document.getElementById('clickable').scrollIntoView()")
         time.sleep(1)
+        drawn = heads.size
+        assert drawn["width"] >= 0.9 * int(heads.get_attribute("naturalWidth"))  # not shrunk into a strip
+        assert drawn["width"] < 3 * drawn["height"]
         browser.save_screenshot(str(shots / "app_attention.png"))
     finally:
         browser.quit()
     for name in ("app_result.png", "app_attention.png"):
         assert Image.open(shots / name).size[0] >= 1000
+
+
+def test_an_error_in_the_page_keeps_the_previous_result(served, tmp_path):
+    """A bad upload's one-line error comes as Gradio's notice and in the status line under Generate; the
+    result already on the page (slider, compare picture) stays, not covered by an error."""
+    from selenium.webdriver.common.by import By
+
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image")
+    browser = _browser()
+    try:
+        browser.get(served)
+        images = lambda: browser.find_elements(By.CSS_SELECTOR, "#result img")  # noqa: E731
+        _wait(lambda: len(images()) >= 2)  # the opening example's result
+        before = [images()[1].get_attribute("src"), browser.find_element(By.CSS_SELECTOR, "#compare img")
+                  .get_attribute("src")]
+        for clear in browser.find_elements(By.CSS_SELECTOR, "#photo button[aria-label='Clear']"):
+            clear.click()
+        _wait(lambda: browser.find_elements(By.CSS_SELECTOR, "#photo input[type=file]"))
+        browser.find_element(By.CSS_SELECTOR, "#photo input[type=file]").send_keys(str(bad))
+        _wait(lambda: "notes" in browser.find_element(By.ID, "photo").text)
+        browser.find_element(By.ID, "generate").click()
+        _wait(lambda: [t for t in browser.find_elements(By.CSS_SELECTOR, "[data-testid=toast-body]")
+                       if "photo notes.png: cannot read image" in t.text])
+        _wait(lambda: "Error" in browser.find_element(By.ID, "status").text)
+        for elem in ("result", "compare"):
+            assert "Error" not in browser.find_element(By.ID, elem).text, elem
+        after = [images()[1].get_attribute("src"), browser.find_element(By.CSS_SELECTOR, "#compare img")
+                 .get_attribute("src")]
+        assert after == before and all(_displayed(browser, f"#{e} img") for e in ("result", "compare"))
+    finally:
+        browser.quit()
 
 
 # -- startup, settings and errors: one line, before the models load -----------------------------------------
@@ -533,7 +596,8 @@ def test_the_opening_example_is_generated_once(counted):
     again = Client(url, verbose=False).predict(api_name="/example")  # another visitor
     assert calls() == 1
     assert np.array_equal(np.asarray(Image.open(first[2])), np.asarray(Image.open(again[2])))
-    assert "attention adapter" in again[-1]  # the note: the first model is channel_concat
+    assert "attention adapter" in again[4]  # the note: the first model is channel_concat
+    assert again[-1] == "example scene_000006.png → infrared by demo (channel_concat)"  # the status line
 
 
 def test_the_opening_example_is_generated_once_in_a_browser(counted):

@@ -21,7 +21,7 @@ from vis2ir.palette import colourise
 from vis2ir.errors import Vis2IRError
 from vis2ir.evaluate.run import evaluate_folders
 from vis2ir.io.images import Normaliser, read_image, to_tensor
-from vis2ir.pipeline import run_generate
+from vis2ir.generate import run_generate
 from vis2ir.visualize import infrared_image
 
 from tests.conftest import TINY_MODEL

@@ -42,7 +42,15 @@ def test_demo_end_to_end(tmp_path, capsys, caplog):
     # predictor that sees only the visible pixel.
     assert m["shipped"]["psnr"] >= m["untrained"]["psnr"] + 5
     assert m["shipped"]["psnr"] > m["visible_lookup"]["psnr"]
-    assert report["training"]["steps"] >= 1 and report["training"]["last_loss"] is not None
+    training = report["training"]
+    assert training["steps"] >= 1 and training["last_loss"] is not None
+    # The loss that compares before and after (fixed flow times and noise), and the log says what it is.
+    fixed = training["fixed_loss"]
+    assert fixed["scenes"] == 16 and 0 < fixed["before"] < 1 and 0 < fixed["after"] < 1
+    logged = [r.getMessage() for r in caplog.records]
+    assert any("the comparable loss" in line and f"{fixed['before']:.4f} before" in line for line in logged)
+    if training["last_loss"] > training["first_loss"]:
+        assert any("says nothing about the model" in line for line in logged)
     grid = Image.open(tmp_path / "report.png")
     assert grid.width > 6 * 64 and grid.height > 64
     if report["config"]["model"]["semantic"]["mode"] == "cross_attention":
@@ -94,3 +102,66 @@ def test_the_demo_config_sample_section_reaches_every_model(how, tmp_path, monke
     assert steps == {"channel_concat": {2}, "cross_attention": {2}}  # the shipped pair (the untrained: concat)
     assert any(r.getMessage().startswith("Demo 1/3: generating their infrared (2 denoising steps)")
                for r in caplog.records)
+
+
+def test_the_training_note_says_what_a_rise_means():
+    """A last step's loss above the first is explained (per-step draws of t and noise), the loss at fixed draws
+    before and after is given, and a learning rate still warming up is said; a fall needs no explanation."""
+    from vis2ir.demo import training_note
+
+    t = {"steps": 10, "seconds": 12.0, "first_loss": 0.0197, "last_loss": 0.0457, "mean_loss": 0.028,
+         "loss_sd": 0.011, "learning_rate": 3e-4, "learning_rate_reached": 3e-5,
+         "fixed_loss": {"before": 0.0218, "after": 0.0216, "scenes": 16, "times": [0.25, 0.5, 0.75]}}
+    lines = training_note(t)
+    assert lines[0] == ("short training from the checkpoint: 10 steps in 12 s, loss per step 0.0197 → 0.0457 "
+                        "(mean 0.0280 ± 0.0110 over the steps)")
+    assert "says nothing about the model" in lines[1] and "flow times t and noise" in lines[1]
+    assert "0.0218 before, 0.0216 after (-0.9%)" in lines[2] and "0.25, 0.5, 0.75" in lines[2]
+    assert "still warming up (at most 3.0e-05 of 3.0e-04)" in lines[3]
+    fell = training_note(t | {"last_loss": 0.0101, "learning_rate_reached": 3e-4})
+    assert not any("says nothing" in line or "warming up" in line for line in fell) and len(fell) == 2
+
+
+def test_the_fixed_draw_loss_compares_models():
+    """The same model gives the same loss twice (fixed times and noise); the shipped model's is far below an
+    untrained one's, on the same scenes."""
+    from vis2ir.checkpoint import load_model
+    from vis2ir.config import load_config
+    from vis2ir.data import ThermalScenes
+    from vis2ir.demo import _stack, fixed_draw_loss
+    from vis2ir.model import build_model
+
+    cfg = load_config(SHIPPED["demo"] / "config.yaml")
+    data = ThermalScenes(4, cfg.data.size, seed=3)
+    scenes = _stack([data[i] for i in range(4)])
+    shipped = load_model(SHIPPED["demo"], "cpu")[0]
+    once, twice = fixed_draw_loss(shipped, scenes, cfg), fixed_draw_loss(shipped, scenes, cfg)
+    assert once == twice
+    untrained = fixed_draw_loss(build_model(cfg).eval(), scenes, cfg)
+    assert once < 0.5 * untrained
+
+
+def test_the_report_says_what_each_reference_is(monkeypatch, tmp_path):
+    """report.png: under class_oracle, that it is given the true class map (it is no model); under the other
+    references what they are; the models' columns their mode."""
+    import torch
+    from matplotlib.text import Text
+
+    import vis2ir.figures
+    from vis2ir.config import load_config
+    from vis2ir.demo import _report_picture
+
+    figures = []
+    monkeypatch.setattr(vis2ir.figures, "save_figure", lambda path, fig: figures.append(fig) or path)
+    batch = {k: torch.rand(2, 3, 16, 16) for k in ("visible", "semantic", "infrared")}
+    names = ("shipped", "class_oracle", "visible_lookup", "constant")
+    scores = {"psnr": 20.0, "ssim": 0.5, "abs_err/person": 0.05}
+    _report_picture(tmp_path / "report.png", batch, {n: batch["infrared"] for n in names},
+                    {n: scores for n in names}, load_config(SHIPPED["demo"] / "config.yaml"),
+                    {"shipped": "channel_concat"})
+    found = [t.get_text() for t in figures[0].findobj(Text)]
+    oracle = [t for t in found if t.startswith("class_oracle\n")]
+    assert len(oracle) == 1 and "TRUE class map" in oracle[0].replace("\n", " ")
+    assert any("class_oracle is no model: it is given each scene's true class map" in t for t in found)
+    assert any(t.startswith("visible_lookup\nreference: the mean") for t in found)
+    assert any(t.startswith("shipped\nmode channel_concat") for t in found)

@@ -9,7 +9,7 @@ def test_coco_classes_first_in_panoptic_order_then_synthetic_extras():
     assert palette.NUM_COCO_CLASSES == 133
     assert names[0] == "person" and names[2] == "car" and names[79] == "toothbrush"
     assert names[80] == "banner" and names[119] == "sky-other-merged" and names[132] == "rug-merged"
-    assert names[133:] == ("statue", "car-running")
+    assert names[133:] == ("statue", "car-running", "background")  # appended: earlier ids never move
     assert len(set(names)) == len(names)
 
 
@@ -46,3 +46,16 @@ def test_decode_classes_from_a_float_semantic_panel():
     rgb = torch.from_numpy(palette.colourise(classes.numpy(), np.ones((2, 2), int))).permute(2, 0, 1) / 255
     assert torch.equal(palette.decode_classes(rgb), classes)
     assert torch.equal(palette.decode_classes(rgb[None]), classes[None])  # batched
+
+
+def test_declared_background_is_stuff_and_rgbt_category_names_map():
+    background = palette.class_id("background")
+    assert background == 135 and background not in palette.THING_IDS
+    assert palette.BASE_COLOURS[background].tolist() == [147, 147, 105]
+    assert palette.decode(palette.colourise(np.array([background])))[0].tolist() == [background]
+    person = palette.class_id("person")
+    for name in ("people", "Pedestrian", "cyclist", "person?", "People?"):  # KAIST, FLIR ADAS, M3FD spellings
+        assert palette.class_for_label(name) == person, name
+    assert palette.class_for_label("motor") == palette.class_id("motorcycle")
+    assert palette.class_for_label("hydrant") == palette.class_id("fire hydrant")
+    assert palette.class_for_label("what?") == palette.VOID

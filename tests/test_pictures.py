@@ -1,6 +1,8 @@
 """Every picture the package writes: a title, labels that are not cut and do not overlap, a colour bar
 or legend where colours carry meaning, and text drawn with its spaces (issue 15, item 8)."""
 
+import json
+
 import numpy as np
 import torch
 from matplotlib.figure import Figure
@@ -91,13 +93,72 @@ def test_attention_pictures_have_colour_bars_and_labelled_heads(tmp_path, monkey
     assert set(figures) == {"point0.png", "point0_heads.png", "classes.png"}
     for name in figures:
         assert "attention" in " ".join(texts(figures[name]))
-    assert "attention weight per semantic token" in texts(figures["point0.png"])  # the colour bar's label
+    # the colour bar's label (wrapped onto lines as long as the bar)
+    assert "attention weight per semantic token" in [t.replace("\n", " ") for t in texts(figures["point0.png"])]
     heads = texts(figures["point0_heads.png"])
     assert {f"head {k}" for k in range(3)} <= set(heads)
     assert {f"layer {k}" for k in range(layers)} <= set(heads)
-    assert "attention share ÷ area share" in texts(figures["classes.png"])
+    assert "attention share ÷ area share" in " ".join(texts(figures["classes.png"])).replace("\n", " ")
     assert any(t.endswith(" person") for t in texts(figures["classes.png"]))  # the palette legend
     assert Image.open(tmp_path / "point0_heads.png").size[0] > 3 * 160
+
+
+def bar_label_fits(fig) -> bool:
+    """Whether the colour bar's label of `fig` (its last axes) is no longer than the bar, once laid out."""
+    figure_array(fig)
+    bar = fig.axes[-1]
+    label = bar.yaxis.label.get_window_extent()
+    return label.height <= bar.get_window_extent().height + 1
+
+
+def test_classes_picture_shows_photo_map_and_attention_side_by_side(tmp_path, monkeypatch):
+    """classes.png: the visible photo, the semantic map and the received attention ÷ area are three panels, none
+    blended into another: the photo's pixels are the photo's, and the ratio panel holds only the colour bar's
+    colour of each region's ratio and the outline colour (no photo under it)."""
+    figures = {}
+    monkeypatch.setattr(visualize, "save_figure", lambda path, fig: figures.setdefault(path.name, fig) and path)
+    s = scene_arrays(1, 32)[0]
+    rows, cols = 4, 8
+    weights = torch.softmax(torch.randn(1, 2, rows * cols, rows * cols) * 3, -1)
+    att = AttentionMaps(weights, rows, cols, (32, 32))
+    save_attention_maps(tmp_path, s["visible"], att, [(5, 20)], s["semantic"])
+    fig = figures["classes.png"]
+    panels = [ax for ax in fig.axes if ax.images]
+    assert [ax.get_title().split("\n")[0] for ax in panels] == ["visible photo", "semantic map",
+                                                                 "received attention ÷ area"]
+    assert np.array_equal(np.asarray(panels[0].images[0].get_array()), s["visible"])
+    assert np.array_equal(np.asarray(panels[1].images[0].get_array()), s["semantic"])
+    shown = np.asarray(panels[2].images[0].get_array())
+    classes = visualize.decode(s["semantic"])[0]
+    stats = json.loads((tmp_path / "classes.json").read_text())
+    k = shown.shape[0] // classes.shape[0]
+    big = classes.repeat(k, 0).repeat(k, 1)
+    top = max(2.0, max(v["ratio"] for v in stats.values()))
+    bar = visualize.ironbow_bar("", top)
+    outline = (shown == visualize.OUTLINE).all(-1)
+    assert outline.any() and not outline.all()
+    for c, v in visualize.class_attention(visualize.received_attention(att), classes).items():
+        inside = (big == c) & ~outline
+        assert (shown[inside] == bar.colour(np.array([v["ratio"]]))[0]).all(), c
+    assert any("highest:" in t for t in texts(fig))  # the title names the classes that draw the most
+    assert bar_label_fits(fig)
+
+
+def test_heads_wrap_onto_rows_and_colour_bar_labels_fit():
+    """Per-head attention: 8 heads of one layer wrap onto 2 rows of 4, each tile labelled with its head, so
+    the picture is near square; a colour bar's label longer than a short figure's bar is wrapped to fit."""
+    s = scene_arrays(1, 32)[0]
+    maps = torch.softmax(torch.randn(1, 8, 16), -1).view(1, 8, 4, 4)
+    fig = visualize.heads_figure(s["visible"], maps, (5, 20), "attention weight per semantic token")
+    tiles = [ax for ax in fig.axes if ax.images]
+    assert len(tiles) == 8 and [ax.get_title() for ax in tiles] == [f"head {k}" for k in range(8)]
+    assert len({round(ax.get_position().y0, 3) for ax in tiles}) == 2  # two rows
+    width, height = figure_array(fig).shape[1::-1]
+    assert width < 3 * height
+    assert bar_label_fits(fig)
+    strip = image_grid([[s["visible"]] * 3], title="one short row", cell=96,
+                       colour_bar=visualize.ColourBar("attention weight per semantic token", 0, 1))
+    assert bar_label_fits(strip) and "\n" in strip.axes[-1].yaxis.label.get_text()
 
 
 def test_contact_sheet_labels_columns_rows_and_the_loaders_processing():

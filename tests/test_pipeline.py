@@ -16,7 +16,8 @@ from vis2ir.model import build_model
 from vis2ir.io.images import to_tensor
 from vis2ir.io.inputs import list_inputs
 from vis2ir.io.runtime import default_device, dist_env, shard
-from vis2ir.pipeline import Vis2IRPipeline, batches, model_size, run_generate
+from vis2ir.generate import run_generate
+from vis2ir.pipeline import Vis2IRPipeline, batches, model_size
 from vis2ir.speedup import LinearGELU
 
 from tests.conftest import TINY_MODEL
@@ -309,11 +310,11 @@ def test_generate_folder(config_file, tmp_path, caplog, capsys):
 def test_compare_shows_the_truth_when_it_is_known(config_file, tmp_path, monkeypatch):
     """`generate --compare --truth DIR`: the compare picture labels its panels and adds the truth of the
     inputs that have one (named like them, at the output's size); the others show no truth panel."""
-    import vis2ir.pipeline as pipeline
+    import vis2ir.generate as runner
 
     shown = {}
-    original = pipeline.compare_figure
-    monkeypatch.setattr(pipeline, "compare_figure",
+    original = runner.compare_figure
+    monkeypatch.setattr(runner, "compare_figure",
                         lambda panels, title: shown.setdefault(title.split(":")[0], panels) and original(panels, title))
     src, out = tmp_path / "in", tmp_path / "out"
     save(src / "a.png", noise_image(32, 32))
@@ -340,7 +341,8 @@ def test_generate_errors_are_one_line(checkpoint, tmp_path, capsys):
     # "or use model.semantic.mode=none", which this checkpoint cannot do).
     assert len(err) == 1 and err[0].startswith(
         "vis2ir: error: model.semantic.mode=cross_attention needs semantic maps: pass --semantic FILE|DIR (maps "
-        f"named like the inputs); make them with `vis2ir segment --input {src} --out {src}_semantic`, or "
+        f"named like the inputs) or --boxes PATH (detection boxes); make them with `vis2ir segment --input {src} "
+        f"--out {src}_semantic`, or "
         "pass --semantic auto (")
     assert "use a model trained with model.semantic.mode=none (this checkpoint was trained with" in err[0]
     assert run("--checkpoint", checkpoint, "--input", src, "--semantic", tmp_path / "sem", "--out",
@@ -402,11 +404,11 @@ def test_recursive_inputs_pair_with_their_own_truth_and_map(config_file, tmp_pat
     """`generate --recursive --compare --truth DIR --semantic DIR`: an input in a sub-folder goes with the
     truth and the map at the same relative path (any image suffix), so same-named inputs of two splits each
     get their own; a flat folder is matched by bare name when that is unambiguous, and reported when not."""
-    import vis2ir.pipeline as pipeline
+    import vis2ir.generate as runner
 
     shown = {}
-    original = pipeline.compare_figure
-    monkeypatch.setattr(pipeline, "compare_figure",
+    original = runner.compare_figure
+    monkeypatch.setattr(runner, "compare_figure",
                         lambda panels, title: shown.setdefault(title.split(":")[0], panels) and original(panels, title))
     src = tmp_path / "in"
     for k, name in enumerate(("train/a", "test/a", "top")):
@@ -486,11 +488,11 @@ def test_match_partners_reads_each_name_once_on_large_runs(tmp_path):
 def test_a_truth_file_goes_with_a_single_input(config_file, tmp_path, monkeypatch, capsys):
     """`--truth FILE` goes with a single `--input FILE` whatever its name (as `--semantic FILE` does); with a
     folder of inputs it is one line saying to pass a folder."""
-    import vis2ir.pipeline as pipeline
+    import vis2ir.generate as runner
 
     shown = {}
-    original = pipeline.compare_figure
-    monkeypatch.setattr(pipeline, "compare_figure",
+    original = runner.compare_figure
+    monkeypatch.setattr(runner, "compare_figure",
                         lambda panels, title: shown.setdefault(title.split(":")[0], panels) and original(panels, title))
     photo = save(tmp_path / "in" / "scene.png", noise_image(16, 16))
     truth = save(tmp_path / "scene_ir.png", np.full((16, 16), 77, np.uint8))

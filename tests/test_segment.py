@@ -16,7 +16,7 @@ from vis2ir.data import build_dataset
 from vis2ir.palette import CLASS_IDS, INSTANCE_SHADES, VOID, class_for_label, colourise, decode
 from vis2ir.demo import DEMO_CHECKPOINT
 from vis2ir.errors import Vis2IRError
-from vis2ir.pipeline import run_generate
+from vis2ir.generate import run_generate
 
 LABELS = {0: "person", 1: "car", 2: "road", 3: "sky-other-merged", 4: "mystery thing"}
 

@@ -362,12 +362,41 @@ def test_a_run_shorter_than_log_every_writes_its_metrics(tiny_config, tmp_path):
     assert [v for v in losses if v], lines  # the loss of the last step is there
 
 
-def test_a_launch_that_fails_before_training_leaves_no_version_folder(tiny_config, tmp_path):
-    """A launch that fails before its first step (here: its data folder does not exist) leaves no empty
-    logs/version_K behind: the next launch's logs are version_0."""
+def test_a_launch_that_fails_before_training_leaves_no_version_folder(tiny_config, tmp_path, monkeypatch):
+    """A launch that fails before its first step leaves no folder it created (issue 29: a misspelt data.source
+    left runs/typo2/; a batch larger than the split, found as the loaders start, left runs/ and its parents)
+    and no empty logs/version_K: the next launch's logs are version_0. A folder that was there keeps all it
+    had: its files, its config.yaml and its earlier launches' logs."""
+    from vis2ir.train import module as training_module
+
+    for source in (tmp_path / "nowhere", "thermalscene"):  # a misspelt folder, a misspelt built-in name
+        with pytest.raises(Vis2IRError, match="no such folder"):
+            run(tiny_config, tmp_path, "train.max_steps=2", f"data.source={source}", name="runs/typo2")
+        assert not (tmp_path / "runs").exists()
+    with pytest.raises(Vis2IRError, match="train.batch_size=64 is larger than the training split"):
+        run(tiny_config, tmp_path, "train.max_steps=2", "train.batch_size=64", name="runs/new/big")
+    assert not (tmp_path / "runs").exists()
+
+    def interrupted(*args, **kwargs):  # Ctrl-C while the model is being set up, after the folder was made
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training_module.Vis2IRModule, "__init__", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_config, tmp_path, "train.max_steps=2", name="runs/typo2")
+    assert not (tmp_path / "runs").exists()
+    monkeypatch.undo()
+    mine = tmp_path / "mine"
+    (mine / "logs" / "version_0").mkdir(parents=True)
+    (mine / "logs" / "version_0" / "metrics.csv").write_text("step\n")
+    (mine / "notes.txt").write_text("mine")
+    (mine / "config.yaml").write_text("# mine\n")
+    before = {p.relative_to(mine).as_posix(): p.read_bytes() if p.is_file() else None for p in mine.rglob("*")}
+    with pytest.raises(Vis2IRError, match="train.batch_size=64 is larger than the training split"):
+        run(tiny_config, tmp_path, "train.max_steps=2", "train.batch_size=64", name="mine")
+    assert {p.relative_to(mine).as_posix(): p.read_bytes() if p.is_file() else None for p in mine.rglob("*")} == before
     with pytest.raises(Vis2IRError, match="no such folder"):
         run(tiny_config, tmp_path, "train.max_steps=2", f"data.source={tmp_path / 'nowhere'}")
-    assert not list((tmp_path / "run").glob("*/version_*"))
+    assert not (tmp_path / "run").exists()
     run_dir = run(tiny_config, tmp_path, "train.max_steps=1")
     assert sorted(p.relative_to(run_dir).as_posix() for p in run_dir.glob("*/version_*")) == [
         "logs/version_0", "tensorboard/version_0"]
@@ -411,6 +440,24 @@ def test_logged_steps_are_the_checkpoint_steps(tiny_config, tmp_path):
     assert train_steps == val_steps == [3, 6]
     assert [p.name for p in list_checkpoints(run_dir)] == ["step-3", "step-6"]
     assert sorted(p.name for p in (run_dir / "samples").iterdir()) == ["step-3.png", "step-6.png"]
+
+
+def test_the_epoch_column_counts_passes_through_the_training_data(tiny_config, tmp_path):
+    """metrics.csv's `epoch` is the pass through the training split each step read (Lightning's own stays 0:
+    training is one endless epoch): batch 2 × 2 accumulated = 4 samples a step, across a resume."""
+    import csv
+
+    from vis2ir.data import build_dataset
+
+    settings = ("train.accumulate_grad_batches=2", "train.log_every=1")
+    run(tiny_config, tmp_path, "train.max_steps=3", *settings)
+    run_dir = run(tiny_config, tmp_path, "train.max_steps=6", *settings, resume="latest")
+    n = len(build_dataset(tiny_config(*TINY_RUN).data, "train"))
+    assert 4 < n < 20  # so that 6 steps of 4 samples cross a pass, and no step reads a whole one
+    rows = [r for v in (0, 1) for r in csv.DictReader((run_dir / "logs" / f"version_{v}" / "metrics.csv").open())]
+    epochs = {int(r["step"]): int(r["epoch"]) for r in rows}
+    assert epochs == {s: (4 * s - 1) // n for s in range(1, 7)}
+    assert epochs[6] >= 1
 
 
 def test_lightning_advertising_tips_are_silenced(tiny_config, tmp_path, caplog):

@@ -354,7 +354,7 @@ def test_generate_stops_at_a_full_disk_and_marks_no_item_done_that_is_not_whole(
     from tests.test_bad_inputs import good
     from vis2ir import files as files_module
     from vis2ir.config import load_config
-    from vis2ir.pipeline import run_generate
+    from vis2ir.generate import run_generate
 
     from tests.conftest import TINY_MODEL
 

@@ -5,12 +5,13 @@
 
 By default it serves the two shipped demo models (`channel_concat` and the cross-attention adapter)
 on the CPU, with nothing downloaded; `--checkpoint` serves a trained one instead. The page: example
-ThermalScenes (held-out photo and semantic map) one click away, upload or drop a photo and its map
+ThermalScenes (held-out photo and semantic map, as thumbnails) one click away, upload or drop a photo and its map
 (read by the package's one image reader: EXIF-upright, pixel limit, 16-bit), palette, bit depth,
 steps and seed, a progress bar over the denoising steps, the result as a before/after slider and as
 the compare picture, a PNG to download (8 or 16 bit, written by the package's one writer) and, for
-cross-attention models, where the adapter attends from a clicked point (mean and per head). A bad
-upload gets the command line's one-line error in the page. Requests are queued one at a time.
+cross-attention models only, where the adapter attends from a clicked point (mean and per head). A bad
+upload gets the command line's one-line error in the page, and the result shown before stays. Requests are
+queued one at a time.
 
 The disk stays bounded: results and uploads are deleted `--keep-minutes` after they are made (the app's
 own files by `App.results`, Gradio's copies and uploads by its `delete_cache`), the app's own result folders
@@ -46,6 +47,7 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
+from vis2ir.app_views import attention_note, example_scenes, example_thumbnails, shown
 from vis2ir.checkpoint import SHIPPED
 from vis2ir.config import APP_KEEP_MINUTES, APP_MAX_UPLOAD_MIB, DEFAULT_SEGMENTER, SEED_LIMIT
 from vis2ir.errors import Vis2IRError, first_line
@@ -54,12 +56,10 @@ from vis2ir.files import write_error
 from vis2ir.io.images import read_image, rgb_image, to_tensor, write_png
 from vis2ir.io.runtime import default_device
 from vis2ir.pipeline import Vis2IRPipeline, check_map
-from vis2ir.visualize import (MIN_PICTURE_SIDE, PALETTES, as_rgb8, check_output_format, compare_figure,
-                              infrared_image, save_attention_maps)
+from vis2ir.visualize import PALETTES, as_rgb8, check_output_format, compare_figure, infrared_image, save_attention_maps
 
 log = logging.getLogger(__name__)
 
-EXAMPLES = 4  # held-out ThermalScenes offered as examples
 KEEP_MINUTES_LIMIT = 525_600  # a year: longer is a typo, and Gradio's schedule wants seconds it can sleep
 CLEAN_EVERY_S = 600  # Gradio's cache is swept this often (or every keep time, if shorter)
 KEEP_RESULTS = 32  # results kept in memory (all visitors together) and result folders kept on disk, at most
@@ -80,22 +80,6 @@ def load_models(checkpoint: str | Path | None = None, device=None) -> dict[str, 
         name = Path(source).name if checkpoint is None else str(checkpoint)
         models[f"{name} ({pipe.model.mode})"] = pipe
     return models
-
-
-def example_scenes(folder: Path, pipe: Vis2IRPipeline, count: int = EXAMPLES) -> list[list[str]]:
-    """`count` held-out ThermalScenes (the test split of the demo data, at the model's panel size) as
-    `[photo, semantic map]` PNG paths in `folder`."""
-    from vis2ir.data.synth import scene_name, split_indices
-    from vis2ir.data.thermalscenes import render_scene
-
-    data = pipe.cfg.data
-    rows = []
-    for index in split_indices(data.synth_count, "test", data.val_fraction, data.test_fraction)[:count]:
-        scene = render_scene(index, data.synth_seed, data.size)
-        paths = [write_png(folder / kind / f"{scene_name(index)}.png", getattr(scene, kind))
-                 for kind in ("visible", "semantic")]
-        rows.append([str(p) for p in paths])
-    return rows
 
 
 @dataclass
@@ -153,13 +137,6 @@ class Kept:
     def nbytes(self) -> int:
         """The memory the kept results hold, in bytes."""
         return sum(r.nbytes for r in self._results.values())
-
-
-def shown(image: np.ndarray) -> np.ndarray:
-    """A small image drawn at least `MIN_PICTURE_SIDE` pixels on its longer side (pixels not smoothed)."""
-    h, w = image.shape[:2]
-    scale = max(1, -(-MIN_PICTURE_SIDE // max(h, w)))
-    return image if scale == 1 else image.repeat(scale, 0).repeat(scale, 1)
 
 
 class App:
@@ -279,12 +256,9 @@ class App:
         panels = {"visible": seen} | ({} if semantic is None else {"semantic": np.asarray(rgb_image(semantic))})
         panels[f"generated infrared ({palette})"] = ir8
         compare = figure_array(compare_figure(panels, f"{stem}: visible → infrared ({model})"))
-        if attend:
-            note = "Click a point on the photo to see where the adapter attends from there."
-        else:
-            note = f"This model (mode {pipe.model.mode}) has no attention adapter: no attention maps."
         key = self.kept.put(Result(seen, result.attention[0] if attend else None), replaces=previous)
-        return (shown(seen), shown(as_rgb8(ir8))), compare, str(png), shown(seen), key, note
+        return (shown(seen), shown(as_rgb8(ir8))), compare, str(png), shown(seen), key, attention_note(
+            pipe.model.mode, attend)
 
     def attention(self, key: str | None, x: float, y: float) -> tuple[str, str]:
         """Where the adapter attends from the point `(x, y)` of the shown photo of the result kept under `key`:
@@ -325,30 +299,21 @@ def build_app(models: dict[str, Vis2IRPipeline], workdir: str | Path, segment_mo
     """The page for `models` (label → pipeline); results' files go under `workdir`; photos without a map are
     segmented by `segment_model` (default: `DEFAULT_SEGMENTER`) when its weights are here. Results, uploads and
     Gradio's copies are deleted about `keep_s` seconds after they are made (within `CLEAN_EVERY_S` more); an
-    upload over `max_upload_bytes` is refused (`App.check_upload`; `serve` has Gradio refuse it at upload)."""
+    upload over `max_upload_bytes` is refused (`App.check_upload`; `serve` has Gradio refuse it at upload).
+
+    The attention panel (the photo to click, the maps) shows only for a result of a model with an attention
+    adapter. A request's progress bar and its error show in the status line under **Generate**, so an error
+    leaves the previous result on the page (the error itself comes as Gradio's notice, and to API clients)."""
     app = App(models, Path(workdir), segment_model, keep_s, max_upload_bytes)
-    examples = example_scenes(Path(workdir) / "examples", next(iter(models.values())))
     first = next(iter(models.values()))
+    examples = example_scenes(Path(workdir) / "examples", first)
+    thumbnails = example_thumbnails(examples, Path(workdir) / "examples" / "thumbnails")
     # what the page opens with, and the example generated for it: one set of values for both
     opening = (next(iter(models)), *examples[0], "white-hot", 8, first.cfg.sample.steps, first.cfg.sample.seed)
+    generate, example, attend = _events(app, opening)
 
-    def generate(model, photo, semantic, palette, bit_depth, steps, seed, previous, progress=gr.Progress()):
-        try:
-            return app.generate(model, photo, semantic, palette, bit_depth, steps, seed, progress, previous=previous)
-        except Vis2IRError as err:
-            raise page_error(err) from None
-
-    def example(progress=gr.Progress()):
-        try:
-            return app.example(opening, progress)
-        except Vis2IRError as err:
-            raise page_error(err) from None
-
-    def attend(state, evt: gr.SelectData):
-        try:
-            return app.attention(state, *evt.index[:2])
-        except Vis2IRError as err:
-            raise page_error(err) from None
+    def pick(evt: gr.SelectData) -> list[str]:  # an example's photo or map clicked: both (`example_thumbnails`)
+        return examples[evt.index // 2]
 
     with gr.Blocks(title="vis2ir: visible → infrared", delete_cache=(min(keep_s, CLEAN_EVERY_S), keep_s)) as page:
         gr.Markdown("## vis2ir: visible → infrared\nUpload or drop a photo and its semantic map (or click an "
@@ -368,30 +333,65 @@ def build_app(models: dict[str, Vis2IRPipeline], workdir: str | Path, segment_mo
                     steps = gr.Slider(1, 50, value=opening[5], step=1, label="denoising steps")
                     seed = gr.Number(value=opening[6], precision=0, minimum=0, maximum=SEED_LIMIT - 1, label="seed")
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
-                gr.Examples(examples, inputs=[photo, semantic], label="ThermalScenes (held out): photo, map")
+                status = gr.Markdown(elem_id="status", min_height=48)
+                gallery = gr.Gallery(thumbnails, label="ThermalScenes (held out): click a scene for its photo and map",
+                                     columns=4, allow_preview=False, interactive=False, buttons=[],
+                                     object_fit="contain", height="fit-content", elem_id="examples")
             with gr.Column(scale=1):
                 slider = gr.ImageSlider(label="visible | infrared (drag the slider)", type="numpy",
                                         elem_id="result")
                 download = gr.File(label="download the infrared PNG")
         with gr.Row():
-            compare = gr.Image(label="compare", show_label=False, type="numpy", interactive=False)
-        with gr.Row():
-            with gr.Column(scale=1):
-                note = gr.Markdown(elem_id="note")
+            compare = gr.Image(label="compare", show_label=False, type="numpy", interactive=False, elem_id="compare")
+        note = gr.Markdown(elem_id="note")
+        with gr.Column(visible=False, elem_id="attention") as panel:
+            with gr.Row():
                 clickable = gr.Image(label="click a point: where does the adapter attend?", type="numpy",
                                      interactive=False, elem_id="clickable")
-            with gr.Column(scale=2):
                 mean = gr.Image(label="attention from the point (mean over heads)", show_label=False, type="filepath",
                                 interactive=False, elem_id="mean")
-                heads = gr.Image(label="per head", show_label=False, type="filepath", interactive=False,
-                                 elem_id="heads")
+            heads = gr.Image(label="per head", show_label=False, type="filepath", interactive=False, elem_id="heads")
         inputs = [model, photo, semantic, palette, bit_depth, steps, seed, state]
-        outputs = [slider, compare, download, clickable, state, note]
-        button.click(generate, inputs, outputs, api_name="generate")
-        page.load(example, None, outputs, api_name="example")  # a result at once: the first example, made once
+        outputs = [slider, compare, download, clickable, state, note, panel, mean, heads, status]
+        button.click(generate, inputs, outputs, api_name="generate", show_progress_on=[status])
+        # a result at once: the first example, made once
+        page.load(example, None, outputs, api_name="example", show_progress_on=[status])
         clickable.select(attend, [state], [mean, heads])
+        gallery.select(pick, None, [photo, semantic], api_visibility="private")
     bound_files(page, KEEP_FILES_MIB * 2**20, KEEP_FILES)
     return page
+
+
+def _events(app: App, opening: tuple):
+    """The page's event functions around `app` (`generate`, the opening `example`, `attend` to a clicked
+    point): a `Vis2IRError` becomes the page's one-line error (`page_error`); a result also sets the attention
+    panel's visibility, clears the maps of the previous result and says in the status line what was made."""
+
+    def finished(values: tuple, model: str, what: str) -> tuple:
+        attends = app.models[model].model.adapter is not None
+        return (*values, gr.update(visible=attends), None, None, f"{what} → infrared by {model}")
+
+    def generate(model, photo, semantic, palette, bit_depth, steps, seed, previous, progress=gr.Progress()):
+        try:
+            values = app.generate(model, photo, semantic, palette, bit_depth, steps, seed, progress, previous=previous)
+        except Vis2IRError as err:
+            raise page_error(err) from None
+        return finished(values, model, f"{Path(photo).name} ({int(steps)} steps, seed {int(seed)})")
+
+    def example(progress=gr.Progress()):
+        try:
+            values = app.example(opening, progress)
+        except Vis2IRError as err:
+            raise page_error(err) from None
+        return finished(values, opening[0], f"example {Path(opening[1]).name}")
+
+    def attend(state, evt: gr.SelectData):
+        try:
+            return app.attention(state, *evt.index[:2])
+        except Vis2IRError as err:
+            raise page_error(err) from None
+
+    return generate, example, attend
 
 
 class BoundedFiles(set):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import sys
 import warnings
@@ -87,8 +88,10 @@ def _cmd_data_inspect(args: argparse.Namespace) -> None:
     from vis2ir.data import inspect_source
 
     data = dataclasses.replace(cfg.data, source=args.source)
+    chosen = args.config or os.environ.get("XFL_CONFIG") or any(o.startswith("model.semantic.mode=")
+                                                                for o in args.overrides)
     report = inspect_source(data, out=args.out or inspect_sheet_path(args.source), count=args.count,
-                            mode=cfg.model.semantic.mode)
+                            mode=cfg.model.semantic.mode if chosen else "any")
     if report["problems"]:  # after the report and the contact sheet are written
         n = len(report["problems"])
         raise Vis2IRError(f"{args.source}: {n} problem{'s' if n != 1 else ''} found (listed above; contact sheet: "
@@ -128,19 +131,19 @@ def _cmd_data_convert(args: argparse.Namespace) -> None:
 
 def _generate_kwargs(args: argparse.Namespace) -> dict:
     keys = ("config", "checkpoint", "overrides", "semantic", "seed", "steps", "guidance", "batch_size",
-            "adapter_scale", "overwrite", "offload", "device", "size", "segment_model", "recursive")
-    return {k: getattr(args, k) for k in keys} | {"points": args.point or ()}
+            "adapter_scale", "overwrite", "offload", "device", "size", "segment_model", "recursive", "boxes")
+    return {k: getattr(args, k) for k in keys} | {"points": args.point or (), "box_classes": args.box_classes or ()}
 
 
 def _cmd_generate(args: argparse.Namespace) -> None:
-    from vis2ir.pipeline import run_generate
+    from vis2ir.generate import run_generate
 
     run_generate(args.input, args.out, bit_depth=args.bit_depth, palette=args.palette, compare=args.compare,
                  save_attention=args.save_attention, truth=args.truth, **_generate_kwargs(args))
 
 
 def _cmd_visualize(args: argparse.Namespace) -> None:
-    from vis2ir.pipeline import run_generate
+    from vis2ir.generate import run_generate
 
     run_generate(args.input, args.out, write_images=False, **_generate_kwargs(args))
 
@@ -197,6 +200,10 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--semantic", help="semantic map(s): a file, a folder of maps named like the inputs, or "
                    "'auto' (made by a panoptic segmenter, cached in semantic_auto/ beside the inputs)")
     _add_segment_model_arg(p, "for --semantic auto")
+    p.add_argument("--boxes", help="semantic maps drawn from detection boxes: a folder of YOLO txt (+ classes.txt), "
+                   "Pascal VOC xml or KAIST txt files named like the inputs, or one COCO json file")
+    p.add_argument("--box-classes", action="append", metavar="NAME=CLASS",
+                   help="map a box category to a palette class or to 'ignore' (repeatable; default: by name)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--seed", type=int, help="seed of every image's noise (default: sample.seed)")
     p.add_argument("--steps", type=int, help="denoising steps (default: sample.steps)")
@@ -392,9 +399,12 @@ COMMANDS = (_add_demo, _add_app, _add_train, _add_config, _add_data, _add_segmen
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The `vis2ir` parser: `--debug` and one subcommand of `COMMANDS`, each with its `func` to run."""
+    """The `vis2ir` parser: `--debug`, `--threads` and one subcommand of `COMMANDS`, each with its `func` to run."""
     parser = argparse.ArgumentParser(prog="vis2ir", description="Visible-to-infrared generation on FLUX.1 Fill.")
     parser.add_argument("--debug", action="store_true", help="DEBUG logging and full tracebacks")
+    parser.add_argument("--threads", metavar="N|auto",
+                        help="CPU threads for torch (default: $VIS2IR_THREADS, else auto: the cores free now, all on "
+                             "an idle machine; OMP_NUM_THREADS, when set, is kept)")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in COMMANDS:
         add(sub)
@@ -471,6 +481,10 @@ def main(argv: list[str] | None = None) -> int:
 
             check_config(args.config, args.overrides)  # a typo is answered before torch is imported
         check_output(args)
+        if args.command != "config":  # the one command without CPU work stays without torch
+            from vis2ir.io.runtime import setup_threads
+
+            setup_threads(args.threads)  # before torch is imported: OpenMP reads its settings then
         args.func(args)
     except Vis2IRError as err:
         if args.debug:

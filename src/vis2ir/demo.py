@@ -6,7 +6,8 @@
    first one's model untrained;
 3. fits the reference predictors on training scenes (visible-colour lookup, class-mean oracle);
 4. saves the adapter's attention maps of the cross-attention model (`attention/scene<i>/`);
-5. runs a short real training from the first checkpoint to show the loop works;
+5. runs a short real training from the first checkpoint to show the loop works, and compares the loss
+   before and after it on the held-out scenes at fixed flow times and noise (`fixed_draw_loss`);
 6. writes a report: `report.png` (a grid a person can look at, every column's scores under it) and `metrics.json`.
 """
 
@@ -27,6 +28,11 @@ from vis2ir.errors import Vis2IRError
 log = logging.getLogger(__name__)
 
 DEMO_CHECKPOINT = SHIPPED["demo"]
+# What each reference column of report.png is, under its name: none is a model, and the oracle sees the truth's classes.
+REFERENCES = {"class_oracle": "oracle: each class's\nmean infrared, given\nthe TRUE class map",
+              "visible_lookup": "reference: the mean\ninfrared of each\nvisible colour",
+              "constant": "reference: the mean\ninfrared everywhere"}
+FIXED_TIMES = (0.25, 0.5, 0.75)  # flow times of the comparable loss (as the training's validation loss)
 
 
 def column(name: str) -> str:
@@ -91,7 +97,7 @@ def run_demo(out_dir: str | Path = "outputs/demo", config_path: str | None = Non
                          for name, pred in predictions.items()}
     trained = [name for name in checkpoints if name in pipes]
     if trained:
-        report["training"] = _short_training(cfg, checkpoints[trained[0]], out / "train", train_steps)
+        report["training"] = _short_training(cfg, checkpoints[trained[0]], out / "train", train_steps, batch)
     report["seconds"] = round(time.perf_counter() - started, 1)
     from vis2ir.files import write_json
 
@@ -146,13 +152,16 @@ def _report_picture(path: Path, batch: dict, predictions: dict[str, torch.Tensor
 
     columns = {"visible": batch["visible"], "semantic": batch["semantic"], "truth": batch["infrared"], **predictions}
     captions = {name: "\n".join(([f"mode {modes[name]}"] if name in modes else [])
+                                + ([REFERENCES[name]] if name in REFERENCES else [])
                                 + [f"PSNR {m['psnr']:.2f} dB", f"SSIM {m['ssim']:.3f}"]
                                 + [f"{k.split('/', 1)[1]} {v:.3f}" for k, v in m.items() if k.startswith("abs_err/")])
                 for name, m in metrics.items()}
     n = batch["visible"].shape[0]
     title = (f"vis2ir demo: {min(rows, n)} of {n} held-out ThermalScenes ({cfg.data.size}×{cfg.data.size}). "
-             f"Under each prediction: its semantic mode (models), PSNR/SSIM (native, one channel) over the {n} "
-             f"scenes,\nthen the mean absolute infrared error (0–1) on classes that look alike in the visible image")
+             "Under each prediction: its semantic mode (models) or what it is (references), PSNR/SSIM (native, one "
+             f"channel)\nover the {n} scenes, then the mean absolute infrared error (0–1) on classes that look alike "
+             "in the visible image.\nclass_oracle is no model: it is given each scene's true class map, which no "
+             "prediction from the photo has")
     fig = labelled_grid(columns, rows=rows, cell=128, title=title, captions=captions)
     return save_figure(path, fig)
 
@@ -169,10 +178,15 @@ def _save_attention(directory: Path, batch: dict, attention: list, scenes: int =
         save_attention_maps(directory / f"scene{i}", vis, attention[i], points, sem)
 
 
-def _short_training(cfg: Config, checkpoint: Path, out: Path, steps: int) -> dict:
-    """A real training run from the shipped checkpoint, a few steps long, on this machine."""
+def _short_training(cfg: Config, checkpoint: Path, out: Path, steps: int, scenes: dict) -> dict:
+    """A real training run from the shipped checkpoint, a few steps long, on this machine: its per-step losses
+    (first, last, mean, standard deviation), the learning rate its last step reached, and the loss of the
+    checkpoint and of the run's result on the held-out `scenes` at fixed flow times and noise
+    (`fixed_draw_loss`), the one comparison of the two that is not chance."""
     import csv
+    import statistics
 
+    from vis2ir.checkpoint import load_model
     from vis2ir.train import metrics_logs, train
 
     overrides = [f"train.init_from={checkpoint}", f"train.output_dir={out}", f"train.max_steps={steps}",
@@ -188,20 +202,76 @@ def _short_training(cfg: Config, checkpoint: Path, out: Path, steps: int) -> dic
 
         shutil.rmtree(out)
     run = train(tcfg, progress=False)
+    seconds = round(time.perf_counter() - started, 1)
     logs = metrics_logs(run)[-1:]  # this launch's log only: an earlier demo may have left its own
     losses = [float(r["train/loss"]) for path in logs for r in csv.DictReader(path.open()) if r.get("train/loss")]
+    t = tcfg.train
+    before, after = (fixed_draw_loss(load_model(path, "cpu")[0], scenes, tcfg) for path in (checkpoint, run))
     return {"steps": len(losses), "first_loss": losses[0] if losses else None,
-            "last_loss": losses[-1] if losses else None, "seconds": round(time.perf_counter() - started, 1),
-            "run_dir": str(run)}
+            "last_loss": losses[-1] if losses else None,
+            "mean_loss": statistics.fmean(losses) if losses else None,
+            "loss_sd": statistics.stdev(losses) if len(losses) > 1 else None,
+            "learning_rate": t.learning_rate,
+            "learning_rate_reached": t.learning_rate * (min(1.0, len(losses) / t.warmup_steps) if t.warmup_steps
+                                                        else 1.0),
+            "fixed_loss": {"before": before, "after": after, "scenes": int(scenes["visible"].shape[0]),
+                           "times": list(FIXED_TIMES)},
+            "seconds": seconds, "run_dir": str(run)}
+
+
+def fixed_draw_loss(model, scenes: dict, cfg: Config, seed: int = 0) -> float:
+    """The flow-matching loss (`objective.flow_loss`, over `cfg.train.loss_region`) of `model` on `scenes`
+    (`visible`, `infrared`, `semantic` `[B, 3, H, W]` in [0, 1]) at the flow times `FIXED_TIMES` with noise
+    drawn from `seed`, averaged over the times: as the training's validation loss measures, the same draw for
+    every model, so two models' values compare. (The per-step training loss draws its times and noise anew
+    each step, and the loss at small t is many times that at large t: two steps' losses do not compare.)"""
+    from vis2ir.objective import flow_loss
+
+    vis, ir, sem = scenes["visible"], scenes["infrared"], scenes["semantic"]
+    generator = torch.Generator().manual_seed(seed)
+    losses = []
+    with torch.no_grad():
+        enc = model.encode(vis, ir, sem)
+        tokens = model.target_tokens(enc) if cfg.train.loss_region == "target" else None
+        for time_ in FIXED_TIMES:
+            noise = torch.randn(enc.x_0.shape, generator=generator)
+            pred, target = model(vis, ir, sem, torch.full((vis.shape[0],), time_), noise,
+                                 guidance=cfg.train.guidance, encoded=enc)
+            losses.append(float(flow_loss(pred, target, tokens)))
+    return sum(losses) / len(losses)
+
+
+def training_note(t: dict) -> list[str]:
+    """The log lines of the short training (`_short_training`'s dict): its per-step losses and what they do
+    not mean, the comparable loss before and after, and what a few steps can show."""
+    lines = [f"short training from the checkpoint: {t['steps']} steps in {t['seconds']:.0f} s"]
+    if t.get("first_loss") is None:
+        return lines
+    lines[0] += f", loss per step {t['first_loss']:.4f} → {t['last_loss']:.4f}"
+    if t.get("loss_sd") is not None:
+        lines[0] += f" (mean {t['mean_loss']:.4f} ± {t['loss_sd']:.4f} over the steps)"
+    if t["last_loss"] > t["first_loss"]:
+        lines.append("  the last step's loss is higher, which says nothing about the model: each step draws new flow "
+                     "times t and noise for its 4 scenes, and the loss at small t is many times that at large t, so "
+                     "two steps' losses do not compare (the comparable loss is below)")
+    fixed = t.get("fixed_loss")
+    if fixed:
+        change = (fixed["after"] - fixed["before"]) / fixed["before"] if fixed["before"] else 0.0
+        times = ", ".join(f"{v:g}" for v in fixed["times"])
+        lines.append(f"  the comparable loss (the {fixed['scenes']} held-out scenes at the fixed flow times {times} "
+                     f"and fixed noise): {fixed['before']:.4f} before, {fixed['after']:.4f} after ({change:+.1%})")
+    if t.get("learning_rate_reached") is not None and t["learning_rate_reached"] < t["learning_rate"]:
+        lines.append(f"  the learning rate was still warming up (at most {t['learning_rate_reached']:.1e} of "
+                     f"{t['learning_rate']:.1e}): {t['steps']} steps barely move a trained model, so this run shows "
+                     "that training works on this machine, not that it learns")
+    return lines
 
 
 def _log_summary(report: dict, out: Path) -> None:
     width = max(map(len, report["metrics"]))
     for name, m in report["metrics"].items():
         log.info("%-*s  PSNR %6.2f dB   SSIM %.3f", width, name, m["psnr"], m["ssim"])
-    if "training" in report:
-        t = report["training"]
-        log.info("short training from the checkpoint: %d steps in %.0f s, loss %.4f → %.4f", t["steps"],
-                 t["seconds"], t["first_loss"], t["last_loss"])
+    for line in training_note(report["training"]) if "training" in report else ():
+        log.info("%s", line)
     log.info("Demo finished in %.0f s. Report: %s  Metrics: %s", report["seconds"], out / "report.png",
              out / "metrics.json")

@@ -70,12 +70,14 @@ class ColourBar:
 def image_grid(cells: list[list[np.ndarray | None]], *, title: str, column_labels: list[str] | None = None,
                row_labels: list[str] | None = None, cell: int = 128, colour_bar: ColourBar | None = None,
                legend_ids=(), markers: list[list[tuple[float, float] | None]] | None = None,
-               missing: str = "none") -> Figure:
+               missing: str = "none", tile_labels: list[list[str | None]] | None = None) -> Figure:
     """Rows of images in one figure, each shown `cell` pixels on its longer side (pixels not smoothed).
 
     `cells[r][c]`: uint8 RGB `[H, W, 3]`, grey `[H, W]` (uint8, or float in [0, 1]), or None (a grey
     tile saying `missing`). `column_labels` go over the top row (may have several lines: captions),
-    `row_labels` left of the first column. `colour_bar` adds a bar saying what heat colours mean;
+    `row_labels` left of the first column; `tile_labels[r][c]` over every tile instead (a grid wrapped onto
+    several rows: rows are spaced to hold them). `colour_bar` adds a bar saying what heat colours mean (its
+    label wrapped to the bar's length, so a short figure does not cut it);
     `legend_ids`, palette class ids, add the semantic palette's legend of those classes on the right;
     `markers[r][c]`: an `(x, y)` in image pixels drawn as a cross. Tiles take the first image's shape; an
     image of another shape is fitted inside its tile at its own aspect (on a dark ground), never stretched.
@@ -84,15 +86,21 @@ def image_grid(cells: list[list[np.ndarray | None]], *, title: str, column_label
     title = printable(title)
     column_labels = [printable(t) for t in column_labels] if column_labels is not None else None
     row_labels = [printable(t) for t in row_labels] if row_labels is not None else None
+    if tile_labels is not None:
+        tile_labels = [[printable(t) if t else None for t in row] for row in tile_labels]
+        column_labels = None
     rows, cols = len(cells), max(len(r) for r in cells)
     shown = [c for r in cells for c in r if c is not None]
     h, w = shown[0].shape[:2] if shown else (cell, cell)
     scale = cell / max(h, w)
     tile_w, tile_h, gap = w * scale / DPI, h * scale / DPI, 0.06
-    widest = max((text_width(line) for label in column_labels or [] for line in label.split("\n")), default=0)
+    tops = column_labels or [t for row in tile_labels or [] for t in row if t]
+    widest = max((text_width(line) for label in tops for line in label.split("\n")), default=0)
     wgap = max(gap, widest + 0.1 - tile_w)  # room for the widest column label: labels never overlap
-    fig = Figure(figsize=(cols * tile_w + (cols - 1) * wgap, rows * tile_h + (rows - 1) * gap), dpi=DPI)
-    fig.subplots_adjust(left=0, right=1, bottom=0, top=1, wspace=wgap / tile_w, hspace=gap / tile_h)
+    lines = max((label.count("\n") + 1 for label in tops), default=0)
+    hgap = gap + (lines * FONT_SIZE * 1.3 + 4) / 72 if tile_labels is not None else gap  # room for tile labels
+    fig = Figure(figsize=(cols * tile_w + (cols - 1) * wgap, rows * tile_h + (rows - 1) * hgap), dpi=DPI)
+    fig.subplots_adjust(left=0, right=1, bottom=0, top=1, wspace=wgap / tile_w, hspace=hgap / tile_h)
     axes = fig.subplots(rows, cols, squeeze=False)
     for r in range(rows):
         for c in range(cols):
@@ -127,16 +135,20 @@ def image_grid(cells: list[list[np.ndarray | None]], *, title: str, column_label
                     ax.plot([x], [y], marker="+", color=colour, markersize=size, markeredgewidth=width)
     for c, label in enumerate(column_labels or []):
         axes[0][c].set_title(label, fontsize=FONT_SIZE, pad=3)
+    for r, row in enumerate(tile_labels or []):
+        for c, label in enumerate(row):
+            if label:
+                axes[r][c].set_title(label, fontsize=FONT_SIZE, pad=3)
     for r, label in enumerate(row_labels or []):
         axes[r][0].set_ylabel(label, fontsize=FONT_SIZE, rotation=0, ha="right", va="center", labelpad=4)
-    lines = max((label.count("\n") + 1 for label in column_labels or []), default=0)
     fig.suptitle(title, fontsize=FONT_SIZE + 2, fontweight="bold", x=0, ha="left", va="bottom",
                  y=1 + (lines * FONT_SIZE * 1.3 + 6) / 72 / fig.get_figheight())
     if colour_bar is not None:
         mappable = _mappable(colour_bar)
         bar = fig.colorbar(mappable, ax=axes.ravel().tolist(), fraction=0.05 / max(1, cols) ** 0.5, pad=0.02,
                            aspect=max(8, 12 * rows))
-        bar.set_label(colour_bar.label, fontsize=FONT_SIZE)
+        # The bar is as long as the figure is high: a longer label is wrapped onto lines that fit it.
+        bar.set_label(wrap_text(colour_bar.label, 0.9 * fig.get_figheight()), fontsize=FONT_SIZE)
         bar.ax.tick_params(labelsize=FONT_SIZE - 1)
     if len(legend_ids):
         add_palette_legend(fig, legend_ids, below=colour_bar is not None)
@@ -150,6 +162,18 @@ def text_width(text: str, size: float = FONT_SIZE) -> float:
 
     renderer = RendererAgg(1, 1, DPI)
     return renderer.get_text_width_height_descent(text, FontProperties(size=size), ismath=False)[0] / DPI
+
+
+def wrap_text(text: str, inches: float, size: float = FONT_SIZE) -> str:
+    """`text` broken between words into lines at most `inches` wide at `size` points (a word wider than
+    that stays whole on its own line)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and text_width(f"{lines[-1]} {word}", size) <= inches:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return "\n".join(lines)
 
 
 def _mappable(bar: ColourBar):

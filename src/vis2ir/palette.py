@@ -1,7 +1,9 @@
 """The semantic palette: one fixed colour per class, instances shaded apart, and colour -> class.
 
 Class ids 0-132 are COCO panoptic's, in the order panoptic segmenters report them (Mask2Former's
-`id2label`); ids from 133 on are classes the synthetic ThermalScenes need and COCO lacks. Every base
+`id2label`); ids from 133 on are classes COCO lacks: 133 `statue` and 134 `car-running` (the synthetic
+ThermalScenes need them) and 135 `background`, the declared background of maps drawn from detection
+boxes (`vis2ir.io.boxes`: "no annotated object here", unlike `VOID`, black, "unknown"). Every base
 colour sits on a lattice of six levels per channel (21, 63, ..., 231; one cell of 42 values per level),
 each class owning one cell. Instance k of a class is its base colour plus `INSTANCE_SHADES[k % 27]`,
 an offset of -14, 0 or +14 per channel that stays inside the class's cell, so shades never collide
@@ -11,8 +13,12 @@ black and white are left unassigned: such pixels, like any other unassigned cell
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch only for `decode_classes`: the palette (and vis2ir.io.boxes) import without it
+    import torch
 
 LEVELS = (21, 63, 105, 147, 189, 231)
 CELL = 42
@@ -66,6 +72,7 @@ PALETTE: tuple[tuple[str, tuple[int, int, int]], ...] = (
     ("dirt-merged", (105, 147, 231)), ("paper-merged", (105, 189, 21)), ("food-other-merged", (105, 189, 105)),
     ("building-other-merged", (63, 63, 63)), ("rock-merged", (105, 189, 147)), ("wall-other-merged", (105, 189, 189)),
     ("rug-merged", (105, 189, 231)), ("statue", (189, 189, 105)), ("car-running", (231, 147, 21)),
+    ("background", (147, 147, 105)),
 )
 
 CLASS_NAMES: tuple[str, ...] = tuple(name for name, _ in PALETTE)
@@ -116,14 +123,16 @@ def decode(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def decode_classes(semantic: torch.Tensor) -> torch.Tensor:
     """A semantic panel (float `[..., 3, H, W]` in [0, 1]) -> class ids (long `[..., H, W]`)."""
+    import torch
+
     rgb = (semantic.detach().clamp(0, 1) * 255).round().to(torch.uint8).movedim(-3, -1).cpu().numpy()
     return torch.from_numpy(decode(rgb)[0])
 
 
 FAR = 3  # a pixel farther than this (per channel) from every palette colour is not a palette colour (JPEG: ~0-2)
 MOSTLY_FAR = 0.5  # a map with this fraction of such pixels is not coloured with the palette
-REMEDY = ("make maps with `vis2ir segment`, or colour class ids with vis2ir.palette.colourise "
-          "(class ids in the palette's order, docs/data.md)")
+REMEDY = ("make maps with `vis2ir segment`, draw them from detection boxes (data.semantic_source=boxes, generate "
+          "--boxes), or colour class ids with vis2ir.palette.colourise (docs/data.md, \"Maps without the Hub\")")
 
 
 def semantic_problem(rgb: np.ndarray | None, mode: str | None = None) -> str | None:
@@ -150,21 +159,26 @@ def semantic_problem(rgb: np.ndarray | None, mode: str | None = None) -> str | N
 # ----------------------------------------------------------------------------------------------
 # Things and stuff, model label names, the legend
 
-# Countable classes (instances shaded apart): COCO's 80 things and the ThermalScenes extras.
+# Countable classes (instances shaded apart): COCO's 80 things and the ThermalScenes extras
+# (`background`, the declared background of box maps, is stuff).
 THING_IDS = frozenset(range(80)) | {CLASS_IDS["statue"], CLASS_IDS["car-running"]}
-# Other data sets' names for palette classes (Cityscapes, Pascal VOC, ADE20K spellings).
+# Other data sets' names for palette classes (Cityscapes, Pascal VOC, ADE20K spellings; the RGB-T
+# detection sets' categories: KAIST, FLIR ADAS, LLVIP, M3FD).
 ALIASES = {
     "vegetation": "tree-merged", "terrain": "grass-merged", "sidewalk": "pavement-merged", "rider": "person",
     "motorbike": "motorcycle", "bike": "bicycle", "aeroplane": "airplane", "sofa": "couch", "tvmonitor": "tv",
     "tv monitor": "tv", "television": "tv", "diningtable": "dining table", "pottedplant": "potted plant",
     "plant": "potted plant", "ground": "dirt-merged", "earth": "dirt-merged", "field": "playingfield",
     "windowpane": "window-other", "lamp": "light", "street light": "light", "streetlight": "light",
+    "people": "person", "pedestrian": "person", "cyclist": "person", "motor": "motorcycle",
+    "hydrant": "fire hydrant",
 }
 
 
 def _plain(name: str) -> str:
-    """A label name without case, underscores and COCO's `-merged` / `-other` / `-stuff` suffixes."""
-    name = name.strip().lower().replace("_", " ")
+    """A label name without case, underscores, a trailing '?' (KAIST's `person?`) and COCO's `-merged` /
+    `-other` / `-stuff` suffixes."""
+    name = name.strip().lower().replace("_", " ").rstrip("?").strip()
     for suffix in ("-merged", "-other", "-stuff"):
         name = name.removesuffix(suffix)
     return name
@@ -174,10 +188,11 @@ _PLAIN_IDS: dict[str, int] = {_plain(name): i for i, name in reversed(list(enume
 
 
 def class_for_label(label: str) -> int:
-    """The palette class of a model's label name (`config.id2label`), else `VOID`.
+    """The palette class of a model's label name (`config.id2label`) or a data set's category name,
+    else `VOID`.
 
-    Tried in order: the exact name; then each comma-separated synonym (ADE20K style) without case
-    and COCO suffixes (`sky` finds `sky-other-merged`); then `ALIASES`.
+    Tried in order: the exact name; then each comma-separated synonym (ADE20K style) without case,
+    a trailing '?' and COCO suffixes (`sky` finds `sky-other-merged`); then `ALIASES` (`people`).
     """
     if label in CLASS_IDS:
         return CLASS_IDS[label]

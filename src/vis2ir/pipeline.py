@@ -1,4 +1,4 @@
-"""The Python API, and the folder runner behind `vis2ir generate` and `vis2ir visualize`.
+"""The Python API: `Vis2IRPipeline`, visible (+ semantic) images in, infrared images out.
 
     pipe = Vis2IRPipeline.from_checkpoint("runs/demo", device="cuda")
     out = pipe(read_image("scene.png"), semantic=read_image("scene_semantic.png"), seed=0)  # vis2ir.io.images
@@ -10,6 +10,8 @@ colours stay exact) and the infrared comes back at the input's size. The model's
 `data.resize_policy: bucket`, the input's aspect-ratio bucket, as training resized it)
 and the input's own size for a model built from a config; `native` (or 0) the input's own size; a
 number, the longer side. Either way each side is rounded to a multiple of the codec's patch size.
+A size with more than `OVERSIZE` times the pixels of the trained panel is warned about once per pipeline,
+with the time it will take (`size_warning`).
 16-bit and float inputs are normalised as in training (`data.ir_normalize`). An image whose output is
 not finite (a broken model) raises `NonFiniteOutput`, which carries the other images. Every image
 is sampled with its own generator seeded with `seed`, so its result does not depend on its batch,
@@ -28,30 +30,28 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from tqdm.auto import tqdm
 
 from vis2ir.backbone import resolve_dtype
 from vis2ir.checkpoint import check_compatible, find_checkpoint, load_checkpoint_config, load_model
 from vis2ir.config import Config, load_config
 from vis2ir.data.buckets import bucket_shapes, nearest_bucket
 from vis2ir.errors import Vis2IRError
-from vis2ir.io.images import Normaliser, read_image, rgb_image, same_aspect, to_tensor, write_png, wxh
-from vis2ir.files import DiskFull, check_writable, safe_join
-from vis2ir.io.inputs import Item, Summary, auto_cache, item_partners, list_inputs, missing_maps_help
-from vis2ir.io.runtime import default_device, dist_env, shard
+from vis2ir.io.images import Normaliser, rgb_image, same_aspect, to_tensor, wxh
+from vis2ir.io.inputs import missing_maps_help
+from vis2ir.io.runtime import default_device
 from vis2ir.latents import VAECodec, patch_size, token_grid
 from vis2ir.model import Vis2IRModel, build_model
 from vis2ir.palette import semantic_problem
-from vis2ir.quantize import OutOfMemory, out_of_memory
+from vis2ir.quantize import out_of_memory
 from vis2ir.sample import generate
-from vis2ir.semantic.modes import NEEDS_SEMANTIC, num_panels
+from vis2ir.semantic.modes import NEEDS_SEMANTIC, num_panels, unknown_maps
 from vis2ir.speedup import StepCache, compile_blocks, compile_failure, fuse_for_sampling
-from vis2ir.figures import save_figure
-from vis2ir.visualize import AttentionMaps, check_output_format, compare_figure, infrared_image, save_attention_maps
+from vis2ir.visualize import AttentionMaps
 
 log = logging.getLogger(__name__)
 
 OFFLOAD = ("none", "model", "sequential")
+OVERSIZE = 4  # warn when images are generated at more than this many times the trained panel's pixels
 
 
 # ----------------------------------------------------------------------------------------------
@@ -124,6 +124,7 @@ class Vis2IRPipeline:
             model.codec.vae.enable_tiling()  # diffusers' tiled encode/decode: less memory on large images
         self.step_cache: StepCache | None = None  # `sample.cache`, counting over the calls with these settings
         self._compile_pending = False
+        self._size_warned = False  # `size_warning` logged (once per pipeline)
         if cfg.sample.compile:
             self.compile(cfg.sample.compile_mode)
 
@@ -216,6 +217,12 @@ class Vis2IRPipeline:
     def needs_semantic(self) -> bool:
         return self.model.mode in NEEDS_SEMANTIC
 
+    @property
+    def reads_no_map(self) -> bool:
+        """Whether a missing semantic map is allowed: the model was trained with `train.semantic_dropout` > 0,
+        so an image without a map gets the all-unknown map (`semantic.modes.unknown_maps`) it was trained on."""
+        return self.needs_semantic and self.cfg.train.semantic_dropout > 0
+
     def generation_size(self, size: int | str | None = None) -> int | None:
         """The longer side images are generated at (None: their own size), from `size` or `sample.size`."""
         size = self.cfg.sample.size if size is None else size
@@ -238,14 +245,18 @@ class Vis2IRPipeline:
         semantics = None if semantic is None else semantic if isinstance(semantic, (list, tuple)) else [semantic]
         if semantics is not None and len(semantics) != len(visibles):
             raise Vis2IRError(f"got {len(visibles)} visible images but {len(semantics)} semantic maps")
-        if semantics is None and self.needs_semantic:
-            raise Vis2IRError(f"model.semantic.mode={self.model.mode} needs a semantic map for every image: pass "
-                              "semantic=[maps] (or --semantic FILE|DIR); " + missing_maps_help(
-                                  auto="--semantic auto",
-                                  trained_mode=self.model.mode if self.trained_size is not None else None))
+        if self.needs_semantic and (semantics is None or any(m is None for m in semantics)):
+            if not self.reads_no_map:
+                raise Vis2IRError(f"model.semantic.mode={self.model.mode} needs a semantic map for every image: pass "
+                                  "semantic=[maps] (or --semantic FILE|DIR, --boxes); " + missing_maps_help(
+                                      auto="--semantic auto",
+                                      trained_mode=self.model.mode if self.trained_size is not None else None)
+                                  + "; or train with train.semantic_dropout > 0, which makes maps optional")
+            semantics = semantics or [None] * len(visibles)
         if return_attention and self.model.adapter is None:
             raise Vis2IRError(f"attention maps need model.semantic.mode=cross_attention (this model's mode is "
-                              f"{self.model.mode})")
+                              f"{self.model.mode}, which has no attention adapter): load a cross-attention model, e.g. "
+                              "Vis2IRPipeline.from_checkpoint(\"demo_cross_attention\")")
         if output_type not in ("pil", "np", "pt"):
             raise Vis2IRError(f"output_type: expected 'pil', 'np' or 'pt', got {output_type!r}")
         if batch_size < 1:
@@ -259,7 +270,8 @@ class Vis2IRPipeline:
                     cache=self.step_cache)
 
         vis = [to_tensor(v, f"visible image {i}", self.normaliser) for i, v in enumerate(visibles)]
-        sem = None if semantics is None else [to_tensor(m, f"semantic map {i}") for i, m in enumerate(semantics)]
+        sem = None if semantics is None or not self.needs_semantic else [
+            unknown_maps(vis[i]) if m is None else to_tensor(m, f"semantic map {i}") for i, m in enumerate(semantics)]
         patch = patch_size(self.model.codec)
         longer = self.generation_size(size)
         if self.trained_buckets is not None and (self.cfg.sample.size if size is None else size) == "auto":
@@ -272,7 +284,7 @@ class Vis2IRPipeline:
             for idx in batches(sizes, batch_size):
                 started = time.perf_counter()
                 out = self._generate([vis[i] for i in idx], None if sem is None else [sem[i] for i in idx],
-                                     sizes[idx[0]], opts)
+                                     sizes[idx[0]], self._timed(opts, sizes[idx[0]], len(idx), size))
                 if self._compile_pending:  # the outputs are on the host now: the time is the GPU's too
                     self._compile_pending = False
                     log.info("sample.compile: first batch, compilation included: %.1f s", time.perf_counter() - started)
@@ -297,6 +309,31 @@ class Vis2IRPipeline:
             raise NonFiniteOutput(bad, result)
         return result
 
+    def _timed(self, opts: dict, size: tuple[int, int], images: int, asked) -> dict:
+        """`opts` for a batch of `images` at `size` (h, w): for the first batch generated at more than `OVERSIZE`
+        times the trained panel's pixels, with a callback that times its first two denoising steps (waiting for
+        the device at those two only) and then logs `size_warning` (once per pipeline); else `opts` itself."""
+        trained = self.trained_size
+        if self._size_warned or trained is None or size[0] * size[1] <= OVERSIZE * trained ** 2:
+            return opts
+        then, marks = opts["callback"], [time.perf_counter()]
+        work = transformer_work(self.model, *size) / transformer_work(self.model, trained, trained)
+
+        def callback(done: int, steps: int) -> None:
+            if not self._size_warned and done <= 2:
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                marks.append(time.perf_counter())
+                if done == min(2, steps):  # elapsed, and each step left at the pace of the last one
+                    seconds = marks[-1] - marks[0] + (steps - done) * (marks[-1] - marks[-2])
+                    self._size_warned = True
+                    log.warning("%s", size_warning(self.cfg.sample.size if asked is None else asked, size, trained,
+                                                   work, images, seconds, done, steps))
+            if then is not None:
+                then(done, steps)
+
+        return {**opts, "callback": callback}
+
     def _generate(self, vis: list[torch.Tensor], sem: list[torch.Tensor] | None, size: tuple[int, int], opts: dict):
         """One batch of images that share a model size → (infrared on the host at input sizes, whether each is
         finite, attention maps). Resizing and the finiteness check run on the device (on the host they were a
@@ -314,6 +351,39 @@ class Vis2IRPipeline:
         stacked = torch.stack([a.float().cpu() for a in maps], dim=1)  # [B, layers, heads, N, M]
         return ir, finite, [AttentionMaps(stacked[i], rows, cols, tuple(v.shape[-2:]), panels)
                     for i, v in enumerate(vis)]
+
+
+def transformer_work(model: Vis2IRModel, height: int, width: int) -> int:
+    """The transformer's multiply-adds per block and denoising step for one image of `height × width` pixels,
+    over the width d (heads × head dim): N·(12·d + 2·N) with N tokens (the image's panels and the prompt's):
+    the dense layers do 12·d² per token (q, k, v and out 4·d², the MLP 8·d²), attention 2·d per pair of tokens
+    (QKᵀ and the weighted sum of V). Kaplan et al. 2020, "Scaling Laws for Neural Language Models", Table 1."""
+    cfg = model.transformer.config
+    d = cfg.num_attention_heads * cfg.attention_head_dim
+    panels = num_panels(model.mode)
+    rows, cols = token_grid(model.codec, height, width * panels)
+    n = rows * cols + model.prompt_embeds.shape[1]
+    return n * (12 * d + 2 * n)
+
+
+def size_warning(asked, size: tuple[int, int], trained: int, work: float, images: int, seconds: float, timed: int,
+                 steps: int) -> str:
+    """The warning for generating at `size` (h, w pixels) with a model trained at `trained`² pixel panels:
+    `asked` the size setting, `work` the transformer's work per step relative to the trained panel
+    (`transformer_work`), `seconds` the estimated time of this batch of `images`, measured on its first
+    `timed` of `steps` denoising steps."""
+    pixels = size[0] * size[1] / trained ** 2
+    return (f"size {asked}: generating at {size[1]}×{size[0]} pixels, {about(pixels)}× the pixels of the "
+            f"{trained}×{trained} panel this model was trained at: about {about(work)}× the transformer's work per "
+            f"step (it grows with the tokens, attention with their square), so this batch of {images} "
+            f"image{'s' if images > 1 else ''} takes about {about(seconds)} s (timed on its first {timed} of {steps} "
+            f"steps), and each batch of this size about as long; --size auto generates at the trained size "
+            f"(sample.size=auto), or give a smaller --size")
+
+
+def about(x: float) -> str:
+    """`x` for a message: whole from 10 up, else to one decimal."""
+    return f"{x:.0f}" if x >= 10 else f"{x:.1f}"
 
 
 def fuse(model: Vis2IRModel, cfg: Config) -> None:
@@ -344,171 +414,11 @@ def batches(sizes: list[tuple[int, int]], batch_size: int) -> list[list[int]]:
     return out
 
 
-# ----------------------------------------------------------------------------------------------
-# Folder in, folder out
-
-
-def parse_point(text: str) -> tuple[float, float]:
-    """`"x,y"` (input pixels) → `(x, y)`."""
-    try:
-        x, y = (float(v) for v in text.split(","))
-    except ValueError:
-        raise Vis2IRError(f"--point {text!r}: expected x,y in pixels, e.g. --point 120,80") from None
-    return x, y
-
-
-def run_generate(input: str | Path, out: str | Path, *, config=None, checkpoint=None, overrides=(),
-                 semantic=None, seed: int | None = None, steps: int | None = None, guidance: float | None = None,
-                 batch_size: int = 1, adapter_scale: float | None = None, overwrite: bool = False,
-                 bit_depth: int = 8, palette: str = "white-hot", compare: bool = False,
-                 save_attention: bool = False, points=(), offload: str = "none", device=None,
-                 size: int | str | None = None, write_images: bool = True,
-                 segment_model: str | None = None, recursive: bool = False,
-                 truth: str | Path | None = None) -> Summary:
-    """Generate infrared for a file or a folder into `out` (`<name>.png`), under several processes
-    each taking its share. Existing outputs are skipped unless `overwrite`; a bad input (unreadable,
-    too large, a semantic map that is not palette colours or not the photo's aspect) or a non-finite
-    output is reported and the run goes on; any failure ends in one error that lists them. `size`:
-    see `Vis2IRPipeline` (default `sample.size`). With `semantic="auto"` the missing maps are made
-    with the panoptic `segment_model` (default: `DEFAULT_SEGMENTER`). With `recursive` the images of
-    sub-folders are generated too, their outputs in the same sub-folders of `out`. `truth`: a folder
-    of true infrared images named like the inputs (with `recursive`, at the same relative paths, or by bare
-    name in a flat folder), or a file for a single input, shown beside the prediction in `compare/`."""
-    check_output_format(bit_depth, palette)
-    check_writable(out, "--out")  # before the model loads
-    if isinstance(size, str) and size not in ("auto", "native"):
-        raise Vis2IRError(f"--size: expected a number of pixels, 'auto' or 'native' (0), got {size!r}")
-    if offload not in OFFLOAD:
-        raise Vis2IRError(f"--offload: {offload!r} is not one of {', '.join(OFFLOAD)}")
-    points = [parse_point(p) if isinstance(p, str) else p for p in points]
-    out = Path(out)
-    items = list_inputs(input, semantic, recursive=recursive, exclude=(out,))
-    truths = _truths(truth, items, Path(input), recursive) if compare else {}
-    rank, world = dist_env()
-    mine = shard(items, rank, world)
-    cfg = _run_config(config, checkpoint, overrides)
-    cfg.sample.replaced(steps=steps, guidance=guidance, seed=seed, adapter_scale=adapter_scale)  # before any work
-    if device is not None:
-        default_device(device)
-    mode = cfg.model.semantic.mode
-    maps_help = missing_maps_help(input, f"{Path(input).with_suffix('')}_semantic", auto="--semantic auto",
-                                  trained_mode=mode if checkpoint else None, recursive=recursive)
-    if mode in NEEDS_SEMANTIC and semantic is None:
-        raise Vis2IRError(f"model.semantic.mode={mode} needs semantic maps: pass --semantic FILE|DIR (maps named "
-                          f"like the inputs); {maps_help}")
-    attention = save_attention or not write_images
-    if attention and cfg.model.semantic.mode != "cross_attention":
-        raise Vis2IRError(f"attention maps need model.semantic.mode=cross_attention (the model's mode is "
-                          f"{cfg.model.semantic.mode})")
-
-    summary = Summary()
-    todo = []
-    for it in mine:
-        if not overwrite and _target(out, it, write_images).exists():
-            summary.skipped.append(it.name)
-        else:
-            todo.append(it)
-    log.info("Process %d/%d: %d inputs, %d to do, %d already done (use --overwrite to redo)", rank, world,
-             len(mine), len(todo), len(summary.skipped))
-    if str(semantic) == "auto":
-        _auto_semantic(todo, auto_cache(input), cfg.model.semantic.mode in NEEDS_SEMANTIC or compare,
-                       segment_model, device, batch_size)
-    if todo:
-        pipe = (Vis2IRPipeline.from_checkpoint(checkpoint, device, overrides=overrides, config=config,
-                                               offload=offload) if checkpoint
-                else Vis2IRPipeline.from_config(cfg, device, offload=offload))
-        opts = dict(seed=seed, steps=steps, guidance=guidance, adapter_scale=adapter_scale, size=size)
-        with tqdm(total=len(todo), desc=f"generate {rank}/{world}" if world > 1 else "generate", unit="img") as bar:
-            for group in _loaded_groups(todo, batch_size, summary, pipe.needs_semantic):
-                _run_batch(pipe, group, out, summary, opts, attention, write_images, bit_depth, palette,
-                           compare and truths, points)
-                bar.update(max(1, len(group)))
-    log.info("Done: %d generated, %d skipped, %d failed -> %s", len(summary.done), len(summary.skipped),
-             len(summary.failed), out)
-    lacking = any(it.problem and it.name in summary.failed for it in mine)
-    summary.raise_failures(len(mine), f"for the missing semantic maps: {maps_help}" if lacking else None)
-    return summary
-
-
-def _truths(truth: str | Path | None, items: list[Item], src: Path, recursive: bool) -> dict[str, Path] | bool:
-    """`--truth`: the true infrared image of each item that has one (`item_partners`: a file goes with a single
-    input, a folder's files are named like the inputs); True (compare without truths) when None or none match.
-    An input without a truth, or with several, is drawn without one (logged)."""
-    if truth is None:
-        return True
-    partners = item_partners(items, src, truth, "--truth", "true infrared image", recursive)
-    for why in partners.ambiguous.values():
-        log.warning("--truth: %s; shown without a truth", why)
-    if partners.missing:
-        log.info("--truth: %d of %d inputs have no true infrared image in %s (e.g. %s.*); shown without one",
-                 len(partners.missing), len(items), partners.folder, partners.missing[0])
-    return partners.found or True
-
-
-def _auto_semantic(items: list[Item], cache: Path, needed: bool, model: str | None, device, batch_size: int) -> None:
-    """`--semantic auto`: make the items' missing maps (a failure marks its item); without a use for
-    them (mode without semantics, no --compare) drop them instead."""
-    if not needed:
-        for it in items:
-            it.semantic = None
-        return
-    from vis2ir.config import DEFAULT_SEGMENTER
-    from vis2ir.segment import ensure_maps
-
-    jobs = [(it.name, it.visible, cache) for it in items]  # a name may hold '/' (--recursive)
-    failed = ensure_maps(jobs, model or DEFAULT_SEGMENTER, device, batch_size, setting="--segment-model")
-    for it in items:
-        if it.name in failed:
-            it.problem, it.semantic = f"no semantic map ({failed[it.name]})", None
-
-
-def _run_config(config, checkpoint, overrides) -> Config:
-    """The settings of the run (from the checkpoint when there is one), without building the model."""
-    if checkpoint:
-        return load_checkpoint_config(find_checkpoint(checkpoint), overrides)
-    return load_config(config, overrides)
-
-
-def _target(out: Path, it: Item, write_images: bool) -> Path:
-    return safe_join(out, it.name, ".png") if write_images else safe_join(out, it.name) / "point0.png"
-
-
-@dataclass
-class _Loaded:
-    item: Item
-    visible: Image.Image
-    semantic: Image.Image | None
-
-
-def _loaded_groups(items: list[Item], batch_size: int, summary: Summary, needs_semantic: bool):
-    """Read the items in order, yielding lists of loaded items that can form one batch (same size).
-
-    An item that cannot be read is recorded as failed (and counted as one step of the progress bar).
-    """
-    group: list[_Loaded] = []
-    for it in items:
-        try:
-            if it.problem and needs_semantic:
-                raise Vis2IRError(f"{it.visible}: {it.problem}")
-            loaded = _Loaded(it, read_image(it.visible), read_image(it.semantic) if it.semantic else None)
-            if loaded.semantic is not None and needs_semantic:  # a map the model does not read is not judged
-                check_map(loaded.semantic, loaded.visible, it.semantic, it.visible)
-        except Vis2IRError as err:
-            log.error("%s", err)
-            summary.failed[it.name] = str(err)
-            yield []
-            continue
-        if group and (len(group) == batch_size or group[0].visible.size != loaded.visible.size):
-            yield group
-            group = []
-        group.append(loaded)
-    if group:
-        yield group
-
-
-def check_map(sem: Image.Image, vis: Image.Image, sem_label, vis_label) -> None:
+def check_map(sem: Image.Image, vis: Image.Image, sem_label, vis_label, warn_void: bool = True) -> None:
     """A semantic map must be palette colours, with the aspect ratio of its photo (as in training); a
-    `Vis2IRError` naming the map (`sem_label`) otherwise. Used by `generate` and the web app alike."""
+    `Vis2IRError` naming the map (`sem_label`) otherwise. Used by `generate` and the web app alike. `warn_void`:
+    warn when the map is mostly unknown (`coverage.warn_mostly_void`; not for a model trained with
+    `train.semantic_dropout`, which learnt to read such maps)."""
     if not same_aspect(sem.size, vis.size):
         raise Vis2IRError(f"{sem_label}: size mismatch: semantic map is {wxh(sem.size)}, not the aspect ratio "
                           f"of visible {vis_label} ({wxh(vis.size)})")
@@ -517,70 +427,7 @@ def check_map(sem: Image.Image, vis: Image.Image, sem_label, vis_label) -> None:
     problem = problem or semantic_problem(rgb)
     if problem:
         raise Vis2IRError(f"{sem_label}: {problem}")
-    from vis2ir.data.coverage import warn_mostly_void
+    if warn_void:
+        from vis2ir.data.coverage import warn_mostly_void
 
-    warn_mostly_void(str(sem_label), rgb)
-
-
-def _run_batch(pipe: Vis2IRPipeline, group: list[_Loaded], out: Path, summary: Summary, opts: dict,
-               attention: bool, write_images: bool, bit_depth: int, palette: str, compare: dict | bool,
-               points) -> None:
-    if not group:
-        return
-    sem = [g.semantic for g in group] if pipe.needs_semantic else None
-    try:
-        result = pipe([g.visible for g in group], sem, batch_size=len(group), return_attention=attention,
-                      output_type="pt", **opts)
-    except NonFiniteOutput as err:  # those items fail; the others are written
-        result = err.output
-        for k in err.bad:
-            log.error("%s: %s", group[k].item.visible, NOT_FINITE)
-            summary.failed[group[k].item.name] = NOT_FINITE
-    except OutOfMemory:
-        raise  # the next batch would fail alike: stop with the advice
-    except Vis2IRError as err:
-        for g in group:
-            log.error("%s: %s", g.item.visible, err)
-            summary.failed[g.item.name] = str(err)
-        return
-    for k, g in enumerate(group):
-        if result.images[k] is None:
-            continue
-        try:
-            _write_outputs(g, result.images[k], None if result.attention is None else result.attention[k], out,
-                           write_images, bit_depth, palette, compare, points, pipe.normaliser)
-        except DiskFull:
-            raise  # every later write would fail alike: stop, one line
-        except Vis2IRError as err:
-            log.error("%s: %s", g.item.visible, err)
-            summary.failed[g.item.name] = str(err)
-            continue
-        summary.done.append(g.item.name)
-
-
-def _write_outputs(g: _Loaded, ir: torch.Tensor, att: AttentionMaps | None, out: Path, write_images: bool,
-                   bit_depth: int, palette: str, compare: dict | bool, points, normaliser: Normaliser) -> None:
-    """The files of one item: `compare/<name>.png` (`compare`: true, or the truths by name, `_truths`), attention
-    heat-maps, and last `<name>.png`, whose presence marks the item done (a re-run skips it): an item whose
-    writing failed part-way is done again."""
-    shown = to_tensor(g.visible, str(g.item.visible), normaliser)  # 16-bit photos as the model saw them
-    visible = (shown * 255).round().byte().permute(1, 2, 0).numpy()
-    semantic = None if g.semantic is None else np.asarray(rgb_image(g.semantic))
-    grey = ir.mean(0).numpy()
-    if compare:
-        panels = {"visible": visible} | ({"semantic": semantic} if semantic is not None else {})
-        panels[f"generated infrared ({palette})"] = infrared_image(grey, 8, palette)
-        known = compare.get(g.item.name) if isinstance(compare, dict) else None
-        if known is not None:  # the truth as the model's output is scored: one channel, at the output's size
-            true = to_tensor(read_image(known), str(known), normaliser).mean(0)
-            if tuple(true.shape) != grey.shape:
-                true = F.interpolate(true[None, None], size=grey.shape, mode="bilinear", align_corners=False)[0, 0]
-            panels[f"truth ({palette})"] = infrared_image(true.numpy(), 8, palette)
-        save_figure(safe_join(out / "compare", g.item.name, ".png"),
-                    compare_figure(panels, f"{g.item.name}: visible → infrared"))
-    if att is not None:
-        h, w = visible.shape[:2]
-        save_attention_maps(safe_join(out / "attention" if write_images else out, g.item.name), visible, att,
-                            list(points) or [(w / 2, h / 2)], semantic)
-    if write_images:
-        write_png(safe_join(out, g.item.name, ".png"), infrared_image(grey, bit_depth, palette), full_range=True)
+        warn_mostly_void(str(sem_label), rgb)

@@ -55,7 +55,9 @@ def _missing_model(model: str, reason: str, setting: str = "--model") -> Vis2IRE
     return Vis2IRError(
         f"cannot load the panoptic segmenter {model!r} ({setting}): {reason}. Download it once while online "
         f"(`hf download {model}`, then it is read from the Hub cache), or pass a local folder with {flag} "
-        f"({LOCAL_LAYOUT})")
+        f"({LOCAL_LAYOUT}); without a segmenter: draw maps from detection boxes (data.semantic_source=boxes, "
+        "generate --boxes), or colour your own class ids with vis2ir.palette.colourise (docs/data.md, \"Maps "
+        "without the Hub\")")
 
 
 def load_panoptic_model(model: str, device: torch.device, setting: str = "--model"):

@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 MIN_PICTURE_SIDE = 256  # pictures of smaller images are drawn larger (pixels not smoothed)
 HEAD_CELL = 160  # per-head attention tiles
+HEADS_PER_ROW = 4  # per-head tiles wrap onto rows of this many: a picture near square, readable when shrunk
+OUTLINE = (0, 255, 255)  # class-region outlines over ironbow colours (which hold no cyan)
 PALETTES = ("white-hot", "black-hot", "ironbow")
 # Ironbow: black → indigo → magenta → red → orange → yellow → white, by control points.
 IRONBOW_POINTS = ((0.00, (0, 0, 10)), (0.15, (30, 0, 100)), (0.35, (140, 10, 150)), (0.55, (220, 60, 60)),
@@ -177,9 +179,12 @@ def save_attention_maps(directory: str | Path, visible: np.ndarray, att: Attenti
 
     - `point{i}.png`: where the query at each point (the cross) looks, mean over layers and heads,
       over the visible image;
-    - `point{i}_heads.png`: the same per layer (rows) and head (columns), on one colour scale;
+    - `point{i}_heads.png`: the same per layer and head on one colour scale, each tile labelled with its
+      head, a layer's heads wrapped onto rows of `HEADS_PER_ROW`;
     - `classes.png` / `classes.json`: the attention each semantic class region receives, as its share of
-      the attention over its share of the area, beside the semantic map and its legend (needs `semantic`).
+      the attention over its share of the area (`class_attention`), in colour with the class regions
+      outlined, beside the visible photo and the semantic map with its legend, none blended into another
+      (needs `semantic`).
     """
     directory = Path(directory)
     h, w = att.size
@@ -197,13 +202,7 @@ def save_attention_maps(directory: str | Path, visible: np.ndarray, att: Attenti
                                f"{att.rows}×{att.panel_cols} tokens)",
                          colour_bar=ironbow_bar(label, top))
         written.append(save_figure(directory / f"point{i}.png", fig))
-        top = float(maps.max())
-        tiles = [[overlay(shown, upsample(maps[layer, head], (h, w)), top) for head in range(maps.shape[1])]
-                 for layer in range(maps.shape[0])]
-        fig = image_grid(tiles, cell=HEAD_CELL, title=f"Per layer and head: the query at x={x:.1f}, y={y:.1f} (+)",
-                         column_labels=[f"head {k}" for k in range(maps.shape[1])],
-                         row_labels=[f"layer {k}" for k in range(maps.shape[0])],
-                         markers=[[(x, y)] * maps.shape[1]] * maps.shape[0], colour_bar=ironbow_bar(label, top))
+        fig = heads_figure(shown, maps, (x, y), label)
         written.append(save_figure(directory / f"point{i}_heads.png", fig))
     if semantic is not None:
         from vis2ir.palette import CLASS_NAMES
@@ -211,20 +210,64 @@ def save_attention_maps(directory: str | Path, visible: np.ndarray, att: Attenti
         semantic = as_rgb8(semantic)
         classes = decode(semantic)[0]
         stats = class_attention(received_attention(att), classes)
-        ratio = np.zeros(classes.shape, np.float32)
-        for c, s in stats.items():
-            ratio[classes == c] = s["ratio"]
-        top = max(2.0, float(ratio.max()))  # ratio 1 (a fair share) at mid-scale or below
-        fig = image_grid([[semantic, overlay(shown, ratio, top=top)]], cell=cell,
-                         title="Attention each class region receives, over its share of the area",
-                         column_labels=["semantic map", "received attention ÷ area (1: a fair share)"],
-                         colour_bar=ironbow_bar("attention share ÷ area share", top),
-                         legend_ids=semantic_ids([semantic]))
-        written.append(save_figure(directory / "classes.png", fig))
         named = {(CLASS_NAMES[c] if 0 <= c < len(CLASS_NAMES) else "void"): s
                  for c, s in sorted(stats.items(), key=lambda kv: -kv[1]["ratio"])}
+        written.append(save_figure(directory / "classes.png", classes_figure(shown, semantic, classes, stats, named,
+                                                                            cell)))
         written.append(write_text(directory / "classes.json", json.dumps(named, indent=2)))
     return written
+
+
+def heads_figure(visible: np.ndarray, maps: torch.Tensor, point: tuple[float, float], label: str) -> Figure:
+    """Where the query at `point` (input pixels) looks, per layer and head: `maps [layers, heads, rows, cols]`
+    over the visible image (uint8 RGB `[H, W, 3]`) on one colour scale, each tile labelled with its head; a
+    layer's heads wrap onto rows of `HEADS_PER_ROW`, so the picture stays near square."""
+    h, w = visible.shape[:2]
+    layers, heads = maps.shape[:2]
+    top = float(maps.max())
+    tiles, labels, rows = [], [], []
+    for layer in range(layers):
+        for start in range(0, heads, HEADS_PER_ROW):
+            shown = range(start, min(heads, start + HEADS_PER_ROW))
+            tiles.append([overlay(visible, upsample(maps[layer, k], (h, w)), top) for k in shown])
+            labels.append([f"head {k}" for k in shown])
+            rows.append(f"layer {layer}")
+    x, y = point
+    return image_grid(tiles, cell=HEAD_CELL, title=f"Per layer and head: the query at x={x:.1f}, y={y:.1f} (+)",
+                      tile_labels=labels, row_labels=rows, markers=[[point] * len(r) for r in tiles],
+                      colour_bar=ironbow_bar(label, top))
+
+
+def classes_figure(visible: np.ndarray, semantic: np.ndarray, classes: np.ndarray, stats: dict, named: dict,
+                   cell: int) -> Figure:
+    """`classes.png`: the visible photo, the semantic map (uint8 RGB `[H, W, 3]`, its legend below) and each
+    class region's received attention ÷ area (`class_attention`'s `stats` by class id; `named`: by class
+    name, highest first) side by side: the ratio drawn alone in ironbow colours, the class regions
+    (`classes [H, W]`) outlined, so neither the photo nor the colours hide the other."""
+    ratio = np.zeros(classes.shape, np.float32)
+    for c, s in stats.items():
+        ratio[classes == c] = s["ratio"]
+    top = max(2.0, float(ratio.max()))  # ratio 1 (a fair share) at mid-scale or below
+    bar = ironbow_bar("attention share ÷ area share", top)
+    most = ", ".join(f"{name} {s['ratio']:.2f}" for name, s in list(named.items())[:3])
+    return image_grid([[visible, semantic, outlined(bar.colour(ratio), classes, cell)]], cell=cell,
+                      title=f"Attention each class region receives, over its share of the area\n(highest: {most})",
+                      column_labels=["visible photo", "semantic map",
+                                     "received attention ÷ area\n(1: a fair share; outlines: class regions)"],
+                      colour_bar=bar, legend_ids=semantic_ids([semantic]))
+
+
+def outlined(image: np.ndarray, classes: np.ndarray, cell: int) -> np.ndarray:
+    """`image` (uint8 RGB `[H, W, 3]`) enlarged by whole pixels to about `cell` on its longer side, with the
+    borders between the regions of `classes [H, W]` drawn one pixel wide in `OUTLINE` colour."""
+    k = max(1, round(cell / max(classes.shape)))
+    big = image.repeat(k, 0).repeat(k, 1).copy()
+    ids = classes.repeat(k, 0).repeat(k, 1)
+    edge = np.zeros(ids.shape, bool)
+    edge[:-1] |= ids[:-1] != ids[1:]
+    edge[:, :-1] |= ids[:, :-1] != ids[:, 1:]
+    big[edge] = OUTLINE
+    return big
 
 
 def _count(n: int, what: str) -> str:

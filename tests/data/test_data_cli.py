@@ -44,11 +44,16 @@ def test_inspect_reports_missing_semantic_maps_when_the_mode_needs_them(tmp_path
         path.unlink()
     monkeypatch.chdir(tmp_path)
     assert main(["data", "inspect", str(tmp_path), "--out", "s.png", "model.semantic.mode=none"]) == 0
-    assert main(["data", "inspect", str(tmp_path), "--out", "s.png"]) == 2  # the default mode needs maps
+    assert main(["data", "inspect", str(tmp_path), "--out", "s.png"]) == 2  # no config: any semantic mode needs maps
     problem = caplog.text.split("problems: 1\n")[1].splitlines()[0]
-    assert "no semantic map in" in problem and "model.semantic.mode=cross_attention needs them" in problem
-    for way_out in ("vis2ir segment --input", "data.semantic_source=auto", "model.semantic.mode=none"):
+    assert "no semantic map in" in problem and "a semantic mode (any model.semantic.mode but none) needs them" in problem
+    for way_out in ("vis2ir segment --input", "data.semantic_source=auto", "data.semantic_source=boxes",
+                    "model.semantic.mode=none"):
         assert way_out in problem
+    caplog.clear()
+    assert main(["data", "inspect", str(tmp_path), "--out", "s.png", "model.semantic.mode=channel_concat"]) == 2
+    problem = caplog.text.split("problems: 1\n")[1].splitlines()[0]
+    assert "model.semantic.mode=channel_concat needs them" in problem  # the mode the user chose is named
     caplog.clear()
     assert main(["data", "inspect", str(tmp_path), "--out", "s.png", "data.semantic_source=auto"]) == 0
     assert "data.semantic_source=auto makes the missing ones on first use" in caplog.text

@@ -56,6 +56,11 @@ class Config:
         check(self.train.strategy != "fsdp" or self.model.quantize == "none", "model.quantize",
               "none with train.strategy=fsdp (a quantized base cannot be sharded: train.strategy=ddp trains on "
               "it, or fsdp shards a bf16 base with model.quantize=none)", self.model.quantize)
+        check(self.train.semantic_dropout == 0 or self.model.semantic.mode != "none", "train.semantic_dropout",
+              "0 with model.semantic.mode=none (there is no map to drop)", self.train.semantic_dropout)
+        check(self.train.semantic_dropout == 0 or self.data.latent_cache is None, "train.semantic_dropout",
+              "0 with data.latent_cache (the cache holds each map encoded; train from the images to drop maps)",
+              self.train.semantic_dropout)
         return self
 
 

@@ -44,8 +44,13 @@ class DataConfig:
     name_column: Annotated[str, DATA] = "name"  # table sources: the column of sample names (else row numbers)
     # folder sources: the folder of semantic maps, <semantic_dir>/<name>.png
     semantic_dir: Annotated[str, LATENT, DATA] = "semantic"
-    # files: maps from semantic_dir; auto: missing ones made by segment_model, cached in semantic_auto/
-    semantic_source: Annotated[Literal["files", "auto"], LATENT, DATA] = "files"
+    # files: maps from semantic_dir; auto: missing ones made by segment_model, cached in semantic_auto/;
+    # boxes: maps drawn from the detection boxes in data.boxes (outside every box: the background class)
+    semantic_source: Annotated[Literal["files", "auto", "boxes"], LATENT, DATA] = "files"
+    # semantic_source boxes: YOLO txt folder (+ classes.txt), Pascal VOC xml folder, KAIST txt folder or a COCO json
+    boxes: Annotated[str | None, LATENT, DATA] = None
+    # semantic_source boxes: category names mapped to palette classes, NAME=CLASS (CLASS a palette name or ignore)
+    box_classes: Annotated[tuple[str, ...], LATENT, DATA] = ()
     # panoptic segmenter for semantic_source: auto (Hub id or local folder)
     segment_model: Annotated[str, LATENT, DATA] = DEFAULT_SEGMENTER
     # 16-bit / float infrared to [0, 1]: percentile (per image), minmax (per image), fixed (ir_range)
@@ -81,3 +86,10 @@ class DataConfig:
         check_seed(self.synth_seed, "data.synth_seed")
         check(bool(self.segment_model.strip()), "data.segment_model", "a Hub id or a local folder",
               self.segment_model)
+        check(self.semantic_source != "boxes" or bool(self.boxes), "data.boxes",
+              "a folder of box label files or a COCO json file with data.semantic_source=boxes", self.boxes)
+        check(self.boxes is None or self.semantic_source == "boxes", "data.boxes",
+              "null unless data.semantic_source=boxes (the maps are then drawn from these boxes)", self.boxes)
+        check(self.source != "thermalscenes" or self.semantic_source != "boxes", "data.semantic_source",
+              "files or auto with data.source=thermalscenes (its scenes come with full semantic maps)",
+              self.semantic_source)

@@ -50,6 +50,9 @@ class TrainConfig:
     timestep_std: Annotated[float, NO_ROLE] = 1.0  # standard deviation of the logit-normal flow-time distribution
     timestep_shift: Annotated[float, NO_ROLE] = 1.0  # shift of the flow times towards noise (> 1) or data (< 1)
     offset_noise: Annotated[float, NO_ROLE] = 0.0  # per-sample, per-channel offset added to the noise
+    # per sample, the semantic map replaced by an all-unknown one (VOID, black) with this probability, so that
+    # the model also serves partial maps and no map (generate without --semantic on such a model)
+    semantic_dropout: Annotated[float, NO_ROLE] = 0.0
     seed: Annotated[int, NO_ROLE] = 0  # seed of the data order, noise and flow times
     accelerator: Annotated[Literal["auto", "cpu", "gpu"], NO_ROLE] = "auto"  # auto: a GPU when there is one; cpu; gpu
     devices: Annotated[int | str, NO_ROLE] = "auto"  # devices per node: a number, auto, or a list like '0,1'
@@ -80,6 +83,8 @@ class TrainConfig:
               self.adapter_learning_rate)
         for key in ("weight_decay", "adapter_weight_decay", "grad_clip", "offset_noise", "guidance"):
             check(getattr(self, key) >= 0, f"train.{key}", "a number >= 0", getattr(self, key))
+        check(0.0 <= self.semantic_dropout <= 1.0, "train.semantic_dropout", "a probability from 0 to 1",
+              self.semantic_dropout)
         for key in ("timestep_std", "timestep_shift"):
             check(getattr(self, key) > 0, f"train.{key}", "a number > 0", getattr(self, key))
         check((isinstance(self.devices, int) and self.devices >= 1) or self.devices == "auto"

@@ -30,7 +30,9 @@ from vis2ir.palette import decode_classes
 from vis2ir.data.splits import SPLITS
 from vis2ir.data.synth import ThermalScenes
 from vis2ir.data.tables import TableReader, find_table, is_table
+from vis2ir.errors import Vis2IRError
 from vis2ir.files import name_problem
+from vis2ir.io.boxes import BoxLabels
 from vis2ir.io.inputs import missing_maps_help
 
 log = logging.getLogger(__name__)
@@ -46,7 +48,33 @@ def open_source(cfg: DataConfig) -> tuple[Found, FileReader | TableReader]:
                         "`datasets` folder or Hub id, or 'thermalscenes')")
     layout = detect_layout(root) if cfg.layout == "auto" else cfg.layout
     found = find_folder(root, layout, cfg.semantic_dir, cfg.val_fraction, cfg.test_fraction)
+    if cfg.semantic_source == "boxes":
+        labels = box_source(cfg, found)
+        return _check_names(found, FileReader(root / cfg.semantic_dir, labels))
     return _check_names(found, FileReader(root / cfg.semantic_dir))
+
+
+def box_source(cfg: DataConfig, found: Found) -> BoxLabels:
+    """`data.semantic_source: boxes`: the annotations of `cfg.boxes`, each record's semantic "file" its annotation
+    file (what the data fingerprint sees change). A record without one is drawn as background only (no object
+    annotated there, as YOLO data sets leave such files out), counted in a warning; none at all is an error."""
+    if found.layout == "triptych":
+        raise DataError(f"{cfg.source}: data.semantic_source=boxes draws maps for paired layouts; triptychs carry "
+                        "their own semantic panel (data.semantic_source=files)")
+    try:
+        labels = BoxLabels.open(cfg.boxes, cfg.box_classes, setting="data.box_classes")
+    except Vis2IRError as err:
+        raise DataError(str(err)) from None
+    missing = [r.name for r in found.records if not labels.has(r.name)]
+    if found.records and len(missing) == len(found.records):
+        raise DataError(f"data.boxes={cfg.boxes}: no box annotations for any sample of {cfg.source} ({labels.layout} "
+                        f"layout; e.g. none for sample {missing[0]!r}): the annotation files are named like the "
+                        "samples (split sub-folders included, or bare names)")
+    if missing:
+        log.warning("data.boxes: %d of %d samples have no box annotations in %s (e.g. %s): drawn as background only",
+                    len(missing), len(found.records), cfg.boxes, missing[0])
+    found.records = [replace(r, semantic=str(labels.source(r.name) or labels.path)) for r in found.records]
+    return labels
 
 
 def _check_names(found: Found, reader):

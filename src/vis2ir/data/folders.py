@@ -26,7 +26,11 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from PIL import Image
+
 from vis2ir.data.errors import DataError
+from vis2ir.errors import Vis2IRError
+from vis2ir.io.boxes import BoxLabels
 from vis2ir.data.images import Panel, close_panels, open_image, triptych_panels
 from vis2ir.data.splits import assign_splits, split_alias
 from vis2ir.io.images import IMAGE_SUFFIXES
@@ -160,10 +164,13 @@ def find_folder(root: Path, layout: str, semantic_dir: str, val_fraction: float,
 
 
 class FileReader:
-    """Opens the panels of a folder record (lazily: headers only until decoded)."""
+    """Opens the panels of a folder record (lazily: headers only until decoded). With `boxes`
+    (`data.semantic_source: boxes`), the semantic panel is drawn from the record's detection boxes at the
+    visible image's size."""
 
-    def __init__(self, semantic_dir: Path):
+    def __init__(self, semantic_dir: Path, boxes: BoxLabels | None = None):
         self.semantic_dir = semantic_dir
+        self.boxes = boxes
 
     def open(self, record: Record, semantic: bool | None) -> dict[str, Panel]:
         """The record's panels; `semantic`: with the semantic map (None: when the record has one)."""
@@ -173,6 +180,8 @@ class FileReader:
             panels = triptych_panels(open_image(record.triptych, record.triptych), record.triptych)
             return panels if semantic else {k: panels[k] for k in ("visible", "infrared")}
         files = [("visible", record.visible), ("infrared", record.infrared)]
+        if semantic and self.boxes is not None:
+            return self._with_boxes(record, files)
         if semantic:
             if record.semantic is None:
                 raise DataError(f"{record.visible}: no semantic map (expected {self.semantic_dir}/"
@@ -185,6 +194,16 @@ class FileReader:
         except DataError:
             close_panels(panels)
             raise
+        return panels
+
+    def _with_boxes(self, record: Record, files: list) -> dict[str, Panel]:
+        panels = self.open(record, False)
+        try:
+            drawn = self.boxes.draw(self.boxes.find(record.name), *panels["visible"].size)
+        except Vis2IRError as err:  # a malformed annotation file or an unmapped category: named by the error
+            close_panels(panels)
+            raise DataError(str(err)) from None
+        panels["semantic"] = Panel(Image.fromarray(drawn), f"{record.semantic} (boxes of {record.name})")
         return panels
 
 

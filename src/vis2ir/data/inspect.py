@@ -24,6 +24,7 @@ from vis2ir.figures import image_grid, save_figure, semantic_ids
 log = logging.getLogger(__name__)
 
 THUMB = 160  # panel size on the contact sheet
+SHOWN = 20  # problems listed (then "… and N more")
 TABLE_CHECKS = 500  # table rows whose headers are read (folders: every file)
 PIXEL_CHECKS = 64  # samples decoded (at thumbnail size) to find what headers cannot tell: colour-mapped
 # infrared, semantic maps that are not palette colours, undecodable data
@@ -33,8 +34,8 @@ def inspect_source(cfg: DataConfig, out: str | Path | None = None, count: int = 
     """Log counts per split, panel sizes, semantic coverage and problems; write a contact sheet of
     `count` triptychs to `out` (PNG) when given. Returns the same facts as a dict.
 
-    `mode`: the semantic mode the data is meant for (`model.semantic.mode`); unless it is None or
-    'none', samples without a semantic map are a problem (with `data.semantic_source: files`)."""
+    `mode`: the semantic mode the data is meant for (`model.semantic.mode`, or 'any' when no config chose one);
+    unless it is None or 'none', samples without a semantic map are a problem (with `data.semantic_source: files`)."""
     if cfg.source == "thermalscenes":
         report, samples = _inspect_thermalscenes(cfg, count)
     else:
@@ -44,11 +45,14 @@ def inspect_source(cfg: DataConfig, out: str | Path | None = None, count: int = 
     log.info("samples: %s", ", ".join(f"{s} {report['counts'][s]}" for s in SPLITS))
     log.info("panel sizes (visible): %s", ", ".join(f"{k} x{v}" for k, v in report["sizes"].items()) or "-")
     auto = cfg.semantic_source == "auto" and report["semantic"] < total
-    log.info("semantic maps: %d of %d%s", report["semantic"], total,
+    boxes = f" (drawn from the {report['boxes']} boxes in {cfg.boxes})" if report.get("boxes") else ""
+    log.info("semantic maps: %d of %d%s%s", report["semantic"], total, boxes,
              " (data.semantic_source=auto makes the missing ones on first use)" if auto else "")
     if report.get("skipped"):
         log.info("skipped files: %s", report["skipped"])
-    log.info("problems: %d%s", len(report["problems"]), "".join(f"\n  {p}" for p in report["problems"][:20]))
+    problems = report["problems"]
+    more = f"\n  … and {len(problems) - SHOWN} more" if len(problems) > SHOWN else ""
+    log.info("problems: %d%s%s", len(problems), "".join(f"\n  {p}" for p in problems[:SHOWN]), more)
     if out is not None:
         if Path(out).suffix.lower().lstrip(".") not in FigureCanvasBase.get_supported_filetypes():
             raise DataError(f"contact sheet {out}: unknown image suffix (use .png or .jpg)")
@@ -63,7 +67,8 @@ def contact_sheet(samples: list[dict], source: str = "", loading: str = "") -> F
     prepares them; the title names the source and says what the loader does (`loading`, e.g.
     `data.images.loader_description`); a legend of the semantic classes shown."""
     if not samples:
-        raise DataError("contact sheet: no readable samples to show")
+        raise DataError("contact sheet: none of the samples checked could be read (their problems are listed "
+                        "above), so there is nothing to show")
     kinds = ("visible", "infrared", "semantic")
     cells = [[_pixels(sample[kind]) if kind in sample else None for kind in kinds] for sample in samples]
     shown = [c[2] for c in cells if c[2] is not None]
@@ -94,7 +99,8 @@ def _inspect_files(cfg: DataConfig, count: int, mode: str | None) -> tuple[dict,
         problems[:0] = [_missing_maps_problem(cfg, found, reader, mode), *why]  # and why a map was not taken
     report = {"layout": found.layout, "counts": {s: sum(r.split == s for r in records) for s in SPLITS},
               "sizes": {f"{w}x{h}": n for (w, h), n in sizes.most_common(5)}, "semantic": semantic,
-              "problems": problems, "skipped": found.skipped}
+              "problems": problems, "skipped": found.skipped,
+              "boxes": reader.boxes.layout if isinstance(reader, FileReader) and reader.boxes else None}
     thumbs = dataclasses.replace(cfg, size=THUMB, hflip=False, on_bad_sample="skip",
                                  resize_policy="resize" if cfg.resize_policy == "resize" else "center_crop")
     checks = min(max(count, PIXEL_CHECKS), len(good))
@@ -118,7 +124,8 @@ def _inspect_files(cfg: DataConfig, count: int, mode: str | None) -> tuple[dict,
 
 def _missing_maps_problem(cfg: DataConfig, found, reader, mode: str) -> str:
     """One problem line for the samples that lack the semantic map `mode` needs, with the ways out."""
-    needs = f"model.semantic.mode={mode} needs them"
+    needs = ("a semantic mode (any model.semantic.mode but none) needs them" if mode == "any"
+             else f"model.semantic.mode={mode} needs them")
     if not isinstance(reader, FileReader):
         return (f"{cfg.source}: no semantic column {cfg.semantic_column!r} (data.semantic_column); {needs}: "
                 f"{maps_help(cfg, found)}")

@@ -173,7 +173,7 @@ def evaluate_checkpoint(checkpoint: str | Path, config: str | Path | None = None
     check_writable(out, "--out")  # before the model loads
     from vis2ir.data.images import loader_description
     from vis2ir.io.runtime import default_device
-    from vis2ir.pipeline import Vis2IRPipeline
+    from vis2ir.pipeline import NOT_FINITE, Vis2IRPipeline
 
     directory = find_checkpoint(checkpoint)
     pipe = pipe or Vis2IRPipeline.from_checkpoint(directory, default_device(device), overrides=overrides,

@@ -26,9 +26,9 @@ AUTO_DIR = "semantic_auto"  # the cache of `--semantic auto` / `data.semantic_so
 def missing_maps_help(images: str | Path | None = None, maps: str | Path | None = None, *,
                       auto: str = "data.semantic_source=auto", trained_mode: str | None = None,
                       recursive: bool = False) -> str:
-    """The three ways out of missing semantic maps, ending every 'no semantic maps' message: make them
+    """The ways out of missing semantic maps, ending every 'no semantic maps' message: make them
     with `vis2ir segment` (from `images` into `maps`), have them made on the fly (`auto`: the setting or
-    flag that does it), or go without (`model.semantic.mode=none`; a checkpoint trained with
+    flag that does it), draw them from detection boxes (the same kind: setting or flag), or go without (`model.semantic.mode=none`; a checkpoint trained with
     `trained_mode` keeps it, so then a model trained without maps)."""
     segment = f"vis2ir segment --input {images or 'IMAGES'} --out {maps or 'MAPS'}" + (" --recursive" * recursive)
     if trained_mode is not None:
@@ -38,8 +38,9 @@ def missing_maps_help(images: str | Path | None = None, maps: str | Path | None 
         none = ("set model.semantic.mode=none (no semantic conditioning; a checkpoint keeps the mode it was "
                 "trained with)")
     verb = "pass" if auto.startswith("--") else "set"
+    boxes = "--boxes PATH" if auto.startswith("--") else "data.semantic_source=boxes data.boxes=PATH"
     return (f"make them with `{segment}`, or {verb} {auto} (made by a panoptic segmenter and cached on first use), "
-            f"or {none}")
+            f"or draw them from detection boxes ({boxes}: YOLO, VOC, KAIST or COCO), or {none}")
 
 
 def printable(text: str) -> str:

@@ -53,6 +53,20 @@ def build_canvas(mode: str, visible: torch.Tensor, infrared: torch.Tensor | None
     return canvas, mask
 
 
+def unknown_maps(visible: torch.Tensor) -> torch.Tensor:
+    """All-unknown semantic maps for `visible` `[B, 3, H, W]`: zeros (black, which `palette.decode` reads as
+    `VOID`), what `train.semantic_dropout` trains on and what a model trained with it reads when no map is given."""
+    return torch.zeros_like(visible)
+
+
+def drop_maps(semantic: torch.Tensor, probability: float, generator: torch.Generator) -> torch.Tensor:
+    """`train.semantic_dropout`: each map of `semantic` `[B, 3, H, W]` replaced by the unknown map with
+    `probability` (one uniform draw per map from `generator`, on its device: the classifier-free-guidance
+    style condition dropout of InstructPix2Pix, Brooks et al. 2023, applied to the semantic map only)."""
+    keep = torch.rand(semantic.shape[0], generator=generator, device=generator.device) >= probability
+    return semantic * keep.to(semantic.device, semantic.dtype)[:, None, None, None]
+
+
 def target_tokens(mode: str, rows: int, cols: int, device=None) -> torch.Tensor:
     """Boolean `[rows·cols]`: which packed tokens of the canvas belong to the target panel."""
     n = num_panels(mode)

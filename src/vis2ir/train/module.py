@@ -22,6 +22,7 @@ from vis2ir.checkpoint import build_with_weights, find_checkpoint, merge_lora
 from vis2ir.config import Config
 from vis2ir.model import Encoded, Vis2IRModel, build_model
 from vis2ir.objective import flow_loss, offset_group, sample_noise, sample_timesteps
+from vis2ir.semantic.modes import drop_maps
 from vis2ir.sharding import (ShardedStrategy, average_replicated_grads, clip_grads, is_sharded, local, shard_model,
                              total_norm)
 from vis2ir.train.guard import BadStepGuard
@@ -110,6 +111,9 @@ class Vis2IRModule(L.LightningModule):
         """One micro-batch → its flow-matching loss (the bad-step guard sees it; logged per step)."""
         cfg, model = self.cfg.train, self.model
         vis, ir, sem = batch.get("visible"), batch.get("infrared"), batch.get("semantic")
+        g = self.seed_step(batch_idx)
+        if cfg.semantic_dropout > 0 and sem is not None:  # some maps become unknown (drawn first from g)
+            sem = drop_maps(sem, cfg.semantic_dropout, g)
         if "x_0" in batch:  # from `data.latent_cache`: the codec is skipped
             from vis2ir.latent_cache import to_encoded
 
@@ -117,7 +121,6 @@ class Vis2IRModule(L.LightningModule):
         else:
             enc = model.encode(vis, ir, sem)
         n = enc.x_0.shape[0]
-        g = self.seed_step(batch_idx)
         t = sample_timesteps(n, cfg.timestep_mean, cfg.timestep_std, cfg.timestep_shift, g)
         noise = sample_noise(enc.x_0.float(), cfg.offset_noise, g, offset_group(model.codec))
         if self.global_step < 2 and log.isEnabledFor(logging.DEBUG):

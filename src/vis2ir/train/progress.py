@@ -43,9 +43,29 @@ def metrics_logs(run_dir: str | Path) -> list[Path]:
     return sorted(paths, key=lambda p: int(p.parent.name.rpartition("_")[2]))
 
 
+def data_epoch(steps: int, positions_per_step: int, epoch_length: int) -> int:
+    """The pass through the training data (0: the first) in which optimizer step `steps` (counted from 1, as
+    logged) read its last sample. Each step reads `positions_per_step` sample positions (batch × gradient
+    accumulation × devices) and `vis2ir.data.order.Positioned` reads position k in pass k // `epoch_length`
+    (the training split's size, or its positions per pass with aspect-ratio buckets)."""
+    return max(0, steps * positions_per_step - 1) // epoch_length
+
+
 class LogLastStep(L.Callback):
     """Logs the last step of a launch even when it is not a multiple of `train.log_every` (Lightning logs
-    only those), so a run shorter than `log_every` still writes its metrics."""
+    only those), so a run shorter than `log_every` still writes its metrics; and gives the step-named loggers
+    what they need to log the true `epoch` (`data_epoch`: training is one endless Lightning epoch, whose
+    number stays 0)."""
+
+    def on_train_start(self, trainer, module) -> None:
+        loader = trainer.train_dataloader
+        epoch_length = getattr(getattr(loader, "dataset", None), "epoch_length", None)
+        if not epoch_length or not getattr(loader, "batch_size", None):
+            return  # not our resumable order: Lightning's epoch stays
+        per_step = loader.batch_size * trainer.accumulate_grad_batches * trainer.world_size
+        for logger in trainer.loggers:
+            if isinstance(logger, _StepNamed):
+                logger.data_epochs = (per_step, epoch_length)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         if 0 <= trainer.max_steps <= trainer.global_step:  # Lightning writes the step's metrics right after
@@ -90,10 +110,17 @@ class StepProgressBar(TQDMProgressBar):
 
 class _StepNamed:
     """Logs a step's scalars under the number of optimizer steps done with it, the N of the checkpoint
-    `step-N` written after it (Lightning passes the count before the step: one less)."""
+    `step-N` written after it (Lightning passes the count before the step: one less), and `epoch` as the pass
+    through the training data that step read (`data_epoch`; `data_epochs`: its positions per step and per
+    pass, set when training starts by `LogLastStep`)."""
+
+    data_epochs: tuple[int, int] | None = None
 
     def log_metrics(self, metrics, step=None):
-        return super().log_metrics(metrics, None if step is None else step + 1)
+        step = None if step is None else step + 1
+        if step is not None and "epoch" in metrics and self.data_epochs:
+            metrics = {**metrics, "epoch": data_epoch(step, *self.data_epochs)}
+        return super().log_metrics(metrics, step)
 
 
 class StepCSVLogger(_StepNamed, CSVLogger):

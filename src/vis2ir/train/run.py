@@ -124,26 +124,29 @@ def train(cfg: Config, resume: str | None = None, model: Vis2IRModel | None = No
     warnings.filterwarnings("ignore", message=".*Total length of `list` across ranks is zero.*")
     if torch.cuda.is_available():
         torch.backends.cuda.enable_cudnn_sdp(False)  # cuDNN attention backward crashed on Hopper (docs/design.md §9)
-    made = not run_dir.exists()  # a launch refused before its first step leaves the folder as it found it
+    made = first_missing(run_dir)  # a launch refused before its first step leaves the folders as it found them
     config_before = (run_dir / "config.yaml").read_bytes() if (run_dir / "config.yaml").is_file() else None
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg.save(run_dir / "config.yaml")
-    versions = log_versions(run_dir)
+    versions = log_versions(run_dir)  # those of earlier launches
     requests = StopRequests()  # installed when training starts
-    trainer = build_trainer(cfg, run_dir, callbacks=callbacks, progress=progress, data=data, stop=requests, base=base)
-    # a resumed full run builds on its own checkpoint (the whole transformer), a LoRA run on its base where it is now
-    source = state.parent if state and cfg.train.finetune == "full" else base if isinstance(base, Path) else None
-    module = Vis2IRModule(cfg, model, start_step=resume_step(state) if state else 0, source=source, data=data)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(run_dir / "config.yaml")
+        trainer = build_trainer(cfg, run_dir, callbacks=callbacks, progress=progress, data=data, stop=requests,
+                                base=base)
+        # a resumed full run builds on its own checkpoint (the whole transformer), a LoRA run on its base where it is
+        source = state.parent if state and cfg.train.finetune == "full" else base if isinstance(base, Path) else None
+        module = Vis2IRModule(cfg, model, start_step=resume_step(state) if state else 0, source=source, data=data)
+    except BaseException:
+        undo_launch(run_dir, made, config_before, versions)
+        raise
     log.info("Training %s for %d steps (batch %d × %d accumulation × %d devices) into %s", cfg.model.semantic.mode,
              cfg.train.max_steps, cfg.train.batch_size, cfg.train.accumulate_grad_batches, trainer.world_size, run_dir)
     handler = signal.getsignal(signal.SIGINT)  # Lightning ignores Ctrl-C from its first one on
     try:
         trainer.fit(module, ckpt_path=state, weights_only=True if state else None)
     except BaseException as err:
-        if trainer.global_step <= module.start_step:  # failed before its first step: leave no empty version_K
-            for folder in log_versions(run_dir) - versions:
-                shutil.rmtree(folder, ignore_errors=True)
-            undo_launch(run_dir, made, config_before)
+        if trainer.global_step <= module.start_step:  # failed before its first step: leave nothing new
+            undo_launch(run_dir, made, config_before, versions)
         if isinstance(err, SystemExit) and trainer.interrupted:  # Lightning's sys.exit(1) after Ctrl-C
             raise KeyboardInterrupt from None
         if isinstance(err, Stopped):  # a stop signal, after saving the step it finished
@@ -166,19 +169,41 @@ def train(cfg: Config, resume: str | None = None, model: Vis2IRModel | None = No
     return run_dir
 
 
-def undo_launch(run_dir: Path, made: bool, config_before: bytes | None) -> None:
-    """After a launch that failed before its first step (its log versions removed): put `run_dir/config.yaml`
-    back as it was (`config_before`; None: there was none), and remove the log folders and `run_dir` itself
-    (when this launch `made` it) if nothing else is in them, so a refused launch leaves nothing new."""
+def first_missing(folder: Path) -> Path | None:
+    """The outermost of `folder` and its parents that does not exist (what `folder.mkdir(parents=True)` would
+    create first), or None when `folder` exists."""
+    missing = None
+    for path in (folder, *folder.parents):
+        if path.exists():
+            break
+        missing = path
+    return missing
+
+
+def undo_launch(run_dir: Path, made: Path | None, config_before: bytes | None, versions: set[Path]) -> None:
+    """After a launch that failed before its first step, leave on disk only what was there before it: remove
+    the log versions it added (any not in `versions`, those found before), put `run_dir/config.yaml` back as
+    it was (`config_before`; None: there was none), and remove the log folders, and the folders this launch
+    created (`run_dir` and its parents up to `made`, from `first_missing`; None: none), when nothing else is
+    in them. A folder that existed before keeps everything it had."""
     from vis2ir.files import write_bytes
     from vis2ir.train.progress import LOG_DIRS
 
+    if not run_dir.is_dir():  # failed before making it
+        return
+    for folder in log_versions(run_dir) - versions:
+        shutil.rmtree(folder, ignore_errors=True)
     config = run_dir / "config.yaml"
     if config_before is None:
         config.unlink(missing_ok=True)
     else:
         write_bytes(config, config_before)
-    for folder in [*(run_dir / name for name in LOG_DIRS), *([run_dir] if made else [])]:
+    created = []  # run_dir, then its parents, up to `made`
+    for folder in (run_dir, *run_dir.parents) if made is not None else ():
+        created.append(folder)
+        if folder == made:
+            break
+    for folder in [*(run_dir / name for name in LOG_DIRS), *created]:
         try:
             folder.rmdir()  # only when empty
         except OSError:
