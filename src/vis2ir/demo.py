@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -57,7 +56,6 @@ def run_demo(out_dir: str | Path = "outputs/demo", config_path: str | None = Non
         raise Vis2IRError(f"{first}: the shipped demo checkpoint is missing (reinstall vis2ir, or train one "
                           "with `vis2ir train --config configs/demo.yaml` and pass --checkpoint)")
     cfg = load_config(config_path or first / "config.yaml", overrides)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
     out.mkdir(parents=True, exist_ok=True)
     report: dict = {"config": cfg.to_dict(), "checkpoint": str(first),
                     "checkpoints": {name: str(path) for name, path in checkpoints.items()}}

@@ -90,43 +90,49 @@ def parse_threads(value: str, source: str) -> int | None:
 
 
 def thread_plan(requested: str | None, environ: MutableMapping[str, str], cores: int, load: float | None
-                ) -> tuple[int | None, str]:
-    """How many CPU threads torch should use and why, as `(threads, reason)`; `threads` None leaves torch's
-    own choice (OMP_NUM_THREADS, set by the user). `requested`: `--threads` (None: $VIS2IR_THREADS, else
-    auto); `cores`: the cores this process may run on; `load`: the 1-minute load average (None: unknown).
-    Auto takes the cores free now (`free_cores`). Raises `Vis2IRError` for a malformed setting."""
+                ) -> tuple[int | None, bool, str]:
+    """How many CPU threads torch should use, whether OpenMP's idle threads should wait passively, and why:
+    `(threads, passive, reason)`. `requested`: `--threads` (None: $VIS2IR_THREADS, else auto); `cores`: the
+    cores this process may run on; `load`: the 1-minute load average (None: unknown). Auto takes the cores
+    free now (`free_cores`); OMP_NUM_THREADS, set by the user, is kept when nothing is requested (`threads`
+    None). Passive waiting where other work shares the cores (fewer free than `cores`, or than the threads):
+    a spinning thread there takes the core its team waits for; on free cores spinning is faster.
+    Raises `Vis2IRError` for a malformed setting."""
     source = "--threads" if requested is not None else THREADS_ENV
     value = requested if requested is not None else environ.get(THREADS_ENV)
     chosen = parse_threads(value, source) if value else None
+    free = cores if load is None else free_cores(cores, load)
     if chosen is not None:
-        return chosen, f"--threads {chosen}" if requested is not None else f"{THREADS_ENV}={chosen}"
+        reason = f"--threads {chosen}" if requested is not None else f"{THREADS_ENV}={chosen}"
+        return chosen, free < max(cores, chosen), reason
     if value is None and environ.get("OMP_NUM_THREADS"):
-        return None, f"OMP_NUM_THREADS={environ['OMP_NUM_THREADS']}"
+        return None, free < cores, f"OMP_NUM_THREADS={environ['OMP_NUM_THREADS']}"
     if load is None:
-        return cores, "the load is unknown"
-    free = free_cores(cores, load)
-    return free, ("the machine is idle" if free == cores else "the machine is busy") + f" (load {load:.1f})"
+        return cores, False, "the load is unknown"
+    return free, free < cores, ("the machine is idle" if free == cores else "the machine is busy") + \
+        f" (load {load:.1f})"
 
 
 def setup_threads(requested: str | None = None) -> int | None:
     """Set torch's CPU threads for a `vis2ir` command (its `--threads N|auto`, `requested`; None: $VIS2IR_THREADS,
     else auto: the cores free now; `thread_plan`) with `torch.set_num_threads`, and log the choice in one line
     (INFO where it differs from torch's default). Called before torch is first imported, it also sets
-    OMP_WAIT_POLICY=PASSIVE unless set: idle OpenMP threads then sleep instead of spinning, which on a busy
-    machine took the cores their own team was waiting for (docs/performance.md, "A busy CPU"). Called after
-    (vis2ir run from Python), auto leaves the caller's threads alone. GPU work is unchanged: only CPU kernels
-    use these threads. Returns the number of threads set, None when none was. Raises `Vis2IRError` for a
-    malformed `--threads` or $VIS2IR_THREADS."""
+    OMP_WAIT_POLICY=PASSIVE (unless set) where the cores are shared: idle OpenMP threads then sleep instead
+    of spinning, which on a busy machine took the cores their own team was waiting for (docs/performance.md,
+    "A busy CPU"). Called after (vis2ir run from Python), auto leaves the caller's threads alone. GPU work is
+    unchanged: only CPU kernels use these threads. Returns the number of threads set, None when none was.
+    Raises `Vis2IRError` for a malformed `--threads` or $VIS2IR_THREADS."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     try:
         load = os.getloadavg()[0]
     except (AttributeError, OSError):
         load = None
-    threads, reason = thread_plan(requested, os.environ, cores, load)
+    threads, passive, reason = thread_plan(requested, os.environ, cores, load)
     explicit = reason.startswith(("--threads", THREADS_ENV))
     if "torch" in sys.modules and not explicit:
         return None
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when torch loads OpenMP (no effect after)
+    if passive:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when torch loads OpenMP (no effect after)
     if threads is None:
         log.debug("CPU threads: as %s says", reason)
         return None
