@@ -341,9 +341,10 @@ def test_generate_errors_are_one_line(checkpoint, tmp_path, capsys):
     # "or use model.semantic.mode=none", which this checkpoint cannot do).
     assert len(err) == 1 and err[0].startswith(
         "vis2ir: error: model.semantic.mode=cross_attention needs semantic maps: pass --semantic FILE|DIR (maps "
-        f"named like the inputs) or --boxes PATH (detection boxes); make them with `vis2ir segment --input {src} "
-        f"--out {src}_semantic`, or "
+        f"named like the inputs); make them with `vis2ir segment --input {src} --out {src}_semantic`, or "
         "pass --semantic auto (")
+    assert err[0].count("--boxes PATH") == 1 and err[0].endswith("a model trained with train.semantic_dropout > 0, "
+                                                                 "which generates without maps")
     assert "use a model trained with model.semantic.mode=none (this checkpoint was trained with" in err[0]
     assert run("--checkpoint", checkpoint, "--input", src, "--semantic", tmp_path / "sem", "--out",
                tmp_path / "out", "--save-attention") == 2  # b has no map: reported, a is done

@@ -25,7 +25,7 @@ MODEL_KEYS = {
     "model.lora.rank", "model.lora.target_modules", "train.finetune",
 }
 DATA_KEYS = {f"data.{k}" for k in ("source", "layout", "visible_column", "infrared_column", "semantic_column",
-                                   "triptych_column", "name_column", "semantic_dir", "semantic_source",
+                                   "triptych_column", "name_column", "semantic_dir", "semantic_source", "boxes", "box_classes",
                                    "segment_model", "val_fraction", "test_fraction", "synth_count", "synth_seed")}
 # Which samples a split holds, and where the data lies, are no latent settings: the cache records its source's
 # identity (names, files, contents) and checks it (`vis2ir.latent_cache.check_source`), so a moved folder or a

@@ -335,7 +335,7 @@ def build_app(models: dict[str, Vis2IRPipeline], workdir: str | Path, segment_mo
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
                 status = gr.Markdown(elem_id="status", min_height=48)
                 gallery = gr.Gallery(thumbnails, label="ThermalScenes (held out): click a scene for its photo and map",
-                                     columns=4, allow_preview=False, interactive=False, buttons=[],
+                                     columns=4, allow_preview=False, interactive=False,
                                      object_fit="contain", height="fit-content", elem_id="examples")
             with gr.Column(scale=1):
                 slider = gr.ImageSlider(label="visible | infrared (drag the slider)", type="numpy",
@@ -357,7 +357,7 @@ def build_app(models: dict[str, Vis2IRPipeline], workdir: str | Path, segment_mo
         # a result at once: the first example, made once
         page.load(example, None, outputs, api_name="example", show_progress_on=[status])
         clickable.select(attend, [state], [mean, heads])
-        gallery.select(pick, None, [photo, semantic], api_visibility="private")
+        gallery.select(pick, None, [photo, semantic])
     bound_files(page, KEEP_FILES_MIB * 2**20, KEEP_FILES)
     return page
 

@@ -22,7 +22,7 @@ from vis2ir.checkpoint import find_checkpoint, load_checkpoint_config
 from vis2ir.config import Config, load_config
 from vis2ir.errors import Vis2IRError
 from vis2ir.files import DiskFull, check_writable, safe_join
-from vis2ir.io.boxes import BoxLabels
+from vis2ir.io.boxes import BoxLabels, UnmappedClass
 from vis2ir.io.images import Normaliser, read_image, rgb_image, to_tensor, write_png
 from vis2ir.io.inputs import Item, Summary, auto_cache, item_partners, list_inputs, missing_maps_help
 from vis2ir.io.runtime import default_device, dist_env, shard
@@ -87,7 +87,8 @@ def run_generate(input: str | Path, out: str | Path, *, config=None, checkpoint=
     optional = mode in NEEDS_SEMANTIC and cfg.train.semantic_dropout > 0  # the model reads the unknown map
     if mode in NEEDS_SEMANTIC and semantic is None and boxes is None and not optional:
         raise Vis2IRError(f"model.semantic.mode={mode} needs semantic maps: pass --semantic FILE|DIR (maps named "
-                          f"like the inputs) or --boxes PATH (detection boxes); {maps_help}")
+                          f"like the inputs); {maps_help}; or use a model trained with train.semantic_dropout > 0, "
+                          "which generates without maps")
     labels = box_labels(boxes, box_classes, mine) if boxes is not None else None
     if optional and labels is None and (without := sum(1 for it in mine if it.semantic is None)):
         log.info("%d of %d inputs have no semantic map: the model (trained with train.semantic_dropout=%g) reads "
@@ -182,7 +183,10 @@ class _Loaded:
 def box_labels(boxes: str | Path, box_classes, items: list[Item]) -> BoxLabels:
     """`--boxes`: the annotations, checked to name at least one of `items` (a wrong folder is one line); inputs
     without an annotation file are drawn as background only (no object annotated), and counted in the log."""
-    labels = BoxLabels.open(boxes, box_classes, setting="--box-classes")
+    try:
+        labels = BoxLabels.open(boxes, box_classes, setting="--box-classes")
+    except Vis2IRError as err:
+        raise Vis2IRError(f"--boxes: {err}") from None
     missing = [it.name for it in items if not labels.has(it.name)]
     if items and len(missing) == len(items):
         raise Vis2IRError(f"--boxes {boxes}: no box annotations for any input ({labels.layout} layout; e.g. none "
@@ -213,6 +217,8 @@ def _loaded_groups(items: list[Item], batch_size: int, summary: Summary, needs_s
             loaded = _Loaded(it, visible, semantic)
             if it.semantic is not None and labels is None and needs_semantic:  # a map not read is not judged
                 check_map(loaded.semantic, loaded.visible, it.semantic, it.visible, warn_void=not optional)
+        except UnmappedClass:
+            raise  # a category to map (--box-classes): every input would fail alike, so stop once
         except Vis2IRError as err:
             log.error("%s", err)
             summary.failed[it.name] = str(err)

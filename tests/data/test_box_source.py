@@ -78,6 +78,20 @@ def test_data_inspect_shows_box_maps(tmp_path, caplog):
     assert (tmp_path / "sheet.png").stat().st_size > 0
 
 
+def test_data_inspect_takes_the_source_from_its_argument(tmp_path, caplog):
+    """`vis2ir data inspect SOURCE data.semantic_source=boxes …`: the folder given replaces the default source
+    (ThermalScenes, which has no boxes) before anything is checked."""
+    from vis2ir.cli import main
+
+    caplog.set_level("INFO")
+    root = yolo_set(tmp_path / "set")
+    assert main(["data", "inspect", str(root), "--out", str(tmp_path / "s.png"), "data.semantic_source=boxes",
+                 f"data.boxes={root / 'labels'}", "data.size=64", "model.semantic.mode=channel_concat"]) == 0
+    assert "semantic maps: 6 of 6 (drawn from the yolo boxes" in caplog.text
+    assert main(["data", "inspect", "thermalscenes", "--out", str(tmp_path / "t.png"),
+                 "data.semantic_source=boxes", f"data.boxes={root / 'labels'}"]) == 2
+
+
 def test_generate_draws_maps_from_boxes(tiny_config, tmp_path):
     from vis2ir.errors import Vis2IRError
     from vis2ir.generate import run_generate
@@ -94,6 +108,14 @@ def test_generate_draws_maps_from_boxes(tiny_config, tmp_path):
         run_generate(photos, tmp_path / "out2", config=config, boxes=labels, semantic=labels)
     with pytest.raises(Vis2IRError, match="no box annotations for any input"):
         run_generate(photos, tmp_path / "out3", config=config, boxes=root / "labels" / "test", steps=1)
+    # a category without a palette class is a setting to give: the run stops once, before any output
+    other = yolo_set(tmp_path / "other", label_names=("person", "tricycle"))
+    with pytest.raises(Vis2IRError, match="'tricycle' is no palette class; map it with --box-classes") as err:
+        run_generate(other / "visible" / "train", tmp_path / "out4", config=config, boxes=other / "labels", steps=1)
+    assert "\n" not in str(err.value) and not (tmp_path / "out4").exists() or not any((tmp_path / "out4").iterdir())
+    done = run_generate(other / "visible" / "train", tmp_path / "out5", config=config, boxes=other / "labels",
+                        box_classes=["tricycle=bicycle"], steps=1)
+    assert len(done.done) == 4
 
 
 @pytest.mark.skipif(not REAL.is_dir(), reason="the real MSRS pairs (../shared/real/msrs) are not here")

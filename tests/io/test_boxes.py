@@ -93,7 +93,7 @@ def test_yolo_without_class_names_maps_ids_by_the_setting(tmp_path):
     assert labels.class_file is None
     with pytest.raises(BoxError) as err:
         labels.find("x")
-    one_line(err, root / "x.txt", "'0'", "data.box_classes", "0=person", "0=ignore")
+    one_line(err, root / "x.txt", "'0'", "data.box_classes", "0=CLASS", "0=ignore")
     mapped = BoxLabels.open(root, class_map=["0=car", "1=ignore"]).find("x")
     assert [(b.label, b.class_id) for b in mapped.boxes] == [("0", CAR)]
 
@@ -225,7 +225,7 @@ def test_ignore_and_unmapped_names_name_the_setting(tmp_path):
     write(tmp_path / "x.xml", voc(("sign", 10, 10, 50, 50), ("person", 60, 10, 90, 50)))
     with pytest.raises(BoxError) as err:
         BoxLabels.open(tmp_path, setting="--box-classes").find("x")
-    one_line(err, tmp_path / "x.xml", "'sign'", "--box-classes", "sign=person", "sign=ignore")
+    one_line(err, tmp_path / "x.xml", "'sign'", "--box-classes", "sign=CLASS", "sign=ignore")
     a = BoxLabels.open(tmp_path, class_map=["Sign = ignore"]).find("x")
     assert [b.label for b in a.boxes] == ["person"] and (classes(draw(a, 200, 100))[20:40, 20:40] == BACKGROUND).all()
     a = BoxLabels.open(tmp_path, class_map=["sign=stop sign", "person=ignore"]).find("x")
@@ -274,9 +274,9 @@ COCO_MALFORMED = {
     "not json": ("{images: []", "JSON"),
     "not coco": (json.dumps([{"images": []}]), "categories"),
     "negative box": (coco([(1, "a.jpg", 10, 10)], [(1, (0, 0, -5, 5), 1)]), "annotations[0]"),
-    "short bbox": (coco([(1, "a.jpg", 10, 10)], [(1, (0, 0, 5), 1)]), "annotations[0]"),
-    "unknown category": (coco([(1, "a.jpg", 10, 10)], [(1, (0, 0, 5, 5), 9)]), "category_id"),
-    "unknown image": (coco([(1, "a.jpg", 10, 10)], [(4, (0, 0, 5, 5), 1)]), "image_id"),
+    "short bbox": (coco([(1, "a.jpg", 10, 10)], [(1, (0, 0, 5), 1)]), "bbox has 3 values; expected 4"),
+    "unknown category": (coco([(1, "a.jpg", 10, 10)], [(1, (0, 0, 5, 5), 9)]), "category_id 9 is not"),
+    "unknown image": (coco([(1, "a.jpg", 10, 10)], [(4, (0, 0, 5, 5), 1)]), "image_id 4 is not"),
     "image without size": (json.dumps({"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": [],
                                        "categories": []}), "images[0]"),
     "two images of a name": (coco([(1, "a.jpg", 10, 10), (2, "a.jpg", 10, 10)], []), "a.jpg"),
@@ -334,3 +334,15 @@ def test_msrs_visible_labels_read_and_draw():
     got = classes(labels.draw(labels.find(name.split("/")[1]), 640, 480))
     assert got[int((box.y0 + box.y1) / 2 * 480), int((box.x0 + box.x1) / 2 * 640)] == PERSON
     assert (got == BACKGROUND).mean() > 0.5 and (got == VOID).sum() == 0
+
+
+def test_coco_names_without_the_folder_every_file_name_shares(tmp_path):
+    """FLIR's COCO files name images `data/NAME.jpg`: that shared folder is not part of the names, so photos in
+    split folders (`test/NAME`) find their boxes; names in different folders keep them."""
+    flir = write(tmp_path / "flir.json", coco([(1, "data/a1.jpg", 10, 10), (2, "data/b2.jpg", 10, 10)],
+                                              [(1, (0, 0, 5, 5), 1)]))
+    labels = BoxLabels.open(flir)
+    assert labels.names() == ["a1", "b2"] and labels.has("test/a1") and len(labels.find("test/a1").boxes) == 1
+    mixed = write(tmp_path / "mixed.json", coco([(1, "train/a1.jpg", 10, 10), (2, "test/b2.jpg", 10, 10)], []))
+    labels = BoxLabels.open(mixed)
+    assert labels.names() == ["test/b2", "train/a1"] and not labels.has("test/a1")  # no split crossing

@@ -90,6 +90,3 @@ class DataConfig:
               "a folder of box label files or a COCO json file with data.semantic_source=boxes", self.boxes)
         check(self.boxes is None or self.semantic_source == "boxes", "data.boxes",
               "null unless data.semantic_source=boxes (the maps are then drawn from these boxes)", self.boxes)
-        check(self.source != "thermalscenes" or self.semantic_source != "boxes", "data.semantic_source",
-              "files or auto with data.source=thermalscenes (its scenes come with full semantic maps)",
-              self.semantic_source)

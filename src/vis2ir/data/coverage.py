@@ -24,8 +24,9 @@ log = logging.getLogger(__name__)
 VOID_LIMIT = 0.80
 CHECKS = 64  # maps decoded (every n-th sample) to judge a data set; cheap at a few ms each
 THUMB = 64  # the side they are decoded at: enough to measure a share of pixels
-WAYS_OUT = ("make full maps with `vis2ir segment` (or data.semantic_source=auto / --semantic auto), or use "
-            "a model without semantic maps (model.semantic.mode=none)")
+WAYS_OUT = ("make full maps with `vis2ir segment` (or data.semantic_source=auto / --semantic auto), train with "
+            "train.semantic_dropout > 0 (the model learns to read partial and missing maps), or use a model without "
+            "semantic maps (model.semantic.mode=none)")
 
 _warned: set[str] = set()
 

@@ -64,7 +64,7 @@ def box_source(cfg: DataConfig, found: Found) -> BoxLabels:
     try:
         labels = BoxLabels.open(cfg.boxes, cfg.box_classes, setting="data.box_classes")
     except Vis2IRError as err:
-        raise DataError(str(err)) from None
+        raise DataError(f"data.boxes: {err}") from None
     missing = [r.name for r in found.records if not labels.has(r.name)]
     if found.records and len(missing) == len(found.records):
         raise DataError(f"data.boxes={cfg.boxes}: no box annotations for any sample of {cfg.source} ({labels.layout} "
@@ -106,6 +106,9 @@ def build_dataset(cfg: DataConfig, split: str, require_semantic: bool | None = N
     if split not in SPLITS:
         raise DataError(f"split {split!r}: expected one of {', '.join(SPLITS)}")
     if cfg.source == "thermalscenes":
+        if cfg.semantic_source == "boxes":
+            raise DataError("data.semantic_source=boxes: ThermalScenes (data.source=thermalscenes) come with full "
+                            "semantic maps and no boxes; give data.source=YOUR_FOLDER, or data.semantic_source=files")
         return ThermalScenes.split_of(cfg, split, semantic=require_semantic is not False, empty_ok=empty_ok)
     found, reader = open_source(cfg)
     records = [r for r in found.records if r.split == split]

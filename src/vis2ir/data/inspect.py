@@ -36,6 +36,9 @@ def inspect_source(cfg: DataConfig, out: str | Path | None = None, count: int = 
 
     `mode`: the semantic mode the data is meant for (`model.semantic.mode`, or 'any' when no config chose one);
     unless it is None or 'none', samples without a semantic map are a problem (with `data.semantic_source: files`)."""
+    if cfg.source == "thermalscenes" and cfg.semantic_source == "boxes":
+        raise DataError("data.semantic_source=boxes: ThermalScenes come with full semantic maps and no boxes; give "
+                        "the folder to inspect, or data.semantic_source=files")
     if cfg.source == "thermalscenes":
         report, samples = _inspect_thermalscenes(cfg, count)
     else:

@@ -61,6 +61,10 @@ class BoxError(Vis2IRError):
     """Box annotations that cannot be read or mapped: one line naming the file (or setting) and what was expected."""
 
 
+class UnmappedClass(BoxError):
+    """A box category that finds no palette class: a setting to give (the same for every file), not a bad file."""
+
+
 @dataclass(frozen=True)
 class Box:
     """One annotated box: its class name as written, its palette class id, and its edges `x0 <= x1`,
@@ -267,8 +271,9 @@ class _Classes:
             return self.overrides[key]
         cid = class_for_label(label)
         if cid == VOID:
-            raise BoxError(f"{file}: box class {label!r} is no palette class; map it with {self.setting} "
-                           f"(NAME=CLASS, e.g. {label}=person, or {label}={IGNORE} to leave its boxes out)")
+            raise UnmappedClass(f"{file}: box class {label!r} is no palette class; map it with {self.setting} "
+                                f"(NAME=CLASS: {label}=CLASS with a class of vis2ir.palette such as person, car or "
+                                f"stop sign, or {label}={IGNORE} to leave its boxes out)")
         return cid
 
 
@@ -467,15 +472,22 @@ def _read_coco(file: Path, classes: _Classes) -> dict[str, Annotation]:
     for i, ann in enumerate(data["annotations"]):
         where = f"{file}: annotations[{i}]"
         ann = _entry(ann, ("image_id", "bbox", "category_id"), file, f"annotations[{i}]")
-        if ann["image_id"] not in images or ann["category_id"] not in labels:
-            raise BoxError(f"{where}: image_id or category_id is not in images / categories")
-        bbox = ann["bbox"] if isinstance(ann["bbox"], list) and len(ann["bbox"]) == 4 else ["?"]
+        if ann["image_id"] not in images:
+            raise BoxError(f"{where}: image_id {ann['image_id']!r} is not the id of any of the images")
+        if ann["category_id"] not in labels:
+            raise BoxError(f"{where}: category_id {ann['category_id']!r} is not the id of any of the categories")
+        if not isinstance(ann["bbox"], list) or len(ann["bbox"]) != 4:
+            count = len(ann["bbox"]) if isinstance(ann["bbox"], list) else "no list of"
+            raise BoxError(f"{where}: bbox has {count} values; expected 4: [x, y, width, height] in pixels")
+        bbox = ann["bbox"]
         x, y, w, h = _numbers([str(v) for v in bbox], where, "bbox [x, y, width, height] in pixels")
         if w < 0 or h < 0:
             raise BoxError(f"{where}: bbox has a negative width or height; expected [x, y, width, height] in pixels")
         images[ann["image_id"]][1].append((labels[ann["category_id"]], x, y, x + w, y + h))
-    log.info("%s: COCO, %d images, %d boxes", file, len(images), len(data["annotations"]))
-    return {key: Annotation(_mapped(images[i][1], classes, file), images[i][0], file) for key, i in keys.items()}
+    log.debug("%s: COCO, %d images, %d boxes", file, len(images), len(data["annotations"]))
+    shared = {key.split("/", 1)[0] if "/" in key else None for key in keys}
+    cut = len(shared.pop()) + 1 if len(shared) == 1 and None not in shared else 0  # FLIR's data/, thermal_8_bit/
+    return {key[cut:]: Annotation(_mapped(images[i][1], classes, file), images[i][0], file) for key, i in keys.items()}
 
 
 def _entry(entry, fields: tuple[str, ...], file: Path, where: str) -> dict:

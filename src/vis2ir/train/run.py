@@ -141,6 +141,9 @@ def train(cfg: Config, resume: str | None = None, model: Vis2IRModel | None = No
         raise
     log.info("Training %s for %d steps (batch %d × %d accumulation × %d devices) into %s", cfg.model.semantic.mode,
              cfg.train.max_steps, cfg.train.batch_size, cfg.train.accumulate_grad_batches, trainer.world_size, run_dir)
+    if cfg.train.semantic_dropout > 0:
+        log.info("train.semantic_dropout=%g: each sample's semantic map is replaced by the all-unknown map with this "
+                 "probability (the model learns to go without maps)", cfg.train.semantic_dropout)
     handler = signal.getsignal(signal.SIGINT)  # Lightning ignores Ctrl-C from its first one on
     try:
         trainer.fit(module, ckpt_path=state, weights_only=True if state else None)
