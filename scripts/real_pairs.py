@@ -90,26 +90,26 @@ def box_classes(labels: BoxLabels, split: str, name: str, size: tuple[int, int])
 
 
 def score_folder(data: Path, predict, ir_labels: BoxLabels, device) -> dict:
-    """{subset: Scorer result} of `predict(name, sample) -> [3, H, W]` over the test split."""
-    scorers = {s: Scorer(EvalConfig(), device) for s in SUBSETS}
+    """The Scorer result of `predict(name, sample) -> [3, H, W]` over the test split (per class on the maps drawn
+    from `ir_labels`)."""
+    scorer = Scorer(EvalConfig(), device)
     for name in names(data, "test"):
         sample = load_pair(data, "test", name)
-        pred = predict(name, sample)
         classes = box_classes(ir_labels, "test", name, tuple(sample["infrared"].shape[-1:-3:-1]))
-        for subset, suffix in SUBSETS.items():
-            if name.endswith(suffix):
-                scorers[subset].add(name, pred, sample["infrared"], classes)
-    return {s: sc.result() for s, sc in scorers.items()}
+        scorer.add(name, predict(name, sample), sample["infrared"], classes)
+    return scorer.result()
 
 
 def summary(result: dict) -> dict:
-    """The figures of the table from `score_folder`'s result."""
+    """The figures of the table from `score_folder`'s result: PSNR and SSIM over every test image and over the
+    day and night ones apart (from its per-image rows), per-class errors over all."""
     out = {}
-    for subset, r in result.items():
-        out[f"{subset}/psnr"], out[f"{subset}/ssim"] = r["metrics"]["psnr"], r["metrics"]["ssim"]
-        out[f"{subset}/psnr_native"] = r["metrics"]["psnr_native"]
+    for subset, suffix in SUBSETS.items():
+        rows = [r for r in result["per_image"] if r["name"].endswith(suffix)]
+        for key in ("psnr", "ssim", "psnr_native"):
+            out[f"{subset}/{key}"] = float(np.mean([r[key] for r in rows]))
     for c in CLASSES:
-        cls = result["all"]["classes"].get(c, {})
+        cls = result["classes"].get(c, {})
         out[f"{c}/abs_err"], out[f"{c}/hallucinated"] = cls.get("abs_err"), cls.get("hallucinated_heat")
     return out
 

@@ -3,6 +3,7 @@ trained at 64 px took 46 s and 1.1 GB) is warned about once per pipeline, with t
 transformer's extra work, the time it will take and the way out; never at the trained size (`--size auto`)."""
 
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -59,8 +60,8 @@ def test_native_size_far_above_the_trained_size_is_warned_once_with_its_time(che
         f"so this batch of 1 image takes about ")
     assert message.endswith(" s (timed on its first 2 of 3 steps), and each batch of this size about as long; "
                             "--size auto generates at the trained size (sample.size=auto), or give a smaller --size")
-    seconds = float(message.split("takes about ")[1].split(" s ")[0])
-    assert seconds >= 0
+    estimate = message.split("takes about ")[1].split(" s ")[0]
+    assert re.fullmatch(r"\d+(\.\d)?", estimate)  # a figure, as `about` writes it (its value is the machine's)
 
 
 def test_no_warning_at_the_trained_size_or_a_few_times_its_pixels(checkpoint, caplog):

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from vis2ir import objective
 from vis2ir.checkpoint import SHIPPED, checkpoint_path
 from vis2ir.config import Config, load_config
 from vis2ir.errors import Vis2IRError
@@ -31,7 +32,6 @@ DEMO_CHECKPOINT = SHIPPED["demo"]
 REFERENCES = {"class_oracle": "oracle: each class's\nmean infrared, given\nthe TRUE class map",
               "visible_lookup": "reference: the mean\ninfrared of each\nvisible colour",
               "constant": "reference: the mean\ninfrared everywhere"}
-FIXED_TIMES = (0.25, 0.5, 0.75)  # flow times of the comparable loss (as the training's validation loss)
 
 
 def column(name: str) -> str:
@@ -213,30 +213,17 @@ def _short_training(cfg: Config, checkpoint: Path, out: Path, steps: int, scenes
             "learning_rate_reached": t.learning_rate * (min(1.0, len(losses) / t.warmup_steps) if t.warmup_steps
                                                         else 1.0),
             "fixed_loss": {"before": before, "after": after, "scenes": int(scenes["visible"].shape[0]),
-                           "times": list(FIXED_TIMES)},
+                           "times": list(objective.FIXED_TIMES)},
             "seconds": seconds, "run_dir": str(run)}
 
 
 def fixed_draw_loss(model, scenes: dict, cfg: Config, seed: int = 0) -> float:
-    """The flow-matching loss (`objective.flow_loss`, over `cfg.train.loss_region`) of `model` on `scenes`
-    (`visible`, `infrared`, `semantic` `[B, 3, H, W]` in [0, 1]) at the flow times `FIXED_TIMES` with noise
-    drawn from `seed`, averaged over the times: as the training's validation loss measures, the same draw for
-    every model, so two models' values compare. (The per-step training loss draws its times and noise anew
-    each step, and the loss at small t is many times that at large t: two steps' losses do not compare.)"""
-    from vis2ir.objective import flow_loss
-
-    vis, ir, sem = scenes["visible"], scenes["infrared"], scenes["semantic"]
-    generator = torch.Generator().manual_seed(seed)
-    losses = []
+    """`objective.fixed_draw_loss` of `model` on `scenes` (`visible`, `infrared`, `semantic` `[B, 3, H, W]` in
+    [0, 1]) with noise drawn from `seed`: the same draw for every model, so two models' values compare."""
     with torch.no_grad():
-        enc = model.encode(vis, ir, sem)
-        tokens = model.target_tokens(enc) if cfg.train.loss_region == "target" else None
-        for time_ in FIXED_TIMES:
-            noise = torch.randn(enc.x_0.shape, generator=generator)
-            pred, target = model(vis, ir, sem, torch.full((vis.shape[0],), time_), noise,
-                                 guidance=cfg.train.guidance, encoded=enc)
-            losses.append(float(flow_loss(pred, target, tokens)))
-    return sum(losses) / len(losses)
+        return float(objective.fixed_draw_loss(model, scenes["visible"], scenes["infrared"], scenes["semantic"],
+                                               torch.Generator().manual_seed(seed), cfg.train.guidance,
+                                               cfg.train.loss_region))
 
 
 def training_note(t: dict) -> list[str]:

@@ -1,4 +1,5 @@
-"""Writing files atomically and durably, and keeping names that come from data inside their folder.
+"""Writing files atomically and durably, keeping names that come from data inside their folder, and listing
+the files of a folder without the hidden and system ones.
 
 Torch-free on purpose: the config module uses it before torch is imported.
 """
@@ -217,3 +218,22 @@ def safe_join(root: str | Path, name: str, suffix: str = "") -> Path:
     if os.path.commonpath([top, full]) != top or full == top:
         raise Vis2IRError(f"sample name {name!r}: {path} would be written outside {root}")
     return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Listing
+
+SYSTEM_NAMES = frozenset({"thumbs.db", "desktop.ini", "__macosx"})  # files an OS leaves beside the data
+
+
+def is_hidden(path: Path, root: Path | None = None) -> bool:
+    """Whether `path` (or a folder between `root` and it) is a hidden or system file."""
+    parts = path.relative_to(root).parts if root is not None else (path.name,)
+    return any(p.startswith(".") or p.lower() in SYSTEM_NAMES for p in parts)
+
+
+def list_files(folder: Path, pattern: str = "*", recursive: bool = False) -> list[Path]:
+    """Files in `folder` matching the glob `pattern` (under sub-folders too with `recursive`), hidden
+    ones left out, sorted."""
+    found = folder.rglob(pattern) if recursive else folder.glob(pattern)
+    return sorted(p for p in found if not is_hidden(p, folder) and p.is_file())

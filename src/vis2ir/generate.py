@@ -22,7 +22,7 @@ from vis2ir.checkpoint import find_checkpoint, load_checkpoint_config
 from vis2ir.config import Config, load_config
 from vis2ir.errors import Vis2IRError
 from vis2ir.files import DiskFull, check_writable, safe_join
-from vis2ir.io.boxes import BoxLabels, UnmappedClass
+from vis2ir.io.boxes import BoxLabels, UnmappedClass, open_for
 from vis2ir.io.images import Normaliser, read_image, rgb_image, to_tensor, write_png
 from vis2ir.io.inputs import Item, Summary, auto_cache, item_partners, list_inputs, missing_maps_help
 from vis2ir.io.runtime import default_device, dist_env, shard
@@ -89,7 +89,8 @@ def run_generate(input: str | Path, out: str | Path, *, config=None, checkpoint=
         raise Vis2IRError(f"model.semantic.mode={mode} needs semantic maps: pass --semantic FILE|DIR (maps named "
                           f"like the inputs); {maps_help}; or use a model trained with train.semantic_dropout > 0, "
                           "which generates without maps")
-    labels = box_labels(boxes, box_classes, mine) if boxes is not None else None
+    labels = None if boxes is None else open_for(boxes, [it.name for it in mine], box_classes, "--boxes",
+                                                 "--box-classes", "input")
     if optional and labels is None and (without := sum(1 for it in mine if it.semantic is None)):
         log.info("%d of %d inputs have no semantic map: the model (trained with train.semantic_dropout=%g) reads "
                  "the unknown map for them", without, len(mine), cfg.train.semantic_dropout)
@@ -180,23 +181,6 @@ class _Loaded:
     semantic: Image.Image | None
 
 
-def box_labels(boxes: str | Path, box_classes, items: list[Item]) -> BoxLabels:
-    """`--boxes`: the annotations, checked to name at least one of `items` (a wrong folder is one line); inputs
-    without an annotation file are drawn as background only (no object annotated), and counted in the log."""
-    try:
-        labels = BoxLabels.open(boxes, box_classes, setting="--box-classes")
-    except Vis2IRError as err:
-        raise Vis2IRError(f"--boxes: {err}") from None
-    missing = [it.name for it in items if not labels.has(it.name)]
-    if items and len(missing) == len(items):
-        raise Vis2IRError(f"--boxes {boxes}: no box annotations for any input ({labels.layout} layout; e.g. none "
-                          f"for {missing[0]!r}): give the annotations named like the inputs")
-    if missing:
-        log.warning("--boxes: %d of %d inputs have no box annotations in %s (e.g. %s): drawn as background only",
-                    len(missing), len(items), boxes, missing[0])
-    return labels
-
-
 def _loaded_groups(items: list[Item], batch_size: int, summary: Summary, needs_semantic: bool,
                    optional: bool = False, labels: BoxLabels | None = None):
     """Read the items in order, yielding lists of loaded items that can form one batch (same size). `optional`:
@@ -211,7 +195,7 @@ def _loaded_groups(items: list[Item], batch_size: int, summary: Summary, needs_s
                 raise Vis2IRError(f"{it.visible}: {it.problem}")
             visible = read_image(it.visible)
             if labels is not None:
-                semantic = Image.fromarray(labels.draw(labels.find(it.name), *visible.size))
+                semantic = labels.draw_image(labels.find(it.name), *visible.size)
             else:
                 semantic = read_image(it.semantic) if it.semantic else None
             loaded = _Loaded(it, visible, semantic)

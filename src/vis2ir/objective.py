@@ -6,6 +6,7 @@ convention the sampler integrates.
     x_t = (1 − t)·x_0 + t·x_1                            interpolate
     v = x_1 − x_0                                        velocity_target
     loss = mse(v̂, v) over all or the target tokens       flow_loss
+    the same loss at fixed t and noise (comparable)      fixed_draw_loss
 
 t = 0 is the data, t = 1 the noise: the sampler (`sample.denoise`) starts at σ = 1 from noise and takes Euler
 steps x ← x + (σ_next − σ)·v̂ down to σ = 0, which with the exact velocity lands on x_0.
@@ -68,3 +69,24 @@ def flow_loss(pred: torch.Tensor, target: torch.Tensor, tokens: torch.Tensor | N
         return err.mean()
     # A weighted mean, not err[:, tokens]: boolean indexing would wait for the GPU to count the tokens.
     return (err * tokens.view(1, -1, 1)).sum() / (tokens.sum() * err.shape[0] * err.shape[2])
+
+
+FIXED_TIMES = (0.25, 0.5, 0.75)  # the flow times of `fixed_draw_loss`
+
+
+def fixed_draw_loss(model, visible: torch.Tensor, infrared: torch.Tensor, semantic: torch.Tensor | None,
+                    generator: torch.Generator, guidance: float = 1.0, loss_region: str = "all") -> torch.Tensor:
+    """`flow_loss` of `model` (a `Vis2IRModel`) on one batch (`[B, 3, H, W]` in [0, 1]) at the flow times
+    `FIXED_TIMES`, with noise drawn on the CPU from `generator` (one draw per time), averaged over the times: the
+    same draw for every model and step, so two values compare (the training loss draws its times and noise anew
+    each step, and the loss at small t is many times that at large t). Training's validation loss and the
+    demo's before/after comparison. `loss_region`: `train.loss_region`."""
+    enc = model.encode(visible, infrared, semantic)
+    tokens = model.target_tokens(enc) if loss_region == "target" else None
+    losses = []
+    for tv in FIXED_TIMES:
+        t = torch.full((visible.shape[0],), tv, device=visible.device)
+        noise = torch.randn(enc.x_0.shape, generator=generator).to(enc.x_0.device)
+        pred, target = model(visible, infrared, semantic, t, noise, guidance=guidance, encoded=enc)
+        losses.append(flow_loss(pred, target, tokens))
+    return torch.stack(losses).mean()

@@ -248,7 +248,7 @@ class Vis2IRPipeline:
         if self.needs_semantic and (semantics is None or any(m is None for m in semantics)):
             if not self.reads_no_map:
                 raise Vis2IRError(f"model.semantic.mode={self.model.mode} needs a semantic map for every image: pass "
-                                  "semantic=[maps] (or --semantic FILE|DIR, --boxes); " + missing_maps_help(
+                                  "semantic=[maps] (or --semantic FILE|DIR); " + missing_maps_help(
                                       auto="--semantic auto",
                                       trained_mode=self.model.mode if self.trained_size is not None else None)
                                   + "; or train with train.semantic_dropout > 0, which makes maps optional")

@@ -32,7 +32,7 @@ from vis2ir.data.synth import ThermalScenes
 from vis2ir.data.tables import TableReader, find_table, is_table
 from vis2ir.errors import Vis2IRError
 from vis2ir.files import name_problem
-from vis2ir.io.boxes import BoxLabels
+from vis2ir.io.boxes import BoxLabels, open_for
 from vis2ir.io.inputs import missing_maps_help
 
 log = logging.getLogger(__name__)
@@ -54,25 +54,24 @@ def open_source(cfg: DataConfig) -> tuple[Found, FileReader | TableReader]:
     return _check_names(found, FileReader(root / cfg.semantic_dir))
 
 
+def no_boxes_in_thermalscenes(cfg: DataConfig) -> None:
+    """ThermalScenes come with full semantic maps and no boxes: `semantic_source: boxes` there is a `DataError`.
+    Checked with the data, not the settings: `data inspect SOURCE` gives its source after them."""
+    if cfg.source == "thermalscenes" and cfg.semantic_source == "boxes":
+        raise DataError("data.semantic_source=boxes: ThermalScenes (data.source=thermalscenes) come with full "
+                        "semantic maps and no boxes; give data.source=YOUR_FOLDER, or data.semantic_source=files")
+
+
 def box_source(cfg: DataConfig, found: Found) -> BoxLabels:
     """`data.semantic_source: boxes`: the annotations of `cfg.boxes`, each record's semantic "file" its annotation
-    file (what the data fingerprint sees change). A record without one is drawn as background only (no object
-    annotated there, as YOLO data sets leave such files out), counted in a warning; none at all is an error."""
+    file (what the data fingerprint sees change); `io.boxes.open_for` checks them against the records."""
     if found.layout == "triptych":
         raise DataError(f"{cfg.source}: data.semantic_source=boxes draws maps for paired layouts; triptychs carry "
                         "their own semantic panel (data.semantic_source=files)")
     try:
-        labels = BoxLabels.open(cfg.boxes, cfg.box_classes, setting="data.box_classes")
+        labels = open_for(cfg.boxes, [r.name for r in found.records], cfg.box_classes)
     except Vis2IRError as err:
-        raise DataError(f"data.boxes: {err}") from None
-    missing = [r.name for r in found.records if not labels.has(r.name)]
-    if found.records and len(missing) == len(found.records):
-        raise DataError(f"data.boxes={cfg.boxes}: no box annotations for any sample of {cfg.source} ({labels.layout} "
-                        f"layout; e.g. none for sample {missing[0]!r}): the annotation files are named like the "
-                        "samples (split sub-folders included, or bare names)")
-    if missing:
-        log.warning("data.boxes: %d of %d samples have no box annotations in %s (e.g. %s): drawn as background only",
-                    len(missing), len(found.records), cfg.boxes, missing[0])
+        raise DataError(str(err)) from None
     found.records = [replace(r, semantic=str(labels.source(r.name) or labels.path)) for r in found.records]
     return labels
 
@@ -106,9 +105,7 @@ def build_dataset(cfg: DataConfig, split: str, require_semantic: bool | None = N
     if split not in SPLITS:
         raise DataError(f"split {split!r}: expected one of {', '.join(SPLITS)}")
     if cfg.source == "thermalscenes":
-        if cfg.semantic_source == "boxes":
-            raise DataError("data.semantic_source=boxes: ThermalScenes (data.source=thermalscenes) come with full "
-                            "semantic maps and no boxes; give data.source=YOUR_FOLDER, or data.semantic_source=files")
+        no_boxes_in_thermalscenes(cfg)
         return ThermalScenes.split_of(cfg, split, semantic=require_semantic is not False, empty_ok=empty_ok)
     found, reader = open_source(cfg)
     records = [r for r in found.records if r.split == split]

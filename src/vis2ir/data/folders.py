@@ -26,15 +26,14 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image
-
 from vis2ir.data.errors import DataError
 from vis2ir.errors import Vis2IRError
 from vis2ir.io.boxes import BoxLabels
 from vis2ir.data.images import Panel, close_panels, open_image, triptych_panels
 from vis2ir.data.splits import assign_splits, split_alias
 from vis2ir.io.images import IMAGE_SUFFIXES
-from vis2ir.io.inputs import AUTO_DIR, list_files, list_images, match_partners, missing_maps_help, skipped_note
+from vis2ir.files import list_files
+from vis2ir.io.inputs import AUTO_DIR, list_images, match_partners, missing_maps_help, skipped_note
 
 
 @dataclass(frozen=True)
@@ -199,11 +198,11 @@ class FileReader:
     def _with_boxes(self, record: Record, files: list) -> dict[str, Panel]:
         panels = self.open(record, False)
         try:
-            drawn = self.boxes.draw(self.boxes.find(record.name), *panels["visible"].size)
+            drawn = self.boxes.draw_image(self.boxes.find(record.name), *panels["visible"].size)
         except Vis2IRError as err:  # a malformed annotation file or an unmapped category: named by the error
             close_panels(panels)
             raise DataError(str(err)) from None
-        panels["semantic"] = Panel(Image.fromarray(drawn), f"{record.semantic} (boxes of {record.name})")
+        panels["semantic"] = Panel(drawn, f"{record.semantic} (boxes of {record.name})")
         return panels
 
 

@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 
 from vis2ir.config import DataConfig
 from vis2ir.data.coverage import mostly_void_problem, void_share
-from vis2ir.data.dataset import PanelDataset, maps_help, open_source, scan
+from vis2ir.data.dataset import PanelDataset, maps_help, no_boxes_in_thermalscenes, open_source, scan
 from vis2ir.data.errors import DataError
 from vis2ir.data.folders import FileReader
 from vis2ir.data.splits import SPLITS, hash_split
@@ -36,9 +36,7 @@ def inspect_source(cfg: DataConfig, out: str | Path | None = None, count: int = 
 
     `mode`: the semantic mode the data is meant for (`model.semantic.mode`, or 'any' when no config chose one);
     unless it is None or 'none', samples without a semantic map are a problem (with `data.semantic_source: files`)."""
-    if cfg.source == "thermalscenes" and cfg.semantic_source == "boxes":
-        raise DataError("data.semantic_source=boxes: ThermalScenes come with full semantic maps and no boxes; give "
-                        "the folder to inspect, or data.semantic_source=files")
+    no_boxes_in_thermalscenes(cfg)
     if cfg.source == "thermalscenes":
         report, samples = _inspect_thermalscenes(cfg, count)
     else:

@@ -23,7 +23,8 @@ from vis2ir.data.folders import Found, Record
 from vis2ir.data.images import PANEL_KINDS, Panel, open_image, triptych_panels
 from vis2ir.data.splits import assign_splits, split_alias
 from vis2ir.files import atomic_write
-from vis2ir.io.inputs import is_hidden, list_files, printable
+from vis2ir.files import is_hidden, list_files
+from vis2ir.io.inputs import printable
 
 NAME_BYTES = "name_bytes"  # a name's exact bytes, where it is not UTF-8 (the name column holds it escaped)
 

@@ -14,12 +14,11 @@ from functools import cached_property
 from pathlib import Path
 
 from vis2ir.errors import Vis2IRError
-from vis2ir.files import safe_join
+from vis2ir.files import list_files, safe_join
 from vis2ir.io.images import IMAGE_SUFFIXES, other_image_suffixes
 
 log = logging.getLogger(__name__)
 
-SYSTEM_NAMES = frozenset({"thumbs.db", "desktop.ini", "__macosx"})
 AUTO_DIR = "semantic_auto"  # the cache of `--semantic auto` / `data.semantic_source: auto`, beside the data
 
 
@@ -50,19 +49,6 @@ def printable(text: str) -> str:
     if not any("\udc80" <= ch <= "\udcff" for ch in text):
         return text
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
-def is_hidden(path: Path, root: Path | None = None) -> bool:
-    """Whether `path` (or a folder between `root` and it) is a hidden or system file."""
-    parts = path.relative_to(root).parts if root is not None else (path.name,)
-    return any(p.startswith(".") or p.lower() in SYSTEM_NAMES for p in parts)
-
-
-def list_files(folder: Path, pattern: str = "*", recursive: bool = False) -> list[Path]:
-    """Files in `folder` matching the glob `pattern` (under sub-folders too with `recursive`), hidden
-    ones left out, sorted."""
-    found = folder.rglob(pattern) if recursive else folder.glob(pattern)
-    return sorted(p for p in found if not is_hidden(p, folder) and p.is_file())
 
 
 def list_images(folder: Path, recursive: bool = False, skipped: list[Path] | None = None) -> list[Path]:

@@ -16,13 +16,13 @@ from vis2ir.train.export import CheckpointExport
 from vis2ir.train.loaders import split_loader
 from vis2ir.train.module import Vis2IRModule
 from vis2ir.train.prepare import prepare_for_training, resolved_precision, training_tokens
-from vis2ir.train.progress import (LOG_DIRS, LogLastStep, StepCSVLogger, StepProgressBar, StepTensorBoardLogger,
+from vis2ir.train.progress import (LOG_DIRS, StepLogging, StepCSVLogger, StepProgressBar, StepTensorBoardLogger,
                                    log_versions, metrics_logs)
 from vis2ir.train.resume import RESUMABLE, check_resumable, resolve_resume, resume_config
 from vis2ir.train.run import build_trainer, train
 
 __all__ = [
-    "LOG_DIRS", "RESUMABLE", "CheckpointExport", "LogLastStep", "Positioned", "StepCSVLogger", "StepProgressBar",
+    "LOG_DIRS", "RESUMABLE", "CheckpointExport", "StepLogging", "Positioned", "StepCSVLogger", "StepProgressBar",
     "StepSampler", "StepTensorBoardLogger", "Vis2IRModule", "build_trainer", "check_resumable", "flow_loss",
     "log_versions", "metrics_logs", "offset_group", "prepare_for_training", "resolve_resume", "resolved_precision",
     "resume_command", "resume_config", "sample_noise", "sample_timesteps", "split_loader", "train", "training_tokens",

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from vis2ir.checkpoint import build_with_weights, find_checkpoint, merge_lora
 from vis2ir.config import Config
 from vis2ir.model import Encoded, Vis2IRModel, build_model
-from vis2ir.objective import flow_loss, offset_group, sample_noise, sample_timesteps
+from vis2ir.objective import fixed_draw_loss, flow_loss, offset_group, sample_noise, sample_timesteps
 from vis2ir.semantic.modes import drop_maps
 from vis2ir.sharding import (ShardedStrategy, average_replicated_grads, clip_grads, is_sharded, local, shard_model,
                              total_norm)
@@ -138,19 +138,11 @@ class Vis2IRModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int):
-        """Loss at fixed flow times (0.25, 0.5, 0.75) and fixed noise, so curves are comparable."""
+        """Loss at fixed flow times and fixed noise (`objective.fixed_draw_loss`), so curves are comparable."""
         model = self.model
         vis, ir, sem = batch["visible"], batch["infrared"], batch.get("semantic")
-        enc = model.encode(vis, ir, sem)
-        g = torch.Generator().manual_seed(1000 + batch_idx)
-        tokens = model.target_tokens(enc) if self.cfg.train.loss_region == "target" else None
-        losses = []
-        for tv in (0.25, 0.5, 0.75):
-            t = torch.full((vis.shape[0],), tv, device=vis.device)
-            noise = torch.randn(enc.x_0.shape, generator=g).to(enc.x_0.device)
-            pred, target = model(vis, ir, sem, t, noise, guidance=self.cfg.train.guidance, encoded=enc)
-            losses.append(flow_loss(pred, target, tokens))
-        loss = torch.stack(losses).mean()
+        loss = fixed_draw_loss(model, vis, ir, sem, torch.Generator().manual_seed(1000 + batch_idx),
+                               self.cfg.train.guidance, self.cfg.train.loss_region)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=vis.shape[0])
         # A sharded model's forward is a collective: every rank samples, rank 0 writes.
         if batch_idx == 0 and (self.trainer.is_global_zero or self.sharded):

@@ -51,7 +51,7 @@ def data_epoch(steps: int, positions_per_step: int, epoch_length: int) -> int:
     return max(0, steps * positions_per_step - 1) // epoch_length
 
 
-class LogLastStep(L.Callback):
+class StepLogging(L.Callback):
     """Logs the last step of a launch even when it is not a multiple of `train.log_every` (Lightning logs
     only those), so a run shorter than `log_every` still writes its metrics; and gives the step-named loggers
     what they need to log the true `epoch` (`data_epoch`: training is one endless Lightning epoch, whose
@@ -112,7 +112,7 @@ class _StepNamed:
     """Logs a step's scalars under the number of optimizer steps done with it, the N of the checkpoint
     `step-N` written after it (Lightning passes the count before the step: one less), and `epoch` as the pass
     through the training data that step read (`data_epoch`; `data_epochs`: its positions per step and per
-    pass, set when training starts by `LogLastStep`)."""
+    pass, set when training starts by `StepLogging`)."""
 
     data_epochs: tuple[int, int] | None = None
 

@@ -33,7 +33,7 @@ from vis2ir.train.export import CheckpointExport
 from vis2ir.train.identity import KeepOptimizerFlags, check_resume_identity
 from vis2ir.train.module import Vis2IRModule
 from vis2ir.train.prepare import resolved_precision
-from vis2ir.train.progress import LogLastStep, StepCSVLogger, StepProgressBar, StepTensorBoardLogger, log_versions
+from vis2ir.train.progress import StepLogging, StepCSVLogger, StepProgressBar, StepTensorBoardLogger, log_versions
 from vis2ir.train.resume import check_resumable, resolve_resume, resume_base, resume_step
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ def build_trainer(cfg: Config, run_dir: Path, callbacks=(), loggers=True, progre
         log_every_n_steps=t.log_every, val_check_interval=t.val_every * t.accumulate_grad_batches,
         check_val_every_n_epoch=None, limit_val_batches=t.val_batches, num_sanity_val_steps=0,
         default_root_dir=run_dir, logger=loggers,
-        callbacks=[export, stops, KeepOptimizerFlags(), LogLastStep(), *bar, *callbacks],
+        callbacks=[export, stops, KeepOptimizerFlags(), StepLogging(), *bar, *callbacks],
         enable_checkpointing=False, use_distributed_sampler=False,  # our StepSampler splits the ranks
         enable_progress_bar=progress, enable_model_summary=False,
     )
