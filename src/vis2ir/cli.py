@@ -148,6 +148,17 @@ def _cmd_visualize(args: argparse.Namespace) -> None:
     run_generate(args.input, args.out, write_images=False, **_generate_kwargs(args))
 
 
+def _cmd_translate(args: argparse.Namespace) -> None:
+    from vis2ir.translate.run import run_translate
+
+    keys = ("config", "checkpoint", "overrides", "layout", "semantic", "boxes", "segment_model", "bit_depth", "palette",
+            "seed", "steps", "guidance", "size", "batch_size", "workers", "device", "finalize")
+    summary = run_translate(args.source, args.out, image_format=args.format, box_classes=args.box_classes or (),
+                            **{k: getattr(args, k) for k in keys})
+    if summary.card is not None:
+        sys.stdout.write(f"{summary.card}\n")
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> None:
     from vis2ir.evaluate.run import evaluate_checkpoint, evaluate_folders
 
@@ -357,6 +368,40 @@ def _add_visualize(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_visualize)
 
 
+def _add_translate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("translate", help="a labelled data set (COCO, YOLO, VOC or a folder) -> its infrared version, "
+                       "same layout and annotations; shards over torchrun processes, resumes")
+    _add_config_args(p)
+    p.add_argument("source", metavar="SOURCE", help="the data set folder")
+    p.add_argument("--out", required=True, help="the output data set folder (outside SOURCE)")
+    p.add_argument("--checkpoint", help="checkpoint folder, or a run folder (its newest checkpoint)")
+    p.add_argument("--layout", choices=("auto", "coco", "yolo", "voc", "plain"), default="auto",
+                   help="the source's layout (default: detected)")
+    p.add_argument("--semantic", help="semantic maps, where the model reads them: default the data set's own boxes; "
+                   "'auto' (panoptic segmenter), 'none' (a model trained with train.semantic_dropout), or a folder "
+                   "of maps named like the photos")
+    p.add_argument("--boxes", help="one box source for every photo (as generate --boxes), e.g. for a plain folder")
+    p.add_argument("--box-classes", action="append", metavar="NAME=CLASS",
+                   help="map a box category to a palette class or to 'ignore' (repeatable; default: by name)")
+    _add_segment_model_arg(p, "for --semantic auto")
+    p.add_argument("--format", choices=("source", "png"), default="source",
+                   help="image format: each photo's own (the annotations unchanged) or PNG (default: source)")
+    p.add_argument("--bit-depth", type=int, choices=(8, 16), default=8, help="grey bit depth (16: PNG or TIFF)")
+    p.add_argument("--palette", choices=("white-hot", "black-hot", "ironbow"), default="white-hot",
+                   help="infrared palette (default: white-hot grey)")
+    p.add_argument("--seed", type=int, help="seed of every image's noise (default: sample.seed)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: sample.steps)")
+    p.add_argument("--guidance", type=float, help="guidance (default: sample.guidance)")
+    p.add_argument("--size", type=_size, help="the longer side the model generates at (as generate --size); the "
+                   "images keep their photos' sizes")
+    p.add_argument("--batch-size", type=int, default=1, help="images per batch (default: 1)")
+    p.add_argument("--workers", type=int, default=2, help="loader processes reading photos (default: 2)")
+    p.add_argument("--device", help="e.g. cuda:0 or cpu (default: cuda:$LOCAL_RANK if available)")
+    p.add_argument("--finalize", action="store_true", help="only carry the annotations over and write the card "
+                   "(when every photo is done; also after a finalize that was killed)")
+    p.set_defaults(func=_cmd_translate)
+
+
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     from vis2ir.config import PRED_VALUES
 
@@ -395,7 +440,7 @@ def _add_ablate(sub: argparse._SubParsersAction) -> None:
 
 # The subcommands in the order `vis2ir --help` lists them: each builder adds its parser and arguments.
 COMMANDS = (_add_demo, _add_app, _add_train, _add_config, _add_data, _add_segment, _add_generate, _add_visualize,
-            _add_evaluate, _add_ablate)
+            _add_translate, _add_evaluate, _add_ablate)
 
 
 def build_parser() -> argparse.ArgumentParser:

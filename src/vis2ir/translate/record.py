@@ -1,0 +1,152 @@
+"""What a translation has done, kept under `OUT/.vis2ir/` so that a killed run continues where it stopped.
+
+- `manifest-rank<R>-of<W>.jsonl`: one line per photo a rank finished, written (and fsynced) after its image
+  was renamed into place: `{"input", "output", "seed", "model", "seconds"}`, or `{"input", "error"}` for a photo
+  that failed (tried again by the next run). A photo is done when any manifest has a line without error for it;
+  a line cut by a kill is ignored (its image, renamed or not, is made again, identically).
+- `settings.json`: the settings the output was started with (model identity, sampling, output format); a run with
+  other settings is refused in one line, so that one data set never mixes two models' images.
+- `finished.json` and the data-set card (`README.md`, or `TRANSLATION.md` when the source has a README), written
+  once every photo is accounted for.
+Torch-free.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from vis2ir.errors import Vis2IRError
+from vis2ir.files import fsync, temp_path, write_json, write_text
+
+log = logging.getLogger(__name__)
+
+STATE = ".vis2ir"  # the run's own files, under --out (hidden: the data set's readers skip it)
+
+
+def state_dir(out: Path) -> Path:
+    return Path(out) / STATE
+
+
+class Manifest:
+    """One rank's manifest, opened for appending (a line cut by a kill is cut off first)."""
+
+    def __init__(self, out: Path, rank: int, world: int):
+        self.path = state_dir(out) / f"manifest-rank{rank:05d}-of{world:05d}.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            data = self.path.read_bytes()
+            if data and not data.endswith(b"\n"):  # the last line was cut: drop it
+                with open(self.path, "r+b") as f:
+                    f.truncate(data.rfind(b"\n") + 1)
+        self._file = open(self.path, "a", encoding="utf-8")
+
+    def append(self, entry: dict) -> None:
+        """Write one line and make it durable before returning."""
+        self._file.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_manifests(out: Path) -> tuple[dict[str, dict], dict[str, str]]:
+    """Every manifest under `out` (any rank count) → (done: input → its line, failed: input → error). A later
+    success clears an earlier failure; lines that do not parse (cut by a kill) are skipped."""
+    done: dict[str, dict] = {}
+    failed: dict[str, str] = {}
+    for path in sorted(state_dir(out).glob("manifest-rank*.jsonl")):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    entry = json.loads(line)
+                    name = entry["input"]
+                except (ValueError, KeyError, TypeError):
+                    continue
+                if entry.get("error"):
+                    if name not in done:
+                        failed[name] = entry["error"]
+                else:
+                    done[name] = entry
+                    failed.pop(name, None)
+    return done, failed
+
+
+def check_settings(out: Path, settings: dict) -> None:
+    """Record `settings` as the output's on its first run; on later runs (any rank) refuse different ones in one
+    line naming the settings that differ. Two ranks starting together agree: the first file linked in wins."""
+    path = state_dir(out) / "settings.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        tmp = temp_path(path)
+        try:
+            tmp.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            fsync(tmp)
+            os.link(tmp, path)  # fails if another rank linked first
+            fsync(path.parent)
+            return
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
+    try:
+        before = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise Vis2IRError(f"{path}: unreadable ({e}); it records the settings this output was started with: "
+                          "remove the output folder to start again") from None
+    differ = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
+    if differ:
+        listed = ", ".join(f"{k} {before.get(k)!r} -> {settings.get(k)!r}" for k in differ[:4])
+        raise Vis2IRError(f"--out {out}: holds a translation started with other settings ({listed}); finish it "
+                          "with the same model and settings, or write to another --out")
+
+
+def claim_finalize(out: Path, force: bool = False) -> bool:
+    """Whether this process finalizes: the first to create `finalize.lock` does (`force`: take it anyway,
+    after a finalize that was killed). `release_finalize` removes it."""
+    lock = state_dir(out) / "finalize.lock"
+    if force:
+        lock.unlink(missing_ok=True)
+    try:
+        os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
+
+
+def release_finalize(out: Path) -> None:
+    (state_dir(out) / "finalize.lock").unlink(missing_ok=True)
+
+
+def card_name(source: Path) -> str:
+    """The data-set card's file name: README.md, unless the source has its own (carried over unchanged)."""
+    return "TRANSLATION.md" if (Path(source) / "README.md").exists() else "README.md"
+
+
+def write_finished(out: Path, source: Path, layout: str, settings: dict, counts: dict, failed: dict[str, str],
+                   seconds: float, date: str) -> Path:
+    """`finished.json` and the data-set card; returns the card's path."""
+    write_json(state_dir(out) / "finished.json", {"date": date, "counts": counts, "failed": failed,
+                                                   "seconds": round(seconds, 1)})
+    lines = [
+        f"# {Path(source).name or source}, translated to infrared by vis2ir",
+        "",
+        f"- Source: `{source}` ({layout})",
+        f"- Model: `{settings['model']}`",
+        "- Settings: " + ", ".join(f"{k} {settings[k]}" for k in sorted(settings) if k not in ("model", "source")),
+        f"- Date: {date}",
+        f"- Photos: {counts['photos']}; translated {counts['done']}; failed {counts['failed']}",
+        "",
+        "Each infrared image has its photo's name, folder and size; the annotations are the source's, unchanged "
+        "(where the images were written as PNG, only their file names' suffix). The images are generated, not "
+        "measured: see the model's evaluation before training detectors on them.",
+    ]
+    if failed:
+        lines += ["", f"## Left out ({len(failed)}): their images and annotations are not in this data set", ""]
+        lines += [f"- `{name}`: {why}" for name, why in list(failed.items())[:100]]
+        if len(failed) > 100:
+            lines.append(f"- ... and {len(failed) - 100} more (`.vis2ir/finished.json`)")
+    return write_text(Path(out) / card_name(source), "\n".join(lines) + "\n")
