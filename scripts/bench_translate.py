@@ -113,6 +113,14 @@ def main(argv: list[str] | None = None) -> int:
     schedule = measured_schedule(SCHEDULE, args.steps, None)
     s = pipe.cfg.sample
     rows: dict[str, dict] = {}
+    figures = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__, "diffusers": diffusers.__version__, "dtype": str(dtype).removeprefix("torch."),
+        "transformer_parameters": sum(p.numel() for p in transformer.parameters()), "panel": panel,
+        "images": args.images, "steps": args.steps, "guidance": args.guidance, "workers": args.workers,
+        "mode": "channel_concat (maps drawn from YOLO boxes in the loader)", "lora_rank": cfg.model.lora.rank,
+        "build_s": round(built, 2), "variants": rows, "targets": TARGETS,
+    }
 
     def variant(name: str, batch: int, cache: str = "none", note: str = "") -> None:
         s.cache = cache
@@ -132,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
                       if device.type == "cuda" else None}
         log.info("%-28s %6.3f images/s  waited %5.1f %%  peak %s GiB", name, summary.images_per_s,
                  100 * summary.wait_share, rows[name]["peak_memory_gib"])
+        if args.out:  # after each variant: a run cut short keeps what it measured
+            write_json(args.out, figures)
 
     variant("eager, batch 1", 1, note="the plain baseline: sample.compile=false")
     if not args.no_compile:
@@ -147,14 +157,6 @@ def main(argv: list[str] | None = None) -> int:
                     "computed" if schedule else "no measured schedule: the hook's own decisions (random weights)")
         finally:
             restore()
-    figures = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__, "diffusers": diffusers.__version__, "dtype": str(dtype).removeprefix("torch."),
-        "transformer_parameters": sum(p.numel() for p in transformer.parameters()), "panel": panel,
-        "images": args.images, "steps": args.steps, "guidance": args.guidance, "workers": args.workers,
-        "mode": "channel_concat (maps drawn from YOLO boxes in the loader)", "lora_rank": cfg.model.lora.rank,
-        "build_s": round(built, 2), "variants": rows, "targets": TARGETS,
-    }
     if args.out:
         write_json(args.out, figures)
         log.info("written %s", args.out)

@@ -114,6 +114,10 @@ def test_yolo_set_translated_with_its_annotations(pipe, tmp_path):
     assert "translated 5; failed 0" in (out / "README.md").read_text()
     assert sorted(manifest_inputs(out)) == sorted(r for r in before if r.startswith("images/"))
     assert 0 <= summary.wait_share <= 1 and summary.images_per_s > 0
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    again = run_translate(src, out, pipe=pipe, workers=0)  # a re-run of a finished translation: nothing to do
+    assert (again.done, again.skipped, again.card) == (0, 5, None)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == stamps
 
 
 def test_box_maps_reach_the_model(pipe, tmp_path, monkeypatch):
@@ -244,6 +248,10 @@ def test_refusals(pipe, tmp_path):
         run_translate(src, src / "ir", pipe=pipe)
     with pytest.raises(Vis2IRError, match="--bit-depth 16: images/train/p0.jpg .*--format png"):
         run_translate(src, tmp_path / "a", pipe=pipe, bit_depth=16)
+    photo(src / "images" / "train" / "p0.png", (40, 32), 0)
+    with pytest.raises(Vis2IRError, match="images/train/p0.jpg and images/train/p0.png would both be written as"):
+        run_translate(src, tmp_path / "a", pipe=pipe, image_format="png")
+    (src / "images" / "train" / "p0.png").unlink()
     out = tmp_path / "b"
     run_translate(src, out, pipe=pipe, workers=0, steps=1)
     with pytest.raises(Vis2IRError, match=r"other settings \(sample .*finish it with the same"):
@@ -259,6 +267,29 @@ def test_finalize_refuses_an_unfinished_output(pipe, tmp_path, monkeypatch):
     run_translate(src, out, pipe=pipe, workers=0)
     with pytest.raises(Vis2IRError, match=r"--finalize: 2 of 5 photos are not translated yet"):
         run_translate(src, out, pipe=pipe, finalize=True)
+
+
+def test_two_processes_at_once(overrides, tmp_path):
+    """Two processes started together as the two tasks of a SLURM array (scripts/translate_slurm.sh: RANK 0 and 1
+    of WORLD_SIZE 2): every photo once, the annotations and the card written once both are done."""
+    import subprocess
+    import sys
+
+    src, out = yolo_set(tmp_path / "src"), tmp_path / "out"
+    script = Path(__file__).resolve().parents[2] / "scripts" / "translate_slurm.sh"
+    env = {**os.environ, "SLURM_ARRAY_TASK_COUNT": "2", "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_MAX": "1",
+           "OMP_NUM_THREADS": "1", "PYTHON": sys.executable, "PYTHONPATH": os.pathsep.join(sys.path)}
+    procs = [subprocess.Popen(["bash", str(script), str(src), "--out", str(out), "--workers", "0", *overrides],
+                              env={**env, "SLURM_ARRAY_TASK_ID": str(rank)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    results = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err for _, err in results]
+    names = manifest_inputs(out)
+    assert len(names) == len(set(names)) == 5
+    assert sum(o.strip() == str(out / "README.md") for o, _ in results) == 1  # one of them finalized
+    assert files_of(out)["labels/val/p4.txt"] == files_of(src)["labels/val/p4.txt"]
+    assert sorted(p.name for p in state_dir(out).glob("manifest-*")) == ["manifest-rank00000-of00002.jsonl",
+                                                                          "manifest-rank00001-of00002.jsonl"]
 
 
 def test_cli_translate(overrides, tmp_path, capsys):

@@ -121,6 +121,14 @@ def release_finalize(out: Path) -> None:
     (state_dir(out) / "finalize.lock").unlink(missing_ok=True)
 
 
+def finished_counts(out: Path) -> dict | None:
+    """The counts of the last finalize (`finished.json`), None when there was none."""
+    try:
+        return json.loads((state_dir(out) / "finished.json").read_text(encoding="utf-8"))["counts"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def card_name(source: Path) -> str:
     """The data-set card's file name: README.md, unless the source has its own (carried over unchanged)."""
     return "TRANSLATION.md" if (Path(source) / "README.md").exists() else "README.md"

@@ -44,8 +44,8 @@ from vis2ir.pipeline import NOT_FINITE, NonFiniteOutput, Vis2IRPipeline, check_m
 from vis2ir.quantize import OutOfMemory
 from vis2ir.semantic.modes import NEEDS_SEMANTIC
 from vis2ir.translate.layouts import Layout, Photo, detect, output_rel
-from vis2ir.translate.record import (Manifest, check_settings, claim_finalize, read_manifests, release_finalize,
-                                     state_dir, write_finished)
+from vis2ir.translate.record import (Manifest, check_settings, claim_finalize, finished_counts, read_manifests,
+                                     release_finalize, state_dir, write_finished)
 from vis2ir.visualize import check_output_format, infrared_image
 
 log = logging.getLogger(__name__)
@@ -348,9 +348,12 @@ def _finalize(lay: Layout, out: Path, photos: list[Photo], renamed, settings: di
     try:
         started = time.perf_counter()
         left_out = {p.rel: failed[p.rel] for p in photos if p.rel not in done}
+        counts = {"photos": len(photos), "done": len(photos) - len(left_out), "failed": len(left_out)}
+        if not force and (before := finished_counts(out)) and all(before.get(k) == v for k, v in counts.items()):
+            log.info("%s was finalized with these photos already", out)  # by another process, or an earlier run
+            return None
         written = lay.carry_over(out, renamed, set(left_out))
-        counts = {"photos": len(photos), "done": len(photos) - len(left_out), "failed": len(left_out),
-                  "annotation_files": len(written)}
+        counts["annotation_files"] = len(written)
         date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         card = write_finished(out, lay.root, lay.kind, settings, counts, left_out, time.perf_counter() - started, date)
     finally:
@@ -367,9 +370,15 @@ def _run_config(config, checkpoint, overrides) -> Config:
 
 
 def _check_format(photos: list[Photo], image_format: str, bit_depth: int) -> None:
-    """16-bit images need a format that holds them; every photo's suffix must be one Pillow writes."""
+    """16-bit images need a format that holds them; every photo's suffix must be one Pillow writes; no two photos
+    may give one output (`a.jpg` and `a.png` with --format png)."""
+    seen: dict[str, str] = {}
     for p in photos:
-        suffix = Path(output_rel(p.rel, image_format)).suffix.lower()
+        rel = output_rel(p.rel, image_format)
+        if (other := seen.setdefault(rel, p.rel)) != p.rel:
+            raise Vis2IRError(f"--format {image_format}: {other} and {p.rel} would both be written as {rel}; rename "
+                              "one, or keep each photo's format (--format source)")
+        suffix = Path(rel).suffix.lower()
         if bit_depth == 16 and suffix not in SIXTEEN_BIT:
             raise Vis2IRError(f"--bit-depth 16: {p.rel} would be written as {suffix}, which holds 8 bits; pass "
                               "--format png")
