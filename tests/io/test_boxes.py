@@ -114,6 +114,18 @@ def test_coco_file_or_folder_scaled_from_the_annotated_size(tmp_path):
     assert (got[:, 9] == BACKGROUND).all() and (got[:, 30] == BACKGROUND).all()
 
 
+def test_coco_polygons_are_drawn_as_their_shapes(tmp_path):
+    """An annotation with a polygon segmentation paints the object's outline, not its box; an RLE mask, its box."""
+    data = json.loads(coco([(1, "a.jpg", 40, 40)], [(1, (0, 0, 40, 40), 1), (1, (20, 0, 20, 20), 2)]))
+    data["annotations"][0]["segmentation"] = [[0, 0, 40, 0, 0, 40]]  # the upper-left triangle of the box
+    data["annotations"][1]["segmentation"] = {"size": [40, 40], "counts": "abc"}  # RLE: drawn as the box
+    labels = BoxLabels.open(write(tmp_path / "instances.json", json.dumps(data)))
+    got = classes(labels.draw(labels.find("a"), 40, 40))
+    assert got[5, 5] == PERSON and got[35, 35] == BACKGROUND and got[30, 2] == PERSON and got[2, 30] == CAR
+    assert got[25, 25] == BACKGROUND  # inside the box, outside the triangle (x + y > 40)
+    assert (got == PERSON).sum() == pytest.approx(40 * 40 / 2 - 20 * 20 / 2, rel=0.1)  # the triangle less the car's box
+
+
 def test_voc_folder_paints_large_boxes_first(tmp_path):
     # the small person first in the file: painting in file order (or smallest first) would hide it under the car
     write(tmp_path / "Annotations" / "010001.xml", voc(("person", 50, 20, 70, 60), ("car", 0, 0, 200, 100),
