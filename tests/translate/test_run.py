@@ -4,6 +4,7 @@ corrupting anything, bad photos named while the rest goes on, and the refusals."
 
 import json
 import os
+import socket
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -30,6 +31,13 @@ def overrides(tmp_path_factory):
     cache = tmp_path_factory.mktemp("prompt_cache")
     return [*TINY_MODEL, f"model.prompt_cache_dir={cache}", "model.codec=pixel", "model.semantic.mode=channel_concat",
             "sample.steps=2", "sample.guidance=1.0"]
+
+
+@pytest.fixture(scope="module")
+def config_file(overrides, tmp_path_factory):
+    path = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
+    load_config(None, overrides).save(path)
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -229,6 +237,27 @@ def test_a_killed_run_continues_without_redoing(pipe, tmp_path, monkeypatch):
     assert not any(p.name.startswith(".") for p in out.rglob("*") if ".vis2ir" not in p.parts)  # no temporary files
 
 
+def test_a_bad_photo_under_several_ranks_does_not_stop_the_others(pipe, tmp_path, monkeypatch, caplog):
+    """With WORLD_SIZE > 1 a rank with a failed photo logs it and returns (a non-zero exit would make torchrun stop
+    the other ranks); the last rank still finalizes without it."""
+    src, out = yolo_set(tmp_path / "src"), tmp_path / "out"
+    (src / "images" / "train" / "p2.jpg").write_bytes(b"not a jpeg")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        summary = run_translate(src, out, pipe=pipe, workers=0)
+    assert "1 of 3 photos failed: images/train/p2.jpg" in caplog.text
+    assert summary.card is not None and "images/train/p2.jpg" in summary.card.read_text()
+
+
+def test_a_finalize_killed_on_this_machine_is_taken_over(pipe, tmp_path):
+    src, out = yolo_set(tmp_path / "src"), tmp_path / "out"
+    state_dir(out).mkdir(parents=True)
+    (state_dir(out) / "finalize.lock").write_text(f"{socket.gethostname()} 999999999")  # no such process
+    assert run_translate(src, out, pipe=pipe, workers=0).card == out / "README.md"
+    assert not (state_dir(out) / "finalize.lock").exists()
+
+
 def test_a_bad_photo_is_named_and_left_out(pipe, tmp_path, caplog):
     src, out = yolo_set(tmp_path / "src"), tmp_path / "out"
     (src / "images" / "train" / "p2.jpg").write_bytes(b"not a jpeg")
@@ -254,8 +283,21 @@ def test_refusals(pipe, tmp_path):
     (src / "images" / "train" / "p0.png").unlink()
     out = tmp_path / "b"
     run_translate(src, out, pipe=pipe, workers=0, steps=1)
-    with pytest.raises(Vis2IRError, match=r"other settings \(sample .*finish it with the same"):
+    with pytest.raises(Vis2IRError, match=r"other settings \(sample.steps 1 -> 2\); finish it with the same"):
         run_translate(src, out, pipe=pipe, workers=0, steps=2)
+    with pytest.raises(Vis2IRError, match=r"other settings \(box_classes \[\] -> \['car=truck'\]\)"):
+        run_translate(src, out, pipe=pipe, workers=0, steps=1, box_classes=["car=truck"])
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "README.md").write_text("mine")
+    with pytest.raises(Vis2IRError, match="holds other files and no translation"):
+        run_translate(src, other, pipe=pipe)
+    with pytest.raises(Vis2IRError, match="pass --checkpoint DIR"):
+        run_translate(src, tmp_path / "d")
+    (src / "classes.txt").write_text("forklift\ncar\n")  # found before any photo is read
+    with pytest.raises(Vis2IRError, match="forklift"):
+        run_translate(src, tmp_path / "e", pipe=pipe)
+    assert not (tmp_path / "e" / ".vis2ir" / "settings.json").exists()
     with pytest.raises(Vis2IRError, match="--semantic none: model.semantic.mode=channel_concat needs"):
         run_translate(src, tmp_path / "c", pipe=pipe, semantic="none")
 
@@ -269,7 +311,7 @@ def test_finalize_refuses_an_unfinished_output(pipe, tmp_path, monkeypatch):
         run_translate(src, out, pipe=pipe, finalize=True)
 
 
-def test_two_processes_at_once(overrides, tmp_path):
+def test_two_processes_at_once(config_file, tmp_path):
     """Two processes started together as the two tasks of a SLURM array (scripts/translate_slurm.sh: RANK 0 and 1
     of WORLD_SIZE 2): every photo once, the annotations and the card written once both are done."""
     import subprocess
@@ -279,7 +321,8 @@ def test_two_processes_at_once(overrides, tmp_path):
     script = Path(__file__).resolve().parents[2] / "scripts" / "translate_slurm.sh"
     env = {**os.environ, "SLURM_ARRAY_TASK_COUNT": "2", "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_MAX": "1",
            "OMP_NUM_THREADS": "1", "PYTHON": sys.executable, "PYTHONPATH": os.pathsep.join(sys.path)}
-    procs = [subprocess.Popen(["bash", str(script), str(src), "--out", str(out), "--workers", "0", *overrides],
+    procs = [subprocess.Popen(["bash", str(script), str(src), "--out", str(out), "--workers", "0", "--config",
+                               str(config_file)],
                               env={**env, "SLURM_ARRAY_TASK_ID": str(rank)},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
     results = [p.communicate(timeout=600) for p in procs]
@@ -292,11 +335,11 @@ def test_two_processes_at_once(overrides, tmp_path):
                                                                           "manifest-rank00001-of00002.jsonl"]
 
 
-def test_cli_translate(overrides, tmp_path, capsys):
+def test_cli_translate(config_file, tmp_path, capsys):
     src, out = coco_set(tmp_path / "src"), tmp_path / "out"
-    assert main(["translate", str(src), "--out", str(out), "--workers", "0", *overrides]) == 0
+    assert main(["translate", str(src), "--out", str(out), "--workers", "0", "--config", str(config_file)]) == 0
     assert capsys.readouterr().out.strip() == str(out / "README.md")
-    assert main(["translate", str(src), "--out", str(src / "x"), *overrides]) == 2
+    assert main(["translate", str(src), "--out", str(src / "x"), "--config", str(config_file)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "inside the source" in err
     assert os.path.exists(out / "train2017" / "000002.jpg")

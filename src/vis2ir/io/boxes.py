@@ -213,6 +213,12 @@ class BoxLabels:
         what = f"{len(found['.json'])} .json files" if found[".json"] else "no annotation files"
         raise BoxError(f"{path}: {what}; expected {FORMATS}")
 
+    def check_classes(self) -> None:
+        """Map now every class name known without reading the annotation files (YOLO's class file; COCO's categories
+        were mapped at `open`), so that an unmapped one stops a run before its work. Raises `UnmappedClass`."""
+        for name in (self._names or {}).values():
+            self._classes(name, self.class_file or self.path)
+
     def names(self) -> list[str]:
         """The annotation keys, sorted: relative paths without suffix (COCO: `file_name` without suffix)."""
         return list(self._keys)

@@ -433,13 +433,22 @@ _YAML_VALUE = re.compile(r"(?P<head>\s*(?:[\w.-]+\s*:|-)\s*)(?P<q>['\"]?)(?P<val
                          r"(?P<tail>\s*(?:#.*)?)")
 
 
+_YAML_ROOT = re.compile(r"(?P<head>path\s*:\s*)(?P<q>['\"]?)(?P<value>[^'\"#\r\n/\s][^'\"#\r\n]*?)(?P=q)"
+                        r"(?P<tail>\s*(?:#.*)?)")  # a top-level relative `path:` (Ultralytics: under its datasets dir)
+
+
 def _yaml_moved(src: Path, roots: tuple[str, ...], out: str) -> Carried:
-    """A YAML file (YOLO's data.yaml) with each absolute path in the source (`path: /data/set`) moved to `out`: one
-    line edited per path, the rest left as it is."""
+    """A YAML file (YOLO's data.yaml) with each absolute path in the source (`path: /data/set`) moved to `out`, and a
+    top-level relative `path:` (which Ultralytics resolves under its own datasets folder, where the photos would be
+    found) set to `out`: one line edited per path, the rest left as it is."""
     lines = src.read_bytes().decode("utf-8", "surrogateescape").splitlines(keepends=True)
     changed = False
     for n, line in enumerate(lines):
         body = line.rstrip("\r\n")
+        if (root := _YAML_ROOT.fullmatch(body)) is not None:
+            lines[n] = f"{root['head']}{root['q']}{out}{root['q']}{root['tail']}{line[len(body):]}"
+            changed = True
+            continue
         m = _YAML_VALUE.fullmatch(body)
         rel = _moved(m["value"].strip(), roots) if m else None
         if rel is not None:

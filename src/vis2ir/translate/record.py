@@ -4,8 +4,9 @@
   was renamed into place: `{"input", "output", "seed", "model", "seconds"}`, or `{"input", "error"}` for a photo
   that failed (tried again by the next run). A photo is done when any manifest has a line without error for it;
   a line cut by a kill is ignored (its image, renamed or not, is made again, identically).
-- `settings.json`: the settings the output was started with (model identity, sampling, output format); a run with
-  other settings is refused in one line, so that one data set never mixes two models' images.
+- `settings.json`: the settings the output was started with (model identity, sampling, output format), recorded once
+  the model has loaded; a run with other settings is refused in one line, so that one data set never mixes two
+  models' images. Each manifest line carries their digest.
 - `finished.json` and the data-set card (`README.md`, or `TRANSLATION.md` when the source has a README), written
   once every photo is accounted for.
 Torch-free.
@@ -13,9 +14,11 @@ Torch-free.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import socket
 from pathlib import Path
 
 from vis2ir.errors import Vis2IRError
@@ -27,6 +30,7 @@ STATE = ".vis2ir"  # the run's own files, under --out (hidden: the data set's re
 
 
 def state_dir(out: Path) -> Path:
+    """Where a translation keeps its own files: `out/.vis2ir`."""
     return Path(out) / STATE
 
 
@@ -53,10 +57,10 @@ class Manifest:
         self._file.close()
 
 
-def read_manifests(out: Path) -> tuple[dict[str, dict], dict[str, str]]:
-    """Every manifest under `out` (any rank count) → (done: input → its line, failed: input → error). A later
-    success clears an earlier failure; lines that do not parse (cut by a kill) are skipped."""
-    done: dict[str, dict] = {}
+def read_manifests(out: Path) -> tuple[set[str], dict[str, str]]:
+    """Every manifest under `out` (any rank count) → (the inputs done, the inputs failed → why). A later success
+    clears an earlier failure; lines that do not parse (cut by a kill) are skipped. Only names are kept."""
+    done: set[str] = set()
     failed: dict[str, str] = {}
     for path in sorted(state_dir(out).glob("manifest-rank*.jsonl")):
         with open(path, encoding="utf-8") as f:
@@ -70,17 +74,33 @@ def read_manifests(out: Path) -> tuple[dict[str, dict], dict[str, str]]:
                     if name not in done:
                         failed[name] = entry["error"]
                 else:
-                    done[name] = entry
+                    done.add(name)
                     failed.pop(name, None)
     return done, failed
 
 
-def check_settings(out: Path, settings: dict) -> None:
-    """Record `settings` as the output's on its first run; on later runs (any rank) refuse different ones in one
-    line naming the settings that differ. Two ranks starting together agree: the first file linked in wins."""
+def settings_digest(settings: dict) -> str:
+    """A short sha256 of `settings` (each manifest line carries it)."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _flat(settings: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def check_settings(out: Path, settings: dict, record: bool = False) -> None:
+    """Refuse `settings` in one line naming those that differ when `out` holds a translation started with others.
+    `record`: also record them when none are yet (once the model has loaded: a run that fails before its work
+    records nothing); two ranks starting together agree, the first file linked in wins."""
     path = state_dir(out) / "settings.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.exists():
+    if record and not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = temp_path(path)
         try:
             tmp.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n", encoding="utf-8")
@@ -92,29 +112,49 @@ def check_settings(out: Path, settings: dict) -> None:
             pass
         finally:
             tmp.unlink(missing_ok=True)
+    if not path.exists():
+        return
     try:
-        before = json.loads(path.read_text(encoding="utf-8"))
+        before = _flat(json.loads(path.read_text(encoding="utf-8")))
     except (OSError, ValueError) as e:
         raise Vis2IRError(f"{path}: unreadable ({e}); it records the settings this output was started with: "
                           "remove the output folder to start again") from None
-    differ = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
+    now = _flat(settings)
+    differ = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
     if differ:
-        listed = ", ".join(f"{k} {before.get(k)!r} -> {settings.get(k)!r}" for k in differ[:4])
+        listed = ", ".join(f"{k} {before.get(k)!r} -> {now.get(k)!r}" for k in differ[:4])
         raise Vis2IRError(f"--out {out}: holds a translation started with other settings ({listed}); finish it "
                           "with the same model and settings, or write to another --out")
 
 
 def claim_finalize(out: Path, force: bool = False) -> bool:
-    """Whether this process finalizes: the first to create `finalize.lock` does (`force`: take it anyway,
-    after a finalize that was killed). `release_finalize` removes it."""
+    """Whether this process finalizes: the first to create `finalize.lock` (holding its host and pid) does. A lock
+    left by a process of this host that is gone is taken over; `force` (`--finalize`) takes any lock.
+    `release_finalize` removes it."""
     lock = state_dir(out) / "finalize.lock"
-    if force:
+    me = f"{socket.gethostname()} {os.getpid()}"
+    if force or _stale(lock):
         lock.unlink(missing_ok=True)
     try:
-        os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
         return False
+    with os.fdopen(fd, "w") as f:
+        f.write(me)
     return True
+
+
+def _stale(lock: Path) -> bool:
+    try:
+        host, pid = lock.read_text().split()
+        if host != socket.gethostname():
+            return False  # another machine's: it cannot be told from here
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, ValueError):
+        return False
+    return False
 
 
 def release_finalize(out: Path) -> None:
@@ -122,11 +162,16 @@ def release_finalize(out: Path) -> None:
 
 
 def finished_counts(out: Path) -> dict | None:
-    """The counts of the last finalize (`finished.json`), None when there was none."""
+    """The counts of the last finalize (`finished.json`, with the digest of the names done), None when none."""
     try:
         return json.loads((state_dir(out) / "finished.json").read_text(encoding="utf-8"))["counts"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def names_digest(names) -> str:
+    """A short sha256 of a set of names, in sorted order."""
+    return hashlib.sha256("\n".join(sorted(names)).encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
 
 def card_name(source: Path) -> str:
@@ -135,18 +180,20 @@ def card_name(source: Path) -> str:
 
 
 def write_finished(out: Path, source: Path, layout: str, settings: dict, counts: dict, failed: dict[str, str],
-                   seconds: float, date: str) -> Path:
-    """`finished.json` and the data-set card; returns the card's path."""
+                   seconds: float, date: str, model: str) -> Path:
+    """`finished.json` and the data-set card (`model`: what the card names the model by); returns the card's path."""
     write_json(state_dir(out) / "finished.json", {"date": date, "counts": counts, "failed": failed,
                                                    "seconds": round(seconds, 1)})
+    shown = {k: v for k, v in _flat(settings).items() if k not in ("source", "layout")}
     lines = [
-        f"# {Path(source).name or source}, translated to infrared by vis2ir",
+        f"# {Path(source).resolve().name}, translated to infrared by vis2ir",
         "",
-        f"- Source: `{source}` ({layout})",
-        f"- Model: `{settings['model']}`",
-        "- Settings: " + ", ".join(f"{k} {settings[k]}" for k in sorted(settings) if k not in ("model", "source")),
+        f"- Source: `{Path(source).resolve()}` ({layout})",
+        f"- Model: {model}",
         f"- Date: {date}",
         f"- Photos: {counts['photos']}; translated {counts['done']}; failed {counts['failed']}",
+        "- Settings:",
+        *(f"  - `{k}`: {v}" for k, v in sorted(shown.items())),
         "",
         "Each infrared image has its photo's name, folder and size; the annotations are the source's, unchanged "
         "(where the images were written as PNG, only their file names' suffix). The images are generated, not "

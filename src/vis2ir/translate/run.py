@@ -43,14 +43,13 @@ from vis2ir.io.runtime import default_device, dist_env, shard
 from vis2ir.pipeline import NOT_FINITE, NonFiniteOutput, Vis2IRPipeline, check_map
 from vis2ir.quantize import OutOfMemory
 from vis2ir.semantic.modes import NEEDS_SEMANTIC
-from vis2ir.translate.layouts import Layout, Photo, detect, output_rel
-from vis2ir.translate.record import (Manifest, check_settings, claim_finalize, finished_counts, read_manifests,
-                                     release_finalize, state_dir, write_finished)
+from vis2ir.translate.layouts import FORMATS, Layout, Photo, detect, output_rel
+from vis2ir.translate.record import (STATE, Manifest, check_settings, claim_finalize, finished_counts, names_digest,
+                                     read_manifests, release_finalize, settings_digest, state_dir, write_finished)
 from vis2ir.visualize import check_output_format, infrared_image
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("source", "png")  # --format: each image in its photo's format, or PNG (the annotations' names follow)
 SIXTEEN_BIT = (".png", ".tif", ".tiff")  # formats that hold 16-bit grey
 JPEG_QUALITY = 95
 
@@ -82,9 +81,10 @@ class Maps:
     single: bool = False
 
     def describe(self) -> str:
+        """One line for the log and the settings (absolute paths: the same whichever folder a run starts in)."""
         if self.kind == "boxes":
-            return "boxes: " + ", ".join(f"{lab.layout} {lab.path}" for lab in self.labels)
-        return f"folder {self.root}" if self.kind == "folder" else self.kind
+            return "boxes: " + ", ".join(f"{lab.layout} {Path(lab.path).resolve()}" for lab in self.labels)
+        return f"folder {Path(self.root).resolve()}" if self.kind == "folder" else self.kind
 
     def draw(self, photo: Photo, root: Path, visible: Image.Image) -> Image.Image | None:
         """The map of `photo` at `visible`'s size (None: no map). Raises `Vis2IRError` (a bad map or box file)."""
@@ -202,10 +202,15 @@ def run_translate(source: str | Path, out: str | Path, *, config=None, checkpoin
         raise Vis2IRError(f"--format: expected one of {', '.join(FORMATS)}, got {image_format!r}")
     if batch_size < 1 or workers < 0:
         raise Vis2IRError(f"--batch-size must be >= 1 and --workers >= 0 (got {batch_size}, {workers})")
+    if pipe is None and config is None and checkpoint is None:
+        raise Vis2IRError("vis2ir translate: pass --checkpoint DIR (a trained model) or --config FILE")
     if not source.is_dir():
         raise Vis2IRError(f"SOURCE {source}: not a folder; expected a data set folder (COCO, YOLO, VOC or images)")
     if out.resolve() == source.resolve() or out.resolve().is_relative_to(source.resolve()):
         raise Vis2IRError(f"--out {out}: inside the source {source}; write the translation to a folder outside it")
+    if out.is_dir() and not (out / STATE).is_dir() and any(out.iterdir()):
+        raise Vis2IRError(f"--out {out}: a folder that holds other files and no translation; write to a new or empty "
+                          "folder (its files would be overwritten by the data set's)")
     check_writable(out, "--out")
     lay = detect(source, layout)
     photos = lay.photos()
@@ -214,16 +219,19 @@ def run_translate(source: str | Path, out: str | Path, *, config=None, checkpoin
     cfg = pipe.cfg if pipe is not None else _run_config(config, checkpoint, overrides)
     cfg.sample.replaced(steps=steps, guidance=guidance, seed=seed)  # checks them before any work
     maps = _maps(cfg, lay, photos, semantic, boxes, box_classes, source)
-    settings = _settings(cfg, checkpoint, lay, maps, size, image_format, bit_depth, palette, steps, guidance, seed)
-    check_settings(out, settings)
+    settings = _settings(cfg, checkpoint, lay, maps, box_classes, size, image_format, bit_depth, palette, steps,
+                         guidance, seed)
+    model = f"`{Path(checkpoint).resolve()}` ({settings['model']})" if checkpoint else settings["model"]
+    check_settings(out, settings)  # recorded once the model has loaded
     log.info("%s -> %s: %s; semantic maps: %s", source, out, lay.describe(), maps.describe())
     if finalize:
-        return TranslateSummary(len(photos), card=_finalize(lay, out, photos, renamed, settings, force=True))
+        return TranslateSummary(len(photos), card=_finalize(lay, out, photos, renamed, settings, model, force=True))
 
     rank, world = dist_env()
     done, _ = read_manifests(out)
     mine = shard(photos, rank, world)
     todo = [p for p in mine if p.rel not in done]
+    del done
     summary = TranslateSummary(len(mine), skipped=len(mine) - len(todo))
     log.info("Process %d/%d: %d photos, %d to do, %d done before", rank, world, len(mine), len(todo), summary.skipped)
     if todo:
@@ -234,14 +242,19 @@ def run_translate(source: str | Path, out: str | Path, *, config=None, checkpoin
         if pipe is None:
             pipe = (Vis2IRPipeline.from_checkpoint(checkpoint, device, overrides=overrides, config=config) if checkpoint
                     else Vis2IRPipeline.from_config(cfg, device))
+        check_settings(out, settings, record=True)
         _translate(pipe, source, out, todo, maps, summary, renamed, rank, world, settings,
                    dict(seed=seed, steps=steps, guidance=guidance, size=size), batch_size, workers, bit_depth, palette)
-    summary.card = _finalize(lay, out, photos, renamed, settings, force=False)
+    summary.card = _finalize(lay, out, photos, renamed, settings, model, force=False)
     if summary.failed:
         listed = "; ".join(f"{k} ({v})" for k, v in list(summary.failed.items())[:5])
         more = f"; and {len(summary.failed) - 5} more" if len(summary.failed) > 5 else ""
-        raise Vis2IRError(f"{len(summary.failed)} of {len(mine)} photos failed: {listed}{more}; the others are "
-                          "written; run the same command again to retry the failed ones")
+        message = (f"{len(summary.failed)} of {len(mine)} photos failed: {listed}{more}; the others are written; run "
+                   "the same command again to retry the failed ones")
+        if world > 1:  # a rank that exits non-zero makes torchrun stop the others: say it, and go on
+            log.error("Process %d/%d: %s", rank, world, message)
+        else:
+            raise Vis2IRError(message)
     return summary
 
 
@@ -255,6 +268,7 @@ def _translate(pipe: Vis2IRPipeline, source: Path, out: Path, todo: list[Photo],
     writer = Writer(depth=4 * batch_size)
     waited, started = 0.0, time.perf_counter()
     seed = pipe.cfg.sample.seed if opts["seed"] is None else opts["seed"]
+    digest = settings_digest(settings)
     try:
         with tqdm(total=len(todo), desc=f"translate {rank}/{world}" if world > 1 else "translate",
                   unit="img") as bar:
@@ -282,7 +296,7 @@ def _translate(pipe: Vis2IRPipeline, source: Path, out: Path, todo: list[Photo],
                         continue
                     rel = todo[b.index].rel
                     entry = {"input": rel, "output": renamed(rel), "seed": seed, "model": settings["model"],
-                             "seconds": round(seconds, 3)}
+                             "settings": digest, "seconds": round(seconds, 3)}
                     waited += writer.put(_write_job(safe_join(out, entry["output"]), ir, bit_depth, palette, manifest, entry))
                     summary.done += 1
                 writer.check()
@@ -330,7 +344,8 @@ def _fail(writer: Writer, manifest: Manifest, summary: TranslateSummary, rel: st
     return writer.put(lambda: manifest.append({"input": rel, "error": why}))
 
 
-def _finalize(lay: Layout, out: Path, photos: list[Photo], renamed, settings: dict, force: bool) -> Path | None:
+def _finalize(lay: Layout, out: Path, photos: list[Photo], renamed, settings: dict, model: str,
+              force: bool) -> Path | None:
     """Carry the annotations over and write the card, once every photo is done or failed (`force`: `--finalize`,
     which refuses while some are not, and takes over a finalize that was killed)."""
     done, failed = read_manifests(out)
@@ -343,19 +358,22 @@ def _finalize(lay: Layout, out: Path, photos: list[Photo], renamed, settings: di
                  "are written when all are", len(missing), len(photos))
         return None
     if not claim_finalize(out, force):
-        log.info("Another process is finalizing %s (or one was killed doing it: vis2ir translate --finalize)", out)
+        log.warning("Another process is finalizing %s (%s); if none is (one was killed doing it on another machine), "
+                    "run this command with --finalize", out, state_dir(out) / "finalize.lock")
         return None
     try:
         started = time.perf_counter()
         left_out = {p.rel: failed[p.rel] for p in photos if p.rel not in done}
-        counts = {"photos": len(photos), "done": len(photos) - len(left_out), "failed": len(left_out)}
+        counts = {"photos": len(photos), "done": len(photos) - len(left_out), "failed": len(left_out),
+                  "names": names_digest(done)}
         if not force and (before := finished_counts(out)) and all(before.get(k) == v for k, v in counts.items()):
             log.info("%s was finalized with these photos already", out)  # by another process, or an earlier run
             return None
         written = lay.carry_over(out, renamed, set(left_out))
         counts["annotation_files"] = len(written)
         date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        card = write_finished(out, lay.root, lay.kind, settings, counts, left_out, time.perf_counter() - started, date)
+        card = write_finished(out, lay.root, lay.kind, settings, counts, left_out, time.perf_counter() - started, date,
+                              model)
     finally:
         release_finalize(out)
     log.info("Finalized %s: %d images, %d annotation files carried over, %d left out; card: %s", out, counts["done"],
@@ -398,8 +416,9 @@ def _maps(cfg: Config, lay: Layout, photos: list[Photo], semantic, boxes, box_cl
             log.warning("model.semantic.mode=%s reads no semantic maps: --semantic/--boxes ignored", mode)
         return Maps("none")
     if boxes is not None:
-        return Maps("boxes", [open_for(boxes, [_stem(p.rel) for p in photos], box_classes, "--boxes",
-                                       "--box-classes", "photo")], single=True)
+        labels = open_for(boxes, [_stem(p.rel) for p in photos], box_classes, "--boxes", "--box-classes", "photo")
+        labels.check_classes()
+        return Maps("boxes", [labels], single=True)
     if semantic == "none":
         if not optional:
             raise Vis2IRError(f"--semantic none: model.semantic.mode={mode} needs semantic maps, and this model was "
@@ -417,6 +436,9 @@ def _maps(cfg: Config, lay: Layout, photos: list[Photo], semantic, boxes, box_cl
         for path in lay.labels:
             try:
                 labels.append(BoxLabels.open(path, box_classes, "--box-classes"))
+                labels[-1].check_classes()
+            except UnmappedClass:
+                raise
             except Vis2IRError as err:
                 raise Vis2IRError(f"the source's annotations: {err}") from None
         return Maps("boxes", labels)
@@ -442,16 +464,17 @@ def _auto_maps(todo: list[Photo], source: Path, out: Path, maps: Maps, model: st
         log.warning("--semantic auto: %d photos have no map (e.g. %s: %s): they fail", len(failed), name, why)
 
 
-def _settings(cfg: Config, checkpoint, lay: Layout, maps: Maps, size, image_format: str, bit_depth: int, palette: str,
-              steps, guidance, seed) -> dict:
-    """What decides the output images, recorded at the first run and compared at every later one."""
+def _settings(cfg: Config, checkpoint, lay: Layout, maps: Maps, box_classes, size, image_format: str, bit_depth: int,
+              palette: str, steps, guidance, seed) -> dict:
+    """What decides the output images, recorded at the first run and compared at every later one: the weights
+    (a checkpoint's identity), the model's settings as this run has them (overrides such as `model.quantize`
+    included), the maps and their class mapping, sampling and the output format."""
     s = cfg.sample.replaced(steps=steps, guidance=guidance, seed=seed)
-    if checkpoint:
-        model = f"checkpoint sha256:{checkpoint_identity(find_checkpoint(checkpoint))[:16]}"
-    else:
-        text = json.dumps(dataclasses.asdict(cfg.model), sort_keys=True, default=str)
-        model = f"config sha256:{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+    text = json.dumps(dataclasses.asdict(cfg.model), sort_keys=True, default=str)
+    config = f"sha256:{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+    model = f"checkpoint sha256:{checkpoint_identity(find_checkpoint(checkpoint))[:16]}" if checkpoint else "config"
     sampling = {k: v for k, v in dataclasses.asdict(s).items() if k not in ("compile", "compile_mode", "vae_tiling")}
-    return {"model": model, "source": str(lay.root.resolve()), "layout": lay.kind, "semantic": maps.describe(),
-            "sample": sampling, "size": s.size if size is None else size, "format": image_format,
-            "bit_depth": bit_depth, "palette": palette}
+    return {"model": model, "model_config": config, "source": str(lay.root.resolve()), "layout": lay.kind,
+            "semantic": maps.describe(), "box_classes": sorted(box_classes), "sample": sampling,
+            "size": s.size if size is None else size, "format": image_format, "bit_depth": bit_depth,
+            "palette": palette}
