@@ -179,7 +179,9 @@ def test_cpu_offload_gives_the_same_images(cache, how):
 
 @pytest.fixture(scope="module")
 def checkpoint(cache, tmp_path_factory):
-    cfg = config(cache, "model.semantic.mode=cross_attention", "model.semantic.num_heads=4", "model.lora.rank=2")
+    # data.size: the 16-pixel test images are generated at 16 (sample.size=auto), not at the default 512
+    cfg = config(cache, "model.semantic.mode=cross_attention", "model.semantic.num_heads=4", "model.lora.rank=2",
+                 "data.size=16")
     model = build_model(cfg)
     add_lora(model.transformer, cfg.model.lora)
     path = tmp_path_factory.mktemp("run") / "step-1"
@@ -202,7 +204,7 @@ def test_checkpoint_settings_must_match(checkpoint, cache, tmp_path):
 @pytest.fixture(scope="module")
 def trained_lora(cache, tmp_path_factory):
     """A checkpoint whose LoRA changes the output (peft initialises B to zero)."""
-    cfg = config(cache, "model.semantic.mode=none", "model.lora.rank=4")
+    cfg = config(cache, "model.semantic.mode=none", "model.lora.rank=4", "data.size=32")  # the test images' size
     model = build_model(cfg)
     add_lora(model.transformer, cfg.model.lora)
     g = torch.Generator().manual_seed(0)

@@ -192,7 +192,7 @@ def test_a_pipeline_leaves_a_quantized_base_and_its_lora_unfused(tiny_config, tm
     weights breaks sampling. The pipeline keeps the LoRA beside the quantized to_q/to_k/to_v and samples."""
     from vis2ir.pipeline import Vis2IRPipeline
 
-    cfg, model = quantized(tiny_config, how)
+    cfg, model = quantized(tiny_config, how, "data.size=32")  # the 32-pixel image is sampled at 32, not 512
     add_lora(model.transformer, cfg.model.lora)
     save_weights(tmp_path / "ckpt", model, cfg)
     pipe = Vis2IRPipeline.from_checkpoint(tmp_path / "ckpt", device="cpu", overrides=["sample.steps=2"])

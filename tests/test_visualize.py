@@ -105,6 +105,7 @@ def trained_pipeline(position: str, scenes, cache_dir) -> Vis2IRPipeline:
     token at its own place. The keys are ThermalScenes' semantic tokens made unique by noise, so only
     position can tell the right one from its look-alikes."""
     cfg = load_config(None, [*TINY_MODEL, f"model.prompt_cache_dir={cache_dir}", "model.codec=pixel",
+                             f"data.size={PANEL}",  # trained on PANEL-pixel scenes: a checkpoint generates at it
                              "model.semantic.mode=cross_attention", f"model.semantic.position={position}",
                              "model.semantic.scale_init=1.0", "train.finetune=full", "sample.steps=4",
                              "sample.guidance=1.0"])

@@ -151,10 +151,12 @@ def test_rope_wavelengths_are_geometric_and_head_dim_is_checked():
         SemanticCrossAttention(64, position="rope")(torch.zeros(1, 4, 64), torch.zeros(1, 4, 64))
 
 
-def train_locality(position: str, rows: int = 8, cols: int = 16, steps: int = 500, batch: int = 8, seed: int = 0):
+def train_locality(position: str, rows: int = 8, cols: int = 16, steps: int = 500, batch: int = 4, seed: int = 0):
     """Train one layer to output, at each place, the semantic token found at that place.
 
     The image tokens are all the same vector, so only the position can tell the queries apart.
+    Batches of 4 (half the time of 8) still end far below the test's 0.2: RoPE's relative loss after 500
+    steps was 0.03–0.09 over seeds 0–6 (0.02–0.04 with batches of 8).
     Returns the trained layer, the fixed image token and the ids.
     """
     torch.manual_seed(seed)
