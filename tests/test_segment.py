@@ -213,6 +213,23 @@ def test_generate_semantic_auto_on_the_demo_checkpoint(tiny_model, tmp_path, cou
     assert json.loads((photos / segment.AUTO_DIR / "legend.json").read_text())["model"] == tiny_model
 
 
+def test_translate_semantic_auto(tiny_model, tmp_path, count_calls):
+    """`translate --semantic auto`: the segmenter's maps are made once, cached in the output's state folder (never in
+    the source), and used for every photo."""
+    from vis2ir.translate.run import run_translate
+
+    src = tmp_path / "photos"
+    (src / "sub").mkdir(parents=True)
+    smooth(64, 64).save(src / "s1.png")
+    smooth(64, 64, shift=30).save(src / "sub" / "s2.jpg")
+    out = tmp_path / "ir"
+    summary = run_translate(src, out, checkpoint=DEMO_CHECKPOINT, semantic="auto", segment_model=tiny_model,
+                            steps=2, batch_size=2, workers=0, device="cpu")
+    assert (summary.done, summary.failed) == (2, {}) and count_calls == [2]
+    assert Image.open(out / ".vis2ir" / "semantic_auto" / "sub" / "s2.png").size == (64, 64)
+    assert Image.open(out / "sub" / "s2.jpg").size == (64, 64) and not (src / segment.AUTO_DIR).exists()
+
+
 def test_semantic_auto_cache_gets_its_legend_from_any_rank(tiny_model, tmp_path, count_calls, monkeypatch):
     """Under torchrun the rank that makes the maps writes legend.json, not only rank 0 (which may find
     every map already made by the others)."""
