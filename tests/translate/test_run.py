@@ -237,6 +237,21 @@ def test_a_killed_run_continues_without_redoing(pipe, tmp_path, monkeypatch):
     assert not any(p.name.startswith(".") for p in out.rglob("*") if ".vis2ir" not in p.parts)  # no temporary files
 
 
+def test_temporaries_of_a_killed_run_are_swept(pipe, tmp_path):
+    """A temporary file a kill -9 left (not touched for ABANDONED_S) is removed by the next run; a fresh one, maybe
+    another rank's write in progress, is left alone."""
+    src, out = yolo_set(tmp_path / "src"), tmp_path / "out"
+    run_translate(src, out, pipe=pipe, workers=0)
+    old = out / "images" / "train" / ".p0.jpg.tmp-123-0a1b2c3d"
+    new = out / "images" / "train" / ".p2.jpg.tmp-456-deadbeef"
+    for path in (old, new):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half an image")
+    os.utime(old, (1, 1))
+    run_translate(src, out, pipe=pipe, workers=0)
+    assert not old.exists() and new.exists()
+
+
 def test_a_bad_photo_under_several_ranks_does_not_stop_the_others(pipe, tmp_path, monkeypatch, caplog):
     """With WORLD_SIZE > 1 a rank with a failed photo logs it and returns (a non-zero exit would make torchrun stop
     the other ranks); the last rank still finalizes without it."""

@@ -18,7 +18,9 @@ import hashlib
 import json
 import logging
 import os
+import re
 import socket
+import time
 from pathlib import Path
 
 from vis2ir.errors import Vis2IRError
@@ -77,6 +79,27 @@ def read_manifests(out: Path) -> tuple[set[str], dict[str, str]]:
                     done.add(name)
                     failed.pop(name, None)
     return done, failed
+
+
+TEMPORARY = re.compile(r"\..+\.tmp-\d+-[0-9a-f]{8}")  # `files.temp_path`'s names: a write in progress or abandoned
+ABANDONED_S = 600  # a temporary file this old is no write in progress (an image's takes well under a second)
+
+
+def sweep_temporaries(out: Path, now: float | None = None) -> int:
+    """Remove the temporary files under `out` that a killed run left (`files.temp_path` names, untouched for
+    `ABANDONED_S` seconds: not another rank's write in progress, on any machine); returns how many."""
+    now = time.time() if now is None else now
+    removed = 0
+    for folder, _, names in os.walk(out):
+        for name in names:
+            path = Path(folder) / name
+            try:
+                if TEMPORARY.fullmatch(name) and now - path.stat().st_mtime > ABANDONED_S:
+                    path.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                continue
+    return removed
 
 
 def settings_digest(settings: dict) -> str:

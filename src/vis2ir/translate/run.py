@@ -45,7 +45,8 @@ from vis2ir.quantize import OutOfMemory
 from vis2ir.semantic.modes import NEEDS_SEMANTIC
 from vis2ir.translate.layouts import FORMATS, Layout, Photo, detect, output_rel
 from vis2ir.translate.record import (STATE, Manifest, check_settings, claim_finalize, finished_counts, names_digest,
-                                     read_manifests, release_finalize, settings_digest, state_dir, write_finished)
+                                     read_manifests, release_finalize, settings_digest, state_dir, sweep_temporaries,
+                                     write_finished)
 from vis2ir.visualize import check_output_format, infrared_image
 
 log = logging.getLogger(__name__)
@@ -228,6 +229,8 @@ def run_translate(source: str | Path, out: str | Path, *, config=None, checkpoin
         return TranslateSummary(len(photos), card=_finalize(lay, out, photos, renamed, settings, model, force=True))
 
     rank, world = dist_env()
+    if out.is_dir() and (swept := sweep_temporaries(out)):
+        log.info("Removed %d temporary files a killed run left in %s", swept, out)
     done, _ = read_manifests(out)
     mine = shard(photos, rank, world)
     todo = [p for p in mine if p.rel not in done]
