@@ -35,7 +35,6 @@ import json
 import logging
 import os
 import posixpath
-import re
 import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -46,6 +45,8 @@ from vis2ir.files import atomic_write, is_hidden, list_files, name_problem, writ
 from vis2ir.io.boxes import CLASS_FILES
 from vis2ir.io.images import IMAGE_SUFFIXES
 from vis2ir.io.inputs import image_name, list_images
+from vis2ir.translate.edits import (COPY, Carried, Copied, ids_dropped, list_edited, suffix_swap, voc_renamed,
+                                    yaml_moved)
 
 log = logging.getLogger(__name__)
 
@@ -72,14 +73,6 @@ class Photo:
     rel: str
     labels: int
     key: str
-
-
-class _Copy:
-    """`carry_over`'s mark for a file copied unchanged (streamed, not read into memory)."""
-
-
-COPY = _Copy()
-Carried = bytes | _Copy | None  # what a carried file becomes: new content, unchanged, or left out (None)
 
 
 def output_rel(rel: str, fmt: str) -> str:
@@ -131,7 +124,7 @@ class Layout:
             if what is None:
                 continue
             dst = Path(out) / rel
-            if isinstance(what, _Copy):
+            if isinstance(what, Copied):
                 atomic_write(dst, lambda tmp, s=src: shutil.copyfile(s, tmp))
             else:
                 write_bytes(dst, what)
@@ -190,18 +183,6 @@ def _inside(path: str, folder: str) -> bool:
 
 def _count(n: int, what: str) -> str:
     return f"{n:,} {what}{'' if n == 1 else 's'}"
-
-
-def _suffix_swap(text: str, rel: str, new: str) -> str | None:
-    """`text` (a photo's name as an annotation writes it) with photo `rel`'s suffix changed to that of `new`
-    (its output rel); None when `text` does not end with the suffix. ValueError when `new` is not `rel` with
-    another suffix."""
-    old, now = PurePosixPath(rel), PurePosixPath(new)
-    if old.with_suffix("") != now.with_suffix(""):
-        raise ValueError(f"renamed({rel!r}) = {new!r}: only the suffix of a photo's path may change")
-    if not old.suffix or not text.lower().endswith(old.suffix.lower()):
-        return None
-    return text[:len(text) - len(old.suffix)] + now.suffix
 
 
 # ----------------------------------------------------------------------------------------------
@@ -361,7 +342,7 @@ def _coco_edited(src: Path, f: _CocoFile, renamed: Callable[[str], str], dropped
             if isinstance(image.get("id"), (int, str)):
                 gone.add(image["id"])
             continue
-        name = _suffix_swap(str(image["file_name"]), rel, renamed(rel))
+        name = suffix_swap(str(image["file_name"]), rel, renamed(rel))
         if name is not None:
             image["file_name"] = name
         kept.append(image)
@@ -392,9 +373,9 @@ class YoloLayout(Layout):
             if rel in dropped:
                 return None
             if "/" not in rel and src.suffix.lower() in (".yaml", ".yml"):
-                return _yaml_moved(src, roots, out_abs)
+                return yaml_moved(src, roots, out_abs)
             if "/" not in rel and src.suffix.lower() == ".txt":
-                return _list_edited(src, roots, out_abs, photos, renamed, failed)
+                return list_edited(src, roots, out_abs, photos, renamed, failed)
             return COPY
         return carry
 
@@ -418,73 +399,6 @@ def _spellings(root: Path) -> tuple[str, ...]:
     return tuple(dict.fromkeys((os.path.abspath(root), os.path.realpath(root))))
 
 
-def _moved(path: str, roots: tuple[str, ...]) -> str | None:
-    """The rel under the source of absolute `path` ('' the source itself), None when it is not in it."""
-    path = posixpath.normpath(path)
-    for r in roots:
-        if path == r:
-            return ""
-        if path.startswith(r.rstrip("/") + "/"):
-            return path[len(r.rstrip("/")) + 1:]
-    return None
-
-
-_YAML_VALUE = re.compile(r"(?P<head>\s*(?:[\w.-]+\s*:|-)\s*)(?P<q>['\"]?)(?P<value>/[^'\"#\r\n]*?)(?P=q)"
-                         r"(?P<tail>\s*(?:#.*)?)")
-
-
-_YAML_ROOT = re.compile(r"(?P<head>path\s*:\s*)(?P<q>['\"]?)(?P<value>[^'\"#\r\n/\s][^'\"#\r\n]*?)(?P=q)"
-                        r"(?P<tail>\s*(?:#.*)?)")  # a top-level relative `path:` (Ultralytics: under its datasets dir)
-
-
-def _yaml_moved(src: Path, roots: tuple[str, ...], out: str) -> Carried:
-    """A YAML file (YOLO's data.yaml) with each absolute path in the source (`path: /data/set`) moved to `out`, and a
-    top-level relative `path:` (which Ultralytics resolves under its own datasets folder, where the photos would be
-    found) set to `out`: one line edited per path, the rest left as it is."""
-    lines = src.read_bytes().decode("utf-8", "surrogateescape").splitlines(keepends=True)
-    changed = False
-    for n, line in enumerate(lines):
-        body = line.rstrip("\r\n")
-        if (root := _YAML_ROOT.fullmatch(body)) is not None:
-            lines[n] = f"{root['head']}{root['q']}{out}{root['q']}{root['tail']}{line[len(body):]}"
-            changed = True
-            continue
-        m = _YAML_VALUE.fullmatch(body)
-        rel = _moved(m["value"].strip(), roots) if m else None
-        if rel is not None:
-            value = posixpath.join(out, rel) if rel else out
-            lines[n] = f"{m['head']}{m['q']}{value}{m['q']}{m['tail']}{line[len(body):]}"
-            changed = True
-    return "".join(lines).encode("utf-8", "surrogateescape") if changed else COPY
-
-
-def _list_edited(src: Path, roots: tuple[str, ...], out: str, photos: set[str], renamed: Callable[[str], str],
-                 failed: set[str]) -> Carried:
-    """A list file (`train.txt`: a photo path a line, relative to the source or absolute) for the output: photo
-    paths renamed, absolute ones moved to `out`, failed photos' lines dropped. COPY when it lists no photo or
-    nothing changes."""
-    lines = src.read_bytes().decode("utf-8", "surrogateescape").splitlines(keepends=True)
-    kept, listed = [], False
-    for line in lines:
-        body = line.rstrip("\r\n")
-        m = re.fullmatch(r"(\ufeff?\s*)(.*?)(\s*)", body)
-        path = m[2]
-        absolute = path.startswith("/")
-        rel = _moved(path, roots) if absolute else posixpath.normpath(path) if path else None
-        if rel not in photos:
-            if absolute and rel is not None:
-                path = posixpath.join(out, rel) if rel else out
-            kept.append(f"{m[1]}{path}{m[3]}{line[len(body):]}")
-            continue
-        listed = True
-        if rel in failed:
-            continue
-        new = renamed(rel)
-        path = posixpath.join(out, new) if absolute else (_suffix_swap(path, rel, new) or path)
-        kept.append(f"{m[1]}{path}{m[3]}{line[len(body):]}")
-    if not listed or kept == lines:
-        return COPY
-    return "".join(kept).encode("utf-8", "surrogateescape")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -525,9 +439,9 @@ class VocLayout(Layout):
             if top.startswith("Segmentation") and PurePosixPath(rest).with_suffix("").as_posix() in gone:
                 return None  # a failed photo's SegmentationClass / SegmentationObject mask
             if top == "ImageSets" and src.suffix.lower() == ".txt" and gone:
-                return _ids_dropped(src, gone)
+                return ids_dropped(src, gone)
             if rel in xmls and renamed(xmls[rel]) != xmls[rel]:
-                return _voc_renamed(src, xmls[rel], renamed(xmls[rel]))
+                return voc_renamed(src, xmls[rel], renamed(xmls[rel]))
             return COPY
         return carry
 
@@ -564,29 +478,3 @@ def _voc(root: Path) -> VocLayout | None:
               "annotation")
     deepest = sorted(rels, key=lambda s: (-len(s.split("/")) if s else 0, s))
     return VocLayout("voc", root, labels, listed, detail, deepest)
-
-
-_FILENAME = re.compile(rb"(<filename>)([^<]*)(</filename>)")
-
-
-def _voc_renamed(src: Path, rel: str, new: str) -> Carried:
-    """A VOC XML with its `<filename>` given photo `new`'s suffix; the rest of the file byte for byte."""
-    data = src.read_bytes()
-    m = _FILENAME.search(data)
-    if m is None:
-        return COPY
-    text = m[2].decode("utf-8", "surrogateescape")
-    stripped = text.rstrip()
-    name = _suffix_swap(stripped, rel, new)
-    if name is None:
-        log.debug("%s: <filename>%s</filename> does not end with the photo's suffix; left as it is", src, text)
-        return COPY
-    inner = (name + text[len(stripped):]).encode("utf-8", "surrogateescape")
-    return data[:m.start(2)] + inner + data[m.end(2):]
-
-
-def _ids_dropped(src: Path, ids: set[str]) -> Carried:
-    """An ImageSets list without the lines whose first token is one of `ids` (COPY when none is)."""
-    lines = src.read_bytes().decode("utf-8", "surrogateescape").splitlines(keepends=True)
-    kept = [line for line in lines if not (line.split() and line.split()[0] in ids)]
-    return COPY if len(kept) == len(lines) else "".join(kept).encode("utf-8", "surrogateescape")
