@@ -118,6 +118,17 @@ def test_page_functions(models, phone_photo, tmp_path):
         app.generate("demo (channel_concat)", photo, None, "white-hot", 8, 2, 0)
 
 
+def test_a_dropout_model_runs_without_a_map_or_a_segmenter(phone_photo, tmp_path):
+    """A model trained with train.semantic_dropout reads the unknown map: the page generates for a photo without a
+    map on a machine without the segmenter, where the same model trained without dropout is refused (above)."""
+    from vis2ir.pipeline import Vis2IRPipeline
+
+    pipe = Vis2IRPipeline.from_checkpoint("demo", device="cpu", overrides=["train.semantic_dropout=0.3"])
+    app = App({"m": pipe}, tmp_path, segment_model=str(tmp_path / "no-segmenter"))
+    out = app.generate("m", str(phone_photo[0]), None, "white-hot", 8, 2, 0)
+    assert Image.open(out[2]).size == (80, 48)
+
+
 def test_app_without_gradio_says_how_to_install(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "gradio", None)  # as if not installed
     assert main(["app"]) == 2

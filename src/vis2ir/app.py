@@ -199,26 +199,36 @@ class App:
 
     def _semantic(self, pipe: Vis2IRPipeline, visible: Image.Image, photo_label: str, map_file: str | None):
         """The semantic map for the photo: the upload (checked as `generate` checks it), else one made by
-        the panoptic segmenter when its weights are on this machine; None when the model reads none."""
+        the panoptic segmenter when its weights are on this machine; None when the model reads none, or when a
+        model trained with `train.semantic_dropout` gets no map and no segmenter is here (it reads the unknown map)."""
         if not pipe.needs_semantic:
             return None
         if map_file:
             label = f"semantic map {Path(map_file).name}"
             self.check_upload(map_file, label)
             semantic = read_image(map_file, label)
-            check_map(semantic, visible, label, photo_label)
+            check_map(semantic, visible, label, photo_label, warn_void=not pipe.reads_no_map)
             return semantic
+        if pipe.reads_no_map and self._segmenter is None and not self._segmenter_here():
+            return None
         return Image.fromarray(self.segmenter(pipe)([visible])[0].colours())
+
+    def _segmenter_here(self) -> bool:
+        """Whether the segmenter's weights are on this machine (a local folder, or the Hub cache)."""
+        from vis2ir.hub import cached_snapshot, is_local
+        from vis2ir.segment import NEEDED_FILES
+
+        if is_local(self.segment_model) and Path(self.segment_model).expanduser().is_dir():
+            return True
+        return cached_snapshot(self.segment_model, NEEDED_FILES, weights=(".",)) is not None
 
     def segmenter(self, pipe: Vis2IRPipeline):
         """The panoptic segmenter (`--segment-model`), loaded once on `pipe`'s device, only from weights already
         on this machine (no download)."""
         if self._segmenter is None:
-            from vis2ir.hub import cached_snapshot, is_local
-            from vis2ir.segment import NEEDED_FILES, Segmenter
+            from vis2ir.segment import Segmenter
 
-            local = is_local(self.segment_model) and Path(self.segment_model).expanduser().is_dir()
-            if not local and cached_snapshot(self.segment_model, NEEDED_FILES, weights=(".",)) is None:
+            if not self._segmenter_here():
                 raise Vis2IRError(
                     f"this model (mode {pipe.model.mode}) needs a semantic map: upload one beside the photo (the project's "
                     f"palette; `vis2ir segment` makes them), or put the panoptic segmenter's weights on this machine "

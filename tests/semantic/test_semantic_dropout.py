@@ -37,6 +37,7 @@ def test_drop_maps_replaces_whole_maps_with_the_unknown_map():
 
 @pytest.mark.parametrize("overrides, key", [
     (["train.semantic_dropout=1.5"], "train.semantic_dropout"),
+    (["train.semantic_dropout=1"], "model.semantic.mode=none"),
     (["train.semantic_dropout=0.2", "model.semantic.mode=none"], "train.semantic_dropout"),
     (["train.semantic_dropout=0.2", "data.latent_cache=somewhere"], "train.semantic_dropout"),
 ])

@@ -83,8 +83,8 @@ class TrainConfig:
               self.adapter_learning_rate)
         for key in ("weight_decay", "adapter_weight_decay", "grad_clip", "offset_noise", "guidance"):
             check(getattr(self, key) >= 0, f"train.{key}", "a number >= 0", getattr(self, key))
-        check(0.0 <= self.semantic_dropout <= 1.0, "train.semantic_dropout", "a probability from 0 to 1",
-              self.semantic_dropout)
+        check(0.0 <= self.semantic_dropout < 1.0, "train.semantic_dropout", "a probability from 0 to below 1 (1 "
+              "would never show a map: for a model without maps, set model.semantic.mode=none)", self.semantic_dropout)
         for key in ("timestep_std", "timestep_shift"):
             check(getattr(self, key) > 0, f"train.{key}", "a number > 0", getattr(self, key))
         check((isinstance(self.devices, int) and self.devices >= 1) or self.devices == "auto"
