@@ -58,7 +58,7 @@ ROOT = Path(__file__).resolve().parents[1]
 REAL_CONFIG = ROOT / "configs" / "bench_realsize.yaml"
 SCHEDULE = ROOT / "docs" / "performance" / "sampling" / "cache_fidelity.json"
 REAL = ["model.semantic.mode=none"]  # the real-size model of bench_realsize.yaml, sampled as stock FLUX Fill
-TINY = ["model.backbone=random", "model.codec=vae", "model.max_sequence_length=8", "model.transformer.num_layers=1",
+TINY = ["model.weights=random", "model.codec=vae", "model.max_sequence_length=8", "model.transformer.num_layers=1",
         "model.transformer.num_single_layers=1", "model.transformer.attention_head_dim=16",
         "model.transformer.num_attention_heads=2", "model.transformer.joint_attention_dim=32",
         "model.transformer.pooled_projection_dim=32", "model.transformer.axes_dims_rope=[4,6,6]",

@@ -30,7 +30,7 @@ from vis2ir.config import load_config  # noqa: E402
 from vis2ir.pipeline import OFFLOAD, Vis2IRPipeline  # noqa: E402
 
 log = logging.getLogger("bench_offload")
-TINY = ["model.backbone=random", "model.codec=vae", "model.max_sequence_length=8", "model.transformer.num_layers=1",
+TINY = ["model.weights=random", "model.codec=vae", "model.max_sequence_length=8", "model.transformer.num_layers=1",
         "model.transformer.num_single_layers=1", "model.transformer.attention_head_dim=16",
         "model.transformer.num_attention_heads=2", "model.transformer.joint_attention_dim=32",
         "model.transformer.pooled_projection_dim=32", "model.transformer.axes_dims_rope=[4,6,6]"]

@@ -37,7 +37,7 @@ from vis2ir.pipeline import Vis2IRPipeline  # noqa: E402
 from vis2ir.quantize import weight_bytes  # noqa: E402
 
 REAL_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "bench_realsize.yaml"
-TINY = ["model.backbone=random", "model.codec=vae", "model.max_sequence_length=8", "model.transformer.num_layers=1",
+TINY = ["model.weights=random", "model.codec=vae", "model.max_sequence_length=8", "model.transformer.num_layers=1",
         "model.transformer.num_single_layers=1", "model.transformer.attention_head_dim=32",
         "model.transformer.num_attention_heads=2", "model.transformer.joint_attention_dim=32",
         "model.transformer.pooled_projection_dim=32", "model.transformer.axes_dims_rope=[8,12,12]",

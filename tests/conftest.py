@@ -10,7 +10,7 @@ torch.set_num_threads(1)
 
 # A FLUX-architecture transformer small enough for CPU tests (sum(axes_dims_rope) == head dim).
 TINY_MODEL = [
-    "model.backbone=random",
+    "model.weights=random",
     "model.max_sequence_length=8",
     "model.transformer.num_layers=1",
     "model.transformer.num_single_layers=1",

@@ -54,7 +54,7 @@ def local_flux(tmp_path_factory, request):
 
 def test_loads_a_local_fluxfill_folder(local_flux, tiny_config):
     root, pipe = local_flux
-    cfg = tiny_config("model.backbone=pretrained", f"model.flux_path={root}")
+    cfg = tiny_config("model.weights=pretrained", f"model.flux_path={root}")
     b = load_backbone(cfg.model)
     ref = dict(pipe.transformer.state_dict())
     assert all(torch.equal(v, ref[k]) for k, v in b.transformer.state_dict().items())
@@ -72,7 +72,7 @@ def test_local_folder_missing_a_file(local_flux, tmp_path, tiny_config):
     broken = tmp_path / "broken"
     shutil.copytree(root, broken)
     (broken / "vae" / "config.json").unlink()
-    cfg = tiny_config("model.backbone=pretrained", f"model.flux_path={broken}")
+    cfg = tiny_config("model.weights=pretrained", f"model.flux_path={broken}")
     with pytest.raises(Vis2IRError, match="the folder lacks vae/config.json"):
         load_backbone(cfg.model)
 
@@ -85,7 +85,7 @@ def test_missing_weights_message_is_fast_and_clear(env, reason, tmp_path, monkey
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    cfg = tiny_config("model.backbone=pretrained", "model.flux_path=black-forest-labs/FLUX.1-Fill-dev")
+    cfg = tiny_config("model.weights=pretrained", "model.flux_path=black-forest-labs/FLUX.1-Fill-dev")
     with pytest.raises(Vis2IRError) as err:
         bb.resolve_flux_path(cfg.model.flux_path)
     assert hub_calls == {"auth_check": int("HF_ENDPOINT" in env), "snapshot_download": 0}  # one request, no retry
@@ -115,6 +115,6 @@ def test_local_folder_without_weights(local_flux, tmp_path, tiny_config):
     root, _ = local_flux
     broken = tmp_path / "noweights"
     shutil.copytree(root, broken, ignore=shutil.ignore_patterns("*.safetensors"))
-    cfg = tiny_config("model.backbone=pretrained", f"model.flux_path={broken}")
+    cfg = tiny_config("model.weights=pretrained", f"model.flux_path={broken}")
     with pytest.raises(Vis2IRError, match=r"the folder's weights are incomplete: transformer/ has no weights file"):
         load_backbone(cfg.model)

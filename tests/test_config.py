@@ -48,7 +48,7 @@ def test_bad_choice_lists_what_is_allowed():
     ("data.size=500", "data.size: expected a multiple of 16, got 500"),
     ("train.batch_size=0", "train.batch_size: expected an integer >= 1, got 0"),
     ("model.transformer.axes_dims_rope=[16,56,50]", "model.transformer.axes_dims_rope: expected three numbers summing"),
-    ("model.codec=pixel", "model.codec: expected 'vae' with a pretrained backbone"),
+    ("model.codec=pixel", "model.codec: expected 'vae' with pretrained weights"),
     ("model.semantic=3", "model.semantic: expected a mapping"),
     ("nonsense", "override 'nonsense': expected key.path=value"),
     ("sample.adapter_scale=.nan", "sample.adapter_scale: expected a finite number, got nan"),
@@ -224,3 +224,29 @@ def test_the_seed_bound_is_the_last_seed_and_noise_draws_stay_under_it():
     assert load_config(None, ["train.seed=4294967295", "sample.seed=4294967295"]).train.seed == 2**32 - 1
     with pytest.raises(ConfigError, match=r"^eval.noise_draws: expected at most 4294967296 - sample.seed"):
         load_config(None, ["sample.seed=4294967295", "eval.noise_draws=2"])
+
+
+def test_old_backbone_key_moves_to_weights(tmp_path, caplog):
+    """`model.backbone: random | pretrained` (where the weights came from, before it named the base model) in
+    a file is read as `model.weights` with a warning; the shipped checkpoints' config.yaml still say it so."""
+    old = tmp_path / "old.yaml"
+    old.write_text("model:\n  backbone: random\n  codec: pixel\n")
+    with caplog.at_level("WARNING"):
+        cfg = load_config(old)
+    assert (cfg.model.weights, cfg.model.backbone, cfg.model.codec) == ("random", "flux1-fill", "pixel")
+    assert "model.backbone=random is now model.weights=random" in caplog.text
+    shipped = Path(__file__).resolve().parents[1] / "src" / "vis2ir" / "assets" / "demo" / "config.yaml"
+    assert "backbone: random" in shipped.read_text()
+    assert load_config(shipped).model.weights == "random"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.backbone=random", "override model.backbone=random: that setting is now model.weights=random"),
+    ("model.backbone=pretrained", "that setting is now model.weights=pretrained"),
+    ("model.backbone=flux2-klein", "model.backbone: expected flux1-fill or flux1-kontext (flux2-klein is not yet"),
+    ("model.backbone=flux3", "model.backbone: 'flux3' is not allowed"),
+])
+def test_backbone_values_refused_in_one_line(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["model.weights=random", override])
+    assert message in str(err.value) and "\n" not in str(err.value)

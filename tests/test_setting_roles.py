@@ -14,7 +14,7 @@ from vis2ir.train import RESUMABLE
 
 # The role sets, written out: a setting that changes role, or a new setting, is decided here on purpose.
 MODEL_KEYS = {
-    "model.backbone", "model.codec", "model.pixel_factor", "model.seed",
+    "model.backbone", "model.weights", "model.codec", "model.pixel_factor", "model.seed",
     *(f"model.transformer.{k}" for k in ("num_layers", "num_single_layers", "attention_head_dim",
                                          "num_attention_heads", "joint_attention_dim", "pooled_projection_dim",
                                          "axes_dims_rope", "guidance_embeds", "init")),
@@ -32,7 +32,7 @@ DATA_KEYS = {f"data.{k}" for k in ("source", "layout", "visible_column", "infrar
 # changed split fraction is judged by the samples themselves.
 MEMBERSHIP = {f"data.{k}" for k in ("source", "name_column", "val_fraction", "test_fraction", "synth_count")}
 LATENT_KEYS = {
-    "model.flux_path", "model.backbone", "model.codec", "model.pixel_factor", "model.seed",
+    "model.flux_path", "model.backbone", "model.weights", "model.codec", "model.pixel_factor", "model.seed",
     *(k for k in MODEL_KEYS if k.startswith("model.vae.")), "model.semantic.mode", "model.semantic.fusion_alpha",
     *(DATA_KEYS - MEMBERSHIP), *(f"data.{k}" for k in ("size", "resize_policy", "max_aspect", "hflip",
                                                       "ir_normalize", "ir_percentiles", "ir_range")),

@@ -197,7 +197,7 @@ def test_resume_keeps_the_runs_settings(tiny_config, tmp_path):
     assert main(["train", "--resume", "latest", f"train.output_dir={run_dir}", "train.max_steps=7"]) == 0
     assert [p.name for p in list_checkpoints(run_dir)][-1] == "step-7"
     saved = load_model(run_dir)[1]
-    assert (saved.train.batch_size, saved.train.max_steps, saved.model.backbone) == (2, 7, "random")
+    assert (saved.train.batch_size, saved.train.max_steps, saved.model.weights) == (2, 7, "random")
 
 
 def test_max_minutes_counts_this_launch_only(tiny_config, tmp_path, caplog):

@@ -1,8 +1,8 @@
 """The backbone: FLUX.1 Fill's transformer, codec and prompt embeddings, or tiny ones from config.
 
-`load_backbone(cfg)` is the one entry point. With `model.backbone: pretrained` it reads
+`load_backbone(cfg)` is the one entry point. With `model.weights: pretrained` it reads
 `model.flux_path` (a Hub id, with the user's token, or a local folder in diffusers
-`FluxFillPipeline` layout). With `model.backbone: random` it builds every part from the config
+`FluxFillPipeline` layout). With `model.weights: random` it builds every part from the config
 with random weights, so tests, CI and the demo run with nothing downloaded (docs/design.md §6).
 
 The prompt is fixed, so its embeddings are a constant: they are computed once, cached on disk
@@ -78,7 +78,7 @@ def load_backbone(cfg: ModelConfig, device: torch.device | str = "cpu", dtype: t
     require(cfg.quantize)  # a missing library is one line before anything heavy is loaded
     dtype = dtype or resolve_dtype(cfg.dtype, device)
     fill = None
-    if cfg.backbone == "pretrained":
+    if cfg.weights == "pretrained":
         root = resolve_flux_path(cfg.flux_path, need_text=not _cache_file(cfg).exists())
         from diffusers import FluxTransformer2DModel
 
@@ -102,7 +102,7 @@ def load_backbone(cfg: ModelConfig, device: torch.device | str = "cpu", dtype: t
 def load_codec(cfg: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> Codec:
     """The codec alone (e.g. to cache a data set's latents), the same one `load_backbone` builds."""
     dtype = dtype or resolve_dtype(cfg.dtype, device)
-    if cfg.backbone == "pretrained":
+    if cfg.weights == "pretrained":
         return _to_device(_pretrained_codec(resolve_flux_path(cfg.flux_path, need_text=False), dtype), device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
@@ -249,7 +249,7 @@ def encode_prompt(encoders: dict, prompt: str, max_sequence_length: int) -> Prom
 
 
 def _cache_file(cfg: ModelConfig) -> Path:
-    source = cfg.flux_path if cfg.backbone == "pretrained" else json.dumps(
+    source = cfg.flux_path if cfg.weights == "pretrained" else json.dumps(
         {"random": True, "text": vars(cfg.text), "transformer": [cfg.transformer.joint_attention_dim,
                                                                 cfg.transformer.pooled_projection_dim]},
         sort_keys=True)

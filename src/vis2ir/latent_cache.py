@@ -271,6 +271,9 @@ class LatentCache(Dataset):
         if self.meta.get("format") != FORMAT:
             raise Vis2IRError(f"data.latent_cache={path}: made in cache format {self.meta.get('format', 1)}, "
                               f"but this vis2ir reads format {FORMAT}; {rebuild_help(path, cfg, split)}")
+        from vis2ir.config.migrate import move_renamed_flat
+
+        self.meta["fingerprint"] = move_renamed_flat(self.meta["fingerprint"])  # made by an older vis2ir
         diff = first_difference(fingerprint(cfg), self.meta["fingerprint"], LATENT_SETTINGS)
         if diff:
             key, mine, made = diff

@@ -20,7 +20,7 @@ import yaml
 
 from vis2ir.config import yamltext
 from vis2ir.config.checks import ConfigError
-from vis2ir.config.migrate import replace_retired
+from vis2ir.config.migrate import move_renamed, renamed_hint, replace_retired
 from vis2ir.config.schema import Config
 from vis2ir.errors import first_line
 
@@ -56,6 +56,7 @@ def _raw_settings(path: str | Path | None, overrides, base: Config | None = None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of sections (model, data, train, sample, eval)")
         replace_retired(raw, path)
+        move_renamed(raw, path)
         _settle_texts(lambda: yamltext.with_texts(Config, raw, texts, _accepts), path)
     if base is not None:
         raw = _merge(base.to_dict(), raw)
@@ -64,6 +65,9 @@ def _raw_settings(path: str | Path | None, overrides, base: Config | None = None
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected key.path=value, e.g. model.semantic.num_heads=16")
         value, text = yamltext.scalar(value)
+        hint = renamed_hint(key.strip(), value)
+        if hint:
+            raise ConfigError(hint)
         tp = yamltext.type_at(Config, key.strip())
         if text is not None and tp is not None:
             value = _settle_texts(lambda: yamltext.as_setting(tp, value, text, _accepts, key.strip()), None)

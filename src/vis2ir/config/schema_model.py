@@ -13,6 +13,8 @@ ICEDIT_PROMPT = (
     "A diptych with two side-by-side images of the same scene. On the right, the scene is exactly "
     "the same as on the left but "
 )
+FLUX_FILL_ID = "black-forest-labs/FLUX.1-Fill-dev"
+FLUX_KONTEXT_ID = "black-forest-labs/FLUX.1-Kontext-dev"
 DEFAULT_INSTRUCTION = "seen by a thermal infrared camera, as a grayscale infrared image."
 
 SemanticMode = Literal["none", "pixel_fusion", "cross_attention", "in_context", "channel_concat"]
@@ -90,7 +92,7 @@ class LoraConfig:
 @section_roles(MODEL)  # the transformer's shape: every setting shapes the model
 @dataclass
 class TransformerConfig:
-    """Shape of a transformer built from configuration (`model.backbone: random`).
+    """Shape of a transformer built from configuration (`model.weights: random`).
 
     The defaults are FLUX.1 Fill's real size; configs for tests and the demo shrink them.
     `in_channels` and `out_channels` are not settings: they follow from the codec and the mode.
@@ -145,7 +147,7 @@ class TextConfig:
 @section_roles(MODEL, LATENT)  # the codec: every setting shapes the model and the latents
 @dataclass
 class VAEConfig:
-    """A tiny `AutoencoderKL` built from configuration (`codec: vae` with `backbone: random`)."""
+    """A tiny `AutoencoderKL` built from configuration (`codec: vae` with `weights: random`)."""
 
     block_out_channels: tuple[int, ...] = (16, 16, 16, 16)  # channels of the four encoder/decoder stages
     latent_channels: int = 16  # latent channels
@@ -165,12 +167,15 @@ class VAEConfig:
 
 @dataclass
 class ModelConfig:
-    """The backbone (FLUX.1 Fill or a model built from configuration) and the semantic mode."""
+    """The backbone (FLUX.1 Fill or Kontext, pretrained or built from configuration) and the semantic mode."""
 
-    # FLUX.1 Fill: Hub id or local folder (diffusers FluxFillPipeline layout)
-    flux_path: Annotated[str, LATENT] = "black-forest-labs/FLUX.1-Fill-dev"
-    # pretrained: FLUX.1 Fill from flux_path; random: a model built from model.transformer (from scratch)
-    backbone: Annotated[Literal["pretrained", "random"], MODEL, LATENT] = "pretrained"
+    # the backbone's weights: Hub id or local folder (diffusers FluxFillPipeline / FluxKontextPipeline layout)
+    flux_path: Annotated[str, LATENT] = FLUX_FILL_ID
+    # the base model: flux1-fill (FLUX.1 Fill, the photo beside a blank panel), flux1-kontext (FLUX.1 Kontext,
+    # the photo as a reference image); flux2-klein is not yet supported (vis2ir.backbones)
+    backbone: Annotated[Literal["flux1-fill", "flux1-kontext", "flux2-klein"], MODEL, LATENT] = "flux1-fill"
+    # pretrained: the backbone's weights from flux_path; random: a model built from model.transformer (from scratch)
+    weights: Annotated[Literal["pretrained", "random"], MODEL, LATENT] = "pretrained"
     # vae: FLUX's VAE latents; pixel: an exact pixel codec (random backbone only)
     codec: Annotated[Literal["vae", "pixel"], MODEL, LATENT] = "vae"
     # pixel codec: pixels per token side (a factor × factor × 3 patch per token)
@@ -196,12 +201,27 @@ class ModelConfig:
               self.max_sequence_length)
         check(self.pixel_factor >= 1, "model.pixel_factor", "an integer >= 1", self.pixel_factor)
         check_seed(self.seed, "model.seed")
-        check(not (self.backbone == "pretrained" and self.codec == "pixel"), "model.codec",
-              "'vae' with a pretrained backbone (the pixel codec needs `model.backbone: random`)",
+        check(self.backbone != "flux2-klein", "model.backbone",
+              "flux1-fill or flux1-kontext (flux2-klein is not yet supported)", self.backbone)
+        check(not (self.weights == "pretrained" and self.codec == "pixel"), "model.codec",
+              "'vae' with pretrained weights (the pixel codec needs `model.weights: random`)",
               self.codec)
+        self._check_kontext()
         self.transformer.validate()
         self.vae.validate()
         self.text.validate()
         self.semantic.validate()
         self.semantic.validate_width(self.transformer.width)
         self.lora.validate()
+
+    def _check_kontext(self) -> None:
+        """What FLUX.1 Kontext does not support yet, refused in one line each (vis2ir.backbones)."""
+        if self.backbone != "flux1-kontext":
+            return
+        check(self.semantic.mode == "none", "model.semantic.mode",
+              "none with model.backbone=flux1-kontext (its other semantic modes are not yet supported)",
+              self.semantic.mode)
+        check(self.codec == "vae", "model.codec", "vae with model.backbone=flux1-kontext", self.codec)
+        check(not (self.weights == "pretrained" and self.flux_path == FLUX_FILL_ID), "model.flux_path",
+              f"FLUX.1 Kontext weights with model.backbone=flux1-kontext, e.g. {FLUX_KONTEXT_ID} "
+              f"(not {FLUX_FILL_ID}, FLUX.1 Fill's)", self.flux_path)
