@@ -1,8 +1,8 @@
-"""The backbone: FLUX.1 Fill's transformer, codec and prompt embeddings, or tiny ones from config.
+"""The backbone: FLUX.1 Fill's or Kontext's transformer, codec and prompt embeddings, or tiny ones from config.
 
 `load_backbone(cfg)` is the one entry point. With `model.weights: pretrained` it reads
 `model.flux_path` (a Hub id, with the user's token, or a local folder in diffusers
-`FluxFillPipeline` layout). With `model.weights: random` it builds every part from the config
+`FluxFillPipeline` / `FluxKontextPipeline` layout, as `model.backbone` says: `vis2ir.backbones`). With `model.weights: random` it builds every part from the config
 with random weights, so tests, CI and the demo run with nothing downloaded (docs/design.md §6).
 
 The prompt is fixed, so its embeddings are a constant: they are computed once, cached on disk
@@ -21,16 +21,17 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from vis2ir.backbones import SPECS, BackboneSpec
 from vis2ir.config import ModelConfig
 from vis2ir.errors import Vis2IRError
 from vis2ir.files import atomic_write
 from vis2ir.hub import cached_snapshot, check_hub, is_local, local_folder
-from vis2ir.latents import Codec, PixelCodec, VAECodec, mask_width, token_width
+from vis2ir.latents import Codec, PixelCodec, VAECodec, token_width
 from vis2ir.quantize import quantize_transformer, require
 
 log = logging.getLogger(__name__)
 
-FLUX_FILL_ID = "black-forest-labs/FLUX.1-Fill-dev"
+FLUX_FILL_ID = SPECS["flux1-fill"].hub_id
 # Files the project reads from a FluxFillPipeline folder; text parts only when embeddings are not cached.
 CORE_FILES = ("transformer/config.json", "vae/config.json")
 TEXT_FILES = ("text_encoder/config.json", "text_encoder_2/config.json", "tokenizer", "tokenizer_2")
@@ -55,6 +56,7 @@ class Backbone:
     transformer: torch.nn.Module
     codec: Codec
     prompt: PromptEmbeds
+    spec: BackboneSpec = SPECS["flux1-fill"]  # which base model (vis2ir.backbones)
 
 
 def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
@@ -66,7 +68,7 @@ def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
 
 def base_in_channels(codec: Codec) -> int:
     """FLUX Fill's input width for a codec: noisy latents + masked-image latents + mask."""
-    return 2 * token_width(codec) + mask_width(codec)
+    return SPECS["flux1-fill"].in_channels(codec)
 
 
 def load_backbone(cfg: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> Backbone:
@@ -77,33 +79,48 @@ def load_backbone(cfg: ModelConfig, device: torch.device | str = "cpu", dtype: t
     """
     require(cfg.quantize)  # a missing library is one line before anything heavy is loaded
     dtype = dtype or resolve_dtype(cfg.dtype, device)
+    spec = SPECS[cfg.backbone]
     fill = None
     if cfg.weights == "pretrained":
-        root = resolve_flux_path(cfg.flux_path, need_text=not _cache_file(cfg).exists())
+        root = resolve_flux_path(cfg.flux_path, need_text=not _cache_file(cfg).exists(), spec=spec)
         from diffusers import FluxTransformer2DModel
 
-        log.info("Loading FLUX.1 Fill from %s", root)
-        transformer = FluxTransformer2DModel.from_pretrained(root, subfolder="transformer", torch_dtype=dtype)
+        log.info("Loading %s from %s", spec.title, root)
         codec = _pretrained_codec(root, dtype)
+        _check_layout(root, spec, codec, cfg.flux_path)
+        transformer = FluxTransformer2DModel.from_pretrained(root, subfolder="transformer", torch_dtype=dtype)
         prompt = prompt_embeddings(cfg, lambda: _load_text_encoders(root))
     else:
         with torch.random.fork_rng(devices=[]):  # seeded build that leaves the global RNG alone
             torch.manual_seed(cfg.seed)
             codec = _random_codec(cfg, dtype)  # first, so that `load_codec` builds the same one
-            transformer = _random_transformer(cfg, codec, dtype)
+            transformer = _random_transformer(cfg, codec, dtype, spec)
         fill = _fill_normal if cfg.transformer.init == "normal" else None
         prompt = prompt_embeddings(cfg, lambda: build_tiny_text_encoders(cfg))
     with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
         torch.manual_seed(cfg.seed)  # `init: normal` fills the weights here: seeded, global RNG left alone
         transformer = quantize_transformer(transformer, cfg.quantize, device, fill)
-    return Backbone(transformer, _to_device(codec, device), prompt.to(device, dtype))
+    return Backbone(transformer, _to_device(codec, device), prompt.to(device, dtype), spec)
+
+
+def _check_layout(root: Path, spec: BackboneSpec, codec: Codec, flux_path: str) -> None:
+    """Refuse (one line) a weights folder whose transformer takes another input width than `spec`'s, e.g. a
+    FLUX.1 Fill folder (384 inputs) for FLUX.1 Kontext (64): diffusers would load it and fail later."""
+    got = json.loads((root / "transformer" / "config.json").read_text()).get("in_channels")
+    expected = spec.in_channels(codec)
+    if got != expected:
+        others = [s.title for s in SPECS.values() if s.in_channels(codec) == got]
+        raise Vis2IRError(f"model.flux_path={flux_path!r}: its transformer takes {got} input channels "
+                          f"({' or '.join(others) or 'no backbone vis2ir knows'}), but model.backbone={spec.name} "
+                          f"takes {expected}; point model.flux_path at {spec.title} weights ({spec.hub_id})")
 
 
 def load_codec(cfg: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> Codec:
     """The codec alone (e.g. to cache a data set's latents), the same one `load_backbone` builds."""
     dtype = dtype or resolve_dtype(cfg.dtype, device)
     if cfg.weights == "pretrained":
-        return _to_device(_pretrained_codec(resolve_flux_path(cfg.flux_path, need_text=False), dtype), device)
+        root = resolve_flux_path(cfg.flux_path, need_text=False, spec=SPECS[cfg.backbone])
+        return _to_device(_pretrained_codec(root, dtype), device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         return _to_device(_random_codec(cfg, dtype), device)
@@ -119,13 +136,13 @@ def _random_codec(cfg: ModelConfig, dtype: torch.dtype) -> Codec:
     return PixelCodec(cfg.pixel_factor) if cfg.codec == "pixel" else VAECodec(_cast(build_tiny_vae(cfg), dtype))
 
 
-def _random_transformer(cfg: ModelConfig, codec: Codec, dtype):
-    """A transformer of the configured shape for `codec`, with random weights (or, with
+def _random_transformer(cfg: ModelConfig, codec: Codec, dtype, spec: BackboneSpec = SPECS["flux1-fill"]):
+    """A transformer of the configured shape for `codec` and the backbone `spec`, with random weights (or, with
     `init: normal`, empty weights that `_fill_normal` fills once they are on the device)."""
     width = token_width(codec)
     if cfg.transformer.init == "normal":
-        return build_transformer_empty(cfg, base_in_channels(codec), width, dtype)
-    return _cast(build_transformer(cfg, base_in_channels(codec), width), dtype)
+        return build_transformer_empty(cfg, spec.in_channels(codec), width, dtype)
+    return _cast(build_transformer(cfg, spec.in_channels(codec), width), dtype)
 
 
 def _to_device(codec: Codec, device) -> Codec:
@@ -273,23 +290,24 @@ def _load_text_encoders(root: Path) -> dict:
 # Finding the weights
 
 
-def _missing_weights(path: str, reason: str) -> Vis2IRError:
+def _missing_weights(path: str, reason: str, spec: BackboneSpec = SPECS["flux1-fill"]) -> Vis2IRError:
     return Vis2IRError(
-        f"cannot load FLUX.1 Fill from model.flux_path={path!r}: {reason}. The weights are "
-        f"{FLUX_FILL_ID} on the Hugging Face Hub, gated under the FLUX.1 [dev] non-commercial licence: "
-        f"accept it at https://huggingface.co/{FLUX_FILL_ID}, then `hf auth login` or set HF_TOKEN; "
-        "or download a copy and set model.flux_path=/path/to/FLUX.1-Fill-dev (diffusers FluxFillPipeline layout)"
+        f"cannot load {spec.title} from model.flux_path={path!r}: {reason}. The weights are "
+        f"{spec.hub_id} on the Hugging Face Hub, gated under the {spec.licence}: "
+        f"accept it at https://huggingface.co/{spec.hub_id}, then `hf auth login` or set HF_TOKEN; "
+        f"or download a copy and set model.flux_path=/path/to/{spec.hub_id.split('/')[-1]} "
+        f"(diffusers {spec.pipeline} layout)"
     )
 
 
-def resolve_flux_path(path: str, need_text: bool = True) -> Path:
+def resolve_flux_path(path: str, need_text: bool = True, spec: BackboneSpec = SPECS["flux1-fill"]) -> Path:
     """A local folder holding the files we need, from a local path or the Hub (downloading once).
 
     Fails within seconds, with one message, when the weights cannot be had: no retry loop.
     """
     needed = CORE_FILES + (TEXT_FILES if need_text else ())
     weights = WEIGHT_FOLDERS + (TEXT_WEIGHT_FOLDERS if need_text else ())
-    fail = lambda reason: _missing_weights(path, reason)  # noqa: E731
+    fail = lambda reason: _missing_weights(path, reason, spec)  # noqa: E731
     if is_local(path):
         return local_folder(path, needed, fail, weights)
 

@@ -3,7 +3,7 @@
 `Vis2IRModel` composes the backbone (transformer, codec, prompt embeddings) with the semantic
 conditioning of docs/design.md §5. Its three steps are used by training and sampling alike:
 
-    encode(batch)                    → Encoded: x_0, x_cond, semantic tokens, ids   (codec, no grad)
+    encode(batch)                    → Encoded: x_0, x_cond, context, semantic tokens, ids (codec, no grad)
     velocity(x_t, encoded, t, g)     → v̂                                           (adapter + transformer)
     forward(batch, t, noise)         → Prediction(pred = v̂, target = noise − x_0)
 """
@@ -15,56 +15,26 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-from einops import repeat
 
-from vis2ir.backbone import Backbone, base_in_channels, load_backbone
+from vis2ir.backbone import Backbone, load_backbone
+from vis2ir.backbones import SPECS, BackboneSpec, Encoded
 from vis2ir.config import Config, SemanticConfig
 from vis2ir.errors import Vis2IRError
-from vis2ir.latents import (encode_fill_condition, encode_images, encode_images_fill, parameter_dtype, token_grid,
-                            token_width)
+from vis2ir.latents import parameter_dtype, token_grid, token_width
 from vis2ir.objective import interpolate, velocity_target
 from vis2ir.semantic.adapter import SemanticConditioningAdapter
-from vis2ir.semantic.modes import SEMANTIC_TOKEN_MODES, build_canvas, target_tokens, widen_x_embedder
+from vis2ir.semantic.modes import target_tokens, widen_x_embedder
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Encoded:
-    """The latent-side inputs of one batch (cacheable: they do not depend on t or the noise)."""
-
-    x_0: torch.Tensor | None               # [B, N, 4C]   packed latents of the whole canvas (None: sampling)
-    x_cond: torch.Tensor                   # [B, N, 4C + 4s²] masked-canvas latents + packed mask
-    img_ids: torch.Tensor                  # [N, 3]
-    semantic_tokens: torch.Tensor | None   # [B, N, 4C] for cross_attention / channel_concat
-    height: int                            # canvas size in pixels
-    width: int
-
-
 @torch.no_grad()
 def encode_batch(codec, semantic_cfg: SemanticConfig, visible: torch.Tensor, infrared: torch.Tensor | None = None,
-                 semantic: torch.Tensor | None = None, generator=None) -> Encoded:
-    """Images in [0, 1] `[B, 3, H, W]` → the latent inputs of the mode, with the codec alone.
-
-    `infrared` is None when sampling: the target panel is blank and `x_0` is None. With a
-    generator (or one per image), the canvas and the masked canvas take posterior samples from it
-    in that order, as FluxFillPipeline draws them; otherwise both take the posterior mode from one
-    codec call. The semantic tokens are `[semantic | semantic]`: the map describes both
-    pixel-aligned halves (docs/design.md §4.1); it is encoded once and its tokens repeated.
-    """
-    canvas, mask = build_canvas(semantic_cfg.mode, visible, infrared, semantic, semantic_cfg.fusion_alpha)
-    dtype = codec.dtype
-    canvas, mask = canvas.to(dtype), mask.to(dtype)
-    if infrared is not None:
-        x_0, x_cond, ids = encode_images_fill(codec, canvas, mask, generator=generator)
-    else:
-        x_0, (x_cond, ids) = None, encode_fill_condition(codec, canvas, mask, generator=generator)
-    sem = None
-    if semantic_cfg.mode in SEMANTIC_TOKEN_MODES:
-        panel, _ = encode_images(codec, semantic.to(dtype))
-        rows, _ = token_grid(codec, semantic.shape[-2], semantic.shape[-1])
-        sem = repeat(panel, "b (r c) d -> b (r n c) d", r=rows, n=2)
-    return Encoded(x_0, x_cond, ids, sem, canvas.shape[-2], canvas.shape[-1])
+                 semantic: torch.Tensor | None = None, generator=None, spec: BackboneSpec = SPECS["flux1-fill"]
+                 ) -> Encoded:
+    """Images in [0, 1] `[B, 3, H, W]` → the latent inputs of the backbone `spec` and the mode, with the codec
+    alone (`vis2ir.backbones.encode_fill`, `encode_kontext`). `infrared` is None when sampling (`x_0` None)."""
+    return spec.encode(codec, semantic_cfg, visible, infrared, semantic, generator)
 
 
 @dataclass
@@ -73,6 +43,7 @@ class Conditioning:
     change across sampling steps, so sampling computes them once per image."""
 
     rest: torch.Tensor               # [B, N, C'] the channels after x_t: x_cond (adapted) (+ semantic tokens)
+    context: torch.Tensor | None     # [B, M, 4C] tokens after x_t's along the sequence (Kontext's reference)
     guidance: torch.Tensor | None    # [B] float32, or None when the transformer has no guidance embedding
     pooled: torch.Tensor             # [B, P] pooled prompt embedding, in the transformer's dtype
     prompt: torch.Tensor             # [B, L, D] prompt embeddings
@@ -86,10 +57,11 @@ class Prediction(NamedTuple):
 
 
 class Vis2IRModel(torch.nn.Module):
-    """FLUX Fill transformer + semantic conditioning, on one codec."""
+    """A FLUX transformer (the backbone `spec`: Fill or Kontext) + semantic conditioning, on one codec."""
 
     def __init__(self, backbone: Backbone, semantic: SemanticConfig, seed: int = 0):
         super().__init__()
+        self.spec = spec = backbone.spec
         self.transformer = backbone.transformer
         self.codec = backbone.codec
         self.semantic = semantic
@@ -100,11 +72,12 @@ class Vis2IRModel(torch.nn.Module):
 
         if self.mode == "channel_concat":
             widen_x_embedder(self.transformer, width)
-        expected = base_in_channels(self.codec) + (width if self.mode == "channel_concat" else 0)
+        expected = spec.in_channels(self.codec) + (width if self.mode == "channel_concat" else 0)
         got = self.transformer.config.in_channels
         if got != expected:
             raise Vis2IRError(f"the transformer takes {got} input channels, but mode {self.mode} with this codec "
-                              f"feeds {expected} (check model.codec, model.pixel_factor and model.semantic.mode)")
+                              f"feeds {expected} to {spec.title} (check model.backbone, model.codec, "
+                              "model.pixel_factor and model.semantic.mode)")
 
         self.adapter = None
         if self.mode == "cross_attention":
@@ -137,7 +110,7 @@ class Vis2IRModel(torch.nn.Module):
     def encode(self, visible: torch.Tensor, infrared: torch.Tensor | None = None,
                semantic: torch.Tensor | None = None, generator=None) -> Encoded:
         """Images in [0, 1] `[B, 3, H, W]` → the latent inputs (see `encode_batch`)."""
-        return encode_batch(self.codec, self.semantic, visible, infrared, semantic, generator)
+        return encode_batch(self.codec, self.semantic, visible, infrared, semantic, generator, self.spec)
 
     def conditioning(self, enc: Encoded, guidance: float | torch.Tensor = 1.0, return_attention: bool = False,
                      adapter_scale: float | None = None) -> Conditioning:
@@ -160,6 +133,7 @@ class Vis2IRModel(torch.nn.Module):
                 torch.full((b,), float(guidance), device=device, dtype=torch.float32)
         return Conditioning(
             rest=torch.cat(parts, dim=-1), guidance=g,
+            context=None if enc.context is None else enc.context.to(dtype),
             pooled=self.pooled_prompt_embeds.to(dtype).expand(b, -1),
             prompt=self.prompt_embeds.to(dtype).expand(b, -1, -1),
             txt_ids=self.prompt_embeds.new_zeros(self.prompt_embeds.shape[1], 3), attention=attention)
@@ -183,16 +157,19 @@ class Vis2IRModel(torch.nn.Module):
         x_in, attention = x_t, cond.attention
         if self.adapter is not None and self.semantic.inject_into == "noisy":
             x_in, attention = self._adapt(x_t, enc, return_attention, adapter_scale)
+        hidden, ids = torch.cat([x_in.to(dtype), cond.rest], dim=-1), enc.img_ids
+        if cond.context is not None:  # Kontext: the reference after the target, along the sequence
+            hidden, ids = torch.cat([hidden, cond.context], dim=1), torch.cat([ids, enc.context_ids], dim=0)
         out = self.transformer(
-            hidden_states=torch.cat([x_in.to(dtype), cond.rest], dim=-1),
+            hidden_states=hidden,
             timestep=t.to(device=x_t.device, dtype=dtype).expand(b),
             guidance=cond.guidance,
             pooled_projections=cond.pooled,
             encoder_hidden_states=cond.prompt,
             txt_ids=cond.txt_ids,
-            img_ids=enc.img_ids,
+            img_ids=ids,
             return_dict=False,
-        )[0]
+        )[0][:, :x_t.shape[1]]  # the target slice (all of Fill's output)
         return (out, attention) if return_attention else out
 
     def velocity(self, x_t: torch.Tensor, enc: Encoded, t: torch.Tensor, guidance: float | torch.Tensor = 1.0,
@@ -216,8 +193,10 @@ class Vis2IRModel(torch.nn.Module):
         return Prediction(self.velocity(x_t, enc, t, guidance), velocity_target(x_0, noise))
 
     def target_tokens(self, enc: Encoded) -> torch.Tensor:
-        """Boolean `[N]` mask of the tokens that belong to the infrared panel."""
+        """Boolean `[N]` mask of the tokens that belong to the infrared panel (all of them without a canvas)."""
         rows, cols = token_grid(self.codec, enc.height, enc.width)
+        if not self.spec.canvas:
+            return torch.ones(rows * cols, dtype=torch.bool, device=enc.x_0.device)
         return target_tokens(self.mode, rows, cols, device=enc.x_0.device)
 
 

@@ -44,11 +44,12 @@ def draw(generators: list[torch.Generator], shape: tuple[int, ...], dtype: torch
 
 def get_noise(model: Vis2IRModel, generators: list[torch.Generator], height: int, width: int,
               device=None) -> torch.Tensor:
-    """Packed initial noise `[B, N, 4C]` for a `height × width` canvas, drawn as FluxFillPipeline draws it."""
+    """Packed initial noise `[B, N, 4C]` for a `height × width` canvas (Fill) or target (Kontext), drawn as
+    FluxFillPipeline draws it (after a posterior sample of the canvas) or FluxKontextPipeline (noise only)."""
     codec = as_codec(model.codec)
     s = codec.scale_factor
     shape = (codec.latent_channels, height // s, width // s)
-    if isinstance(codec, VAECodec):
+    if isinstance(codec, VAECodec) and model.spec.posterior_draws:
         draw(generators, shape, codec.dtype)  # stock's posterior sample of the canvas, multiplied by σ₀ − 1 = 0
     return pack(draw(generators, shape, parameter_dtype(model.transformer), device))
 
@@ -121,9 +122,9 @@ def denoise(model: Vis2IRModel, enc: Encoded, x: torch.Tensor, sigmas: torch.Ten
 
 @torch.no_grad()
 def decode_target(model: Vis2IRModel, tokens: torch.Tensor, enc: Encoded) -> torch.Tensor:
-    """Decode the whole canvas, then crop the infrared panel: images `[B, 3, H, W]` in [0, 1]."""
-    canvas = decode_tokens(model.codec, tokens, enc.height, enc.width)
-    return crop_target(canvas, model.mode)
+    """Decode the tokens, then crop the infrared panel of a canvas: images `[B, 3, H, W]` in [0, 1]."""
+    images = decode_tokens(model.codec, tokens, enc.height, enc.width)
+    return crop_target(images, model.mode) if model.spec.canvas else images
 
 
 @torch.no_grad()
@@ -136,7 +137,8 @@ def generate(model: Vis2IRModel, visible: torch.Tensor, semantic: torch.Tensor |
     `cache`: a step cache (`StepCache`, approximate), or None for the exact sampler; `callback(done, steps)`
     after each denoising step."""
     generators = make_generators(seed, visible.shape[0])
-    x = get_noise(model, generators, visible.shape[-2], visible.shape[-1] * num_panels(model.mode), visible.device)
+    panels = num_panels(model.mode) if model.spec.canvas else 1  # Kontext's noise covers the target alone
+    x = get_noise(model, generators, visible.shape[-2], visible.shape[-1] * panels, visible.device)
     enc = model.encode(visible, None, semantic, generators)  # after the noise, as stock draws them
     sigmas = get_schedule(steps, x.shape[1])
     out = denoise(model, enc, x, sigmas, guidance, adapter_scale, return_attention, progress, cache, callback)
