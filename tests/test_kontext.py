@@ -1,0 +1,185 @@
+"""FLUX.1 Kontext as a backbone (`model.backbone: flux1-kontext`, issue 31): sampling equals stock diffusers
+`FluxKontextPipeline` (no auto-resize, the photo's own size), training runs through the train loop, the LoRA a
+run writes loads into the stock pipeline and gives the same images, and what is not supported yet is refused."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxKontextPipeline
+from PIL import Image
+
+from vis2ir.backbone import build_tiny_text_encoders
+from vis2ir.checkpoint import LORA_FILE, list_checkpoints
+from vis2ir.config import ConfigError
+from vis2ir.errors import Vis2IRError
+from vis2ir.model import build_model
+from vis2ir.pipeline import Vis2IRPipeline
+from vis2ir.sample import generate
+from vis2ir.train import train
+
+KONTEXT = ["model.backbone=flux1-kontext", "model.semantic.mode=none", "train.loss_region=target"]
+
+
+def kontext_scheduler():
+    """FLUX.1's dynamic-shift scheduler (FLUX.1-Kontext-dev ships the same FlowMatchEuler configuration)."""
+    return FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                           base_image_seq_len=256, max_image_seq_len=4096, shift=3.0)
+
+
+def stock_pipeline(model, cfg):
+    """Stock FluxKontextPipeline on the model's own transformer and VAE, with the tiny text encoders."""
+    stock = FluxKontextPipeline(scheduler=kontext_scheduler(), vae=model.codec.vae, transformer=model.transformer,
+                                **build_tiny_text_encoders(cfg.model))
+    stock.set_progress_bar_config(disable=True)
+    return stock
+
+
+def picture(h, w, seed):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8))
+
+
+def stock_run(stock, cfg, image, steps, guidance, seed):
+    """Stock Kontext at the photo's own size: no auto-resize, `max_area` = H·W (its default snaps to ~1 MP)."""
+    h, w = image.height, image.width
+    return stock(image=image, prompt=cfg.model.prompt, height=h, width=w, max_area=h * w, _auto_resize=False,
+                 num_inference_steps=steps, guidance_scale=guidance, generator=torch.Generator("cpu").manual_seed(seed),
+                 output_type="pt", max_sequence_length=cfg.model.max_sequence_length).images
+
+
+@pytest.fixture
+def kontext(tiny_config):
+    cfg = tiny_config(*KONTEXT)
+    model = build_model(cfg).eval()
+    return cfg, model
+
+
+@pytest.mark.parametrize("h, w, steps, guidance, seed", [(48, 64, 4, 2.5, 7), (64, 48, 2, 3.5, 3)])
+def test_mode_none_equals_stock_flux_kontext(kontext, h, w, steps, guidance, seed):
+    cfg, model = kontext
+    stock = stock_pipeline(model, cfg)
+    pipe = Vis2IRPipeline(model, cfg)
+    image = picture(h, w, seed)
+    ours = pipe(image, steps=steps, guidance=guidance, seed=seed, output_type="pt").images[0]
+    theirs = stock_run(stock, cfg, image, steps, guidance, seed)[0]
+    assert ours.shape == theirs.shape == (3, h, w)
+    assert torch.allclose(ours, theirs, atol=1e-6, rtol=0), (ours - theirs).abs().max()
+    # Not trivially true: another seed and another photo change the image.
+    other_seed = pipe(image, steps=steps, guidance=guidance, seed=seed + 1, output_type="pt").images[0]
+    other_photo = pipe(picture(h, w, seed + 100), steps=steps, guidance=guidance, seed=seed, output_type="pt").images[0]
+    assert (other_seed - ours).abs().max() > 1e-2 and (other_photo - ours).abs().max() > 1e-4
+
+
+def test_reference_after_the_target_and_the_target_slice(kontext):
+    """Target ids (0, r, c), reference ids (1, r, c) on the same grid; the prediction is the target slice."""
+    cfg, model = kontext
+    vis, ir = torch.rand(2, 3, 32, 48), torch.rand(2, 3, 32, 48)
+    enc = model.encode(vis, ir)
+    assert enc.x_0.shape == enc.context.shape == (2, 6, 64) and enc.x_cond.shape == (2, 6, 0)
+    assert (enc.img_ids[:, 0] == 0).all() and (enc.context_ids[:, 0] == 1).all()
+    assert torch.equal(enc.img_ids[:, 1:], enc.context_ids[:, 1:])
+    pred, target = model(vis, ir, None, torch.full((2,), 0.5), encoded=enc)
+    assert pred.shape == target.shape == (2, 6, 64)
+    assert model.target_tokens(enc).all() and model.transformer.config.in_channels == 64
+    # The reference reaches the prediction: another photo, another v̂.
+    other = model.velocity(enc.x_0, model.encode(torch.rand(2, 3, 32, 48), ir), torch.full((2,), 0.5))
+    assert (other - model.velocity(enc.x_0, enc, torch.full((2,), 0.5))).abs().max() > 1e-4
+
+
+TINY_RUN = [*KONTEXT, "model.lora.rank=4", "data.source=thermalscenes", "data.size=32", "data.synth_count=12",
+            "data.val_fraction=0.2", "data.test_fraction=0.2", "data.num_workers=0", "train.batch_size=2",
+            "train.learning_rate=1e-3", "train.checkpoint_every=2", "train.val_every=2", "train.val_batches=1",
+            "train.log_every=1", "train.max_steps=2"]
+
+
+@pytest.mark.parametrize("finetune", ["lora", "full"])
+def test_training_runs_and_writes_a_checkpoint(tiny_config, tmp_path, finetune):
+    run_dir = train(tiny_config(*TINY_RUN, f"train.finetune={finetune}", f"train.output_dir={tmp_path / 'run'}"),
+                    progress=False)
+    assert [p.name for p in list_checkpoints(run_dir)] == ["step-2"]
+    metrics = (run_dir / "logs" / "version_0" / "metrics.csv").read_text().splitlines()
+    column = metrics[0].split(",").index("train/loss")
+    losses = [float(row.split(",")[column]) for row in metrics[1:] if row.split(",")[column]]
+    assert losses and all(np.isfinite(losses))
+    if finetune == "lora":
+        assert (run_dir / "checkpoints" / "step-2" / LORA_FILE).is_file()
+
+
+def test_resume_ends_with_the_same_weights(tiny_config, tmp_path):
+    from safetensors.torch import load_file
+
+    def run(name, steps, resume=None):
+        cfg = tiny_config(*TINY_RUN, f"train.max_steps={steps}", f"train.output_dir={tmp_path / name}")
+        return train(cfg, resume=resume, progress=False)
+
+    straight = run("straight", 4)
+    run("stopped", 2)
+    resumed = run("stopped", 4, resume="latest")
+    a = load_file(str(straight / "checkpoints" / "step-4" / LORA_FILE))
+    b = load_file(str(resumed / "checkpoints" / "step-4" / LORA_FILE))
+    c = load_file(str(resumed / "checkpoints" / "step-2" / LORA_FILE))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert any(not torch.allclose(a[k], c[k]) for k in a)
+
+
+def test_lora_a_run_writes_loads_into_stock_kontext(tiny_config, tmp_path):
+    cfg = tiny_config(*TINY_RUN, "train.learning_rate=5e-2", f"train.output_dir={tmp_path / 'run'}")
+    ckpt = train(cfg, progress=False) / "checkpoints" / "step-2"
+    pipe = Vis2IRPipeline.from_checkpoint(ckpt)
+    base = build_model(cfg).eval()  # the same random base, without the LoRA
+    stock = stock_pipeline(base, cfg)
+    image = picture(32, 48, 1)
+    before = stock_run(stock, cfg, image, 3, 2.5, 5)[0]
+    stock.load_lora_weights(ckpt)
+    after = stock_run(stock, cfg, image, 3, 2.5, 5)[0]
+    ours = pipe(image, steps=3, guidance=2.5, seed=5, output_type="pt").images[0]
+    assert torch.allclose(ours, after, atol=1e-5, rtol=0), (ours - after).abs().max()
+    assert (after - before).abs().max() > 1e-4  # the LoRA trained and matters
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.semantic.mode=cross_attention"], "model.semantic.mode: expected none with model.backbone=flux1-kontext"),
+    (["train.loss_region=all"], "train.loss_region: expected target with model.backbone=flux1-kontext"),
+    (["data.latent_cache=/tmp/cache"], "data.latent_cache: expected none with model.backbone=flux1-kontext"),
+    (["model.weights=pretrained"], "model.flux_path: expected FLUX.1 Kontext weights"),
+    (["model.codec=pixel"], "model.codec: expected vae with model.backbone=flux1-kontext"),
+])
+def test_what_is_not_supported_yet_is_refused_in_one_line(tiny_config, overrides, message):
+    with pytest.raises(ConfigError) as err:
+        tiny_config(*KONTEXT, *overrides)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_fill_folder_is_refused_as_kontext(tiny_config, tmp_path):
+    """A weights folder in FluxFillPipeline layout (transformer of 384 inputs) given for Kontext: one line."""
+    fill = build_model(tiny_config())
+    root = tmp_path / "fill"
+    fill.transformer.save_pretrained(root / "transformer")
+    fill.codec.vae.save_pretrained(root / "vae")
+    encoders = build_tiny_text_encoders(tiny_config().model)
+    for name, part in encoders.items():
+        part.save_pretrained(root / name)
+    with pytest.raises(Vis2IRError) as err:
+        build_model(tiny_config(*KONTEXT, "model.weights=pretrained", f"model.flux_path={root}"))
+    text = str(err.value)
+    assert "takes 384 input channels (FLUX.1 Fill), but model.backbone=flux1-kontext takes 64" in text
+    assert "\n" not in text
+
+
+def test_init_from_a_fill_checkpoint_is_refused(tiny_config, tmp_path):
+    run_dir = train(tiny_config(*TINY_RUN[1:3], *TINY_RUN[3:], "train.loss_region=target",
+                                f"train.output_dir={tmp_path / 'fill'}"), progress=False)
+    cfg = tiny_config(*TINY_RUN, f"train.init_from={run_dir}", f"train.output_dir={tmp_path / 'k'}")
+    with pytest.raises(Vis2IRError) as err:
+        train(cfg, progress=False)
+    assert "model.backbone='flux1-kontext' differs from the checkpoint's 'flux1-fill'" in str(err.value)
+
+
+def test_generate_draws_noise_only(kontext):
+    """Kontext draws the initial noise and nothing else from each image's generator (stock: the reference is
+    the posterior mode), so the same seed gives the same image whatever the batch."""
+    cfg, model = kontext
+    vis = torch.rand(2, 3, 32, 32)
+    both = generate(model, vis, steps=2, guidance=2.5, seed=3)
+    one = generate(model, vis[1:], steps=2, guidance=2.5, seed=3)
+    assert both.shape == (2, 3, 32, 32) and torch.allclose(both[1:], one, atol=1e-6)
