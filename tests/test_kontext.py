@@ -125,7 +125,7 @@ def test_resume_ends_with_the_same_weights(tiny_config, tmp_path):
 def test_lora_a_run_writes_loads_into_stock_kontext(tiny_config, tmp_path):
     cfg = tiny_config(*TINY_RUN, "train.learning_rate=5e-2", f"train.output_dir={tmp_path / 'run'}")
     ckpt = train(cfg, progress=False) / "checkpoints" / "step-2"
-    pipe = Vis2IRPipeline.from_checkpoint(ckpt)
+    pipe = Vis2IRPipeline.from_checkpoint(ckpt, overrides=["sample.size=native"])  # the photo's own size
     base = build_model(cfg).eval()  # the same random base, without the LoRA
     stock = stock_pipeline(base, cfg)
     image = picture(32, 48, 1)
