@@ -63,7 +63,8 @@ def test_mode_none_equals_stock_flux_kontext(kontext, h, w, steps, guidance, see
     ours = pipe(image, steps=steps, guidance=guidance, seed=seed, output_type="pt").images[0]
     theirs = stock_run(stock, cfg, image, steps, guidance, seed)[0]
     assert ours.shape == theirs.shape == (3, h, w)
-    assert torch.allclose(ours, theirs, atol=1e-6, rtol=0), (ours - theirs).abs().max()
+    # At rounding tolerance: measured max|d| 9.5e-7 and 9.8e-7 (CPU, fp32); another seed moves it by about 1.
+    assert torch.allclose(ours, theirs, atol=5e-6, rtol=0), (ours - theirs).abs().max()
     # Not trivially true: another seed and another photo change the image.
     other_seed = pipe(image, steps=steps, guidance=guidance, seed=seed + 1, output_type="pt").images[0]
     other_photo = pipe(picture(h, w, seed + 100), steps=steps, guidance=guidance, seed=seed, output_type="pt").images[0]
