@@ -250,3 +250,13 @@ def test_backbone_values_refused_in_one_line(override, message):
     with pytest.raises(ConfigError) as err:
         load_config(None, ["model.weights=random", override])
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_old_backbone_key_in_a_latent_cache_record():
+    """A latent cache made before the rename recorded `model.backbone: random`: read as weights, on Fill."""
+    from vis2ir.config.migrate import move_renamed_flat
+
+    old = {"model.backbone": "random", "model.codec": "vae"}
+    assert move_renamed_flat(old) == {"model.backbone": "flux1-fill", "model.weights": "random", "model.codec": "vae"}
+    new = {"model.backbone": "flux1-kontext", "model.weights": "random"}
+    assert move_renamed_flat(new) == new

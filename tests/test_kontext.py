@@ -139,7 +139,9 @@ def test_lora_a_run_writes_loads_into_stock_kontext(tiny_config, tmp_path):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["model.semantic.mode=cross_attention"], "model.semantic.mode: expected none with model.backbone=flux1-kontext"),
+    (["model.semantic.mode=cross_attention"], "model.semantic.mode: expected none, pixel_fusion or channel_concat "
+                                              "with model.backbone=flux1-kontext"),
+    (["model.semantic.mode=in_context"], "(its other semantic modes are not yet supported), got 'in_context'"),
     (["train.loss_region=all"], "train.loss_region: expected target with model.backbone=flux1-kontext"),
     (["data.latent_cache=/tmp/cache"], "data.latent_cache: expected none with model.backbone=flux1-kontext"),
     (["model.weights=pretrained"], "model.flux_path: expected FLUX.1 Kontext weights"),
@@ -174,6 +176,34 @@ def test_init_from_a_fill_checkpoint_is_refused(tiny_config, tmp_path):
     with pytest.raises(Vis2IRError) as err:
         train(cfg, progress=False)
     assert "model.backbone='flux1-kontext' differs from the checkpoint's 'flux1-fill'" in str(err.value)
+
+
+def test_semantic_modes_start_as_stock(tiny_config):
+    """channel_concat freshly widened (zero columns for the map's tokens on target and reference) and
+    pixel_fusion at α = 0 sample what mode none samples; the map matters once the new columns are not zero."""
+    vis, sem = torch.rand(1, 3, 32, 48), torch.rand(1, 3, 32, 48)
+    none = generate(build_model(tiny_config(*KONTEXT)).eval(), vis, None, steps=2, guidance=2.5, seed=3)
+    concat = build_model(tiny_config(*KONTEXT, "model.semantic.mode=channel_concat")).eval()
+    assert concat.transformer.config.in_channels == 128
+    assert torch.allclose(generate(concat, vis, sem, steps=2, guidance=2.5, seed=3), none, atol=1e-6)
+    fusion = build_model(tiny_config(*KONTEXT, "model.semantic.mode=pixel_fusion", "model.semantic.fusion_alpha=0"))
+    assert torch.allclose(generate(fusion.eval(), vis, sem, steps=2, guidance=2.5, seed=3), none, atol=1e-6)
+    fused = build_model(tiny_config(*KONTEXT, "model.semantic.mode=pixel_fusion")).eval()  # α = 0.5
+    assert (generate(fused, vis, sem, steps=2, guidance=2.5, seed=3) - none).abs().max() > 1e-4
+    with torch.no_grad():
+        concat.transformer.x_embedder.weight[:, 64:].normal_(0, 0.1)
+    moved = generate(concat, vis, sem, steps=2, guidance=2.5, seed=3)
+    assert (moved - none).abs().max() > 1e-4
+    enc = concat.encode(vis, None, sem)
+    assert enc.semantic_tokens.shape == enc.context.shape == (1, 6, 64)
+    with pytest.raises(Vis2IRError, match="needs a semantic map for every image"):
+        concat.encode(vis, None, None)
+
+
+def test_channel_concat_trains(tiny_config, tmp_path):
+    run_dir = train(tiny_config(*TINY_RUN, "model.semantic.mode=channel_concat", f"train.output_dir={tmp_path / 'r'}"),
+                    progress=False)
+    assert [p.name for p in list_checkpoints(run_dir)] == ["step-2"]
 
 
 def test_generate_draws_noise_only(kontext):

@@ -27,7 +27,9 @@ from einops import repeat
 
 from vis2ir.latents import (Codec, encode_fill_condition, encode_images, encode_images_fill, mask_width, token_grid,
                             token_width)
-from vis2ir.semantic.modes import SEMANTIC_TOKEN_MODES, build_canvas
+from vis2ir.errors import Vis2IRError
+from vis2ir.io.inputs import missing_maps_help
+from vis2ir.semantic.modes import NEEDS_SEMANTIC, SEMANTIC_TOKEN_MODES, build_canvas
 
 
 @dataclass
@@ -37,7 +39,7 @@ class Encoded:
     x_0: torch.Tensor | None               # [B, N, 4C]   packed target latents: Fill's whole canvas (None: sampling)
     x_cond: torch.Tensor                   # [B, N, C'] channel-wise condition: Fill's masked canvas + mask; Kontext [B, N, 0]
     img_ids: torch.Tensor                  # [N, 3] ids of the N target tokens
-    semantic_tokens: torch.Tensor | None   # [B, N, 4C] for cross_attention / channel_concat
+    semantic_tokens: torch.Tensor | None   # [B, N, 4C] for cross_attention / channel_concat (Fill: [map | map])
     height: int                            # size in pixels of what x_0 covers (Fill: the canvas)
     width: int
     context: torch.Tensor | None = None      # [B, M, 4C] reference tokens appended along the sequence (Kontext)
@@ -87,17 +89,26 @@ def with_index(ids: torch.Tensor, index: int) -> torch.Tensor:
 @torch.no_grad()
 def encode_kontext(codec: Codec, semantic_cfg, visible: torch.Tensor, infrared: torch.Tensor | None = None,
                    semantic: torch.Tensor | None = None, generator=None) -> Encoded:
-    """FLUX.1 Kontext: photo (and infrared) `[B, 3, H, W]` in [0, 1] → target and reference tokens.
+    """FLUX.1 Kontext: photo (and infrared), map `[B, 3, H, W]` in [0, 1] → target and reference tokens.
 
     x_0: the infrared photo's posterior-mode tokens `[B, N, 4C]` (None when sampling), ids (0, row, col); the
     reference (`context`): the photo's posterior-mode tokens, ids (1, row, col) on the same grid (stock
-    `retrieve_latents(sample_mode="argmax")`: no draw, so `generator` is not used). Semantic mode none only
-    (`ModelConfig._check_kontext`): `semantic` is not read."""
+    `retrieve_latents(sample_mode="argmax")`: no draw, so `generator` is not used). Modes: `none` (stock);
+    `pixel_fusion`: the reference is `(1 − α)·photo + α·map`; `channel_concat`: the map's tokens `[B, N, 4C]`
+    (pixel-aligned with both target and reference) in `semantic_tokens`, joined to both along the channels
+    by `Vis2IRModel.conditioning`. Other modes are refused by the settings (`ModelConfig._check_kontext`)."""
+    mode = semantic_cfg.mode
+    if mode in NEEDS_SEMANTIC and semantic is None:
+        raise Vis2IRError(f"model.semantic.mode={mode} needs a semantic map for every image, and none was given; "
+                          + missing_maps_help())
     dtype = codec.dtype
+    if mode == "pixel_fusion":
+        visible = (1 - semantic_cfg.fusion_alpha) * visible + semantic_cfg.fusion_alpha * semantic
     ref, ids = encode_images(codec, stock_layout(visible.to(dtype)))
     x_0 = None if infrared is None else encode_images(codec, stock_layout(infrared.to(dtype)))[0]
+    sem = encode_images(codec, semantic.to(dtype))[0] if mode in SEMANTIC_TOKEN_MODES else None
     empty = ref.new_zeros(*ref.shape[:2], 0)
-    return Encoded(x_0, empty, ids, None, visible.shape[-2], visible.shape[-1], ref,
+    return Encoded(x_0, empty, ids, sem, visible.shape[-2], visible.shape[-1], ref,
                    with_index(ids, KONTEXT_REFERENCE_INDEX))
 
 
@@ -134,7 +145,7 @@ SPECS: dict[str, BackboneSpec] = {
     "flux1-kontext": BackboneSpec(
         "flux1-kontext", "FLUX.1 Kontext", "black-forest-labs/FLUX.1-Kontext-dev", FLUX_DEV_LICENCE,
         "FluxKontextPipeline", encode_kontext, sequence_condition=True, canvas=False, posterior_draws=False,
-        modes=("none",)),
+        modes=("none", "pixel_fusion", "channel_concat")),
 }
 
 

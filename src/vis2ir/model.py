@@ -133,10 +133,19 @@ class Vis2IRModel(torch.nn.Module):
                 torch.full((b,), float(guidance), device=device, dtype=torch.float32)
         return Conditioning(
             rest=torch.cat(parts, dim=-1), guidance=g,
-            context=None if enc.context is None else enc.context.to(dtype),
+            context=self._context(enc, dtype),
             pooled=self.pooled_prompt_embeds.to(dtype).expand(b, -1),
             prompt=self.prompt_embeds.to(dtype).expand(b, -1, -1),
             txt_ids=self.prompt_embeds.new_zeros(self.prompt_embeds.shape[1], 3), attention=attention)
+
+    def _context(self, enc: Encoded, dtype: torch.dtype) -> torch.Tensor | None:
+        """The tokens after x_t's along the sequence `[B, M, C]` (Kontext's reference), None without: with
+        channel_concat, the map's tokens join them as they join x_t's (the map is pixel-aligned with both)."""
+        if enc.context is None:
+            return None
+        if self.mode == "channel_concat":
+            return torch.cat([enc.context, enc.semantic_tokens.to(enc.context.dtype)], dim=-1).to(dtype)
+        return enc.context.to(dtype)
 
     def _adapt(self, base: torch.Tensor, enc: Encoded, return_attention: bool, adapter_scale: float | None):
         """The adapter on `base` `[B, N, w]` in fp32 (it is small) → (adapted, attention or None)."""
