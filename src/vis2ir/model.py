@@ -69,6 +69,9 @@ class Vis2IRModel(torch.nn.Module):
         self.register_buffer("prompt_embeds", backbone.prompt.prompt_embeds, persistent=False)
         self.register_buffer("pooled_prompt_embeds", backbone.prompt.pooled_prompt_embeds, persistent=False)
         width = token_width(self.codec)
+        if self.mode not in spec.modes:  # the settings refuse it first (`ModelConfig._check_kontext`)
+            raise Vis2IRError(f"model.semantic.mode={self.mode} is not yet supported with model.backbone={spec.name} "
+                              f"(supported: {', '.join(spec.modes)})")
 
         if self.mode == "channel_concat":
             widen_x_embedder(self.transformer, width)
