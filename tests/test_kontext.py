@@ -82,6 +82,10 @@ def test_reference_after_the_target_and_the_target_slice(kontext):
     pred, target = model(vis, ir, None, torch.full((2,), 0.5), encoded=enc)
     assert pred.shape == target.shape == (2, 6, 64)
     assert model.target_tokens(enc).all() and model.transformer.config.in_channels == 64
+    # A training sample's sequence: target and reference tokens (as many as Fill's canvas of two panels).
+    from vis2ir.train import training_tokens
+
+    assert training_tokens(model, cfg)[0] == 2 * (cfg.data.size // 16) ** 2
     # The reference reaches the prediction: another photo, another v̂.
     other = model.velocity(enc.x_0, model.encode(torch.rand(2, 3, 32, 48), ir), torch.full((2,), 0.5))
     assert (other - model.velocity(enc.x_0, enc, torch.full((2,), 0.5))).abs().max() > 1e-4

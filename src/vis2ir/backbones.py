@@ -29,7 +29,7 @@ from vis2ir.latents import (Codec, encode_fill_condition, encode_images, encode_
                             token_width)
 from vis2ir.errors import Vis2IRError
 from vis2ir.io.inputs import missing_maps_help
-from vis2ir.semantic.modes import NEEDS_SEMANTIC, SEMANTIC_TOKEN_MODES, build_canvas
+from vis2ir.semantic.modes import NEEDS_SEMANTIC, SEMANTIC_TOKEN_MODES, build_canvas, num_panels
 
 
 @dataclass
@@ -134,6 +134,11 @@ class BackboneSpec:
         """The transformer's input width for `codec` in semantic mode none: Fill's noisy + masked-canvas latents
         + mask (2·64 + 256 = 384 with FLUX's VAE); Kontext's noisy latents alone (64)."""
         return token_width(codec) if self.sequence_condition else 2 * token_width(codec) + mask_width(codec)
+
+    def sequence_panels(self, mode: str) -> int:
+        """Image tokens in the transformer's sequence, in target panels: Fill's canvas (2, or 3 for in_context);
+        Kontext's target and reference (2)."""
+        return num_panels(mode) if self.canvas else 2
 
 
 FLUX_DEV_LICENCE = "FLUX.1 [dev] non-commercial licence"  # both model cards; the Hub repos are gated

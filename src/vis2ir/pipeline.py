@@ -360,7 +360,7 @@ def transformer_work(model: Vis2IRModel, height: int, width: int) -> int:
     (QKᵀ and the weighted sum of V). Kaplan et al. 2020, "Scaling Laws for Neural Language Models", Table 1."""
     cfg = model.transformer.config
     d = cfg.num_attention_heads * cfg.attention_head_dim
-    panels = num_panels(model.mode)
+    panels = model.spec.sequence_panels(model.mode)
     rows, cols = token_grid(model.codec, height, width * panels)
     n = rows * cols + model.prompt_embeds.shape[1]
     return n * (12 * d + 2 * n)

@@ -56,9 +56,9 @@ def resolved_precision(cfg: Config, cuda: bool) -> str:
 
 
 def training_tokens(model: Vis2IRModel, cfg: Config) -> tuple[int, int]:
-    """(image tokens, text tokens) of one training sample: the canvas of `data.size` panels, the prompt."""
+    """(image tokens, text tokens) of one training sample: the canvas of `data.size` panels (Fill) or the target
+    and the reference (Kontext), the prompt."""
     from vis2ir.latents import token_grid
-    from vis2ir.semantic.modes import num_panels
 
-    rows, cols = token_grid(model.codec, cfg.data.size, cfg.data.size * num_panels(model.mode))
+    rows, cols = token_grid(model.codec, cfg.data.size, cfg.data.size * model.spec.sequence_panels(model.mode))
     return rows * cols, model.prompt_embeds.shape[1]
