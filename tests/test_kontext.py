@@ -218,3 +218,29 @@ def test_generate_draws_noise_only(kontext):
     both = generate(model, vis, steps=2, guidance=2.5, seed=3)
     one = generate(model, vis[1:], steps=2, guidance=2.5, seed=3)
     assert both.shape == (2, 3, 32, 32) and torch.allclose(both[1:], one, atol=1e-6)
+
+
+def test_lora_trains_on_a_quantized_kontext_base(tiny_config, tmp_path):
+    """`model.quantize=nf4` (QLoRA) on Kontext: the blocks are quantized, the run writes its LoRA."""
+    pytest.importorskip("bitsandbytes")
+    width_64 = ("model.transformer.attention_head_dim=32", "model.transformer.axes_dims_rope=[8,12,12]")
+    run_dir = train(tiny_config(*TINY_RUN, *width_64, "model.quantize=nf4", f"train.output_dir={tmp_path / 'q'}"),
+                    progress=False)
+    assert (run_dir / "checkpoints" / "step-2" / LORA_FILE).is_file()
+
+
+def test_train_and_generate_commands(tmp_path):
+    """`vis2ir train` then `vis2ir generate` on a tiny random Kontext model, through the command line."""
+    from tests.conftest import TINY_MODEL
+    from vis2ir.cli import main
+
+    run_dir, photos, out = tmp_path / "run", tmp_path / "photos", tmp_path / "ir"
+    photos.mkdir()
+    picture(32, 48, 4).save(photos / "a.png")
+    assert main(["train", *TINY_MODEL, *TINY_RUN, f"model.prompt_cache_dir={tmp_path / 'pc'}",
+                 f"train.output_dir={run_dir}"]) == 0
+    assert main(["generate", "--checkpoint", str(run_dir), "--input", str(photos), "--out", str(out),
+                 "--steps", "2"]) == 0
+    from PIL import Image as PILImage
+
+    assert PILImage.open(out / "a.png").size == (48, 32)
