@@ -6,7 +6,10 @@ With the same components, prompt, seed, steps and guidance, `generate` reproduce
 `FluxFillPipeline` (mode `none`, or a zero adapter scale). Each image has its own CPU generator
 seeded with the seed, so its result does not depend on its batch, and draws from it in the stock
 order: the posterior sample of the whole canvas (which stock scales by zero at strength 1), the
-initial noise, then the posterior sample of the masked canvas.
+initial noise, then the posterior sample of the masked canvas. With `model.backbone: flux1-kontext` the
+same functions reproduce stock `FluxKontextPipeline(_auto_resize=False, max_area=H·W)`: the noise covers the
+target alone and is the only draw, the photo enters as reference tokens (`vis2ir.backbones`), the schedule's
+shift follows the target's token count, and nothing is cropped.
 
 The adapter is applied to the model's input (`Vis2IRModel.conditioning` / `predict`): once per image
 when it acts on the clean condition, at every step when it acts on x_t; the sampler's state stays the
