@@ -176,7 +176,7 @@ class ModelConfig:
     backbone: Annotated[Literal["flux1-fill", "flux1-kontext", "flux2-klein"], MODEL, LATENT] = "flux1-fill"
     # pretrained: the backbone's weights from flux_path; random: a model built from model.transformer (from scratch)
     weights: Annotated[Literal["pretrained", "random"], MODEL, LATENT] = "pretrained"
-    # vae: FLUX's VAE latents; pixel: an exact pixel codec (random backbone only)
+    # vae: FLUX's VAE latents; pixel: an exact pixel codec (model.weights: random only)
     codec: Annotated[Literal["vae", "pixel"], MODEL, LATENT] = "vae"
     # pixel codec: pixels per token side (a factor × factor × 3 patch per token)
     pixel_factor: Annotated[int, MODEL, LATENT] = 4
@@ -189,7 +189,7 @@ class ModelConfig:
     quantize: Annotated[Literal["none", "fp8", "nf4"], NO_ROLE] = "none"
     # where prompt embeddings are cached, so the text encoders load only once
     prompt_cache_dir: Annotated[str, RESUMABLE] = "~/.cache/vis2ir/prompt_embeds"
-    seed: Annotated[int, MODEL, LATENT] = 0  # seed of a random backbone's weights
+    seed: Annotated[int, MODEL, LATENT] = 0  # seed of the weights with model.weights: random
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     text: TextConfig = field(default_factory=TextConfig)
