@@ -244,3 +244,29 @@ def test_train_and_generate_commands(tmp_path):
     from PIL import Image as PILImage
 
     assert PILImage.open(out / "a.png").size == (48, 32)
+
+
+def test_step_cache_on_kontext(kontext, tiny_config):
+    """`sample.cache=first_block` wraps the Kontext transformer too: a zero threshold computes every step (the
+    exact sampler's images), a huge one only the first step (other images)."""
+    from vis2ir.config import load_config
+    from vis2ir.speedup import StepCache
+    from tests.conftest import TINY_MODEL
+
+    cfg, model = kontext
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.transformer.parameters():  # larger weights: outputs that move between steps
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    vis = torch.rand(1, 3, 32, 48, generator=torch.Generator().manual_seed(2))
+    exact = generate(model, vis, steps=4, guidance=2.5, seed=3)
+
+    def cached(threshold):
+        cache = StepCache.of(load_config(None, [*TINY_MODEL, "sample.cache=first_block",
+                                                f"sample.cache_threshold={threshold}"]).sample)
+        return generate(model, vis, steps=4, guidance=2.5, seed=3, cache=cache), cache
+
+    every, counted = cached(0)
+    assert (counted.computed, counted.total) == (4, 4) and torch.allclose(every, exact, atol=1e-6)
+    lazy, counted = cached(1e9)
+    assert (counted.computed, counted.total) == (1, 4) and (lazy - exact).abs().max() > 1e-5
