@@ -228,16 +228,20 @@ def test_the_seed_bound_is_the_last_seed_and_noise_draws_stay_under_it():
 
 def test_old_backbone_key_moves_to_weights(tmp_path, caplog):
     """`model.backbone: random | pretrained` (where the weights came from, before it named the base model) in
-    a file is read as `model.weights` with a warning; the shipped checkpoints' config.yaml still say it so."""
+    a file is read as `model.weights` with a warning; the shipped checkpoints' config.yaml use the new keys, so the
+    demo warns about nothing."""
     old = tmp_path / "old.yaml"
     old.write_text("model:\n  backbone: random\n  codec: pixel\n")
     with caplog.at_level("WARNING"):
         cfg = load_config(old)
     assert (cfg.model.weights, cfg.model.backbone, cfg.model.codec) == ("random", "flux1-fill", "pixel")
     assert "model.backbone=random is now model.weights=random" in caplog.text
-    shipped = Path(__file__).resolve().parents[1] / "src" / "vis2ir" / "assets" / "demo" / "config.yaml"
-    assert "backbone: random" in shipped.read_text()
-    assert load_config(shipped).model.weights == "random"
+    caplog.clear()
+    for name in ("demo", "demo_cross_attention"):
+        shipped = Path(__file__).resolve().parents[1] / "src" / "vis2ir" / "assets" / name / "config.yaml"
+        with caplog.at_level("WARNING"):
+            assert load_config(shipped).model.weights == "random"
+    assert "is now" not in caplog.text
 
 
 @pytest.mark.parametrize("override, message", [
