@@ -66,6 +66,18 @@ TINY = ["model.weights=random", "model.codec=vae", "model.max_sequence_length=8"
 MIN_PSNR = 30.0  # dB against the exact samples: the quality a replayed first_block schedule must have had
 
 
+def add_random_lora(transformer: torch.nn.Module, lora_cfg, dtype: torch.dtype) -> None:
+    """A LoRA of `lora_cfg`'s rank on the transformer, as a trained checkpoint brings one, with every LoRA weight
+    random (N(0, 0.01²), seeded) so that it is not zero; the transformer then cast to `dtype`."""
+    add_lora(transformer, lora_cfg)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in transformer.named_parameters():
+            if "lora_" in name:
+                p.copy_((0.01 * torch.randn(p.shape, generator=generator)).to(p.dtype))
+    transformer.to(dtype)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -241,13 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         built = time.perf_counter() - start
     transformer = pipe.model.transformer
     n_params = sum(p.numel() for p in transformer.parameters())
-    add_lora(transformer, cfg.model.lora)  # as a trained checkpoint brings one; B random so that it is not zero
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in transformer.named_parameters():
-            if "lora_" in name:
-                p.copy_((0.01 * torch.randn(p.shape, generator=generator)).to(p.dtype))
-    transformer.to(dtype)
+    add_random_lora(transformer, cfg.model.lora, dtype)
     image = Image.fromarray((np.random.default_rng(0).random((panel, panel, 3)) * 255).astype(np.uint8))
     s = pipe.cfg.sample
     rows: dict[str, dict] = {}

@@ -36,8 +36,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_generate import REAL_CONFIG, SCHEDULE, TINY, measured_schedule, replay  # noqa: E402
-from vis2ir.checkpoint import add_lora  # noqa: E402
+from bench_generate import REAL_CONFIG, SCHEDULE, TINY, add_random_lora, measured_schedule, replay  # noqa: E402
 from vis2ir.config import load_config  # noqa: E402
 from vis2ir.data import render_scene  # noqa: E402
 from vis2ir.files import write_json  # noqa: E402
@@ -98,13 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     pipe = Vis2IRPipeline.from_config(cfg, device=device, dtype=dtype)
     transformer = pipe.model.transformer
-    add_lora(transformer, cfg.model.lora)  # B random, so that the LoRA is not zero, then merged as sample.fuse does
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in transformer.named_parameters():
-            if "lora_" in name:
-                p.copy_((0.01 * torch.randn(p.shape, generator=generator)).to(p.dtype))
-    transformer.to(dtype)
+    add_random_lora(transformer, cfg.model.lora, dtype)  # then merged, as sample.fuse does
     cfg.sample.fuse = True
     fuse(pipe.model, cfg)
     built = time.perf_counter() - started

@@ -308,6 +308,14 @@ def load_checkpoint_config(directory: str | Path, overrides=()) -> Config:
     return load_config(directory / CONFIG_FILE, overrides)
 
 
+def run_config(config, checkpoint, overrides=()) -> Config:
+    """The settings of a generate or translate run, without building the model: a checkpoint's (a checkpoint or
+    run folder, `overrides` over them) when there is one, else those of `config` (a file, or None: the defaults)."""
+    if checkpoint:
+        return load_checkpoint_config(find_checkpoint(checkpoint), overrides)
+    return load_config(config, overrides)
+
+
 def check_base(directory: Path, where: str | None = None, moved_to: str | None = None) -> Path | None:
     """The checkpoint that the checkpoint `directory` was trained from (`train.init_from`, as recorded in
     its `base.json`), after checking it is still there and unchanged; None when it records none.

@@ -18,8 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from vis2ir.checkpoint import find_checkpoint, load_checkpoint_config
-from vis2ir.config import Config, load_config
+from vis2ir.checkpoint import run_config
 from vis2ir.errors import Vis2IRError
 from vis2ir.files import DiskFull, check_writable, safe_join
 from vis2ir.io.boxes import BoxLabels, UnmappedClass, open_for
@@ -77,7 +76,7 @@ def run_generate(input: str | Path, out: str | Path, *, config=None, checkpoint=
     truths = _truths(truth, items, Path(input), recursive) if compare else {}
     rank, world = dist_env()
     mine = shard(items, rank, world)
-    cfg = _run_config(config, checkpoint, overrides)
+    cfg = run_config(config, checkpoint, overrides)
     cfg.sample.replaced(steps=steps, guidance=guidance, seed=seed, adapter_scale=adapter_scale)  # before any work
     if device is not None:
         default_device(device)
@@ -161,13 +160,6 @@ def _auto_semantic(items: list[Item], cache: Path, needed: bool, model: str | No
     for it in items:
         if it.name in failed:
             it.problem, it.semantic = f"no semantic map ({failed[it.name]})", None
-
-
-def _run_config(config, checkpoint, overrides) -> Config:
-    """The settings of the run (from the checkpoint when there is one), without building the model."""
-    if checkpoint:
-        return load_checkpoint_config(find_checkpoint(checkpoint), overrides)
-    return load_config(config, overrides)
 
 
 def _target(out: Path, it: Item, write_images: bool) -> Path:

@@ -36,7 +36,7 @@ class Config:
 
     def flat(self) -> dict[str, Any]:
         """Every setting by its dotted key (`model.semantic.mode`), values as plain YAML types."""
-        return _flatten(self.to_dict())
+        return flatten(self.to_dict())
 
     def save(self, path: str | Path) -> None:
         """Write the config as YAML, atomically."""
@@ -101,11 +101,12 @@ def first_difference(old: dict[str, Any], new: dict[str, Any], prefixes: tuple[s
     return None
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested settings → one level of dotted keys (`{"sample": {"steps": 28}}` → `{"sample.steps": 28}`)."""
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out

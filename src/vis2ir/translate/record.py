@@ -23,6 +23,7 @@ import socket
 import time
 from pathlib import Path
 
+from vis2ir.config.schema import flatten
 from vis2ir.errors import Vis2IRError
 from vis2ir.files import fsync, temp_path, write_json, write_text
 
@@ -107,16 +108,6 @@ def settings_digest(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _flat(settings: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in settings.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def check_settings(out: Path, settings: dict, record: bool = False) -> None:
     """Refuse `settings` in one line naming those that differ when `out` holds a translation started with others.
     `record`: also record them when none are yet (once the model has loaded: a run that fails before its work
@@ -138,11 +129,11 @@ def check_settings(out: Path, settings: dict, record: bool = False) -> None:
     if not path.exists():
         return
     try:
-        before = _flat(json.loads(path.read_text(encoding="utf-8")))
+        before = flatten(json.loads(path.read_text(encoding="utf-8")))
     except (OSError, ValueError) as e:
         raise Vis2IRError(f"{path}: unreadable ({e}); it records the settings this output was started with: "
                           "remove the output folder to start again") from None
-    now = _flat(settings)
+    now = flatten(settings)
     differ = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
     if differ:
         listed = ", ".join(f"{k} {before.get(k)!r} -> {now.get(k)!r}" for k in differ[:4])
@@ -207,7 +198,7 @@ def write_finished(out: Path, source: Path, layout: str, settings: dict, counts:
     """`finished.json` and the data-set card (`model`: what the card names the model by); returns the card's path."""
     write_json(state_dir(out) / "finished.json", {"date": date, "counts": counts, "failed": failed,
                                                    "seconds": round(seconds, 1)})
-    shown = {k: v for k, v in _flat(settings).items() if k not in ("source", "layout")}
+    shown = {k: v for k, v in flatten(settings).items() if k not in ("source", "layout")}
     lines = [
         f"# {Path(source).resolve().name}, translated to infrared by vis2ir",
         "",

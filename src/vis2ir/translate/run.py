@@ -24,16 +24,16 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from vis2ir.checkpoint import find_checkpoint, load_checkpoint_config
+from vis2ir.checkpoint import find_checkpoint, run_config
 from vis2ir.checkpoint_files import checkpoint_identity
-from vis2ir.config import Config, load_config
+from vis2ir.config import Config
 from vis2ir.errors import Vis2IRError
 from vis2ir.files import atomic_write, check_writable, safe_join
 from vis2ir.io.boxes import BoxLabels, UnmappedClass, open_for
@@ -104,7 +104,8 @@ class Maps:
 
 
 def _stem(rel: str) -> str:
-    return rel.rsplit(".", 1)[0] if "." in rel.rsplit("/", 1)[-1] else rel
+    """`train/a.jpg` → `train/a`: the name maps and boxes are looked up by."""
+    return PurePosixPath(rel).with_suffix("").as_posix()
 
 
 @dataclass
@@ -217,7 +218,7 @@ def run_translate(source: str | Path, out: str | Path, *, config=None, checkpoin
     photos = lay.photos()
     renamed = (lambda rel: output_rel(rel, image_format))
     _check_format(photos, image_format, bit_depth)
-    cfg = pipe.cfg if pipe is not None else _run_config(config, checkpoint, overrides)
+    cfg = pipe.cfg if pipe is not None else run_config(config, checkpoint, overrides)
     cfg.sample.replaced(steps=steps, guidance=guidance, seed=seed)  # checks them before any work
     maps = _maps(cfg, lay, photos, semantic, boxes, box_classes, source)
     settings = _settings(cfg, checkpoint, lay, maps, box_classes, size, image_format, bit_depth, palette, steps,
@@ -384,16 +385,11 @@ def _finalize(lay: Layout, out: Path, photos: list[Photo], renamed, settings: di
     return card
 
 
-def _run_config(config, checkpoint, overrides) -> Config:
-    if checkpoint:
-        return load_checkpoint_config(find_checkpoint(checkpoint), overrides)
-    return load_config(config, overrides)
-
-
 def _check_format(photos: list[Photo], image_format: str, bit_depth: int) -> None:
     """16-bit images need a format that holds them; every photo's suffix must be one Pillow writes; no two photos
     may give one output (`a.jpg` and `a.png` with --format png)."""
     seen: dict[str, str] = {}
+    writable = Image.registered_extensions()
     for p in photos:
         rel = output_rel(p.rel, image_format)
         if (other := seen.setdefault(rel, p.rel)) != p.rel:
@@ -403,7 +399,7 @@ def _check_format(photos: list[Photo], image_format: str, bit_depth: int) -> Non
         if bit_depth == 16 and suffix not in SIXTEEN_BIT:
             raise Vis2IRError(f"--bit-depth 16: {p.rel} would be written as {suffix}, which holds 8 bits; pass "
                               "--format png")
-        if suffix not in Image.registered_extensions():
+        if suffix not in writable:
             raise Vis2IRError(f"{p.rel}: Pillow writes no {suffix} files; pass --format png")
 
 
