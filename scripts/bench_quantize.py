@@ -6,10 +6,16 @@ For each of `none`, `fp8`, `nf4` the real-size FLUX.1-Fill transformer (random w
   checkpointing) on a 512×1024 diptych at batch 1 and 4: median step time and peak
   `torch.cuda.max_memory_allocated` counted from before the model was built (weights included);
 - **generate**: `Vis2IRPipeline` at 512×512 (a 512×1024 canvas), 28 steps, with and without
-  model CPU offload: time and peak.
+  model CPU offload: time, peak, and the PSNR of the image against the first variant's (bf16), same seed.
+`--compile`: the transformer's blocks compiled (`train.compile`, `sample.compile`) in every variant, the
+first steps / image (compiling) not timed. `fp8` runs its products in float8 where the GPU has them
+(compute capability ≥ 8.9) and says so in its row (`products`); `torchao-fp8dq` (generation only, where
+torchao imports): torchao's `Float8DynamicActivationFloat8WeightConfig` with per-row scales on the same
+layers, for comparison.
 Every figure is printed as a table and written as JSON (one file per section) under `--out`.
 
     python scripts/bench_quantize.py --out docs/performance/quantize    # on an H200
+    python scripts/bench_quantize.py --compile --quantize none,fp8,torchao-fp8dq --offload none --out DIR
     python scripts/bench_quantize.py --tiny --out /tmp/q                # a tiny model on the CPU: checks it runs
 """
 
@@ -32,9 +38,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from vis2ir.checkpoint import add_lora  # noqa: E402
 from vis2ir.config import load_config  # noqa: E402
+from vis2ir.evaluate.metrics import psnr_ssim  # noqa: E402
 from vis2ir.model import build_model  # noqa: E402
 from vis2ir.pipeline import Vis2IRPipeline  # noqa: E402
-from vis2ir.quantize import weight_bytes  # noqa: E402
+from vis2ir.quantize import Float8Linear, blocks, weight_bytes  # noqa: E402
+from vis2ir.speedup import compile_blocks  # noqa: E402
 
 REAL_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "bench_realsize.yaml"
 TINY = ["model.weights=random", "model.codec=vae", "model.max_sequence_length=8", "model.transformer.num_layers=1",
@@ -64,9 +72,30 @@ def peak(device) -> float | None:
 
 
 def config(args, how: str):
-    overrides = [*(TINY if args.tiny else []), "model.semantic.mode=none", f"model.quantize={how}",
-                 "model.dtype=bfloat16", "train.gradient_checkpointing=true"]
+    overrides = [*(TINY if args.tiny else []), "model.semantic.mode=none",
+                 f"model.quantize={'none' if how == TORCHAO else how}", "model.dtype=bfloat16",
+                 "train.gradient_checkpointing=true", f"sample.compile={str(args.compile).lower()}"]
     return load_config(None if args.tiny else REAL_CONFIG, overrides)
+
+
+TORCHAO = "torchao-fp8dq"
+
+
+def torchao_float8(transformer) -> None:
+    """torchao's dynamic float8 activations and weights, per-row scales, on the layers that `fp8` multiplies
+    in float8 (the blocks' linear layers but the modulation's)."""
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+    for block in blocks(transformer):
+        quantize_(block, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
+                  filter_fn=lambda m, name: type(m) is torch.nn.Linear and not name.endswith("norm1.linear")
+                  and not name.endswith(("norm1_context.linear", "norm.linear")))
+
+
+def products(transformer) -> str:
+    """How the quantized layers multiply: float8, upcast, or none quantized."""
+    kinds = {m.float8 for m in transformer.modules() if isinstance(m, Float8Linear)}
+    return "float8" if True in kinds else "upcast" if kinds else "-"
 
 
 def train_steps(args, how: str, device) -> dict:
@@ -81,11 +110,14 @@ def train_steps(args, how: str, device) -> dict:
     lora = [p for n, p in transformer.named_parameters() if "lora_" in n]
     for p in lora:
         p.requires_grad_(True)
+    if args.compile:
+        compile_blocks(transformer, setting="train.compile")
     transformer.enable_gradient_checkpointing()
     transformer.train()
     weights = round(torch.cuda.memory_allocated(device) / GiB, 2) if device.type == "cuda" else None
     optimizer = torch.optim.AdamW(lora, lr=1e-4)
-    out = {"quantize": how, "build_s": round(built, 2), "weights_gib": weights,
+    out = {"variant": variant(how, args), "quantize": how, "products": products(transformer),
+           "compiled": args.compile, "build_s": round(built, 2), "weights_gib": weights,
            "transformer_weight_gib": round(weight_bytes(transformer) / GiB, 2)}
     size = cfg.data.size
     n = (size // 16) * (2 * size // 16)
@@ -115,11 +147,17 @@ def train_steps(args, how: str, device) -> dict:
     return out
 
 
-def generate(args, how: str, offload: str, device) -> dict:
+def variant(how: str, args) -> str:
+    return f"{'bf16' if how == 'none' else how}{'-compiled' if args.compile else ''}"
+
+
+def generate(args, how: str, offload: str, device, reference: dict) -> dict:
     fresh(device)
     cfg = config(args, how)
     started = time.perf_counter()
     pipe = Vis2IRPipeline.from_config(cfg, device, offload=offload)
+    if how == TORCHAO:
+        torchao_float8(pipe.model.transformer)
     sync(device)
     built = time.perf_counter() - started
     size = cfg.data.size
@@ -132,8 +170,15 @@ def generate(args, how: str, offload: str, device) -> dict:
         out = pipe(image, steps=28, guidance=50.0, seed=0, output_type="pt").images[0]
         sync(device)
         times.append(time.perf_counter() - start)
-    result = {"quantize": how, "offload": offload, "build_s": round(built, 2), "seconds": round(min(times[1:]), 3),
-              "peak_gib": peak(device), "finite": bool(torch.isfinite(out).all())}
+    result = {"variant": variant(how, args), "quantize": how, "products": products(pipe.model.transformer),
+              "compiled": args.compile, "offload": offload, "build_s": round(built, 2),
+              "first_s": round(times[0], 3), "seconds": round(min(times[1:]), 3), "peak_gib": peak(device),
+              "finite": bool(torch.isfinite(out).all())}
+    if reference:  # the same seed's image from the first variant (bf16): how far this one moved it
+        result["psnr_vs_" + reference["variant"]] = round(psnr_ssim(out.float().mean(0)[None, None].cpu(),
+                                                                  reference["image"], "native")["psnr"], 2)
+    else:
+        reference |= {"variant": result["variant"], "image": out.float().mean(0)[None, None].cpu()}
     del pipe
     return result
 
@@ -160,6 +205,7 @@ def main() -> int:
     p.add_argument("--offload", default="none,model")
     p.add_argument("--offload-unquantized", action="store_true", help="also time offload of the bf16 model")
     p.add_argument("--skip", default="", help="sections to skip: train, generate")
+    p.add_argument("--compile", action="store_true", help="compile the transformer's blocks in every variant")
     args = p.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]
     logging.basicConfig(level=logging.WARNING, format="[%(levelname)s] %(message)s")
@@ -177,7 +223,7 @@ def main() -> int:
             meta[lib] = None
     kinds = args.quantize.split(",")
     if "train" not in args.skip:
-        rows = [attempt(train_steps, args, how, device) for how in kinds]
+        rows = [attempt(train_steps, args, how, device) for how in kinds if how != TORCHAO]
         (out / "train.json").write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
         print(json.dumps(rows, indent=1), flush=True)
     if "generate" not in args.skip:
@@ -185,7 +231,8 @@ def main() -> int:
         # there takes minutes, so that pair runs only when asked for.
         pairs = [(h, o) for h in kinds for o in args.offload.split(",")
                  if h != "none" or o == "none" or args.offload_unquantized]
-        rows = [attempt(generate, args, how, offload, device) for how, offload in pairs]
+        reference = {}
+        rows = [attempt(generate, args, how, offload, device, reference) for how, offload in pairs]
         (out / "generate.json").write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
         print(json.dumps(rows, indent=1), flush=True)
     return 0

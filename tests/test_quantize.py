@@ -1,7 +1,7 @@
-"""`model.quantize`: the frozen base's blocks in float8 (torchao) or NF4 (bitsandbytes), LoRA on top.
+"""`model.quantize`: the frozen base's blocks in float8 (`Float8Linear`) or NF4 (bitsandbytes), LoRA on top.
 
-Everything here runs on the CPU (both libraries support it for these layers); the GPU figures are
-in docs/performance.md.
+Everything here runs on the CPU (bitsandbytes supports it for these layers, and PyTorch's `_scaled_mm` runs
+float8 products there too); the GPU figures are in docs/performance.md.
 """
 
 import sys
@@ -21,10 +21,9 @@ from vis2ir.train import train
 
 from tests.conftest import stock_pipeline_outputs
 
-pytest.importorskip("torchao")
 pytest.importorskip("bitsandbytes")
 
-WEIGHT_TYPES = {"fp8": "Float8Tensor", "nf4": "Params4bit"}
+LAYER_TYPES = {"fp8": "Float8Linear", "nf4": "Linear4bit"}
 # 64 wide: bitsandbytes' CPU kernel packs rows in blocks of 64 (FLUX's layers are 3072 wide).
 WIDTH_64 = ("model.transformer.attention_head_dim=32", "model.transformer.axes_dims_rope=[8,12,12]")
 
@@ -48,9 +47,9 @@ def test_blocks_are_quantized_and_the_rest_kept(tiny_config, how, max_error):
     _, base = quantized(tiny_config, "none")
     _, model = quantized(tiny_config, how)
     linears = [m for b in blocks(model.transformer) for m in b.modules() if isinstance(m, nn.Linear)]
-    assert linears and all(type(m.weight).__name__ == WEIGHT_TYPES[how] for m in linears)
-    assert type(model.transformer.x_embedder.weight) is nn.Parameter  # widened by channel_concat: never quantized
-    assert type(model.transformer.proj_out.weight) is nn.Parameter
+    assert linears and all(type(m).__name__ == LAYER_TYPES[how] for m in linears)
+    assert type(model.transformer.x_embedder) is nn.Linear  # widened by channel_concat: never quantized
+    assert type(model.transformer.proj_out) is nn.Linear
     block_bytes = lambda m: sum(weight_bytes(b) for b in blocks(m.transformer))  # noqa: E731
     assert block_bytes(model) < 0.65 * block_bytes(base)
     v0, v1 = velocity(base), velocity(model)
@@ -125,7 +124,7 @@ def test_quantized_training_runs_and_a_full_checkpoint_can_be_sampled_quantized(
     for how, max_error in (("fp8", 0.08), ("nf4", 0.3)):
         model, cfg = load_model(full_run, overrides=[f"model.quantize={how}"])
         assert cfg.model.quantize == how
-        assert type(blocks(model.transformer)[0].attn.to_q.weight).__name__ == WEIGHT_TYPES[how]
+        assert type(blocks(model.transformer)[0].attn.to_q).__name__ == LAYER_TYPES[how]
         v0, v1 = velocity(plain), velocity(model)
         assert 0 < ((v1 - v0).norm() / v0.norm()).item() < max_error
 
@@ -135,10 +134,12 @@ def test_empty_real_size_style_build_is_filled_then_quantized(tiny_config, how):
     """`model.transformer.init=normal` (the benchmarks' real-size build): empty weights, filled with
     N(0, 0.02) block by block on the device, quantized on the way."""
     _, model = quantized(tiny_config, how, "model.transformer.init=normal")
-    plain = [p for p in model.transformer.parameters() if type(p) is nn.Parameter]
+    plain = [p for p in model.transformer.parameters() if p.dtype != torch.float8_e4m3fn]
     assert plain and not any(p.is_meta for p in model.transformer.parameters())
-    values = torch.cat([p.detach().float().flatten() for p in plain])
-    assert torch.isfinite(values).all() and abs(values.std().item() - 0.02) < 0.002
+    float8 = [m.weight.float() * m.weight_scale[:, None] for m in model.transformer.modules() if hasattr(m, "weight_scale")]
+    assert bool(float8) == (how == "fp8")
+    for values in (torch.cat([p.detach().float().flatten() for p in plain]), *(w.flatten() for w in float8)):
+        assert torch.isfinite(values).all() and abs(values.std().item() - 0.02) < 0.002
     assert torch.isfinite(velocity(model)).all()
 
 
@@ -199,8 +200,118 @@ def test_a_pipeline_leaves_a_quantized_base_and_its_lora_unfused(tiny_config, tm
     assert pipe.cfg.sample.fuse
     attention = blocks(pipe.model.transformer)[0].attn
     assert not getattr(attention, "fused_projections", False) and not hasattr(attention, "to_qkv")
-    assert type(attention.to_q.base_layer.weight).__name__ == WEIGHT_TYPES[how]  # LoRA still beside the base
+    assert type(attention.to_q.base_layer).__name__ == LAYER_TYPES[how]  # LoRA still beside the base
     _, bare = quantized(tiny_config, how)  # called directly, fuse_gelu too leaves quantized layers alone
-    assert fuse_gelu(bare.transformer) == 0  # torchao's fp8 layers are nn.Linear with a tensor-subclass weight
+    assert fuse_gelu(bare.transformer) == 0
     image = pipe(Image.new("RGB", (32, 32), (90, 120, 60)), output_type="pt").images[0]
     assert torch.isfinite(image).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# Float8Linear: float8 weights, float8 products (PyTorch's `_scaled_mm` runs them on the CPU too)
+
+
+def test_float8_rows_round_trip_within_e4m3_rounding():
+    from vis2ir.quantize import FLOAT8, to_float8_rows
+
+    x = torch.randn(5, 64) * torch.logspace(-3, 3, 5)[:, None]  # rows six decades apart: one scale each
+    x[2] = 0  # an all-zero row: zeros, not NaN
+    x8, scale = to_float8_rows(x)
+    assert x8.dtype == FLOAT8 and scale.shape == (5, 1) and scale.dtype == torch.float32
+    back = x8.float() * scale
+    assert torch.equal(back[2], torch.zeros(64))
+    big = x.abs() > 0.05 * x.abs().amax(dim=1, keepdim=True)  # e4m3's 3 mantissa bits: 2^-4 relative
+    assert ((back - x).abs()[big] <= 2**-4 * x.abs()[big] + 1e-12).all()
+    assert (back - x).abs().max() > 0  # rounded, not copied
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_float8_products_equal_the_product_of_the_float8_rounded_operands(dtype):
+    """Forward and the input's gradient of the float8 path are the exact products of float8-rounded operands
+    (what `_scaled_mm` promises), close to the upcast path; the frozen weights get no gradient."""
+    from vis2ir.quantize import Float8Linear, to_float8_rows
+
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 96).to(dtype)
+    fast, slow = Float8Linear(linear, float8=True), Float8Linear(linear, float8=False)
+    assert fast.float8 and not slow.float8 and "products=float8" in repr(fast)
+    x = torch.randn(2, 7, 64, dtype=dtype, requires_grad=True)
+    y = fast(x)
+    grad_out = torch.randn_like(y)
+    (grad_x,) = torch.autograd.grad(y, x, grad_out)
+    assert y.dtype == grad_x.dtype == dtype and y.shape == (2, 7, 96) and grad_x.shape == x.shape
+    assert fast.weight.grad is None and not fast.weight.requires_grad and not fast.bias.requires_grad
+
+    weight = fast.weight.float() * fast.weight_scale[:, None]  # the layer's float8 weight, exactly
+    x8, xs = to_float8_rows(x.detach().reshape(-1, 64).float())
+    expected = (x8.float() * xs) @ weight.t() + linear.bias.float()
+    g8, gs = to_float8_rows(grad_out.reshape(-1, 96).float() * fast.weight_scale)
+    expected_grad = (g8.float() * gs) @ fast.weight.float()
+    rounding = 2**-7  # the bf16 output of `_scaled_mm`
+    assert torch.allclose(y.reshape(-1, 96).float(), expected, rtol=rounding, atol=rounding * expected.abs().max().item())
+    assert torch.allclose(grad_x.reshape(-1, 64).float(), expected_grad, rtol=rounding,
+                          atol=rounding * expected_grad.abs().max().item())
+
+    y_slow = slow(x)  # the weight-only path: same weights, the input not rounded
+    (grad_slow,) = torch.autograd.grad(y_slow, x, grad_out)
+    relative = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()  # noqa: E731
+    assert 0 < relative(y, y_slow) < 0.06 and 0 < relative(grad_x, grad_slow) < 0.06
+
+
+def test_a_cast_keeps_the_float8_weight_and_its_scales():
+    """`.to(dtype)` (as Lightning's precision plugins and `train.precision=bf16-true` cast the model) casts the
+    bias and the compute dtype, never the float8 weight or its float32 scales; the products stay the same."""
+    from vis2ir.quantize import FLOAT8, Float8Linear
+
+    layer = Float8Linear(nn.Linear(64, 32), float8=True)
+    weight, scale = layer.weight.clone(), layer.weight_scale.clone()
+    x = torch.randn(3, 64).to(torch.bfloat16)
+    before = layer(x)
+    layer.to(torch.bfloat16)
+    assert layer.weight.dtype == FLOAT8 and torch.equal(layer.weight.float(), weight.float())
+    assert layer.weight_scale.dtype == torch.float32 and torch.equal(layer.weight_scale, scale)
+    assert layer.bias.dtype == torch.bfloat16 and layer.compute_dtype == torch.bfloat16
+    assert torch.allclose(layer(x).float(), before.float(), rtol=2**-7, atol=1e-3)
+    layer.float()
+    assert layer.weight.dtype == FLOAT8 and layer.bias.dtype == torch.float32 and layer.compute_dtype == torch.float32
+
+
+def test_a_layer_not_a_multiple_of_16_upcasts():
+    from vis2ir.quantize import Float8Linear
+
+    layer = Float8Linear(nn.Linear(40, 64), float8=True)  # `_scaled_mm` needs multiples of 16
+    assert not layer.float8
+    assert torch.isfinite(layer(torch.randn(3, 40))).all()
+
+
+def test_fp8_products_run_in_float8_where_the_device_has_them(tiny_config, monkeypatch):
+    """Where the device multiplies in float8 (here: told so), every block's linear layer multiplies in float8
+    but the modulation layers (one row a sample); the model stays the same model and QLoRA trains on it."""
+    import vis2ir.quantize as quantize
+
+    available, line = quantize.float8_products("cpu")
+    assert not available and "upcast" in line and "\n" not in line
+    _, base = quantized(tiny_config, "none")
+    _, upcast = quantized(tiny_config, "fp8")
+    monkeypatch.setattr(quantize, "float8_products", lambda device: (True, "float8 products (test)"))
+    cfg, model = quantized(tiny_config, "fp8")
+    layers = {n: m for n, m in model.transformer.named_modules() if type(m).__name__ == "Float8Linear"}
+    assert layers and all(not m.float8 for n, m in upcast.transformer.named_modules() if n in layers)
+    modulation = {n for n in layers if n.endswith(("norm1.linear", "norm1_context.linear", "norm.linear"))}
+    assert modulation and all(not layers[n].float8 for n in modulation)
+    assert all(layers[n].float8 for n in layers.keys() - modulation)
+    v0, v_upcast, v_float8 = velocity(base), velocity(upcast), velocity(model)
+    assert 0 < ((v_float8 - v_upcast).norm() / v0.norm()).item() < 0.08  # activations rounded too
+    assert ((v_float8 - v0).norm() / v0.norm()).item() < 0.1
+
+    torch.manual_seed(0)
+    add_lora(model.transformer, cfg.model.lora)
+    lora = [p for n, p in model.transformer.named_parameters() if "lora_" in n]
+    assert lora and all(p.dtype == torch.bfloat16 for p in lora)  # peft keeps LoRA in the layer's compute dtype
+    g = torch.Generator().manual_seed(0)
+    vis, ir = torch.rand(2, 3, 32, 32, generator=g), torch.rand(2, 3, 32, 32, generator=g)
+    pred, target = model(vis, ir, None, torch.tensor([0.3, 0.7]), torch.randn(2, 8, 64, generator=g))
+    (pred.float() - target.float()).square().mean().backward()
+    assert all(p.grad is None for n, p in model.transformer.named_parameters() if "lora_" not in n)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in lora)
+    assert any(p.grad.abs().sum() > 0 for n, p in model.transformer.named_parameters() if "lora_B" in n)  # B starts at 0

@@ -495,7 +495,7 @@ def quiet() -> None:
         logger.handlers.clear()
         logger.propagate = True
         logger.setLevel(logging.WARNING)
-    for name in ("transformers", "diffusers", "torchao"):  # torchao: its optional kernels' load failures
+    for name in ("transformers", "diffusers"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
 

@@ -3,11 +3,17 @@
 Only the frozen base is quantized, so LoRA and the adapter train on top of it in full precision
 (QLoRA). The layers quantized are the `nn.Linear` layers inside the transformer's double and single
 blocks — 99.6 % of FLUX.1 Fill's weights; the embedders and the output projection stay as they are
-(small, and `channel_concat` widens `x_embedder`). Libraries, chosen by what works with peft LoRA on
-top on CUDA and on the CPU (docs/performance.md):
+(small, and `channel_concat` widens `x_embedder`). Docs: docs/performance.md.
 
-- `fp8`: torchao's `Float8WeightOnlyConfig` — float8 (e4m3) weights with a scale per row, upcast for
-  each matmul; half the bytes of bf16.
+- `fp8`: `Float8Linear` (this module) — float8 (e4m3) weights with a scale per output row, half the
+  bytes of bf16. On GPUs that multiply in float8 (CUDA compute capability ≥ 8.9: Ada, Hopper and
+  later) the products run in float8: each input row is scaled into float8 on the fly (a dynamic scale
+  per token) and `torch._scaled_mm` multiplies with the row scales applied to its float32 accumulator —
+  torchao's "rowwise" float8 recipe, forward and backward, the backward without the weight's gradient
+  since the base is frozen (torchao's float8 inference tensors have no backward; its float8 training
+  layers keep bf16 weights and compute the weight's gradient). The modulation layers (whose input is one
+  row per sample) keep upcasting. Elsewhere (older GPUs, the CPU) each weight is upcast for its product:
+  smaller, not faster; one log line says so.
 - `nf4`: bitsandbytes' `Linear4bit` with NF4 (the QLoRA data type, blocks of 64 with their scales
   quantized again); about 0.28 × the bytes of bf16.
 
@@ -22,6 +28,7 @@ import logging
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vis2ir.errors import Vis2IRError
@@ -30,7 +37,7 @@ log = logging.getLogger(__name__)
 
 QUANTIZE = ("none", "fp8", "nf4")
 # What each setting needs: the import name, the pip requirement.
-LIBRARIES = {"fp8": ("torchao", "torchao>=0.18"), "nf4": ("bitsandbytes", "bitsandbytes>=0.45")}
+LIBRARIES = {"nf4": ("bitsandbytes", "bitsandbytes>=0.45")}
 BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")
 
 
@@ -41,7 +48,7 @@ def require(how: str) -> None:
     """
     if how not in QUANTIZE:
         raise Vis2IRError(f"model.quantize: {how!r} is not one of {', '.join(QUANTIZE)}")
-    if how == "none":
+    if how not in LIBRARIES:
         return
     module, requirement = LIBRARIES[how]
     try:
@@ -69,6 +76,8 @@ def quantize_transformer(transformer: nn.Module, how: str, device: torch.device 
     """
     require(how)
     device = torch.device(device)
+    if how == "fp8":
+        log.info("model.quantize=fp8: %s", float8_products(device)[1])
     for name, child in transformer.named_children():  # everything but the blocks: as it is
         if name not in BLOCK_LISTS:
             _to_device(child, device, fill)
@@ -94,10 +103,6 @@ def weight_bytes(module: nn.Module) -> int:
 
 
 def _storage_bytes(t: torch.Tensor) -> int:
-    inner = getattr(t, "__tensor_flatten__", None)
-    if inner is not None and type(t) not in (torch.Tensor, nn.Parameter):  # a torchao tensor subclass
-        names, _ = t.__tensor_flatten__()
-        return sum(_storage_bytes(getattr(t, n)) for n in names)
     state = getattr(t, "quant_state", None)  # bitsandbytes Params4bit: packed data + scales
     extra = 0
     if state is not None:
@@ -128,10 +133,116 @@ def _linear_children(module: nn.Module):
                 yield parent, name, child
 
 
-def _fp8(block: nn.Module, device: torch.device) -> None:
-    from torchao.quantization import Float8WeightOnlyConfig, quantize_
+# ----------------------------------------------------------------------------------------------
+# Float8 weights, and float8 products where the device has them
 
-    quantize_(block, Float8WeightOnlyConfig(), filter_fn=lambda m, _: type(m) is nn.Linear, device=device)
+FLOAT8 = torch.float8_e4m3fn
+FLOAT8_MAX = torch.finfo(FLOAT8).max  # 448: e4m3's largest finite value (OCP FP8 formats, 2023)
+
+
+def float8_products(device: torch.device | str) -> tuple[bool, str]:
+    """Whether `device` multiplies in float8 (`torch._scaled_mm`: CUDA compute capability ≥ 8.9), and one line
+    saying what `model.quantize=fp8` does there."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability(device)
+        name = torch.cuda.get_device_name(device)
+        if (major, minor) >= (8, 9):
+            return True, f"float8 weights, products in float8 on {name} (compute capability {major}.{minor})"
+        return False, (f"{name} (compute capability {major}.{minor} < 8.9) has no float8 products: float8 weights "
+                       "upcast for each product (half the memory of bf16, not faster)")
+    return False, f"float8 weights upcast for each product on the {device.type} (half the memory, not faster)"
+
+
+def to_float8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`x` (M, K), any float dtype, as float8 e4m3 rows and their scales: `x ≈ x8.float() * scale`.
+
+    Returns `(x8, scale)`: x8 (M, K) float8_e4m3fn; scale (M, 1) float32, each row's absolute maximum / 448 (an
+    all-zero row gets a tiny scale, not a division by zero). Rounding error: relative 2^-4 at most per element.
+    """
+    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / FLOAT8_MAX
+    return (x.float() / scale).clamp(-FLOAT8_MAX, FLOAT8_MAX).to(FLOAT8), scale
+
+
+class _Float8Product(torch.autograd.Function):
+    """`x @ (weight8 · scale)ᵀ` in float8: x (M, K) high precision, weight8 (N, K) float8, scale (N,) float32.
+
+    Forward: x's rows scaled into float8 on the fly, one `torch._scaled_mm` with x's row scales and the
+    weight's row scales (out: bf16, accumulated in float32). Backward: only x's gradient (the weight is
+    frozen): `grad_x = (grad · scale) @ weight8`, the weight's row scales folded into the gradient's columns
+    before its rows are scaled into float8, so the float8 weight serves both products.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight8, scale):
+        x8, x_scale = to_float8_rows(x)
+        ctx.save_for_backward(weight8, scale)
+        ctx.dtype = x.dtype
+        return torch._scaled_mm(x8, weight8.t(), scale_a=x_scale, scale_b=scale[None, :],
+                                out_dtype=torch.bfloat16).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight8, scale = ctx.saved_tensors
+        g8, g_scale = to_float8_rows(grad.float() * scale)
+        ones = torch.ones(1, weight8.shape[1], dtype=torch.float32, device=grad.device)
+        # `_scaled_mm` takes its second matrix column-major: the (N, K) weight as a transposed (K, N) copy
+        grad_x = torch._scaled_mm(g8, weight8.t().contiguous().t(), scale_a=g_scale, scale_b=ones,
+                                  out_dtype=torch.bfloat16)
+        return grad_x.to(ctx.dtype), None, None
+
+
+class Float8Linear(nn.Linear):
+    """A frozen `nn.Linear` stored in float8 e4m3 with a float32 scale per output row (`model.quantize=fp8`).
+
+    `weight` (out, in) float8_e4m3fn and `weight_scale` (out,) float32, `weight ≈ weight8 · scale` (each row's
+    absolute maximum maps to 448); `bias` as it was. Input (..., in) in `compute_dtype` (the layer's dtype
+    before quantizing); output (..., out) in the input's dtype. `float8=True`: products in float8
+    (`_Float8Product`; needs `torch._scaled_mm`, and in and out features multiples of 16, else upcast);
+    `False`: the weight upcast to the input's dtype for each product. Frozen: no gradient for its weights,
+    gradients flow to the input. An `nn.Linear` so that peft wraps it with LoRA (in `compute_dtype`).
+    """
+
+    def __init__(self, linear: nn.Linear, float8: bool):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.compute_dtype = linear.weight.dtype  # peft keeps a LoRA on this layer in this dtype
+        weight8, scale = to_float8_rows(linear.weight.detach())
+        self.weight = nn.Parameter(weight8, requires_grad=False)
+        self.register_buffer("weight_scale", scale.squeeze(1))
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+        self.float8 = float8 and self.in_features % 16 == 0 and self.out_features % 16 == 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.float8:
+            y = _Float8Product.apply(x.reshape(-1, self.in_features), self.weight, self.weight_scale)
+            y = y.reshape(*x.shape[:-1], self.out_features)
+            return y if self.bias is None else y + self.bias.to(y.dtype)
+        weight = self.weight.to(x.dtype) * self.weight_scale.to(x.dtype)[:, None]
+        return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
+
+    def _apply(self, fn, recurse=True):
+        """Moves follow `fn`; casts (`.to(dtype)`, `.bfloat16()`, Lightning's precision plugins) leave the float8
+        weight and its float32 scales as they are, and cast the bias and the compute dtype instead."""
+        single, half = (fn(torch.zeros((), dtype=d, device=self.weight.device)) for d in (torch.float32, torch.half))
+        self.weight.data = self.weight.data.to(single.device)
+        self.weight_scale = self.weight_scale.to(single.device)
+        if self.bias is not None:
+            self.bias.data = fn(self.bias.data)
+        if single.dtype != torch.float32 or half.dtype != torch.half:  # a cast: what `fn` did to either probe
+            self.compute_dtype = single.dtype if single.dtype != torch.float32 else half.dtype
+        return self
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"products={'float8' if self.float8 else 'upcast'}")
+
+
+def _fp8(block: nn.Module, device: torch.device) -> None:
+    float8, _ = float8_products(device)
+    for parent, name, linear in list(_linear_children(block)):
+        modulation = name == "linear" and "norm" in type(parent).__name__.lower()  # AdaLayerNorm*: one row a sample
+        setattr(parent, name, Float8Linear(linear, float8=float8 and not modulation))
 
 
 def _nf4(block: nn.Module, device: torch.device) -> None:

@@ -115,8 +115,8 @@ class LinearGELU(nn.Module):
 
 
 def _plain_linear_with_bias(module) -> bool:
-    """Not a LoRA layer, nor a quantized one: bitsandbytes' have their own class, torchao's an `nn.Linear` whose
-    weight is a tensor subclass (`_addmm_activation` is not among its operations)."""
+    """Not a LoRA layer, nor a quantized one (bitsandbytes' `Linear4bit`, `quantize.Float8Linear`): exactly
+    `nn.Linear`."""
     return type(module) is nn.Linear and module.bias is not None and type(module.weight) is nn.Parameter
 
 

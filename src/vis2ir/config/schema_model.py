@@ -185,7 +185,8 @@ class ModelConfig:
     max_sequence_length: Annotated[int, NO_ROLE] = 512  # T5 tokens of the prompt
     # weights' dtype: auto = bfloat16 on a GPU, float32 on the CPU
     dtype: Annotated[Literal["auto", "bfloat16", "float16", "float32"], NO_ROLE] = "auto"
-    # storage of the frozen transformer blocks, none, fp8 or nf4 (LoRA trains on top; docs/performance.md)
+    # storage of the frozen transformer blocks, none, fp8 or nf4 (LoRA trains on top; docs/performance.md).
+    # fp8 multiplies in float8 where the GPU can (compute capability >= 8.9), elsewhere it upcasts each weight
     quantize: Annotated[Literal["none", "fp8", "nf4"], NO_ROLE] = "none"
     # where prompt embeddings are cached, so the text encoders load only once
     prompt_cache_dir: Annotated[str, RESUMABLE] = "~/.cache/vis2ir/prompt_embeds"
