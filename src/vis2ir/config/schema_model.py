@@ -222,7 +222,6 @@ class ModelConfig:
         check(self.semantic.mode in ("none", "pixel_fusion", "channel_concat"), "model.semantic.mode",
               "none, pixel_fusion or channel_concat with model.backbone=flux1-kontext (its other semantic modes "
               "are not yet supported)", self.semantic.mode)
-        check(self.codec == "vae", "model.codec", "vae with model.backbone=flux1-kontext", self.codec)
         check(not (self.weights == "pretrained" and self.flux_path == FLUX_FILL_ID), "model.flux_path",
               f"FLUX.1 Kontext weights with model.backbone=flux1-kontext, e.g. {FLUX_KONTEXT_ID} "
               f"(not {FLUX_FILL_ID}, FLUX.1 Fill's)", self.flux_path)
