@@ -11,6 +11,9 @@ scratch on MSRS with semantic maps drawn from its detection boxes, scored on its
     # 4. the table: every row scored again on the test split at the data's size, per class with the boxes
     #    annotated on the infrared images, day and night apart, the semantic rows also with no map
     python scripts/real_pairs.py score --data outputs/msrs320 --out runs/real_pairs
+    # 5. does each variant's output vary with the photo? (spread across photos, correlation with what is
+    #    particular to each truth; docs/results.md, "Why the photo is not read")
+    python scripts/real_pairs.py reading --data outputs/msrs320 --out runs/real_pairs
 
 Step 4 writes `real_pairs.json` and `real_pairs.md` into `--out`: mean ± sample standard deviation over seeds.
 Never copy the images, or pictures made from them, into the repository (../shared/real/README.md).
@@ -175,6 +178,46 @@ def markdown(table: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def reading_stats(pred: np.ndarray, truth: np.ndarray) -> dict:
+    """Does `pred` (N, H, W, grey in [0, 1]) vary with the photo as `truth` (N, H, W) does?
+
+    spread: the per-pixel standard deviation across the N images, averaged over pixels (a template: 0);
+    own / other: mean squared error of a prediction to its own truth / to the other images' truths;
+    corr: Pearson correlation of each prediction with its truth once the per-pixel mean over the N images is
+    removed from both (the part particular to each photo), averaged over images (nothing predicted: 0)."""
+    n = len(pred)
+    errors = ((pred[:, None] - truth[None]) ** 2).mean(axis=(2, 3))  # [prediction, truth]
+    own = float(np.trace(errors) / n)
+    other = float((errors.sum() - np.trace(errors)) / (n * (n - 1)))
+    p, t = pred - pred.mean(0), truth - truth.mean(0)
+    corr = [np.corrcoef(a.ravel(), b.ravel())[0, 1] if a.std() > 0 else 0.0 for a, b in zip(p, t)]
+    return {"spread": float(pred.std(0).mean()), "own": own, "other": other, "corr": float(np.mean(corr))}
+
+
+def reading(data: Path, out: Path) -> None:
+    """The photo-reading diagnostic (`reading_stats`) of every variant's saved test predictions in `out`, of
+    the truths themselves and of the constant image, at the truths' size; written to `out`/reading.md."""
+    test = names(data, "test")
+
+    def grey(folder: Path) -> np.ndarray:
+        size = read_image(data / "infrared" / "test" / f"{test[0]}.png").size
+        return np.stack([np.asarray(read_image(folder / f"{n}.png").convert("L").resize(size, Image.BILINEAR),
+                                    dtype=np.float64) / 255 for n in test])
+
+    truth = grey(data / "infrared" / "test")
+    train = [np.asarray(read_image(data / "infrared" / "train" / f"{n}.png").convert("L"), dtype=np.float64) / 255
+             for n in names(data, "train")]
+    rows = {"the truths themselves": reading_stats(truth, truth),
+            "constant (training mean)": reading_stats(np.repeat(np.mean(train, axis=0)[None], len(test), 0), truth)}
+    for pred_dir in sorted(out.glob("variants/*/eval/pred/test")):
+        rows[pred_dir.parts[-4]] = reading_stats(grey(pred_dir), truth)
+    lines = ["| run | spread | MSE to its own truth | MSE to the other truths | corr |", "|---|---|---|---|---|"]
+    lines += [f"| {k} | {v['spread']:.4f} | {v['own']:.4f} | {v['other']:.4f} | {v['corr']:.3f} |"
+              for k, v in rows.items()]
+    write_text(out / "reading.md", "\n".join(lines) + "\n")
+    sys.stdout.write("\n".join(lines) + "\n")
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -189,11 +232,16 @@ def main() -> None:
     q.add_argument("--data", type=Path, required=True)
     q.add_argument("--out", type=Path, required=True)
     q.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    q = sub.add_parser("reading", help="does each variant's output vary with the photo? (reading.md)")
+    q.add_argument("--data", type=Path, required=True)
+    q.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
     if args.command == "prepare":
         prepare(args.src, args.dst, args.scale)
     elif args.command == "plan":
         sys.stdout.write(PLAN.format(data=args.data))
+    elif args.command == "reading":
+        reading(args.data, args.out)
     else:
         score(args.data, args.out, args.device)
 
