@@ -38,6 +38,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 import torch.nn.functional as F
 from diffusers.models.activations import GELU as DiffusersGELU
+from diffusers.models.transformers.transformer_flux import FluxPosEmbed
 from torch import nn
 
 from vis2ir.config import SampleConfig
@@ -212,10 +213,13 @@ def modulation_table(transformer: nn.Module, timesteps: torch.Tensor, guidance: 
     """
     layers = modulation_layers(transformer)
     embed = getattr(transformer, "time_text_embed", None)
+    if not layers or embed is None or pooled is None:  # FLUX.2: shared modulation layers, no pooled embedding
+        yield _no_op
+        return
     device = pooled.device
     previous = [m.linear for m in layers]  # the layers, or an outer loop's stand-ins for them
     originals = [p.original if isinstance(p, StepRow) else p for p in previous]
-    if not layers or embed is None or not all(_plain_on(m, device) for m in [embed, *originals]):
+    if not all(_plain_on(m, device) for m in [embed, *originals]):
         yield _no_op
         return
     steps, b = timesteps.shape[0], pooled.shape[0]
@@ -413,6 +417,8 @@ def loop_patches(transformer: nn.Module, timesteps: torch.Tensor, guidance: torc
     are the pipeline's. Each exact patch is checked against diffusers' own forward by
     tests/test_speedup_against_diffusers.py."""
     rope = getattr(transformer, "pos_embed", None)
+    if not isinstance(rope, FluxPosEmbed):  # FLUX.2's forward calls its pos_embed twice (image, text ids)
+        rope = None
     with computed_once(rope) if rope is not None else nullcontext(), \
             modulation_table(transformer, timesteps, guidance, pooled) as at_step, \
             cache.active(transformer) if cache is not None else nullcontext():
