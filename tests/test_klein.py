@@ -178,6 +178,35 @@ def test_lora_a_run_writes_loads_into_stock_klein(tiny_config, tmp_path):
     assert (after - before).abs().max() > 1e-4  # the LoRA trained and matters
 
 
+def test_speed_ups_on_klein(tiny_klein, tiny_config):
+    """Fusing the q/k/v projections is exact on FLUX.2's attention; the TaylorSeer step cache computes only some
+    steps (approximate); RoPE is computed per call (FLUX.2 calls its pos_embed for image and text ids)."""
+    from vis2ir.speedup import StepCache, fuse_for_sampling
+
+    cfg, model = tiny_klein
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.transformer.parameters():  # larger weights: outputs that move between steps
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    vis = torch.rand(1, 3, 32, 48, generator=torch.Generator().manual_seed(2))
+    exact = generate(model, vis, steps=4, guidance=1.0, seed=3)
+    cache = StepCache.of(tiny_config(*KLEIN, "sample.cache=taylorseer", "sample.cache_warmup=2",
+                                     "sample.cache_interval=3").sample)
+    lazy = generate(model, vis, steps=4, guidance=1.0, seed=3, cache=cache)
+    assert cache.computed < cache.total == 4 and (lazy - exact).abs().max() > 1e-5
+    assert fuse_for_sampling(model.transformer)  # something was fused
+    assert torch.allclose(generate(model, vis, steps=4, guidance=1.0, seed=3), exact, atol=1e-5)
+
+
+def test_lora_trains_on_a_quantized_klein_base(tiny_config, tmp_path):
+    """`model.quantize=nf4` (QLoRA) on klein: the blocks are quantized, the run writes its LoRA."""
+    pytest.importorskip("bitsandbytes")
+    width_64 = ("model.transformer.attention_head_dim=32", "model.transformer.axes_dims_rope=[8,8,8,8]")
+    run_dir = train(tiny_config(*TINY_RUN, *width_64, "model.quantize=nf4", f"train.output_dir={tmp_path / 'q'}"),
+                    progress=False)
+    assert (run_dir / "checkpoints" / "step-2" / LORA_FILE).is_file()
+
+
 def test_train_and_generate_commands(tmp_path):
     """`vis2ir train` then `vis2ir generate` on a tiny random klein, through the command line."""
     from tests.conftest import TINY_MODEL
@@ -205,6 +234,8 @@ def test_train_and_generate_commands(tmp_path):
     (["model.transformer.guidance_embeds=true"], "model.transformer.guidance_embeds: expected false"),
     (["model.transformer.joint_attention_dim=32"], "model.transformer.joint_attention_dim: expected a multiple of 3"),
     (["model.transformer.axes_dims_rope=[4,6,6]"], "model.transformer.axes_dims_rope: expected four even numbers"),
+    (["train.guidance=3.5"], "train.guidance: expected 1 with model.backbone=flux2-klein"),
+    (["sample.cache=first_block"], "sample.cache: expected none or taylorseer with model.backbone=flux2-klein"),
 ])
 def test_what_is_not_supported_yet_is_refused_in_one_line(tiny_config, overrides, message):
     with pytest.raises(ConfigError) as err:

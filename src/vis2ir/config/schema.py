@@ -69,6 +69,13 @@ class Config:
             check(self.train.loss_region == "target", "train.loss_region",
                   f"target with model.backbone={backbone} (it predicts the target tokens only)",
                   self.train.loss_region)
+        if backbone == "flux2-klein":  # what does not apply to klein, or does not work with it yet
+            check(self.train.guidance == 1.0, "train.guidance",
+                  "1 with model.backbone=flux2-klein (it has no guidance embedding; sample.guidance > 1 runs true "
+                  "classifier-free guidance when sampling)", self.train.guidance)
+            check(self.sample.cache != "first_block", "sample.cache",
+                  "none or taylorseer with model.backbone=flux2-klein (diffusers' First-Block-Cache fails on "
+                  "FLUX.2's blocks)", self.sample.cache)
         return self
 
 
