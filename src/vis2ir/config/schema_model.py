@@ -212,7 +212,9 @@ class ModelConfig:
               self.codec)
         self._check_kontext()
         self._check_klein()
-        self.transformer.validate(4 if self.backbone == "flux2-klein" else 3, self.backbone)
+        # a klein built from configuration has four RoPE axes (pretrained: the weights folder says)
+        random_klein = self.backbone == "flux2-klein" and self.weights == "random"
+        self.transformer.validate(4 if random_klein else 3, self.backbone)
         self.vae.validate()
         self.text.validate()
         self.semantic.validate()
@@ -246,9 +248,10 @@ class ModelConfig:
               "model.flux_path", f"FLUX.2 klein weights {name}, e.g. {FLUX2_KLEIN_ID} (not a FLUX.1 model)",
               self.flux_path)
         t = self.transformer
-        check(t.joint_attention_dim % 3 == 0, "model.transformer.joint_attention_dim",
-              f"a multiple of 3 {name} (three Qwen3 layers' hidden states per token)", t.joint_attention_dim)
-        check(not (self.weights == "random" and t.guidance_embeds), "model.transformer.guidance_embeds",
-              f"false {name} (klein has no guidance embedding; guidance > 1 runs true CFG)", t.guidance_embeds)
+        if self.weights == "random":  # the shape of a klein built from configuration
+            check(t.joint_attention_dim % 3 == 0, "model.transformer.joint_attention_dim",
+                  f"a multiple of 3 {name} (three Qwen3 layers' hidden states per token)", t.joint_attention_dim)
+            check(not t.guidance_embeds, "model.transformer.guidance_embeds",
+                  f"false {name} (klein has no guidance embedding; guidance > 1 runs true CFG)", t.guidance_embeds)
         if self.lora.target_modules == ICEDIT_LORA_TARGETS:
             self.lora.target_modules = KLEIN_LORA_TARGETS
