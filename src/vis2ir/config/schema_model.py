@@ -119,16 +119,18 @@ class TransformerConfig:
         """The token width: attention_head_dim × num_attention_heads (3072 for FLUX.1)."""
         return self.attention_head_dim * self.num_attention_heads
 
-    def validate(self, axes: int = 3, backbone: str = "flux1-fill") -> None:
-        """The shape's checks; `axes` RoPE axes (FLUX.1: 3, FLUX.2: 4) for `backbone`."""
+    def validate(self, axes: int | None = 3, backbone: str = "flux1-fill") -> None:
+        """The shape's checks; `axes` RoPE axes (FLUX.1: 3, FLUX.2: 4; None: any number, a pretrained klein's
+        shape comes from its folder) for `backbone`."""
         for key in ("num_layers", "num_single_layers"):
             check(getattr(self, key) >= 0, f"model.transformer.{key}", "an integer >= 0", getattr(self, key))
         check(self.num_layers + self.num_single_layers >= 1, "model.transformer.num_layers",
               "at least one block (num_layers + num_single_layers >= 1)", self.num_layers)
         for key in ("attention_head_dim", "num_attention_heads", "joint_attention_dim", "pooled_projection_dim"):
             check(getattr(self, key) >= 1, f"model.transformer.{key}", "an integer >= 1", getattr(self, key))
-        count = {3: "three", 4: "four"}[axes]
-        check(len(self.axes_dims_rope) == axes and all(d >= 2 and d % 2 == 0 for d in self.axes_dims_rope),
+        count = {3: "three", 4: "four", None: "some"}[axes]
+        check(len(self.axes_dims_rope) == (axes or len(self.axes_dims_rope))
+              and all(d >= 2 and d % 2 == 0 for d in self.axes_dims_rope),
               "model.transformer.axes_dims_rope", f"{count} even numbers >= 2"
               + ("" if axes == 3 else f" with model.backbone={backbone}"), list(self.axes_dims_rope))
         check(sum(self.axes_dims_rope) == self.attention_head_dim, "model.transformer.axes_dims_rope",
@@ -213,8 +215,8 @@ class ModelConfig:
         self._check_kontext()
         self._check_klein()
         # a klein built from configuration has four RoPE axes (pretrained: the weights folder says)
-        random_klein = self.backbone == "flux2-klein" and self.weights == "random"
-        self.transformer.validate(4 if random_klein else 3, self.backbone)
+        klein = self.backbone == "flux2-klein"
+        self.transformer.validate((4 if self.weights == "random" else None) if klein else 3, self.backbone)
         self.vae.validate()
         self.text.validate()
         self.semantic.validate()
