@@ -277,3 +277,15 @@ def test_pretrained_loads_a_klein_folder(tiny_klein, tiny_config, tmp_path):
     vis = torch.rand(1, 3, 32, 48)
     assert torch.allclose(generate(loaded, vis, steps=2, guidance=1.0, seed=3),
                           generate(model, vis, steps=2, guidance=1.0, seed=3), atol=2e-4)
+
+
+def test_init_from_a_kontext_checkpoint_is_refused(tiny_config, tmp_path):
+    """A LoRA base of another backbone (FLUX.1 Kontext's transformer under a klein run): one line, before loading."""
+    kontext = ["model.backbone=flux1-kontext", "model.semantic.mode=none", "train.loss_region=target"]
+    run_dir = train(tiny_config(*kontext, *TINY_RUN[len(KLEIN):], f"train.output_dir={tmp_path / 'kontext'}"),
+                    progress=False)
+    cfg = tiny_config(*TINY_RUN, f"train.init_from={run_dir}", f"train.output_dir={tmp_path / 'k'}")
+    with pytest.raises(Vis2IRError) as err:
+        train(cfg, progress=False)
+    assert "model.backbone='flux2-klein' differs from the checkpoint's 'flux1-kontext'" in str(err.value)
+    assert "\n" not in str(err.value)
