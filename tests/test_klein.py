@@ -178,6 +178,19 @@ def test_lora_a_run_writes_loads_into_stock_klein(tiny_config, tmp_path):
     assert (after - before).abs().max() > 1e-4  # the LoRA trained and matters
 
 
+def test_pixel_fusion_starts_as_stock(tiny_config):
+    """pixel_fusion at α = 0 samples what mode none samples; at α = 0.5 the map moves the image; a missing map is
+    one line."""
+    vis, sem = torch.rand(1, 3, 32, 48), torch.rand(1, 3, 32, 48)
+    none = generate(build_model(tiny_config(*KLEIN)).eval(), vis, None, steps=2, guidance=1.0, seed=3)
+    fusion = build_model(tiny_config(*KLEIN, "model.semantic.mode=pixel_fusion", "model.semantic.fusion_alpha=0"))
+    assert torch.allclose(generate(fusion.eval(), vis, sem, steps=2, guidance=1.0, seed=3), none, atol=1e-6)
+    fused = build_model(tiny_config(*KLEIN, "model.semantic.mode=pixel_fusion")).eval()  # α = 0.5
+    assert (generate(fused, vis, sem, steps=2, guidance=1.0, seed=3) - none).abs().max() > 1e-4
+    with pytest.raises(Vis2IRError, match="needs a semantic map for every image"):
+        fused.encode(vis, None, None)
+
+
 def test_speed_ups_on_klein(tiny_klein, tiny_config):
     """Fusing the q/k/v projections is exact on FLUX.2's attention; the TaylorSeer step cache computes only some
     steps (approximate); RoPE is computed per call (FLUX.2 calls its pos_embed for image and text ids)."""
@@ -223,8 +236,10 @@ def test_train_and_generate_commands(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["model.semantic.mode=cross_attention"], "model.semantic.mode: expected none with model.backbone=flux2-klein"),
-    (["model.semantic.mode=channel_concat"], "(its semantic modes are not yet supported), got 'channel_concat'"),
+    (["model.semantic.mode=cross_attention"],
+     "model.semantic.mode: expected none or pixel_fusion with model.backbone=flux2-klein"),
+    (["model.semantic.mode=channel_concat"], "(its other semantic modes are not yet supported), got 'channel_concat'"),
+    (["model.semantic.mode=in_context"], "(its other semantic modes are not yet supported), got 'in_context'"),
     (["train.loss_region=all"], "train.loss_region: expected target with model.backbone=flux2-klein"),
     (["data.latent_cache=/tmp/cache"], "data.latent_cache: expected none with model.backbone=flux2-klein"),
     (["model.codec=pixel"], "model.codec: expected vae with model.backbone=flux2-klein"),
@@ -289,3 +304,9 @@ def test_init_from_a_kontext_checkpoint_is_refused(tiny_config, tmp_path):
         train(cfg, progress=False)
     assert "model.backbone='flux2-klein' differs from the checkpoint's 'flux1-kontext'" in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_pixel_fusion_trains(tiny_config, tmp_path):
+    run_dir = train(tiny_config(*TINY_RUN, "model.semantic.mode=pixel_fusion", f"train.output_dir={tmp_path / 'r'}"),
+                    progress=False)
+    assert [p.name for p in list_checkpoints(run_dir)] == ["step-2"]

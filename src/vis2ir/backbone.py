@@ -56,7 +56,8 @@ class PromptEmbeds:
 
     def to(self, device=None, dtype=None) -> PromptEmbeds:
         move = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
-        return PromptEmbeds(move(self.prompt_embeds), move(self.pooled_prompt_embeds), move(self.negative_prompt_embeds))
+        return PromptEmbeds(move(self.prompt_embeds), move(self.pooled_prompt_embeds),
+                            move(self.negative_prompt_embeds))
 
     @classmethod
     def of(cls, tensors: dict[str, torch.Tensor]) -> PromptEmbeds:
@@ -313,7 +314,8 @@ def _cache_file(cfg: ModelConfig) -> Path:
                                                                 cfg.transformer.pooled_projection_dim]},
         sort_keys=True)
     family = SPECS[cfg.backbone].family
-    parts = [source, cfg.prompt, cfg.max_sequence_length] + ([] if family == "flux1" else [family])  # FLUX.1's keys kept
+    # FLUX.1's keys as they were; another family's name its family
+    parts = [source, cfg.prompt, cfg.max_sequence_length] + ([] if family == "flux1" else [family])
     key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
     return Path(cfg.prompt_cache_dir).expanduser() / f"{key}.safetensors"
 

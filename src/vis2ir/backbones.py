@@ -200,8 +200,8 @@ SPECS: dict[str, BackboneSpec] = {
     "flux2-klein": BackboneSpec(
         "flux2-klein", "FLUX.2 klein", "black-forest-labs/FLUX.2-klein-base-4B", KLEIN_LICENCE,
         "Flux2KleinPipeline", klein.encode_klein, sequence_condition=True, canvas=False, posterior_draws=False,
-        modes=("none",), family="flux2", gated=False, pooled=False, true_cfg=True, noise_shape=klein.noise_shape,
-        pack_noise=klein.pack_noise, mu=klein.empirical_mu, text_ids=klein.text_ids, lora_targets=KLEIN_LORA_TARGETS),
+        modes=("none", "pixel_fusion"), family="flux2", gated=False, pooled=False, true_cfg=True,
+        noise_shape=klein.noise_shape, pack_noise=klein.pack_noise, mu=klein.empirical_mu, text_ids=klein.text_ids, lora_targets=KLEIN_LORA_TARGETS),
 }
 
 

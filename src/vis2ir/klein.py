@@ -123,9 +123,16 @@ def encode_klein(codec: Codec, semantic_cfg, visible: torch.Tensor, infrared: to
 
     x_0: the infrared photo's normalised posterior-mode tokens `[B, N, 4C]` (None when sampling), ids
     (0, r, c, 0); `context`: the photo's, ids (10, r, c, 0) on the same grid (stock `_encode_vae_image`,
-    `sample_mode="argmax"`: no draw, so `generator` is not used). Mode none only (the settings refuse others)."""
+    `sample_mode="argmax"`: no draw, so `generator` is not used). Modes: `none` (stock) and `pixel_fusion`
+    (the reference is `(1 − α)·photo + α·map`); the settings refuse the others (`ModelConfig._check_klein`)."""
     from vis2ir.backbones import Encoded, stock_layout
+    from vis2ir.io.inputs import missing_maps_help
 
+    if semantic_cfg.mode == "pixel_fusion":
+        if semantic is None:
+            raise Vis2IRError("model.semantic.mode=pixel_fusion needs a semantic map for every image, and none was "
+                              "given; " + missing_maps_help())
+        visible = (1 - semantic_cfg.fusion_alpha) * visible + semantic_cfg.fusion_alpha * semantic
     dtype = codec.dtype
     check_image_size(codec, visible.shape[-2], visible.shape[-1])
     ref = pack(codec.encode(stock_layout(visible.to(dtype)) * 2 - 1))

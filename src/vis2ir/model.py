@@ -59,7 +59,8 @@ class Prediction(NamedTuple):
 
 
 class Vis2IRModel(torch.nn.Module):
-    """A FLUX transformer (the backbone `spec`: Fill or Kontext) + semantic conditioning, on one codec."""
+    """A FLUX transformer (the backbone `spec`: FLUX.1 Fill or Kontext, FLUX.2 klein) + semantic conditioning, on one
+    codec."""
 
     def __init__(self, backbone: Backbone, semantic: SemanticConfig, seed: int = 0):
         super().__init__()

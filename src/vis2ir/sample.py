@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vis2ir.backbones import get_lin_function  # noqa: F401 (also imported from here)
-from vis2ir.latents import VAECodec, as_codec, decode_tokens, pack, parameter_dtype
+from vis2ir.latents import VAECodec, as_codec, decode_tokens, parameter_dtype
 from vis2ir.model import Encoded, Vis2IRModel
 from vis2ir.semantic.modes import crop_target, num_panels
 from vis2ir.speedup import StepCache, loop_patches

@@ -174,9 +174,11 @@ class VAEConfig:
 
 @dataclass
 class ModelConfig:
-    """The backbone (FLUX.1 Fill or Kontext, pretrained or built from configuration) and the semantic mode."""
+    """The backbone (FLUX.1 Fill or Kontext, FLUX.2 klein; pretrained or built from configuration) and the semantic
+    mode."""
 
-    # the backbone's weights: Hub id or local folder (diffusers FluxFillPipeline / FluxKontextPipeline layout)
+    # the backbone's weights: Hub id or local folder (diffusers FluxFillPipeline / FluxKontextPipeline /
+    # Flux2KleinPipeline layout)
     flux_path: Annotated[str, LATENT] = FLUX_FILL_ID
     # the base model: flux1-fill (FLUX.1 Fill, the photo beside a blank panel), flux1-kontext (FLUX.1 Kontext,
     # the photo as a reference image), flux2-klein (FLUX.2 klein, the photo as a reference image; vis2ir.backbones)
@@ -242,8 +244,8 @@ class ModelConfig:
         from vis2ir.backbones import KLEIN_LORA_TARGETS
 
         name = "with model.backbone=flux2-klein"
-        check(self.semantic.mode == "none", "model.semantic.mode",
-              f"none {name} (its semantic modes are not yet supported)", self.semantic.mode)
+        check(self.semantic.mode in ("none", "pixel_fusion"), "model.semantic.mode",
+              f"none or pixel_fusion {name} (its other semantic modes are not yet supported)", self.semantic.mode)
         check(self.codec == "vae", "model.codec", f"vae {name} (FLUX.2's VAE; the pixel codec is not yet supported)",
               self.codec)
         check(not (self.weights == "pretrained" and self.flux_path in (FLUX_FILL_ID, FLUX_KONTEXT_ID)),
