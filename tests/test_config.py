@@ -248,7 +248,7 @@ def test_old_backbone_key_moves_to_weights(tmp_path, caplog):
     ("model.backbone=random", "override model.backbone=random: that setting is now model.weights=random"),
     ("model.backbone=pretrained", "that setting is now model.weights=pretrained"),
     ("model.backbone=flux2-klein",
-     "model.semantic.mode: expected none or pixel_fusion with model.backbone=flux2-klein"),
+     "model.semantic.mode: expected none, pixel_fusion or channel_concat with model.backbone=flux2-klein"),
     ("model.backbone=flux3", "model.backbone: 'flux3' is not allowed"),
 ])
 def test_backbone_values_refused_in_one_line(override, message):

@@ -237,8 +237,7 @@ def test_train_and_generate_commands(tmp_path):
 
 @pytest.mark.parametrize("overrides, message", [
     (["model.semantic.mode=cross_attention"],
-     "model.semantic.mode: expected none or pixel_fusion with model.backbone=flux2-klein"),
-    (["model.semantic.mode=channel_concat"], "(its other semantic modes are not yet supported), got 'channel_concat'"),
+     "model.semantic.mode: expected none, pixel_fusion or channel_concat with model.backbone=flux2-klein"),
     (["model.semantic.mode=in_context"], "(its other semantic modes are not yet supported), got 'in_context'"),
     (["train.loss_region=all"], "train.loss_region: expected target with model.backbone=flux2-klein"),
     (["data.latent_cache=/tmp/cache"], "data.latent_cache: expected none with model.backbone=flux2-klein"),
@@ -306,7 +305,26 @@ def test_init_from_a_kontext_checkpoint_is_refused(tiny_config, tmp_path):
     assert "\n" not in str(err.value)
 
 
-def test_pixel_fusion_trains(tiny_config, tmp_path):
-    run_dir = train(tiny_config(*TINY_RUN, "model.semantic.mode=pixel_fusion", f"train.output_dir={tmp_path / 'r'}"),
+@pytest.mark.parametrize("mode", ["pixel_fusion", "channel_concat"])
+def test_semantic_modes_train(tiny_config, tmp_path, mode):
+    run_dir = train(tiny_config(*TINY_RUN, f"model.semantic.mode={mode}", f"train.output_dir={tmp_path / 'r'}"),
                     progress=False)
     assert [p.name for p in list_checkpoints(run_dir)] == ["step-2"]
+
+
+def test_channel_concat_starts_as_stock(tiny_config):
+    """channel_concat freshly widened (zero columns for the map's tokens on target and reference) samples what
+    mode none samples; the map matters once the new columns are not zero; its LoRA targets add the x_embedder."""
+    vis, sem = torch.rand(1, 3, 32, 48), torch.rand(1, 3, 32, 48)
+    none = generate(build_model(tiny_config(*KLEIN)).eval(), vis, None, steps=2, guidance=1.0, seed=3)
+    cfg = tiny_config(*KLEIN, "model.semantic.mode=channel_concat")
+    concat = build_model(cfg).eval()
+    assert concat.transformer.config.in_channels == 128 and cfg.model.lora.target_modules.startswith("(x_embedder|")
+    assert torch.allclose(generate(concat, vis, sem, steps=2, guidance=1.0, seed=3), none, atol=1e-6)
+    with torch.no_grad():
+        concat.transformer.x_embedder.weight[:, 64:].normal_(0, 0.1)
+    assert (generate(concat, vis, sem, steps=2, guidance=1.0, seed=3) - none).abs().max() > 1e-4
+    enc = concat.encode(vis, None, sem)
+    assert enc.semantic_tokens.shape == enc.context.shape == (1, 6, 64)
+    with pytest.raises(Vis2IRError, match="needs a semantic map for every image"):
+        concat.encode(vis, None, None)

@@ -188,6 +188,8 @@ KLEIN_LORA_TARGETS = (
     r"(transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0)"
     r"|single_transformer_blocks\.\d+\.attn\.(to_qkv_mlp_proj|to_out))"
 )
+# channel_concat widens the x_embedder with zero columns for the map: a LoRA there is what learns to read it
+KLEIN_CONCAT_LORA_TARGETS = r"(x_embedder|" + KLEIN_LORA_TARGETS[1:]
 SPECS: dict[str, BackboneSpec] = {
     "flux1-fill": BackboneSpec(
         "flux1-fill", "FLUX.1 Fill", "black-forest-labs/FLUX.1-Fill-dev", FLUX_DEV_LICENCE, "FluxFillPipeline",
@@ -200,7 +202,7 @@ SPECS: dict[str, BackboneSpec] = {
     "flux2-klein": BackboneSpec(
         "flux2-klein", "FLUX.2 klein", "black-forest-labs/FLUX.2-klein-base-4B", KLEIN_LICENCE,
         "Flux2KleinPipeline", klein.encode_klein, sequence_condition=True, canvas=False, posterior_draws=False,
-        modes=("none", "pixel_fusion"), family="flux2", gated=False, pooled=False, true_cfg=True,
+        modes=("none", "pixel_fusion", "channel_concat"), family="flux2", gated=False, pooled=False, true_cfg=True,
         noise_shape=klein.noise_shape, pack_noise=klein.pack_noise, mu=klein.empirical_mu, text_ids=klein.text_ids, lora_targets=KLEIN_LORA_TARGETS),
 }
 

@@ -123,15 +123,18 @@ def encode_klein(codec: Codec, semantic_cfg, visible: torch.Tensor, infrared: to
 
     x_0: the infrared photo's normalised posterior-mode tokens `[B, N, 4C]` (None when sampling), ids
     (0, r, c, 0); `context`: the photo's, ids (10, r, c, 0) on the same grid (stock `_encode_vae_image`,
-    `sample_mode="argmax"`: no draw, so `generator` is not used). Modes: `none` (stock) and `pixel_fusion`
-    (the reference is `(1 − α)·photo + α·map`); the settings refuse the others (`ModelConfig._check_klein`)."""
+    `sample_mode="argmax"`: no draw, so `generator` is not used). Modes: `none` (stock), `pixel_fusion`
+    (the reference is `(1 − α)·photo + α·map`) and `channel_concat` (the map's tokens `[B, N, 4C]` in
+    `semantic_tokens`, joined to target and reference along the channels by `Vis2IRModel`); the settings refuse
+    the others (`ModelConfig._check_klein`)."""
     from vis2ir.backbones import Encoded, stock_layout
     from vis2ir.io.inputs import missing_maps_help
 
-    if semantic_cfg.mode == "pixel_fusion":
-        if semantic is None:
-            raise Vis2IRError("model.semantic.mode=pixel_fusion needs a semantic map for every image, and none was "
-                              "given; " + missing_maps_help())
+    mode = semantic_cfg.mode
+    if mode in ("pixel_fusion", "channel_concat") and semantic is None:
+        raise Vis2IRError(f"model.semantic.mode={mode} needs a semantic map for every image, and none was "
+                          "given; " + missing_maps_help())
+    if mode == "pixel_fusion":
         visible = (1 - semantic_cfg.fusion_alpha) * visible + semantic_cfg.fusion_alpha * semantic
     dtype = codec.dtype
     check_image_size(codec, visible.shape[-2], visible.shape[-1])
@@ -139,7 +142,8 @@ def encode_klein(codec: Codec, semantic_cfg, visible: torch.Tensor, infrared: to
     x_0 = None if infrared is None else pack(codec.encode(stock_layout(infrared.to(dtype)) * 2 - 1))
     rows, cols = visible.shape[-2] // (2 * codec.scale_factor), visible.shape[-1] // (2 * codec.scale_factor)
     device = visible.device
-    return Encoded(x_0, ref.new_zeros(*ref.shape[:2], 0), image_ids(rows, cols, 0, device), None,
+    sem = pack(codec.encode(semantic.to(dtype) * 2 - 1)) if mode == "channel_concat" else None
+    return Encoded(x_0, ref.new_zeros(*ref.shape[:2], 0), image_ids(rows, cols, 0, device), sem,
                    visible.shape[-2], visible.shape[-1], ref, image_ids(rows, cols, REFERENCE_INDEX, device))
 
 

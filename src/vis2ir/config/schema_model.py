@@ -238,14 +238,16 @@ class ModelConfig:
 
     def _check_klein(self) -> None:
         """What FLUX.2 klein does not support yet, or needs, refused in one line each; its default LoRA targets
-        (`vis2ir.backbones.KLEIN_LORA_TARGETS`) replace ICEdit's, which name no module of its single blocks."""
+        (`vis2ir.backbones.KLEIN_LORA_TARGETS`, with channel_concat `KLEIN_CONCAT_LORA_TARGETS`) replace ICEdit's,
+        which name no module of its single blocks."""
         if self.backbone != "flux2-klein":
             return
-        from vis2ir.backbones import KLEIN_LORA_TARGETS
+        from vis2ir.backbones import KLEIN_CONCAT_LORA_TARGETS, KLEIN_LORA_TARGETS
 
         name = "with model.backbone=flux2-klein"
-        check(self.semantic.mode in ("none", "pixel_fusion"), "model.semantic.mode",
-              f"none or pixel_fusion {name} (its other semantic modes are not yet supported)", self.semantic.mode)
+        check(self.semantic.mode in ("none", "pixel_fusion", "channel_concat"), "model.semantic.mode",
+              f"none, pixel_fusion or channel_concat {name} (its other semantic modes are not yet supported)",
+              self.semantic.mode)
         check(self.codec == "vae", "model.codec", f"vae {name} (FLUX.2's VAE; the pixel codec is not yet supported)",
               self.codec)
         check(not (self.weights == "pretrained" and self.flux_path in (FLUX_FILL_ID, FLUX_KONTEXT_ID)),
@@ -257,5 +259,6 @@ class ModelConfig:
                   f"a multiple of 3 {name} (three Qwen3 layers' hidden states per token)", t.joint_attention_dim)
             check(not t.guidance_embeds, "model.transformer.guidance_embeds",
                   f"false {name} (klein has no guidance embedding; guidance > 1 runs true CFG)", t.guidance_embeds)
-        if self.lora.target_modules == ICEDIT_LORA_TARGETS:
-            self.lora.target_modules = KLEIN_LORA_TARGETS
+        if self.lora.target_modules == ICEDIT_LORA_TARGETS:  # with channel_concat, the widened x_embedder too
+            concat = self.semantic.mode == "channel_concat"
+            self.lora.target_modules = KLEIN_CONCAT_LORA_TARGETS if concat else KLEIN_LORA_TARGETS
