@@ -207,6 +207,8 @@ def test_speed_ups_on_klein(tiny_klein, tiny_config):
                                      "sample.cache_interval=3").sample)
     lazy = generate(model, vis, steps=4, guidance=1.0, seed=3, cache=cache)
     assert cache.computed < cache.total == 4 and (lazy - exact).abs().max() > 1e-5
+    with pytest.raises(Vis2IRError, match="a step cache does not yet follow true CFG's two passes"):
+        generate(model, vis, steps=4, guidance=4.0, seed=3, cache=cache)
     assert fuse_for_sampling(model.transformer)  # something was fused
     assert torch.allclose(generate(model, vis, steps=4, guidance=1.0, seed=3), exact, atol=1e-5)
 

@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vis2ir.backbones import get_lin_function  # noqa: F401 (also imported from here)
+from vis2ir.errors import Vis2IRError
 from vis2ir.latents import VAECodec, as_codec, decode_tokens, parameter_dtype
 from vis2ir.model import Encoded, Vis2IRModel
 from vis2ir.semantic.modes import crop_target, num_panels
@@ -100,6 +101,10 @@ def denoise(model: Vis2IRModel, enc: Encoded, x: torch.Tensor, sigmas: torch.Ten
     deltas = sigmas[1:] - sigmas[:-1]
     b = x.shape[0]
     cond = model.conditioning(enc, guidance, return_attention, adapter_scale, true_cfg=True)
+    if cache is not None and cond.negative is not None:  # the hooks would count both passes of a step as steps
+        raise Vis2IRError(f"sample.cache={cache.settings.cache} with guidance {guidance:g} on "
+                          f"model.backbone={model.spec.name}: a step cache does not yet follow true CFG's two passes; "
+                          "use sample.cache=none, or guidance 1")
     total = None
     transformer = model.transformer
     with loop_patches(transformer, timesteps, cond.guidance, cond.pooled, cache) as at_step:
