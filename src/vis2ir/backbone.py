@@ -390,10 +390,12 @@ class Parts:
     text_weight_folders: tuple[str, ...]
 
 
+# FLUX.1's functions looked up when called (by name in this module), so that a test can stand in for one
 PARTS: dict[str, Parts] = {
-    "flux1": Parts("FluxTransformer2DModel", build_transformer, _pretrained_transformer, build_tiny_vae, VAECodec,
-                   _pretrained_codec, build_tiny_text_encoders, _load_text_encoders, _flux1_prompt_tensors,
-                   TEXT_FILES, TEXT_WEIGHT_FOLDERS),
+    "flux1": Parts("FluxTransformer2DModel", lambda *a: build_transformer(*a), lambda *a: _pretrained_transformer(*a),
+                   lambda cfg: build_tiny_vae(cfg), VAECodec, lambda *a: _pretrained_codec(*a),
+                   lambda cfg: build_tiny_text_encoders(cfg), lambda root: _load_text_encoders(root),
+                   lambda *a: _flux1_prompt_tensors(*a), TEXT_FILES, TEXT_WEIGHT_FOLDERS),
     "flux2": Parts("Flux2Transformer2DModel", klein.build_transformer, klein.pretrained_transformer,
                    lambda cfg: klein.build_tiny_vae(cfg, cfg.seed), klein.Flux2Codec, klein.pretrained_codec,
                    klein.build_tiny_text_encoder, klein.pretrained_text_encoder, klein.encode_prompt,
