@@ -247,7 +247,8 @@ def test_old_backbone_key_moves_to_weights(tmp_path, caplog):
 @pytest.mark.parametrize("override, message", [
     ("model.backbone=random", "override model.backbone=random: that setting is now model.weights=random"),
     ("model.backbone=pretrained", "that setting is now model.weights=pretrained"),
-    ("model.backbone=flux2-klein", "model.backbone: expected flux1-fill or flux1-kontext (flux2-klein is not yet"),
+    ("model.backbone=flux2-klein",
+     "model.semantic.mode: expected none, pixel_fusion or channel_concat with model.backbone=flux2-klein"),
     ("model.backbone=flux3", "model.backbone: 'flux3' is not allowed"),
 ])
 def test_backbone_values_refused_in_one_line(override, message):

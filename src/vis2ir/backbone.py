@@ -1,9 +1,12 @@
-"""The backbone: FLUX.1 Fill's or Kontext's transformer, codec and prompt embeddings, or tiny ones from config.
+"""The backbone: FLUX.1 Fill's, Kontext's or FLUX.2 klein's transformer, codec and prompt embeddings, or tiny ones
+from config.
 
 `load_backbone(cfg)` is the one entry point. With `model.weights: pretrained` it reads
 `model.flux_path` (a Hub id, with the user's token, or a local folder in diffusers
-`FluxFillPipeline` / `FluxKontextPipeline` layout, as `model.backbone` says: `vis2ir.backbones`). With `model.weights: random` it builds every part from the config
-with random weights, so tests, CI and the demo run with nothing downloaded (docs/design.md §6).
+`FluxFillPipeline` / `FluxKontextPipeline` / `Flux2KleinPipeline` layout, as `model.backbone` says:
+`vis2ir.backbones`). With `model.weights: random` it builds every part from the config with random weights, so
+tests, CI and the demo run with nothing downloaded (docs/design.md §6). What differs between FLUX.1 and FLUX.2
+(the classes, the text encoders, how the prompt is encoded) is one `Parts` entry per family in `PARTS`.
 
 The prompt is fixed, so its embeddings are a constant: they are computed once, cached on disk
 (keyed by model, prompt and maximum length) and the text encoders are dropped (docs/design.md §2).
@@ -15,12 +18,14 @@ import hashlib
 import json
 import logging
 import string
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from vis2ir import klein
 from vis2ir.backbones import SPECS, BackboneSpec
 from vis2ir.config import ModelConfig
 from vis2ir.errors import Vis2IRError
@@ -41,14 +46,25 @@ TEXT_WEIGHT_FOLDERS = ("text_encoder", "text_encoder_2")
 
 @dataclass
 class PromptEmbeds:
-    """T5 sequence embeddings `[1, L, D]` and the CLIP pooled embedding `[1, P]` (FLUX's text ids are zeros)."""
+    """FLUX.1: T5 sequence embeddings `[1, L, D]` and the CLIP pooled embedding `[1, P]` (its text ids are
+    zeros). FLUX.2 klein: Qwen3's `[1, L, 3·D']`, a pooled embedding of width 0 `[1, 0]`, and the empty prompt's
+    embeddings `[1, L, 3·D']` (true CFG's negative)."""
 
     prompt_embeds: torch.Tensor
     pooled_prompt_embeds: torch.Tensor
+    negative_prompt_embeds: torch.Tensor | None = None
 
     def to(self, device=None, dtype=None) -> PromptEmbeds:
-        return PromptEmbeds(self.prompt_embeds.to(device=device, dtype=dtype),
-                            self.pooled_prompt_embeds.to(device=device, dtype=dtype))
+        move = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
+        return PromptEmbeds(move(self.prompt_embeds), move(self.pooled_prompt_embeds),
+                            move(self.negative_prompt_embeds))
+
+    @classmethod
+    def of(cls, tensors: dict[str, torch.Tensor]) -> PromptEmbeds:
+        """From a prompt cache's tensors (FLUX.2's has no pooled embedding: width 0)."""
+        embeds = tensors["prompt_embeds"]
+        pooled = tensors.get("pooled_prompt_embeds", embeds.new_zeros(embeds.shape[0], 0))
+        return cls(embeds, pooled, tensors.get("negative_prompt_embeds"))
 
 
 @dataclass
@@ -57,6 +73,7 @@ class Backbone:
     codec: Codec
     prompt: PromptEmbeds
     spec: BackboneSpec = SPECS["flux1-fill"]  # which base model (vis2ir.backbones)
+    distilled: bool = False  # a step-distilled checkpoint (klein's `model_index.json`): guidance is ignored
 
 
 def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
@@ -80,27 +97,38 @@ def load_backbone(cfg: ModelConfig, device: torch.device | str = "cpu", dtype: t
     require(cfg.quantize)  # a missing library is one line before anything heavy is loaded
     dtype = dtype or resolve_dtype(cfg.dtype, device)
     spec = SPECS[cfg.backbone]
-    fill = None
+    parts = PARTS[spec.family]
+    fill, distilled = None, False
     if cfg.weights == "pretrained":
         root = resolve_flux_path(cfg.flux_path, need_text=not _cache_file(cfg).exists(), spec=spec)
-        from diffusers import FluxTransformer2DModel
-
         log.info("Loading %s from %s", spec.title, root)
-        codec = _pretrained_codec(root, dtype)
+        _check_class(root, spec, parts, cfg.flux_path)
+        codec = parts.pretrained_codec(root, dtype)
         _check_layout(root, spec, codec, cfg.flux_path)
-        transformer = FluxTransformer2DModel.from_pretrained(root, subfolder="transformer", torch_dtype=dtype)
-        prompt = prompt_embeddings(cfg, lambda: _load_text_encoders(root))
+        transformer = parts.pretrained_transformer(root, dtype)
+        prompt = prompt_embeddings(cfg, lambda: parts.pretrained_text(root))
+        distilled = klein.is_distilled(root)
     else:
         with torch.random.fork_rng(devices=[]):  # seeded build that leaves the global RNG alone
             torch.manual_seed(cfg.seed)
             codec = _random_codec(cfg, dtype)  # first, so that `load_codec` builds the same one
             transformer = _random_transformer(cfg, codec, dtype, spec)
         fill = _fill_normal if cfg.transformer.init == "normal" else None
-        prompt = prompt_embeddings(cfg, lambda: build_tiny_text_encoders(cfg))
+        prompt = prompt_embeddings(cfg, lambda: parts.tiny_text(cfg))
     with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
         torch.manual_seed(cfg.seed)  # `init: normal` fills the weights here: seeded, global RNG left alone
         transformer = quantize_transformer(transformer, cfg.quantize, device, fill)
-    return Backbone(transformer, _to_device(codec, device), prompt.to(device, dtype), spec)
+    return Backbone(transformer, _to_device(codec, device), prompt.to(device, dtype), spec, distilled)
+
+
+def _check_class(root: Path, spec: BackboneSpec, parts: Parts, flux_path: str) -> None:
+    """Refuse (one line) a weights folder whose transformer is of another class than `spec`'s (a FLUX.1 folder
+    for FLUX.2 klein, or the reverse), before its VAE is read with the wrong class."""
+    got = json.loads((root / "transformer" / "config.json").read_text()).get("_class_name")
+    if got is not None and got != parts.transformer_class:
+        raise Vis2IRError(f"model.flux_path={flux_path!r}: its transformer is a {got}, but model.backbone={spec.name} "
+                          f"takes a {parts.transformer_class}; point model.flux_path at {spec.title} weights "
+                          f"({spec.hub_id})")
 
 
 def _check_layout(root: Path, spec: BackboneSpec, codec: Codec, flux_path: str) -> None:
@@ -119,8 +147,9 @@ def load_codec(cfg: ModelConfig, device: torch.device | str = "cpu", dtype: torc
     """The codec alone (e.g. to cache a data set's latents), the same one `load_backbone` builds."""
     dtype = dtype or resolve_dtype(cfg.dtype, device)
     if cfg.weights == "pretrained":
-        root = resolve_flux_path(cfg.flux_path, need_text=False, spec=SPECS[cfg.backbone])
-        return _to_device(_pretrained_codec(root, dtype), device)
+        spec = SPECS[cfg.backbone]
+        root = resolve_flux_path(cfg.flux_path, need_text=False, spec=spec)
+        return _to_device(PARTS[spec.family].pretrained_codec(root, dtype), device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         return _to_device(_random_codec(cfg, dtype), device)
@@ -132,17 +161,27 @@ def _pretrained_codec(root: Path, dtype: torch.dtype) -> VAECodec:
     return VAECodec(AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=dtype))
 
 
+def _pretrained_transformer(root: Path, dtype: torch.dtype):
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel.from_pretrained(root, subfolder="transformer", torch_dtype=dtype)
+
+
 def _random_codec(cfg: ModelConfig, dtype: torch.dtype) -> Codec:
-    return PixelCodec(cfg.pixel_factor) if cfg.codec == "pixel" else VAECodec(_cast(build_tiny_vae(cfg), dtype))
+    if cfg.codec == "pixel":
+        return PixelCodec(cfg.pixel_factor)
+    parts = PARTS[SPECS[cfg.backbone].family]
+    return parts.codec(_cast(parts.random_vae(cfg), dtype))
 
 
 def _random_transformer(cfg: ModelConfig, codec: Codec, dtype, spec: BackboneSpec = SPECS["flux1-fill"]):
     """A transformer of the configured shape for `codec` and the backbone `spec`, with random weights (or, with
     `init: normal`, empty weights that `_fill_normal` fills once they are on the device)."""
     width = token_width(codec)
+    build = PARTS[spec.family].build_transformer
     if cfg.transformer.init == "normal":
-        return build_transformer_empty(cfg, spec.in_channels(codec), width, dtype)
-    return _cast(build_transformer(cfg, spec.in_channels(codec), width), dtype)
+        return build_transformer_empty(cfg, spec.in_channels(codec), width, dtype, build)
+    return _cast(build(cfg, spec.in_channels(codec), width), dtype)
 
 
 def _to_device(codec: Codec, device) -> Codec:
@@ -173,13 +212,14 @@ def build_transformer(cfg: ModelConfig, in_channels: int, out_channels: int):
     )
 
 
-def build_transformer_empty(cfg: ModelConfig, in_channels: int, out_channels: int, dtype):
-    """The same transformer with empty (meta) weights in `dtype`: a real-size one in under a second,
-    for speed and memory measurements. `_fill_normal` gives each part N(0, 0.02) on its device."""
+def build_transformer_empty(cfg: ModelConfig, in_channels: int, out_channels: int, dtype, build=None):
+    """The same transformer (`build`: FLUX.1's `build_transformer` by default) with empty (meta) weights in
+    `dtype`: a real-size one in under a second, for speed and memory measurements. `_fill_normal` gives each
+    part N(0, 0.02) on its device."""
     from accelerate import init_empty_weights
 
     with init_empty_weights():
-        return build_transformer(cfg, in_channels, out_channels).to(dtype)
+        return (build or build_transformer)(cfg, in_channels, out_channels).to(dtype)
 
 
 @torch.no_grad()
@@ -241,17 +281,20 @@ def prompt_embeddings(cfg: ModelConfig, load_encoders) -> PromptEmbeds:
     """The prompt's embeddings from the disk cache, or computed once with `load_encoders()` and cached."""
     path = _cache_file(cfg)
     if path.exists():
-        tensors = load_file(path)
         log.info("Prompt embeddings from cache %s", path)
-        return PromptEmbeds(tensors["prompt_embeds"], tensors["pooled_prompt_embeds"])
+        return PromptEmbeds.of(load_file(path))
     encoders = load_encoders()
-    embeds = encode_prompt(encoders, cfg.prompt, cfg.max_sequence_length)
+    tensors = PARTS[SPECS[cfg.backbone].family].encode_prompt(encoders, cfg.prompt, cfg.max_sequence_length)
     del encoders  # the text encoders are not needed again
-    tensors = {"prompt_embeds": embeds.prompt_embeds.contiguous(),
-               "pooled_prompt_embeds": embeds.pooled_prompt_embeds.contiguous()}
+    tensors = {name: t.contiguous() for name, t in tensors.items()}
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
     log.info("Prompt embeddings cached at %s", path)
-    return embeds
+    return PromptEmbeds.of(tensors)
+
+
+def _flux1_prompt_tensors(encoders: dict, prompt: str, max_sequence_length: int) -> dict[str, torch.Tensor]:
+    embeds = encode_prompt(encoders, prompt, max_sequence_length)
+    return {"prompt_embeds": embeds.prompt_embeds, "pooled_prompt_embeds": embeds.pooled_prompt_embeds}
 
 
 @torch.no_grad()
@@ -270,7 +313,10 @@ def _cache_file(cfg: ModelConfig) -> Path:
         {"random": True, "text": vars(cfg.text), "transformer": [cfg.transformer.joint_attention_dim,
                                                                 cfg.transformer.pooled_projection_dim]},
         sort_keys=True)
-    key = hashlib.sha256(json.dumps([source, cfg.prompt, cfg.max_sequence_length]).encode()).hexdigest()[:16]
+    family = SPECS[cfg.backbone].family
+    # FLUX.1's keys as they were; another family's name its family
+    parts = [source, cfg.prompt, cfg.max_sequence_length] + ([] if family == "flux1" else [family])
+    key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
     return Path(cfg.prompt_cache_dir).expanduser() / f"{key}.safetensors"
 
 
@@ -291,10 +337,11 @@ def _load_text_encoders(root: Path) -> dict:
 
 
 def _missing_weights(path: str, reason: str, spec: BackboneSpec = SPECS["flux1-fill"]) -> Vis2IRError:
+    access = (f"gated under the {spec.licence}: accept it at https://huggingface.co/{spec.hub_id}, then "
+              "`hf auth login` or set HF_TOKEN" if spec.gated else f"under the {spec.licence} (see its model card)")
     return Vis2IRError(
         f"cannot load {spec.title} from model.flux_path={path!r}: {reason}. The weights are "
-        f"{spec.hub_id} on the Hugging Face Hub, gated under the {spec.licence}: "
-        f"accept it at https://huggingface.co/{spec.hub_id}, then `hf auth login` or set HF_TOKEN; "
+        f"{spec.hub_id} on the Hugging Face Hub, {access}; "
         f"or download a copy and set model.flux_path=/path/to/{spec.hub_id.split('/')[-1]} "
         f"(diffusers {spec.pipeline} layout)"
     )
@@ -305,8 +352,9 @@ def resolve_flux_path(path: str, need_text: bool = True, spec: BackboneSpec = SP
 
     Fails within seconds, with one message, when the weights cannot be had: no retry loop.
     """
-    needed = CORE_FILES + (TEXT_FILES if need_text else ())
-    weights = WEIGHT_FOLDERS + (TEXT_WEIGHT_FOLDERS if need_text else ())
+    parts = PARTS[spec.family]
+    needed = CORE_FILES + (parts.text_files if need_text else ())
+    weights = WEIGHT_FOLDERS + (parts.text_weight_folders if need_text else ())
     fail = lambda reason: _missing_weights(path, reason, spec)  # noqa: E731
     if is_local(path):
         return local_folder(path, needed, fail, weights)
@@ -319,3 +367,37 @@ def resolve_flux_path(path: str, need_text: bool = True, spec: BackboneSpec = SP
         return cached
     check_hub(path, fail)
     return Path(snapshot_download(path, allow_patterns=patterns))
+
+
+# ----------------------------------------------------------------------------------------------
+# The parts of each family
+
+
+@dataclass(frozen=True)
+class Parts:
+    """How one family of backbones (`BackboneSpec.family`) builds, loads and encodes its parts."""
+
+    transformer_class: str                     # diffusers class of transformer/config.json
+    build_transformer: Callable                # (cfg, in_channels, out_channels) → random transformer
+    pretrained_transformer: Callable           # (root, dtype) → transformer
+    random_vae: Callable                       # cfg → a VAE of the configured shape
+    codec: Callable                            # VAE → Codec
+    pretrained_codec: Callable                 # (root, dtype) → Codec
+    tiny_text: Callable                        # cfg → text encoders and tokenizers built from configuration
+    pretrained_text: Callable                  # root → text encoders and tokenizers
+    encode_prompt: Callable                    # (encoders, prompt, max_len) → the prompt cache's tensors
+    text_files: tuple[str, ...]                # what a weights folder holds for the text
+    text_weight_folders: tuple[str, ...]
+
+
+# FLUX.1's functions looked up when called (by name in this module), so that a test can stand in for one
+PARTS: dict[str, Parts] = {
+    "flux1": Parts("FluxTransformer2DModel", lambda *a: build_transformer(*a), lambda *a: _pretrained_transformer(*a),
+                   lambda cfg: build_tiny_vae(cfg), VAECodec, lambda *a: _pretrained_codec(*a),
+                   lambda cfg: build_tiny_text_encoders(cfg), lambda root: _load_text_encoders(root),
+                   lambda *a: _flux1_prompt_tensors(*a), TEXT_FILES, TEXT_WEIGHT_FOLDERS),
+    "flux2": Parts("Flux2Transformer2DModel", klein.build_transformer, klein.pretrained_transformer,
+                   lambda cfg: klein.build_tiny_vae(cfg, cfg.seed), klein.Flux2Codec, klein.pretrained_codec,
+                   klein.build_tiny_text_encoder, klein.pretrained_text_encoder, klein.encode_prompt,
+                   ("text_encoder/config.json", "tokenizer"), ("text_encoder",)),
+}

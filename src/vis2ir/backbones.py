@@ -9,12 +9,16 @@ read their differences from it:
     canvas         whether the photo and the target share one canvas (Fill's diptych), so the noise, the
                    decode and the schedule's token count cover the whole canvas; else they cover the target only
     posterior      whether sampling draws posterior samples of the canvas (Fill) or takes the mode (Kontext)
+    family         which transformer, codec and text encoders (`backbone.PARTS`): FLUX.1's or FLUX.2's
+    noise, mu      the initial noise's shape and packing; the schedule's shift for a token and step count
+    text_ids       the prompt tokens' position ids (FLUX.1: zeros over 3 axes; FLUX.2: (0, 0, 0, l))
 
 FLUX.1 Fill (`flux1-fill`): the canvas [photo | blank] and its mask enter channel-wise, `[x_t ‖ masked canvas ‖
 mask]` (diffusers `FluxFillPipeline`). FLUX.1 Kontext (`flux1-kontext`): the photo's tokens are appended after
 the target's along the sequence, ids (1, row, col) beside the target's (0, row, col), and only the target slice
 of the output is the prediction (diffusers 0.42 `FluxKontextPipeline`, `_auto_resize=False`; facts in
-/work/notes/kontext/PLAN.md §2).
+/work/notes/kontext/PLAN.md §2). FLUX.2 [klein] (`flux2-klein`): the photo's tokens after the target's as with
+Kontext, with FLUX.2's codec, four-axis ids, Qwen3 prompt and true classifier-free guidance (`vis2ir.klein`).
 """
 
 from __future__ import annotations
@@ -25,8 +29,9 @@ from dataclasses import dataclass
 import torch
 from einops import repeat
 
-from vis2ir.latents import (Codec, encode_fill_condition, encode_images, encode_images_fill, mask_width, token_grid,
-                            token_width)
+from vis2ir import klein
+from vis2ir.latents import (Codec, encode_fill_condition, encode_images, encode_images_fill, mask_width, pack,
+                            token_grid, token_width)
 from vis2ir.errors import Vis2IRError
 from vis2ir.io.inputs import missing_maps_help
 from vis2ir.semantic.modes import NEEDS_SEMANTIC, SEMANTIC_TOKEN_MODES, build_canvas, num_panels
@@ -38,12 +43,12 @@ class Encoded:
 
     x_0: torch.Tensor | None               # [B, N, 4C]   packed target latents: Fill's whole canvas (None: sampling)
     x_cond: torch.Tensor                   # [B, N, C'] channel-wise condition: Fill's masked canvas + mask; Kontext [B, N, 0]
-    img_ids: torch.Tensor                  # [N, 3] ids of the N target tokens
+    img_ids: torch.Tensor                  # [N, 3] ids of the N target tokens ([N, 4] for FLUX.2)
     semantic_tokens: torch.Tensor | None   # [B, N, 4C] for cross_attention / channel_concat (Fill: [map | map])
     height: int                            # size in pixels of what x_0 covers (Fill: the canvas)
     width: int
     context: torch.Tensor | None = None      # [B, M, 4C] reference tokens appended along the sequence (Kontext)
-    context_ids: torch.Tensor | None = None  # [M, 3] their ids
+    context_ids: torch.Tensor | None = None  # [M, 3] their ids ([M, 4] for FLUX.2)
 
 
 @torch.no_grad()
@@ -115,6 +120,29 @@ def encode_kontext(codec: Codec, semantic_cfg, visible: torch.Tensor, infrared: 
 KONTEXT_REFERENCE_INDEX = 1
 
 
+def flux1_noise_shape(codec: Codec, height: int, width: int) -> tuple[int, int, int]:
+    """One image's initial noise for FLUX.1: `(C, H/s, W/s)` latents, packed 2×2 (stock `prepare_latents`)."""
+    s = codec.scale_factor
+    return codec.latent_channels, height // s, width // s
+
+
+def get_lin_function(x1: float = 256, y1: float = 0.5, x2: float = 4096, y2: float = 1.15):
+    """The line through (x1, y1) and (x2, y2): FLUX.1's shift `mu` for a sequence length."""
+    m = (y2 - y1) / (x2 - x1)
+    b = y1 - m * x1
+    return lambda x: x * m + b
+
+
+def flux1_mu(seq_len: int, steps: int) -> float:
+    """FLUX.1's schedule shift: `lerp(seq_len; 256→0.5, 4096→1.15)`, whatever the step count (`calculate_shift`)."""
+    return get_lin_function()(seq_len)
+
+
+def flux1_text_ids(length: int, device=None) -> torch.Tensor:
+    """FLUX.1's prompt ids `[length, 3]`: zeros."""
+    return torch.zeros(length, 3, device=device)
+
+
 @dataclass(frozen=True)
 class BackboneSpec:
     """How one base model differs from the others (see the module docstring)."""
@@ -129,19 +157,39 @@ class BackboneSpec:
     canvas: bool                   # the photo and the target share one canvas (noise, schedule, decode cover it)
     posterior_draws: bool          # sampling draws posterior samples (of the canvas) besides the noise
     modes: tuple[str, ...]         # the semantic modes it supports
+    family: str = "flux1"          # the parts' family (`backbone.PARTS`)
+    gated: bool = True             # the Hub repository asks users to accept its licence first
+    pooled: bool = True            # the transformer takes a pooled prompt embedding (FLUX.1's CLIP)
+    true_cfg: bool = False         # guidance > 1 runs classifier-free guidance against the empty prompt
+    noise_shape: Callable[[Codec, int, int], tuple[int, int, int]] = flux1_noise_shape
+    pack_noise: Callable[[torch.Tensor], torch.Tensor] = pack
+    mu: Callable[[int, int], float] = flux1_mu
+    text_ids: Callable[..., torch.Tensor] = flux1_text_ids
+    lora_targets: str | None = None  # its default model.lora.target_modules (None: ICEdit's, the settings' default)
 
     def in_channels(self, codec: Codec) -> int:
         """The transformer's input width for `codec` in semantic mode none: Fill's noisy + masked-canvas latents
-        + mask (2·64 + 256 = 384 with FLUX's VAE); Kontext's noisy latents alone (64)."""
+        + mask (2·64 + 256 = 384 with FLUX's VAE); Kontext's noisy latents alone (64); klein's (128)."""
         return token_width(codec) if self.sequence_condition else 2 * token_width(codec) + mask_width(codec)
 
     def sequence_panels(self, mode: str) -> int:
         """Image tokens in the transformer's sequence, in target panels: Fill's canvas (2, or 3 for in_context);
-        Kontext's target and reference (2)."""
+        Kontext's and klein's target and reference (2)."""
         return num_panels(mode) if self.canvas else 2
 
 
 FLUX_DEV_LICENCE = "FLUX.1 [dev] non-commercial licence"  # both model cards; the Hub repos are gated
+# black-forest-labs/flux2 README, "Model Overview": FLUX.2 [klein] 4B Base apache-2.0 (the 9B ones: FLUX
+# Non-Commercial License); see the model card of the weights you use.
+KLEIN_LICENCE = "Apache-2.0 licence (4B; the 9B klein models are under the FLUX Non-Commercial License)"
+# diffusers examples/dreambooth/train_dreambooth_lora_flux2_klein.py, its default without --lora_layers: the double
+# blocks' image-stream attention and the single blocks' fused input and output projections.
+KLEIN_LORA_TARGETS = (
+    r"(transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0)"
+    r"|single_transformer_blocks\.\d+\.attn\.(to_qkv_mlp_proj|to_out))"
+)
+# channel_concat widens the x_embedder with zero columns for the map: a LoRA there is what learns to read it
+KLEIN_CONCAT_LORA_TARGETS = r"(x_embedder|" + KLEIN_LORA_TARGETS[1:]
 SPECS: dict[str, BackboneSpec] = {
     "flux1-fill": BackboneSpec(
         "flux1-fill", "FLUX.1 Fill", "black-forest-labs/FLUX.1-Fill-dev", FLUX_DEV_LICENCE, "FluxFillPipeline",
@@ -151,6 +199,11 @@ SPECS: dict[str, BackboneSpec] = {
         "flux1-kontext", "FLUX.1 Kontext", "black-forest-labs/FLUX.1-Kontext-dev", FLUX_DEV_LICENCE,
         "FluxKontextPipeline", encode_kontext, sequence_condition=True, canvas=False, posterior_draws=False,
         modes=("none", "pixel_fusion", "channel_concat")),
+    "flux2-klein": BackboneSpec(
+        "flux2-klein", "FLUX.2 klein", "black-forest-labs/FLUX.2-klein-base-4B", KLEIN_LICENCE,
+        "Flux2KleinPipeline", klein.encode_klein, sequence_condition=True, canvas=False, posterior_draws=False,
+        modes=("none", "pixel_fusion", "channel_concat"), family="flux2", gated=False, pooled=False, true_cfg=True,
+        noise_shape=klein.noise_shape, pack_noise=klein.pack_noise, mu=klein.empirical_mu, text_ids=klein.text_ids, lora_targets=KLEIN_LORA_TARGETS),
 }
 
 

@@ -45,10 +45,12 @@ class Conditioning:
     rest: torch.Tensor               # [B, N, C'] the channels after x_t: x_cond (adapted) (+ semantic tokens)
     context: torch.Tensor | None     # [B, M, 4C] tokens after x_t's along the sequence (Kontext's reference)
     guidance: torch.Tensor | None    # [B] float32, or None when the transformer has no guidance embedding
-    pooled: torch.Tensor             # [B, P] pooled prompt embedding, in the transformer's dtype
+    pooled: torch.Tensor | None      # [B, P] pooled prompt embedding, in the transformer's dtype (None: FLUX.2)
     prompt: torch.Tensor             # [B, L, D] prompt embeddings
-    txt_ids: torch.Tensor            # [L, 3] zeros
+    txt_ids: torch.Tensor            # [L, 3] zeros (FLUX.2: [L, 4], (0, 0, 0, l))
     attention: list | None = None    # the adapter's attention per layer [B, heads, N, N] (condition injection)
+    negative: torch.Tensor | None = None  # [B, L, D] the empty prompt's embeddings when true CFG runs, else None
+    cfg_scale: float = 1.0           # true CFG: v̂ = v̂(∅) + cfg_scale·(v̂(prompt) − v̂(∅))
 
 
 class Prediction(NamedTuple):
@@ -57,7 +59,8 @@ class Prediction(NamedTuple):
 
 
 class Vis2IRModel(torch.nn.Module):
-    """A FLUX transformer (the backbone `spec`: Fill or Kontext) + semantic conditioning, on one codec."""
+    """A FLUX transformer (the backbone `spec`: FLUX.1 Fill or Kontext, FLUX.2 klein) + semantic conditioning, on one
+    codec."""
 
     def __init__(self, backbone: Backbone, semantic: SemanticConfig, seed: int = 0):
         super().__init__()
@@ -68,6 +71,8 @@ class Vis2IRModel(torch.nn.Module):
         self.mode = semantic.mode
         self.register_buffer("prompt_embeds", backbone.prompt.prompt_embeds, persistent=False)
         self.register_buffer("pooled_prompt_embeds", backbone.prompt.pooled_prompt_embeds, persistent=False)
+        self.register_buffer("negative_prompt_embeds", backbone.prompt.negative_prompt_embeds, persistent=False)
+        self.distilled = backbone.distilled  # a step-distilled checkpoint ignores guidance (klein)
         width = token_width(self.codec)
         if self.mode not in spec.modes:  # the settings refuse it first (`ModelConfig._check_kontext`)
             raise Vis2IRError(f"model.semantic.mode={self.mode} is not yet supported with model.backbone={spec.name} "
@@ -116,9 +121,12 @@ class Vis2IRModel(torch.nn.Module):
         return encode_batch(self.codec, self.semantic, visible, infrared, semantic, generator, self.spec)
 
     def conditioning(self, enc: Encoded, guidance: float | torch.Tensor = 1.0, return_attention: bool = False,
-                     adapter_scale: float | None = None) -> Conditioning:
+                     adapter_scale: float | None = None, true_cfg: bool = False) -> Conditioning:
         """What the transformer reads besides x_t and t, computed once per batch: sampling reuses it at
-        every step. Runs the adapter when it acts on the clean condition (`inject_into: condition`)."""
+        every step. Runs the adapter when it acts on the clean condition (`inject_into: condition`).
+        `true_cfg` (sampling): on a backbone whose spec has it, a checkpoint that is not step-distilled and a
+        guidance > 1, `predict` runs classifier-free guidance against the empty prompt, as stock
+        `Flux2KleinPipeline.do_classifier_free_guidance`; training never does."""
         dtype = parameter_dtype(self.transformer)
         b = enc.x_cond.shape[0]
         cond, attention = enc.x_cond, None
@@ -134,12 +142,16 @@ class Vis2IRModel(torch.nn.Module):
         if self.transformer.config.guidance_embeds:  # filled on the device: no host-to-device copy
             g = guidance.to(device, torch.float32).expand(b) if torch.is_tensor(guidance) else \
                 torch.full((b,), float(guidance), device=device, dtype=torch.float32)
+        negative, scale = None, 1.0
+        if true_cfg and self.spec.true_cfg and not self.distilled and not torch.is_tensor(guidance) and guidance > 1:
+            negative, scale = self.negative_prompt_embeds.to(dtype).expand(b, -1, -1), float(guidance)
         return Conditioning(
             rest=torch.cat(parts, dim=-1), guidance=g,
             context=self._context(enc, dtype),
-            pooled=self.pooled_prompt_embeds.to(dtype).expand(b, -1),
+            pooled=self.pooled_prompt_embeds.to(dtype).expand(b, -1) if self.spec.pooled else None,
             prompt=self.prompt_embeds.to(dtype).expand(b, -1, -1),
-            txt_ids=self.prompt_embeds.new_zeros(self.prompt_embeds.shape[1], 3), attention=attention)
+            txt_ids=self.spec.text_ids(self.prompt_embeds.shape[1], device=self.prompt_embeds.device),
+            attention=attention, negative=negative, cfg_scale=scale)
 
     def _context(self, enc: Encoded, dtype: torch.dtype) -> torch.Tensor | None:
         """The tokens after x_t's along the sequence `[B, M, C]` (Kontext's reference), None without: with
@@ -172,16 +184,15 @@ class Vis2IRModel(torch.nn.Module):
         hidden, ids = torch.cat([x_in.to(dtype), cond.rest], dim=-1), enc.img_ids
         if cond.context is not None:  # Kontext: the reference after the target, along the sequence
             hidden, ids = torch.cat([hidden, cond.context], dim=1), torch.cat([ids, enc.context_ids], dim=0)
-        out = self.transformer(
-            hidden_states=hidden,
-            timestep=t.to(device=x_t.device, dtype=dtype).expand(b),
-            guidance=cond.guidance,
-            pooled_projections=cond.pooled,
-            encoder_hidden_states=cond.prompt,
-            txt_ids=cond.txt_ids,
-            img_ids=ids,
-            return_dict=False,
-        )[0][:, :x_t.shape[1]]  # the target slice (all of Fill's output)
+        kwargs = dict(hidden_states=hidden, timestep=t.to(device=x_t.device, dtype=dtype).expand(b),
+                      guidance=cond.guidance, txt_ids=cond.txt_ids, img_ids=ids, return_dict=False)
+        if cond.pooled is not None:  # FLUX.1's CLIP embedding (FLUX.2 has none)
+            kwargs["pooled_projections"] = cond.pooled
+        n = x_t.shape[1]
+        out = self.transformer(encoder_hidden_states=cond.prompt, **kwargs)[0][:, :n]  # the target slice
+        if cond.negative is not None:  # true CFG, as Flux2KleinPipeline: a second pass on the empty prompt
+            uncond = self.transformer(encoder_hidden_states=cond.negative, **kwargs)[0][:, :n]
+            out = uncond + cond.cfg_scale * (out - uncond)
         return (out, attention) if return_attention else out
 
     def velocity(self, x_t: torch.Tensor, enc: Encoded, t: torch.Tensor, guidance: float | torch.Tensor = 1.0,

@@ -208,6 +208,8 @@ class Vis2IRPipeline:
             m.adapter.to(self.device)
         m.prompt_embeds = m.prompt_embeds.to(self.device)
         m.pooled_prompt_embeds = m.pooled_prompt_embeds.to(self.device)
+        if m.negative_prompt_embeds is not None:
+            m.negative_prompt_embeds = m.negative_prompt_embeds.to(self.device)
         log.info("CPU offload: %s (execution device %s)", how, self.device)
         return self
 

@@ -9,7 +9,9 @@ order: the posterior sample of the whole canvas (which stock scales by zero at s
 initial noise, then the posterior sample of the masked canvas. With `model.backbone: flux1-kontext` the
 same functions reproduce stock `FluxKontextPipeline(_auto_resize=False, max_area=H·W)`: the noise covers the
 target alone and is the only draw, the photo enters as reference tokens (`vis2ir.backbones`), the schedule's
-shift follows the target's token count, and nothing is cropped.
+shift follows the target's token count, and nothing is cropped. With `flux2-klein`, stock `Flux2KleinPipeline`
+(photo as `image`, at its own size): the same, with the noise drawn patchified, the shift from the token and
+step counts, and true classifier-free guidance when guidance > 1 (`Vis2IRModel.predict`).
 
 The adapter is applied to the model's input (`Vis2IRModel.conditioning` / `predict`): once per image
 when it acts on the clean condition, at every step when it acts on x_t; the sampler's state stays the
@@ -26,7 +28,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from vis2ir.latents import VAECodec, as_codec, decode_tokens, pack, parameter_dtype
+from vis2ir.backbones import get_lin_function  # noqa: F401 (also imported from here)
+from vis2ir.errors import Vis2IRError
+from vis2ir.latents import VAECodec, as_codec, decode_tokens, parameter_dtype
 from vis2ir.model import Encoded, Vis2IRModel
 from vis2ir.semantic.modes import crop_target, num_panels
 from vis2ir.speedup import StepCache, loop_patches
@@ -47,14 +51,16 @@ def draw(generators: list[torch.Generator], shape: tuple[int, ...], dtype: torch
 
 def get_noise(model: Vis2IRModel, generators: list[torch.Generator], height: int, width: int,
               device=None) -> torch.Tensor:
-    """Packed initial noise `[B, N, 4C]` for a `height × width` canvas (Fill) or target (Kontext), drawn as
-    FluxFillPipeline draws it (after a posterior sample of the canvas) or FluxKontextPipeline (noise only)."""
+    """Packed initial noise `[B, N, 4C]` for a `height × width` canvas (Fill) or target (Kontext, klein), drawn as
+    FluxFillPipeline draws it (after a posterior sample of the canvas), FluxKontextPipeline (noise only) or
+    Flux2KleinPipeline (noise only, drawn patchified: the spec's `noise_shape` and `pack_noise`)."""
     codec = as_codec(model.codec)
-    s = codec.scale_factor
-    shape = (codec.latent_channels, height // s, width // s)
-    if isinstance(codec, VAECodec) and model.spec.posterior_draws:
-        draw(generators, shape, codec.dtype)  # stock's posterior sample of the canvas, multiplied by σ₀ − 1 = 0
-    return pack(draw(generators, shape, parameter_dtype(model.transformer), device))
+    spec = model.spec
+    if isinstance(codec, VAECodec) and spec.posterior_draws:
+        s = codec.scale_factor  # stock's posterior sample of the canvas, multiplied by σ₀ − 1 = 0
+        draw(generators, (codec.latent_channels, height // s, width // s), codec.dtype)
+    noise = draw(generators, spec.noise_shape(codec, height, width), parameter_dtype(model.transformer), device)
+    return spec.pack_noise(noise)
 
 
 def time_shift(mu: float, sigma: np.ndarray) -> np.ndarray:
@@ -62,20 +68,13 @@ def time_shift(mu: float, sigma: np.ndarray) -> np.ndarray:
     return math.exp(mu) / (math.exp(mu) + (1 / sigma - 1))
 
 
-def get_lin_function(x1: float = 256, y1: float = 0.5, x2: float = 4096, y2: float = 1.15):
-    """The line through (x1, y1) and (x2, y2): FLUX's shift `mu` for a sequence length."""
-    m = (y2 - y1) / (x2 - x1)
-    b = y1 - m * x1
-    return lambda x: x * m + b
-
-
-def get_schedule(steps: int, seq_len: int, shift: bool = True) -> torch.Tensor:
-    """`steps + 1` float32 sigmas from 1 towards 0: `linspace(1, 1/steps, steps)`, shifted by
-    `mu = lerp(seq_len; 256→0.5, 4096→1.15)`, then a final 0 (in numpy float32, bit for bit as the
-    scheduler computes them)."""
+def get_schedule(steps: int, seq_len: int, shift: bool = True, mu: float | None = None) -> torch.Tensor:
+    """`steps + 1` float32 sigmas from 1 towards 0: `linspace(1, 1/steps, steps)`, shifted by `mu` (by default
+    FLUX.1's `lerp(seq_len; 256→0.5, 4096→1.15)`; klein's `empirical_mu(seq_len, steps)`: the spec's `mu`), then
+    a final 0 (in numpy float32, bit for bit as the scheduler computes them)."""
     sigmas = np.linspace(1.0, 1 / steps, steps).astype(np.float32)
     if shift:
-        sigmas = time_shift(get_lin_function()(seq_len), sigmas)
+        sigmas = time_shift(get_lin_function()(seq_len) if mu is None else mu, sigmas)
     return torch.from_numpy(np.concatenate([sigmas, np.zeros(1, np.float32)]))
 
 
@@ -101,7 +100,11 @@ def denoise(model: Vis2IRModel, enc: Encoded, x: torch.Tensor, sigmas: torch.Ten
     timesteps = (sigmas[:-1] * NUM_TRAIN_TIMESTEPS).to(x.dtype) / NUM_TRAIN_TIMESTEPS
     deltas = sigmas[1:] - sigmas[:-1]
     b = x.shape[0]
-    cond = model.conditioning(enc, guidance, return_attention, adapter_scale)
+    cond = model.conditioning(enc, guidance, return_attention, adapter_scale, true_cfg=True)
+    if cache is not None and cond.negative is not None:  # the hooks would count both passes of a step as steps
+        raise Vis2IRError(f"sample.cache={cache.settings.cache} with guidance {guidance:g} on "
+                          f"model.backbone={model.spec.name}: a step cache does not yet follow true CFG's two passes; "
+                          "use sample.cache=none, or guidance 1")
     total = None
     transformer = model.transformer
     with loop_patches(transformer, timesteps, cond.guidance, cond.pooled, cache) as at_step:
@@ -143,7 +146,7 @@ def generate(model: Vis2IRModel, visible: torch.Tensor, semantic: torch.Tensor |
     panels = num_panels(model.mode) if model.spec.canvas else 1  # Kontext's noise covers the target alone
     x = get_noise(model, generators, visible.shape[-2], visible.shape[-1] * panels, visible.device)
     enc = model.encode(visible, None, semantic, generators)  # after the noise, as stock draws them
-    sigmas = get_schedule(steps, x.shape[1])
+    sigmas = get_schedule(steps, x.shape[1], mu=model.spec.mu(x.shape[1], steps))
     out = denoise(model, enc, x, sigmas, guidance, adapter_scale, return_attention, progress, cache, callback)
     x, attention = out if return_attention else (out, None)
     images = decode_target(model, x, enc)

@@ -38,6 +38,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 import torch.nn.functional as F
 from diffusers.models.activations import GELU as DiffusersGELU
+from diffusers.models.transformers.transformer_flux import FluxPosEmbed
 from torch import nn
 
 from vis2ir.config import SampleConfig
@@ -195,8 +196,9 @@ def modulation_table(transformer: nn.Module, timesteps: torch.Tensor, guidance: 
     """Within the block, each adaLN modulation layer of `transformer` (`modulation_layers`) returns its output
     for the current step from a table computed on entry for every step at once; yields `at(i)`, which selects
     step i (device copies, no host–device synchronisation). Stands aside (`at` does nothing, the layers run as
-    usual) when the weights are offloaded or FSDP2-sharded, or for a transformer without FLUX's
-    `time_text_embed`. Nested (a loop run inside another's, e.g. by a callback): the inner loop has its own
+    usual) when the weights are offloaded or FSDP2-sharded, or for a transformer without FLUX.1's
+    `time_text_embed` (FLUX.2: three shared modulation layers, computed once a step already; `pooled` None).
+    Nested (a loop run inside another's, e.g. by a callback): the inner loop has its own
     table, and the outer one's is back in place after it.
 
     Why: temb — `time_text_embed(t·1000, guidance·1000, pooled)`, as `FluxTransformer2DModel.forward` computes
@@ -208,14 +210,17 @@ def modulation_table(transformer: nn.Module, timesteps: torch.Tensor, guidance: 
     Memory: the table, `steps · B` rows of every layer's output (FLUX.1 in bf16: 2.1 MB per step and image).
 
     `timesteps`: `[steps]` flow times in [0, 1], as the loop passes them; `guidance`: `[B]` float32 or None;
-    `pooled`: `[B, P]` pooled prompt embeddings.
+    `pooled`: `[B, P]` pooled prompt embeddings (None for FLUX.2).
     """
     layers = modulation_layers(transformer)
     embed = getattr(transformer, "time_text_embed", None)
+    if not layers or embed is None or pooled is None:  # FLUX.2: shared modulation layers, no pooled embedding
+        yield _no_op
+        return
     device = pooled.device
     previous = [m.linear for m in layers]  # the layers, or an outer loop's stand-ins for them
     originals = [p.original if isinstance(p, StepRow) else p for p in previous]
-    if not layers or embed is None or not all(_plain_on(m, device) for m in [embed, *originals]):
+    if not all(_plain_on(m, device) for m in [embed, *originals]):
         yield _no_op
         return
     steps, b = timesteps.shape[0], pooled.shape[0]
@@ -405,14 +410,18 @@ def computed_once(module: torch.nn.Module):
 
 @contextmanager
 def loop_patches(transformer: nn.Module, timesteps: torch.Tensor, guidance: torch.Tensor | None,
-                 pooled: torch.Tensor, cache: StepCache | None = None):
+                 pooled: torch.Tensor | None, cache: StepCache | None = None):
     """Every patch of the transformer's forward that lasts one denoising loop, in one place: the RoPE table
-    computed once (`computed_once`; its ids are the same at every step), the adaLN modulation read from a table
-    (`modulation_table`, whose arguments these are), and the step cache's hooks when `cache` is given. Yields
+    computed once (`computed_once`; its ids are the same at every step; FLUX.1's `FluxPosEmbed` only: FLUX.2's
+    forward calls its `pos_embed` twice a step, for the image ids and the text ids), the adaLN modulation read
+    from a table (`modulation_table`, whose arguments these are), and the step cache's hooks when `cache` is
+    given. Yields
     `at(i)`, to call before step i. The patches made once per model (`fuse_for_sampling`, `compile_blocks`)
     are the pipeline's. Each exact patch is checked against diffusers' own forward by
     tests/test_speedup_against_diffusers.py."""
     rope = getattr(transformer, "pos_embed", None)
+    if not isinstance(rope, FluxPosEmbed):  # FLUX.2's forward calls its pos_embed twice (image, text ids)
+        rope = None
     with computed_once(rope) if rope is not None else nullcontext(), \
             modulation_table(transformer, timesteps, guidance, pooled) as at_step, \
             cache.active(transformer) if cache is not None else nullcontext():

@@ -61,13 +61,21 @@ class Config:
         check(self.train.semantic_dropout == 0 or self.data.latent_cache is None, "train.semantic_dropout",
               "0 with data.latent_cache (the cache holds each map encoded; train from the images to drop maps)",
               self.train.semantic_dropout)
-        if self.model.backbone == "flux1-kontext":  # not yet supported with Kontext (vis2ir.backbones)
+        backbone = self.model.backbone
+        if backbone in ("flux1-kontext", "flux2-klein"):  # not yet supported with these (vis2ir.backbones)
             check(self.data.latent_cache is None, "data.latent_cache",
-                  "none with model.backbone=flux1-kontext (its latent cache is not yet supported)",
+                  f"none with model.backbone={backbone} (its latent cache is not yet supported)",
                   self.data.latent_cache)
             check(self.train.loss_region == "target", "train.loss_region",
-                  "target with model.backbone=flux1-kontext (it predicts the target tokens only)",
+                  f"target with model.backbone={backbone} (it predicts the target tokens only)",
                   self.train.loss_region)
+        if backbone == "flux2-klein":  # what does not apply to klein, or does not work with it yet
+            check(self.train.guidance == 1.0, "train.guidance",
+                  "1 with model.backbone=flux2-klein (it has no guidance embedding; sample.guidance > 1 runs true "
+                  "classifier-free guidance when sampling)", self.train.guidance)
+            check(self.sample.cache != "first_block", "sample.cache",
+                  "none or taylorseer with model.backbone=flux2-klein (diffusers' First-Block-Cache fails on "
+                  "FLUX.2's blocks)", self.sample.cache)
         return self
 
 

@@ -15,6 +15,7 @@ ICEDIT_PROMPT = (
 )
 FLUX_FILL_ID = "black-forest-labs/FLUX.1-Fill-dev"
 FLUX_KONTEXT_ID = "black-forest-labs/FLUX.1-Kontext-dev"
+FLUX2_KLEIN_ID = "black-forest-labs/FLUX.2-klein-base-4B"
 DEFAULT_INSTRUCTION = "seen by a thermal infrared camera, as a grayscale infrared image."
 
 SemanticMode = Literal["none", "pixel_fusion", "cross_attention", "in_context", "channel_concat"]
@@ -106,8 +107,9 @@ class TransformerConfig:
     num_attention_heads: int = 24  # attention heads (token width = attention_head_dim × num_attention_heads)
     joint_attention_dim: int = 4096  # width of the text (T5) embeddings
     pooled_projection_dim: int = 768  # width of the pooled text (CLIP) embedding
-    # RoPE dimensions of the (index, row, column) axes; they sum to attention_head_dim
-    axes_dims_rope: tuple[int, int, int] = (16, 56, 56)
+    # RoPE dimensions of the (index, row, column) axes (flux2-klein: (index, row, column, text position));
+    # they sum to attention_head_dim
+    axes_dims_rope: tuple[int, ...] = (16, 56, 56)
     guidance_embeds: bool = True  # whether the transformer takes a guidance value (FLUX.1 Fill does)
     # default: the layers' own initialisation; normal: N(0, 0.02), fast, for speed and memory measurements
     init: Literal["default", "normal"] = "default"
@@ -117,17 +119,22 @@ class TransformerConfig:
         """The token width: attention_head_dim × num_attention_heads (3072 for FLUX.1)."""
         return self.attention_head_dim * self.num_attention_heads
 
-    def validate(self) -> None:
+    def validate(self, axes: int | None = 3, backbone: str = "flux1-fill") -> None:
+        """The shape's checks; `axes` RoPE axes (FLUX.1: 3, FLUX.2: 4; None: any number, a pretrained klein's
+        shape comes from its folder) for `backbone`."""
         for key in ("num_layers", "num_single_layers"):
             check(getattr(self, key) >= 0, f"model.transformer.{key}", "an integer >= 0", getattr(self, key))
         check(self.num_layers + self.num_single_layers >= 1, "model.transformer.num_layers",
               "at least one block (num_layers + num_single_layers >= 1)", self.num_layers)
         for key in ("attention_head_dim", "num_attention_heads", "joint_attention_dim", "pooled_projection_dim"):
             check(getattr(self, key) >= 1, f"model.transformer.{key}", "an integer >= 1", getattr(self, key))
-        check(all(d >= 2 and d % 2 == 0 for d in self.axes_dims_rope), "model.transformer.axes_dims_rope",
-              "three even numbers >= 2", list(self.axes_dims_rope))
+        count = {3: "three", 4: "four", None: "some"}[axes]
+        check(len(self.axes_dims_rope) == (axes or len(self.axes_dims_rope))
+              and all(d >= 2 and d % 2 == 0 for d in self.axes_dims_rope),
+              "model.transformer.axes_dims_rope", f"{count} even numbers >= 2"
+              + ("" if axes == 3 else f" with model.backbone={backbone}"), list(self.axes_dims_rope))
         check(sum(self.axes_dims_rope) == self.attention_head_dim, "model.transformer.axes_dims_rope",
-              f"three numbers summing to attention_head_dim={self.attention_head_dim}",
+              f"{count} numbers summing to attention_head_dim={self.attention_head_dim}",
               list(self.axes_dims_rope))
 
 
@@ -167,12 +174,14 @@ class VAEConfig:
 
 @dataclass
 class ModelConfig:
-    """The backbone (FLUX.1 Fill or Kontext, pretrained or built from configuration) and the semantic mode."""
+    """The backbone (FLUX.1 Fill or Kontext, FLUX.2 klein; pretrained or built from configuration) and the semantic
+    mode."""
 
-    # the backbone's weights: Hub id or local folder (diffusers FluxFillPipeline / FluxKontextPipeline layout)
+    # the backbone's weights: Hub id or local folder (diffusers FluxFillPipeline / FluxKontextPipeline /
+    # Flux2KleinPipeline layout)
     flux_path: Annotated[str, LATENT] = FLUX_FILL_ID
     # the base model: flux1-fill (FLUX.1 Fill, the photo beside a blank panel), flux1-kontext (FLUX.1 Kontext,
-    # the photo as a reference image); flux2-klein is not yet supported (vis2ir.backbones)
+    # the photo as a reference image), flux2-klein (FLUX.2 klein, the photo as a reference image; vis2ir.backbones)
     backbone: Annotated[Literal["flux1-fill", "flux1-kontext", "flux2-klein"], MODEL, LATENT] = "flux1-fill"
     # pretrained: the backbone's weights from flux_path; random: a model built from model.transformer (from scratch)
     weights: Annotated[Literal["pretrained", "random"], MODEL, LATENT] = "pretrained"
@@ -202,13 +211,14 @@ class ModelConfig:
               self.max_sequence_length)
         check(self.pixel_factor >= 1, "model.pixel_factor", "an integer >= 1", self.pixel_factor)
         check_seed(self.seed, "model.seed")
-        check(self.backbone != "flux2-klein", "model.backbone",
-              "flux1-fill or flux1-kontext (flux2-klein is not yet supported)", self.backbone)
         check(not (self.weights == "pretrained" and self.codec == "pixel"), "model.codec",
               "'vae' with pretrained weights (the pixel codec needs `model.weights: random`)",
               self.codec)
         self._check_kontext()
-        self.transformer.validate()
+        self._check_klein()
+        # a klein built from configuration has four RoPE axes (pretrained: the weights folder says)
+        klein = self.backbone == "flux2-klein"
+        self.transformer.validate((4 if self.weights == "random" else None) if klein else 3, self.backbone)
         self.vae.validate()
         self.text.validate()
         self.semantic.validate()
@@ -225,3 +235,30 @@ class ModelConfig:
         check(not (self.weights == "pretrained" and self.flux_path == FLUX_FILL_ID), "model.flux_path",
               f"FLUX.1 Kontext weights with model.backbone=flux1-kontext, e.g. {FLUX_KONTEXT_ID} "
               f"(not {FLUX_FILL_ID}, FLUX.1 Fill's)", self.flux_path)
+
+    def _check_klein(self) -> None:
+        """What FLUX.2 klein does not support yet, or needs, refused in one line each; its default LoRA targets
+        (`vis2ir.backbones.KLEIN_LORA_TARGETS`, with channel_concat `KLEIN_CONCAT_LORA_TARGETS`) replace ICEdit's,
+        which name no module of its single blocks."""
+        if self.backbone != "flux2-klein":
+            return
+        from vis2ir.backbones import KLEIN_CONCAT_LORA_TARGETS, KLEIN_LORA_TARGETS
+
+        name = "with model.backbone=flux2-klein"
+        check(self.semantic.mode in ("none", "pixel_fusion", "channel_concat"), "model.semantic.mode",
+              f"none, pixel_fusion or channel_concat {name} (its other semantic modes are not yet supported)",
+              self.semantic.mode)
+        check(self.codec == "vae", "model.codec", f"vae {name} (FLUX.2's VAE; the pixel codec is not yet supported)",
+              self.codec)
+        check(not (self.weights == "pretrained" and self.flux_path in (FLUX_FILL_ID, FLUX_KONTEXT_ID)),
+              "model.flux_path", f"FLUX.2 klein weights {name}, e.g. {FLUX2_KLEIN_ID} (not a FLUX.1 model)",
+              self.flux_path)
+        t = self.transformer
+        if self.weights == "random":  # the shape of a klein built from configuration
+            check(t.joint_attention_dim % 3 == 0, "model.transformer.joint_attention_dim",
+                  f"a multiple of 3 {name} (three Qwen3 layers' hidden states per token)", t.joint_attention_dim)
+            check(not t.guidance_embeds, "model.transformer.guidance_embeds",
+                  f"false {name} (klein has no guidance embedding; guidance > 1 runs true CFG)", t.guidance_embeds)
+        if self.lora.target_modules == ICEDIT_LORA_TARGETS:  # with channel_concat, the widened x_embedder too
+            concat = self.semantic.mode == "channel_concat"
+            self.lora.target_modules = KLEIN_CONCAT_LORA_TARGETS if concat else KLEIN_LORA_TARGETS
