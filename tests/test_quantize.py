@@ -274,6 +274,9 @@ def test_a_cast_keeps_the_float8_weight_and_its_scales():
     assert torch.allclose(layer(x).float(), before.float(), rtol=2**-7, atol=1e-3)
     layer.float()
     assert layer.weight.dtype == FLOAT8 and layer.bias.dtype == torch.float32 and layer.compute_dtype == torch.float32
+    layer.to("meta")  # a move (here the one device a CPU can move to besides itself)
+    assert layer.weight.is_meta and layer.weight.dtype == FLOAT8 and layer.weight_scale.is_meta
+    assert not layer.weight.requires_grad
 
 
 def test_a_layer_not_a_multiple_of_16_upcasts():

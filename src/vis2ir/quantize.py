@@ -23,6 +23,7 @@ sits whole in bf16 on the GPU: the peak is the quantized weights plus one bf16 b
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 from collections.abc import Callable
@@ -31,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vis2ir.errors import Vis2IRError
+from vis2ir.errors import Vis2IRError, describe
 
 log = logging.getLogger(__name__)
 
@@ -140,18 +141,26 @@ FLOAT8 = torch.float8_e4m3fn
 FLOAT8_MAX = torch.finfo(FLOAT8).max  # 448: e4m3's largest finite value (OCP FP8 formats, 2023)
 
 
+@functools.cache
 def float8_products(device: torch.device | str) -> tuple[bool, str]:
-    """Whether `device` multiplies in float8 (`torch._scaled_mm`: CUDA compute capability ≥ 8.9), and one line
-    saying what `model.quantize=fp8` does there."""
+    """Whether `device` multiplies in float8 — CUDA compute capability ≥ 8.9, and a 16×16 row-scaled
+    `torch._scaled_mm` runs there with this PyTorch (some builds lack the kernel for a chip) — and one line
+    saying what `model.quantize=fp8` does there. Cached per device."""
     device = torch.device(device)
-    if device.type == "cuda" and torch.cuda.is_available():
-        major, minor = torch.cuda.get_device_capability(device)
-        name = torch.cuda.get_device_name(device)
-        if (major, minor) >= (8, 9):
-            return True, f"float8 weights, products in float8 on {name} (compute capability {major}.{minor})"
-        return False, (f"{name} (compute capability {major}.{minor} < 8.9) has no float8 products: float8 weights "
-                       "upcast for each product (half the memory of bf16, not faster)")
-    return False, f"float8 weights upcast for each product on the {device.type} (half the memory, not faster)"
+    upcast = "float8 weights upcast for each product (half the memory of bf16, not faster)"
+    if not (device.type == "cuda" and torch.cuda.is_available()):
+        return False, f"{upcast} on the {device.type}"
+    major, minor = torch.cuda.get_device_capability(device)
+    name = f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor})"
+    if (major, minor) < (8, 9):
+        return False, f"{name} has no float8 products: {upcast}"
+    try:
+        a = torch.ones(16, 16, device=device).to(FLOAT8)
+        torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1, device=device),
+                         scale_b=torch.ones(1, 16, device=device), out_dtype=torch.bfloat16)
+    except RuntimeError as err:
+        return False, f"torch {torch.__version__} cannot multiply in float8 on {name} ({describe(err)}): {upcast}"
+    return True, f"float8 weights, products in float8 on {name}"
 
 
 def to_float8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,7 +180,9 @@ class _Float8Product(torch.autograd.Function):
     Forward: x's rows scaled into float8 on the fly, one `torch._scaled_mm` with x's row scales and the
     weight's row scales (out: bf16, accumulated in float32). Backward: only x's gradient (the weight is
     frozen): `grad_x = (grad · scale) @ weight8`, the weight's row scales folded into the gradient's columns
-    before its rows are scaled into float8, so the float8 weight serves both products.
+    before its rows are scaled into float8, so the float8 weight serves both products. The backward takes a
+    transposed copy of the float8 weight (`_scaled_mm` wants its second matrix column-major): N·K bytes of
+    memory traffic per layer, freed at once.
     """
 
     @staticmethod
@@ -226,10 +237,10 @@ class Float8Linear(nn.Linear):
         """Moves follow `fn`; casts (`.to(dtype)`, `.bfloat16()`, Lightning's precision plugins) leave the float8
         weight and its float32 scales as they are, and cast the bias and the compute dtype instead."""
         single, half = (fn(torch.zeros((), dtype=d, device=self.weight.device)) for d in (torch.float32, torch.half))
-        self.weight.data = self.weight.data.to(single.device)
+        self.weight = nn.Parameter(self.weight.data.to(single.device), requires_grad=False)
         self.weight_scale = self.weight_scale.to(single.device)
         if self.bias is not None:
-            self.bias.data = fn(self.bias.data)
+            self.bias = nn.Parameter(fn(self.bias.data), requires_grad=False)
         if single.dtype != torch.float32 or half.dtype != torch.half:  # a cast: what `fn` did to either probe
             self.compute_dtype = single.dtype if single.dtype != torch.float32 else half.dtype
         return self
