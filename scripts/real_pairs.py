@@ -186,11 +186,13 @@ def reading_stats(pred: np.ndarray, truth: np.ndarray) -> dict:
     corr: Pearson correlation of each prediction with its truth once the per-pixel mean over the N images is
     removed from both (the part particular to each photo), averaged over images (nothing predicted: 0)."""
     n = len(pred)
+    if n < 2:
+        raise SystemExit("reading: needs at least 2 test images")
     errors = ((pred[:, None] - truth[None]) ** 2).mean(axis=(2, 3))  # [prediction, truth]
     own = float(np.trace(errors) / n)
     other = float((errors.sum() - np.trace(errors)) / (n * (n - 1)))
     p, t = pred - pred.mean(0), truth - truth.mean(0)
-    corr = [np.corrcoef(a.ravel(), b.ravel())[0, 1] if a.std() > 0 else 0.0 for a, b in zip(p, t)]
+    corr = [np.corrcoef(a.ravel(), b.ravel())[0, 1] if a.std() > 0 and b.std() > 0 else 0.0 for a, b in zip(p, t)]
     return {"spread": float(pred.std(0).mean()), "own": own, "other": other, "corr": float(np.mean(corr))}
 
 

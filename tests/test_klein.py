@@ -21,7 +21,7 @@ from vis2ir.train import train
 # A tiny klein: Qwen3 of 4 layers (hidden states 1, 2, 3 as 9, 18, 27 of 36) and width 48 / 3 = 16; 4 RoPE axes.
 KLEIN = ["model.backbone=flux2-klein", "model.semantic.mode=none", "train.loss_region=target",
          "model.transformer.joint_attention_dim=48", "model.transformer.guidance_embeds=false",
-         "model.transformer.axes_dims_rope=[4,4,4,4]", "model.text.num_layers=4"]
+         "model.transformer.axes_dims_rope=[4,4,4,4]", "model.text.num_layers=4", "sample.guidance=4"]
 
 
 def klein_scheduler():
@@ -203,7 +203,7 @@ def test_speed_ups_on_klein(tiny_klein, tiny_config):
             p.add_(torch.randn(p.shape, generator=g) * 0.05)
     vis = torch.rand(1, 3, 32, 48, generator=torch.Generator().manual_seed(2))
     exact = generate(model, vis, steps=4, guidance=1.0, seed=3)
-    cache = StepCache.of(tiny_config(*KLEIN, "sample.cache=taylorseer", "sample.cache_warmup=2",
+    cache = StepCache.of(tiny_config(*KLEIN, "sample.guidance=1", "sample.cache=taylorseer", "sample.cache_warmup=2",
                                      "sample.cache_interval=3").sample)
     lazy = generate(model, vis, steps=4, guidance=1.0, seed=3, cache=cache)
     assert cache.computed < cache.total == 4 and (lazy - exact).abs().max() > 1e-5
@@ -252,6 +252,8 @@ def test_train_and_generate_commands(tmp_path):
     (["model.transformer.axes_dims_rope=[4,6,6]"], "model.transformer.axes_dims_rope: expected four even numbers"),
     (["train.guidance=3.5"], "train.guidance: expected 1 with model.backbone=flux2-klein"),
     (["sample.cache=first_block"], "sample.cache: expected none or taylorseer with model.backbone=flux2-klein"),
+    (["sample.guidance=50"], "sample.guidance: expected at most 10 with model.backbone=flux2-klein"),
+    (["sample.cache=taylorseer"], "sample.cache: expected none with model.backbone=flux2-klein and sample.guidance > 1"),
 ])
 def test_what_is_not_supported_yet_is_refused_in_one_line(tiny_config, overrides, message):
     with pytest.raises(ConfigError) as err:

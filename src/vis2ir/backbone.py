@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from vis2ir import klein
 from vis2ir.backbones import SPECS, BackboneSpec
 from vis2ir.config import ModelConfig
-from vis2ir.errors import Vis2IRError
+from vis2ir.errors import Vis2IRError, describe
 from vis2ir.files import atomic_write
 from vis2ir.hub import cached_snapshot, check_hub, is_local, local_folder
 from vis2ir.latents import Codec, PixelCodec, VAECodec, token_width
@@ -124,7 +124,11 @@ def load_backbone(cfg: ModelConfig, device: torch.device | str = "cpu", dtype: t
 def _check_class(root: Path, spec: BackboneSpec, parts: Parts, flux_path: str) -> None:
     """Refuse (one line) a weights folder whose transformer is of another class than `spec`'s (a FLUX.1 folder
     for FLUX.2 klein, or the reverse), before its VAE is read with the wrong class."""
-    got = json.loads((root / "transformer" / "config.json").read_text()).get("_class_name")
+    config = root / "transformer" / "config.json"
+    try:
+        got = json.loads(config.read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError) as err:
+        raise Vis2IRError(f"{config}: not a readable transformer config.json ({describe(err)})") from None
     if got is not None and got != parts.transformer_class:
         raise Vis2IRError(f"model.flux_path={flux_path!r}: its transformer is a {got}, but model.backbone={spec.name} "
                           f"takes a {parts.transformer_class}; point model.flux_path at {spec.title} weights "

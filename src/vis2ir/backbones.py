@@ -165,7 +165,6 @@ class BackboneSpec:
     pack_noise: Callable[[torch.Tensor], torch.Tensor] = pack
     mu: Callable[[int, int], float] = flux1_mu
     text_ids: Callable[..., torch.Tensor] = flux1_text_ids
-    lora_targets: str | None = None  # its default model.lora.target_modules (None: ICEdit's, the settings' default)
 
     def in_channels(self, codec: Codec) -> int:
         """The transformer's input width for `codec` in semantic mode none: Fill's noisy + masked-canvas latents
@@ -203,7 +202,8 @@ SPECS: dict[str, BackboneSpec] = {
         "flux2-klein", "FLUX.2 klein", "black-forest-labs/FLUX.2-klein-base-4B", KLEIN_LICENCE,
         "Flux2KleinPipeline", klein.encode_klein, sequence_condition=True, canvas=False, posterior_draws=False,
         modes=("none", "pixel_fusion", "channel_concat"), family="flux2", gated=False, pooled=False, true_cfg=True,
-        noise_shape=klein.noise_shape, pack_noise=klein.pack_noise, mu=klein.empirical_mu, text_ids=klein.text_ids, lora_targets=KLEIN_LORA_TARGETS),
+        noise_shape=klein.noise_shape, pack_noise=klein.pack_noise, mu=klein.empirical_mu,
+        text_ids=klein.text_ids),
 }
 
 

@@ -183,12 +183,14 @@ def build_tiny_vae(cfg, seed: int):
 
 
 def pretrained_codec(root: Path, dtype: torch.dtype) -> Flux2Codec:
+    """FLUX.2's VAE from `root`/vae (a Flux2KleinPipeline folder) in `dtype`, as a codec."""
     from diffusers import AutoencoderKLFlux2
 
     return Flux2Codec(AutoencoderKLFlux2.from_pretrained(root, subfolder="vae", torch_dtype=dtype))
 
 
 def pretrained_transformer(root: Path, dtype: torch.dtype):
+    """The `Flux2Transformer2DModel` of `root`/transformer (a Flux2KleinPipeline folder) in `dtype`."""
     from diffusers import Flux2Transformer2DModel
 
     return Flux2Transformer2DModel.from_pretrained(root, subfolder="transformer", torch_dtype=dtype)

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from vis2ir.backbones import get_lin_function  # noqa: F401 (also imported from here)
+from vis2ir.backbones import get_lin_function
 from vis2ir.errors import Vis2IRError
 from vis2ir.latents import VAECodec, as_codec, decode_tokens, parameter_dtype
 from vis2ir.model import Encoded, Vis2IRModel

@@ -76,7 +76,17 @@ class Config:
             check(self.sample.cache != "first_block", "sample.cache",
                   "none or taylorseer with model.backbone=flux2-klein (diffusers' First-Block-Cache fails on "
                   "FLUX.2's blocks)", self.sample.cache)
+            check(self.sample.guidance <= KLEIN_MAX_GUIDANCE, "sample.guidance",
+                  f"at most {KLEIN_MAX_GUIDANCE:g} with model.backbone=flux2-klein (its true classifier-free guidance "
+                  "scale; diffusers' example uses 4, configs/vis2ir_klein.yaml too; 50 is FLUX.1 Fill's embedded "
+                  "guidance)", self.sample.guidance)
+            check(self.sample.cache == "none" or self.sample.guidance <= 1, "sample.cache",
+                  "none with model.backbone=flux2-klein and sample.guidance > 1 (a step cache does not yet follow "
+                  "true classifier-free guidance's two passes a step)", self.sample.cache)
         return self
+
+
+KLEIN_MAX_GUIDANCE = 10.0  # well above the CFG scales FLUX.2 klein is sampled at (diffusers' example: 4)
 
 
 # ----------------------------------------------------------------------------------------------
