@@ -23,6 +23,7 @@ Kontext, with FLUX.2's codec, four-axis ids, Qwen3 prompt and true classifier-fr
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -30,8 +31,8 @@ import torch
 from einops import repeat
 
 from vis2ir import klein
-from vis2ir.latents import (Codec, encode_fill_condition, encode_images, encode_images_fill, mask_width, pack,
-                            token_grid, token_width)
+from vis2ir.latents import (Codec, encode_fill_condition, encode_images, encode_images_fill, image_ids, mask_width,
+                            pack, token_grid, token_width)
 from vis2ir.errors import Vis2IRError
 from vis2ir.io.inputs import missing_maps_help
 from vis2ir.semantic.modes import NEEDS_SEMANTIC, SEMANTIC_TOKEN_MODES, build_canvas, num_panels
@@ -92,16 +93,19 @@ def with_index(ids: torch.Tensor, index: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_kontext(codec: Codec, semantic_cfg, visible: torch.Tensor, infrared: torch.Tensor | None = None,
-                   semantic: torch.Tensor | None = None, generator=None) -> Encoded:
-    """FLUX.1 Kontext: photo (and infrared), map `[B, 3, H, W]` in [0, 1] → target and reference tokens.
+def encode_with_reference(codec: Codec, semantic_cfg, visible: torch.Tensor, infrared: torch.Tensor | None = None,
+                          semantic: torch.Tensor | None = None, generator=None, *,
+                          ids: Callable[..., torch.Tensor], reference_index: int) -> Encoded:
+    """The backbones that take the photo as a reference image (FLUX.1 Kontext, FLUX.2 klein): photo (and
+    infrared), map `[B, 3, H, W]` in [0, 1] → target and reference tokens.
 
-    x_0: the infrared photo's posterior-mode tokens `[B, N, 4C]` (None when sampling), ids (0, row, col); the
-    reference (`context`): the photo's posterior-mode tokens, ids (1, row, col) on the same grid (stock
-    `retrieve_latents(sample_mode="argmax")`: no draw, so `generator` is not used). Modes: `none` (stock);
-    `pixel_fusion`: the reference is `(1 − α)·photo + α·map`; `channel_concat`: the map's tokens `[B, N, 4C]`
-    (pixel-aligned with both target and reference) in `semantic_tokens`, joined to both along the channels
-    by `Vis2IRModel.conditioning`. Other modes are refused by the settings (`ModelConfig._check_kontext`)."""
+    x_0: the infrared photo's posterior-mode tokens `[B, N, 4C]` (None when sampling), ids `ids(rows, cols, 0,
+    device)`; the reference (`context`): the photo's posterior-mode tokens, ids `ids(rows, cols,
+    reference_index, device)` on the same grid (stock `retrieve_latents(sample_mode="argmax")`: no draw, so
+    `generator` is not used). Modes: `none` (stock); `pixel_fusion`: the reference is `(1 − α)·photo + α·map`;
+    `channel_concat`: the map's tokens `[B, N, 4C]` (pixel-aligned with both target and reference) in
+    `semantic_tokens`, joined to both along the channels by `Vis2IRModel.conditioning`. Other modes are refused
+    by the settings (`ModelConfig._check_kontext`, `_check_klein`)."""
     mode = semantic_cfg.mode
     if mode in NEEDS_SEMANTIC and semantic is None:
         raise Vis2IRError(f"model.semantic.mode={mode} needs a semantic map for every image, and none was given; "
@@ -109,12 +113,18 @@ def encode_kontext(codec: Codec, semantic_cfg, visible: torch.Tensor, infrared: 
     dtype = codec.dtype
     if mode == "pixel_fusion":
         visible = (1 - semantic_cfg.fusion_alpha) * visible + semantic_cfg.fusion_alpha * semantic
-    ref, ids = encode_images(codec, stock_layout(visible.to(dtype)))
+    ref, _ = encode_images(codec, stock_layout(visible.to(dtype)))
     x_0 = None if infrared is None else encode_images(codec, stock_layout(infrared.to(dtype)))[0]
     sem = encode_images(codec, semantic.to(dtype))[0] if mode in SEMANTIC_TOKEN_MODES else None
+    rows, cols = token_grid(codec, visible.shape[-2], visible.shape[-1])
     empty = ref.new_zeros(*ref.shape[:2], 0)
-    return Encoded(x_0, empty, ids, sem, visible.shape[-2], visible.shape[-1], ref,
-                   with_index(ids, KONTEXT_REFERENCE_INDEX))
+    return Encoded(x_0, empty, ids(rows, cols, 0, visible.device), sem, visible.shape[-2], visible.shape[-1], ref,
+                   ids(rows, cols, reference_index, visible.device))
+
+
+def kontext_ids(rows: int, cols: int, index: int, device=None) -> torch.Tensor:
+    """FLUX.1 Kontext's ids `[rows·cols, 3]` = (index, row, col): the target 0, the reference 1 (stock)."""
+    return with_index(image_ids(rows, cols, device=device), index)
 
 
 KONTEXT_REFERENCE_INDEX = 1
@@ -196,11 +206,13 @@ SPECS: dict[str, BackboneSpec] = {
         modes=("none", "pixel_fusion", "cross_attention", "in_context", "channel_concat")),
     "flux1-kontext": BackboneSpec(
         "flux1-kontext", "FLUX.1 Kontext", "black-forest-labs/FLUX.1-Kontext-dev", FLUX_DEV_LICENCE,
-        "FluxKontextPipeline", encode_kontext, sequence_condition=True, canvas=False, posterior_draws=False,
+        "FluxKontextPipeline", functools.partial(encode_with_reference, ids=kontext_ids,
+                                                 reference_index=KONTEXT_REFERENCE_INDEX), sequence_condition=True, canvas=False, posterior_draws=False,
         modes=("none", "pixel_fusion", "channel_concat")),
     "flux2-klein": BackboneSpec(
         "flux2-klein", "FLUX.2 klein", "black-forest-labs/FLUX.2-klein-base-4B", KLEIN_LICENCE,
-        "Flux2KleinPipeline", klein.encode_klein, sequence_condition=True, canvas=False, posterior_draws=False,
+        "Flux2KleinPipeline", functools.partial(encode_with_reference, ids=klein.image_ids,
+                                                reference_index=klein.REFERENCE_INDEX), sequence_condition=True, canvas=False, posterior_draws=False,
         modes=("none", "pixel_fusion", "channel_concat"), family="flux2", gated=False, pooled=False, true_cfg=True,
         noise_shape=klein.noise_shape, pack_noise=klein.pack_noise, mu=klein.empirical_mu,
         text_ids=klein.text_ids),

@@ -26,7 +26,7 @@ import torch
 from einops import rearrange
 
 from vis2ir.errors import Vis2IRError
-from vis2ir.latents import Codec, VAECodec, check_image_size, pack
+from vis2ir.latents import Codec, VAECodec
 
 REFERENCE_INDEX = 10  # `Flux2KleinPipeline._prepare_image_ids(scale=10)`: the first reference's t coordinate
 KLEIN_LAYER_FRACTIONS = (1, 2, 3)  # quarters of Qwen3's depth: 9, 18, 27 of Qwen3-4B's 36 layers
@@ -114,37 +114,6 @@ def empirical_mu(seq_len: int, steps: int) -> float:
     a = (m_200 - m_10) / 190.0
     b = m_200 - 200.0 * a
     return float(a * steps + b)
-
-
-@torch.no_grad()
-def encode_klein(codec: Codec, semantic_cfg, visible: torch.Tensor, infrared: torch.Tensor | None = None,
-                 semantic: torch.Tensor | None = None, generator=None):
-    """FLUX.2 klein: photo (and infrared) `[B, 3, H, W]` in [0, 1] → target and reference tokens (`Encoded`).
-
-    x_0: the infrared photo's normalised posterior-mode tokens `[B, N, 4C]` (None when sampling), ids
-    (0, r, c, 0); `context`: the photo's, ids (10, r, c, 0) on the same grid (stock `_encode_vae_image`,
-    `sample_mode="argmax"`: no draw, so `generator` is not used). Modes: `none` (stock), `pixel_fusion`
-    (the reference is `(1 − α)·photo + α·map`) and `channel_concat` (the map's tokens `[B, N, 4C]` in
-    `semantic_tokens`, joined to target and reference along the channels by `Vis2IRModel`); the settings refuse
-    the others (`ModelConfig._check_klein`)."""
-    from vis2ir.backbones import Encoded, stock_layout
-    from vis2ir.io.inputs import missing_maps_help
-
-    mode = semantic_cfg.mode
-    if mode in ("pixel_fusion", "channel_concat") and semantic is None:
-        raise Vis2IRError(f"model.semantic.mode={mode} needs a semantic map for every image, and none was "
-                          "given; " + missing_maps_help())
-    if mode == "pixel_fusion":
-        visible = (1 - semantic_cfg.fusion_alpha) * visible + semantic_cfg.fusion_alpha * semantic
-    dtype = codec.dtype
-    check_image_size(codec, visible.shape[-2], visible.shape[-1])
-    ref = pack(codec.encode(stock_layout(visible.to(dtype)) * 2 - 1))
-    x_0 = None if infrared is None else pack(codec.encode(stock_layout(infrared.to(dtype)) * 2 - 1))
-    rows, cols = visible.shape[-2] // (2 * codec.scale_factor), visible.shape[-1] // (2 * codec.scale_factor)
-    device = visible.device
-    sem = pack(codec.encode(semantic.to(dtype) * 2 - 1)) if mode == "channel_concat" else None
-    return Encoded(x_0, ref.new_zeros(*ref.shape[:2], 0), image_ids(rows, cols, 0, device), sem,
-                   visible.shape[-2], visible.shape[-1], ref, image_ids(rows, cols, REFERENCE_INDEX, device))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ def encode_batch(codec, semantic_cfg: SemanticConfig, visible: torch.Tensor, inf
                  semantic: torch.Tensor | None = None, generator=None, spec: BackboneSpec = SPECS["flux1-fill"]
                  ) -> Encoded:
     """Images in [0, 1] `[B, 3, H, W]` → the latent inputs of the backbone `spec` and the mode, with the codec
-    alone (`vis2ir.backbones.encode_fill`, `encode_kontext`). `infrared` is None when sampling (`x_0` None)."""
+    alone (`vis2ir.backbones.encode_fill`, `encode_with_reference`). `infrared` is None when sampling (`x_0` None)."""
     return spec.encode(codec, semantic_cfg, visible, infrared, semantic, generator)
 
 
