@@ -191,14 +191,6 @@ FLUX_DEV_LICENCE = "FLUX.1 [dev] non-commercial licence"  # both model cards; th
 # black-forest-labs/flux2 README, "Model Overview": FLUX.2 [klein] 4B Base apache-2.0 (the 9B ones: FLUX
 # Non-Commercial License); see the model card of the weights you use.
 KLEIN_LICENCE = "Apache-2.0 licence (4B; the 9B klein models are under the FLUX Non-Commercial License)"
-# diffusers examples/dreambooth/train_dreambooth_lora_flux2_klein.py, its default without --lora_layers: the double
-# blocks' image-stream attention and the single blocks' fused input and output projections.
-KLEIN_LORA_TARGETS = (
-    r"(transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0)"
-    r"|single_transformer_blocks\.\d+\.attn\.(to_qkv_mlp_proj|to_out))"
-)
-# channel_concat widens the x_embedder with zero columns for the map: a LoRA there is what learns to read it
-KLEIN_CONCAT_LORA_TARGETS = r"(x_embedder|" + KLEIN_LORA_TARGETS[1:]
 SPECS: dict[str, BackboneSpec] = {
     "flux1-fill": BackboneSpec(
         "flux1-fill", "FLUX.1 Fill", "black-forest-labs/FLUX.1-Fill-dev", FLUX_DEV_LICENCE, "FluxFillPipeline",

@@ -70,6 +70,14 @@ ICEDIT_LORA_TARGETS = (
     r"|transformer_blocks\.\d+\.(norm1\.linear|attn\.to_q|attn\.to_k|attn\.to_v|attn\.to_out\.0|ff\.net\.2)"
     r"|single_transformer_blocks\.\d+\.(norm\.linear|proj_mlp|proj_out|attn\.to_q|attn\.to_k|attn\.to_v))"
 )
+# diffusers examples/dreambooth/train_dreambooth_lora_flux2_klein.py, its default without --lora_layers: the double
+# blocks' image-stream attention and the single blocks' fused input and output projections.
+KLEIN_LORA_TARGETS = (
+    r"(transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0)"
+    r"|single_transformer_blocks\.\d+\.attn\.(to_qkv_mlp_proj|to_out))"
+)
+# channel_concat widens the x_embedder with zero columns for the map: a LoRA there is what learns to read it
+KLEIN_CONCAT_LORA_TARGETS = r"(x_embedder|" + KLEIN_LORA_TARGETS[1:]
 
 
 @dataclass
@@ -238,12 +246,10 @@ class ModelConfig:
 
     def _check_klein(self) -> None:
         """What FLUX.2 klein does not support yet, or needs, refused in one line each; its default LoRA targets
-        (`vis2ir.backbones.KLEIN_LORA_TARGETS`, with channel_concat `KLEIN_CONCAT_LORA_TARGETS`) replace ICEdit's,
+        (`KLEIN_LORA_TARGETS`, with channel_concat `KLEIN_CONCAT_LORA_TARGETS`) replace ICEdit's,
         which name no module of its single blocks."""
         if self.backbone != "flux2-klein":
             return
-        from vis2ir.backbones import KLEIN_CONCAT_LORA_TARGETS, KLEIN_LORA_TARGETS
-
         name = "with model.backbone=flux2-klein"
         check(self.semantic.mode in ("none", "pixel_fusion", "channel_concat"), "model.semantic.mode",
               f"none, pixel_fusion or channel_concat {name} (its other semantic modes are not yet supported)",
